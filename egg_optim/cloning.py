@@ -11,14 +11,13 @@ from collections.abc import Mapping
 
 import torch
 
+from .compact import fresh_value
 from .errors import PlanError
 from .layers import ManagedLayer
 from .masking import row_state_keys
 from .roles import Roles
 
 STATE_POLICIES = ("keep", "reset", "copy")
-# State whose fresh value is not zero: key -> param-group option holding the initial value.
-_FRESH_FROM_GROUP = {"sum": "initial_accumulator_value", "step_size": "lr"}
 
 
 def check_clone_options(blend: float, noise: float, state: str) -> None:
@@ -67,9 +66,7 @@ def clone_layer(
                 if state == "copy":
                     st[key].index_copy_(0, idx, st[key].index_select(0, roles.sources.to(p.device)))
                 else:
-                    group = (groups or {}).get(p, {})
-                    fresh = float(group.get(_FRESH_FROM_GROUP[key], 0.0)) if key in _FRESH_FROM_GROUP else 0.0
-                    st[key].index_fill_(0, idx, fresh)
+                    st[key].index_fill_(0, idx, fresh_value(key, (groups or {}).get(p, {})))
     for _, b in layer.buffers:
         b.index_copy_(0, roles.clones.to(b.device), _blended(b, roles, blend))
     return roles.num_clones

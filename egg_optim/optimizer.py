@@ -1,22 +1,22 @@
 """``LeaderCloneOptimizer``: leader/clone training around any elementwise torch optimizer.
 
 The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradient
-clipping and Accelerate see one optimizer), keeps clone units exactly frozen through each base step
-(:mod:`egg_optim.masking`), and runs periodic cloning (:mod:`egg_optim.cloning`) and leader elections
-(:mod:`egg_optim.election`) on a step schedule.
+clipping and Accelerate see one optimizer), keeps clone units exactly frozen through each base step (by leaving
+them out of it, :mod:`egg_optim.compact`, or by restoring them, :mod:`egg_optim.masking`), and runs periodic
+cloning (:mod:`egg_optim.cloning`) and leader elections (:mod:`egg_optim.election`) on a step schedule.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import masking
+from . import compact, masking
 from .cloning import check_clone_options, clone_layer
 from .distributed import all_reduce_mean, derived_generator
 from .election import ASSIGN_STRATEGIES, Score, ScoreFn, elect, resolve_score
@@ -92,6 +92,11 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         assign: how clones pick a source leader: ``"first"``, ``"random"``, ``"round_robin"``, ``"nearest"``.
         hysteresis: relative margin a challenger needs to unseat a sitting leader.
         clone_blend, clone_noise, clone_state: cloning options (see :mod:`egg_optim.cloning`).
+        state_storage: ``"compact"``: clones take no part in the base step and hold no optimizer state (faster,
+            smaller; a unit that becomes active starts from its former source's state rows, see
+            :mod:`egg_optim.compact`). ``"full"``: the base optimizer steps whole tensors and clone rows of the
+            parameters and their state are restored afterwards (:mod:`egg_optim.masking`); clone state rows
+            persist while a unit is a clone.
         clone_mode: ``"weight"``: every unit is computed with its own weights and clones are frozen between
             cloning events (the seed's first design). ``"output"``: only leaders and independents are computed
             and clones carry their source's output in every forward pass (the seed's final design, and the one
@@ -119,6 +124,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         clone_noise: float = 0.0,
         clone_state: str = "keep",
         clone_mode: str = "weight",
+        state_storage: str = "compact",
         eval_mode: str = "as_trained",
         norms: Mapping[str, str | None] | None = None,
         seed: int = 0,
@@ -152,6 +158,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         check_clone_options(clone_blend, clone_noise, clone_state)
         if clone_mode not in CLONE_MODES:
             raise PlanError(f"unknown clone_mode {clone_mode!r}; choose one of {CLONE_MODES}")
+        if state_storage not in compact.STORAGES:
+            raise PlanError(f"unknown state_storage {state_storage!r}; choose one of {compact.STORAGES}")
         layer_plans = plan.resolve(model)
         layers = build_managed_layers(model, list(layer_plans), dict(norms) if norms is not None else None)
 
@@ -174,6 +182,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.clone_blend = float(clone_blend)
         self.clone_noise = float(clone_noise)
         self.clone_state = clone_state
+        self.state_storage = state_storage
         self.seed = int(seed)
         self.process_group = process_group
         self.steps = 0
@@ -287,20 +296,52 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 newcomers = new.leaders[~torch.isin(new.leaders, old.leaders)]
                 self._seated_at[name][newcomers] = self.steps
         self._roles_since = self.steps
+        if self.state_storage == "compact":
+            self._relayout_state(self._roles, roles)
         self._roles = roles
         self._rebuild_masks()
         for fn in self._listeners:
             fn(self.roles)
 
-    def _rebuild_masks(self) -> None:
+    def _managed_params(self) -> Iterator[tuple[torch.Tensor, str]]:
+        """(parameter, layer name) for every managed-layer parameter the base optimizer holds."""
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
-        self._mask: list[masking.MaskEntry] = [
-            masking.MaskEntry(p, roles.clones.to(p.device))
-            for name, roles in self._roles.items()
-            if roles.has_clones
-            for _, p in self.layers[name].params
-            if id(p) in in_optimizer
-        ]
+        for name, layer in self.layers.items():
+            for _, p in layer.params:
+                if id(p) in in_optimizer:
+                    yield p, name
+
+    def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
+        return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+
+    def _relayout_state(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
+        """Move compact optimizer state from the active rows of ``old`` roles (full size where ``old`` has no
+        entry) to the active rows of ``new``."""
+        groups = self._group_of()
+        for p, name in self._managed_params():
+            st = self.state.get(p)
+            if not st:
+                continue
+            if name in old:
+                if old[name].same_as(new[name]):
+                    continue
+                from_sources = self.clone_state != "reset"
+                compact.expand(p, st, old[name], groups[id(p)][0], from_sources=from_sources)
+            compact.compact(p, st, new[name])
+
+    def _rebuild_masks(self) -> None:
+        self._mask: list[masking.MaskEntry] = []
+        self._compact: list[compact.CompactEntry] = []
+        groups = self._group_of()
+        for p, name in self._managed_params():
+            roles = self._roles[name]
+            if not roles.has_clones:
+                continue
+            if self.state_storage == "compact":
+                group, position = groups[id(p)]
+                self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device)))
+            else:
+                self._mask.append(masking.MaskEntry(p, roles.clones.to(p.device)))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -338,10 +379,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._observe_step()
-        saved = masking.snapshot(self._mask, self.state) if self._mask else None
-        self.optimizer.step()
-        if saved is not None:
-            masking.restore(saved, self.state)
+        if self._compact:
+            with compact.stand_ins(self._compact, self.state):
+                self.optimizer.step()
+        else:
+            saved = masking.snapshot(self._mask, self.state) if self._mask else None
+            self.optimizer.step()
+            if saved is not None:
+                masking.restore(saved, self.state)
         self.steps += 1
         if self.elect_every and self.steps % self.elect_every == 0:
             self.elect_now()
@@ -469,6 +514,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             "elections": self.elections,
             "clone_events": self.clone_events,
             "seed": self.seed,
+            "state_storage": self.state_storage,
             "roles_since": self._roles_since,
             "layers": {
                 name: {
@@ -538,13 +584,57 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             roles[name] = r
         return roles
 
+    def _check_state_layout(self, sd: Mapping[str, Any], roles: Mapping[str, Roles]) -> None:
+        """Refuse per-row state that fits neither the full nor the compact layout of the saved roles."""
+        saved_groups = sd.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return  # the base optimizer refuses it
+        id_map = {}
+        for sg, g in zip(saved_groups, self.param_groups):
+            if not isinstance(sg, Mapping) or len(sg.get("params", ())) != len(g["params"]):
+                return
+            id_map.update(zip(sg["params"], g["params"]))
+        names = {id(p): (name, pname) for name, layer in self.layers.items() for pname, p in layer.params}
+        managed = {id(p): name for p, name in self._managed_params()}
+        for sid, st in (sd.get("state") or {}).items():
+            p = id_map.get(sid)
+            if p is None or id(p) not in managed or not isinstance(st, Mapping):
+                continue
+            err = compact.layout_error(p, dict(st), roles[managed[id(p)]])
+            if err is not None:
+                raise StateDictMismatchError(f"optimizer state of {names[id(p)][1]!r}: {err}")
+
+    def export_optimizer_state(self) -> dict[str, Any]:
+        """The base optimizer's state dict with every per-row state tensor at full size (a clone's rows are its
+        source's), for a bare optimizer over the plain model (:meth:`export_model`)."""
+        sd = self.optimizer.state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        managed = {id(p): name for p, name in self._managed_params()}
+        groups = self._group_of()
+        state = {}
+        for i, st in sd["state"].items():
+            st = dict(st)  # the base state_dict shares the live dicts
+            p = params[i]
+            if id(p) in managed:
+                compact.expand(p, st, self._roles[managed[id(p)]], groups[id(p)][0], from_sources=True)
+            state[i] = st
+        sd["state"] = state
+        return sd
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Restore base-optimizer state, roles, counters and running scores; refuses a mismatched state dict
         before changing anything."""
         sd = dict(state_dict)
         extra = sd.pop(STATE_KEY, None)
         roles = self._parse_extra(extra)
+        self._check_state_layout(sd, roles)
         self.optimizer.load_state_dict(sd)  # validates group sizes before mutating
+        # The loaded state is laid out for the saved roles (either storage): make it full size, then
+        # _set_roles lays it out for this optimizer's storage.
+        groups = self._group_of()
+        for p, name in self._managed_params():
+            if self.state.get(p):
+                compact.expand(p, self.state[p], roles[name], groups[id(p)][0], from_sources=False)
         self.steps = int(extra["steps"])
         self.elections = int(extra["elections"])
         self.clone_events = int(extra["clone_events"])

@@ -75,7 +75,7 @@ def test_optimizer_state_policies(policy):
     torch.manual_seed(0)
     model = mlp((5, 10, 3))
     base = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.3)
-    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3), clone_state=policy)
+    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3), clone_state=policy, state_storage="full")
     for _ in range(2):
         model(torch.randn(4, 5)).square().mean().backward()
         opt.step()

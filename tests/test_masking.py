@@ -61,13 +61,24 @@ def _backward(model, gen):
     model(_batch(model, gen)).square().mean().backward()
 
 
-def _check_one_step(opt: LeaderCloneOptimizer, model: nn.Module, cls, kwargs) -> None:
-    """Compare one wrapped step against the bare optimizer from the same parameters, state and gradients."""
+def _full_state(opt: LeaderCloneOptimizer, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-parameter optimizer state at full size, whatever the storage (clone rows: whatever export gives)."""
+    sd = opt.export_optimizer_state()
+    names = [n for n, _ in model.named_parameters()]
+    return {names[i]: {k: v for k, v in st.items() if torch.is_tensor(v)} for i, st in sd["state"].items()}
+
+
+def _check_one_step(opt: LeaderCloneOptimizer, model: nn.Module, cls, kwargs, exact: bool = True) -> None:
+    """Compare one wrapped step against the bare optimizer from the same parameters, state and gradients.
+
+    ``exact=False``: non-clone rows within float rounding. CPU fused kernels run a vector loop and a scalar tail
+    that round differently, so a row's result may depend on the tensor's length (compact storage changes it)."""
+    same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-12)
     ref_model = copy.deepcopy(model)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()  # deepcopy drops .grad of Parameters
     ref_opt = cls(ref_model.parameters(), **kwargs)
-    ref_opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
+    ref_opt.load_state_dict(copy.deepcopy(opt.export_optimizer_state()))
     names = dict(model.named_parameters())
     ref_params = dict(ref_model.named_parameters())
     before = {n: p.detach().clone() for n, p in names.items()}
@@ -78,20 +89,28 @@ def _check_one_step(opt: LeaderCloneOptimizer, model: nn.Module, cls, kwargs) ->
             clone_rows[pname] = opt.roles[lname].clones
     ref_opt.step()
     opt.step()
+    state = _full_state(opt, model)
     for n, p in names.items():
         rows = clone_rows.get(n, torch.empty(0, dtype=torch.long))
         keep = torch.ones(p.shape[0], dtype=torch.bool)
         keep[rows] = False
-        assert torch.equal(p[keep], ref_params[n][keep]), f"{n}: non-clone rows differ from the bare optimizer"
+        assert same(p[keep], ref_params[n][keep]), f"{n}: non-clone rows differ from the bare optimizer"
         assert torch.equal(p[rows], before[n][rows]), f"{n}: clone rows moved"
-        for key in row_state_keys(p, opt.state[p]):
+        for key in row_state_keys(p, state.get(n, {})):
             ref_state = ref_opt.state[ref_params[n]][key]
-            assert torch.equal(opt.state[p][key][keep], ref_state[keep]), f"{n}.{key}: non-clone state differs"
-            if key in before_state[n]:
-                assert torch.equal(opt.state[p][key][rows], before_state[n][key][rows]), f"{n}.{key}: clone state moved"
+            assert same(state[n][key][keep], ref_state[keep]), f"{n}.{key}: non-clone state differs"
+        if opt.state_storage == "full":
+            for key in row_state_keys(p, opt.state[p]):
+                if key in before_state[n]:
+                    moved = not torch.equal(opt.state[p][key][rows], before_state[n][key][rows])
+                    assert not moved, f"{n}.{key}: clone state moved"
+        elif rows.numel():
+            n_active = p.shape[0] - rows.numel()
+            shapes = {k: tuple(v.shape) for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim()}
+            assert all(s[0] == n_active for s in shapes.values()), f"{n}: clones hold state {shapes}"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     opt_spec=st.sampled_from(OPTIMIZERS),
     impl=st.sampled_from(IMPLS),
@@ -101,13 +120,15 @@ def _check_one_step(opt: LeaderCloneOptimizer, model: nn.Module, cls, kwargs) ->
     lead=st.floats(0.2, 0.6),
     ind=st.floats(0.0, 0.3),
     seed=st.integers(0, 1000),
+    storage=st.sampled_from(["compact", "full"]),
 )
-def test_clone_rows_frozen_and_others_exact(opt_spec, impl, kind, widths, norm, lead, ind, seed):
+def test_clone_rows_frozen_and_others_exact(opt_spec, impl, kind, widths, norm, lead, ind, seed, storage):
     cls, kwargs = opt_spec
     kwargs = {**kwargs, **impl}
     torch.manual_seed(seed)
     model = _net(kind, widths, norm)
-    opt = LeaderCloneOptimizer(model, cls(model.parameters(), **kwargs), RolePlan(lead, ind), seed=seed)
+    base = cls(model.parameters(), **kwargs)
+    opt = LeaderCloneOptimizer(model, base, RolePlan(lead, ind), seed=seed, state_storage=storage)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(3):  # the first step creates state lazily; later steps exercise existing state
         _backward(model, gen)
@@ -115,19 +136,20 @@ def test_clone_rows_frozen_and_others_exact(opt_spec, impl, kind, widths, norm, 
         opt.zero_grad()
 
 
+@pytest.mark.parametrize("storage", ["compact", "full"])
 @pytest.mark.parametrize("cls, kwargs", FUSED)
-def test_fused_variants(cls, kwargs):
+def test_fused_variants(cls, kwargs, storage):
     torch.manual_seed(0)
     model = _net("conv", (8, 6), True)
     try:
         base = cls(model.parameters(), **kwargs)
     except (RuntimeError, ValueError) as e:  # pragma: no cover - platform without fused kernels
         pytest.skip(f"fused {cls.__name__} unavailable: {e}")
-    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3, 0.2))
+    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3, 0.2), state_storage=storage)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         _backward(model, gen)
-        _check_one_step(opt, model, cls, kwargs)
+        _check_one_step(opt, model, cls, kwargs, exact=storage == "full")
         opt.zero_grad()
 
 

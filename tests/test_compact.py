@@ -1,0 +1,174 @@
+"""Compact optimizer storage: clones hold no optimizer state and take no part in the base step."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TinySeedNet, mlp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egg_optim import LeaderCloneOptimizer, RolePlan, StateDictMismatchError
+
+ADAM = (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.01})
+
+
+def _train(opt, model, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(5, 1, 6, 6, generator=gen)).logsumexp(1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _make(storage, plan=None, opt_spec=ADAM, **kw):
+    torch.manual_seed(0)
+    model = TinySeedNet()
+    cls, okw = opt_spec
+    opt = LeaderCloneOptimizer(
+        model, cls(model.parameters(), **okw), plan or RolePlan.preset("mild"), state_storage=storage, **kw
+    )
+    return model, opt
+
+
+def _index(opt, p) -> int:
+    """Position of ``p`` in the optimizer's state-dict numbering."""
+    return next(i for i, q in enumerate(q for g in opt.param_groups for q in g["params"]) if q is p)
+
+
+def _state_numel(opt) -> int:
+    return sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    opt_spec=st.sampled_from(
+        [
+            ADAM,
+            (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": False}),
+            (torch.optim.Rprop, {"lr": 1e-2}),
+            (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.2}),
+            (torch.optim.ASGD, {"lr": 1e-2, "foreach": True}),
+        ]
+    ),
+    seed=st.integers(0, 100),
+)
+def test_compact_and_full_train_identically_without_elections(opt_spec, seed):
+    runs = []
+    for storage in ("compact", "full"):
+        model, opt = _make(storage, opt_spec=opt_spec, clone_every=3)
+        _train(opt, model, 7, seed)
+        runs.append((model, opt))
+    (mc, oc), (mf, of) = runs
+    for a, b in zip(mc.state_dict().values(), mf.state_dict().values()):
+        assert torch.equal(a, b)
+    # same active-row state, and the compact one is smaller by the clones' share
+    full_c = oc.export_optimizer_state()["state"]
+    full_f = of.optimizer.state_dict()["state"]
+    for name, roles in oc.roles.items():
+        for pname, p in oc.layers[name].params:
+            i = _index(oc, p)
+            for key, v in full_f[i].items():
+                if torch.is_tensor(v) and v.dim():
+                    assert torch.equal(full_c[i][key][roles.active], v[roles.active]), (pname, key)
+    assert _state_numel(oc) < _state_numel(of)
+
+
+def test_state_bytes_follow_the_active_fraction():
+    model, opt = _make("compact")
+    _train(opt, model, 1)
+    for name, roles in opt.roles.items():
+        for _, p in opt.layers[name].params:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert opt.state[p][key].shape[0] == roles.active.numel()
+    assert opt.param_groups[0]["params"][0] is next(model.parameters())  # real parameters outside step()
+
+
+@pytest.mark.parametrize("policy", ["keep", "copy", "reset"])
+def test_election_moves_state_with_the_units(policy):
+    model, opt = _make("compact", election="random", clone_state=policy)
+    _train(opt, model, 3)
+    before = copy.deepcopy(opt.export_optimizer_state()["state"])
+    old = dict(opt.roles)
+    opt.elect_now()
+    after = opt.export_optimizer_state()["state"]
+    promoted_seen = False
+    for name, new in opt.roles.items():
+        o = old[name]
+        stay = new.active[torch.isin(new.active, o.active)]
+        promoted = new.active[~torch.isin(new.active, o.active)]
+        promoted_seen |= promoted.numel() > 0
+        for _, p in opt.layers[name].params:
+            i = _index(opt, p)
+            assert opt.state[p]["exp_avg"].shape[0] == new.active.numel()
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(after[i][key][stay], before[i][key][stay])
+                want = before[i][key][o.source_map[promoted]] if policy != "reset" else torch.zeros(1)
+                got = after[i][key][promoted]
+                assert torch.equal(got, want.expand_as(got)), (name, key)
+    assert promoted_seen
+
+
+def test_checkpoints_load_across_storages():
+    for src, dst in (("full", "compact"), ("compact", "full")):
+        model_a, a = _make(src)
+        _train(a, model_a, 3)
+        model_b, b = _make(dst)
+        b.load_state_dict(copy.deepcopy(a.state_dict()))  # as from a file: torch would share Adam's `step`
+        model_b.load_state_dict(model_a.state_dict())
+        ea, eb = a.export_optimizer_state()["state"], b.export_optimizer_state()["state"]
+        for name, roles in a.roles.items():
+            for _, p in a.layers[name].params:
+                i = _index(a, p)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(ea[i][key][roles.active], eb[i][key][roles.active])
+        _train(a, model_a, 2, seed=1)
+        _train(b, model_b, 2, seed=1)
+        for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+            assert torch.equal(x, y), (src, dst)
+
+
+def test_wrong_state_rows_refused_and_nothing_changes():
+    model, opt = _make("compact")
+    _train(opt, model, 2)
+    sd = opt.state_dict()
+    p = opt.layers["layer2.conv2"].weight
+    i = _index(opt, p)
+    sd["state"][i]["exp_avg"] = sd["state"][i]["exp_avg"][:-1].clone()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(StateDictMismatchError, match="layer2.conv2.weight"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["egg_optim"]["steps"] == before["egg_optim"]["steps"]
+    for k, st_ in before["state"].items():
+        for key, v in st_.items():
+            assert torch.equal(after["state"][k][key], v)
+
+
+def test_exception_in_base_step_puts_real_parameters_back():
+    model, opt = _make("compact")
+    _train(opt, model, 1)
+    params = [list(g["params"]) for g in opt.param_groups]
+    keys = set(map(id, opt.state))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    opt.optimizer.step = boom
+    model(torch.randn(2, 1, 6, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert all(a is b for g, ps in zip(opt.param_groups, params) for a, b in zip(g["params"], ps))
+    assert set(map(id, opt.state)) == keys
+
+
+def test_unmanaged_and_clone_free_layers_keep_full_state():
+    torch.manual_seed(0)
+    model = mlp((6, 20, 20, 3))  # layers "0" and "2" managed, "4" (the classifier) not
+    plan = RolePlan(0.5, per_layer={"2": (0.5, 0.5)})  # layer "2": no clones
+    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=0.1), plan)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["exp_avg"].shape[0] == opt.roles["0"].active.numel() < 20
+    assert opt.state[model[2].weight]["exp_avg"].shape == model[2].weight.shape
+    assert opt.state[model[4].weight]["exp_avg"].shape == model[4].weight.shape
