@@ -611,7 +611,7 @@ class EggConfig:
         clone_every_epochs: clone at the end of every n-th epoch. ``clone_at_train_end``: clone once more when
             training ends.
         elect_at_epoch_start: redraw roles at every epoch start and keep them for the epoch (the seed).
-        election, assign, hysteresis, clone_blend, clone_noise, clone_state, seed: passed to
+        election, assign, hysteresis, clone_blend, clone_noise, clone_state, state_storage, seed: passed to
             :class:`LeaderCloneOptimizer`.
         clone_mode: ``"weight"`` (clones frozen, periodic weight copies) or ``"output"`` (clones carry their
             leader's output and only leaders and independents are computed; see
@@ -638,6 +638,7 @@ class EggConfig:
     clone_blend: float = 1.0
     clone_noise: float = 0.0
     clone_state: str = "keep"
+    state_storage: str = "compact"
     seed: int = 0
     clone_mode: str = "weight"
     eval_mode: str = "as_trained"
@@ -648,6 +649,7 @@ class EggConfig:
 
     def __post_init__(self) -> None:
         from .cloning import check_clone_options
+        from .compact import STORAGES
         from .election import ASSIGN_STRATEGIES, Score, resolve_score
         from .errors import PlanError
         from .plan import PRESET_TABLES, PRESETS
@@ -677,6 +679,8 @@ class EggConfig:
             raise ConfigError(f"EggConfig.hysteresis must be a finite number >= 0, got {self.hysteresis!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"EggConfig.seed must be an int, got {self.seed!r}")
+        if self.state_storage not in STORAGES:
+            raise ConfigError(f"EggConfig.state_storage must be one of {STORAGES}, got {self.state_storage!r}")
         modes = ("weight", "output")
         if self.clone_mode not in modes:
             raise ConfigError(f"EggConfig.clone_mode must be one of {modes}, got {self.clone_mode!r}")
@@ -714,6 +718,7 @@ class EggConfig:
             clone_blend=float(self.clone_blend),
             clone_noise=float(self.clone_noise),
             clone_state=self.clone_state,
+            state_storage=self.state_storage,
             seed=self.seed,
             **({"clone_mode": self.clone_mode, "eval_mode": self.eval_mode} if self.clone_mode != "weight" else {}),
         )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -58,7 +57,6 @@ SEED_TABLES = {"seed_mnist": "mnist", "seed_cifar": "cifar"}
 DEFAULT_NORMALIZE = {"seed_mnist": "mnist", "seed_cifar": "half"}
 DEFAULT_AUGMENT = {"seed_mnist": "seed_mnist", "seed_cifar": "seed_cifar"}
 METRICS_FILE = "metrics.json"
-_FUSABLE_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -201,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CLONE_MODES,
         help="weight: clones copy their leader's weights every --clone-every steps; output: clones reuse their "
         "leader's output and only leaders + independents are computed (the seed's final code)",
+    )
+    g.add_argument(
+        "--state-storage",
+        default="compact",
+        choices=("compact", "full"),
+        help="compact: clones hold no optimizer state and are left out of the optimizer step; full: whole tensors "
+        "are stepped and clone rows restored",
     )
     g.add_argument("--election", default="random", choices=ELECTIONS, help="unit score used to elect leaders")
     g.add_argument("--assign", default="first", choices=ASSIGNS, help="how each clone picks its source leader")
@@ -372,20 +377,12 @@ def state_digests(model: torch.nn.Module, lco: LeaderCloneOptimizer) -> dict[str
     }
 
 
-def save_plain_model(lco: LeaderCloneOptimizer, output_cloning: Any, path: Path) -> None:
+def save_plain_model(lco: LeaderCloneOptimizer, path: Path) -> None:
     """Save weights that a plain (unmodified) model loads and that compute what was trained: in output mode
     the clone rows are filled with their source's weights and norm statistics."""
     from safetensors.torch import save_model
 
-    if output_cloning is not None:
-        from egg_optim.output_cloning import export_plain
-
-        plain = export_plain(output_cloning)
-    elif hasattr(lco, "export_model"):
-        plain = lco.export_model()
-    else:
-        plain = lco.model
-    save_model(plain, str(path))
+    save_model(lco.export_model(), str(path))
 
 
 def _configure_wandb(output_dir: Path) -> dict[str, Any]:
@@ -475,19 +472,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "assign": args.assign,
         "hysteresis": args.hysteresis,
         "seed": args.seed,
+        "clone_mode": args.clone_mode,
+        "state_storage": args.state_storage,
     }
-    output_cloning = None  # set when this recipe applies output cloning itself (older core)
-    core_output_mode = "clone_mode" in inspect.signature(LeaderCloneOptimizer.__init__).parameters
-    if args.clone_mode == "output":
-        try:
-            import egg_optim.output_cloning  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(
-                f"--clone-mode output needs egg_optim.output_cloning, which is not available ({exc}); "
-                "use --clone-mode weight"
-            ) from None
-        if core_output_mode:
-            lco_kwargs["clone_mode"] = "output"
     # Built on the bare model, before prepare: DDP wraps the model but shares its parameters.
     lco = LeaderCloneOptimizer(model, base, plan, **lco_kwargs)
     if accelerator.distributed_type == DistributedType.FSDP and any(lp.clones for lp in lco.layer_plans.values()):
@@ -496,17 +483,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "ranks, which LeaderCloneOptimizer does not support: use DDP (accelerate_configs/multi_gpu.yaml) or "
             "--scenario baseline"
         )
-    if args.clone_mode == "output" and not core_output_mode:
-        from egg_optim.output_cloning import OutputCloning
-
-        norms = {
-            name: layer.norm_name
-            for name, layer in lco.layers.items()
-            if layer.norm_name is not None and type(layer.norm) in _FUSABLE_NORMS
-        }
-        output_cloning = OutputCloning(model, dict(lco.roles), norms=norms)
-        lco.add_roles_listener(output_cloning.update_roles)
-
     batches_per_epoch_raw = len(raw_train_dl)
     planned_raw = args.epochs * batches_per_epoch_raw
     if args.max_steps is not None:
@@ -751,14 +727,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
-        save_plain_model(lco, output_cloning, output_dir / "model.safetensors")
+        save_plain_model(lco, output_dir / "model.safetensors")
     if tracker is not None:
         accelerator.log({"final/test_accuracy": metrics["test_accuracy"]}, step=global_step)
     accelerator.end_training()
-    if output_cloning is not None:
-        output_cloning.remove()
-    elif getattr(lco, "output_cloning", None) is not None:
-        lco.remove_output_cloning()
+    lco.remove_output_cloning()
     return metrics
 
 

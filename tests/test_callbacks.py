@@ -389,6 +389,7 @@ def test_local_loss_callback_feeds_unit_scores_into_elections():
         lambda: EggConfig(hysteresis=-1.0),
         lambda: EggConfig(clone_blend=2.0),
         lambda: EggConfig(clone_state="forget"),
+        lambda: EggConfig(state_storage="sparse"),
         lambda: EggConfig(clone_mode="gradients"),
         lambda: EggConfig(clone_mode="output", eval_mode="whatever"),
         lambda: EggConfig(local_losses=["fc1"]),

@@ -8,7 +8,7 @@ from conftest import TinySeedNet, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egg_optim import LeaderCloneOptimizer, RolePlan, StateDictMismatchError
+from egg_optim import LeaderCloneOptimizer, PlanError, RolePlan, StateDictMismatchError
 
 ADAM = (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.01})
 
@@ -172,3 +172,9 @@ def test_unmanaged_and_clone_free_layers_keep_full_state():
     assert opt.state[model[0].weight]["exp_avg"].shape[0] == opt.roles["0"].active.numel() < 20
     assert opt.state[model[2].weight]["exp_avg"].shape == model[2].weight.shape
     assert opt.state[model[4].weight]["exp_avg"].shape == model[4].weight.shape
+
+
+def test_unknown_storage_refused():
+    model = mlp()
+    with pytest.raises(PlanError, match="'sparse'"):
+        LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5), state_storage="sparse")

@@ -77,6 +77,7 @@ def test_help_lists_every_flag():
         (["--elect-every", "sometimes"], "'epoch', 'never' or a positive integer"),
         (["--leaders", "1.5"], "in [0, 1]"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["--state-storage", "sparse"], "invalid choice: 'sparse'"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(argv, fragment, capsys):
@@ -99,13 +100,6 @@ def test_bad_values_exit_2_without_traceback(argv, fragment, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
     assert "Traceback" not in err
-
-
-def test_output_mode_without_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "egg_optim.output_cloning", None)  # import now raises ImportError
-    code = train_image.main([*FAST, "--output-dir", str(tmp_path), "--clone-mode", "output", "--max-steps", "1"])
-    assert code == 2
-    assert "--clone-mode output needs egg_optim.output_cloning" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- single process
