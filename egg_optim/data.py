@@ -128,9 +128,7 @@ class DatasetSpec:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
-    def transformed(
-        self, *, resize_to: int | Sequence[int] | None = None, channels: int | None = None
-    ) -> DatasetSpec:
+    def transformed(self, *, resize_to: int | Sequence[int] | None = None, channels: int | None = None) -> DatasetSpec:
         """The spec of the batches a :class:`BatchTransform` with these options emits."""
         h, w = _size_pair(resize_to) if resize_to is not None else (self.height, self.width)
         return replace(self, height=h, width=w, channels=channels or self.channels)
@@ -273,9 +271,7 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     dims = np.frombuffer(raw, dtype=">i4", count=expected_ndim, offset=4)
     offset = 4 + 4 * expected_ndim
     if len(raw) - offset != int(np.prod(dims)):
-        raise DatasetUnavailableError(
-            f"{path} is truncated: header says {tuple(dims)}, got {len(raw) - offset} bytes"
-        )
+        raise DatasetUnavailableError(f"{path} is truncated: header says {tuple(dims)}, got {len(raw) - offset} bytes")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(tuple(int(d) for d in dims))
 
 
@@ -358,12 +354,8 @@ def _raw_local(path: str, split: str, cache_dir: str | None):
         if p.is_file():
             builder = _DATA_FILE_BUILDERS.get(p.suffix.lower())
             if builder is None:
-                raise ConfigError(
-                    f"cannot tell the format of {str(p)!r}: use one of {sorted(_DATA_FILE_BUILDERS)}"
-                )
-            return datasets.load_dataset(
-                builder, data_files={split: str(p)}, split=split, cache_dir=cache_dir
-            )
+                raise ConfigError(f"cannot tell the format of {str(p)!r}: use one of {sorted(_DATA_FILE_BUILDERS)}")
+            return datasets.load_dataset(builder, data_files={split: str(p)}, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(str(p), split=split, cache_dir=cache_dir)
     except ValueError as exc:  # e.g. an unknown split
         if isinstance(exc, ConfigError):
@@ -381,14 +373,11 @@ def _raw_hub(name: str, split: str, cache_dir: str | None):
             raise
         reason = _one_line(f"{type(exc).__name__}: {exc}", 200)
         raise DatasetUnavailableError(
-            f"cannot load dataset {name!r} (split {split!r}) from the Hugging Face Hub ({reason}); "
-            f"{_OFFLINE_CHOICES}"
+            f"cannot load dataset {name!r} (split {split!r}) from the Hugging Face Hub ({reason}); {_OFFLINE_CHOICES}"
         ) from exc
 
 
-def _pick_column(
-    columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, name: str
-) -> str:
+def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, name: str) -> str:
     if wanted is not None:
         if wanted not in columns:
             raise ConfigError(f"dataset {name!r} has no {what} column {wanted!r}; columns: {list(columns)}")
@@ -611,9 +600,7 @@ class BatchTransform:
         self.flip, self.pad = parse_augment(augment)
         if isinstance(normalize, str):
             if normalize not in NORMALIZE_PRESETS:
-                raise ConfigError(
-                    f"unknown normalize preset {normalize!r}; choices: {sorted(NORMALIZE_PRESETS)}"
-                )
+                raise ConfigError(f"unknown normalize preset {normalize!r}; choices: {sorted(NORMALIZE_PRESETS)}")
             normalize = NORMALIZE_PRESETS[normalize]
         self.normalize = (
             None
@@ -656,9 +643,7 @@ class BatchTransform:
             x = random_flip_crop(x, flip=self.flip, padding=self.pad, generator=self.generator)
         if self.channels is not None and x.shape[1] != self.channels:
             if x.shape[1] != 1:
-                raise ConfigError(
-                    f"can only repeat a 1-channel image to {self.channels} channels, got {x.shape[1]}"
-                )
+                raise ConfigError(f"can only repeat a 1-channel image to {self.channels} channels, got {x.shape[1]}")
             x = x.expand(-1, self.channels, -1, -1)
         if self.normalize is not None:
             mean, std = self.normalize

@@ -47,8 +47,7 @@ def _pooled(image_size: ImageSize, times: int, what: str) -> tuple[int, int]:
     oh, ow = h // 2**times, w // 2**times
     if oh < 1 or ow < 1:
         raise ConfigError(
-            f"{what}: image_size {h}x{w} is too small for {times} 2x2 poolings "
-            f"(needs at least {2**times}x{2**times})"
+            f"{what}: image_size {h}x{w} is too small for {times} 2x2 poolings (needs at least {2**times}x{2**times})"
         )
     return oh, ow
 
@@ -69,9 +68,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid_ch, out_ch, kernel_size=1, bias=True)
         self.bn3 = nn.BatchNorm2d(out_ch)
         if in_ch != out_ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=True), nn.BatchNorm2d(out_ch)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=True), nn.BatchNorm2d(out_ch))
         else:
             self.shortcut = nn.Sequential()
         for conv in (self.conv1, self.conv2, self.conv3):
@@ -128,9 +125,7 @@ class SeedMNISTNet(_SeedNet):
     def __init__(
         self, in_channels: int = 1, num_classes: int = 10, *, image_size: ImageSize = 28, dropout: float = 0.3
     ) -> None:
-        super().__init__(
-            [(in_channels, 32, 64), (64, 32, 64), (64, 16, 32)], 128, num_classes, dropout, image_size
-        )
+        super().__init__([(in_channels, 32, 64), (64, 32, 64), (64, 16, 32)], 128, num_classes, dropout, image_size)
 
 
 class SeedCIFARNet(_SeedNet):
@@ -216,9 +211,7 @@ class SmallCNN(nn.Module):
 MODEL_NAMES = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
 
 
-def build_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: ImageSize, **kwargs
-) -> nn.Module:
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: ImageSize, **kwargs) -> nn.Module:
     """Build a model by name (``seed_mnist``, ``seed_cifar``, ``mlp``, ``small_cnn``) for the given input.
 
     ``kwargs`` go to the model's constructor (e.g. ``dropout=``, ``hidden=``, ``width=``). Pair with
@@ -258,9 +251,7 @@ def count_conv_linear_flops(model: nn.Module, input_shape: Sequence[int]) -> dic
         counts[name] = counts.get(name, 0) + 2 * int(macs)
 
     handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
     ]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

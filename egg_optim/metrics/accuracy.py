@@ -38,17 +38,11 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
-            ],
+            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
         )
 
-    def _compute(
-        self, predictions, references, normalize: bool = True, sample_weight=None
-    ) -> dict[str, float]:
+    def _compute(self, predictions, references, normalize: bool = True, sample_weight=None) -> dict[str, float]:
         preds = np.asarray(predictions).reshape(-1)
         refs = np.asarray(references).reshape(-1)
         if preds.shape != refs.shape:
