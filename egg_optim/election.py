@@ -95,12 +95,15 @@ class Score:
     election; ``at_election(layer, generator)`` is called at the election (and receives that running mean
     through ``layer`` state kept by the optimizer when ``per_step`` is set). Set ``observed=True`` for scores
     pushed from outside with :meth:`LeaderCloneOptimizer.observe_scores` (the LFNN local-loss score).
+    ``reads_grad``: the score reads clone rows of ``weight.grad``, so weight-mode gradient skipping
+    (:mod:`egg_optim.grad_skip`, which leaves them zero) is not turned on automatically.
     """
 
     name: str
     per_step: ScoreFn | None = None
     at_election: Callable[[ManagedLayer, torch.Generator], torch.Tensor] | None = None
     observed: bool = False
+    reads_grad: bool = True
 
     @property
     def accumulates(self) -> bool:
@@ -125,11 +128,14 @@ SCORES: dict[str, Score] = {
     "random": Score(
         "random",
         at_election=lambda layer, gen: torch.rand(layer.num_units, generator=gen),
+        reads_grad=False,
     ),
-    "weight_norm": Score("weight_norm", at_election=lambda layer, gen: _rows(layer.weight).float().norm(dim=1).cpu()),
+    "weight_norm": Score(
+        "weight_norm", at_election=lambda layer, gen: _rows(layer.weight).float().norm(dim=1).cpu(), reads_grad=False
+    ),
     "grad_norm": Score("grad_norm", per_step=_grad_norm),
     "taylor": Score("taylor", per_step=_taylor),
-    "local_loss": Score("local_loss", observed=True),
+    "local_loss": Score("local_loss", observed=True, reads_grad=False),
 }
 
 

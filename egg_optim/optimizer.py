@@ -102,6 +102,11 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             and clones carry their source's output in every forward pass (the seed's final design, and the one
             that saves compute; see :mod:`egg_optim.output_cloning`). The model is rewritten in place,
             reversibly (:meth:`remove_output_cloning`).
+        skip_clone_grads: with ``clone_mode="weight"``, compute weight gradients for active rows only
+            (:mod:`egg_optim.grad_skip`; clone rows of ``weight.grad`` are then zero). ``None`` (default): on
+            unless the election score reads gradients (``"grad_norm"``, ``"taylor"``, custom callables). Layers
+            it cannot rewrite (subclasses of Linear/ConvNd) keep plain autograd. Ignored in output mode, which
+            computes only active units anyway. :meth:`remove_grad_skip` undoes it.
         eval_mode: with ``clone_mode="output"``, what ``model.eval()`` computes: ``"as_trained"`` (clones
             follow leaders) or ``"own_weights"``.
         norms: ``{layer: norm_layer or None}`` overrides of the automatic Conv/Linear -> norm coupling.
@@ -125,6 +130,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         clone_state: str = "keep",
         clone_mode: str = "weight",
         state_storage: str = "compact",
+        skip_clone_grads: bool | None = None,
         eval_mode: str = "as_trained",
         norms: Mapping[str, str | None] | None = None,
         seed: int = 0,
@@ -158,6 +164,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         check_clone_options(clone_blend, clone_noise, clone_state)
         if clone_mode not in CLONE_MODES:
             raise PlanError(f"unknown clone_mode {clone_mode!r}; choose one of {CLONE_MODES}")
+        if skip_clone_grads not in (None, True, False):
+            raise PlanError(f"skip_clone_grads must be None, True or False, got {skip_clone_grads!r}")
         if state_storage not in compact.STORAGES:
             raise PlanError(f"unknown state_storage {state_storage!r}; choose one of {compact.STORAGES}")
         layer_plans = plan.resolve(model)
@@ -200,14 +208,35 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._led_steps = {n: torch.zeros(layer.num_units, dtype=torch.long) for n, layer in layers.items()}
         self._seated_at = {n: torch.zeros(layer.num_units, dtype=torch.long) for n, layer in layers.items()}
         self._roles_since = 0
-        self._set_roles(self._initial_roles())
+        self.grad_skip = None
+        initial = self._initial_roles()
+        # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         if clone_mode == "output":
             from .output_cloning import OutputCloning
 
             fusable = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
             bn = {n: lay.norm_name for n, lay in layers.items() if type(lay.norm) in fusable}
-            self.output_cloning = OutputCloning(model, self._roles, norms=bn, eval_mode=eval_mode)
+            self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=eval_mode)
             self._listeners.append(self.output_cloning.update_roles)
+        elif skip_clone_grads if skip_clone_grads is not None else not self.score.reads_grad:
+            from .grad_skip import GradSkip, supports
+
+            rewritable = {n: r for n, r in initial.items() if supports(layers[n].module)}
+            if rewritable:
+                self.grad_skip = GradSkip(model, rewritable)
+                self._listeners.append(self._update_grad_skip)
+        self._set_roles(initial)
+
+    def _update_grad_skip(self, roles: Mapping[str, Roles]) -> None:
+        if self.grad_skip is not None:
+            self.grad_skip.update_roles({n: roles[n] for n in self.grad_skip.layers})
+
+    def remove_grad_skip(self) -> None:
+        """Give weight-mode layers plain autograd back (clone rows of ``weight.grad`` are computed again)."""
+        if self.grad_skip is not None:
+            self._listeners.remove(self._update_grad_skip)
+            self.grad_skip.remove()
+            self.grad_skip = None
 
     def remove_output_cloning(self) -> None:
         """Give the model back its original modules (output-cloning mode only; training can go on in weight mode)."""
@@ -224,7 +253,9 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         import copy
 
         if self.output_cloning is None:
-            return copy.deepcopy(self.model)
+            from .grad_skip import restore_plain
+
+            return restore_plain(copy.deepcopy(self.model))
         from .output_cloning import export_plain
 
         return export_plain(self.output_cloning)

@@ -1,0 +1,474 @@
+"""Gradient skipping: in weight-cloning mode, compute weight gradients for active rows only.
+
+With ``clone_mode="weight"`` every unit is computed with its own weights, but the optimizer wrapper masks the
+clones' weight-gradient rows (clones are refreshed from their leaders at clone events). Plain autograd still
+computes them. :class:`GradSkip` rewrites ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers in place (class swap, like
+:class:`~egg_optim.output_cloning.OutputCloning`: same module, parameter and buffer objects, names,
+``state_dict`` keys and hooks; :meth:`GradSkip.remove` swaps back) so that a layer with enough clones, in
+training with grad enabled, runs a custom autograd function:
+
+* forward: the plain op with the full weight (output bit-for-bit the plain module's);
+* backward: the input gradient with the full weight, by the op plain autograd uses (skipped when the input
+  needs none, e.g. the first layer); the weight and bias gradients only for active rows (leaders and
+  independents) from the active channels of the output gradient, written into full-size tensors whose clone
+  rows are exactly zero. On CPU a pointwise conv (1x1, stride 1, no padding) takes them as matmuls.
+
+Anything else that reads clone rows of ``weight.grad`` sees zeros: notably the per-step election scores
+``"grad_norm"`` and ``"taylor"`` (as in output-cloning mode).
+
+The index buffers are rebuilt only in :meth:`GradSkip.update_roles`: no per-step host/device sync. A layer
+without clones (or fewer than ``min_clone_fraction``), in ``eval()``, under ``torch.no_grad()`` or with a frozen
+weight runs the plain forward (``super().forward``).
+
+Conv layers with ``padding_mode != "zeros"`` or string padding (``"same"`` / ``"valid"``) are supported: the
+input is padded before the function by the op the plain module (or ATen, for an asymmetric ``"same"``) uses,
+and the function's conv gets the remaining numeric padding, so outputs stay bit-for-bit equal. Grouped convs are
+refused.
+
+Under autocast the backward casts the saved input/weight to the output gradient's dtype and the gradients back,
+as autograd does through autocast's casts. With ``create_graph=True`` the backward is recorded: a gradient
+penalty differentiates the input gradient exactly; what reaches the weight through the forward again has clone
+rows zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, PlanError
+from .output_cloning import is_output_cloned
+from .roles import Roles
+
+__all__ = ["GradSkip", "is_grad_skipped", "restore_plain", "supports"]
+
+_ATTRS = (
+    "_egg_gs_roles",
+    "_egg_gs_skip",
+    "_egg_gs_padding",
+    "_egg_gs_prepad",
+    "_egg_gs_prepad_mode",
+    "_egg_gs_pointwise",
+)
+_BUFFERS = ("_egg_gs_active", "_egg_gs_clones")
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def _scatter_rows(like: torch.Tensor, active: torch.Tensor, clones: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A full-size gradient (rows, dtype, device of ``like``) holding ``rows`` at ``active`` and exact zeros at
+    ``clones`` (the two partition the rows, so every element is written: no separate zero fill)."""
+    out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
+    return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
+
+
+def _cast(input: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight in the output gradient's dtype: under autocast the forward op ran on casts of them, and
+    plain autograd differentiates that op in the cast dtype (then casts the gradients back)."""
+    if input.dtype != dtype:
+        input = input.to(dtype)
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    return input, weight
+
+
+class _LinearFn(torch.autograd.Function):
+    """``F.linear`` whose weight/bias gradients are computed for the ``active`` rows only."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, active, clones):
+        ctx.save_for_backward(input, weight, active, clones)
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, active, clones = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        input_c, weight_c = _cast(input, weight, grad_out.dtype)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad_out.matmul(weight_c)
+            if grad_x.dtype != input.dtype:
+                grad_x = grad_x.to(input.dtype)
+        if need_w or need_b:
+            g = grad_out.reshape(-1, grad_out.shape[-1]).index_select(1, active)
+            if need_w:
+                x = input_c.reshape(-1, input_c.shape[-1])
+                grad_w = _scatter_rows(weight, active, clones, g.t().mm(x))
+            if need_b and ctx.has_bias:
+                grad_b = _scatter_rows(weight, active, clones, g.sum(0))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _pointwise_weight_grad(
+    grad_out: torch.Tensor, input: torch.Tensor, need_w: bool, need_b: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight/bias gradient of a 1x1, stride-1, unpadded conv as matmuls on the NC(spatial) layout.
+
+    On CPU this is several times faster than oneDNN's weight backward at the seed nets' shapes (which works in
+    blocks of 8/16 output channels and reorders NCHW tensors in and out), and its cost follows the number of
+    active channels. A batched matmul summed over the batch is fastest, but its (batch, active, in) intermediate
+    may be large: when it would exceed the input, one matmul over (batch x spatial) is used instead.
+    """
+    n, c, a = input.shape[0], input.shape[1], grad_out.shape[1]
+    g = grad_out.reshape(n, a, -1)
+    x = input.reshape(n, c, -1)
+    gw = None
+    if need_w:
+        if a <= x.shape[2]:  # n*a*c <= n*c*spatial: the intermediate is no larger than the input
+            gw = torch.bmm(g, x.transpose(1, 2)).sum(0)
+        else:
+            gw = g.transpose(0, 1).reshape(a, -1).mm(x.transpose(0, 1).reshape(c, -1).t())
+    gb = g.sum((0, 2)) if need_b else None
+    return gw, gb
+
+
+class _ConvFn(torch.autograd.Function):
+    """A ConvNd (``groups=1``, numeric padding) whose weight/bias gradients are computed for ``active`` rows only."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, active, clones, conv, stride, padding, dilation, pointwise):
+        ctx.save_for_backward(input, weight, active, clones)
+        ctx.has_bias = bias is not None
+        ctx.geometry = (stride, padding, dilation, pointwise)
+        return conv(input, weight, bias, stride, padding, dilation, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, active, clones = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        stride, padding, dilation, pointwise = ctx.geometry
+        input_c, weight_c = _cast(input, weight, grad_out.dtype)
+        out_pad = [0] * (weight.dim() - 2)
+        conv_bwd = torch.ops.aten.convolution_backward.default
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = conv_bwd(
+                grad_out, input_c, weight_c, None, stride, padding, dilation, False, out_pad, 1, [True, False, False]
+            )[0]
+            if grad_x.dtype != input.dtype:
+                grad_x = grad_x.to(input.dtype)
+        if need_w or need_b:
+            g = grad_out.index_select(1, active)
+            if pointwise and input_c.device.type == "cpu" and input_c.is_contiguous():
+                gw, gb = _pointwise_weight_grad(g, input_c, need_w, need_b)
+                if gw is not None:
+                    gw = gw.view((gw.shape[0], gw.shape[1]) + (1,) * len(out_pad))
+            else:
+                # the weight gradient does not read the weight's values: a view of the right shape will do
+                w_active = weight_c.narrow(0, 0, active.shape[0])
+                _, gw, gb = conv_bwd(
+                    g,
+                    input_c,
+                    w_active,
+                    [w_active.shape[0]] if need_b else None,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    out_pad,
+                    1,
+                    [False, need_w, need_b],
+                )
+            if need_w:
+                grad_w = _scatter_rows(weight, active, clones, gw)
+            if need_b:
+                grad_b = _scatter_rows(weight, active, clones, gb)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class _GradSkipLayer:
+    """Mixin placed before the original layer class. Attributes are set by :func:`_set_roles`."""
+
+    _egg_gs_roles: Roles
+    _egg_gs_skip: bool
+    _egg_gs_active: torch.Tensor
+    _egg_gs_clones: torch.Tensor
+
+    def _egg_gs_use_fn(self) -> bool:
+        return self._egg_gs_skip and self.training and torch.is_grad_enabled() and self.weight.requires_grad
+
+
+class _GSLinear(_GradSkipLayer, nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._egg_gs_use_fn():
+            return super().forward(input)
+        return _LinearFn.apply(input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones)
+
+
+class _GSConvMixin(_GradSkipLayer):
+    _egg_gs_padding: tuple[int, ...]
+    _egg_gs_prepad: tuple[int, ...] | None
+    _egg_gs_prepad_mode: str
+    _egg_gs_pointwise: bool
+    _egg_gs_conv = None  # F.conv1d/2d/3d, set on the subclasses
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._egg_gs_use_fn():
+            return super().forward(input)
+        unbatched = input.dim() == self.weight.dim() - 1
+        x = input.unsqueeze(0) if unbatched else input  # as F.convNd does for unbatched input
+        if self._egg_gs_prepad is not None:
+            x = F.pad(x, self._egg_gs_prepad, mode=self._egg_gs_prepad_mode)
+        y = _ConvFn.apply(
+            x,
+            self.weight,
+            self.bias,
+            self._egg_gs_active,
+            self._egg_gs_clones,
+            type(self)._egg_gs_conv,
+            self.stride,
+            self._egg_gs_padding,
+            self.dilation,
+            self._egg_gs_pointwise,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class _GSConv1d(_GSConvMixin, nn.Conv1d):
+    _egg_gs_conv = staticmethod(F.conv1d)
+
+
+class _GSConv2d(_GSConvMixin, nn.Conv2d):
+    _egg_gs_conv = staticmethod(F.conv2d)
+
+
+class _GSConv3d(_GSConvMixin, nn.Conv3d):
+    _egg_gs_conv = staticmethod(F.conv3d)
+
+
+_LAYER_CLASSES: dict[type, type] = {
+    nn.Linear: _GSLinear,
+    nn.Conv1d: _GSConv1d,
+    nn.Conv2d: _GSConv2d,
+    nn.Conv3d: _GSConv3d,
+}
+_ORIGINAL_CLASS: dict[type, type] = {v: k for k, v in _LAYER_CLASSES.items()}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def is_grad_skipped(module: nn.Module) -> bool:
+    """True when ``module`` is currently a layer rewritten by :class:`GradSkip`."""
+    return type(module) in _ORIGINAL_CLASS
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether :class:`GradSkip` can rewrite ``module`` (exactly ``nn.Linear`` / ``nn.Conv1d/2d/3d``, groups=1,
+    initialised, not already rewritten)."""
+    return (
+        type(module) in _LAYER_CLASSES
+        and not isinstance(module.weight, nn.parameter.UninitializedParameter)
+        and (isinstance(module, nn.Linear) or module.groups == 1)
+    )
+
+
+def restore_plain(model: nn.Module) -> nn.Module:
+    """Give every rewritten layer of ``model`` its original class back, in place (for a ``deepcopy`` of a model
+    under :class:`GradSkip`, which copies the rewritten classes). Returns ``model``."""
+    for m in model.modules():
+        _restore(m)
+    return model
+
+
+def _num_units(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
+    """(numeric conv padding, F.pad amounts or None, F.pad mode) reproducing the module's own forward.
+
+    ``padding_mode != "zeros"``: the module pads with ``_reversed_padding_repeated_twice`` and convolves with no
+    padding. ``"same"``: ATen pads symmetrically by the left amount and zero-pads the extra right element (even
+    kernel extent) first. ``"valid"``: no padding.
+    """
+    d = len(conv.kernel_size)
+    if conv.padding_mode != "zeros":
+        return (0,) * d, tuple(conv._reversed_padding_repeated_twice), conv.padding_mode
+    if conv.padding == "valid":
+        return (0,) * d, None, "constant"
+    if conv.padding == "same":
+        rev = conv._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+        left = tuple(rev[2 * (d - 1 - i)] for i in range(d))
+        extra: list[int] = []
+        for i in reversed(range(d)):
+            extra += [0, rev[2 * (d - 1 - i) + 1] - left[i]]
+        return left, (tuple(extra) if any(extra) else None), "constant"
+    return tuple(conv.padding), None, "constant"
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
+def _set_roles(layer: nn.Module, roles: Roles, min_clone_fraction: float) -> None:
+    layer._egg_gs_roles = roles
+    layer._egg_gs_skip = roles.has_clones and roles.num_clones >= min_clone_fraction * roles.num_units
+    device = layer.weight.device
+    _set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
+    _set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
+
+
+def _restore(module: nn.Module) -> None:
+    cls = _ORIGINAL_CLASS.get(type(module))
+    if cls is None:
+        return
+    for name in _BUFFERS:
+        module._buffers.pop(name, None)
+    for name in _ATTRS:
+        module.__dict__.pop(name, None)
+    module.__class__ = cls
+
+
+def _known(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_roles(name: str, layer: nn.Module, r: object) -> None:
+    if not isinstance(r, Roles):
+        raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
+    n = _num_units(layer)
+    if r.num_units != n:
+        raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
+
+
+# ---------------------------------------------------------------------------------------------- public
+class GradSkip:
+    """Skip clone rows' weight-gradient work in ``model``, in place (reversible with :meth:`remove`).
+
+    Args:
+        model: any ``nn.Module``; managed submodules keep their objects, parameters, names and hooks.
+        roles: qualified layer name -> :class:`~egg_optim.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
+            with ``groups == 1``; ``num_units`` must equal the layer's output features/channels). Typically
+            ``LeaderCloneOptimizer.roles``; keep them current with
+            ``optimizer.add_roles_listener(grad_skip.update_roles)``.
+        min_clone_fraction: a layer takes the split backward only while at least this fraction of its units are
+            clones; below it, it runs the plain op (its clone rows then get gradients, which weight-mode training
+            ignores anyway). The split costs a fixed overhead: on CPU the input gradient and the weight gradient
+            become two ``convolution_backward`` calls instead of one (oneDNN shares work between them; a 3x3 conv
+            32->32 at 14x14, batch 256, costs ~15% more split with a quarter of its units cloned and ~10% less
+            with half), plus the gather/scatter of rows. The default 0.5 keeps only layers measured to gain;
+            ``0.0`` skips in every layer with clones. Decided when roles change, never per step.
+
+    Raises:
+        PlanError: unknown layer names, unsupported module types, size mismatches, lazy parameters, or a layer
+            already rewritten (by ``GradSkip`` or output cloning); raised before any module is changed.
+        ConfigError: ``min_clone_fraction`` outside ``[0, 1]``.
+    """
+
+    def __init__(self, model: nn.Module, roles: Mapping[str, Roles], *, min_clone_fraction: float = 0.5) -> None:
+        if not isinstance(model, nn.Module):
+            raise PlanError(f"GradSkip needs an nn.Module, got {type(model).__name__}")
+        if not 0.0 <= min_clone_fraction <= 1.0:
+            raise ConfigError(f"min_clone_fraction must be in [0, 1], got {min_clone_fraction!r}")
+        layers = self._validate(dict(model.named_modules(remove_duplicate=False)), roles)
+        # ---- everything checked: change modules
+        self.model = model
+        self._layers: dict[str, nn.Module] = layers
+        self._roles: dict[str, Roles] = dict(roles)
+        self._min_clone_fraction = float(min_clone_fraction)
+        self._removed = False
+        for name, layer in layers.items():
+            layer.__class__ = _LAYER_CLASSES[type(layer)]
+            if not isinstance(layer, nn.Linear):
+                (layer._egg_gs_padding, layer._egg_gs_prepad, layer._egg_gs_prepad_mode) = _conv_geometry(layer)
+                layer._egg_gs_pointwise = (
+                    all(k == 1 for k in layer.kernel_size)
+                    and all(s == 1 for s in layer.stride)
+                    and not any(layer._egg_gs_padding)
+                )
+            _set_roles(layer, roles[name], self._min_clone_fraction)
+
+    @staticmethod
+    def _validate(modules: dict[str, nn.Module], roles: Mapping[str, Roles]) -> dict[str, nn.Module]:
+        layers: dict[str, nn.Module] = {}
+        seen: dict[int, str] = {}
+        for name, r in roles.items():
+            if name not in modules:
+                known = [n for n, m in modules.items() if type(m) in _LAYER_CLASSES]
+                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {_known(known)}")
+            m = modules[name]
+            if is_grad_skipped(m):
+                raise PlanError(f"layer {name!r} is already under GradSkip")
+            if is_output_cloned(m):
+                raise PlanError(f"layer {name!r} is under output cloning, which already skips clone rows")
+            if isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter):
+                raise PlanError(f"layer {name!r} has uninitialised (lazy) parameters; run a forward pass first")
+            if type(m) not in _LAYER_CLASSES:
+                raise PlanError(
+                    f"layer {name!r} is a {type(m).__name__}; GradSkip supports exactly "
+                    f"{', '.join('nn.' + c.__name__ for c in _LAYER_CLASSES)}"
+                )
+            if not isinstance(m, nn.Linear) and m.groups != 1:
+                raise PlanError(f"layer {name!r} is a grouped conv (groups={m.groups}); only groups=1 is supported")
+            _check_roles(name, m, r)
+            if id(m) in seen:
+                raise PlanError(f"layers {seen[id(m)]!r} and {name!r} are the same module")
+            seen[id(m)] = name
+            layers[name] = m
+        return layers
+
+    @property
+    def roles(self) -> dict[str, Roles]:
+        """Current roles per managed layer (a copy of the mapping; ``Roles`` are immutable)."""
+        return dict(self._roles)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        return dict(self._layers)
+
+    @property
+    def min_clone_fraction(self) -> float:
+        return self._min_clone_fraction
+
+    @property
+    def skipping(self) -> dict[str, bool]:
+        """Per managed layer: whether it currently takes the split backward in training (clones, and enough)."""
+        return {name: bool(layer._egg_gs_skip) for name, layer in self._layers.items() if is_grad_skipped(layer)}
+
+    def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
+        """Replace the roles of some or all managed layers; indices are rebuilt (once, here) only if changed."""
+        self._check_live()
+        for name, r in new_roles.items():
+            if name not in self._layers:
+                raise PlanError(f"layer {name!r} is not managed by this GradSkip ({_known(list(self._layers))})")
+            _check_roles(name, self._layers[name], r)
+        for name, r in new_roles.items():
+            old = self._roles[name]
+            self._roles[name] = r
+            if r is not old and not r.same_as(old):
+                _set_roles(self._layers[name], r, self._min_clone_fraction)
+
+    def remove(self) -> nn.Module:
+        """Restore the original module classes (same objects and parameters). Idempotent. Returns the model."""
+        if not self._removed:
+            for m in self._layers.values():
+                _restore(m)
+            self._removed = True
+        return self.model
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def __enter__(self) -> GradSkip:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise PlanError("this GradSkip was removed; create a new one")
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else f"{len(self._layers)} layers"
+        return f"GradSkip({state})"
