@@ -4,7 +4,8 @@ Runs in ONE process, interleaving scenarios round-robin so machine noise hits al
 medians and ratios against the baseline measured in the same run:
 
 - step time (forward + backward + optimizer step) for baseline / mild / aggressive on the seed's MNIST
-  Bottleneck CNN (batch 256, 1x28x28) and on an MLP, in both clone modes;
+  Bottleneck CNN (batch 256, 1x28x28) and on an MLP, in both clone modes (weight mode with its defaults:
+  compact optimizer state and skipped clone weight gradients; and as ``weight-full``, without them);
 - counted FLOPs per step (the physical limit of the saving);
 - the wrapper's overhead with no clones against the bare base optimizer;
 - optimizer-state bytes.
@@ -59,7 +60,16 @@ def _make_model(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, torch.randint(0, 10, (256,))
 
 
-def _make_case(kind: str, scenario: str | None, clone_mode: str) -> Case:
+# clone-mode variants: wrapper keyword arguments. "weight-full" is weight cloning without the savings (whole
+# tensors stepped and clone rows restored, clone weight gradients computed): what weight mode cost before.
+VARIANTS = {
+    "output": {"clone_mode": "output"},
+    "weight": {"clone_mode": "weight"},
+    "weight-full": {"clone_mode": "weight", "state_storage": "full", "skip_clone_grads": False},
+}
+
+
+def _make_case(kind: str, scenario: str | None, variant: str) -> Case:
     """``scenario=None``: the bare optimizer, no wrapper."""
     model, x, y = _make_model(kind)
     base = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -69,8 +79,8 @@ def _make_case(kind: str, scenario: str | None, clone_mode: str) -> Case:
         name = f"{kind}/bare"
     else:
         plan = _plan(kind, scenario)
-        opt = LeaderCloneOptimizer(model, base, plan, clone_mode=clone_mode, seed=0)
-        name = f"{kind}/{clone_mode}/{scenario}"
+        opt = LeaderCloneOptimizer(model, base, plan, seed=0, **VARIANTS[variant])
+        name = f"{kind}/{variant}/{scenario}"
     model.train()
     loss_fn = nn.CrossEntropyLoss()
 
@@ -104,7 +114,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps, CNN only (< 1 minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, CNN output mode only (< 1 minute)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 40, quick 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -113,14 +123,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     steps = args.steps or (30 if args.quick else 40)
     kinds = ("cnn",) if args.quick else ("cnn", "mlp")
-    modes = ("output",) if args.quick else ("output", "weight")
+    variants = ("output",) if args.quick else tuple(VARIANTS)
 
     cases: list[Case] = []
     for kind in kinds:
         cases.append(_make_case(kind, None, "weight"))
-        for mode in modes:
-            for scenario in SCENARIOS:
-                cases.append(_make_case(kind, scenario, mode))
+        for variant in variants:
+            for scenario in SCENARIOS if variant != "weight-full" else SCENARIOS[1:]:
+                cases.append(_make_case(kind, scenario, variant))
     for case in cases:
         for _ in range(args.warmup):
             case.step()
@@ -131,27 +141,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             case.times.append(time.perf_counter() - t0)
 
     med = {c.name: statistics.median(c.times) for c in cases}
-    rows = []
+    state = {c.name: _state_bytes(c.opt) for c in cases}
+    flop_ratio = {
+        f"{kind}/{sc}": _flops_per_step(kind, sc) / _flops_per_step(kind, "baseline")
+        for kind in kinds
+        for sc in SCENARIOS
+    }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {steps} timed steps per case, medians")
-    print("| case | step ms | vs baseline | FLOP ratio | optimizer state KiB |")
-    print("|---|---|---|---|---|")
-    flop_ratio: dict[str, float] = {}
-    for kind in kinds:
-        base_flops = _flops_per_step(kind, "baseline")
-        for sc in SCENARIOS:
-            flop_ratio[f"{kind}/{sc}"] = _flops_per_step(kind, sc) / base_flops
+    print("| case | step ms | vs its mode's baseline | vs bare | FLOP ratio | optimizer state KiB |")
+    print("|---|---|---|---|---|---|")
     for case in cases:
-        kind = case.name.split("/")[0]
-        scenario = case.name.split("/")[-1]
-        ref = med.get(f"{kind}/{modes[0]}/baseline") if scenario != "bare" else None
-        ratio = med[case.name] / med[f"{kind}/{case.name.split('/')[1]}/baseline"] if scenario != "bare" else None
-        fr = flop_ratio.get(f"{kind}/{scenario}", 1.0)
-        rows.append((case.name, med[case.name], ratio, fr, _state_bytes(case.opt) / 1024))
+        kind, *_, scenario = case.name.split("/")
+        variant = case.name.split("/")[1] if scenario != "bare" else None
+        own_base = {"weight-full": "weight"}.get(variant, variant)
+        ratio = med[case.name] / med[f"{kind}/{own_base}/baseline"] if variant else None
         print(
             f"| {case.name} | {med[case.name] * 1e3:.1f} | {'-' if ratio is None else f'{ratio:.3f}'} | "
-            f"{fr:.3f} | {_state_bytes(case.opt) / 1024:.0f} |"
+            f"{med[case.name] / med[f'{kind}/bare']:.3f} | {flop_ratio.get(f'{kind}/{scenario}', 1.0):.3f} | "
+            f"{state[case.name] / 1024:.0f} |"
         )
-        del ref
     result = {
         "step_time_ratio_mild": med["cnn/output/mild"] / med["cnn/output/baseline"],
         "step_time_ratio_aggressive": med["cnn/output/aggressive"] / med["cnn/output/baseline"],
@@ -159,11 +167,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "flop_ratio_aggressive": flop_ratio["cnn/aggressive"],
         "wrapper_overhead": med["cnn/output/baseline"] / med["cnn/bare"],
         "baseline_step_ms": med["cnn/output/baseline"] * 1e3,
+        "state_bytes_ratio_mild": state["cnn/output/mild"] / state["cnn/output/baseline"],
+        "state_bytes_ratio_aggressive": state["cnn/output/aggressive"] / state["cnn/output/baseline"],
     }
-    if "weight" in modes:
-        result["step_time_ratio_mild_weight"] = med["cnn/weight/mild"] / med["cnn/weight/baseline"]
-        result["step_time_ratio_aggressive_weight"] = med["cnn/weight/aggressive"] / med["cnn/weight/baseline"]
-        result["mlp_step_time_ratio_aggressive"] = med["mlp/output/aggressive"] / med["mlp/output/baseline"]
+    if not args.quick:
+        for kind in kinds:
+            prefix = "" if kind == "cnn" else f"{kind}_"
+            for variant in ("weight", "weight-full"):
+                for sc in SCENARIOS[1:]:
+                    key = f"{prefix}step_time_ratio_{sc}_{variant.replace('-', '_')}"
+                    result[key] = med[f"{kind}/{variant}/{sc}"] / med[f"{kind}/weight/baseline"]
+            result[f"{prefix}step_time_ratio_aggressive_output"] = (
+                med[f"{kind}/output/aggressive"] / med[f"{kind}/output/baseline"]
+            )
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return result
 

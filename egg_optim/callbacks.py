@@ -719,6 +719,9 @@ class EggConfig:
             clone_noise=float(self.clone_noise),
             clone_state=self.clone_state,
             state_storage=self.state_storage,
+            # LFNN sites ask autograd for parameter and input gradients in separate calls; a skipping layer
+            # would compute both in each, so its saving turns into extra work
+            skip_clone_grads=False if self.local_losses is not None else None,
             seed=self.seed,
             **({"clone_mode": self.clone_mode, "eval_mode": self.eval_mode} if self.clone_mode != "weight" else {}),
         )

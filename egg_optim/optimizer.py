@@ -106,7 +106,9 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             (:mod:`egg_optim.grad_skip`; clone rows of ``weight.grad`` are then zero). ``None`` (default): on
             unless the election score reads gradients (``"grad_norm"``, ``"taylor"``, custom callables). Layers
             it cannot rewrite (subclasses of Linear/ConvNd) keep plain autograd. Ignored in output mode, which
-            computes only active units anyway. :meth:`remove_grad_skip` undoes it.
+            computes only active units anyway. Pass ``False`` with LFNN local losses on managed layers (they
+            request parameter and input gradients separately, which a skipping layer computes together, twice).
+            :meth:`remove_grad_skip` undoes it.
         eval_mode: with ``clone_mode="output"``, what ``model.eval()`` computes: ``"as_trained"`` (clones
             follow leaders) or ``"own_weights"``.
         norms: ``{layer: norm_layer or None}`` overrides of the automatic Conv/Linear -> norm coupling.

@@ -610,3 +610,17 @@ def test_export_and_remove_give_plain_modules():
     opt.remove_grad_skip()
     assert opt.grad_skip is None and not any(is_grad_skipped(m) for m in model.modules())
     opt.elect_now()  # no listener left behind
+
+
+def test_egg_config_keeps_plain_autograd_for_lfnn_runs():
+    from conftest import mlp
+
+    from egg_optim.callbacks import EggConfig
+
+    model = mlp((6, 20, 20, 3))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert EggConfig(plan="mild").build_optimizer(model, base).grad_skip is not None
+    model = mlp((6, 20, 20, 3))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = EggConfig(plan="mild", local_losses={"layers": ["0"], "num_classes": 3, "worker_size": 5})
+    assert cfg.build_optimizer(model, base).grad_skip is None
