@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, PlanError
+from .layers import known_names, num_units, set_buffer
 from .output_cloning import is_output_cloned
 from .roles import Roles
 
@@ -275,10 +276,6 @@ def restore_plain(model: nn.Module) -> nn.Module:
     return model
 
 
-def _num_units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
     """(numeric conv padding, F.pad amounts or None, F.pad mode) reproducing the module's own forward.
 
@@ -301,19 +298,12 @@ def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | 
     return tuple(conv.padding), None, "constant"
 
 
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value, persistent=False)
-
-
 def _set_roles(layer: nn.Module, roles: Roles, min_clone_fraction: float) -> None:
     layer._egg_gs_roles = roles
     layer._egg_gs_skip = roles.has_clones and roles.num_clones >= min_clone_fraction * roles.num_units
     device = layer.weight.device
-    _set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
-    _set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
+    set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
+    set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
 
 
 def _restore(module: nn.Module) -> None:
@@ -327,15 +317,10 @@ def _restore(module: nn.Module) -> None:
     module.__class__ = cls
 
 
-def _known(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def _check_roles(name: str, layer: nn.Module, r: object) -> None:
     if not isinstance(r, Roles):
         raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
-    n = _num_units(layer)
+    n = num_units(layer)
     if r.num_units != n:
         raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
 
@@ -394,7 +379,7 @@ class GradSkip:
         for name, r in roles.items():
             if name not in modules:
                 known = [n for n, m in modules.items() if type(m) in _LAYER_CLASSES]
-                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {_known(known)}")
+                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {known_names(known)}")
             m = modules[name]
             if is_grad_skipped(m):
                 raise PlanError(f"layer {name!r} is already under GradSkip")
@@ -439,7 +424,7 @@ class GradSkip:
         self._check_live()
         for name, r in new_roles.items():
             if name not in self._layers:
-                raise PlanError(f"layer {name!r} is not managed by this GradSkip ({_known(list(self._layers))})")
+                raise PlanError(f"layer {name!r} is not managed by this GradSkip ({known_names(list(self._layers))})")
             _check_roles(name, self._layers[name], r)
         for name, r in new_roles.items():
             old = self._roles[name]

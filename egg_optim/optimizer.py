@@ -627,7 +627,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             if not isinstance(sg, Mapping) or len(sg.get("params", ())) != len(g["params"]):
                 return
             id_map.update(zip(sg["params"], g["params"]))
-        names = {id(p): (name, pname) for name, layer in self.layers.items() for pname, p in layer.params}
+        names = {id(p): pname for layer in self.layers.values() for pname, p in layer.params}
         managed = {id(p): name for p, name in self._managed_params()}
         for sid, st in (sd.get("state") or {}).items():
             p = id_map.get(sid)
@@ -635,7 +635,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 continue
             err = compact.layout_error(p, dict(st), roles[managed[id(p)]])
             if err is not None:
-                raise StateDictMismatchError(f"optimizer state of {names[id(p)][1]!r}: {err}")
+                raise StateDictMismatchError(f"optimizer state of {names[id(p)]!r}: {err}")
 
     def export_optimizer_state(self) -> dict[str, Any]:
         """The base optimizer's state dict with every per-row state tensor at full size (a clone's rows are its

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, PlanError
+from ..layers import known_names, num_units, set_buffer
 from ..roles import Roles
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
@@ -151,10 +152,6 @@ def is_output_cloned(module: nn.Module) -> bool:
     return type(module) in _ORIGINAL_CLASS
 
 
-def _num_units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def _is_pointwise(conv: nn.Module) -> bool:
     """A 1x1 conv with stride 1, no padding and no dilation: a matmul over channels at every position."""
     return (
@@ -165,19 +162,12 @@ def _is_pointwise(conv: nn.Module) -> bool:
     )
 
 
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value, persistent=False)
-
-
 def _set_layer_roles(layer: nn.Module, roles: Roles) -> None:
     device = layer.weight.device
     layer._egg_roles = roles
     layer._egg_has_clones = roles.has_clones
-    _set_buffer(layer, "_egg_active", roles.active.to(device, copy=True))
-    _set_buffer(layer, "_egg_gather", roles.gather_index.to(device, copy=True))
+    set_buffer(layer, "_egg_active", roles.active.to(device, copy=True))
+    set_buffer(layer, "_egg_gather", roles.gather_index.to(device, copy=True))
 
 
 def _set_norm_roles(norm: nn.Module, roles: Roles) -> None:
@@ -187,11 +177,11 @@ def _set_norm_roles(norm: nn.Module, roles: Roles) -> None:
     norm._egg_roles = roles
     norm._egg_has_clones = roles.has_clones
     norm._egg_num_active = int(roles.active.numel())
-    _set_buffer(norm, "_egg_active", roles.active.to(device, copy=True))
-    _set_buffer(norm, "_egg_gather", roles.gather_index.to(device, copy=True))
+    set_buffer(norm, "_egg_active", roles.active.to(device, copy=True))
+    set_buffer(norm, "_egg_gather", roles.gather_index.to(device, copy=True))
     n = roles.num_units
-    _set_buffer(norm, "_egg_zero", torch.zeros(n, device=device, dtype=dtype))
-    _set_buffer(norm, "_egg_one", torch.full((n,), 1.0 - AFFINE_EPS, device=device, dtype=dtype))
+    set_buffer(norm, "_egg_zero", torch.zeros(n, device=device, dtype=dtype))
+    set_buffer(norm, "_egg_one", torch.full((n,), 1.0 - AFFINE_EPS, device=device, dtype=dtype))
 
 
 def _strip(module: nn.Module, attrs: tuple[str, ...], buffers: tuple[str, ...]) -> None:
@@ -227,11 +217,6 @@ def _fill_clone_rows(module: nn.Module) -> None:
         if t is not None:
             c, s = clones.to(t.device), sources.to(t.device)
             t.index_copy_(0, c, t.index_select(0, s))
-
-
-def _known(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -305,7 +290,7 @@ class OutputCloning:
         for name, r in roles.items():
             if name not in modules:
                 known = [n for n, m in modules.items() if type(m) in _LAYER_CLASSES]
-                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {_known(known)}")
+                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {known_names(known)}")
             m = modules[name]
             if not isinstance(r, Roles):
                 raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
@@ -320,7 +305,7 @@ class OutputCloning:
                 raise PlanError(f"layer {name!r} has uninitialised (lazy) parameters; run a forward pass first")
             if not isinstance(m, nn.Linear) and m.groups != 1:
                 raise PlanError(f"layer {name!r} is a grouped conv (groups={m.groups}); only groups=1 is supported")
-            n = _num_units(m)
+            n = num_units(m)
             if r.num_units != n:
                 raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
             if id(m) in seen:
@@ -341,7 +326,7 @@ class OutputCloning:
         for lname, nname in norms.items():
             if lname not in layers:
                 raise PlanError(
-                    f"norms names layer {lname!r}, which has no roles (layers with roles: {_known(list(layers))})"
+                    f"norms names layer {lname!r}, which has no roles (layers with roles: {known_names(list(layers))})"
                 )
             if nname not in modules:
                 raise PlanError(f"unknown norm layer {nname!r} (given for layer {lname!r})")
@@ -387,10 +372,12 @@ class OutputCloning:
         self._check_live()
         for name, r in new_roles.items():
             if name not in self._layers:
-                raise PlanError(f"layer {name!r} is not managed by this OutputCloning ({_known(list(self._layers))})")
+                raise PlanError(
+                    f"layer {name!r} is not managed by this OutputCloning ({known_names(list(self._layers))})"
+                )
             if not isinstance(r, Roles):
                 raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
-            n = _num_units(self._layers[name])
+            n = num_units(self._layers[name])
             if r.num_units != n:
                 raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
         for name, r in new_roles.items():
