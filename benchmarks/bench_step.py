@@ -109,6 +109,8 @@ def _flops_per_step(kind: str, scenario: str) -> float:
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    if isinstance(opt, LeaderCloneOptimizer):
+        return opt.state_bytes()
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 

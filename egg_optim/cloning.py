@@ -2,7 +2,9 @@
 
 ``blend`` mixes (``1.0`` copies), ``noise`` adds Gaussian noise relative to each source row's RMS to break
 the symmetry between a leader and its clones, and ``state`` says what happens to the clone's rows of the
-optimizer state: ``"keep"`` them, ``"reset"`` them to a fresh value, or ``"copy"`` the leader's.
+optimizer state: ``"keep"`` them, ``"reset"`` them to a fresh value, or ``"copy"`` the leader's. (With compact
+storage, :mod:`egg_optim.compact`, clone rows are not in the optimizer state; the policy then applies when a
+clone becomes active.)
 """
 
 from __future__ import annotations

@@ -11,9 +11,14 @@ Compared with full storage (:mod:`egg_optim.masking`) this skips the optimizer a
 snapshot/restore copies, and drops the clones' share of the optimizer state. Outside ``step()`` the base
 optimizer's ``param_groups`` hold the real parameters (GradScaler, gradient clipping and Accelerate see them).
 
-When roles change, a unit that stays active keeps its state rows. A unit that becomes active has no rows of its
-own: it starts from its former source's rows (it carried that unit's weights or outputs), or from a fresh value
-under the ``"reset"`` clone-state policy.
+When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
+follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
+(parked when it became a clone: they take memory, but no step time), ``"copy"``: its former source's rows (it
+carried that unit's weights or outputs), ``"reset"``: a fresh value. With ``"copy"`` and ``"reset"`` clones hold
+no state at all.
+
+State dicts hold full-size state (clone rows as the policy gives them), so they load into either storage and
+into a bare optimizer.
 """
 
 from __future__ import annotations
@@ -69,11 +74,18 @@ def layout_error(param: torch.Tensor, state: dict[str, Any], roles: Roles) -> st
 
 @torch.no_grad()
 def expand(
-    param: torch.Tensor, state: dict[str, Any], roles: Roles, group: dict[str, Any], *, from_sources: bool
+    param: torch.Tensor,
+    state: dict[str, Any],
+    roles: Roles,
+    group: dict[str, Any],
+    *,
+    from_sources: bool,
+    parked: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Rewrite compact per-row state of ``param`` (active rows under ``roles``) to full size, in place.
 
-    Clone rows take their source's rows (``from_sources``) or the fresh value. Full-size state is left alone.
+    Clone rows take their ``parked`` rows (see :func:`park`) where there are some, else their source's rows
+    (``from_sources``) or the fresh value. Full-size state is left alone.
     """
     n_active = int(roles.active.numel())
     if n_active == roles.num_units:
@@ -83,9 +95,24 @@ def expand(
             continue
         full = value.new_full((roles.num_units, *value.shape[1:]), fresh_value(key, group))
         full.index_copy_(0, roles.active.to(value.device), value)
-        if from_sources and roles.has_clones:
-            full.index_copy_(0, roles.clones.to(value.device), full.index_select(0, roles.sources.to(value.device)))
+        clones = roles.clones.to(value.device)
+        if parked is not None and key in parked:
+            full.index_copy_(0, clones, parked[key])
+        elif from_sources and roles.has_clones:
+            full.index_copy_(0, clones, full.index_select(0, roles.sources.to(value.device)))
         state[key] = full
+
+
+@torch.no_grad()
+def park(param: torch.Tensor, state: dict[str, Any], roles: Roles) -> dict[str, torch.Tensor]:
+    """The clone rows of full-size per-row state of ``param``, to give back when a clone becomes active."""
+    if not roles.has_clones:
+        return {}
+    return {
+        key: value.index_select(0, roles.clones.to(value.device))
+        for key, value in state.items()
+        if _rows_of(param, value) == roles.num_units
+    }
 
 
 @torch.no_grad()

@@ -92,11 +92,11 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         assign: how clones pick a source leader: ``"first"``, ``"random"``, ``"round_robin"``, ``"nearest"``.
         hysteresis: relative margin a challenger needs to unseat a sitting leader.
         clone_blend, clone_noise, clone_state: cloning options (see :mod:`egg_optim.cloning`).
-        state_storage: ``"compact"``: clones take no part in the base step and hold no optimizer state (faster,
-            smaller; a unit that becomes active starts from its former source's state rows, see
-            :mod:`egg_optim.compact`). ``"full"``: the base optimizer steps whole tensors and clone rows of the
-            parameters and their state are restored afterwards (:mod:`egg_optim.masking`); clone state rows
-            persist while a unit is a clone.
+        state_storage: ``"compact"``: clones take no part in the base step, and the base optimizer holds state
+            for active rows only (faster; with ``clone_state="copy"`` or ``"reset"`` also smaller, as clones then
+            need no state; see :mod:`egg_optim.compact`). ``"full"``: the base optimizer steps whole tensors and
+            clone rows of the parameters and their state are restored afterwards (:mod:`egg_optim.masking`).
+            Both train identically.
         clone_mode: ``"weight"``: every unit is computed with its own weights and clones are frozen between
             cloning events (the seed's first design). ``"output"``: only leaders and independents are computed
             and clones carry their source's output in every forward pass (the seed's final design, and the one
@@ -204,6 +204,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._score_count = dict.fromkeys(layers, 0)
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._roles: dict[str, Roles] = {}
+        self._parked: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # compact storage: clones' own state rows
         self.clone_mode = clone_mode
         self.output_cloning = None
         # steps each unit has led, up to the last role change, and the step roles last changed
@@ -347,9 +348,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
         return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
 
+    def _expand_state(self, p: torch.Tensor, st: dict[str, Any], roles: Roles, group: dict[str, Any]) -> None:
+        """Compact state of ``p`` to full size, clone rows as the clone-state policy gives them."""
+        parked = self._parked.get(p) if self.clone_state == "keep" else None
+        compact.expand(p, st, roles, group, from_sources=self.clone_state == "copy", parked=parked)
+
     def _relayout_state(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
         """Move compact optimizer state from the active rows of ``old`` roles (full size where ``old`` has no
-        entry) to the active rows of ``new``."""
+        entry) to the active rows of ``new``, parking the new clones' rows under ``clone_state="keep"``."""
         groups = self._group_of()
         for p, name in self._managed_params():
             st = self.state.get(p)
@@ -358,8 +364,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             if name in old:
                 if old[name].same_as(new[name]):
                     continue
-                from_sources = self.clone_state != "reset"
-                compact.expand(p, st, old[name], groups[id(p)][0], from_sources=from_sources)
+                self._expand_state(p, st, old[name], groups[id(p)][0])
+            self._parked.pop(p, None)
+            if self.clone_state == "keep" and new[name].has_clones:
+                self._parked[p] = compact.park(p, st, new[name])
             compact.compact(p, st, new[name])
 
     def _rebuild_masks(self) -> None:
@@ -538,8 +546,28 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         }
 
     # ------------------------------------------------------------------ state
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer-state tensors, clones' parked rows (compact storage) included."""
+        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors += [v for rows in self._parked.values() for v in rows.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict, with full-size state whatever the storage (clone rows as the
+        clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores."""
         sd = self.optimizer.state_dict()
+        if self.state_storage == "compact":
+            params = [p for g in self.param_groups for p in g["params"]]
+            managed = {id(p): name for p, name in self._managed_params()}
+            groups = self._group_of()
+            state = {}
+            for i, st in sd["state"].items():
+                st = dict(st)  # the base state_dict shares the live dicts
+                p = params[i]
+                if id(p) in managed:
+                    self._expand_state(p, st, self._roles[managed[id(p)]], groups[id(p)][0])
+                state[i] = st
+            sd["state"] = state
         sd[STATE_KEY] = {
             "version": STATE_VERSION,
             "plan": self.plan.signature(),
@@ -638,20 +666,9 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 raise StateDictMismatchError(f"optimizer state of {names[id(p)]!r}: {err}")
 
     def export_optimizer_state(self) -> dict[str, Any]:
-        """The base optimizer's state dict with every per-row state tensor at full size (a clone's rows are its
-        source's), for a bare optimizer over the plain model (:meth:`export_model`)."""
-        sd = self.optimizer.state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
-        managed = {id(p): name for p, name in self._managed_params()}
-        groups = self._group_of()
-        state = {}
-        for i, st in sd["state"].items():
-            st = dict(st)  # the base state_dict shares the live dicts
-            p = params[i]
-            if id(p) in managed:
-                compact.expand(p, st, self._roles[managed[id(p)]], groups[id(p)][0], from_sources=True)
-            state[i] = st
-        sd["state"] = state
+        """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
+        sd = self.state_dict()
+        del sd[STATE_KEY]
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -681,5 +698,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             device = self.layers[name].weight.device
             self._score_sum[name] = s.detach().to(device).float().clone() if s.numel() else None
         self._roles = {}  # restored roles replace, they are not an election
+        self._parked = {}
         self._set_roles(roles)
         self._roles_since = int(extra["roles_since"])

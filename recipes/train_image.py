@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
+from egg_optim.cloning import STATE_POLICIES
 from egg_optim.errors import ConfigError, EggOptimError
 
 MODELS = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
@@ -223,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         "roles within an epoch) or 'never'",
     )
     g.add_argument("--hysteresis", type=_non_negative_float, default=0.0, help="margin to unseat a sitting leader")
+    g.add_argument(
+        "--clone-state",
+        default="keep",
+        choices=STATE_POLICIES,
+        help="optimizer-state rows of a clone: keep its own, reset them, or copy its leader's (with compact "
+        "storage: what a clone starts from when it becomes active)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS), help="base torch optimizer")
@@ -471,6 +479,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "election": args.election,
         "assign": args.assign,
         "hysteresis": args.hysteresis,
+        "clone_state": args.clone_state,
         "seed": args.seed,
         "clone_mode": args.clone_mode,
         "state_storage": args.state_storage,

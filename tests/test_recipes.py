@@ -78,6 +78,7 @@ def test_help_lists_every_flag():
         (["--leaders", "1.5"], "in [0, 1]"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["--state-storage", "sparse"], "invalid choice: 'sparse'"),
+        (["--clone-state", "forget"], "invalid choice: 'forget'"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(argv, fragment, capsys):
