@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, PlanError
-from .layers import known_names, num_units, set_buffer
-from .output_cloning import is_output_cloned
+from . import rewrite
+from .errors import ConfigError
 from .roles import Roles
 
 __all__ = ["GradSkip", "is_grad_skipped", "restore_plain", "supports"]
@@ -249,7 +248,8 @@ _LAYER_CLASSES: dict[type, type] = {
     nn.Conv2d: _GSConv2d,
     nn.Conv3d: _GSConv3d,
 }
-_ORIGINAL_CLASS: dict[type, type] = {v: k for k, v in _LAYER_CLASSES.items()}
+_OWNER = "GradSkip"
+_ORIGINAL_CLASS = rewrite.register(_OWNER, _LAYER_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -261,18 +261,15 @@ def is_grad_skipped(module: nn.Module) -> bool:
 def supports(module: nn.Module) -> bool:
     """Whether :class:`GradSkip` can rewrite ``module`` (exactly ``nn.Linear`` / ``nn.Conv1d/2d/3d``, groups=1,
     initialised, not already rewritten)."""
-    return (
-        type(module) in _LAYER_CLASSES
-        and not isinstance(module.weight, nn.parameter.UninitializedParameter)
-        and (isinstance(module, nn.Linear) or module.groups == 1)
-    )
+    return rewrite.layer_problem(module, _LAYER_CLASSES, _OWNER) is None
 
 
 def restore_plain(model: nn.Module) -> nn.Module:
     """Give every rewritten layer of ``model`` its original class back, in place (for a ``deepcopy`` of a model
     under :class:`GradSkip`, which copies the rewritten classes). Returns ``model``."""
     for m in model.modules():
-        _restore(m)
+        if is_grad_skipped(m):
+            rewrite.restore(m, _ATTRS, _BUFFERS)
     return model
 
 
@@ -302,31 +299,12 @@ def _set_roles(layer: nn.Module, roles: Roles, min_clone_fraction: float) -> Non
     layer._egg_gs_roles = roles
     layer._egg_gs_skip = roles.has_clones and roles.num_clones >= min_clone_fraction * roles.num_units
     device = layer.weight.device
-    set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
-    set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
-
-
-def _restore(module: nn.Module) -> None:
-    cls = _ORIGINAL_CLASS.get(type(module))
-    if cls is None:
-        return
-    for name in _BUFFERS:
-        module._buffers.pop(name, None)
-    for name in _ATTRS:
-        module.__dict__.pop(name, None)
-    module.__class__ = cls
-
-
-def _check_roles(name: str, layer: nn.Module, r: object) -> None:
-    if not isinstance(r, Roles):
-        raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
-    n = num_units(layer)
-    if r.num_units != n:
-        raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
+    rewrite.set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
+    rewrite.set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
 
 
 # ---------------------------------------------------------------------------------------------- public
-class GradSkip:
+class GradSkip(rewrite.LayerRewrite):
     """Skip clone rows' weight-gradient work in ``model``, in place (reversible with :meth:`remove`).
 
     Args:
@@ -349,12 +327,12 @@ class GradSkip:
         ConfigError: ``min_clone_fraction`` outside ``[0, 1]``.
     """
 
+    owner = _OWNER
+
     def __init__(self, model: nn.Module, roles: Mapping[str, Roles], *, min_clone_fraction: float = 0.5) -> None:
-        if not isinstance(model, nn.Module):
-            raise PlanError(f"GradSkip needs an nn.Module, got {type(model).__name__}")
         if not 0.0 <= min_clone_fraction <= 1.0:
             raise ConfigError(f"min_clone_fraction must be in [0, 1], got {min_clone_fraction!r}")
-        layers = self._validate(dict(model.named_modules(remove_duplicate=False)), roles)
+        layers = rewrite.validate_layers(model, roles, _LAYER_CLASSES, _OWNER)
         # ---- everything checked: change modules
         self.model = model
         self._layers: dict[str, nn.Module] = layers
@@ -372,44 +350,6 @@ class GradSkip:
                 )
             _set_roles(layer, roles[name], self._min_clone_fraction)
 
-    @staticmethod
-    def _validate(modules: dict[str, nn.Module], roles: Mapping[str, Roles]) -> dict[str, nn.Module]:
-        layers: dict[str, nn.Module] = {}
-        seen: dict[int, str] = {}
-        for name, r in roles.items():
-            if name not in modules:
-                known = [n for n, m in modules.items() if type(m) in _LAYER_CLASSES]
-                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {known_names(known)}")
-            m = modules[name]
-            if is_grad_skipped(m):
-                raise PlanError(f"layer {name!r} is already under GradSkip")
-            if is_output_cloned(m):
-                raise PlanError(f"layer {name!r} is under output cloning, which already skips clone rows")
-            if isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter):
-                raise PlanError(f"layer {name!r} has uninitialised (lazy) parameters; run a forward pass first")
-            if type(m) not in _LAYER_CLASSES:
-                raise PlanError(
-                    f"layer {name!r} is a {type(m).__name__}; GradSkip supports exactly "
-                    f"{', '.join('nn.' + c.__name__ for c in _LAYER_CLASSES)}"
-                )
-            if not isinstance(m, nn.Linear) and m.groups != 1:
-                raise PlanError(f"layer {name!r} is a grouped conv (groups={m.groups}); only groups=1 is supported")
-            _check_roles(name, m, r)
-            if id(m) in seen:
-                raise PlanError(f"layers {seen[id(m)]!r} and {name!r} are the same module")
-            seen[id(m)] = name
-            layers[name] = m
-        return layers
-
-    @property
-    def roles(self) -> dict[str, Roles]:
-        """Current roles per managed layer (a copy of the mapping; ``Roles`` are immutable)."""
-        return dict(self._roles)
-
-    @property
-    def layers(self) -> dict[str, nn.Module]:
-        return dict(self._layers)
-
     @property
     def min_clone_fraction(self) -> float:
         return self._min_clone_fraction
@@ -419,40 +359,12 @@ class GradSkip:
         """Per managed layer: whether it currently takes the split backward in training (clones, and enough)."""
         return {name: bool(layer._egg_gs_skip) for name, layer in self._layers.items() if is_grad_skipped(layer)}
 
-    def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
-        """Replace the roles of some or all managed layers; indices are rebuilt (once, here) only if changed."""
-        self._check_live()
-        for name, r in new_roles.items():
-            if name not in self._layers:
-                raise PlanError(f"layer {name!r} is not managed by this GradSkip ({known_names(list(self._layers))})")
-            _check_roles(name, self._layers[name], r)
-        for name, r in new_roles.items():
-            old = self._roles[name]
-            self._roles[name] = r
-            if r is not old and not r.same_as(old):
-                _set_roles(self._layers[name], r, self._min_clone_fraction)
+    def _apply_roles(self, name: str, roles: Roles) -> None:
+        _set_roles(self._layers[name], roles, self._min_clone_fraction)
 
-    def remove(self) -> nn.Module:
-        """Restore the original module classes (same objects and parameters). Idempotent. Returns the model."""
-        if not self._removed:
-            for m in self._layers.values():
-                _restore(m)
-            self._removed = True
-        return self.model
-
-    @property
-    def removed(self) -> bool:
-        return self._removed
-
-    def __enter__(self) -> GradSkip:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def _check_live(self) -> None:
-        if self._removed:
-            raise PlanError("this GradSkip was removed; create a new one")
+    def _restore_all(self) -> None:
+        for m in self._layers.values():
+            rewrite.restore(m, _ATTRS, _BUFFERS)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers"

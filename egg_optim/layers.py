@@ -26,20 +26,6 @@ def num_units(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set or register a non-persistent buffer (index tensors of layer rewrites: moved by ``.to()``, not saved)."""
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value, persistent=False)
-
-
-def known_names(names: list[str], limit: int = 12) -> str:
-    """A short, quoted list of names for error messages."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def norm_units(norm: nn.Module) -> int | None:
     """Per-unit size of a norm layer, or None if its parameters are not per unit."""
     if isinstance(norm, _BATCH_NORMS + _INSTANCE_NORMS):

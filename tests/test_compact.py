@@ -196,3 +196,24 @@ def test_unknown_storage_refused():
     model = mlp()
     with pytest.raises(PlanError, match="'sparse'"):
         LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5), state_storage="sparse")
+
+
+def test_state_dict_with_active_rows_only_loads():
+    """A state dict whose per-row state holds the active rows only (the compact layout) is accepted too."""
+    model_a, a = _make("compact")
+    _train(a, model_a, 3)
+    sd = copy.deepcopy(a.state_dict())
+    for name, roles in a.roles.items():
+        for _, p in a.layers[name].params:
+            st = sd["state"][_index(a, p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                st[key] = st[key][roles.active].clone()
+    model_b, b = _make("full")
+    b.load_state_dict(sd)
+    ea, eb = a.export_optimizer_state()["state"], b.export_optimizer_state()["state"]
+    for name, roles in a.roles.items():
+        for _, p in a.layers[name].params:
+            i = _index(a, p)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert eb[i][key].shape == p.shape
+                assert torch.equal(ea[i][key][roles.active], eb[i][key][roles.active])

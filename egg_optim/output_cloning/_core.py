@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import rewrite
 from ..errors import ConfigError, PlanError
-from ..layers import known_names, num_units, set_buffer
+from ..rewrite import known_names, set_buffer
 from ..roles import Roles
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
@@ -143,7 +144,8 @@ _NORM_FOR_LAYER: dict[type, tuple[type, ...]] = {
     nn.Conv2d: (nn.BatchNorm2d,),
     nn.Conv3d: (nn.BatchNorm3d,),
 }
-_ORIGINAL_CLASS: dict[type, type] = {v: k for k, v in {**_LAYER_CLASSES, **_NORM_CLASSES}.items()}
+_OWNER = "output cloning"
+_ORIGINAL_CLASS = rewrite.register(_OWNER, {**_LAYER_CLASSES, **_NORM_CLASSES})
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -184,22 +186,13 @@ def _set_norm_roles(norm: nn.Module, roles: Roles) -> None:
     set_buffer(norm, "_egg_one", torch.full((n,), 1.0 - AFFINE_EPS, device=device, dtype=dtype))
 
 
-def _strip(module: nn.Module, attrs: tuple[str, ...], buffers: tuple[str, ...]) -> None:
-    for name in buffers:
-        module._buffers.pop(name, None)
-    for name in attrs:
-        module.__dict__.pop(name, None)
-
-
 def _restore(module: nn.Module) -> None:
-    cls = _ORIGINAL_CLASS.get(type(module))
-    if cls is None:
+    if not is_output_cloned(module):
         return
-    if cls in _NORM_CLASSES:
-        _strip(module, _NORM_ATTRS, _NORM_BUFFERS)
+    if _ORIGINAL_CLASS[type(module)] in _NORM_CLASSES:
+        rewrite.restore(module, _NORM_ATTRS, _NORM_BUFFERS)
     else:
-        _strip(module, _LAYER_ATTRS, _LAYER_BUFFERS)
-    module.__class__ = cls
+        rewrite.restore(module, _LAYER_ATTRS, _LAYER_BUFFERS)
 
 
 @torch.no_grad()
@@ -220,7 +213,7 @@ def _fill_clone_rows(module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- public
-class OutputCloning:
+class OutputCloning(rewrite.LayerRewrite):
     """Apply output cloning to ``model`` in place (reversible with :meth:`remove`).
 
     Args:
@@ -242,6 +235,8 @@ class OutputCloning:
             is changed.
     """
 
+    owner = _OWNER
+
     def __init__(
         self,
         model: nn.Module,
@@ -252,13 +247,10 @@ class OutputCloning:
         native_kernels: bool = True,
         pointwise_matmul: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise PlanError(f"OutputCloning needs an nn.Module, got {type(model).__name__}")
         _check_eval_mode(eval_mode)
         norms = dict(norms or {})
-        modules = dict(model.named_modules())
-        layers = self._validate_layers(modules, roles)
-        fused = self._validate_norms(modules, layers, roles, norms)
+        layers = rewrite.validate_layers(model, roles, _LAYER_CLASSES, _OWNER)
+        fused = self._validate_norms(dict(model.named_modules()), layers, roles, norms)
         # ---- everything checked: change modules
         self.model = model
         self._layers: dict[str, nn.Module] = layers
@@ -283,37 +275,6 @@ class OutputCloning:
             _kernel.load()  # build now (about a second, once per machine) rather than in the first step
 
     # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _validate_layers(modules: dict[str, nn.Module], roles: Mapping[str, Roles]) -> dict[str, nn.Module]:
-        layers: dict[str, nn.Module] = {}
-        seen: dict[int, str] = {}
-        for name, r in roles.items():
-            if name not in modules:
-                known = [n for n, m in modules.items() if type(m) in _LAYER_CLASSES]
-                raise PlanError(f"unknown layer {name!r}; supported layers in the model: {known_names(known)}")
-            m = modules[name]
-            if not isinstance(r, Roles):
-                raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
-            if is_output_cloned(m):
-                raise PlanError(f"layer {name!r} is already under output cloning")
-            if type(m) not in _LAYER_CLASSES:
-                raise PlanError(
-                    f"layer {name!r} is a {type(m).__name__}; output cloning supports exactly "
-                    f"{', '.join('nn.' + c.__name__ for c in _LAYER_CLASSES)}"
-                )
-            if isinstance(m.weight, nn.parameter.UninitializedParameter):
-                raise PlanError(f"layer {name!r} has uninitialised (lazy) parameters; run a forward pass first")
-            if not isinstance(m, nn.Linear) and m.groups != 1:
-                raise PlanError(f"layer {name!r} is a grouped conv (groups={m.groups}); only groups=1 is supported")
-            n = num_units(m)
-            if r.num_units != n:
-                raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
-            if id(m) in seen:
-                raise PlanError(f"layers {seen[id(m)]!r} and {name!r} are the same module")
-            seen[id(m)] = name
-            layers[name] = m
-        return layers
-
     @staticmethod
     def _validate_norms(
         modules: dict[str, nn.Module],
@@ -354,40 +315,14 @@ class OutputCloning:
 
     # ------------------------------------------------------------------ roles
     @property
-    def roles(self) -> dict[str, Roles]:
-        """Current roles per managed layer (a copy of the mapping; ``Roles`` are immutable)."""
-        return dict(self._roles)
-
-    @property
-    def layers(self) -> dict[str, nn.Module]:
-        return dict(self._layers)
-
-    @property
     def norms(self) -> dict[str, str]:
         """Layer name -> fused norm name."""
         return dict(self._norm_names)
 
-    def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
-        """Replace the roles of some or all managed layers and rebuild their indices (once, here)."""
-        self._check_live()
-        for name, r in new_roles.items():
-            if name not in self._layers:
-                raise PlanError(
-                    f"layer {name!r} is not managed by this OutputCloning ({known_names(list(self._layers))})"
-                )
-            if not isinstance(r, Roles):
-                raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
-            n = num_units(self._layers[name])
-            if r.num_units != n:
-                raise PlanError(f"roles for layer {name!r} have {r.num_units} units but the layer has {n} outputs")
-        for name, r in new_roles.items():
-            if r is self._roles[name] or r.same_as(self._roles[name]):
-                self._roles[name] = r
-                continue
-            self._roles[name] = r
-            _set_layer_roles(self._layers[name], r)
-            if name in self._norms:
-                _set_norm_roles(self._norms[name], r)
+    def _apply_roles(self, name: str, roles: Roles) -> None:
+        _set_layer_roles(self._layers[name], roles)
+        if name in self._norms:
+            _set_norm_roles(self._norms[name], roles)
 
     # ------------------------------------------------------------------ eval mode
     @property
@@ -415,31 +350,16 @@ class OutputCloning:
             if name in self._norms:
                 _fill_clone_rows(self._norms[name])
 
-    def remove(self) -> nn.Module:
-        """Restore the original module classes (same objects and parameters). Idempotent. Returns the model."""
-        if not self._removed:
-            for m in list(self._layers.values()) + list(self._norms.values()):
-                _restore(m)
-            self._removed = True
-        return self.model
-
-    @property
-    def removed(self) -> bool:
-        return self._removed
-
-    def __enter__(self) -> OutputCloning:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def _restore_all(self) -> None:
+        for m in list(self._layers.values()) + list(self._norms.values()):
+            _restore(m)
 
     def _check_live(self) -> None:
         if not self._removed and not all(
             is_output_cloned(m) for m in list(self._layers.values()) + list(self._norms.values())
         ):
             self._removed = True  # restored behind our back (export_plain(model, inplace=True))
-        if self._removed:
-            raise PlanError("this OutputCloning was removed; create a new one")
+        super()._check_live()
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers, {len(self._norms)} fused norms"

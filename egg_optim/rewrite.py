@@ -1,0 +1,178 @@
+"""In-place layer rewriting by class swap, shared by output cloning and gradient skipping.
+
+A rewrite replaces ``module.__class__`` with a subclass whose ``forward`` differs, so module objects, parameter
+and buffer objects, qualified names, ``state_dict`` keys and hooks stay the same, and swapping the class back
+undoes it. Per-role index tensors live on the module as non-persistent buffers (moved by ``.to()``, never
+saved) and are rebuilt only when roles change. This module holds what every rewrite needs: validation before
+anything changes, the registry that tells which rewrite owns a module, and the role-update life cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .layers import num_units
+from .roles import Roles
+
+# rewritten class -> (owner name, original class)
+_REWRITTEN: dict[type, tuple[str, type]] = {}
+
+
+def register(owner: str, classes: Mapping[type, type]) -> dict[type, type]:
+    """Record ``{original class: rewritten class}`` for ``owner``; returns the reverse map."""
+    for original, rewritten in classes.items():
+        _REWRITTEN[rewritten] = (owner, original)
+    return {v: k for k, v in classes.items()}
+
+
+def owner_of(module: nn.Module) -> str | None:
+    """The rewrite currently applied to ``module`` (``"output cloning"``, ``"GradSkip"``) or ``None``."""
+    entry = _REWRITTEN.get(type(module))
+    return entry[0] if entry else None
+
+
+def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set or register a non-persistent buffer (moved by ``.to()``, not saved)."""
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
+def known_names(names: list[str], limit: int = 12) -> str:
+    """A short, quoted list of names for error messages."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def layer_problem(module: nn.Module, supported: Mapping[type, type], owner: str) -> str | None:
+    """Why ``owner`` cannot rewrite ``module`` (a phrase following "layer 'name' ..."), or ``None``."""
+    current = owner_of(module)
+    if current is not None:
+        return f"is already under {current}"
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        return "has uninitialised (lazy) parameters; run a forward pass first"
+    if type(module) not in supported:
+        names = ", ".join("nn." + c.__name__ for c in supported)
+        return f"is a {type(module).__name__}; {owner} supports exactly {names}"
+    if not isinstance(module, nn.Linear) and module.groups != 1:
+        return f"is a grouped conv (groups={module.groups}); only groups=1 is supported"
+    return None
+
+
+def check_roles(name: str, layer: nn.Module, roles: Any) -> None:
+    if not isinstance(roles, Roles):
+        raise PlanError(f"roles[{name!r}] must be a Roles, got {type(roles).__name__}")
+    n = num_units(layer)
+    if roles.num_units != n:
+        raise PlanError(f"roles for layer {name!r} have {roles.num_units} units but the layer has {n} outputs")
+
+
+def validate_layers(
+    model: nn.Module, roles: Mapping[str, Any], supported: Mapping[type, type], owner: str
+) -> dict[str, nn.Module]:
+    """The modules named in ``roles``, checked for ``owner``; raises :class:`PlanError` naming the first bad one."""
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"{owner} needs an nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layers: dict[str, nn.Module] = {}
+    seen: dict[int, str] = {}
+    for name, r in roles.items():
+        if name not in modules:
+            known = [n for n, m in modules.items() if type(m) in supported]
+            raise PlanError(f"unknown layer {name!r}; supported layers in the model: {known_names(known)}")
+        m = modules[name]
+        if not isinstance(r, Roles):
+            raise PlanError(f"roles[{name!r}] must be a Roles, got {type(r).__name__}")
+        problem = layer_problem(m, supported, owner)
+        if problem is not None:
+            raise PlanError(f"layer {name!r} {problem}")
+        check_roles(name, m, r)
+        if id(m) in seen:
+            raise PlanError(f"layers {seen[id(m)]!r} and {name!r} are the same module")
+        seen[id(m)] = name
+        layers[name] = m
+    return layers
+
+
+def restore(module: nn.Module, attrs: tuple[str, ...], buffers: tuple[str, ...]) -> None:
+    """Give a rewritten ``module`` its original class back, dropping the rewrite's attributes and buffers."""
+    entry = _REWRITTEN.get(type(module))
+    if entry is None:
+        return
+    for name in buffers:
+        module._buffers.pop(name, None)
+    for name in attrs:
+        module.__dict__.pop(name, None)
+    module.__class__ = entry[1]
+
+
+class LayerRewrite:
+    """Life cycle of a rewrite: current roles, validated role updates, ``remove()``, use as a context manager.
+
+    Subclasses set ``model``, ``_layers``, ``_roles`` and ``_removed`` and implement :meth:`_apply_roles` and
+    :meth:`_restore_all`.
+    """
+
+    owner = "layer rewrite"
+    model: nn.Module
+    _layers: dict[str, nn.Module]
+    _roles: dict[str, Roles]
+    _removed: bool
+
+    @property
+    def roles(self) -> dict[str, Roles]:
+        """Current roles per managed layer (a copy of the mapping; ``Roles`` are immutable)."""
+        return dict(self._roles)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        return dict(self._layers)
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
+        """Replace the roles of some or all managed layers; indices are rebuilt (once, here) only if changed.
+        Validates everything before changing anything."""
+        self._check_live()
+        for name, r in new_roles.items():
+            if name not in self._layers:
+                raise PlanError(
+                    f"layer {name!r} is not managed by this {type(self).__name__} ({known_names(list(self._layers))})"
+                )
+            check_roles(name, self._layers[name], r)
+        for name, r in new_roles.items():
+            old = self._roles[name]
+            self._roles[name] = r
+            if r is not old and not r.same_as(old):
+                self._apply_roles(name, r)
+
+    def _apply_roles(self, name: str, roles: Roles) -> None:
+        raise NotImplementedError
+
+    def _restore_all(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> nn.Module:
+        """Restore the original module classes (same objects and parameters). Idempotent. Returns the model."""
+        if not self._removed:
+            self._restore_all()
+            self._removed = True
+        return self.model
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise PlanError(f"this {type(self).__name__} was removed; create a new one")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
