@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.models import MLP, SeedMNISTNet, count_conv_linear_flops
+from egg_optim.kit.models import MLP, SeedMNISTNet, count_conv_linear_flops
 
 SCENARIOS = ("baseline", "mild", "aggressive")
 

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egg_optim.data import dataset_spec, load_image_dataset, make_dataloader
-from egg_optim.local_losses import LeaderFollowerLoss, num_leaders
-from egg_optim.models import MLP
+from egg_optim.kit.data import dataset_spec, load_image_dataset, make_dataloader
+from egg_optim.kit.models import MLP
+from egg_optim.lfnn import LeaderFollowerLoss, num_leaders
 
 DATASETS = ("digits", "fashion_mnist")
 MODELS = ("mlp", "cnn")

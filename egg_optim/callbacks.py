@@ -1,5 +1,5 @@
 """Training-loop events for plain PyTorch / Accelerate loops, and the callbacks that drive a
-:class:`~egg_optim.optimizer.LeaderCloneOptimizer` from them.
+:class:`~egg_optim.optim.LeaderCloneOptimizer` from them.
 
 A loop talks to ONE object, :class:`CallbackRunner`::
 
@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 
+from .core.plan import RolePlan
 from .errors import ConfigError, StateDictMismatchError
-from .optimizer import LeaderCloneOptimizer, find_leader_clone_optimizer
-from .plan import RolePlan
+from .optim import LeaderCloneOptimizer, find_leader_clone_optimizer
 
 EVENTS = (
     "on_train_begin",
@@ -84,37 +84,10 @@ def _positive_int(who: str, name: str, value: Any, *, allow_none: bool = True) -
     return value
 
 
-def flatten_stats(stats: Mapping[str, Any], prefix: str = "roles") -> dict[str, float]:
-    """``LeaderCloneOptimizer.stats()`` as flat ``{f"{prefix}/a/b": float}`` (numbers only)."""
-    out: dict[str, float] = {}
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, f"{key}/{k}")
-        elif isinstance(node, (bool, int, float)):
-            out[key] = float(node)
-
-    walk(stats, prefix)
-    return out
-
-
 def role_metrics_for(optimizer: Any, *, per_layer: bool = False, prefix: str = "roles") -> dict[str, float]:
-    """Role metrics of the wrapper inside ``optimizer``: :func:`egg_optim.tracking.role_metrics` when that
-    module is available, else ``stats()`` flattened. ``per_layer=False`` keeps the totals and counters only."""
+    """:meth:`LeaderCloneOptimizer.role_metrics` of the wrapper inside ``optimizer`` (``{}`` if there is none)."""
     opt = find_leader_clone_optimizer(optimizer)
-    if opt is None:
-        return {}
-    try:
-        from .tracking import role_metrics
-    except ImportError:  # pragma: no cover - tracking is part of the package; kept for partial installs
-        metrics = flatten_stats(opt.stats(), prefix)
-    else:
-        metrics = role_metrics(opt, prefix=prefix)
-    if per_layer:
-        return metrics
-    layer_keys = tuple(f"{prefix}/{name}/" for name in opt.layers)
-    return {k: v for k, v in metrics.items() if not k.startswith(layer_keys) or k.startswith(f"{prefix}/total/")}
+    return {} if opt is None else opt.role_metrics(prefix=prefix, per_layer=per_layer)
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -555,7 +528,7 @@ class RoleLogger(Callback):
 
 
 class LocalLossCallback(Callback):
-    """Feed a :class:`~egg_optim.local_losses.LeaderFollowerLoss`'s per-unit scores (minus the loss of each
+    """Feed a :class:`~egg_optim.lfnn.LeaderFollowerLoss`'s per-unit scores (minus the loss of each
     unit's worker) into ``optimizer.observe_scores`` before every optimizer step, for ``election="local_loss"``.
 
     ``kind="last"`` observes the last micro-batch's worker losses (averaged by the optimizer until the next
@@ -615,10 +588,10 @@ class EggConfig:
             :class:`LeaderCloneOptimizer`.
         clone_mode: ``"weight"`` (clones frozen, periodic weight copies) or ``"output"`` (clones carry their
             leader's output and only leaders and independents are computed; see
-            :mod:`egg_optim.output_cloning`). ``eval_mode``: what ``model.eval()`` computes in output mode,
+            :mod:`egg_optim.rewrites.output_cloning`). ``eval_mode``: what ``model.eval()`` computes in output mode,
             ``"as_trained"`` or ``"own_weights"``. Both passed to :class:`LeaderCloneOptimizer`.
         local_losses: ``None`` or keyword arguments of
-            :class:`~egg_optim.local_losses.LeaderFollowerLoss` (``layers``, ``num_classes``, ``delta``,
+            :class:`~egg_optim.lfnn.LeaderFollowerLoss` (``layers``, ``num_classes``, ``delta``,
             ``mode``, ...): the LFNN local losses are added to the training loss.
         local_loss_scores: ``"last"`` or ``"ema"`` (see :class:`LocalLossCallback`), used with
             ``election="local_loss"``.
@@ -648,11 +621,12 @@ class EggConfig:
     log_per_layer: bool = False
 
     def __post_init__(self) -> None:
-        from .cloning import check_clone_options
-        from .compact import STORAGES
-        from .election import ASSIGN_STRATEGIES, Score, resolve_score
+        from .core.cloning import check_clone_options
+        from .core.compact import STORAGES
+        from .core.election import ASSIGN_STRATEGIES
+        from .core.plan import PRESET_TABLES, PRESETS
+        from .core.scores import Score, resolve_score
         from .errors import PlanError
-        from .plan import PRESET_TABLES, PRESETS
 
         if isinstance(self.plan, str):
             if self.plan not in PRESETS:
@@ -727,10 +701,10 @@ class EggConfig:
         )
 
     def build_local_loss(self, model: torch.nn.Module) -> Any:
-        """The :class:`~egg_optim.local_losses.LeaderFollowerLoss` of ``local_losses`` (or ``None``)."""
+        """The :class:`~egg_optim.lfnn.LeaderFollowerLoss` of ``local_losses`` (or ``None``)."""
         if self.local_losses is None:
             return None
-        from .local_losses import LeaderFollowerLoss
+        from .lfnn import LeaderFollowerLoss
 
         return LeaderFollowerLoss(model, **dict(self.local_losses))
 
@@ -767,7 +741,6 @@ __all__ = [
     "TrainState",
     "callbacks_state_dict",
     "find_leader_clone_optimizer",
-    "flatten_stats",
     "load_callbacks_state_dict",
     "role_metrics_for",
 ]

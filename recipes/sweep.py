@@ -261,7 +261,7 @@ def _torch_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from egg_optim.data import DatasetUnavailableError
+    from egg_optim.kit.data import DatasetUnavailableError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, passthrough = build_parser().parse_known_args(argv)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.cloning import STATE_POLICIES
+from egg_optim.core.cloning import STATE_POLICIES
 from egg_optim.errors import ConfigError, EggOptimError
 
 MODELS = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
@@ -432,11 +432,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
-    from egg_optim import checkpoint as ckpt
-    from egg_optim import tracking
-    from egg_optim.data import dataset_spec, load_image_dataset, make_dataloader
-    from egg_optim.metrics import load_metric
-    from egg_optim.models import build_model
+    from egg_optim.kit import checkpoint as ckpt
+    from egg_optim.kit import tracking
+    from egg_optim.kit.data import dataset_spec, load_image_dataset, make_dataloader
+    from egg_optim.kit.metrics import load_metric
+    from egg_optim.kit.models import build_model
 
     output_dir = Path(args.output_dir)
     tracker = None if args.report_to == "none" else args.report_to
@@ -746,7 +746,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cli(train_fn, args: argparse.Namespace) -> int:
     """Run ``train_fn(args)``; bad input becomes a one-line ``error: ...`` and exit status 2 (no stack trace)."""
-    from egg_optim.data import DatasetUnavailableError
+    from egg_optim.kit.data import DatasetUnavailableError
 
     try:
         train_fn(args)

@@ -99,10 +99,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from egg_optim.callbacks import EggConfig
-    from egg_optim.data import BatchTransform, dataset_spec, load_image_dataset
     from egg_optim.integrations.transformers import EggTrainer
-    from egg_optim.metrics import load_metric
-    from egg_optim.models import build_model
+    from egg_optim.kit.data import BatchTransform, dataset_spec, load_image_dataset
+    from egg_optim.kit.metrics import load_metric
+    from egg_optim.kit.models import build_model
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from egg_optim.callbacks import (
     RoleLogger,
     find_leader_clone_optimizer,
 )
-from egg_optim.election import bully_ranking
+from egg_optim.core.election import bully_ranking
 
 PLAN = RolePlan(0.4, 0.1)  # 20-unit layers "0" and "2": 8 leaders, 2 independents, 10 clones
 
@@ -342,8 +342,8 @@ def test_runner_state_round_trip_and_resumed_epoch_is_not_reelected(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- local losses
 def test_local_loss_callback_feeds_unit_scores_into_elections():
-    pytest.importorskip("egg_optim.local_losses")
-    from egg_optim.local_losses import LeaderFollowerLoss
+    pytest.importorskip("egg_optim.lfnn")
+    from egg_optim.lfnn import LeaderFollowerLoss
 
     model, opt = make(sizes=(6, 12, 12, 3), plan=RolePlan(0.5, 0.0), election="local_loss")
     lf = LeaderFollowerLoss(model, ["0", "2"], num_classes=3, delta=0.5)

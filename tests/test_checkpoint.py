@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints (egg_optim.checkpoint) around accelerate's save_state / load_state."""
+"""Atomic, verified checkpoints (egg_optim.kit.checkpoint) around accelerate's save_state / load_state."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ pytest.importorskip("safetensors")
 from accelerate import Accelerator  # noqa: E402
 
 from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
-from egg_optim import checkpoint as ckpt  # noqa: E402
 from egg_optim.errors import EggOptimError  # noqa: E402
+from egg_optim.kit import checkpoint as ckpt  # noqa: E402
 
 PLAN = RolePlan(per_layer={"layer*.conv*": (0.4, 0.2)}, only_listed=True)
 

@@ -1,4 +1,4 @@
-"""egg_optim.data: offline datasets, the Hub code path on local files, typed errors, batches."""
+"""egg_optim.kit.data: offline datasets, the Hub code path on local files, typed errors, batches."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from egg_optim import data
-from egg_optim.data import (
+from egg_optim.errors import ConfigError, EggOptimError
+from egg_optim.kit import data
+from egg_optim.kit.data import (
     BatchTransform,
     DatasetUnavailableError,
     dataset_spec,
@@ -23,7 +24,6 @@ from egg_optim.data import (
     parse_augment,
     random_flip_crop,
 )
-from egg_optim.errors import ConfigError, EggOptimError
 
 FASHION_DIR = Path(data.DEFAULT_FASHION_MNIST_DIR)
 HAVE_FASHION = all(

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from egg_optim.core.roles import Roles
 from egg_optim.errors import ConfigError, PlanError
-from egg_optim.grad_skip import GradSkip, is_grad_skipped
-from egg_optim.output_cloning import OutputCloning
-from egg_optim.roles import Roles
+from egg_optim.rewrites.grad_skip import GradSkip, is_grad_skipped
+from egg_optim.rewrites.output_cloning import OutputCloning
 
 # the plain module warns (once) for padding="same" with an even kernel extent, which the tests cover on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from egg_optim.errors import ConfigError
-from egg_optim.local_losses import (
+from egg_optim.lfnn import (
     LeaderFollowerLoss,
     follower_alignment_loss,
     num_leaders,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan, UnsupportedOptimizerError, register_optimizer
-from egg_optim.masking import row_state_keys
+from egg_optim.core.masking import row_state_keys
 
 Optim = torch.optim
 OPTIMIZERS = [

@@ -1,4 +1,4 @@
-"""egg_optim.metrics: an accuracy metric that loads and runs without the Hugging Face Hub."""
+"""egg_optim.kit.metrics: an accuracy metric that loads and runs without the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from egg_optim.errors import ConfigError
-from egg_optim.metrics import METRIC_NAMES, load_metric, metric_path
+from egg_optim.kit.metrics import METRIC_NAMES, load_metric, metric_path
 
 
 @pytest.fixture

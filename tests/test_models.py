@@ -1,4 +1,4 @@
-"""egg_optim.models: the seed's architectures, baselines, factory and FLOP counter."""
+"""egg_optim.kit.models: the seed's architectures, baselines, factory and FLOP counter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from egg_optim.errors import ConfigError
-from egg_optim.models import (
+from egg_optim.kit.models import (
     MLP,
     MODEL_NAMES,
     Bottleneck,

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from egg_optim.core.roles import Roles
 from egg_optim.errors import ConfigError, PlanError
-from egg_optim.output_cloning import (
+from egg_optim.rewrites.output_cloning import (
     OutputCloning,
     _kernel,
     export_plain,
@@ -23,7 +24,6 @@ from egg_optim.output_cloning import (
     is_output_cloned,
     native_kernels_available,
 )
-from egg_optim.roles import Roles
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("linear", "conv1d", "conv2d", "conv3d")

@@ -7,8 +7,8 @@ from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
 
-pytest.importorskip("egg_optim.output_cloning")
-from egg_optim.output_cloning import is_output_cloned  # noqa: E402
+pytest.importorskip("egg_optim.rewrites.output_cloning")
+from egg_optim.rewrites.output_cloning import is_output_cloned  # noqa: E402
 
 
 def _make(**kw):

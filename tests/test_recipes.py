@@ -140,7 +140,7 @@ def test_output_clone_mode_runs(tmp_path):
     # the saved weights load into the plain, unmodified network
     from safetensors.torch import load_model
 
-    from egg_optim.models import build_model
+    from egg_optim.kit.models import build_model
 
     plain = build_model("seed_mnist", in_channels=1, num_classes=10, image_size=8)
     missing, unexpected = load_model(plain, str(out / "model.safetensors"))
@@ -195,7 +195,7 @@ def test_wandb_offline_logs_role_metrics(tmp_path, monkeypatch):
         ["--report-to", "wandb", "--model", "small_cnn", "--epochs", "2", "--max-steps", "6", "--log-every", "2"],
         tmp_path,
     )
-    from egg_optim.tracking import history_keys, read_wandb_offline_history
+    from egg_optim.kit.tracking import history_keys, read_wandb_offline_history
 
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

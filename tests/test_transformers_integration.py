@@ -197,7 +197,7 @@ def test_plain_trainer_with_callback_and_wrapper(dataset, tmp_path):
 
 
 def test_local_losses_join_the_one_training_loss(dataset, tmp_path):
-    pytest.importorskip("egg_optim.local_losses")
+    pytest.importorskip("egg_optim.lfnn")
 
     class LossProbe(EggTrainer):
         seen: list = []
@@ -228,9 +228,9 @@ def test_local_losses_join_the_one_training_loss(dataset, tmp_path):
 
 
 def test_output_cloning_follows_elections(dataset, tmp_path):
-    pytest.importorskip("egg_optim.output_cloning")
+    pytest.importorskip("egg_optim.rewrites.output_cloning")
     torch.manual_seed(0)
-    from egg_optim.output_cloning import is_output_cloned
+    from egg_optim.rewrites.output_cloning import is_output_cloned
 
     cfg = EggConfig(plan=PLAN, elect_every=2, clone_mode="output")
     trainer = EggTrainer(model=Net(), args=targs(tmp_path, max_steps=4), train_dataset=dataset, egg=cfg)

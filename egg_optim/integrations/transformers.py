@@ -7,7 +7,7 @@ One line turns a ``Trainer`` run into a leader/clone run::
     trainer.train()
 
 - :class:`EggTrainer` (= ``make_egg_trainer(transformers.Trainer)``) wraps the optimizer the Trainer builds in a
-  :class:`~egg_optim.optimizer.LeaderCloneOptimizer` (``create_optimizer``; the LR scheduler, built afterwards
+  :class:`~egg_optim.optim.LeaderCloneOptimizer` (``create_optimizer``; the LR scheduler, built afterwards
   on the Trainer's optimizer, drives the wrapper's shared ``param_groups``), adds LFNN local losses to the ONE
   training loss (``compute_loss``: one forward, one backward), puts role metrics into the Trainer's logs and
   registers an :class:`EggTrainerCallback`.
@@ -57,7 +57,7 @@ from ..callbacks import (
     load_callbacks_state_dict,
 )
 from ..errors import ConfigError, StateDictMismatchError
-from ..optimizer import LeaderCloneOptimizer
+from ..optim import LeaderCloneOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class EggTrainerMixin:
 
     Extra keyword arguments: ``egg`` (an :class:`EggConfig`, default ``EggConfig()``) and ``egg_callbacks``
     (more egg callbacks, run after the configured ones). Attributes: ``egg``, ``egg_callback``,
-    ``egg_local_loss`` (the :class:`~egg_optim.local_losses.LeaderFollowerLoss` or ``None``),
+    ``egg_local_loss`` (the :class:`~egg_optim.lfnn.LeaderFollowerLoss` or ``None``),
     and :attr:`egg_optimizer` (its ``output_cloning`` is the model rewrite with ``clone_mode="output"``).
     """
 

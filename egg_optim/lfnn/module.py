@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_mean, is_distributed
+from ..core.distributed import all_reduce_mean, is_distributed
 from ..errors import ConfigError
 from .functional import (
     REDUCTIONS,

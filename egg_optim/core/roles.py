@@ -11,7 +11,7 @@ from functools import cached_property
 
 import torch
 
-from .errors import PlanError
+from ..errors import PlanError
 
 LEADER, INDEPENDENT, CLONE = 0, 1, 2
 ROLE_NAMES = {LEADER: "leader", INDEPENDENT: "independent", CLONE: "clone"}

@@ -1,7 +1,7 @@
 """The seed's bottleneck CNNs and two small baselines, plus a Conv/Linear FLOP counter.
 
 Module names and registration order are part of the API: role presets address ``layer1.conv1`` ...
-``layer3.conv3``, and :mod:`egg_optim.layers` couples each conv with the norm layer registered right after it,
+``layer3.conv3``, and :mod:`egg_optim.core.units` couples each conv with the norm layer registered right after it,
 so every block registers ``conv1, bn1, conv2, bn2, conv3, bn3, shortcut`` in that order.
 
 Like the seed, block convolutions keep their bias and use Kaiming-normal (ReLU) weights with zero bias; the
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "Bottleneck",
@@ -215,7 +215,7 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: Im
     """Build a model by name (``seed_mnist``, ``seed_cifar``, ``mlp``, ``small_cnn``) for the given input.
 
     ``kwargs`` go to the model's constructor (e.g. ``dropout=``, ``hidden=``, ``width=``). Pair with
-    :func:`egg_optim.data.dataset_spec`: ``build_model(n, in_channels=s.channels, num_classes=s.num_classes,
+    :func:`egg_optim.kit.data.dataset_spec`: ``build_model(n, in_channels=s.channels, num_classes=s.num_classes,
     image_size=s.image_size)``.
     """
     key = str(name).strip().lower()

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .layers import num_units
-from .roles import Roles
+from ..core.roles import Roles
+from ..core.units import num_units
+from ..errors import PlanError
 
 # rewritten class -> (owner name, original class)
 _REWRITTEN: dict[type, tuple[str, type]] = {}

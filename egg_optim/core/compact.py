@@ -7,7 +7,7 @@ gradient are gathered into a temporary tensor that stands in for the parameter, 
 active rows. Clone rows are never read or written by the optimizer, so they stay bit-identical, and for an
 elementwise optimizer every active row gets exactly the update the bare optimizer would give it.
 
-Compared with full storage (:mod:`egg_optim.masking`) this skips the optimizer arithmetic on clone rows and the
+Compared with full storage (:mod:`egg_optim.core.masking`) this skips the optimizer arithmetic on clone rows and the
 snapshot/restore copies, and drops the clones' share of the optimizer state. Outside ``step()`` the base
 optimizer's ``param_groups`` hold the real parameters (GradScaler, gradient clipping and Accelerate see them).
 

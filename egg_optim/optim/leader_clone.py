@@ -2,8 +2,8 @@
 
 The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradient
 clipping and Accelerate see one optimizer), keeps clone units exactly frozen through each base step (by leaving
-them out of it, :mod:`egg_optim.compact`, or by restoring them, :mod:`egg_optim.masking`), and runs periodic
-cloning (:mod:`egg_optim.cloning`) and leader elections (:mod:`egg_optim.election`) on a step schedule.
+them out of it, :mod:`egg_optim.core.compact`, or by restoring them, :mod:`egg_optim.core.masking`), and runs periodic
+cloning (:mod:`egg_optim.core.cloning`) and leader elections (:mod:`egg_optim.core.election`) on a step schedule.
 """
 
 from __future__ import annotations
@@ -16,45 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compact, masking
-from .cloning import check_clone_options, clone_layer
-from .distributed import all_reduce_mean, derived_generator
-from .election import ASSIGN_STRATEGIES, Score, ScoreFn, elect, resolve_score
-from .errors import PlanError, StateDictMismatchError, UnsupportedOptimizerError
-from .layers import ManagedLayer, build_managed_layers
-from .plan import LayerPlan, RolePlan
-from .roles import Roles
+from ..core import compact, masking
+from ..core.cloning import check_clone_options, clone_layer
+from ..core.distributed import all_reduce_mean, derived_generator
+from ..core.election import ASSIGN_STRATEGIES, elect
+from ..core.plan import LayerPlan, RolePlan
+from ..core.roles import Roles
+from ..core.scores import Score, ScoreFn, resolve_score
+from ..core.units import ManagedLayer, build_managed_layers
+from ..errors import PlanError, StateDictMismatchError, UnsupportedOptimizerError
+from .registry import SUPPORTED_OPTIMIZERS
 
 STATE_KEY = "egg_optim"
 CLONE_MODES = ("weight", "output")
 STATE_VERSION = 1
-
-# Optimizers whose update of a tensor row depends only on that row's gradient, state and value: for them
-# restoring clone rows after the step is exact and leaves the other rows as the bare optimizer would.
-SUPPORTED_OPTIMIZERS: set[type[torch.optim.Optimizer]] = {
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-    torch.optim.Adadelta,
-    torch.optim.ASGD,
-    torch.optim.Rprop,
-}
-
-
-def register_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """Declare an optimizer class elementwise (each row's update depends only on that row). Usable as a
-    decorator. Do not register optimizers with per-tensor norms (LAMB, LARS), factored moments (Adafactor)
-    or matrix updates (Shampoo, Muon): clone rows would still be frozen, but other rows would not get the
-    bare optimizer's update."""
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise UnsupportedOptimizerError(f"register_optimizer expects a torch.optim.Optimizer subclass, got {cls!r}")
-    SUPPORTED_OPTIMIZERS.add(cls)
-    return cls
 
 
 def find_leader_clone_optimizer(optimizer: Any) -> LeaderCloneOptimizer | None:
@@ -88,22 +63,22 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             :meth:`clone_now`).
         elect_every: re-elect leaders every this many steps (``None``: only on :meth:`elect_now`).
         election: unit score: ``"random"``, ``"weight_norm"``, ``"grad_norm"``, ``"taylor"``,
-            ``"local_loss"``, a registered :class:`~egg_optim.election.Score`, or ``fn(layer) -> scores``.
+            ``"local_loss"``, a registered :class:`~egg_optim.core.election.Score`, or ``fn(layer) -> scores``.
         assign: how clones pick a source leader: ``"first"``, ``"random"``, ``"round_robin"``, ``"nearest"``.
         hysteresis: relative margin a challenger needs to unseat a sitting leader.
-        clone_blend, clone_noise, clone_state: cloning options (see :mod:`egg_optim.cloning`).
+        clone_blend, clone_noise, clone_state: cloning options (see :mod:`egg_optim.core.cloning`).
         state_storage: ``"compact"``: clones take no part in the base step, and the base optimizer holds state
             for active rows only (faster; with ``clone_state="copy"`` or ``"reset"`` also smaller, as clones then
-            need no state; see :mod:`egg_optim.compact`). ``"full"``: the base optimizer steps whole tensors and
-            clone rows of the parameters and their state are restored afterwards (:mod:`egg_optim.masking`).
+            need no state; see :mod:`egg_optim.core.compact`). ``"full"``: the base optimizer steps whole tensors and
+            clone rows of the parameters and their state are restored afterwards (:mod:`egg_optim.core.masking`).
             Both train identically.
         clone_mode: ``"weight"``: every unit is computed with its own weights and clones are frozen between
             cloning events (the seed's first design). ``"output"``: only leaders and independents are computed
             and clones carry their source's output in every forward pass (the seed's final design, and the one
-            that saves compute; see :mod:`egg_optim.output_cloning`). The model is rewritten in place,
+            that saves compute; see :mod:`egg_optim.rewrites.output_cloning`). The model is rewritten in place,
             reversibly (:meth:`remove_output_cloning`).
         skip_clone_grads: with ``clone_mode="weight"``, compute weight gradients for active rows only
-            (:mod:`egg_optim.grad_skip`; clone rows of ``weight.grad`` are then zero). ``None`` (default): on
+            (:mod:`egg_optim.rewrites.grad_skip`; clone rows of ``weight.grad`` are then zero). ``None`` (default): on
             unless the election score reads gradients (``"grad_norm"``, ``"taylor"``, custom callables). Layers
             it cannot rewrite (subclasses of Linear/ConvNd) keep plain autograd. Ignored in output mode, which
             computes only active units anyway. Pass ``False`` with LFNN local losses on managed layers (they
@@ -215,14 +190,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         initial = self._initial_roles()
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         if clone_mode == "output":
-            from .output_cloning import OutputCloning
+            from ..rewrites.output_cloning import OutputCloning
 
             fusable = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
             bn = {n: lay.norm_name for n, lay in layers.items() if type(lay.norm) in fusable}
             self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=eval_mode)
             self._listeners.append(self.output_cloning.update_roles)
         elif skip_clone_grads if skip_clone_grads is not None else not self.score.reads_grad:
-            from .grad_skip import GradSkip, supports
+            from ..rewrites.grad_skip import GradSkip, supports
 
             rewritable = {n: r for n, r in initial.items() if supports(layers[n].module)}
             if rewritable:
@@ -256,10 +231,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         import copy
 
         if self.output_cloning is None:
-            from .grad_skip import restore_plain
+            from ..rewrites.grad_skip import restore_plain
 
             return restore_plain(copy.deepcopy(self.model))
-        from .output_cloning import export_plain
+        from ..rewrites.output_cloning import export_plain
 
         return export_plain(self.output_cloning)
 
@@ -544,6 +519,20 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             "elections": self.elections,
             "clone_events": self.clone_events,
         }
+
+    def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:
+        """:meth:`stats` as flat floats for trackers: ``{prefix}/{layer}/{key}`` (with ``per_layer``),
+        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps|elections|clone_events``."""
+        stats = self.stats()
+        out: dict[str, float] = {}
+        if per_layer:
+            for name, entry in stats["layers"].items():
+                out.update({f"{prefix}/{name}/{k}": float(v) for k, v in entry.items()})
+        out.update({f"{prefix}/total/{k}": float(v) for k, v in stats["total"].items()})
+        tenures = [float(e["mean_tenure"]) for e in stats["layers"].values()]
+        out[f"{prefix}/total/mean_tenure"] = sum(tenures) / len(tenures) if tenures else 0.0
+        out.update({f"{prefix}/{k}": float(stats[k]) for k in ("steps", "elections", "clone_events")})
+        return out
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:

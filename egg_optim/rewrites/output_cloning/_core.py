@@ -1,4 +1,4 @@
-"""Implementation of :mod:`egg_optim.output_cloning` (see the package docstring)."""
+"""Implementation of :mod:`egg_optim.rewrites.output_cloning` (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import rewrite
-from ..errors import ConfigError, PlanError
-from ..rewrite import known_names, set_buffer
-from ..roles import Roles
+from ...core.roles import Roles
+from ...errors import ConfigError, PlanError
+from .. import base as rewrite
+from ..base import known_names, set_buffer
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
 
@@ -218,14 +218,14 @@ class OutputCloning(rewrite.LayerRewrite):
 
     Args:
         model: any ``nn.Module``; managed submodules keep their objects, parameters, names and hooks.
-        roles: qualified layer name -> :class:`~egg_optim.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
+        roles: qualified layer name -> :class:`~egg_optim.core.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
             with ``groups == 1``; ``num_units`` must equal the layer's output features/channels).
         norms: optional layer name -> name of the ``BatchNorm1d/2d/3d`` that directly follows it, to fuse them
             (the norm then receives the layer's active channels only; see the module docstring).
         eval_mode: ``"as_trained"`` (clones follow their leaders, as in training) or ``"own_weights"`` (every
             unit computed with its own weights and own norm statistics: the plain model) when in ``eval()``.
         native_kernels: run fused norms on CPU float32/float64 with the small compiled kernels of
-            :mod:`egg_optim.output_cloning._kernel` when they can be built (else, and on GPU, torch ops).
+            :mod:`egg_optim.rewrites.output_cloning._kernel` when they can be built (else, and on GPU, torch ops).
         pointwise_matmul: on CPU, compute the active channels of 1x1 convs (stride 1, no padding) of layers
             with clones as a batched matmul instead of the conv op (faster at every width measured, and its cost
             follows the number of active channels; layers without clones keep the plain op).

@@ -3,7 +3,7 @@
 With ``clone_mode="weight"`` every unit is computed with its own weights, but the optimizer wrapper masks the
 clones' weight-gradient rows (clones are refreshed from their leaders at clone events). Plain autograd still
 computes them. :class:`GradSkip` rewrites ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers in place (class swap, like
-:class:`~egg_optim.output_cloning.OutputCloning`: same module, parameter and buffer objects, names,
+:class:`~egg_optim.rewrites.output_cloning.OutputCloning`: same module, parameter and buffer objects, names,
 ``state_dict`` keys and hooks; :meth:`GradSkip.remove` swaps back) so that a layer with enough clones, in
 training with grad enabled, runs a custom autograd function:
 
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rewrite
-from .errors import ConfigError
-from .roles import Roles
+from ..core.roles import Roles
+from ..errors import ConfigError
+from . import base as rewrite
 
 __all__ = ["GradSkip", "is_grad_skipped", "restore_plain", "supports"]
 
@@ -309,7 +309,7 @@ class GradSkip(rewrite.LayerRewrite):
 
     Args:
         model: any ``nn.Module``; managed submodules keep their objects, parameters, names and hooks.
-        roles: qualified layer name -> :class:`~egg_optim.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
+        roles: qualified layer name -> :class:`~egg_optim.core.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
             with ``groups == 1``; ``num_units`` must equal the layer's output features/channels). Typically
             ``LeaderCloneOptimizer.roles``; keep them current with
             ``optimizer.add_roles_listener(grad_skip.update_roles)``.

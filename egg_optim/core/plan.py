@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import PlanError
-from .layers import candidate_layers, name_matches, num_units
+from ..errors import PlanError
+from .units import candidate_layers, name_matches, num_units
 
 Fractions = tuple[float, float]
 

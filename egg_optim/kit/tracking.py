@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .optimizer import LeaderCloneOptimizer, find_leader_clone_optimizer
+from ..errors import ConfigError
+from ..optim import LeaderCloneOptimizer, find_leader_clone_optimizer
 
 ROLE_PREFIX = "roles"
-_LAYER_KEYS = ("units", "leaders", "independents", "clones", "updated_fraction", "cloned_units", "churn", "mean_tenure")
 
 
 def _require(optimizer: Any) -> LeaderCloneOptimizer:
@@ -39,22 +38,8 @@ def _require(optimizer: Any) -> LeaderCloneOptimizer:
 
 
 def role_metrics(optimizer: Any, prefix: str = ROLE_PREFIX) -> dict[str, float]:
-    """Flat float metrics from ``stats()``: ``{prefix}/{layer}/{key}`` for every managed layer and key in
-    units, leaders, independents, clones, updated_fraction, cloned_units, churn, mean_tenure; ``{prefix}/total/...``
-    sums (``updated_fraction`` over all units, ``mean_tenure`` averaged over layers); ``{prefix}/steps``,
-    ``{prefix}/elections``, ``{prefix}/clone_events``."""
-    stats = _require(optimizer).stats()
-    out: dict[str, float] = {}
-    for name, entry in stats["layers"].items():
-        for key in _LAYER_KEYS:
-            out[f"{prefix}/{name}/{key}"] = float(entry[key])
-    for key, value in stats["total"].items():
-        out[f"{prefix}/total/{key}"] = float(value)
-    tenures = [float(e["mean_tenure"]) for e in stats["layers"].values()]
-    out[f"{prefix}/total/mean_tenure"] = sum(tenures) / len(tenures) if tenures else 0.0
-    for key in ("steps", "elections", "clone_events"):
-        out[f"{prefix}/{key}"] = float(stats[key])
-    return out
+    """:meth:`LeaderCloneOptimizer.role_metrics` of the wrapper inside ``optimizer``."""
+    return _require(optimizer).role_metrics(prefix=prefix)
 
 
 def active_units(optimizer: Any, layers: Iterable[str] | None = None, model: torch.nn.Module | None = None) -> int:

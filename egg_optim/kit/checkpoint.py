@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .errors import EggOptimError
+from ..errors import EggOptimError
 
 MARKER_NAME = "egg_optim_checkpoint.json"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 ``blend`` mixes (``1.0`` copies), ``noise`` adds Gaussian noise relative to each source row's RMS to break
 the symmetry between a leader and its clones, and ``state`` says what happens to the clone's rows of the
 optimizer state: ``"keep"`` them, ``"reset"`` them to a fresh value, or ``"copy"`` the leader's. (With compact
-storage, :mod:`egg_optim.compact`, clone rows are not in the optimizer state; the policy then applies when a
+storage, :mod:`egg_optim.core.compact`, clone rows are not in the optimizer state; the policy then applies when a
 clone becomes active.)
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import PlanError
 from .compact import fresh_value
-from .errors import PlanError
-from .layers import ManagedLayer
 from .masking import row_state_keys
 from .roles import Roles
+from .units import ManagedLayer
 
 STATE_POLICIES = ("keep", "reset", "copy")
 

@@ -1,6 +1,6 @@
 """Exact role masking around an arbitrary elementwise optimizer step (``state_storage="full"``).
 
-The default, :mod:`egg_optim.compact`, leaves clone rows out of the step instead; this module steps whole
+The default, :mod:`egg_optim.core.compact`, leaves clone rows out of the step instead; this module steps whole
 tensors and puts clone rows back, so clones keep their own optimizer-state rows.
 
 Zeroing a clone's gradient is not masking: momentum and weight decay still move the row. Instead the clone

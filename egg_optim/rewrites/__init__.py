@@ -1,0 +1,1 @@
+"""Reversible in-place layer rewrites driven by roles: output cloning and weight-gradient skipping."""
