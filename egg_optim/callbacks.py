@@ -3,8 +3,8 @@
 
 A loop talks to ONE object, :class:`CallbackRunner`::
 
-    runner = CallbackRunner([ElectionSchedule(at_epoch_start=True), CloneSchedule(every_steps=50), RoleLogger()],
-                            model=model, optimizer=opt, accelerator=accelerator, scheduler=sched)
+    opt = LeaderCloneOptimizer(model, base, "mild", elect_every="epoch", clone_every=50)
+    runner = CallbackRunner([RoleLogger()], model=model, optimizer=opt, accelerator=accelerator, scheduler=sched)
     runner.train_begin()
     for epoch in range(epochs):
         runner.epoch_begin()
@@ -14,6 +14,10 @@ A loop talks to ONE object, :class:`CallbackRunner`::
             # the optimizer step (and its events) happened at the end of the block on real steps only
         runner.epoch_end()
     runner.train_end()
+
+Elections and clone events follow the optimizer's own schedules (``elect_every``, ``clone_every``): steps are
+counted by the optimizer, and the runner reports epoch boundaries and the end of training to it
+(``opt.epoch_begin(e)``, ``opt.epoch_end(e)``, ``opt.train_end()``) before the callbacks see those events.
 
 Events (methods of :class:`Callback`, each receives the runner's :class:`TrainState`):
 
@@ -47,7 +51,6 @@ This module does not import transformers; see :mod:`egg_optim.integrations.trans
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +58,7 @@ from typing import Any
 
 import torch
 
-from .core.plan import RolePlan
+from .config import EggConfig
 from .errors import ConfigError, StateDictMismatchError
 from .optim import LeaderCloneOptimizer, find_leader_clone_optimizer
 
@@ -249,7 +252,11 @@ class CallbackRunner:
         ``num_micro_batches``: the epoch's length, so a final partial accumulation is stepped inside the last
         micro-batch rather than in :meth:`epoch_end`."""
         self._num_micro_batches = _positive_int("epoch_begin", "num_micro_batches", num_micro_batches)
-        self.fire("on_epoch_begin", epoch=self._next_epoch if epoch is None else int(epoch), epoch_micro_step=0)
+        epoch = self._next_epoch if epoch is None else int(epoch)
+        opt = self.state.egg_optimizer
+        if opt is not None:
+            opt.epoch_begin(epoch)
+        self.fire("on_epoch_begin", epoch=epoch, epoch_micro_step=0)
 
     def _is_sync(self) -> bool:
         st = self.state
@@ -329,12 +336,16 @@ class CallbackRunner:
         if st.accelerator is None and self.flush_partial and self._pending > 0:
             self._optimizer_step()
         self._next_epoch = st.epoch + 1
+        if st.egg_optimizer is not None:
+            st.egg_optimizer.epoch_end(st.epoch)
         self.fire("on_epoch_end", sync_step=False)
 
     def evaluate(self, metrics: Mapping[str, Any] | None = None) -> None:
         self.fire("on_evaluate", metrics=dict(metrics or {}))
 
     def train_end(self) -> None:
+        if self.state.egg_optimizer is not None:
+            self.state.egg_optimizer.train_end()
         self.fire("on_train_end")
 
     def log(self, **values: Any) -> None:
@@ -379,112 +390,7 @@ class CallbackRunner:
         self.load_state_dict(torch.load(os.path.join(os.fspath(directory), STATE_FILE), weights_only=True))
 
 
-# ---------------------------------------------------------------------------------------------- schedules
-class ElectionSchedule(Callback):
-    """Re-elect leaders every ``every_steps`` optimizer steps and/or at the start of every epoch.
-
-    ``at_epoch_start=True`` is the seed's "steady roles": roles are redrawn when an epoch starts and kept for
-    the epoch. The first epoch of a fresh run keeps the optimizer's initial (seeded) draw, so ``E`` epochs hold
-    ``E - 1`` epoch-start elections. An epoch that starts right after a step that already held an election does
-    not hold a second one, and a resumed epoch is not re-elected (the schedule's state remembers it).
-    """
-
-    def __init__(self, every_steps: int | None = None, *, at_epoch_start: bool = False) -> None:
-        self.every_steps = _positive_int("ElectionSchedule", "every_steps", every_steps)
-        self.at_epoch_start = bool(at_epoch_start)
-        if self.every_steps is None and not self.at_epoch_start:
-            raise ConfigError("ElectionSchedule: give every_steps=k and/or at_epoch_start=True")
-        self.elections = 0
-        self.last_step: int | None = None
-        self.last_epoch: int | None = None
-
-    def _elect(self, opt: LeaderCloneOptimizer, state: TrainState) -> None:
-        opt.elect_now()
-        self.elections += 1
-        self.last_step = state.global_step
-
-    def on_train_begin(self, state: TrainState) -> None:
-        state.require_egg_optimizer("ElectionSchedule")
-
-    def on_epoch_begin(self, state: TrainState) -> None:
-        if not self.at_epoch_start or self.last_epoch == state.epoch:
-            return
-        opt = state.require_egg_optimizer("ElectionSchedule")
-        self.last_epoch = state.epoch
-        if opt.steps == 0 or self.last_step == state.global_step:
-            return  # the initial draw serves the first epoch / an election was just held
-        self._elect(opt, state)
-
-    def on_after_optimizer_step(self, state: TrainState) -> None:
-        if self.every_steps and state.global_step % self.every_steps == 0 and self.last_step != state.global_step:
-            self._elect(state.require_egg_optimizer("ElectionSchedule"), state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"elections": self.elections, "last_step": self.last_step, "last_epoch": self.last_epoch}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.elections = int(state["elections"])
-        self.last_step = None if state["last_step"] is None else int(state["last_step"])
-        self.last_epoch = None if state["last_epoch"] is None else int(state["last_epoch"])
-
-    def __repr__(self) -> str:
-        return f"ElectionSchedule(every_steps={self.every_steps}, at_epoch_start={self.at_epoch_start})"
-
-
-class CloneSchedule(Callback):
-    """Copy leaders into clones every ``every_steps`` optimizer steps, at the end of every ``every_epochs``-th
-    epoch, and/or at the end of training (so the final model's clones hold their leaders' weights). Nothing is
-    cloned twice with no optimizer step or election in between."""
-
-    def __init__(
-        self, every_steps: int | None = None, *, every_epochs: int | None = None, at_train_end: bool = False
-    ) -> None:
-        self.every_steps = _positive_int("CloneSchedule", "every_steps", every_steps)
-        self.every_epochs = _positive_int("CloneSchedule", "every_epochs", every_epochs)
-        self.at_train_end = bool(at_train_end)
-        if self.every_steps is None and self.every_epochs is None and not self.at_train_end:
-            raise ConfigError("CloneSchedule: give every_steps=k, every_epochs=n and/or at_train_end=True")
-        self.clone_events = 0
-        self.last_key: list[int] | None = None  # (optimizer steps, elections) at the last clone
-
-    def _clone(self, state: TrainState) -> None:
-        opt = state.require_egg_optimizer("CloneSchedule")
-        key = [opt.steps, opt.elections]
-        if key == self.last_key:
-            return
-        opt.clone_now()
-        self.clone_events += 1
-        self.last_key = key
-
-    def on_train_begin(self, state: TrainState) -> None:
-        state.require_egg_optimizer("CloneSchedule")
-
-    def on_after_optimizer_step(self, state: TrainState) -> None:
-        if self.every_steps and state.global_step % self.every_steps == 0:
-            self._clone(state)
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        if self.every_epochs and (state.epoch + 1) % self.every_epochs == 0:
-            self._clone(state)
-
-    def on_train_end(self, state: TrainState) -> None:
-        if self.at_train_end:
-            self._clone(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"clone_events": self.clone_events, "last_key": self.last_key}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.clone_events = int(state["clone_events"])
-        self.last_key = None if state["last_key"] is None else [int(v) for v in state["last_key"]]
-
-    def __repr__(self) -> str:
-        return (
-            f"CloneSchedule(every_steps={self.every_steps}, every_epochs={self.every_epochs}, "
-            f"at_train_end={self.at_train_end})"
-        )
-
-
+# ---------------------------------------------------------------------------------------------- callbacks
 class RoleLogger(Callback):
     """Role metrics (:func:`role_metrics_for`) into ``state.logs`` at train begin, every ``every_steps``
     optimizer steps and at every epoch end; also passed to ``log_fn(metrics, step)`` when given (for example
@@ -570,175 +476,38 @@ class LocalLossCallback(Callback):
             self.local_loss.load_state_dict(state["module"])
 
 
-# ---------------------------------------------------------------------------------------------- config
+# ---------------------------------------------------------------------------------------------- from a config
+def build_local_loss(config: EggConfig, model: torch.nn.Module) -> Any:
+    """The :class:`~egg_optim.lfnn.LeaderFollowerLoss` of ``config.local_losses`` (or ``None``)."""
+    if config.local_losses is None:
+        return None
+    from .lfnn import LeaderFollowerLoss
+
+    return LeaderFollowerLoss(model, **dict(config.local_losses))
 
 
-@dataclass
-class EggConfig:
-    """Everything a leader/clone run needs, as data; validated at construction (:class:`ConfigError`).
-
-    Args:
-        plan: a :class:`RolePlan`, or a preset name (``"baseline"``, ``"mild"``, ``"aggressive"``) applied with
-            ``plan_table`` (``"uniform"``: every managed layer; ``"mnist"`` / ``"cifar"``: the seed's tables).
-        clone_every, elect_every: optimizer steps between clone events / elections (``None``: not by steps).
-        clone_every_epochs: clone at the end of every n-th epoch. ``clone_at_train_end``: clone once more when
-            training ends.
-        elect_at_epoch_start: redraw roles at every epoch start and keep them for the epoch (the seed).
-        election, assign, hysteresis, clone_blend, clone_noise, clone_state, state_storage, seed: passed to
-            :class:`LeaderCloneOptimizer`.
-        clone_mode: ``"weight"`` (clones frozen, periodic weight copies) or ``"output"`` (clones carry their
-            leader's output and only leaders and independents are computed; see
-            :mod:`egg_optim.rewrites.output_cloning`). ``eval_mode``: what ``model.eval()`` computes in output mode,
-            ``"as_trained"`` or ``"own_weights"``. Both passed to :class:`LeaderCloneOptimizer`.
-        local_losses: ``None`` or keyword arguments of
-            :class:`~egg_optim.lfnn.LeaderFollowerLoss` (``layers``, ``num_classes``, ``delta``,
-            ``mode``, ...): the LFNN local losses are added to the training loss.
-        local_loss_scores: ``"last"`` or ``"ema"`` (see :class:`LocalLossCallback`), used with
-            ``election="local_loss"``.
-        log_roles: add role metrics to the logs; ``log_per_layer``: per layer too, not only totals.
-    """
-
-    plan: RolePlan | str = "mild"
-    plan_table: str = "uniform"
-    clone_every: int | None = None
-    clone_every_epochs: int | None = None
-    clone_at_train_end: bool = False
-    elect_every: int | None = None
-    elect_at_epoch_start: bool = False
-    election: Any = "random"
-    assign: str = "first"
-    hysteresis: float = 0.0
-    clone_blend: float = 1.0
-    clone_noise: float = 0.0
-    clone_state: str = "keep"
-    state_storage: str = "compact"
-    seed: int = 0
-    clone_mode: str = "weight"
-    eval_mode: str = "as_trained"
-    local_losses: Mapping[str, Any] | None = None
-    local_loss_scores: str = "last"
-    log_roles: bool = True
-    log_per_layer: bool = False
-
-    def __post_init__(self) -> None:
-        from .core.cloning import check_clone_options
-        from .core.compact import STORAGES
-        from .core.election import ASSIGN_STRATEGIES
-        from .core.plan import PRESET_TABLES, PRESETS
-        from .core.scores import Score, resolve_score
-        from .errors import PlanError
-
-        if isinstance(self.plan, str):
-            if self.plan not in PRESETS:
-                raise ConfigError(f"EggConfig.plan: unknown preset {self.plan!r}; choose one of {PRESETS}")
-            if self.plan_table not in PRESET_TABLES:
-                raise ConfigError(f"EggConfig.plan_table: {self.plan_table!r} is not one of {PRESET_TABLES}")
-        elif not isinstance(self.plan, RolePlan):
-            raise ConfigError(f"EggConfig.plan must be a RolePlan or a preset name, got {type(self.plan).__name__}")
-        for name in ("clone_every", "clone_every_epochs", "elect_every"):
-            _positive_int("EggConfig", name, getattr(self, name))
-        for name in ("clone_at_train_end", "elect_at_epoch_start", "log_roles", "log_per_layer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"EggConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if not (isinstance(self.election, (str, Score)) or callable(self.election)):
-            raise ConfigError(f"EggConfig.election must be a score name, a Score or a callable, got {self.election!r}")
-        try:
-            resolve_score(self.election)
-            check_clone_options(float(self.clone_blend), float(self.clone_noise), self.clone_state)
-        except PlanError as exc:
-            raise ConfigError(f"EggConfig: {exc}") from exc
-        if self.assign not in ASSIGN_STRATEGIES:
-            raise ConfigError(f"EggConfig.assign: unknown strategy {self.assign!r}; choose one of {ASSIGN_STRATEGIES}")
-        if not (isinstance(self.hysteresis, (int, float)) and math.isfinite(self.hysteresis) and self.hysteresis >= 0):
-            raise ConfigError(f"EggConfig.hysteresis must be a finite number >= 0, got {self.hysteresis!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"EggConfig.seed must be an int, got {self.seed!r}")
-        if self.state_storage not in STORAGES:
-            raise ConfigError(f"EggConfig.state_storage must be one of {STORAGES}, got {self.state_storage!r}")
-        modes = ("weight", "output")
-        if self.clone_mode not in modes:
-            raise ConfigError(f"EggConfig.clone_mode must be one of {modes}, got {self.clone_mode!r}")
-        eval_modes = ("as_trained", "own_weights")
-        if self.eval_mode not in eval_modes:
-            raise ConfigError(f"EggConfig.eval_mode must be one of {eval_modes}, got {self.eval_mode!r}")
-        if self.local_losses is not None and not isinstance(self.local_losses, Mapping):
-            raise ConfigError(
-                "EggConfig.local_losses must be None or a dict of LeaderFollowerLoss keyword arguments, "
-                f"got {type(self.local_losses).__name__}"
-            )
-        if self.local_losses is not None and "num_classes" not in self.local_losses:
-            raise ConfigError("EggConfig.local_losses needs num_classes (and usually layers=[...])")
-        if self.local_loss_scores not in ("last", "ema"):
-            raise ConfigError(f"EggConfig.local_loss_scores must be 'last' or 'ema', got {self.local_loss_scores!r}")
-        if resolve_score(self.election).name == "local_loss" and self.local_losses is None:
-            raise ConfigError(
-                "EggConfig: election='local_loss' scores units by their LFNN worker loss; set local_losses={...}"
-            )
-
-    # ------------------------------------------------------------------ builders
-    def role_plan(self) -> RolePlan:
-        return RolePlan.preset(self.plan, self.plan_table) if isinstance(self.plan, str) else self.plan
-
-    def build_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LeaderCloneOptimizer:
-        """Wrap ``optimizer``. Step/epoch schedules are left to :meth:`build_callbacks` (the wrapper gets
-        ``clone_every=None, elect_every=None`` so nothing is driven twice)."""
-        return LeaderCloneOptimizer(
-            model,
-            optimizer,
-            self.role_plan(),
-            election=self.election,
-            assign=self.assign,
-            hysteresis=float(self.hysteresis),
-            clone_blend=float(self.clone_blend),
-            clone_noise=float(self.clone_noise),
-            clone_state=self.clone_state,
-            state_storage=self.state_storage,
-            # LFNN sites ask autograd for parameter and input gradients in separate calls; a skipping layer
-            # would compute both in each, so its saving turns into extra work
-            skip_clone_grads=False if self.local_losses is not None else None,
-            seed=self.seed,
-            **({"clone_mode": self.clone_mode, "eval_mode": self.eval_mode} if self.clone_mode != "weight" else {}),
-        )
-
-    def build_local_loss(self, model: torch.nn.Module) -> Any:
-        """The :class:`~egg_optim.lfnn.LeaderFollowerLoss` of ``local_losses`` (or ``None``)."""
-        if self.local_losses is None:
-            return None
-        from .lfnn import LeaderFollowerLoss
-
-        return LeaderFollowerLoss(model, **dict(self.local_losses))
-
-    def build_callbacks(self, local_loss: Any = None) -> list[Callback]:
-        """Election, cloning, local-loss and logging callbacks for this config, in the order they must run
-        (local-loss scores, then elections, then cloning, then logging)."""
-        cbs: list[Callback] = []
-        if local_loss is not None:
-            cbs.append(LocalLossCallback(local_loss, kind=self.local_loss_scores))
-        if self.elect_every is not None or self.elect_at_epoch_start:
-            cbs.append(ElectionSchedule(self.elect_every, at_epoch_start=self.elect_at_epoch_start))
-        if self.clone_every is not None or self.clone_every_epochs is not None or self.clone_at_train_end:
-            cbs.append(
-                CloneSchedule(
-                    self.clone_every,
-                    every_epochs=self.clone_every_epochs,
-                    at_train_end=self.clone_at_train_end,
-                )
-            )
-        if self.log_roles:
-            cbs.append(RoleLogger(per_layer=self.log_per_layer))
-        return cbs
+def build_callbacks(config: EggConfig, local_loss: Any = None) -> list[Callback]:
+    """The callbacks a config asks for, in the order they must run: local-loss scores (fed before the step
+    that may hold an election), then role logging. Elections and cloning are the optimizer's own schedules."""
+    if config.score.name == "local_loss" and local_loss is None:
+        raise ConfigError("EggConfig: election='local_loss' scores units by their LFNN worker loss; set local_losses")
+    cbs: list[Callback] = []
+    if local_loss is not None:
+        cbs.append(LocalLossCallback(local_loss, kind=config.local_loss_scores))
+    if config.log_roles:
+        cbs.append(RoleLogger(per_layer=config.log_per_layer))
+    return cbs
 
 
 __all__ = [
     "EVENTS",
     "Callback",
     "CallbackRunner",
-    "CloneSchedule",
-    "EggConfig",
-    "ElectionSchedule",
     "LocalLossCallback",
     "RoleLogger",
     "TrainState",
+    "build_callbacks",
+    "build_local_loss",
     "callbacks_state_dict",
     "find_leader_clone_optimizer",
     "load_callbacks_state_dict",

@@ -21,3 +21,7 @@ class StateDictMismatchError(EggOptimError, ValueError):
 
 class ConfigError(EggOptimError, ValueError):
     """An option given to a callback, recipe or local-loss module is invalid."""
+
+
+class ElectionError(EggOptimError, ValueError):
+    """An election could not be held (a score gave non-finite or wrongly sized values); roles are unchanged."""

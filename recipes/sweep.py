@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_image  # noqa: E402
 
+from egg_optim.config import CLONE_MODES  # noqa: E402
 from egg_optim.errors import EggOptimError  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clone-modes",
         nargs="+",
         default=["weight"],
-        choices=train_image.CLONE_MODES,
+        choices=CLONE_MODES,
         help="clone modes to run for each non-baseline scenario (the baseline has no clones: run once)",
     )
     p.add_argument("--epochs", type=train_image._positive_int, default=3, help="epochs per run")

@@ -34,15 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.core.cloning import STATE_POLICIES
+from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments, config_from_args
 from egg_optim.errors import ConfigError, EggOptimError
 
 MODELS = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
 SCENARIOS = ("baseline", "mild", "aggressive")
-CLONE_MODES = ("weight", "output")
-ELECTIONS = ("random", "weight_norm", "grad_norm", "taylor")
-ASSIGNS = ("first", "random", "round_robin", "nearest")
+# EggConfig fields that are not flags of the image recipes (the plan comes from --scenario and the model)
+# (--seed is the recipe's own: it seeds model init and data order too)
+NOT_FLAGS = ("plan", "plan_table", "seed", "local_losses", "local_loss_scores", "log_roles", "log_per_layer")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = {
     "adam": "Adam",
@@ -107,24 +106,6 @@ def _non_negative_float(text: str) -> float:
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
-
-
-def _elect_every(text: str) -> int | str:
-    if text in ("epoch", "never"):
-        return text
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'epoch', 'never' or a positive integer, got {text!r}") from None
-
-
-def _clone_every(text: str) -> int | str:
-    if text in ("auto", "never"):
-        return text
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'never' or a positive integer, got {text!r}") from None
 
 
 def _wandb_installed() -> bool:
@@ -194,43 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to 0.4 / 0.1)",
     )
     g.add_argument("--independents", type=_fraction, default=None, help="override: independent fraction per layer")
-    g.add_argument(
-        "--clone-mode",
-        default="weight",
-        choices=CLONE_MODES,
-        help="weight: clones copy their leader's weights every --clone-every steps; output: clones reuse their "
-        "leader's output and only leaders + independents are computed (the seed's final code)",
-    )
-    g.add_argument(
-        "--state-storage",
-        default="compact",
-        choices=("compact", "full"),
-        help="compact: clones hold no optimizer state and are left out of the optimizer step; full: whole tensors "
-        "are stepped and clone rows restored",
-    )
-    g.add_argument("--election", default="random", choices=ELECTIONS, help="unit score used to elect leaders")
-    g.add_argument("--assign", default="first", choices=ASSIGNS, help="how each clone picks its source leader")
-    g.add_argument(
-        "--clone-every",
-        type=_clone_every,
-        default="auto",
-        help="weight cloning period in optimizer steps; auto = 1 for --clone-mode weight, never for output",
-    )
-    g.add_argument(
-        "--elect-every",
-        type=_elect_every,
-        default="epoch",
-        help="re-elect leaders every N optimizer steps, at the start of every epoch ('epoch', the seed's steady "
-        "roles within an epoch) or 'never'",
-    )
-    g.add_argument("--hysteresis", type=_non_negative_float, default=0.0, help="margin to unseat a sitting leader")
-    g.add_argument(
-        "--clone-state",
-        default="keep",
-        choices=STATE_POLICIES,
-        help="optimizer-state rows of a clone: keep its own, reset them, or copy its leader's (with compact "
-        "storage: what a clone starts from when it becomes active)",
-    )
+    add_config_arguments(g, exclude=NOT_FLAGS)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS), help="base torch optimizer")
@@ -299,13 +244,22 @@ def make_plan(args: argparse.Namespace, model: torch.nn.Module) -> RolePlan:
     """The role plan for ``args``: the seed's per-layer table for the seed nets, a uniform pair otherwise;
     ``--leaders/--independents`` replace the fractions on the same layers."""
     table = SEED_TABLES.get(args.model)
-    if args.leaders is not None or args.independents is not None:
-        lead = 0.4 if args.leaders is None else args.leaders
-        ind = 0.1 if args.independents is None else args.independents
+    lead, ind = getattr(args, "leaders", None), getattr(args, "independents", None)
+    if lead is not None or ind is not None:
+        lead = 0.4 if lead is None else lead
+        ind = 0.1 if ind is None else ind
         if table is not None:
             return RolePlan(per_layer=dict.fromkeys(counted_layers(args, model), (lead, ind)), only_listed=True)
         return RolePlan(lead, ind)
     return RolePlan.preset(args.scenario, table=table or "uniform")
+
+
+def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
+    """The run's :class:`EggConfig`: the role flags, with the plan built from --scenario and the model."""
+    config = config_from_args(args, plan=plan, seed=args.seed)
+    if config.score.name == "local_loss":
+        raise ConfigError("--election local_loss needs LFNN local losses, which this recipe does not add")
+    return config
 
 
 def counted_layers(args: argparse.Namespace, model: torch.nn.Module) -> list[str]:
@@ -466,26 +420,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.model, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size)
     plan = make_plan(args, model)
     counted = counted_layers(args, model)
-    clone_every = args.clone_every
-    if clone_every == "auto":
-        clone_every = 1 if args.clone_mode == "weight" else None
-    elif clone_every == "never":
-        clone_every = None
-    elect_every = args.elect_every if isinstance(args.elect_every, int) else None
+    config = egg_config(args, plan)
     base = make_optimizer(args, model.parameters())
-    lco_kwargs: dict[str, Any] = {
-        "clone_every": clone_every,
-        "elect_every": elect_every,
-        "election": args.election,
-        "assign": args.assign,
-        "hysteresis": args.hysteresis,
-        "clone_state": args.clone_state,
-        "seed": args.seed,
-        "clone_mode": args.clone_mode,
-        "state_storage": args.state_storage,
-    }
     # Built on the bare model, before prepare: DDP wraps the model but shares its parameters.
-    lco = LeaderCloneOptimizer(model, base, plan, **lco_kwargs)
+    lco = LeaderCloneOptimizer(model, base, config=config)
     if accelerator.distributed_type == DistributedType.FSDP and any(lp.clones for lp in lco.layer_plans.values()):
         raise ConfigError(
             "FSDP shards weights along the output-unit dimension, so leaders and clones can sit on different "
@@ -612,8 +550,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         skip = progress["batch_in_epoch"] if epoch == start_epoch else 0
         if skip == 0:
             progress["epoch_updates"], progress["epoch_train_time"] = 0, 0.0
-            if args.elect_every == "epoch" and epoch > 0:
-                lco.elect_now()
+        lco.epoch_begin(epoch)  # a resumed epoch is not re-elected: the optimizer state remembers it began
         updates_per_batch = tracking.active_units(lco, counted, unwrapped)
         progress["epoch"], progress["batch_in_epoch"] = epoch, skip
         sampler.generator.manual_seed(derived_seed(args.seed, "order", epoch))
@@ -641,7 +578,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             progress["global_step"] = global_step
             progress["batch_in_epoch"] += 1
             progress["epoch_updates"] += updates_per_batch
-            if isinstance(args.elect_every, int):  # roles may change inside the epoch
+            if lco.elect_every.steps is not None:  # roles may change inside the epoch
                 updates_per_batch = tracking.active_units(lco, counted, unwrapped)
             bar.update(1)
             if global_step % args.log_every == 0 or global_step == max_steps:
@@ -672,6 +609,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         now = _clock()
         progress["epoch_train_time"] += now - tick
         progress["train_time"] += now - tick
+        if progress["batch_in_epoch"] == steps_per_epoch:
+            lco.epoch_end(epoch)
         last = progress["history"][-1] if progress["history"] else None
         if last is not None and last["step"] == global_step:  # just evaluated (--eval-every)
             result = {"accuracy": last["accuracy"], "loss": last["loss"]}
@@ -699,6 +638,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         progress["epoch"], progress["batch_in_epoch"] = epoch + 1, 0
 
     # ---------------------------------------------------------------- final metrics
+    if lco.train_end():  # a clone event scheduled at the end of training changes the model: evaluate after it
+        record_eval(global_step, float(progress["epoch"]))
     if not progress["history"] or progress["history"][-1]["step"] != global_step:
         record_eval(global_step, float(progress["epoch"]))
     final = progress["history"][-1]

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_image  # noqa: E402  (shared flag types and dataset/model defaults)
 
+from egg_optim import add_config_arguments  # noqa: E402
+
 TRAINER_OPTIMIZERS = ("adamw_torch", "sgd", "adagrad", "rmsprop")
 TRAINER_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -64,13 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-samples", type=t._positive_int, default=None, help="random test subset")
     p.add_argument("--augment", nargs="?", const="auto", default=None, metavar="SPEC", help="as in train_image.py")
     p.add_argument("--scenario", default="mild", choices=t.SCENARIOS, help="the seed's presets")
-    p.add_argument("--clone-mode", default="weight", choices=t.CLONE_MODES, help="weight or output cloning")
-    p.add_argument("--election", default="random", choices=t.ELECTIONS, help="unit score for elections")
-    p.add_argument("--assign", default="first", choices=t.ASSIGNS, help="how clones pick a leader")
-    p.add_argument(
-        "--clone-every", type=t._clone_every, default="auto", help="auto = 1 in weight mode, never in output mode"
-    )
-    p.add_argument("--elect-every", type=t._elect_every, default="epoch", help="N optimizer steps, 'epoch' or 'never'")
+    add_config_arguments(p, exclude=(*train_image.NOT_FLAGS[:-1],))  # keeps --log-per-layer
     p.add_argument("--optim", default="adamw_torch", choices=TRAINER_OPTIMIZERS, help="Trainer optimizer name")
     p.add_argument("--lr", type=t._positive_float, default=3e-4, help="learning rate")
     p.add_argument("--weight-decay", type=t._non_negative_float, default=0.0, help="weight decay")
@@ -84,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=t._non_negative_int, default=0, help="checkpoint every N steps (0: never)")
     p.add_argument("--eval-every", type=t._non_negative_int, default=0, help="evaluate every N steps (0: per epoch)")
     p.add_argument("--log-every", type=t._positive_int, default=20, help="log every N steps")
-    p.add_argument("--log-per-layer", action="store_true", help="role metrics per layer, not only totals")
     p.add_argument(
         "--report-to",
         default="wandb" if t._wandb_installed() else "none",
@@ -98,7 +93,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from transformers import TrainingArguments
 
-    from egg_optim.callbacks import EggConfig
     from egg_optim.integrations.transformers import EggTrainer
     from egg_optim.kit.data import BatchTransform, dataset_spec, load_image_dataset
     from egg_optim.kit.metrics import load_metric
@@ -117,23 +111,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     net = build_model(args.model, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size)
     model = ImageClassifier(net)
 
-    clone_every = args.clone_every
-    if clone_every == "auto":
-        clone_every = 1 if args.clone_mode == "weight" else None
-    elif clone_every == "never":
-        clone_every = None
-    egg = EggConfig(
-        plan=args.scenario,
-        plan_table=train_image.SEED_TABLES.get(args.model, "uniform"),
-        clone_every=clone_every,
-        elect_every=args.elect_every if isinstance(args.elect_every, int) else None,
-        elect_at_epoch_start=args.elect_every == "epoch",
-        election=args.election,
-        assign=args.assign,
-        clone_mode=args.clone_mode,
-        seed=args.seed,
-        log_per_layer=args.log_per_layer,
-    )
+    egg = train_image.egg_config(args, train_image.make_plan(args, net))
     report_to = "none" if args.report_to == "none" else ["wandb"]
     if args.report_to == "wandb":
         wandb_kwargs = train_image._configure_wandb(output_dir)

@@ -1,4 +1,5 @@
-"""Callback protocol, runner and schedule callbacks in plain PyTorch / Accelerate loops."""
+"""Callback protocol and runner in plain PyTorch / Accelerate loops; the optimizer's election and clone
+schedules driven through it."""
 
 from __future__ import annotations
 
@@ -11,16 +12,22 @@ import torch
 import torch.nn.functional as F
 from conftest import mlp
 
-from egg_optim import ConfigError, LeaderCloneOptimizer, RolePlan, StateDictMismatchError
+from egg_optim import (
+    ConfigError,
+    EggConfig,
+    LeaderCloneOptimizer,
+    PlanError,
+    RolePlan,
+    Schedule,
+    StateDictMismatchError,
+)
 from egg_optim.callbacks import (
     EVENTS,
     Callback,
     CallbackRunner,
-    CloneSchedule,
-    EggConfig,
-    ElectionSchedule,
     LocalLossCallback,
     RoleLogger,
+    build_callbacks,
     find_leader_clone_optimizer,
 )
 from egg_optim.core.election import bully_ranking
@@ -32,6 +39,7 @@ def make(seed: int = 0, sizes=(6, 20, 20, 3), **kw):
     torch.manual_seed(seed)
     model = mlp(sizes)
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    kw.setdefault("clone_every", "never")
     return model, LeaderCloneOptimizer(model, base, kw.pop("plan", PLAN), **kw)
 
 
@@ -147,14 +155,14 @@ def test_no_flush_carries_partial_accumulation_into_next_epoch():
 def test_event_order_with_accelerator_matches_known_length_loop():
     accelerate = pytest.importorskip("accelerate")
     acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
-    model, opt = make()
+    model, opt = make(elect_every=2)
     x = torch.cat([b[0] for b in batches()])
     y = torch.cat([b[1] for b in batches()])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     model, popt, loader = acc.prepare(model, opt, loader)
     assert find_leader_clone_optimizer(popt) is opt
     rec = Recorder()
-    runner = CallbackRunner([rec, ElectionSchedule(every_steps=2)], model=model, optimizer=popt, accelerator=acc)
+    runner = CallbackRunner([rec], model=model, optimizer=popt, accelerator=acc)
     assert runner.state.accumulation_steps == 4
     run(runner, model, loader, epochs=2)
     epoch = expected_epoch(step_inside_last=True)  # Accelerate syncs at the end of a prepared dataloader
@@ -163,15 +171,14 @@ def test_event_order_with_accelerator_matches_known_length_loop():
 
     # the runner's state goes into Accelerate checkpoints
     acc.register_for_checkpointing(runner)
-    sched = runner.callbacks[1]
-    saved = (sched.elections, runner.state.global_step)
+    saved = (runner.state.global_step, runner.state.micro_step)
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         acc.save_state(d)
-        sched.elections, runner.state.global_step = 0, 0
+        runner.state.global_step = runner.state.micro_step = 0
         acc.load_state(d)
-    assert (sched.elections, runner.state.global_step) == saved
+    assert (runner.state.global_step, runner.state.micro_step) == saved
     with pytest.raises(ConfigError, match="Accelerator"):
         CallbackRunner([], accelerator=acc, accumulation_steps=2)
 
@@ -188,11 +195,11 @@ class RoleTrace(Callback):
 
 @pytest.mark.parametrize("election", ["weight_norm", "random"])
 def test_election_at_epoch_start_keeps_roles_for_the_epoch(election):
-    model, opt = make(election=election)
-    sched, trace = ElectionSchedule(at_epoch_start=True), RoleTrace()
-    runner = CallbackRunner([sched, trace], model=model, optimizer=opt)
+    model, opt = make(election=election, elect_every="epoch")
+    trace = RoleTrace()
+    runner = CallbackRunner([trace], model=model, optimizer=opt)
     run(runner, model, batches(5), epochs=3)
-    assert opt.elections == 2 and sched.elections == 2
+    assert opt.elections == 2
     by_epoch = {e: [roles for ep, _, roles in trace.trace if ep == e] for e in range(3)}
     for e, seen in by_epoch.items():
         assert len(seen) == 5
@@ -207,10 +214,10 @@ def test_election_at_epoch_start_keeps_roles_for_the_epoch(election):
 def test_election_every_steps_and_epoch_start_do_not_double(every, expected):
     # 2 epochs x 10 steps. every=3: steps 3..18 (6) + epoch-1 start (after step 10) = 7.
     # every=5: steps 5, 10, 15, 20; epoch 1 starts right after step 10's election: no second one.
-    model, opt = make()
-    sched = ElectionSchedule(every_steps=every, at_epoch_start=True)
-    run(CallbackRunner([sched], model=model, optimizer=opt), model, batches(), epochs=2)
-    assert opt.elections == sched.elections == expected
+    model, opt = make(elect_every=f"{every}+epoch")
+    assert opt.elect_every == Schedule(steps=every, epochs=1)
+    run(CallbackRunner([], model=model, optimizer=opt), model, batches(), epochs=2)
+    assert opt.elections == expected
 
 
 # ---------------------------------------------------------------------------------------------- cloning
@@ -228,12 +235,11 @@ class RowTrace(Callback):
 
 
 def test_clone_schedule_every_k_steps_copies_and_clones_stay_frozen_between():
-    model, opt = make()
+    model, opt = make(clone_every=3)
     rows = RowTrace()
-    clone = CloneSchedule(every_steps=3)
-    runner = CallbackRunner([clone, rows], model=model, optimizer=opt)
+    runner = CallbackRunner([rows], model=model, optimizer=opt)
     run(runner, model, batches(), epochs=1)
-    assert opt.clone_events == clone.clone_events == 3
+    assert opt.clone_events == 3
     assert [c for _, c, _ in rows.rows] == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
     prev = None
     for step, _, snap in rows.rows:
@@ -252,10 +258,9 @@ def test_clone_schedule_every_k_steps_copies_and_clones_stay_frozen_between():
 
 
 def test_clone_right_after_election_copies_the_new_leaders():
-    model, opt = make()
+    model, opt = make(elect_every=3, clone_every=3)
     rows = RowTrace()
-    runner = CallbackRunner([ElectionSchedule(every_steps=3), CloneSchedule(every_steps=3), rows], model=model,
-                            optimizer=opt)  # fmt: skip
+    runner = CallbackRunner([rows], model=model, optimizer=opt)
     run(runner, model, batches(6), epochs=1)
     assert opt.elections == 2 and opt.clone_events == 2
     for step, _, snap in rows.rows:
@@ -265,18 +270,18 @@ def test_clone_right_after_election_copies_the_new_leaders():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
+    ("spec", "expected"),
     [
-        ({"every_epochs": 1, "at_train_end": True}, 2),  # epoch ends 0, 1; train end adds nothing new
-        ({"every_steps": 5, "every_epochs": 1}, 4),  # steps 5, 10 (= epoch-0 end), 15, 20 (= epoch-1 end)
-        ({"at_train_end": True}, 1),
+        ("epoch+end", 2),  # epoch ends 0, 1; train end adds nothing new
+        ("5+epoch", 4),  # steps 5, 10 (= epoch-0 end), 15, 20 (= epoch-1 end)
+        ("end", 1),
+        (Schedule(epochs=2), 1),
     ],
 )
-def test_clone_schedule_epochs_and_train_end(kwargs, expected):
-    model, opt = make()
-    clone = CloneSchedule(**kwargs)
-    run(CallbackRunner([clone], model=model, optimizer=opt), model, batches(), epochs=2)
-    assert opt.clone_events == clone.clone_events == expected
+def test_clone_schedule_epochs_and_train_end(spec, expected):
+    model, opt = make(clone_every=spec)
+    run(CallbackRunner([], model=model, optimizer=opt), model, batches(), epochs=2)
+    assert opt.clone_events == expected
     for name, r in opt.roles.items():
         w = opt.layers[name].weight
         assert torch.equal(w[r.clones], w[r.sources])  # the final model holds copies
@@ -287,7 +292,8 @@ def test_role_logger_writes_logs_and_calls_log_fn():
     model, opt = make()
     calls = []
     logger = RoleLogger(every_steps=2, log_fn=lambda m, step: calls.append((step, m["roles/elections"])))
-    runner = CallbackRunner([ElectionSchedule(every_steps=4), logger], model=model, optimizer=opt)
+    opt.elect_every = Schedule(steps=4)
+    runner = CallbackRunner([logger], model=model, optimizer=opt)
     run(runner, model, batches(), epochs=1)
     # train begin, steps 2, 4, 6, 8, 10, epoch end
     assert calls == [(0, 0.0), (2, 0.0), (4, 1.0), (6, 1.0), (8, 2.0), (10, 2.0), (10, 2.0)]
@@ -301,9 +307,8 @@ def test_role_logger_writes_logs_and_calls_log_fn():
 
 # ---------------------------------------------------------------------------------------------- state
 def test_runner_state_round_trip_and_resumed_epoch_is_not_reelected(tmp_path):
-    model, opt = make()
-    sched, clone = ElectionSchedule(at_epoch_start=True), CloneSchedule(every_steps=2)
-    runner = CallbackRunner([sched, clone], model=model, optimizer=opt)
+    model, opt = make(elect_every="epoch", clone_every=2)
+    runner = CallbackRunner([RoleLogger()], model=model, optimizer=opt)
     runner.train_begin()
     for epoch in range(2):
         runner.epoch_begin()
@@ -315,29 +320,22 @@ def test_runner_state_round_trip_and_resumed_epoch_is_not_reelected(tmp_path):
         runner.epoch_end()
     runner.save(tmp_path)
     opt_state = opt.state_dict()
-    assert opt.elections == 1 and sched.last_epoch == 1
+    assert opt.elections == 1 and opt.clone_events == 3 and opt.book.epoch_begun == 1
 
-    model2, opt2 = make(seed=5)
+    model2, opt2 = make(seed=5, elect_every="epoch", clone_every=2)
     opt2.load_state_dict(opt_state)
-    sched2, clone2 = ElectionSchedule(at_epoch_start=True), CloneSchedule(every_steps=2)
-    runner2 = CallbackRunner([sched2, clone2], model=model2, optimizer=opt2)
+    runner2 = CallbackRunner([RoleLogger()], model=model2, optimizer=opt2)
     runner2.load(tmp_path)
-    assert sched2.state_dict() == sched.state_dict() and clone2.state_dict() == clone.state_dict()
     assert runner2.state.global_step == 6 and runner2.state.epoch == 1
     runner2.train_begin()
-    runner2.epoch_begin(epoch=1)  # the resumed epoch keeps its roles
+    runner2.epoch_begin(epoch=1)  # the resumed epoch keeps its roles: the optimizer remembers it began
     assert opt2.elections == 1
     runner2.epoch_end()
     runner2.epoch_begin()
     assert runner2.state.epoch == 2 and opt2.elections == 2
 
-    fresh = CallbackRunner([ElectionSchedule(at_epoch_start=True), CloneSchedule(every_steps=2)],
-                           model=model2, optimizer=opt2)  # fmt: skip
-    fresh.epoch_begin(epoch=2)  # without the saved state, a resumed epoch would be re-elected
-    assert opt2.elections == 3
-
     with pytest.raises(StateDictMismatchError):
-        CallbackRunner([CloneSchedule(every_steps=2)], model=model2, optimizer=opt2).load(tmp_path)
+        CallbackRunner([], model=model2, optimizer=opt2).load(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- local losses
@@ -351,7 +349,8 @@ def test_local_loss_callback_feeds_unit_scores_into_elections():
     observe = opt.observe_scores
     opt.observe_scores = lambda scores: (seen.append({k: v.clone() for k, v in scores.items()}), observe(scores))
     cb = LocalLossCallback(lf)
-    runner = CallbackRunner([cb, ElectionSchedule(every_steps=3)], model=model, optimizer=opt)
+    opt.elect_every = Schedule(steps=3)
+    runner = CallbackRunner([cb], model=model, optimizer=opt)
     runner.train_begin()
     runner.epoch_begin()
     for x, y in batches(3):
@@ -370,31 +369,35 @@ def test_local_loss_callback_feeds_unit_scores_into_elections():
 @pytest.mark.parametrize(
     "make_bad",
     [
-        lambda: ElectionSchedule(),
-        lambda: ElectionSchedule(every_steps=0),
-        lambda: CloneSchedule(),
-        lambda: CloneSchedule(every_epochs=1.5),
         lambda: RoleLogger(every_steps=True),
         lambda: LocalLossCallback(object()),
         lambda: CallbackRunner([object()]),
         lambda: CallbackRunner([], accumulation_steps=0),
-        lambda: EggConfig(plan="gentle"),
-        lambda: EggConfig(plan=0.5),
         lambda: EggConfig(clone_every=0),
+        lambda: EggConfig(clone_every="epoch:0"),
         lambda: EggConfig(elect_every=-3),
-        lambda: EggConfig(elect_at_epoch_start="yes"),
+        lambda: EggConfig(elect_every="yes"),
+        lambda: EggConfig(elect_every=True),
         lambda: EggConfig(election="coin_flip"),
-        lambda: EggConfig(election="local_loss"),
         lambda: EggConfig(assign="nowhere"),
         lambda: EggConfig(hysteresis=-1.0),
+        lambda: EggConfig(hysteresis=float("inf")),
+        lambda: EggConfig(hysteresis="0.1"),
         lambda: EggConfig(clone_blend=2.0),
+        lambda: EggConfig(clone_noise=float("inf")),
+        lambda: EggConfig(clone_noise=float("nan")),
         lambda: EggConfig(clone_state="forget"),
         lambda: EggConfig(state_storage="sparse"),
         lambda: EggConfig(clone_mode="gradients"),
         lambda: EggConfig(clone_mode="output", eval_mode="whatever"),
+        lambda: EggConfig(skip_clone_grads=1),
         lambda: EggConfig(local_losses=["fc1"]),
         lambda: EggConfig(local_losses={"layers": ["fc1"]}),
         lambda: EggConfig(seed=1.0),
+        lambda: EggConfig(seed=2**63),
+        lambda: EggConfig(log_roles="yes"),
+        lambda: EggConfig().replace(clone_evry=3),
+        lambda: build_callbacks(EggConfig(election="local_loss")),
     ],
 )
 def test_bad_configuration_raises_config_error(make_bad):
@@ -402,30 +405,31 @@ def test_bad_configuration_raises_config_error(make_bad):
         make_bad()
 
 
+@pytest.mark.parametrize("plan", ["gentle", 0.5, None])
+def test_bad_plan_in_a_config_raises_plan_error(plan):
+    with pytest.raises(PlanError):
+        EggConfig(plan=plan)
+
+
 def test_schedules_need_a_leader_clone_optimizer():
     model = mlp()
-    runner = CallbackRunner([ElectionSchedule(every_steps=1)], model=model, optimizer=torch.optim.SGD(
-        model.parameters(), lr=0.1))  # fmt: skip
+    runner = CallbackRunner([RoleLogger()], model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ConfigError, match="LeaderCloneOptimizer"):
         runner.train_begin()
 
 
 def test_egg_config_builds_optimizer_and_callbacks():
-    cfg = EggConfig(plan="mild", clone_every=5, elect_at_epoch_start=True, election="grad_norm")
+    cfg = EggConfig(plan="mild", clone_every=5, elect_every="epoch", election="grad_norm")
     model = mlp()
-    opt = cfg.build_optimizer(model, torch.optim.Adam(model.parameters()))
-    assert opt.clone_every is None and opt.elect_every is None and opt.score.name == "grad_norm"
+    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), config=cfg)
+    assert opt.config is cfg and opt.score.name == "grad_norm"
+    assert opt.clone_every == Schedule(steps=5) and opt.elect_every == Schedule(epochs=1)
     assert opt.stats()["total"]["leaders"] == 16  # uniform mild: 0.40 of 2 x 20 units
-    kinds = [type(c).__name__ for c in cfg.build_callbacks()]
-    assert kinds == ["ElectionSchedule", "CloneSchedule", "RoleLogger"]
-
-
-def test_importing_egg_optim_does_not_import_transformers():
-    code = (
-        "import sys, egg_optim, egg_optim.callbacks, egg_optim.integrations; "
-        "assert 'transformers' not in sys.modules, 'transformers imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert [type(c).__name__ for c in build_callbacks(cfg)] == ["RoleLogger"]
+    # keyword options override the config, validated the same way
+    assert LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), config=cfg, seed=3).seed == 3
+    with pytest.raises(ConfigError, match="clone_evry"):
+        LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), config=cfg, clone_evry=3)
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
@@ -446,13 +450,13 @@ def _ddp_worker():
 
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     assert acc.num_processes == 2
-    model, opt = make(election="local_loss")
+    model, opt = make(election="local_loss", elect_every="2+epoch", clone_every=3)
     x = torch.cat([b[0] for b in batches(10)])
     y = torch.cat([b[1] for b in batches(10)])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     pmodel, popt, loader = acc.prepare(model, opt, loader)
     rec = Recorder()
-    cbs = [_RankNoise(), ElectionSchedule(every_steps=2, at_epoch_start=True), CloneSchedule(every_steps=3), rec]
+    cbs = [_RankNoise(), rec]
     runner = CallbackRunner(cbs, model=pmodel, optimizer=popt, accelerator=acc)
     run(runner, pmodel, loader, epochs=2)
     # 5 micro-batches per rank and epoch, accumulation 2: steps after 2, 4 and the end of the dataloader

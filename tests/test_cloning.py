@@ -4,7 +4,7 @@ from conftest import TinySeedNet, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egg_optim import LeaderCloneOptimizer, PlanError, RolePlan
+from egg_optim import ConfigError, LeaderCloneOptimizer, RolePlan
 
 
 def _trained(model, opt, steps=2):
@@ -124,5 +124,5 @@ def test_periodic_cloning_schedule():
 )
 def test_bad_options(kwargs):
     model = mlp()
-    with pytest.raises(PlanError):
+    with pytest.raises(ConfigError):
         LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5), **kwargs)

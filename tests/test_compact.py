@@ -8,7 +8,7 @@ from conftest import TinySeedNet, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egg_optim import LeaderCloneOptimizer, PlanError, RolePlan, StateDictMismatchError
+from egg_optim import ConfigError, LeaderCloneOptimizer, RolePlan, StateDictMismatchError
 
 ADAM = (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.01})
 
@@ -25,6 +25,7 @@ def _make(storage, plan=None, opt_spec=ADAM, **kw):
     torch.manual_seed(0)
     model = TinySeedNet()
     cls, okw = opt_spec
+    kw.setdefault("clone_every", None)
     opt = LeaderCloneOptimizer(
         model, cls(model.parameters(), **okw), plan or RolePlan.preset("mild"), state_storage=storage, **kw
     )
@@ -194,7 +195,7 @@ def test_unmanaged_and_clone_free_layers_keep_full_state():
 
 def test_unknown_storage_refused():
     model = mlp()
-    with pytest.raises(PlanError, match="'sparse'"):
+    with pytest.raises(ConfigError, match="'sparse'"):
         LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5), state_storage="sparse")
 
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egg_optim import (
+    ConfigError,
     LeaderCloneOptimizer,
-    PlanError,
     RolePlan,
     Roles,
     Score,
@@ -94,7 +94,7 @@ def test_gradient_scores_are_running_means(score):
     opt.elect_now()
     expected = elect(total / 3, 3, 3).leaders
     assert opt.roles["0"].leaders.tolist() == expected.tolist()
-    assert opt.elections == 1 and opt._score_count["0"] == 0  # accumulators reset
+    assert opt.elections == 1 and opt.book.layers["0"].score_count == 0  # accumulators reset
 
 
 def test_weight_norm_and_custom_scores():
@@ -121,17 +121,24 @@ def test_observed_local_loss_score_and_registry():
     opt.observe_scores({"0": torch.tensor([0, 7, 0, 0, 0, 0, 0, 0, 8, 0.0])})
     opt.elect_now()
     assert opt.roles["0"].leaders.tolist() == [1, 8]
-    with pytest.raises(PlanError, match="units"):
+    with pytest.raises(ConfigError, match="units"):
         opt.observe_scores({"0": torch.zeros(3)})
-    with pytest.raises(PlanError, match="managed"):
+    with pytest.raises(ConfigError, match="managed"):
         opt.observe_scores({"nope": torch.zeros(3)})
-    register_score(
-        Score("neg_index", at_election=lambda layer, gen: -torch.arange(layer.num_units).float()), overwrite=True
-    )
+
+    class NegIndex(Score):
+        name = "neg_index"
+
+        def __call__(self, layer, generator):
+            return -torch.arange(layer.num_units).float()
+
+    register_score(NegIndex(), overwrite=True)
     opt2 = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.2), election="neg_index")
     assert opt2.roles["0"].leaders.tolist() == [0, 1]
-    with pytest.raises(PlanError, match="already registered"):
-        register_score(Score("grad_norm"))
+    dup = Score()
+    dup.name = "grad_norm"
+    with pytest.raises(ConfigError, match="already registered"):
+        register_score(dup)
 
 
 @settings(max_examples=10, deadline=None)

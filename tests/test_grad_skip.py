@@ -576,7 +576,7 @@ def test_weight_mode_turns_it_on_unless_the_score_reads_gradients():
     assert opt.grad_skip is None
     model, opt = _wrapped(clone_mode="output")
     assert opt.grad_skip is None and not any(is_grad_skipped(m) for m in model.modules())
-    with pytest.raises(PlanError, match="skip_clone_grads"):
+    with pytest.raises(ConfigError, match="skip_clone_grads"):
         _wrapped(skip_clone_grads="yes")
 
 
@@ -615,12 +615,12 @@ def test_export_and_remove_give_plain_modules():
 def test_egg_config_keeps_plain_autograd_for_lfnn_runs():
     from conftest import mlp
 
-    from egg_optim.callbacks import EggConfig
+    from egg_optim import EggConfig, LeaderCloneOptimizer
 
     model = mlp((6, 20, 20, 3))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert EggConfig(plan="mild").build_optimizer(model, base).grad_skip is not None
+    assert LeaderCloneOptimizer(model, base, config=EggConfig(plan="mild")).grad_skip is not None
     model = mlp((6, 20, 20, 3))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = EggConfig(plan="mild", local_losses={"layers": ["0"], "num_classes": 3, "worker_size": 5})
-    assert cfg.build_optimizer(model, base).grad_skip is None
+    assert LeaderCloneOptimizer(model, base, config=cfg).grad_skip is None

@@ -128,7 +128,7 @@ def test_clone_rows_frozen_and_others_exact(opt_spec, impl, kind, widths, norm, 
     torch.manual_seed(seed)
     model = _net(kind, widths, norm)
     base = cls(model.parameters(), **kwargs)
-    opt = LeaderCloneOptimizer(model, base, RolePlan(lead, ind), seed=seed, state_storage=storage)
+    opt = LeaderCloneOptimizer(model, base, RolePlan(lead, ind), seed=seed, state_storage=storage, clone_every=None)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(3):  # the first step creates state lazily; later steps exercise existing state
         _backward(model, gen)
@@ -145,7 +145,7 @@ def test_fused_variants(cls, kwargs, storage):
         base = cls(model.parameters(), **kwargs)
     except (RuntimeError, ValueError) as e:  # pragma: no cover - platform without fused kernels
         pytest.skip(f"fused {cls.__name__} unavailable: {e}")
-    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3, 0.2), state_storage=storage)
+    opt = LeaderCloneOptimizer(model, base, RolePlan(0.3, 0.2), state_storage=storage, clone_every=None)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         _backward(model, gen)

@@ -56,8 +56,7 @@ def test_resume_is_bit_identical():
     model_b, opt_b = _make()
     _steps(model_b, opt_b, 0, 5)
     saved_model, saved_opt = _roundtrip(model_b.state_dict()), _roundtrip(opt_b.state_dict())
-    model_c, opt_c = _make(seed=123)  # different init and initial roles: everything must come from the checkpoint
-    opt_c.seed = 0
+    model_c, opt_c = _make(seed=123)  # different init, roles and seed: everything must come from the checkpoint
     model_c.load_state_dict(saved_model)
     opt_c.load_state_dict(saved_opt)
     _steps(model_c, opt_c, 5, 10)
@@ -120,6 +119,15 @@ def test_mismatched_state_dict_refused_and_nothing_changes(idx):
         for k, v in st.items():
             assert torch.equal(v, before_opt["state"][p][k])
     assert all(torch.equal(v, model_state(model)[k]) for k, v in before_model.items())
+
+
+def test_loading_adopts_the_saved_seed_so_draws_continue_that_run():
+    _, opt = _make(seed=1)
+    _, other = _make(seed=0)
+    opt.load_state_dict(other.state_dict())
+    assert opt.seed == opt.config.seed == 0
+    opt.elect_now(), other.elect_now()
+    assert all(opt.roles[n].same_as(other.roles[n]) for n in opt.roles)
 
 
 def test_state_dict_from_different_model_refused():

@@ -13,8 +13,8 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from egg_optim import ConfigError, LeaderCloneOptimizer, RolePlan  # noqa: E402
-from egg_optim.callbacks import CloneSchedule, EggConfig, ElectionSchedule, RoleLogger  # noqa: E402
+from egg_optim import ConfigError, EggConfig, LeaderCloneOptimizer, RolePlan  # noqa: E402
+from egg_optim.callbacks import RoleLogger  # noqa: E402
 from egg_optim.integrations.transformers import (  # noqa: E402
     EggTrainer,
     EggTrainerCallback,
@@ -73,7 +73,7 @@ def targs(out, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-SCHEDULE = dict(plan=PLAN, clone_every=2, elect_every=3, elect_at_epoch_start=True)
+SCHEDULE = dict(plan=PLAN, clone_every=2, elect_every="3+epoch")
 
 
 class Probe(TrainerCallback):
@@ -162,9 +162,10 @@ def test_checkpoint_holds_callback_state(schedule_run):
     for step in (3, 6):
         ckpt = out / f"checkpoint-{step}"
         state = torch.load(ckpt / "egg_callbacks.pt", weights_only=True)
-        assert state["callbacks"]["0:ElectionSchedule"]["elections"] == {3: 1, 6: 3}[step]
-        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        assert opt_state["egg_optim"]["elections"] == {3: 1, 6: 3}[step]
+        assert list(state["callbacks"]) == ["0:RoleLogger"]
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)["egg_optim"]
+        assert opt_state["elections"] == {3: 1, 6: 3}[step]
+        assert opt_state["epoch_begun"] == {3: 0, 6: 1}[step]
 
 
 def test_resume_restores_roles_and_callback_state(schedule_run, dataset, tmp_path):
@@ -174,7 +175,7 @@ def test_resume_restores_roles_and_callback_state(schedule_run, dataset, tmp_pat
     trainer_b.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     assert trainer_b.egg_callback.restored_from == str(out / "checkpoint-3")
     a, b = trainer_a.egg_optimizer, trainer_b.egg_optimizer
-    # without the callback state the resumed epoch 0 would be re-elected: 4 elections instead of 3
+    # the optimizer state remembers that epoch 0 began: resuming in it does not re-elect (else 4 elections)
     assert (b.steps, b.elections, b.clone_events) == (a.steps, a.elections, a.clone_events) == (6, 3, 3)
     for name in a.roles:
         assert b.roles[name].same_as(a.roles[name])
@@ -184,8 +185,9 @@ def test_resume_restores_roles_and_callback_state(schedule_run, dataset, tmp_pat
 def test_plain_trainer_with_callback_and_wrapper(dataset, tmp_path):
     torch.manual_seed(0)
     model = Net()
-    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), PLAN)
-    cb = EggTrainerCallback([ElectionSchedule(every_steps=2), CloneSchedule(every_steps=2), RoleLogger()])
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = LeaderCloneOptimizer(model, base, PLAN, elect_every=2, clone_every=2)
+    cb = EggTrainerCallback([RoleLogger()])
     trainer = Trainer(
         model=model, args=targs(tmp_path, max_steps=4), train_dataset=dataset, optimizers=(opt, None), callbacks=[cb]
     )

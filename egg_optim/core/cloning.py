@@ -9,33 +9,35 @@ clone becomes active.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
-from ..errors import PlanError
-from .compact import fresh_value
+from ..errors import ConfigError
+from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
 from .roles import Roles
 from .units import ManagedLayer
 
-STATE_POLICIES = ("keep", "reset", "copy")
-
 
 def check_clone_options(blend: float, noise: float, state: str) -> None:
+    for name, value in (("blend", blend), ("noise", noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"clone {name} must be a finite number, got {value!r}")
     if not 0.0 <= blend <= 1.0:
-        raise PlanError(f"clone blend {blend} is outside [0, 1]")
+        raise ConfigError(f"clone blend {blend} is outside [0, 1]")
     if noise < 0:
-        raise PlanError(f"clone noise {noise} must be >= 0")
-    if state not in STATE_POLICIES:
-        raise PlanError(f"unknown clone state policy {state!r}; choose one of {STATE_POLICIES}")
+        raise ConfigError(f"clone noise {noise} must be >= 0")
+    if state not in CLONE_STATES:
+        raise ConfigError(f"unknown clone state policy {state!r}; choose one of {CLONE_STATES}")
 
 
-def _blended(t: torch.Tensor, roles: Roles, blend: float) -> torch.Tensor:
-    src = t.index_select(0, roles.sources.to(t.device))
+def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: int) -> torch.Tensor:
+    src = t.index_select(dim, roles.sources.to(t.device))
     if blend == 1.0:
         return src
-    return torch.lerp(t.index_select(0, roles.clones.to(t.device)), src, blend)
+    return torch.lerp(t.index_select(dim, roles.clones.to(t.device)), src, blend)
 
 
 @torch.no_grad()
@@ -49,26 +51,30 @@ def clone_layer(
     opt_state: Mapping[torch.Tensor, dict] | None = None,
     groups: Mapping[torch.Tensor, dict] | None = None,
     generator: torch.Generator | None = None,
+    fresh: Fresh = zero_fresh,
 ) -> int:
     """Copy source units into clone units in place; returns the number of clone units written."""
     if not roles.has_clones:
         return 0
-    for _, p in layer.params:
-        rows = _blended(p, roles, blend)
+    for pname, p in layer.params:
+        dim = layer.dim_of(pname)
+        idx = roles.clones.to(p.device)
+        rows = _blended(p, roles, blend, dim)
         if noise > 0:
-            flat = rows.reshape(rows.shape[0], -1)
+            moved = rows.movedim(dim, 0)
+            flat = moved.reshape(moved.shape[0], -1)
             rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
-            rows = (flat + noise * rms[:, None] * eps).reshape(rows.shape)
-        p.index_copy_(0, roles.clones.to(p.device), rows)
+            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, dim)
+        p.index_copy_(dim, idx, rows)
         if opt_state is not None and state != "keep":
             st = opt_state.get(p, {})
             for key in row_state_keys(p, st):
-                idx = roles.clones.to(p.device)
                 if state == "copy":
-                    st[key].index_copy_(0, idx, st[key].index_select(0, roles.sources.to(p.device)))
+                    st[key].index_copy_(dim, idx, st[key].index_select(dim, roles.sources.to(p.device)))
                 else:
-                    st[key].index_fill_(0, idx, fresh_value(key, (groups or {}).get(p, {})))
-    for _, b in layer.buffers:
-        b.index_copy_(0, roles.clones.to(b.device), _blended(b, roles, blend))
+                    st[key].index_fill_(dim, idx, fresh(key, (groups or {}).get(p, {})))
+    for bname, b in layer.buffers:
+        dim = layer.dim_of(bname)
+        b.index_copy_(dim, roles.clones.to(b.device), _blended(b, roles, blend, dim))
     return roles.num_clones

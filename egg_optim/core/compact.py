@@ -23,7 +23,7 @@ into a bare optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,41 +33,56 @@ import torch
 from .roles import Roles
 
 STORAGES = ("compact", "full")
-# State whose fresh value is not zero: key -> param-group option holding the initial value.
-FRESH_FROM_GROUP = {"sum": "initial_accumulator_value", "step_size": "lr"}
+CLONE_STATES = ("keep", "reset", "copy")
+# fresh(key, param_group) -> the value a state entry holds before any step (OptimizerInfo.fresh_value)
+Fresh = Callable[[str, dict[str, Any]], float]
+Parked = dict[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def zero_fresh(key: str, group: dict[str, Any]) -> float:
+    return 0.0
 
 
 @dataclass(frozen=True)
 class CompactEntry:
+    """One parameter with clone units, as the step sees it."""
+
     param: torch.Tensor
     group: dict[str, Any]
     position: int  # index of ``param`` in ``group["params"]``
-    active: torch.Tensor  # active rows, on the parameter's device
+    active: torch.Tensor  # active units, on the parameter's device
+    dim: int = 0  # the parameter's unit dimension
 
 
-def fresh_value(key: str, group: dict[str, Any]) -> float:
-    """The value a state entry has before any step (what a zero gradient leaves it at)."""
-    return float(group.get(FRESH_FROM_GROUP[key], 0.0)) if key in FRESH_FROM_GROUP else 0.0
+@dataclass(frozen=True)
+class UnitParam:
+    """A parameter a unit owns a slice of, with the roles of its layer: what relayout works on."""
+
+    param: torch.Tensor
+    group: dict[str, Any]
+    roles: Roles
+    dim: int = 0
 
 
-def _rows_of(param: torch.Tensor, value: Any) -> int | None:
-    """Number of rows of a per-row state tensor of ``param`` (``None`` for scalar or foreign state)."""
+def units_of(param: torch.Tensor, value: Any, dim: int = 0) -> int | None:
+    """Number of units of a per-unit state tensor of ``param`` (``None`` for scalar or foreign state): its
+    shape equals the parameter's except along the unit dimension ``dim``."""
     if not torch.is_tensor(value) or value.dim() == 0 or value.dim() != param.dim():
         return None
-    if value.shape[1:] != param.shape[1:]:
+    if any(a != b for i, (a, b) in enumerate(zip(value.shape, param.shape)) if i != dim):
         return None
-    return int(value.shape[0])
+    return int(value.shape[dim])
 
 
-def layout_error(param: torch.Tensor, state: dict[str, Any], roles: Roles) -> str | None:
+def layout_error(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> str | None:
     """Why ``state`` fits neither the full nor the compact layout of ``param`` under ``roles`` (or ``None``)."""
     allowed = {roles.num_units, int(roles.active.numel())}
     for key, value in state.items():
-        rows = _rows_of(param, value)
-        if torch.is_tensor(value) and value.dim() > 0 and rows not in allowed:
+        if torch.is_tensor(value) and value.dim() > 0 and units_of(param, value, dim) not in allowed:
+            full = list(param.shape)
             return (
-                f"state {key!r} has shape {tuple(value.shape)}; expected {roles.num_units} rows (full) or "
-                f"{int(roles.active.numel())} rows (active units only) of shape {tuple(param.shape[1:])}"
+                f"state {key!r} has shape {tuple(value.shape)}; expected {tuple(full)} (full) or "
+                f"{int(roles.active.numel())} units along dim {dim} (active units only)"
             )
     return None
 
@@ -81,54 +96,97 @@ def expand(
     *,
     from_sources: bool,
     parked: dict[str, torch.Tensor] | None = None,
+    fresh: Fresh = zero_fresh,
+    dim: int = 0,
 ) -> None:
-    """Rewrite compact per-row state of ``param`` (active rows under ``roles``) to full size, in place.
+    """Rewrite compact per-unit state of ``param`` (active units under ``roles``) to full size, in place.
 
-    Clone rows take their ``parked`` rows (see :func:`park`) where there are some, else their source's rows
+    Clone units take their ``parked`` slices (see :func:`park`) where there are some, else their source's
     (``from_sources``) or the fresh value. Full-size state is left alone.
     """
     n_active = int(roles.active.numel())
     if n_active == roles.num_units:
         return
     for key, value in list(state.items()):
-        if _rows_of(param, value) != n_active:
+        if units_of(param, value, dim) != n_active:
             continue
-        full = value.new_full((roles.num_units, *value.shape[1:]), fresh_value(key, group))
-        full.index_copy_(0, roles.active.to(value.device), value)
+        shape = list(value.shape)
+        shape[dim] = roles.num_units
+        full = value.new_full(shape, fresh(key, group))
+        full.index_copy_(dim, roles.active.to(value.device), value)
         clones = roles.clones.to(value.device)
         if parked is not None and key in parked:
-            full.index_copy_(0, clones, parked[key])
+            full.index_copy_(dim, clones, parked[key])
         elif from_sources and roles.has_clones:
-            full.index_copy_(0, clones, full.index_select(0, roles.sources.to(value.device)))
+            full.index_copy_(dim, clones, full.index_select(dim, roles.sources.to(value.device)))
         state[key] = full
 
 
 @torch.no_grad()
-def park(param: torch.Tensor, state: dict[str, Any], roles: Roles) -> dict[str, torch.Tensor]:
-    """The clone rows of full-size per-row state of ``param``, to give back when a clone becomes active."""
+def park(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> dict[str, torch.Tensor]:
+    """The clone slices of full-size per-unit state of ``param``, to give back when a clone becomes active."""
     if not roles.has_clones:
         return {}
     return {
-        key: value.index_select(0, roles.clones.to(value.device))
+        key: value.index_select(dim, roles.clones.to(value.device))
         for key, value in state.items()
-        if _rows_of(param, value) == roles.num_units
+        if units_of(param, value, dim) == roles.num_units
     }
 
 
 @torch.no_grad()
-def compact(param: torch.Tensor, state: dict[str, Any], roles: Roles) -> None:
-    """Keep only the active rows of full-size per-row state of ``param``, in place."""
+def compact(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> None:
+    """Keep only the active units of full-size per-unit state of ``param``, in place."""
     if not roles.has_clones:
         return
     for key, value in list(state.items()):
-        if _rows_of(param, value) == roles.num_units:
-            state[key] = value.index_select(0, roles.active.to(value.device))
+        if units_of(param, value, dim) == roles.num_units:
+            state[key] = value.index_select(dim, roles.active.to(value.device))
+
+
+def relayout(
+    params: Iterable[tuple[UnitParam | None, UnitParam]],
+    opt_state: MutableMapping[torch.Tensor, dict],
+    parked: Parked,
+    *,
+    clone_state: str,
+    fresh: Fresh = zero_fresh,
+) -> None:
+    """Move compact optimizer state from the active units of the old roles to those of the new ones.
+
+    ``params`` pairs each parameter's old entry (``None``: its state is full size) with its new one. A unit that
+    stays active keeps its slices; a unit that becomes active gets its parked slices (``clone_state="keep"``,
+    which parks new clones' slices in ``parked``), its former source's (``"copy"``) or fresh ones
+    (``"reset"``). Parameters without state are skipped (the optimizer creates it on its first step).
+    """
+    for old, new in params:
+        p = new.param
+        st = opt_state.get(p)
+        if not st:
+            continue
+        if old is not None:
+            if old.roles.same_as(new.roles):
+                continue
+            expand(
+                p,
+                st,
+                old.roles,
+                new.group,
+                from_sources=clone_state == "copy",
+                parked=parked.get(p) if clone_state == "keep" else None,
+                fresh=fresh,
+                dim=new.dim,
+            )
+        parked.pop(p, None)
+        if clone_state == "keep" and new.roles.has_clones:
+            parked[p] = park(p, st, new.roles, new.dim)
+        compact(p, st, new.roles, new.dim)
 
 
 @contextmanager
 def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tensor, dict]) -> Iterator[None]:
     """Within the block, each entry's parameter is replaced in its param group and in the optimizer state by a
-    tensor holding its active rows (and their gradient); on exit the rows are written back and the real
+    tensor holding its active units (and their gradient); on exit they are written back and the real
     parameters put back, even if the block raised."""
     swapped: list[tuple[CompactEntry, int, torch.Tensor]] = []
     try:
@@ -138,9 +196,9 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 pos = e.position
                 if e.group["params"][pos] is not p:  # the group was edited since the entry was built
                     pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
-                stand_in = p.index_select(0, e.active)
+                stand_in = p.index_select(e.dim, e.active)
                 if p.grad is not None:
-                    stand_in.grad = p.grad.index_select(0, e.active)
+                    stand_in.grad = p.grad.index_select(e.dim, e.active)
                 e.group["params"][pos] = stand_in
                 swapped.append((e, pos, stand_in))
                 if p in opt_state:
@@ -152,4 +210,4 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 e.group["params"][pos] = e.param
                 if stand_in in opt_state:
                     opt_state[e.param] = opt_state.pop(stand_in)
-                e.param.index_copy_(0, e.active, stand_in)
+                e.param.index_copy_(e.dim, e.active, stand_in)

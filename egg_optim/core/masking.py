@@ -24,14 +24,15 @@ import torch
 @dataclass(frozen=True)
 class MaskEntry:
     param: torch.Tensor
-    index: torch.Tensor  # clone rows, on the parameter's device
+    index: torch.Tensor  # clone units, on the parameter's device
+    dim: int = 0  # the parameter's unit dimension
 
 
 Saved = list[tuple[MaskEntry, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def row_state_keys(param: torch.Tensor, state: Mapping[str, object]) -> list[str]:
-    """Names of the optimizer-state tensors that carry one row per unit of ``param``."""
+    """Names of the full-size optimizer-state tensors of ``param`` (one slice per unit)."""
     return [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape == param.shape]
 
 
@@ -40,17 +41,17 @@ def snapshot(entries: list[MaskEntry], opt_state: Mapping[torch.Tensor, dict]) -
     saved: Saved = []
     for e in entries:
         st = opt_state.get(e.param, {})
-        rows = {k: st[k].index_select(0, e.index) for k in row_state_keys(e.param, st)}
-        saved.append((e, e.param.index_select(0, e.index), rows))
+        rows = {k: st[k].index_select(e.dim, e.index) for k in row_state_keys(e.param, st)}
+        saved.append((e, e.param.index_select(e.dim, e.index), rows))
         if e.param.grad is not None:
-            e.param.grad.index_fill_(0, e.index, 0)
+            e.param.grad.index_fill_(e.dim, e.index, 0)
     return saved
 
 
 @torch.no_grad()
 def restore(saved: Saved, opt_state: Mapping[torch.Tensor, dict]) -> None:
     for e, p_rows, rows in saved:
-        e.param.index_copy_(0, e.index, p_rows)
+        e.param.index_copy_(e.dim, e.index, p_rows)
         st = opt_state.get(e.param, {})
         for k, v in rows.items():
-            st[k].index_copy_(0, e.index, v)
+            st[k].index_copy_(e.dim, e.index, v)

@@ -1,85 +1,143 @@
-"""Unit scores for leader elections (higher is better)."""
+"""Unit scores for leader elections: callable objects, like torch-pruning's ``Importance``.
+
+A :class:`Score` is called at an election, ``score(layer, generator) -> Tensor[num_units]`` (higher leads).
+A :class:`RunningScore` is instead observed after every optimizer step (``observe(layer)``) and the optimizer
+averages the observations since the last election; an :class:`ObservedScore` receives its observations from
+outside, through :meth:`LeaderCloneOptimizer.observe_scores` (the LFNN local-loss score).
+
+Scores that read ``weight.grad`` set ``reads_grad = True``: weight-mode gradient skipping
+(:mod:`egg_optim.rewrites.grad_skip`, which leaves clone rows of the gradient zero) then stays off.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import PlanError
+from ..errors import ConfigError
 from .units import ManagedLayer
 
 ScoreFn = Callable[[ManagedLayer], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Score:
-    """How a unit score is made.
-
-    ``per_step(layer)`` is called after backward on every optimizer step and averaged until the next
-    election; ``at_election(layer, generator)`` is called at the election (and receives that running mean
-    through ``layer`` state kept by the optimizer when ``per_step`` is set). Set ``observed=True`` for scores
-    pushed from outside with :meth:`LeaderCloneOptimizer.observe_scores` (the LFNN local-loss score).
-    ``reads_grad``: the score reads clone rows of ``weight.grad``, so weight-mode gradient skipping
-    (:mod:`egg_optim.grad_skip`, which leaves them zero) is not turned on automatically.
-    """
-
-    name: str
-    per_step: ScoreFn | None = None
-    at_election: Callable[[ManagedLayer, torch.Generator], torch.Tensor] | None = None
-    observed: bool = False
-    reads_grad: bool = True
-
-    @property
-    def accumulates(self) -> bool:
-        return self.per_step is not None or self.observed
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.detach().flatten(1) if t.dim() > 1 else t.detach().unsqueeze(1)
 
 
-def _grad_norm(layer: ManagedLayer) -> torch.Tensor | None:
-    g = layer.weight.grad
-    return None if g is None else _rows(g).float().norm(dim=1)
+class Score:
+    """Scores every unit of a layer at an election. Subclass and implement :meth:`__call__`."""
+
+    name: str = "custom"
+    reads_grad: bool = False
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
 
 
-def _taylor(layer: ManagedLayer) -> torch.Tensor | None:
-    g = layer.weight.grad
-    return None if g is None else (_rows(layer.weight) * _rows(g)).float().abs().sum(dim=1)
+class RunningScore(Score):
+    """Observed after every optimizer step and averaged until the next election. Implement :meth:`observe`."""
+
+    def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
+        """This step's per-unit values, or ``None`` to skip the step (e.g. no gradient yet)."""
+        raise NotImplementedError
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        raise TypeError(f"{self!r} is averaged over steps by the optimizer, not called at the election")
+
+
+class ObservedScore(RunningScore):
+    """Fed from outside with :meth:`LeaderCloneOptimizer.observe_scores`; nothing is read per step."""
+
+    def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
+        return None
+
+
+class RandomScore(Score):
+    """A fresh seeded draw: the seed's roles."""
+
+    name = "random"
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(layer.num_units, generator=generator)
+
+
+class WeightNormScore(Score):
+    """L2 norm of each unit's weight row."""
+
+    name = "weight_norm"
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        return _rows(layer.weight).float().norm(dim=1).cpu()
+
+
+class GradNormScore(RunningScore):
+    """L2 norm of each unit's weight-gradient row, averaged over the steps since the last election."""
+
+    name = "grad_norm"
+    reads_grad = True
+
+    def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
+        g = layer.weight.grad
+        return None if g is None else _rows(g).float().norm(dim=1)
+
+
+class TaylorScore(RunningScore):
+    """First-order Taylor importance ``sum |w * dL/dw|`` of each unit, averaged over steps."""
+
+    name = "taylor"
+    reads_grad = True
+
+    def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
+        g = layer.weight.grad
+        return None if g is None else (_rows(layer.weight) * _rows(g)).float().abs().sum(dim=1)
+
+
+class LocalLossScore(ObservedScore):
+    """Minus each unit's LFNN worker loss, pushed by :class:`~egg_optim.callbacks.LocalLossCallback`."""
+
+    name = "local_loss"
+
+
+class CallableScore(Score):
+    """Wraps ``fn(layer) -> scores``; assumed to read gradients (so gradient skipping stays off)."""
+
+    reads_grad = True
+
+    def __init__(self, fn: ScoreFn, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "custom")
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        return self.fn(layer)
 
 
 SCORES: dict[str, Score] = {
-    "random": Score(
-        "random",
-        at_election=lambda layer, gen: torch.rand(layer.num_units, generator=gen),
-        reads_grad=False,
-    ),
-    "weight_norm": Score(
-        "weight_norm", at_election=lambda layer, gen: _rows(layer.weight).float().norm(dim=1).cpu(), reads_grad=False
-    ),
-    "grad_norm": Score("grad_norm", per_step=_grad_norm),
-    "taylor": Score("taylor", per_step=_taylor),
-    "local_loss": Score("local_loss", observed=True, reads_grad=False),
+    s.name: s for s in (RandomScore(), WeightNormScore(), GradNormScore(), TaylorScore(), LocalLossScore())
 }
 
 
-def register_score(score: Score, *, overwrite: bool = False) -> None:
-    """Make a score available by name to every :class:`LeaderCloneOptimizer`."""
+def register_score(score: Score, *, overwrite: bool = False) -> Score:
+    """Make ``score`` available by its ``name`` to every config and optimizer."""
+    if not isinstance(score, Score):
+        raise ConfigError(f"register_score expects a Score instance, got {score!r}")
     if score.name in SCORES and not overwrite:
-        raise PlanError(f"a score named {score.name!r} is already registered (pass overwrite=True)")
+        raise ConfigError(f"a score named {score.name!r} is already registered (pass overwrite=True)")
     SCORES[score.name] = score
+    return score
 
 
 def resolve_score(election: str | Score | ScoreFn) -> Score:
+    """The :class:`Score` for a registered name, a Score, or a plain callable ``fn(layer) -> scores``."""
     if isinstance(election, Score):
         return election
     if isinstance(election, str):
         if election not in SCORES:
-            raise PlanError(f"unknown election score {election!r}; choose one of {sorted(SCORES)} or pass a callable")
+            raise ConfigError(f"unknown election score {election!r}; choose one of {sorted(SCORES)} or pass a callable")
         return SCORES[election]
     if callable(election):
-        name = getattr(election, "__name__", "custom")
-        return Score(name, at_election=lambda layer, gen: election(layer))
-    raise PlanError(f"election must be a score name, a Score or a callable, got {type(election).__name__}")
+        return CallableScore(election)
+    raise ConfigError(f"election must be a score name, a Score or a callable, got {type(election).__name__}")

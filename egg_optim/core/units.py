@@ -53,6 +53,11 @@ class ManagedLayer:
     norm: nn.Module | None = None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    # unit dimension of each owned tensor by qualified name; 0 (rows) unless listed
+    dims: dict[str, int] = field(default_factory=dict)
+
+    def dim_of(self, name: str) -> int:
+        return self.dims.get(name, 0)
 
     @property
     def num_units(self) -> int:

@@ -3,7 +3,7 @@
 One line turns a ``Trainer`` run into a leader/clone run::
 
     trainer = EggTrainer(model=model, args=args, train_dataset=ds,
-                         egg=EggConfig(plan="mild", clone_every=50, elect_every=200, election="grad_norm"))
+                         egg=EggConfig(plan="mild", clone_mode="output", elect_every=200, election="weight_norm"))
     trainer.train()
 
 - :class:`EggTrainer` (= ``make_egg_trainer(transformers.Trainer)``) wraps the optimizer the Trainer builds in a
@@ -11,8 +11,9 @@ One line turns a ``Trainer`` run into a leader/clone run::
   on the Trainer's optimizer, drives the wrapper's shared ``param_groups``), adds LFNN local losses to the ONE
   training loss (``compute_loss``: one forward, one backward), puts role metrics into the Trainer's logs and
   registers an :class:`EggTrainerCallback`.
-- :class:`EggTrainerCallback` drives any :mod:`egg_optim.callbacks` callbacks (election and clone schedules,
-  role logging, local-loss scores) from Trainer events and saves their state in every checkpoint folder
+- :class:`EggTrainerCallback` reports epoch boundaries and the end of training to the optimizer's election
+  and clone schedules, and drives any :mod:`egg_optim.callbacks` callbacks (role logging, local-loss scores)
+  from Trainer events and saves their state in every checkpoint folder
   (``egg_callbacks.pt``), restoring it when training resumes from a checkpoint. It also works with a plain
   ``Trainer`` given a ``LeaderCloneOptimizer`` through ``optimizers=(opt, None)``.
 
@@ -51,11 +52,13 @@ from ..callbacks import (
     STATE_FILE,
     Callback,
     CallbackRunner,
-    EggConfig,
+    build_callbacks,
+    build_local_loss,
     callbacks_state_dict,
     find_leader_clone_optimizer,
     load_callbacks_state_dict,
 )
+from ..config import EggConfig
 from ..errors import ConfigError, StateDictMismatchError
 from ..optim import LeaderCloneOptimizer
 
@@ -80,8 +83,7 @@ class EggTrainerCallback(TrainerCallback):
     """Drive :mod:`egg_optim.callbacks` callbacks from ``Trainer`` events (see the module docstring).
 
     Args:
-        callbacks: egg callbacks, called in order (e.g. ``[ElectionSchedule(at_epoch_start=True),
-            CloneSchedule(every_steps=50), RoleLogger()]``); see :meth:`from_config`.
+        callbacks: egg callbacks, called in order (e.g. ``[RoleLogger()]``); see :meth:`from_config`.
         state_file: file name written into each checkpoint folder.
 
     The LeaderCloneOptimizer is found inside the Trainer's optimizer (``kwargs["optimizer"]`` is Accelerate's
@@ -105,7 +107,7 @@ class EggTrainerCallback(TrainerCallback):
     def from_config(cls, config: EggConfig, local_loss: Any = None, **kwargs: Any) -> EggTrainerCallback:
         if not isinstance(config, EggConfig):
             raise ConfigError(f"from_config expects an EggConfig, got {type(config).__name__}")
-        return cls(config.build_callbacks(local_loss), **kwargs)
+        return cls(build_callbacks(config, local_loss), **kwargs)
 
     @property
     def callbacks(self) -> list[Callback]:
@@ -170,8 +172,14 @@ class EggTrainerCallback(TrainerCallback):
         self._epoch = _epoch_index(state)
         self._fire("on_train_begin", args, state, kwargs, epoch=self._epoch)
 
+    def _egg_optimizer(self, kwargs: dict[str, Any]) -> LeaderCloneOptimizer | None:
+        return find_leader_clone_optimizer(kwargs.get("optimizer") or self.runner.state.optimizer)
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._epoch = _epoch_index(state)
+        opt = self._egg_optimizer(kwargs)
+        if opt is not None:
+            opt.epoch_begin(self._epoch)
         self._fire("on_epoch_begin", args, state, kwargs, epoch=self._epoch)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -186,6 +194,9 @@ class EggTrainerCallback(TrainerCallback):
         self._fire("on_step_end", args, state, kwargs)
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        opt = self._egg_optimizer(kwargs)
+        if opt is not None:
+            opt.epoch_end(self._epoch)
         self._fire("on_epoch_end", args, state, kwargs, epoch=self._epoch, sync_step=False)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -213,6 +224,9 @@ class EggTrainerCallback(TrainerCallback):
             state.log_history[-1].update(pending)
 
     def on_train_end(self, args, state, control, **kwargs):
+        opt = self._egg_optimizer(kwargs)
+        if opt is not None:
+            opt.train_end()
         self._fire("on_train_end", args, state, kwargs, epoch=self._epoch)
 
 
@@ -232,7 +246,7 @@ class EggTrainerMixin:
             raise ConfigError(f"egg must be an EggConfig, got {type(egg).__name__}")
         super().__init__(*args, **kwargs)
         self.egg = egg
-        self.egg_local_loss = egg.build_local_loss(self.model)
+        self.egg_local_loss = build_local_loss(egg, self.model)
         lf = self.egg_local_loss
         if lf is not None:
             if getattr(self, "model_init", None) is not None:
@@ -269,7 +283,7 @@ class EggTrainerMixin:
             if head_params:
                 base.add_param_group({"params": head_params, "weight_decay": self.args.weight_decay})
         target = self.model if model is None else self.accelerator.unwrap_model(model)
-        wrapper = self.egg.build_optimizer(target, base)
+        wrapper = LeaderCloneOptimizer(target, base, config=self.egg)
         self.optimizer = wrapper
         return wrapper
 

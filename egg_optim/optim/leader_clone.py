@@ -1,13 +1,17 @@
 """``LeaderCloneOptimizer``: leader/clone training around any elementwise torch optimizer.
 
-The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradient
-clipping and Accelerate see one optimizer), keeps clone units exactly frozen through each base step (by leaving
-them out of it, :mod:`egg_optim.core.compact`, or by restoring them, :mod:`egg_optim.core.masking`), and runs periodic
-cloning (:mod:`egg_optim.core.cloning`) and leader elections (:mod:`egg_optim.core.election`) on a step schedule.
+A thin stateful shell over the functional core (:mod:`egg_optim.core`). The wrapper shares the base
+optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradient clipping and Accelerate see
+one optimizer), keeps clone units exactly frozen through each base step (by leaving them out of it,
+:mod:`egg_optim.core.compact`, or by restoring them, :mod:`egg_optim.core.masking`), and runs cloning
+(:mod:`egg_optim.core.cloning`) and leader elections (:mod:`egg_optim.core.election`) on its schedules
+(:mod:`egg_optim.core.schedule`). Its options are one :class:`~egg_optim.config.EggConfig`.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -16,20 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import EggConfig
 from ..core import compact, masking
-from ..core.cloning import check_clone_options, clone_layer
+from ..core.cloning import clone_layer
 from ..core.distributed import all_reduce_mean, derived_generator
-from ..core.election import ASSIGN_STRATEGIES, elect
+from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
 from ..core.roles import Roles
-from ..core.scores import Score, ScoreFn, resolve_score
+from ..core.schedule import Schedule
+from ..core.scores import RandomScore, RunningScore, Score
+from ..core.state_dict import STATE_KEY, Book, LayerBook, check_base_state, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers
-from ..errors import PlanError, StateDictMismatchError, UnsupportedOptimizerError
-from .registry import SUPPORTED_OPTIMIZERS
-
-STATE_KEY = "egg_optim"
-CLONE_MODES = ("weight", "output")
-STATE_VERSION = 1
+from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError, UnsupportedOptimizerError
+from .registry import optimizer_info
 
 
 def find_leader_clone_optimizer(optimizer: Any) -> LeaderCloneOptimizer | None:
@@ -44,12 +47,24 @@ def find_leader_clone_optimizer(optimizer: Any) -> LeaderCloneOptimizer | None:
     return None
 
 
-def _check_every(name: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{name} must be a positive int or None, got {value!r}")
-    return value
+def _config(config: EggConfig | None, plan: RolePlan | str | None, options: Mapping[str, Any]) -> EggConfig:
+    if config is not None and not isinstance(config, EggConfig):
+        raise ConfigError(f"config must be an EggConfig, got {type(config).__name__}")
+    changes = dict(options)
+    if plan is not None:
+        changes["plan"] = plan
+    base = EggConfig() if config is None else config
+    return base.replace(**changes) if changes else base
+
+
+def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
+    """Why the optimizer cannot train ``layer`` (a frozen or foreign parameter), or ``None``."""
+    for pname, p in layer.params:
+        if not p.requires_grad:
+            return f"parameter {pname!r} is frozen (requires_grad=False)"
+        if id(p) not in in_optimizer:
+            return f"parameter {pname!r} is not in the optimizer"
+    return None
 
 
 class LeaderCloneOptimizer(torch.optim.Optimizer):
@@ -57,61 +72,27 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the module whose Linear/ConvNd layers get roles.
-        optimizer: any supported ``torch.optim.Optimizer`` over (some of) the model's parameters.
-        plan: a :class:`RolePlan` (default: the baseline, no clones).
-        clone_every: copy leaders into clones every this many optimizer steps (``None``: only on
-            :meth:`clone_now`).
-        elect_every: re-elect leaders every this many steps (``None``: only on :meth:`elect_now`).
-        election: unit score: ``"random"``, ``"weight_norm"``, ``"grad_norm"``, ``"taylor"``,
-            ``"local_loss"``, a registered :class:`~egg_optim.core.election.Score`, or ``fn(layer) -> scores``.
-        assign: how clones pick a source leader: ``"first"``, ``"random"``, ``"round_robin"``, ``"nearest"``.
-        hysteresis: relative margin a challenger needs to unseat a sitting leader.
-        clone_blend, clone_noise, clone_state: cloning options (see :mod:`egg_optim.core.cloning`).
-        state_storage: ``"compact"``: clones take no part in the base step, and the base optimizer holds state
-            for active rows only (faster; with ``clone_state="copy"`` or ``"reset"`` also smaller, as clones then
-            need no state; see :mod:`egg_optim.core.compact`). ``"full"``: the base optimizer steps whole tensors and
-            clone rows of the parameters and their state are restored afterwards (:mod:`egg_optim.core.masking`).
-            Both train identically.
-        clone_mode: ``"weight"``: every unit is computed with its own weights and clones are frozen between
-            cloning events (the seed's first design). ``"output"``: only leaders and independents are computed
-            and clones carry their source's output in every forward pass (the seed's final design, and the one
-            that saves compute; see :mod:`egg_optim.rewrites.output_cloning`). The model is rewritten in place,
-            reversibly (:meth:`remove_output_cloning`).
-        skip_clone_grads: with ``clone_mode="weight"``, compute weight gradients for active rows only
-            (:mod:`egg_optim.rewrites.grad_skip`; clone rows of ``weight.grad`` are then zero). ``None`` (default): on
-            unless the election score reads gradients (``"grad_norm"``, ``"taylor"``, custom callables). Layers
-            it cannot rewrite (subclasses of Linear/ConvNd) keep plain autograd. Ignored in output mode, which
-            computes only active units anyway. Pass ``False`` with LFNN local losses on managed layers (they
-            request parameter and input gradients separately, which a skipping layer computes together, twice).
-            :meth:`remove_grad_skip` undoes it.
-        eval_mode: with ``clone_mode="output"``, what ``model.eval()`` computes: ``"as_trained"`` (clones
-            follow leaders) or ``"own_weights"``.
-        norms: ``{layer: norm_layer or None}`` overrides of the automatic Conv/Linear -> norm coupling.
-        seed: seeds every random decision; identical across ranks and resumes.
-        process_group: the group whose ranks must agree (default: the world, when initialised).
+        optimizer: a supported ``torch.optim.Optimizer`` (see :func:`~egg_optim.register_optimizer`) over the
+            model's parameters.
+        plan: shorthand for ``config.plan`` (a :class:`RolePlan` or a preset name).
+        config: an :class:`~egg_optim.config.EggConfig` (default: ``EggConfig()``).
+        process_group: the ranks whose roles must agree (default: the world, when initialised).
+        **options: any other :class:`~egg_optim.config.EggConfig` field (``clone_mode="output"``,
+            ``elect_every=500``, ``election="grad_norm"``, ...), overriding ``config``.
+
+    Layers a default plan selects whose parameters are frozen or not in ``optimizer`` are left unmanaged with
+    a warning; a layer the plan names explicitly is refused with :class:`PlanError` instead.
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        plan: RolePlan | None = None,
+        plan: RolePlan | str | None = None,
         *,
-        clone_every: int | None = None,
-        elect_every: int | None = None,
-        election: str | Score | ScoreFn = "random",
-        assign: str = "first",
-        hysteresis: float = 0.0,
-        clone_blend: float = 1.0,
-        clone_noise: float = 0.0,
-        clone_state: str = "keep",
-        clone_mode: str = "weight",
-        state_storage: str = "compact",
-        skip_clone_grads: bool | None = None,
-        eval_mode: str = "as_trained",
-        norms: Mapping[str, str | None] | None = None,
-        seed: int = 0,
+        config: EggConfig | None = None,
         process_group: Any = None,
+        **options: Any,
     ) -> None:
         # --- validate everything before touching anything
         if not isinstance(model, nn.Module):
@@ -122,31 +103,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, LeaderCloneOptimizer):
             raise UnsupportedOptimizerError("optimizer is already a LeaderCloneOptimizer")
-        if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-            raise UnsupportedOptimizerError(
-                f"{type(optimizer).__name__} is not known to update rows independently, so clone masking could "
-                f"not be exact. Supported: {sorted(c.__name__ for c in SUPPORTED_OPTIMIZERS)}. If it is "
-                "elementwise, declare it with egg_optim.register_optimizer(cls)."
-            )
-        plan = RolePlan() if plan is None else plan
-        if not isinstance(plan, RolePlan):
-            raise PlanError(f"plan must be a RolePlan, got {type(plan).__name__}")
-        self.clone_every = _check_every("clone_every", clone_every)
-        self.elect_every = _check_every("elect_every", elect_every)
-        self.score = resolve_score(election)
-        if assign not in ASSIGN_STRATEGIES:
-            raise PlanError(f"unknown assign strategy {assign!r}; choose one of {ASSIGN_STRATEGIES}")
-        if not hysteresis >= 0:
-            raise PlanError(f"hysteresis must be >= 0, got {hysteresis}")
-        check_clone_options(clone_blend, clone_noise, clone_state)
-        if clone_mode not in CLONE_MODES:
-            raise PlanError(f"unknown clone_mode {clone_mode!r}; choose one of {CLONE_MODES}")
-        if skip_clone_grads not in (None, True, False):
-            raise PlanError(f"skip_clone_grads must be None, True or False, got {skip_clone_grads!r}")
-        if state_storage not in compact.STORAGES:
-            raise PlanError(f"unknown state_storage {state_storage!r}; choose one of {compact.STORAGES}")
-        layer_plans = plan.resolve(model)
-        layers = build_managed_layers(model, list(layer_plans), dict(norms) if norms is not None else None)
+        self.info = optimizer_info(optimizer)
+        config = _config(config, plan, options)
+        if config.elect_schedule.at_train_end:
+            raise ConfigError("EggConfig.elect_every: an election when training ends would change the trained model")
+        role_plan = config.role_plan()
+        layer_plans = role_plan.resolve(model)
+        layers = build_managed_layers(model, list(layer_plans), dict(config.norms) if config.norms else None)
+        layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
 
         # --- the Optimizer protocol, sharing the base optimizer's containers
         self.optimizer = optimizer
@@ -159,52 +123,104 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
 
         self.model = model
-        self.plan = plan
+        self.config = config
+        self.plan = role_plan
         self.layer_plans: dict[str, LayerPlan] = layer_plans
         self.layers: dict[str, ManagedLayer] = layers
-        self.assign = assign
-        self.hysteresis = float(hysteresis)
-        self.clone_blend = float(clone_blend)
-        self.clone_noise = float(clone_noise)
-        self.clone_state = clone_state
-        self.state_storage = state_storage
-        self.seed = int(seed)
+        self.score: Score = config.score
+        self.clone_every: Schedule = config.clone_schedule
+        self.elect_every: Schedule = config.elect_schedule
+        self.clone_mode = config.clone_mode
         self.process_group = process_group
-        self.steps = 0
-        self.elections = 0
-        self.clone_events = 0
-        self._cloned_units = dict.fromkeys(layers, 0)
-        self._churn = dict.fromkeys(layers, 0)
-        self._score_sum: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
-        self._score_count = dict.fromkeys(layers, 0)
+        self.book = Book()
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
-        self._roles: dict[str, Roles] = {}
-        self._parked: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # compact storage: clones' own state rows
-        self.clone_mode = clone_mode
+        self._parked: compact.Parked = {}  # compact storage: clones' own state slices (clone_state="keep")
         self.output_cloning = None
-        # steps each unit has led, up to the last role change, and the step roles last changed
-        self._led_steps = {n: torch.zeros(layer.num_units, dtype=torch.long) for n, layer in layers.items()}
-        self._seated_at = {n: torch.zeros(layer.num_units, dtype=torch.long) for n, layer in layers.items()}
-        self._roles_since = 0
         self.grad_skip = None
-        initial = self._initial_roles()
+        initial = self._elect_all(self.score if not isinstance(self.score, RunningScore) else RandomScore(), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
-        if clone_mode == "output":
+        if config.clone_mode == "output":
             from ..rewrites.output_cloning import OutputCloning
 
             fusable = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
             bn = {n: lay.norm_name for n, lay in layers.items() if type(lay.norm) in fusable}
-            self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=eval_mode)
+            self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=config.eval_mode)
             self._listeners.append(self.output_cloning.update_roles)
-        elif skip_clone_grads if skip_clone_grads is not None else not self.score.reads_grad:
+        elif self._skip_clone_grads(config):
             from ..rewrites.grad_skip import GradSkip, supports
 
             rewritable = {n: r for n, r in initial.items() if supports(layers[n].module)}
             if rewritable:
                 self.grad_skip = GradSkip(model, rewritable)
                 self._listeners.append(self._update_grad_skip)
-        self._set_roles(initial)
+        self.book.layers = {n: LayerBook(roles) for n, roles in initial.items()}
+        self._roles_changed({}, initial)
 
+    def _skip_clone_grads(self, config: EggConfig) -> bool:
+        if config.skip_clone_grads is not None:
+            return config.skip_clone_grads
+        # LFNN sites ask autograd for parameter and input gradients in separate calls; a skipping layer would
+        # compute both in each, so its saving turns into extra work
+        return not self.score.reads_grad and config.local_losses is None
+
+    @staticmethod
+    def _trainable_only(plan: RolePlan, layer_plans, layers, optimizer):
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        reasons = {n: r for n, lay in layers.items() if (r := _untrainable(lay, in_optimizer)) is not None}
+        if not reasons:
+            return layer_plans, layers
+        explicit = plan.layers is not None or plan.only_listed
+        if explicit or len(reasons) == len(layers):
+            name, why = next(iter(reasons.items()))
+            hint = (
+                "the optimizer holds none of the managed layers' parameters (is it over another model?)"
+                if len(reasons) == len(layers) and all("not in the optimizer" in r for r in reasons.values())
+                else f"exclude it (RolePlan(exclude=[{name!r}])) or train it"
+            )
+            raise PlanError(f"layer {name!r} cannot have roles: its {why}; {hint}")
+        warnings.warn(
+            f"egg_optim: leaving {len(reasons)} layer(s) unmanaged because the optimizer does not train them: "
+            + "; ".join(f"{n}: {r}" for n, r in reasons.items()),
+            stacklevel=3,
+        )
+        keep = [n for n in layers if n not in reasons]
+        return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
+
+    # ------------------------------------------------------------------ options, as attributes
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def assign(self) -> str:
+        return self.config.assign
+
+    @property
+    def hysteresis(self) -> float:
+        return float(self.config.hysteresis)
+
+    @property
+    def clone_state(self) -> str:
+        return self.config.clone_state
+
+    @property
+    def state_storage(self) -> str:
+        return self.config.state_storage
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (a step a GradScaler skipped never reaches :meth:`step`)."""
+        return self.book.steps
+
+    @property
+    def elections(self) -> int:
+        return self.book.elections
+
+    @property
+    def clone_events(self) -> int:
+        return self.book.clone_events
+
+    # ------------------------------------------------------------------ model rewrites
     def _update_grad_skip(self, roles: Mapping[str, Roles]) -> None:
         if self.grad_skip is not None:
             self.grad_skip.update_roles({n: roles[n] for n in self.grad_skip.layers})
@@ -228,8 +244,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
         model computes as trained: in output mode, clone rows are filled with their source's conv weights and
         norm statistics; in weight mode a plain copy."""
-        import copy
-
         if self.output_cloning is None:
             from ..rewrites.grad_skip import restore_plain
 
@@ -278,118 +292,113 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         return (
             f"LeaderCloneOptimizer({type(self.optimizer).__name__}, layers={len(self.layers)}, "
             f"leaders={c['leaders']}, independents={c['independents']}, clones={c['clones']}, "
-            f"clone_every={self.clone_every}, elect_every={self.elect_every}, election={self.score.name!r})"
+            f"clone_every={str(self.clone_every)!r}, elect_every={str(self.elect_every)!r}, "
+            f"election={self.score.name!r})"
         )
 
     # ------------------------------------------------------------------ roles
     @property
     def roles(self) -> Mapping[str, Roles]:
         """Current roles per managed layer (read-only)."""
-        return MappingProxyType(self._roles)
+        return MappingProxyType({n: lb.roles for n, lb in self.book.layers.items()})
 
     def add_roles_listener(self, fn: Callable[[Mapping[str, Roles]], None]) -> None:
         """Call ``fn(roles)`` now and whenever roles change (used by output cloning)."""
         self._listeners.append(fn)
         fn(self.roles)
 
-    def _initial_roles(self) -> dict[str, Roles]:
-        # Scores that need training statistics have none yet: start from a seeded random draw (the seed's way).
-        score = self.score if self.score.at_election is not None else resolve_score("random")
-        return self._elect_all(score, initial=True)
-
-    def _set_roles(self, roles: dict[str, Roles]) -> None:
-        for name, new in roles.items():
-            old = self._roles.get(name)
-            if old is not None:
-                self._led_steps[name][old.leaders] += self.steps - self._roles_since
-                newcomers = new.leaders[~torch.isin(new.leaders, old.leaders)]
-                self._seated_at[name][newcomers] = self.steps
-        self._roles_since = self.steps
-        if self.state_storage == "compact":
-            self._relayout_state(self._roles, roles)
-        self._roles = roles
-        self._rebuild_masks()
-        for fn in self._listeners:
-            fn(self.roles)
-
-    def _managed_params(self) -> Iterator[tuple[torch.Tensor, str]]:
-        """(parameter, layer name) for every managed-layer parameter the base optimizer holds."""
+    def _managed_params(self) -> Iterator[tuple[torch.Tensor, str, int]]:
+        """(parameter, layer name, unit dim) for every managed-layer parameter the base optimizer holds."""
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
         for name, layer in self.layers.items():
-            for _, p in layer.params:
+            for pname, p in layer.params:
                 if id(p) in in_optimizer:
-                    yield p, name
+                    yield p, name, layer.dim_of(pname)
 
     def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
         return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
 
-    def _expand_state(self, p: torch.Tensor, st: dict[str, Any], roles: Roles, group: dict[str, Any]) -> None:
-        """Compact state of ``p`` to full size, clone rows as the clone-state policy gives them."""
-        parked = self._parked.get(p) if self.clone_state == "keep" else None
-        compact.expand(p, st, roles, group, from_sources=self.clone_state == "copy", parked=parked)
-
-    def _relayout_state(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
-        """Move compact optimizer state from the active rows of ``old`` roles (full size where ``old`` has no
-        entry) to the active rows of ``new``, parking the new clones' rows under ``clone_state="keep"``."""
+    def _unit_params(self, roles: Mapping[str, Roles]) -> dict[torch.Tensor, compact.UnitParam]:
         groups = self._group_of()
-        for p, name in self._managed_params():
-            st = self.state.get(p)
-            if not st:
-                continue
-            if name in old:
-                if old[name].same_as(new[name]):
-                    continue
-                self._expand_state(p, st, old[name], groups[id(p)][0])
-            self._parked.pop(p, None)
-            if self.clone_state == "keep" and new[name].has_clones:
-                self._parked[p] = compact.park(p, st, new[name])
-            compact.compact(p, st, new[name])
+        return {p: compact.UnitParam(p, groups[id(p)][0], roles[name], dim) for p, name, dim in self._managed_params()}
+
+    def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
+        """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
+        size), rebuild the step's indices and tell the listeners."""
+        if self.state_storage == "compact":
+            before = self._unit_params(old) if old else {}
+            after = self._unit_params(new)
+            compact.relayout(
+                ((before.get(p), e) for p, e in after.items()),
+                self.state,
+                self._parked,
+                clone_state=self.clone_state,
+                fresh=self.info.fresh_value,
+            )
+        self._rebuild_masks()
+        for fn in self._listeners:
+            fn(self.roles)
+
+    def _set_roles(self, roles: Mapping[str, Roles]) -> None:
+        """Hand over to ``roles`` (an election): update tenure and leadership history, then lay out state."""
+        old = dict(self.roles)
+        for name, new in roles.items():
+            lb = self.book.layers[name]
+            lb.led_steps[lb.roles.leaders] += self.steps - self.book.roles_since
+            newcomers = new.leaders[~torch.isin(new.leaders, lb.roles.leaders)]
+            lb.seated_at[newcomers] = self.steps
+            lb.roles = new
+        self.book.roles_since = self.steps
+        self._roles_changed(old, roles)
 
     def _rebuild_masks(self) -> None:
         self._mask: list[masking.MaskEntry] = []
         self._compact: list[compact.CompactEntry] = []
         groups = self._group_of()
-        for p, name in self._managed_params():
-            roles = self._roles[name]
+        for p, name, dim in self._managed_params():
+            roles = self.book.layers[name].roles
             if not roles.has_clones:
                 continue
             if self.state_storage == "compact":
                 group, position = groups[id(p)]
-                self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device)))
+                self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device), dim))
             else:
-                self._mask.append(masking.MaskEntry(p, roles.clones.to(p.device)))
+                self._mask.append(masking.MaskEntry(p, roles.clones.to(p.device), dim))
 
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ scores
     @torch.no_grad()
     def _observe_step(self) -> None:
-        if self.score.per_step is None:
+        if not isinstance(self.score, RunningScore):
             return
         for name, layer in self.layers.items():
-            value = self.score.per_step(layer)
+            value = self.score.observe(layer)
             if value is not None:
                 self._accumulate(name, value)
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        lb = self.book.layers[name]
         value = value.detach().float()
-        prev = self._score_sum[name]
-        self._score_sum[name] = value.clone() if prev is None else prev.add_(value.to(prev.device))
-        self._score_count[name] += 1
+        lb.score_sum = value.clone() if lb.score_sum is None else lb.score_sum.add_(value.to(lb.score_sum.device))
+        lb.score_count += 1
 
     def observe_scores(self, scores: Mapping[str, torch.Tensor]) -> None:
-        """Feed per-unit scores (higher is better) for an ``observed`` election score such as
-        ``"local_loss"``; they are averaged until the next election."""
+        """Feed per-unit scores (higher is better) for an observed election score such as ``"local_loss"``;
+        they are averaged until the next election. All layers are checked before any score is added."""
         for name, value in scores.items():
             if name not in self.layers:
-                raise PlanError(f"observe_scores: {name!r} is not a managed layer; managed: {list(self.layers)}")
-            if value.shape != (self.layers[name].num_units,):
-                raise PlanError(
-                    f"observe_scores: layer {name!r} has {self.layers[name].num_units} units, "
-                    f"got scores of shape {tuple(value.shape)}"
-                )
+                raise ConfigError(f"observe_scores: {name!r} is not a managed layer; managed: {list(self.layers)}")
+            units = self.layers[name].num_units
+            if not torch.is_tensor(value) or value.shape != (units,):
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ConfigError(f"observe_scores: layer {name!r} has {units} units, got scores of shape {shape}")
+            if not bool(torch.isfinite(value).all()):
+                raise ElectionError(f"observe_scores: layer {name!r} got non-finite scores")
+        for name, value in scores.items():
             self._accumulate(name, value)
 
+    # ------------------------------------------------------------------ step and schedules
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One base-optimizer step with clones held fixed, then any due election and cloning."""
+        """One base-optimizer step with clones held fixed, then any election and clone event due by steps."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -403,107 +412,153 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             self.optimizer.step()
             if saved is not None:
                 masking.restore(saved, self.state)
-        self.steps += 1
-        if self.elect_every and self.steps % self.elect_every == 0:
+        self.book.steps += 1
+        if self.elect_every.after_step(self.steps):
             self.elect_now()
-        if self.clone_every and self.steps % self.clone_every == 0:
-            self.clone_now()
+        if self.clone_every.after_step(self.steps):
+            self._scheduled_clone()
         return loss
+
+    @staticmethod
+    def _epoch(epoch: Any) -> int:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be an int >= 0, got {epoch!r}")
+        return epoch
+
+    def epoch_begin(self, epoch: int) -> bool:
+        """Tell the schedules that epoch ``epoch`` (from 0) starts: holds a due election (never for the first
+        epoch, right after another election, or twice for one epoch, so a resumed epoch is not re-elected).
+        Returns whether it held one. The callback runner and the transformers integration call this."""
+        epoch = self._epoch(epoch)
+        if epoch <= self.book.epoch_begun:
+            return False
+        self.book.epoch_begun = epoch
+        due = self.elect_every.at_epoch_begin(epoch) and self.steps > 0
+        if due and self.book.last_election_step != self.steps:
+            self.elect_now()
+            return True
+        return False
+
+    def epoch_end(self, epoch: int) -> bool:
+        """Tell the schedules that epoch ``epoch`` ended: holds a due clone event. Returns whether it did."""
+        epoch = self._epoch(epoch)
+        if epoch <= self.book.epoch_ended:
+            return False
+        self.book.epoch_ended = epoch
+        return self.clone_every.at_epoch_end(epoch) and self._scheduled_clone()
+
+    def train_end(self) -> bool:
+        """Tell the schedules that training ended: holds a clone event scheduled ``at_train_end``."""
+        return self.clone_every.at_train_end and self._scheduled_clone()
+
+    def _scheduled_clone(self) -> bool:
+        key = (self.steps, self.elections)
+        if key == self.book.last_clone_key:  # nothing trained or elected since the last clone event
+            return False
+        self.clone_now()
+        return True
 
     # ------------------------------------------------------------------ elections and cloning
     def _elect_all(self, score: Score, initial: bool = False) -> dict[str, Roles]:
         gen = derived_generator(self.seed, "init") if initial else derived_generator(self.seed, "elect", self.elections)
         scores: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
-            if score.accumulates:
-                total = self._score_sum[name]
-                count = self._score_count[name]
-                scores[name] = total.cpu() / count if total is not None and count else torch.zeros(layer.num_units)
+            if isinstance(score, RunningScore):
+                lb = self.book.layers[name]
+                total = lb.score_sum
+                scores[name] = total.cpu() / lb.score_count if total is not None else torch.zeros(layer.num_units)
             else:
-                scores[name] = score.at_election(layer, gen).detach().float().cpu().reshape(-1)
+                scores[name] = score(layer, gen).detach().float().cpu().reshape(-1)
                 if scores[name].numel() != layer.num_units:
-                    raise PlanError(
+                    raise ElectionError(
                         f"score {score.name!r} returned {scores[name].numel()} values for layer {name!r} "
                         f"with {layer.num_units} units"
                     )
         if scores:
             flat = all_reduce_mean(torch.cat(list(scores.values())), self.process_group)
             scores = dict(zip(scores, torch.split(flat, [s.numel() for s in scores.values()])))
-        roles = {}
-        for name, layer in self.layers.items():
-            lp = self.layer_plans[name]
-            roles[name] = elect(
+        bad = [n for n, s in scores.items() if not bool(torch.isfinite(s).all())]
+        if bad:
+            raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
+        current = None if initial else self.roles
+        return {
+            name: elect(
                 scores[name],
-                lp.leaders,
-                lp.independents,
-                current=None if initial else self._roles[name],
+                self.layer_plans[name].leaders,
+                self.layer_plans[name].independents,
+                current=None if current is None else current[name],
                 hysteresis=self.hysteresis,
                 assign=self.assign,
                 weight=layer.weight,
                 generator=gen,
             )
-        return roles
+            for name, layer in self.layers.items()
+        }
 
     def elect_now(self) -> dict[str, int]:
         """Hold an election in every managed layer now; returns the leader churn per layer."""
         new = self._elect_all(self.score)
         for name, roles in new.items():
-            old = self._roles[name].leaders
-            self._churn[name] = int((~torch.isin(roles.leaders, old)).sum())
-        for name in self.layers:
-            self._score_sum[name] = None
-            self._score_count[name] = 0
-        self.elections += 1
+            lb = self.book.layers[name]
+            lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
+            lb.score_sum, lb.score_count = None, 0
+        self.book.elections += 1
+        self.book.last_election_step = self.steps
         if self.output_cloning is not None:
             # A clone has been computing its source's output; giving it the source's conv rows and norm
             # statistics before it may become active again keeps that output (function-preserving election).
             self.output_cloning.fill_clones()
         self._set_roles(new)
-        return dict(self._churn)
+        return {n: lb.churn for n, lb in self.book.layers.items()}
 
     def clone_now(self) -> int:
         """Copy every clone's source leader into it now; returns the number of clone units written."""
-        gen = derived_generator(self.seed, "clone", self.clone_events) if self.clone_noise > 0 else None
+        cfg = self.config
+        gen = derived_generator(self.seed, "clone", self.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.param_groups for p in g["params"]}
         written = 0
         for name, layer in self.layers.items():
+            lb = self.book.layers[name]
             n = clone_layer(
                 layer,
-                self._roles[name],
-                blend=self.clone_blend,
-                noise=self.clone_noise,
-                state=self.clone_state,
+                lb.roles,
+                blend=float(cfg.clone_blend),
+                noise=float(cfg.clone_noise),
+                state=cfg.clone_state,
                 opt_state=self.state,
                 groups=groups,
                 generator=gen,
+                fresh=self.info.fresh_value,
             )
-            self._cloned_units[name] += n
+            lb.cloned_units += n
             written += n
-        self.clone_events += 1
+        self.book.clone_events += 1
+        self.book.last_clone_key = (self.steps, self.elections)
         return written
 
     # ------------------------------------------------------------------ stats
     def leadership_counts(self) -> dict[str, torch.Tensor]:
         """Optimizer steps each unit has spent as a leader (the paper's Figure 4 heat map, per layer)."""
         out = {}
-        for name, roles in self._roles.items():
-            counts = self._led_steps[name].clone()
-            counts[roles.leaders] += self.steps - self._roles_since
+        for name, lb in self.book.layers.items():
+            counts = lb.led_steps.clone()
+            counts[lb.roles.leaders] += self.steps - self.book.roles_since
             out[name] = counts
         return out
 
     def stats(self) -> dict[str, Any]:
         """Role counts, fraction of units updated, units cloned so far, elections and churn."""
         layers = {}
-        for name, roles in self._roles.items():
+        for name, lb in self.book.layers.items():
+            roles = lb.roles
             c = roles.counts()
             layers[name] = {
                 "units": roles.num_units,
                 **c,
                 "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
-                "cloned_units": self._cloned_units[name],
-                "churn": self._churn[name],
-                "mean_tenure": float((self.steps - self._seated_at[name][roles.leaders]).float().mean())
+                "cloned_units": lb.cloned_units,
+                "churn": lb.churn,
+                "mean_tenure": float((self.steps - lb.seated_at[roles.leaders]).float().mean())
                 if roles.leaders.numel()
                 else 0.0,
             }
@@ -522,7 +577,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:
         """:meth:`stats` as flat floats for trackers: ``{prefix}/{layer}/{key}`` (with ``per_layer``),
-        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps|elections|clone_events``."""
+        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps`` and the like."""
         stats = self.stats()
         out: dict[str, float] = {}
         if per_layer:
@@ -536,123 +591,38 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:
-        """Bytes held in optimizer-state tensors, clones' parked rows (compact storage) included."""
+        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) included."""
         tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         tensors += [v for rows in self._parked.values() for v in rows.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base optimizer's state dict, with full-size state whatever the storage (clone rows as the
+        """The base optimizer's state dict, with full-size state whatever the storage (clone slices as the
         clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores."""
         sd = self.optimizer.state_dict()
         if self.state_storage == "compact":
             params = [p for g in self.param_groups for p in g["params"]]
-            managed = {id(p): name for p, name in self._managed_params()}
-            groups = self._group_of()
+            units = self._unit_params(self.roles)
             state = {}
             for i, st in sd["state"].items():
                 st = dict(st)  # the base state_dict shares the live dicts
-                p = params[i]
-                if id(p) in managed:
-                    self._expand_state(p, st, self._roles[managed[id(p)]], groups[id(p)][0])
+                e = units.get(params[i])
+                if e is not None:
+                    parked = self._parked.get(e.param) if self.clone_state == "keep" else None
+                    compact.expand(
+                        e.param,
+                        st,
+                        e.roles,
+                        e.group,
+                        from_sources=self.clone_state == "copy",
+                        parked=parked,
+                        fresh=self.info.fresh_value,
+                        dim=e.dim,
+                    )
                 state[i] = st
             sd["state"] = state
-        sd[STATE_KEY] = {
-            "version": STATE_VERSION,
-            "plan": self.plan.signature(),
-            "steps": self.steps,
-            "elections": self.elections,
-            "clone_events": self.clone_events,
-            "seed": self.seed,
-            "state_storage": self.state_storage,
-            "roles_since": self._roles_since,
-            "layers": {
-                name: {
-                    "units": roles.num_units,
-                    **roles.state(),
-                    "cloned_units": self._cloned_units[name],
-                    "churn": self._churn[name],
-                    "led_steps": self._led_steps[name].clone(),
-                    "seated_at": self._seated_at[name].clone(),
-                    "score_count": self._score_count[name],
-                    "score_sum": (
-                        self._score_sum[name].detach().cpu().clone()
-                        if self._score_sum[name] is not None
-                        else torch.empty(0)
-                    ),
-                }
-                for name, roles in self._roles.items()
-            },
-        }
+        sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
         return sd
-
-    def _parse_extra(self, extra: Any) -> dict[str, Roles]:
-        """Validate the egg_optim part of a state dict; returns the roles it holds. Changes nothing."""
-        if not isinstance(extra, Mapping):
-            raise StateDictMismatchError(
-                f"state dict has no {STATE_KEY!r} entry: it was not saved by a LeaderCloneOptimizer "
-                "(load a bare optimizer's state into .optimizer instead)"
-            )
-        if extra.get("version") != STATE_VERSION:
-            raise StateDictMismatchError(f"state dict version {extra.get('version')!r}, expected {STATE_VERSION}")
-        if extra.get("plan") != self.plan.signature():
-            raise StateDictMismatchError(
-                f"state dict was saved with plan {extra.get('plan')!r}, this optimizer has {self.plan.signature()!r}"
-            )
-        missing = {"steps", "elections", "clone_events", "roles_since", "layers"} - set(extra)
-        if missing:
-            raise StateDictMismatchError(f"state dict's {STATE_KEY!r} entry lacks {sorted(missing)}")
-        saved_layers = extra["layers"]
-        if set(saved_layers) != set(self.layers):
-            raise StateDictMismatchError(
-                f"state dict manages layers {sorted(saved_layers)}, this optimizer manages {sorted(self.layers)}"
-            )
-        roles = {}
-        for name, entry in saved_layers.items():
-            units = self.layers[name].num_units
-            if entry.get("units") != units:
-                raise StateDictMismatchError(
-                    f"layer {name!r}: state dict has {entry.get('units')} units, the model has {units}"
-                )
-            try:
-                r = Roles.from_state({k: torch.as_tensor(entry[k]).cpu() for k in ("codes", "source_map")})
-            except (KeyError, PlanError, RuntimeError, IndexError) as exc:
-                raise StateDictMismatchError(f"layer {name!r}: invalid roles in state dict ({exc})") from exc
-            lp = self.layer_plans[name]
-            c = r.counts()
-            if (c["leaders"], c["independents"]) != (lp.leaders, lp.independents):
-                raise StateDictMismatchError(
-                    f"layer {name!r}: state dict has {c['leaders']} leaders / {c['independents']} independents, "
-                    f"the plan asks for {lp.leaders} / {lp.independents}"
-                )
-            for key in ("led_steps", "seated_at"):
-                if torch.as_tensor(entry.get(key, torch.empty(0))).numel() != units:
-                    raise StateDictMismatchError(f"layer {name!r}: {key} missing or not {units} long")
-            sum_ = entry.get("score_sum")
-            if torch.is_tensor(sum_) and sum_.numel() not in (0, units):
-                raise StateDictMismatchError(f"layer {name!r}: score_sum has {sum_.numel()} values, expected {units}")
-            roles[name] = r
-        return roles
-
-    def _check_state_layout(self, sd: Mapping[str, Any], roles: Mapping[str, Roles]) -> None:
-        """Refuse per-row state that fits neither the full nor the compact layout of the saved roles."""
-        saved_groups = sd.get("param_groups")
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            return  # the base optimizer refuses it
-        id_map = {}
-        for sg, g in zip(saved_groups, self.param_groups):
-            if not isinstance(sg, Mapping) or len(sg.get("params", ())) != len(g["params"]):
-                return
-            id_map.update(zip(sg["params"], g["params"]))
-        names = {id(p): pname for layer in self.layers.values() for pname, p in layer.params}
-        managed = {id(p): name for p, name in self._managed_params()}
-        for sid, st in (sd.get("state") or {}).items():
-            p = id_map.get(sid)
-            if p is None or id(p) not in managed or not isinstance(st, Mapping):
-                continue
-            err = compact.layout_error(p, dict(st), roles[managed[id(p)]])
-            if err is not None:
-                raise StateDictMismatchError(f"optimizer state of {names[id(p)]!r}: {err}")
 
     def export_optimizer_state(self) -> dict[str, Any]:
         """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
@@ -661,32 +631,40 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore base-optimizer state, roles, counters and running scores; refuses a mismatched state dict
-        before changing anything."""
+        """Restore base-optimizer state, roles, counters and running scores, and adopt the saved run's seed (as
+        ``param_groups`` hyperparameters are adopted), so later random draws continue that run. Everything is
+        validated first: a refused state dict raises :class:`StateDictMismatchError` naming the key and changes
+        nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise StateDictMismatchError(f"expected a state dict (a Mapping), got {type(state_dict).__name__}")
         sd = dict(state_dict)
-        extra = sd.pop(STATE_KEY, None)
-        roles = self._parse_extra(extra)
-        self._check_state_layout(sd, roles)
-        self.optimizer.load_state_dict(sd)  # validates group sizes before mutating
-        # The loaded state is laid out for the saved roles (either storage): make it full size, then
-        # _set_roles lays it out for this optimizer's storage.
-        groups = self._group_of()
-        for p, name in self._managed_params():
-            if self.state.get(p):
-                compact.expand(p, self.state[p], roles[name], groups[id(p)][0], from_sources=False)
-        self.steps = int(extra["steps"])
-        self.elections = int(extra["elections"])
-        self.clone_events = int(extra["clone_events"])
-        for name, entry in extra["layers"].items():
-            self._cloned_units[name] = int(entry["cloned_units"])
-            self._churn[name] = int(entry["churn"])
-            self._led_steps[name] = torch.as_tensor(entry["led_steps"]).cpu().long().clone()
-            self._seated_at[name] = torch.as_tensor(entry["seated_at"]).cpu().long().clone()
-            self._score_count[name] = int(entry["score_count"])
-            s = entry["score_sum"]
-            device = self.layers[name].weight.device
-            self._score_sum[name] = s.detach().to(device).float().clone() if s.numel() else None
-        self._roles = {}  # restored roles replace, they are not an election
+        book = parse_book(
+            sd.pop(STATE_KEY, None),
+            plan=self.plan.signature(),
+            units={n: lay.num_units for n, lay in self.layers.items()},
+            counts={n: (lp.leaders, lp.independents) for n, lp in self.layer_plans.items()},
+            device_of=lambda n: self.layers[n].weight.device,
+        )
+        saved_roles = {n: lb.roles for n, lb in book.layers.items()}
+        names = {id(p): pname for layer in self.layers.values() for pname, p in layer.params}
+        managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params()}
+        check_base_state(sd, self.optimizer, managed, names)
+        previous = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(sd)
+            # The loaded state is laid out for the saved roles (either storage): make it full size, then lay it
+            # out for this optimizer's storage and roles.
+            for p, e in self._unit_params(saved_roles).items():
+                if self.state.get(p):
+                    compact.expand(p, self.state[p], e.roles, e.group, from_sources=False, dim=e.dim)
+        except Exception as exc:
+            self.optimizer.load_state_dict(previous)
+            raise StateDictMismatchError(f"the base optimizer refused the state dict ({exc}); nothing changed") from exc
+        roles_since = book.roles_since
+        if book.seed is not None and book.seed != self.seed:
+            # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
+            self.config = self.config.replace(seed=book.seed)
+        self.book = book
         self._parked = {}
-        self._set_roles(roles)
-        self._roles_since = int(extra["roles_since"])
+        self._roles_changed({}, saved_roles)
+        self.book.roles_since = roles_since

@@ -90,7 +90,14 @@ class _LinearFn(torch.autograd.Function):
         input_c, weight_c = _cast(input, weight, grad_out.dtype)
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_x = grad_out.matmul(weight_c)
+            if input.dim() == 1:
+                # an unbatched input: plain autograd differentiates mm(x[None], W.t()), whose input-gradient
+                # formula picks a layout from the size-1 dimension's strides; reuse it for bit-equality
+                with torch.enable_grad():
+                    x1 = input_c.detach().requires_grad_()
+                    (grad_x,) = torch.autograd.grad(F.linear(x1, weight_c.detach()), x1, grad_out)
+            else:
+                grad_x = grad_out.matmul(weight_c)
             if grad_x.dtype != input.dtype:
                 grad_x = grad_x.to(input.dtype)
         if need_w or need_b:

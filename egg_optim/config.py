@@ -1,0 +1,303 @@
+"""One frozen configuration for a leader/clone run, from which everything else is derived.
+
+:class:`EggConfig` holds every option, validated once at construction. The optimizer takes it
+(``LeaderCloneOptimizer(model, base, config=cfg)``, or the same fields as keyword arguments), the
+transformers integration takes it (``EggTrainer(..., egg=cfg)``), and command lines are derived from it
+(:func:`add_config_arguments` / :func:`config_from_args`), so a new option is one field here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.cloning import check_clone_options
+from .core.compact import CLONE_STATES, STORAGES
+from .core.election import ASSIGN_STRATEGIES
+from .core.plan import PRESET_TABLES, PRESETS, RolePlan
+from .core.schedule import Schedule
+from .core.scores import SCORES, Score, resolve_score
+from .errors import ConfigError, PlanError
+
+CLONE_MODES = ("weight", "output")
+EVAL_MODES = ("as_trained", "own_weights")
+LOCAL_LOSS_SCORES = ("last", "ema")
+
+
+def _opt(help: str, **cli: Any) -> dict[str, Any]:
+    """Field metadata: the help text and how the option appears on a command line (``cli=None``: it does not)."""
+    return {"help": help, "cli": cli}
+
+
+_NO_CLI: dict[str, Any] = {"cli": None}
+
+
+@dataclass(frozen=True)
+class EggConfig:
+    """Every option of a leader/clone run (see each field's ``metadata["help"]``, also the ``--help`` text of
+    the recipes). Invalid values raise :class:`~egg_optim.errors.ConfigError` (:class:`PlanError` for the plan)
+    naming the field and the value. ``replace(**changes)`` returns a validated copy."""
+
+    plan: RolePlan | str = field(
+        default="mild",
+        metadata=_opt("a RolePlan, or a preset applied with plan_table: baseline (no clones), mild, aggressive",
+                      choices=PRESETS),
+    )  # fmt: skip
+    plan_table: str = field(
+        default="uniform",
+        metadata=_opt("table for a preset plan: uniform (one pair for every managed layer: mild 0.40/0.10, "
+                      "aggressive 0.25/0.10) or the seed's per-layer tables for its CNNs (mnist, cifar)",
+                      choices=PRESET_TABLES),
+    )  # fmt: skip
+    clone_mode: str = field(
+        default="weight",
+        metadata=_opt("weight: every unit is computed with its own weights and clones copy their leader's weights "
+                      "on the clone_every schedule; output: only leaders and independents are computed and clones "
+                      "carry their leader's output (saves compute)", choices=CLONE_MODES),
+    )  # fmt: skip
+    clone_every: Schedule | int | str | None = field(
+        default="auto",
+        metadata=_opt("weight-cloning schedule: auto (every step in weight mode, never in output mode), never, N "
+                      "steps, epoch, epoch:N, end, joined with + (e.g. 100+end)", type="schedule"),
+    )  # fmt: skip
+    elect_every: Schedule | int | str | None = field(
+        default="never",
+        metadata=_opt("leader re-election schedule: never (roles drawn once and kept), N steps, epoch (the seed: "
+                      "roles redrawn at every epoch start), epoch:N", type="schedule"),
+    )  # fmt: skip
+    election: str | Score | Callable[..., Any] = field(
+        default="random",
+        metadata=_opt("unit score that elects leaders (highest lead, ties to the higher index)",
+                      choices=lambda: sorted(SCORES)),
+    )  # fmt: skip
+    assign: str = field(
+        default="first",
+        metadata=_opt("how each clone picks its source leader: first (all follow the top leader, the seed), random, "
+                      "round_robin, nearest (most similar weights)", choices=ASSIGN_STRATEGIES),
+    )  # fmt: skip
+    hysteresis: float = field(default=0.0, metadata=_opt("relative margin a challenger needs to unseat a leader"))
+    clone_blend: float = field(default=1.0, metadata=_opt("weight cloning: 1 copies the leader, less blends"))
+    clone_noise: float = field(
+        default=0.0, metadata=_opt("weight cloning: Gaussian noise relative to the leader row's RMS")
+    )
+    clone_state: str = field(
+        default="keep",
+        metadata=_opt("optimizer state of a unit that becomes trainable: keep (its own, from when it was last "
+                      "active), copy (its former source's), reset (fresh)", choices=CLONE_STATES),
+    )  # fmt: skip
+    state_storage: str = field(
+        default="compact",
+        metadata=_opt("compact: clones take no part in the optimizer step and hold no state; full: whole tensors are "
+                      "stepped and clone rows restored", choices=STORAGES),
+    )  # fmt: skip
+    skip_clone_grads: bool | None = field(
+        default=None,
+        metadata=_opt("weight mode: compute weight gradients for active units only (None: on unless the election "
+                      "score reads gradients)", type="auto_bool"),
+    )  # fmt: skip
+    eval_mode: str = field(
+        default="as_trained",
+        metadata=_opt("output mode: what model.eval() computes: as_trained (clones follow leaders) or own_weights",
+                      choices=EVAL_MODES),
+    )  # fmt: skip
+    norms: Mapping[str, str | None] | None = field(
+        default=None, metadata={"help": "{layer: norm layer or None} overrides of the norm coupling", **_NO_CLI}
+    )
+    seed: int = field(default=0, metadata=_opt("seeds every random role decision", type=int))
+    local_losses: Mapping[str, Any] | None = field(
+        default=None,
+        metadata={"help": "keyword arguments of egg_optim.LeaderFollowerLoss (LFNN local losses)", **_NO_CLI},
+    )
+    local_loss_scores: str = field(
+        default="last",
+        metadata=_opt("with election=local_loss: score units by the last step's worker losses or their EMA",
+                      choices=LOCAL_LOSS_SCORES),
+    )  # fmt: skip
+    log_roles: bool = field(default=True, metadata=_opt("add role metrics to the training logs", type=bool))
+    log_per_layer: bool = field(default=False, metadata=_opt("role metrics per layer, not only totals", type=bool))
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ------------------------------------------------------------------ derived values
+    def replace(self, **changes: Any) -> EggConfig:
+        """A validated copy with ``changes``; unknown names raise :class:`ConfigError` listing the fields."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {sorted(unknown)}; options are {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def role_plan(self) -> RolePlan:
+        return RolePlan.preset(self.plan, self.plan_table) if isinstance(self.plan, str) else self.plan
+
+    @property
+    def clone_schedule(self) -> Schedule:
+        """``clone_every`` with ``"auto"`` resolved: every step in weight mode (clones track their leaders, as
+        in the seed's first design), never in output mode (clones carry their leader's output anyway)."""
+        if self.clone_every == "auto":
+            return Schedule(steps=1) if self.clone_mode == "weight" else Schedule()
+        return Schedule.parse(self.clone_every, what="clone_every")
+
+    @property
+    def elect_schedule(self) -> Schedule:
+        return Schedule.parse(self.elect_every, what="elect_every")
+
+    @property
+    def score(self) -> Score:
+        return resolve_score(self.election)
+
+    def signature(self) -> dict[str, Any]:
+        """The options as primitives (for run signatures, trackers and logs)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "plan":
+                value = value if isinstance(value, str) else value.signature()
+            elif f.name == "election":
+                value = self.score.name
+            elif isinstance(value, Schedule):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _fail(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"EggConfig.{name} must be {expected}, got {value!r}")
+
+
+def _choice(cfg: EggConfig, name: str, choices: Sequence[str]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise _fail(name, value, f"one of {list(choices)}")
+
+
+def _validate(cfg: EggConfig) -> None:
+    if isinstance(cfg.plan, str):
+        if cfg.plan not in PRESETS:
+            raise PlanError(f"EggConfig.plan: unknown preset {cfg.plan!r}; choose one of {PRESETS}")
+    elif not isinstance(cfg.plan, RolePlan):
+        raise PlanError(f"EggConfig.plan must be a RolePlan or a preset name, got {type(cfg.plan).__name__}")
+    for name, choices in (
+        ("plan_table", PRESET_TABLES),
+        ("clone_mode", CLONE_MODES),
+        ("assign", ASSIGN_STRATEGIES),
+        ("clone_state", CLONE_STATES),
+        ("state_storage", STORAGES),
+        ("eval_mode", EVAL_MODES),
+        ("local_loss_scores", LOCAL_LOSS_SCORES),
+    ):
+        _choice(cfg, name, choices)
+    if cfg.clone_every != "auto":
+        Schedule.parse(cfg.clone_every, what="EggConfig.clone_every")
+    Schedule.parse(cfg.elect_every, what="EggConfig.elect_every")
+    if not (isinstance(cfg.election, (str, Score)) or callable(cfg.election)):
+        raise _fail("election", cfg.election, "a score name, a Score or a callable")
+    resolve_score(cfg.election)
+    value = cfg.hysteresis
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise _fail("hysteresis", value, "a finite number >= 0")
+    try:
+        check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
+    except ConfigError as exc:
+        raise ConfigError(f"EggConfig: {exc}") from None
+    for name in ("log_roles", "log_per_layer"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise _fail(name, getattr(cfg, name), "True or False")
+    if (
+        cfg.skip_clone_grads not in (None, True, False)
+        or isinstance(cfg.skip_clone_grads, int)
+        and not isinstance(cfg.skip_clone_grads, bool)
+    ):
+        raise _fail("skip_clone_grads", cfg.skip_clone_grads, "None, True or False")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise _fail("seed", cfg.seed, "an int in [0, 2**63)")
+    if cfg.norms is not None and not (
+        isinstance(cfg.norms, Mapping)
+        and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in cfg.norms.items())
+    ):
+        raise _fail("norms", cfg.norms, "None or a {layer name: norm layer name or None} dict")
+    if cfg.local_losses is not None:
+        if not isinstance(cfg.local_losses, Mapping):
+            raise _fail("local_losses", cfg.local_losses, "None or a dict of LeaderFollowerLoss keyword arguments")
+        if "num_classes" not in cfg.local_losses:
+            raise ConfigError("EggConfig.local_losses needs num_classes (and usually layers=[...])")
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _argparse_type(f: dataclasses.Field, cli: Mapping[str, Any]) -> Callable[[str], Any]:
+    kind = cli.get("type")
+
+    def parse(text: str) -> Any:
+        try:
+            if kind == "schedule":
+                if f.name == "clone_every" and text.strip().lower() == "auto":
+                    return "auto"
+                value: Any = str(Schedule.parse(text, what=_flag(f.name)))
+            elif kind == "auto_bool":
+                value = {"auto": None, "on": True, "off": False}[text.strip().lower()]
+            elif kind is int:
+                value = int(text)
+            else:
+                value = float(text)
+            EggConfig(**{f.name: value})  # the same validation as the config itself
+        except (KeyError, ValueError, ConfigError) as exc:
+            message = exc.args[0] if isinstance(exc, ConfigError) else f"invalid value {text!r}"
+            raise argparse.ArgumentTypeError(str(message)) from None
+        return value
+
+    return parse
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser | Any,
+    *,
+    exclude: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> None:
+    """Add one ``--flag`` per :class:`EggConfig` field to ``parser`` (or an argument group): help from the
+    field, choices and validation from the config itself, so a bad value is a one-line argparse error.
+
+    ``exclude``: fields left out; ``defaults``: other defaults than the config's; ``flags``: other flag names
+    (``{"plan": "--scenario"}``). Read the values back with :func:`config_from_args`."""
+    exclude, defaults, flags = set(exclude), dict(defaults or {}), dict(flags or {})
+    for f in dataclasses.fields(EggConfig):
+        cli = f.metadata.get("cli")
+        if cli is None or f.name in exclude:
+            continue
+        default = defaults.get(f.name, f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if "choices" in cli:
+            choices = cli["choices"]() if callable(cli["choices"]) else cli["choices"]
+            kwargs.update(choices=list(choices), default=default)
+        elif cli.get("type") is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        elif cli.get("type") == "auto_bool":
+            kwargs.update(type=_argparse_type(f, cli), default=default, metavar="{auto,on,off}")
+        else:
+            kwargs.update(
+                type=_argparse_type(f, cli), default=str(default) if isinstance(default, Schedule) else default
+            )
+        parser.add_argument(flags.get(f.name, _flag(f.name)), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> EggConfig:
+    """The :class:`EggConfig` of the config flags in ``args`` (as added by :func:`add_config_arguments`),
+    with ``overrides`` (e.g. a ``plan`` built from other flags)."""
+    names = {f.name for f in dataclasses.fields(EggConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return EggConfig(**values)

@@ -1,0 +1,279 @@
+"""The ``egg_optim`` entry of a LeaderCloneOptimizer state dict, and the checks that make loading atomic.
+
+A state dict is the base optimizer's ``{state, param_groups}`` (always full-size state, whatever the storage)
+plus an ``egg_optim`` entry of tensors and primitives only (loadable with ``torch.load(weights_only=True)``):
+roles, counters, running election scores and leadership history. :func:`parse_book` and
+:func:`check_base_state` validate everything a load would touch *before* anything is changed, so a refused
+state dict raises :class:`StateDictMismatchError` naming the offending key and leaves the optimizer as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import PlanError, StateDictMismatchError
+from . import compact
+from .roles import Roles
+
+STATE_KEY = "egg_optim"
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 had no epoch/schedule bookkeeping
+
+
+@dataclass
+class LayerBook:
+    """Per-layer bookkeeping: roles and what the statistics need."""
+
+    roles: Roles
+    cloned_units: int = 0
+    churn: int = 0
+    led_steps: torch.Tensor | None = None  # steps each unit has led, up to the last role change
+    seated_at: torch.Tensor | None = None  # the step each current leader took its seat
+    score_sum: torch.Tensor | None = None  # running election score since the last election
+    score_count: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.roles.num_units
+        if self.led_steps is None:
+            self.led_steps = torch.zeros(n, dtype=torch.long)
+        if self.seated_at is None:
+            self.seated_at = torch.zeros(n, dtype=torch.long)
+
+
+@dataclass
+class Book:
+    """Everything a LeaderCloneOptimizer counts, by layer and in total."""
+
+    layers: dict[str, LayerBook] = field(default_factory=dict)
+    steps: int = 0
+    elections: int = 0
+    clone_events: int = 0
+    roles_since: int = 0  # the step roles last changed
+    epoch_begun: int = -1  # the last epoch whose start the schedules handled
+    epoch_ended: int = -1
+    last_election_step: int = -1
+    last_clone_key: tuple[int, int] | None = None  # (steps, elections) at the last clone event
+    seed: int | None = None  # the seed the saved run drew its roles from (None: this optimizer's)
+
+
+def pack_book(book: Book, *, plan: str, seed: int, storage: str) -> dict[str, Any]:
+    """The ``egg_optim`` entry of a state dict (tensors and primitives only)."""
+    return {
+        "version": STATE_VERSION,
+        "plan": plan,
+        "seed": seed,
+        "state_storage": storage,
+        "steps": book.steps,
+        "elections": book.elections,
+        "clone_events": book.clone_events,
+        "roles_since": book.roles_since,
+        "epoch_begun": book.epoch_begun,
+        "epoch_ended": book.epoch_ended,
+        "last_election_step": book.last_election_step,
+        "last_clone_key": list(book.last_clone_key) if book.last_clone_key is not None else [],
+        "layers": {
+            name: {
+                "units": lb.roles.num_units,
+                **lb.roles.state(),
+                "cloned_units": lb.cloned_units,
+                "churn": lb.churn,
+                "led_steps": lb.led_steps.clone(),
+                "seated_at": lb.seated_at.clone(),
+                "score_count": lb.score_count,
+                "score_sum": lb.score_sum.detach().cpu().clone() if lb.score_sum is not None else torch.empty(0),
+            }
+            for name, lb in book.layers.items()
+        },
+    }
+
+
+def _int(where: str, value: Any, *, low: int = 0) -> int:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise StateDictMismatchError(f"{where} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _tensor(where: str, value: Any, numel: tuple[int, ...], *, integer: bool) -> torch.Tensor:
+    if not torch.is_tensor(value) or value.dim() > 1 or value.numel() not in numel:
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise StateDictMismatchError(
+            f"{where} must be a 1-d tensor of {' or '.join(map(str, numel))} values, got {shape}"
+        )
+    if integer and value.is_floating_point():
+        raise StateDictMismatchError(f"{where} must hold integers, got {value.dtype}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise StateDictMismatchError(f"{where} holds non-finite values")
+    if integer and value.numel() and int(value.min()) < 0:
+        raise StateDictMismatchError(f"{where} holds negative values")
+    return value.detach().cpu().reshape(-1).clone()
+
+
+def parse_book(
+    extra: Any,
+    *,
+    plan: str,
+    units: Mapping[str, int],
+    counts: Mapping[str, tuple[int, int]],
+    device_of: Any,
+) -> Book:
+    """Validate the ``egg_optim`` entry against this optimizer (plan signature, managed layers and their unit
+    counts, per-layer ``(leaders, independents)`` counts) and return its :class:`Book`. Changes nothing."""
+    if not isinstance(extra, Mapping):
+        raise StateDictMismatchError(
+            f"state dict has no {STATE_KEY!r} entry: it was not saved by a LeaderCloneOptimizer "
+            "(load a bare optimizer's state into .optimizer instead)"
+        )
+    version = extra.get("version")
+    if version not in _READABLE_VERSIONS:
+        raise StateDictMismatchError(f"state dict version {version!r}, expected one of {_READABLE_VERSIONS}")
+    if extra.get("plan") != plan:
+        raise StateDictMismatchError(
+            f"state dict was saved with plan {extra.get('plan')!r}, this optimizer has {plan!r}"
+        )
+    required = {"steps", "elections", "clone_events", "roles_since", "layers"}
+    if version >= 2:
+        required |= {"epoch_begun", "epoch_ended", "last_election_step", "last_clone_key"}
+    missing = required - set(extra)
+    if missing:
+        raise StateDictMismatchError(f"state dict's {STATE_KEY!r} entry lacks {sorted(missing)}")
+    book = Book(
+        steps=_int(f"{STATE_KEY}.steps", extra["steps"]),
+        elections=_int(f"{STATE_KEY}.elections", extra["elections"]),
+        clone_events=_int(f"{STATE_KEY}.clone_events", extra["clone_events"]),
+        roles_since=_int(f"{STATE_KEY}.roles_since", extra["roles_since"]),
+    )
+    if book.roles_since > book.steps:
+        raise StateDictMismatchError(f"{STATE_KEY}.roles_since {book.roles_since} is after steps {book.steps}")
+    if version >= 2:
+        book.epoch_begun = _int(f"{STATE_KEY}.epoch_begun", extra["epoch_begun"], low=-1)
+        book.epoch_ended = _int(f"{STATE_KEY}.epoch_ended", extra["epoch_ended"], low=-1)
+        book.last_election_step = _int(f"{STATE_KEY}.last_election_step", extra["last_election_step"], low=-1)
+        key = extra["last_clone_key"]
+        if not isinstance(key, (list, tuple)) or len(key) not in (0, 2):
+            raise StateDictMismatchError(f"{STATE_KEY}.last_clone_key must be [] or [steps, elections], got {key!r}")
+        book.last_clone_key = tuple(_int(f"{STATE_KEY}.last_clone_key", v) for v in key) if key else None
+    if "seed" in extra:
+        book.seed = _int(f"{STATE_KEY}.seed", extra["seed"])
+    saved = extra["layers"]
+    if not isinstance(saved, Mapping) or set(saved) != set(units):
+        got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+        raise StateDictMismatchError(f"state dict manages layers {got}, this optimizer manages {sorted(units)}")
+    for name, entry in saved.items():
+        where = f"{STATE_KEY}.layers[{name!r}]"
+        if not isinstance(entry, Mapping):
+            raise StateDictMismatchError(f"{where} must be a dict, got {type(entry).__name__}")
+        n = units[name]
+        if entry.get("units") != n:
+            raise StateDictMismatchError(
+                f"layer {name!r}: state dict has {entry.get('units')!r} units, the model has {n}"
+            )
+        lacking = {
+            "codes", "source_map", "cloned_units", "churn", "led_steps", "seated_at", "score_count", "score_sum"
+        } - set(entry)  # fmt: skip
+        if lacking:
+            raise StateDictMismatchError(f"{where} lacks {sorted(lacking)}")
+        try:
+            roles = Roles.from_state(
+                {k: _tensor(f"{where}.{k}", entry[k], (n,), integer=True) for k in ("codes", "source_map")}
+            )
+        except (PlanError, RuntimeError, IndexError) as exc:
+            raise StateDictMismatchError(f"layer {name!r}: invalid roles in state dict ({exc})") from exc
+        c = roles.counts()
+        if (c["leaders"], c["independents"]) != tuple(counts[name]):
+            raise StateDictMismatchError(
+                f"layer {name!r}: state dict has {c['leaders']} leaders / {c['independents']} independents, "
+                f"the plan asks for {counts[name][0]} / {counts[name][1]}"
+            )
+        score_sum = _tensor(f"{where}.score_sum", entry["score_sum"], (0, n), integer=False)
+        score_count = _int(f"{where}.score_count", entry["score_count"])
+        if (score_sum.numel() == 0) != (score_count == 0):
+            raise StateDictMismatchError(f"{where}: score_count {score_count} does not match score_sum")
+        book.layers[name] = LayerBook(
+            roles=roles,
+            cloned_units=_int(f"{where}.cloned_units", entry["cloned_units"]),
+            churn=_int(f"{where}.churn", entry["churn"]),
+            led_steps=_tensor(f"{where}.led_steps", entry["led_steps"], (n,), integer=True).long(),
+            seated_at=_tensor(f"{where}.seated_at", entry["seated_at"], (n,), integer=True).long(),
+            score_sum=score_sum.float().to(device_of(name)) if score_count else None,
+            score_count=score_count,
+        )
+    return book
+
+
+def expected_state_keys(optimizer: torch.optim.Optimizer, options: Mapping[str, Any]) -> frozenset[str] | None:
+    """The state keys ``type(optimizer)`` creates for a parameter of a group with ``options``, found by one
+    probe step on a scratch tensor (``None`` if the probe cannot run, e.g. for an optimizer needing a closure)."""
+    probe = torch.zeros(2, requires_grad=True)
+    try:
+        opt = type(optimizer)([{**{k: v for k, v in options.items() if k != "params"}, "params": [probe]}])
+        probe.grad = torch.zeros(2)
+        opt.step()
+    except Exception:  # noqa: BLE001 - a probe that cannot run means "don't know", not an error
+        return None
+    return frozenset(opt.state[probe]) if probe in opt.state else frozenset()
+
+
+def check_base_state(
+    sd: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    managed: Mapping[int, tuple[str, Roles, int]],
+    names: Mapping[int, str],
+) -> None:
+    """Refuse base-optimizer state that ``optimizer.load_state_dict`` would accept but that does not fit:
+    wrong group sizes, another optimizer's state keys, per-unit state of the wrong shape (full or, for a managed
+    parameter, ``managed[id(p)] = (layer, roles, dim)``, active units only). ``names`` names parameters in
+    messages."""
+    groups, saved_groups = optimizer.param_groups, sd.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        n = len(saved_groups) if isinstance(saved_groups, list) else type(saved_groups).__name__
+        raise StateDictMismatchError(f"state dict has {n} parameter groups, the optimizer has {len(groups)}")
+    id_map: dict[Any, tuple[torch.Tensor, Mapping[str, Any]]] = {}
+    for i, (sg, g) in enumerate(zip(saved_groups, groups)):
+        if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
+            raise StateDictMismatchError(f"parameter group {i} of the state dict has no 'params' list")
+        if len(sg["params"]) != len(g["params"]):
+            raise StateDictMismatchError(
+                f"parameter group {i} of the state dict has {len(sg['params'])} parameters, the optimizer's has "
+                f"{len(g['params'])}"
+            )
+        id_map.update((sid, (p, sg)) for sid, p in zip(sg["params"], g["params"]))
+    state = sd.get("state")
+    if not isinstance(state, Mapping):
+        raise StateDictMismatchError(f"state dict's 'state' must be a dict, got {type(state).__name__}")
+    keys_cache: dict[int, frozenset[str] | None] = {}
+    for sid, st in state.items():
+        if sid not in id_map:
+            raise StateDictMismatchError(f"state dict holds state for parameter id {sid!r}, which no group lists")
+        p, sg = id_map[sid]
+        pname = names.get(id(p), f"parameter {sid}")
+        if not isinstance(st, Mapping):
+            raise StateDictMismatchError(f"optimizer state of {pname!r} must be a dict, got {type(st).__name__}")
+        if not st:
+            continue
+        expected = keys_cache.setdefault(id(sg), expected_state_keys(optimizer, sg))
+        if expected is not None and set(st) != expected:
+            raise StateDictMismatchError(
+                f"optimizer state of {pname!r} has keys {sorted(st)}, {type(optimizer).__name__} with these "
+                f"options keeps {sorted(expected)}: it was saved by another optimizer or with other options"
+            )
+        if id(p) in managed:
+            layer, roles, dim = managed[id(p)]
+            err = compact.layout_error(p, dict(st), roles, dim)
+            if err is not None:
+                raise StateDictMismatchError(f"optimizer state of {pname!r} (layer {layer!r}): {err}")
+            continue
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise StateDictMismatchError(
+                    f"optimizer state {key!r} of {pname!r} has shape {tuple(value.shape)}, the parameter has "
+                    f"{tuple(p.shape)}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise StateDictMismatchError(f"optimizer state {key!r} of {pname!r} is {value}")
