@@ -161,8 +161,8 @@ class EggConfig:
                 value = value if isinstance(value, str) else value.signature()
             elif f.name == "election":
                 value = self.score.name
-            elif isinstance(value, Schedule):
-                value = str(value)
+            elif f.name in ("clone_every", "elect_every") and value != "auto":
+                value = str(Schedule.parse(value))
             elif isinstance(value, Mapping):
                 value = dict(value)
             out[f.name] = value

@@ -9,6 +9,7 @@ the rest (Python's ``round``, i.e. half to even).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,10 +54,12 @@ PRESET_TABLES = ("mnist", "cifar", "uniform")
 def _check_fractions(where: str, pair: Sequence[float]) -> Fractions:
     if not (isinstance(pair, Sequence) and len(pair) == 2):
         raise PlanError(f"{where}: expected a (leaders, independents) pair, got {pair!r}")
-    lead, ind = (float(v) for v in pair)
-    for label, v in (("leaders", lead), ("independents", ind)):
+    for label, v in zip(("leaders", "independents"), pair):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise PlanError(f"{where}: {label} fraction must be a number, got {v!r}")
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
             raise PlanError(f"{where}: {label} fraction {v} is outside [0, 1]")
+    lead, ind = float(pair[0]), float(pair[1])
     if lead + ind > 1.0 + 1e-9:
         raise PlanError(f"{where}: leaders {lead} + independents {ind} = {lead + ind:.4g} > 1")
     return lead, ind

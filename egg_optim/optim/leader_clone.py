@@ -646,7 +646,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             device_of=lambda n: self.layers[n].weight.device,
         )
         saved_roles = {n: lb.roles for n, lb in book.layers.items()}
-        names = {id(p): pname for layer in self.layers.values() for pname, p in layer.params}
+        names = {id(p): pname for pname, p in self.model.named_parameters()}
         managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params()}
         check_base_state(sd, self.optimizer, managed, names)
         previous = self.optimizer.state_dict()
