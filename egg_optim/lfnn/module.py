@@ -43,9 +43,7 @@ an in-place operation on its input.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,9 +53,7 @@ from torch import nn
 from ..core.distributed import all_reduce_mean, is_distributed
 from ..errors import ConfigError
 from .functional import (
-    REDUCTIONS,
     Selection,
-    check_delta,
     follower_alignment_loss,
     leader_loss,
     per_worker_cross_entropy,
@@ -65,11 +61,16 @@ from .functional import (
     select_leaders,
     split_workers,
 )
-from .heads import AuxHead, WorkerHeads
+from .sites import (
+    Claims,
+    _Site,
+    block_unit_modules,
+    block_worker_sites,
+    build_heads,
+    check_options,
+    layer_sites,
+)
 
-MODES = ("lfnn", "lfnn_l")
-LAYER_READOUTS = ("auto", "direct", "gap", "head")
-ALIGNS = ("output", "readout")
 _INPUT_KWARGS = ("hidden_states", "input", "x")
 
 
@@ -132,55 +133,6 @@ def _keep_graph() -> bool:
     return bool(getter()) if getter is not None else False
 
 
-# --------------------------------------------------------------------------- sites
-@dataclass
-class _Site:
-    """A managed layer (workers = groups of its units) or one block worker."""
-
-    name: str
-    kind: str  # "layer" | "block"
-    module_names: list[str]
-    first: nn.Module
-    last: nn.Module
-    params: list[nn.Parameter]
-    unit_dim: int = 1
-    num_units: int = 0
-    worker_size: int = 1
-    num_workers: int = 1
-    readout: str = "direct"
-    head_key: str | None = None
-    ctx: dict | None = None
-    handles: list = field(default_factory=list)
-
-
-def _unit_info(module: nn.Module) -> tuple[int, int] | None:
-    """``(num_units, unit_dim)`` for a layer whose output units can be grouped into workers."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, 1
-    if isinstance(module, nn.Linear):
-        return module.out_features, -1
-    if isinstance(getattr(module, "out_features", None), int):
-        return module.out_features, -1
-    if isinstance(getattr(module, "out_channels", None), int):
-        return module.out_channels, 1
-    return None
-
-
-def _channels_of(modules: Sequence[nn.Module]) -> tuple[int, int] | None:
-    """``(channels, spatial_dims)`` of a block's output, from its last Linear / ConvNd / BatchNorm{2,3}d."""
-    for top in reversed(modules):
-        for m in reversed(list(top.modules())):
-            if isinstance(m, nn.modules.conv._ConvNd):
-                return m.out_channels, len(m.kernel_size)
-            if isinstance(m, nn.Linear):
-                return m.out_features, 0
-            if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
-                return m.num_features, 2
-            if isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d)):
-                return m.num_features, 3
-    return None
-
-
 def _split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
     if args and isinstance(args[0], torch.Tensor):
         return args[0], lambda t: ((t, *args[1:]), kwargs)
@@ -196,10 +148,6 @@ def _split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], A
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0], lambda t: type(output)((t, *output[1:]))
     raise ConfigError(f"a managed layer/block must return a tensor (or a tuple starting with one), got {type(output)}")
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
 
 
 # --------------------------------------------------------------------------- the module
@@ -270,144 +218,27 @@ class LeaderFollowerLoss(nn.Module):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
-        mode = str(mode).replace("-", "_").lower()
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; choose one of {MODES}")
-        check_delta(delta)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"num_classes must be an int >= 2 (classification targets), got {num_classes!r}")
-        for nm, v in (("l1", l1), ("l2", l2)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{nm} must be a finite number >= 0, got {v!r}")
-        if readout not in LAYER_READOUTS:
-            raise ConfigError(f"unknown readout {readout!r}; choose one of {LAYER_READOUTS}")
-        if align not in ALIGNS:
-            raise ConfigError(f"unknown align {align!r}; choose one of {ALIGNS}")
-        if worker_reduction not in REDUCTIONS:
-            raise ConfigError(f"unknown worker_reduction {worker_reduction!r}; choose one of {REDUCTIONS}")
-        if not (0.0 <= float(score_momentum) < 1.0):
-            raise ConfigError(f"score_momentum must be in [0, 1), got {score_momentum!r}")
-        if isinstance(aux_hidden, bool) or not isinstance(aux_hidden, int) or aux_hidden < 0:
-            raise ConfigError(f"aux_hidden must be an int >= 0, got {aux_hidden!r}")
-
+        mode = check_options(
+            model,
+            mode=mode,
+            delta=delta,
+            num_classes=num_classes,
+            l1=l1,
+            l2=l2,
+            readout=readout,
+            align=align,
+            worker_reduction=worker_reduction,
+            score_momentum=score_momentum,
+            aux_hidden=aux_hidden,
+        )
         layer_names = [layers] if isinstance(layers, str) else list(layers or [])
         blocks = dict(blocks or {})
         if not layer_names and not blocks:
             raise ConfigError("give at least one layer (layers=[...]) or block (blocks={...}) to manage")
         modules = dict(model.named_modules())
-        used: dict[str, str] = {}
-
-        def claim(module_name: str, owner: str) -> nn.Module:
-            if not isinstance(module_name, str) or module_name == "" or module_name not in modules:
-                hint = [n for n in modules if n][:12]
-                raise ConfigError(f"{owner}: unknown module name {module_name!r}; some of the model's: {hint}")
-            for other, by in used.items():
-                if other == module_name or other.startswith(module_name + ".") or module_name.startswith(other + "."):
-                    raise ConfigError(f"{owner}: module {module_name!r} overlaps {other!r}, already used by {by}")
-            used[module_name] = owner
-            return modules[module_name]
-
-        # ---- layer sites (validated fully before anything is created or hooked)
-        ws_map = dict(worker_size) if isinstance(worker_size, Mapping) else {}
-        if isinstance(worker_size, Mapping):
-            unknown = set(ws_map) - set(layer_names)
-            if unknown:
-                raise ConfigError(f"worker_size given for layers that are not managed: {sorted(unknown)}")
-        sites: list[_Site] = []
-        for name in layer_names:
-            module = claim(name, f"layer {name!r}")
-            info = _unit_info(module)
-            if info is None:
-                raise ConfigError(
-                    f"layer {name!r} is a {type(module).__name__}; workers need an nn.Linear or nn.ConvNd "
-                    "layer "
-                    "(give other modules as blocks=...)"
-                )
-            units, unit_dim = info
-            ws = ws_map.get(name, worker_size if isinstance(worker_size, int) else None)
-            ws = num_classes if ws is None else ws
-            if isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
-                raise ConfigError(f"layer {name!r}: worker_size must be a positive int, got {ws!r}")
-            if units % ws:
-                raise ConfigError(f"layer {name!r} has {units} output units, not divisible into workers of {ws} units")
-            ro = readout
-            if ro == "auto":
-                ro = "gap" if unit_dim == 1 else "direct"
-            if ro in ("direct", "gap") and ws != num_classes:
-                raise ConfigError(
-                    f"layer {name!r}: readout={ro!r} reads a worker's units as class scores, so worker_size "
-                    f"({ws}) must equal num_classes ({num_classes}); use readout='head' for other sizes"
-                )
-            params = [p for p in module.parameters()]
-            sites.append(
-                _Site(
-                    name=name,
-                    kind="layer",
-                    module_names=[name],
-                    first=module,
-                    last=module,
-                    params=params,
-                    unit_dim=unit_dim,
-                    num_units=units,
-                    worker_size=ws,
-                    num_workers=units // ws,
-                    readout=ro,
-                )
-            )
-
-        # ---- block workers
-        block_sites: list[_Site] = []
-        block_shapes: dict[str, tuple[int, int]] = {}
-        block_channels = dict(block_channels or {})
-        unknown = set(block_channels) - set(blocks)
-        if unknown:
-            raise ConfigError(f"block_channels given for unknown blocks: {sorted(unknown)}")
-        if blocks and (block_group in layer_names):
-            raise ConfigError(f"block_group name {block_group!r} clashes with a managed layer name")
-        for bname, spec in blocks.items():
-            names = [spec] if isinstance(spec, str) else list(spec)
-            if not names:
-                raise ConfigError(f"block {bname!r} has no modules")
-            mods = [claim(n, f"block {bname!r}") for n in names]
-            shape = block_channels.get(bname)
-            if isinstance(shape, int) and not isinstance(shape, bool):
-                inferred = _channels_of(mods)
-                shape = (shape, inferred[1] if inferred else 2)
-            elif shape is None:
-                shape = _channels_of(mods)
-                if shape is None:
-                    raise ConfigError(
-                        f"block {bname!r}: cannot infer its output channels; pass block_channels={{{bname!r}: C}}"
-                    )
-            if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(v, int) for v in shape)):
-                raise ConfigError(f"block {bname!r}: block_channels must be an int or (channels, spatial_dims)")
-            block_shapes[bname] = shape
-            params: list[nn.Parameter] = []
-            seen: set[int] = set()
-            for m in mods:
-                for p in m.parameters():
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        params.append(p)
-            block_sites.append(
-                _Site(
-                    name=bname,
-                    kind="block",
-                    module_names=names,
-                    first=mods[0],
-                    last=mods[-1],
-                    params=params,
-                    num_units=shape[0],
-                    worker_size=shape[0],
-                    num_workers=1,
-                    readout="aux",
-                )
-            )
-        clash = {s.name for s in block_sites} & set(layer_names)
-        if clash:
-            raise ConfigError(f"block names clash with layer names: {sorted(clash)}")
+        claims = Claims(modules)
+        sites = layer_sites(claims, layer_names, worker_size, num_classes, readout)
+        block_sites, block_shapes = block_worker_sites(claims, blocks, block_channels, block_group, layer_names)
 
         # ---- everything is valid: build state, heads, then hooks
         object.__setattr__(self, "_model", model)  # not a submodule: parameters() are the heads only
@@ -421,30 +252,7 @@ class LeaderFollowerLoss(nn.Module):
         self.block_group = block_group
         self.criterion = criterion
         self.enabled = True
-        self.heads = nn.ModuleDict()
-        for site in sites:
-            if site.readout == "head":
-                ref = site.params[0] if site.params else None
-                site.head_key = _key(site.name)
-                self.heads[site.head_key] = WorkerHeads(
-                    site.num_workers,
-                    site.worker_size,
-                    num_classes,
-                    device=None if ref is None else ref.device,
-                    dtype=None if ref is None else ref.dtype,
-                )
-        for site in block_sites:
-            ref = site.params[0] if site.params else None
-            ch, sd = block_shapes[site.name]
-            site.head_key = "block__" + _key(site.name)
-            self.heads[site.head_key] = AuxHead(
-                ch,
-                sd,
-                num_classes,
-                hidden=aux_hidden,
-                device=None if ref is None else ref.device,
-                dtype=None if ref is None else ref.dtype,
-            )
+        self.heads = build_heads(sites, block_sites, block_shapes, num_classes, aux_hidden)
         self._sites: list[_Site] = sites
         self._block_sites: list[_Site] = block_sites
         self._block_current: dict[str, tuple] = {}
@@ -455,15 +263,7 @@ class LeaderFollowerLoss(nn.Module):
         self._counts: dict[str, torch.Tensor] = {}
         self._ema: dict[str, torch.Tensor] = {}
         self._steps: dict[str, int] = {}
-        self._unit_modules: dict[str, list[tuple[str, int]]] = {}
-        for site in block_sites:
-            units = []
-            for top_name in site.module_names:
-                for sub_name, m in modules[top_name].named_modules():
-                    info = _unit_info(m)
-                    if info is not None:
-                        units.append((top_name + ("." + sub_name if sub_name else ""), info[0]))
-            self._unit_modules[site.name] = units
+        self._unit_modules = block_unit_modules(modules, block_sites)
         self._removed = False
         try:
             for site in [*sites, *block_sites]:
