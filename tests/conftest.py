@@ -4,6 +4,9 @@ import os
 # small CI machines (set OMP_NUM_THREADS to override).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import socket  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -72,3 +75,21 @@ def assert_same_state(a: dict, b: dict) -> None:
 def seed_net():
     torch.manual_seed(0)
     return TinySeedNet()
+
+
+def free_port() -> int:
+    """A local TCP port free right now (every multi-process test rendezvous on its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def reset_accelerate():
+    """Accelerate keeps process-wide singletons; tests that build an Accelerator reset them afterwards."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ pytest.importorskip("accelerate")
 
 from accelerate.commands.config.config_args import load_config_from_file  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
@@ -57,19 +57,13 @@ def test_config_parses_and_says_when_to_use_it(name):
         assert cfg.fsdp_config["fsdp_version"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``accelerate launch`` on a fresh free port. One retry on another port when the launch itself fails
     (the machine is shared: a port picked as free can be taken before the rendezvous binds it); the
     assertions always run on a complete launch."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for _ in range(2):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(_free_port()), *args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *args]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
         if res.returncode == 0:
             break

@@ -82,13 +82,8 @@ class Recorder(Callback):
 
 
 @pytest.fixture(autouse=True)
-def _reset_accelerate():
+def _reset(reset_accelerate):
     yield
-    if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def expected_epoch(step_inside_last: bool) -> list[str]:

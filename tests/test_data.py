@@ -31,15 +31,6 @@ HAVE_FASHION = all(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The shared 2-core machines are oversubscribed; a second intra-op thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _arrays(ds):
     cols = ds.with_format("numpy")[:]
     return cols["pixel_values"], cols["label"]

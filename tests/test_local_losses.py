@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -24,15 +24,6 @@ from egg_optim.lfnn import (
 )
 
 C = 3  # classes in the small synthetic tests
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are tiny; on a shared 2-core machine intra-op threads only spin (10-70x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def mlp(inplace: bool = False) -> nn.Sequential:
@@ -577,12 +568,6 @@ def test_global_loss_can_be_given_precomputed():
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -609,7 +594,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 def test_ddp_ranks_pick_the_same_leaders(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
     for name in ("0", "2"):
         assert torch.equal(r0["leaders"][name], r1["leaders"][name])

@@ -21,15 +21,6 @@ from egg_optim.kit.models import (
 ROLE_LAYERS = [f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The shared 2-core machines are oversubscribed; a second intra-op thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     ("name", "channels", "classes", "size"),
     [

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
@@ -26,15 +25,6 @@ FAST = [
     "--batch-size", "64", "--max-train-samples", "256", "--max-eval-samples", "64",
     "--report-to", "none", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: one intra-op thread is much faster than two fighting other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _env(**extra) -> dict[str, str]:

@@ -47,12 +47,8 @@ def dataset():
 
 
 @pytest.fixture(autouse=True)
-def _reset_accelerate():
+def _reset(reset_accelerate):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def targs(out, **kw) -> TrainingArguments:
