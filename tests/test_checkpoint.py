@@ -378,3 +378,28 @@ def test_full_disk_during_save_is_one_line_and_keeps_previous(tmp_path, monkeypa
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, EggOptimError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
     assert ckpt.verify_checkpoint(tmp_path / "checkpoint-1")["step"] == 1
+
+
+def test_run_settings_of_other_tools_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="cannot be checked"):
+        ckpt.check_run_settings(folder, {"lr": 0.1})
+    ckpt.write_run_settings(folder, {"lr": 0.1, "optim": "sgd", "seed": 0})
+    ckpt.check_run_settings(folder, {"lr": 0.1, "optim": "sgd", "seed": 0})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.check_run_settings(folder, {"lr": 0.5, "optim": "adamw_torch", "seed": 0})
+    msg = str(info.value)
+    assert "lr=0.1 (this run: 0.5)" in msg and "optim='sgd' (this run: 'adamw_torch')" in msg and "seed" not in msg
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.check_run_settings(tmp_path / "nope", {})
+
+
+def test_every_mismatch_is_named(tmp_path):
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "ck", step=1, metadata={"lr": 3e-4, "optimizer": "adam", "seed": 0})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(acc, path, expect={"lr": 0.01, "optimizer": "sgd", "seed": 0})
+    msg = str(info.value)
+    assert "lr=0.0003 (this run: 0.01)" in msg and "optimizer='adam' (this run: 'sgd')" in msg
+    assert "seed" not in msg and "\n" not in msg
