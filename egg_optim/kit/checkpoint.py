@@ -305,8 +305,8 @@ def verify_checkpoint(directory: str | os.PathLike, *, check_hashes: bool = True
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {folder}: marker format {marker.get('format')!r}, expected {FORMAT_VERSION}")
     files = marker.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"checkpoint {folder}: marker has no file manifest")
+    if not isinstance(files, dict) or not files or not all(isinstance(e, dict) for e in files.values()):
+        raise CheckpointError(f"checkpoint {folder}: marker has no valid file manifest")
     present = set(_files(folder))
     missing = sorted(set(files) - present)
     if missing:

@@ -581,7 +581,7 @@ def load_image_dataset(
 
 
 def _labels(ds: datasets.Dataset) -> np.ndarray:
-    return np.asarray(ds.with_format("numpy")[:]["label"])
+    return np.asarray(ds.with_format("numpy", columns=["label"])[:]["label"])  # not the pixels
 
 
 def check_splits(train: datasets.Dataset, test: datasets.Dataset | None = None) -> None:
