@@ -301,7 +301,7 @@ def test_next_save_removes_leftovers_but_no_checkpoint(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-7"]
 
 
-def test_resume_path_cleans_leftovers_and_keeps_the_requested_folder(tmp_path):
+def test_resume_path_cleans_leftovers_and_keeps_the_requested_folder(tmp_path, capsys):
     acc, model, opt, sched = _setup()
     good = _leftovers(tmp_path, acc)
     # an explicit, incomplete folder is not removed: loading it says what is wrong
@@ -310,8 +310,10 @@ def test_resume_path_cleans_leftovers_and_keeps_the_requested_folder(tmp_path):
     with pytest.raises(ckpt.IncompleteCheckpointError, match="incomplete"):
         ckpt.load_checkpoint(acc, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "notes"]
+    capsys.readouterr()
     assert ckpt.resume_path(acc, "latest", tmp_path) == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-5", "notes"]
+    assert "warning: skipping damaged checkpoint(s) checkpoint-5" in capsys.readouterr().out  # newer, corrupt
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         ckpt.resume_path(acc, "latest", tmp_path / "empty")
 

@@ -407,8 +407,9 @@ def resume_path(
 ) -> Path:
     """The checkpoint to resume from: ``"latest"`` is the newest complete one below ``root``, anything else a
     folder path. First the main process clears leftovers of interrupted saves below ``root`` (all processes
-    wait for it), the requested folder excepted so that loading it reports what is wrong with it.
-    Raises :class:`CheckpointError` when ``"latest"`` finds nothing."""
+    wait for it), the requested folder excepted so that loading it reports what is wrong with it. With
+    ``"latest"``, newer ``<prefix><N>`` folders that fail verification are named in a warning rather than
+    skipped silently. Raises :class:`CheckpointError` when ``"latest"`` finds nothing."""
     root = Path(root)
     target = None if str(resume_from) == "latest" else Path(resume_from)
     if accelerator.is_main_process:
@@ -417,6 +418,15 @@ def resume_path(
     if target is not None:
         return target
     found = latest_checkpoint(root)
+    newest = -1 if found is None else int(verify_checkpoint(found, check_hashes=False)["step"])
+    candidates = root.iterdir() if root.is_dir() else ()
+    damaged = sorted(
+        (p for p in candidates if _numbered(p, prefix) and int(p.name[len(prefix) :]) > newest and p != found),
+        key=lambda p: int(p.name[len(prefix) :]),
+    )
+    damaged = [p.name for p in damaged if not is_complete(p)]
+    if damaged and accelerator.is_main_process:  # 'latest' must not fall back to an older one without a word
+        print(f"warning: skipping damaged checkpoint(s) {', '.join(damaged)} in {root} (loading them is refused)")
     if found is None:
         raise CheckpointError(f"resume from 'latest': no complete checkpoint in {root}")
     return found
