@@ -282,6 +282,11 @@ def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
     return config
 
 
+def resume_config_signature(config: EggConfig) -> dict[str, Any]:
+    """The config options a resume must match: all but the logging ones (the plan as its signature)."""
+    return {k: v for k, v in config.signature().items() if k not in ("log_roles", "log_per_layer")}
+
+
 def counted_layers(args: argparse.Namespace, model: torch.nn.Module) -> list[str]:
     """Layers whose active units make the seed's "updates": the 9 block convs of the seed nets, every
     Linear/Conv but the classifier otherwise (the layers the scenarios manage)."""
@@ -482,15 +487,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "normalize": normalize,
         "resize_to": args.resize_to,
         "channels": args.channels,
-        "plan": plan.signature(),
-        "clone_mode": args.clone_mode,
-        "state_storage": args.state_storage,
-        "election": args.election,
-        "assign": args.assign,
-        "clone_every": args.clone_every,
-        "elect_every": args.elect_every,
-        "hysteresis": args.hysteresis,
-        "clone_state": args.clone_state,
+        **resume_config_signature(config),
         "optimizer": args.optimizer,
         "lr": args.lr,
         "weight_decay": args.weight_decay,

@@ -157,7 +157,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logits, labels = eval_pred
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
-    settings = run_settings(args, augment, training_args.world_size, len(train_ds))
+    settings = run_settings(args, egg, augment, training_args.world_size, len(train_ds))
     trainer = EggTrainer(
         model=model,
         args=training_args,
@@ -203,14 +203,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def run_settings(args: argparse.Namespace, augment: str | None, world: int, train_rows: int) -> dict[str, Any]:
+def run_settings(
+    args: argparse.Namespace, egg: train_image.EggConfig, augment: str | None, world: int, train_rows: int
+) -> dict[str, Any]:
     """What defines a run: a resume must match every value (``--epochs``/``--max-steps`` only through the
     length of a non-constant LR schedule, which the Trainer rebuilds from them)."""
     steps = args.max_steps or args.epochs * math.ceil(train_rows / (args.batch_size * world))
-    keys = ("model", "dataset", "max_train_samples", "test_split_fraction", "scenario", "clone_mode", "election")
-    keys += ("assign", "clone_every", "elect_every", "optim", "lr", "weight_decay", "lr_schedule", "batch_size", "seed")
+    keys = ("model", "dataset", "max_train_samples", "test_split_fraction", "optim", "lr", "weight_decay")
+    keys += ("lr_schedule", "batch_size", "seed")
     return {
         **{k: getattr(args, k) for k in keys},
+        **train_image.resume_config_signature(egg),
         "augment": augment,
         "lr_schedule_steps": None if args.lr_schedule == "constant" else steps,
         "num_processes": world,
