@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=train_image._positive_int, default=3, help="epochs per run")
     p.add_argument("--batch-size", type=train_image._positive_int, default=256, help="batch size per process")
     p.add_argument("--lr", type=train_image._positive_float, default=3e-4, help="learning rate")
-    p.add_argument("--seed", type=train_image._non_negative_int, default=0, help="seed of every run")
+    p.add_argument("--seed", type=train_image._seed, default=0, help="seed of every run")
     p.add_argument(
         "--target-accuracy",
         type=train_image._fraction,

@@ -86,6 +86,18 @@ def _bounded(cast: type, low: float, high: float, what: str):
 _positive_int = _bounded(int, 1, math.inf, "a positive integer")
 _non_negative_int = _bounded(int, 0, math.inf, "an integer >= 0")
 _fraction = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
+# numpy's legacy seeding (accelerate's set_seed) accepts 0 <= seed < 2**32; torch and random accept more
+_seed = _bounded(int, 0, 2**32 - 1, f"an integer in [0, {2**32 - 1}]")
+
+
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -140,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-samples", type=_positive_int, default=None, help="random subset of the train split")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None, help="random subset of the test split")
     g.add_argument(
+        "--test-split-fraction",
+        type=_open_fraction,
+        default=None,
+        metavar="F",
+        help="hold out this fraction of the train split (a fixed draw) as the test set; needed for a source with "
+        "a single split (one data file), which is never tested on its own training rows",
+    )
+    g.add_argument(
         "--augment",
         nargs="?",
         const="auto",
@@ -187,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default: --batch-size")
     g.add_argument("--epochs", type=_positive_int, default=10, help="number of epochs")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="seeds model init, data order, roles")
+    g.add_argument("--seed", type=_seed, default=0, help="seeds model init, data order, roles")
 
     g = p.add_argument_group("run, logging and checkpoints")
     g.add_argument(
@@ -260,6 +280,11 @@ def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
     if config.score.name == "local_loss":
         raise ConfigError("--election local_loss needs LFNN local losses, which this recipe does not add")
     return config
+
+
+def resume_config_signature(config: EggConfig) -> dict[str, Any]:
+    """The config options a resume must match: all but the logging ones (the plan as its signature)."""
+    return {k: v for k, v in config.signature().items() if k not in ("log_roles", "log_per_layer")}
 
 
 def counted_layers(args: argparse.Namespace, model: torch.nn.Module) -> list[str]:
@@ -341,10 +366,14 @@ def state_digests(model: torch.nn.Module, lco: LeaderCloneOptimizer) -> dict[str
 
 def save_plain_model(lco: LeaderCloneOptimizer, path: Path) -> None:
     """Save weights that a plain (unmodified) model loads and that compute what was trained: in output mode
-    the clone rows are filled with their source's weights and norm statistics."""
+    the clone rows are filled with their source's weights and norm statistics. Atomic; a full disk is a
+    one-line :class:`~egg_optim.kit.storage.StorageError`."""
     from safetensors.torch import save_model
 
-    save_model(lco.export_model(), str(path))
+    from egg_optim.kit.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_model(lco.export_model(), str(tmp))
 
 
 def _configure_wandb(output_dir: Path) -> dict[str, Any]:
@@ -387,22 +416,26 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from egg_optim.kit import checkpoint as ckpt
-    from egg_optim.kit import tracking
-    from egg_optim.kit.data import dataset_spec, load_image_dataset, make_dataloader
+    from egg_optim.kit import storage, tracking
+    from egg_optim.kit.data import check_splits, dataset_spec, load_image_dataset, make_dataloader
     from egg_optim.kit.metrics import load_metric
     from egg_optim.kit.models import build_model
 
-    output_dir = Path(args.output_dir)
+    output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
     tracker = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker, project_dir=str(output_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
     # ---------------------------------------------------------------- data
-    train_ds = load_image_dataset(args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed)
-    eval_ds = load_image_dataset(args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed)
+    holdout = args.test_split_fraction
+    train_ds = load_image_dataset(
+        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
+    )
+    eval_ds = load_image_dataset(
+        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
+    )
+    check_splits(train_ds, eval_ds)
     spec = dataset_spec(train_ds, resize_to=args.resize_to, channels=args.channels)
     normalize = DEFAULT_NORMALIZE.get(args.model) if args.normalize == "auto" else args.normalize
     normalize = None if normalize == "none" else normalize
@@ -443,17 +476,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         max_steps = min(max_steps, args.max_steps)
     unwrapped = accelerator.unwrap_model(model)
 
+    # What defines the run: a resume must match every value (else it is refused, naming each difference);
+    # --epochs/--max-steps (within the LR schedule's horizon), evaluation, logging, saving and output may change.
     run_signature = {
         "model": args.model,
         "dataset": str(args.dataset),
-        "plan": plan.signature(),
-        "clone_mode": args.clone_mode,
-        "election": args.election,
-        "assign": args.assign,
+        "max_train_samples": args.max_train_samples,
+        "test_split_fraction": args.test_split_fraction,
+        "augment": augment,
+        "normalize": normalize,
+        "resize_to": args.resize_to,
+        "channels": args.channels,
+        **resume_config_signature(config),
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "momentum": args.momentum if args.optimizer in ("sgd", "rmsprop") else None,
+        "lr_schedule": args.lr_schedule,
+        "lr_schedule_steps": None if args.lr_schedule == "constant" else planned_raw,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "num_processes": world,
-        "max_train_samples": args.max_train_samples,
     }
 
     # ---------------------------------------------------------------- resume
@@ -469,18 +512,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     resumed_from = None
     if args.resume_from:
-        path = Path(args.resume_from)
-        if args.resume_from == "latest":
-            found = ckpt.latest_checkpoint(output_dir / CHECKPOINT_DIR)
-            if found is None:
-                raise ckpt.CheckpointError(
-                    f"--resume-from latest: no complete checkpoint in {output_dir / CHECKPOINT_DIR}"
-                )
-            path = found
+        path = ckpt.resume_path(accelerator, args.resume_from, output_dir / CHECKPOINT_DIR)
         marker = ckpt.load_checkpoint(accelerator, path, expect=run_signature)
         progress = dict(marker["metadata"]["progress"])
         resumed_from = str(path)
-        accelerator.print(f"resumed from {path} at step {progress['global_step']} (epoch {progress['epoch']})")
+        accelerator.print(
+            f"resumed from {path} at step {progress['global_step']} (epoch {progress['epoch']}): weights, optimizer "
+            f"and LR-schedule state, roles, RNG and data position come from the checkpoint, which matches this "
+            f"run's {', '.join(run_signature)}; --epochs, --max-steps and the evaluation, logging, saving and "
+            f"output flags come from this command line"
+        )
 
     # ---------------------------------------------------------------- trackers
     if tracker is not None:
@@ -519,11 +560,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             step=step,
             epoch=epoch,
             metadata={**run_signature, "progress": progress},
+            keep=args.keep_checkpoints,
         )
-        if accelerator.is_main_process and args.keep_checkpoints:
-            for old in ckpt.list_checkpoints(output_dir / CHECKPOINT_DIR)[: -args.keep_checkpoints]:
-                ckpt._discard(old)
-        accelerator.wait_for_everyone()
 
     def record_eval(step: int, epoch: float) -> dict[str, float]:
         result = evaluate_now()
@@ -669,15 +707,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: v for k, v in vars(args).items()},
     }
     if args.dump_rank_state:
-        rank_file = output_dir / f"rank_state_{rank}.json"
-        rank_file.parent.mkdir(parents=True, exist_ok=True)
-        rank_file.write_text(
-            json.dumps({"rank": rank, "world_size": world, "pid": os.getpid(), "steps": global_step, **digests})
+        storage.write_text_atomic(
+            output_dir / f"rank_state_{rank}.json",
+            json.dumps({"rank": rank, "world_size": world, "pid": os.getpid(), "steps": global_step, **digests}),
         )
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
+    if accelerator.is_main_process:  # the model first: metrics.json marks a finished run
         save_plain_model(lco, output_dir / "model.safetensors")
+        storage.write_text_atomic(output_dir / METRICS_FILE, json.dumps(metrics, indent=1, default=str))
     if tracker is not None:
         accelerator.log({"final/test_accuracy": metrics["test_accuracy"]}, step=global_step)
     accelerator.end_training()

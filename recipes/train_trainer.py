@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help="digits, fashion_mnist, a Hub name or a local path")
     p.add_argument("--max-train-samples", type=t._positive_int, default=None, help="random train subset")
     p.add_argument("--max-eval-samples", type=t._positive_int, default=None, help="random test subset")
+    p.add_argument(
+        "--test-split-fraction", type=t._open_fraction, default=None, metavar="F", help="as in train_image.py"
+    )
     p.add_argument("--augment", nargs="?", const="auto", default=None, metavar="SPEC", help="as in train_image.py")
     p.add_argument("--scenario", default="mild", choices=t.SCENARIOS, help="the seed's presets")
     add_config_arguments(p, exclude=(*train_image.NOT_FLAGS[:-1],))  # keeps --log-per-layer
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=t._positive_int, default=256, help="per device")
     p.add_argument("--epochs", type=t._positive_int, default=3, help="number of epochs")
     p.add_argument("--max-steps", type=t._positive_int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--seed", type=t._non_negative_int, default=0, help="seed")
+    p.add_argument("--seed", type=t._seed, default=0, help="seed")
     p.add_argument("--output-dir", default="runs/trainer", help="Trainer output dir (checkpoints, metrics.json)")
     p.add_argument("--resume-from", default=None, metavar="PATH", help="a checkpoint-N folder, or 'latest'")
     p.add_argument("--save-every", type=t._non_negative_int, default=0, help="checkpoint every N steps (0: never)")
@@ -94,14 +97,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from egg_optim.integrations.transformers import EggTrainer
-    from egg_optim.kit.data import BatchTransform, dataset_spec, load_image_dataset
+    from egg_optim.kit import checkpoint as ckpt
+    from egg_optim.kit import storage
+    from egg_optim.kit.data import BatchTransform, check_splits, dataset_spec, load_image_dataset
     from egg_optim.kit.metrics import load_metric
     from egg_optim.kit.models import build_model
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train_ds = load_image_dataset(args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed)
-    eval_ds = load_image_dataset(args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed)
+    output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
+    holdout = args.test_split_fraction
+    train_ds = load_image_dataset(
+        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
+    )
+    eval_ds = load_image_dataset(
+        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
+    )
+    check_splits(train_ds, eval_ds)
     spec = dataset_spec(train_ds)
     normalize = train_image.DEFAULT_NORMALIZE.get(args.model)
     augment = args.augment
@@ -147,6 +157,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logits, labels = eval_pred
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
+    settings = run_settings(args, egg, augment, training_args.world_size, len(train_ds))
     trainer = EggTrainer(
         model=model,
         args=training_args,
@@ -155,14 +166,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         data_collator=BatchTransform(augment=augment, normalize=normalize, seed=args.seed, return_dict=True),
         compute_metrics=compute_metrics,
         egg=egg,
+        callbacks=[ckpt.run_settings_callback(settings)],
     )
     # evaluation must not augment: a second collator without augmentation
     eval_collator = BatchTransform(normalize=normalize, return_dict=True)
     trainer.get_eval_dataloader = _eval_loader_with(trainer, eval_collator)
-    resume: str | bool | None = args.resume_from
-    if resume == "latest":
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume)
+    resume = None
+    if args.resume_from:
+        resume = _resume_path(args.resume_from, output_dir)
+        ckpt.check_run_settings(resume, settings)
+        if trainer.is_world_process_zero():
+            print(
+                f"resuming from {resume}: weights, optimizer and LR-schedule state, roles and RNG come from the "
+                f"checkpoint, which matches this run's {', '.join(settings)}; the other flags come from this "
+                f"command line"
+            )
+    with storage.writing(output_dir, only_space=True):  # the Trainer's own checkpoint writes
+        result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     final = trainer.evaluate()
     lco = trainer.egg_optimizer
     stats = lco.stats()
@@ -179,8 +199,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "args": vars(args),
     }
     if trainer.is_world_process_zero():
-        (output_dir / train_image.METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
+        storage.write_text_atomic(output_dir / train_image.METRICS_FILE, json.dumps(metrics, indent=1, default=str))
     return metrics
+
+
+def run_settings(
+    args: argparse.Namespace, egg: train_image.EggConfig, augment: str | None, world: int, train_rows: int
+) -> dict[str, Any]:
+    """What defines a run: a resume must match every value (``--epochs``/``--max-steps`` only through the
+    length of a non-constant LR schedule, which the Trainer rebuilds from them)."""
+    steps = args.max_steps or args.epochs * math.ceil(train_rows / (args.batch_size * world))
+    keys = ("model", "dataset", "max_train_samples", "test_split_fraction", "optim", "lr", "weight_decay")
+    keys += ("lr_schedule", "batch_size", "seed")
+    return {
+        **{k: getattr(args, k) for k in keys},
+        **train_image.resume_config_signature(egg),
+        "augment": augment,
+        "lr_schedule_steps": None if args.lr_schedule == "constant" else steps,
+        "num_processes": world,
+    }
+
+
+def _resume_path(resume_from: str, output_dir: Path) -> Path:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from egg_optim.kit.checkpoint import CheckpointError
+
+    if resume_from != "latest":
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return path
+    found = get_last_checkpoint(str(output_dir))
+    if found is None:
+        raise CheckpointError(f"--resume-from latest: no checkpoint-N folder in {output_dir}")
+    return Path(found)
 
 
 def _eval_loader_with(trainer, collator):

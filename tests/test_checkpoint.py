@@ -209,3 +209,199 @@ def test_latest_and_list(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-7", "checkpoint-10"]
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-10"
     assert ckpt.checkpoint_step(tmp_path / "checkpoint-10") == 10
+
+
+# ---------------------------------------------------------------------------- manifest and marker integrity
+def _rewrite_marker(path, edit, *, redigest: bool) -> None:
+    marker_path = path / ckpt.MARKER_NAME
+    marker = json.loads(marker_path.read_text())
+    edit(marker)
+    if redigest:
+        marker[ckpt.DIGEST_KEY] = ckpt._marker_digest(marker)
+    marker_path.write_text(json.dumps(marker, indent=1))
+
+
+def test_unlisted_file_refused_and_nothing_changed(tmp_path):
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "ck", step=1)
+    _train(model, opt, sched, 1)
+    before = model_state(model)
+    (path / "sub").mkdir()
+    (path / "sub" / "stray.bin").write_bytes(b"not saved by save_state")
+    with pytest.raises(ckpt.CheckpointError, match=r"sub/stray\.bin not in its manifest"):
+        ckpt.load_checkpoint(acc, path)
+    assert not ckpt.is_complete(path) and ckpt.latest_checkpoint(tmp_path) is None
+    assert_same_state(before, model_state(model))
+
+
+def test_file_dropped_from_manifest_then_corrupted_is_refused(tmp_path):
+    """The issue's case: an entry removed from the manifest, then its file damaged. Editing the marker breaks
+    its own sha256; a marker rewritten with a fresh sha256 still does not list the file."""
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "ck", step=1)
+    drop = lambda marker: marker["files"].pop("optimizer.bin")
+    _rewrite_marker(path, drop, redigest=False)
+    (path / "optimizer.bin").write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.MARKER_NAME} does not match its marker_sha256"):
+        ckpt.verify_checkpoint(path)
+    _rewrite_marker(path, lambda marker: None, redigest=True)  # a consistent marker without optimizer.bin
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.bin not in its manifest"):
+        ckpt.load_checkpoint(acc, path)
+
+
+@pytest.mark.parametrize("damage", ["step", "truncate", "no_digest"])
+def test_damaged_marker_refused_naming_it(tmp_path, damage):
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "checkpoint-3", step=3)
+    marker_path = path / ckpt.MARKER_NAME
+    if damage == "step":  # valid JSON, one value changed
+        _rewrite_marker(path, lambda m: m.update(step=30), redigest=False)
+    elif damage == "truncate":
+        marker_path.write_bytes(marker_path.read_bytes()[:-40])
+    else:  # what an older format (or a hand-made marker) looks like
+        _rewrite_marker(path, lambda m: (m.pop(ckpt.DIGEST_KEY), m.update(format=1)), redigest=False)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(acc, path)
+    assert str(marker_path) in str(info.value)
+    assert not isinstance(info.value, ckpt.IncompleteCheckpointError)  # damaged, not unfinished: kept
+    assert ckpt.remove_incomplete(tmp_path) == [] and path.is_dir()
+
+
+def test_missing_listed_file_is_incomplete(tmp_path):
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "ck", step=1)
+    (path / "optimizer.bin").unlink()
+    with pytest.raises(ckpt.IncompleteCheckpointError, match=r"optimizer\.bin"):
+        ckpt.verify_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- leftovers, pruning
+def _leftovers(root, acc):
+    """Every kind of leftover next to one complete and one corrupt checkpoint."""
+    good = ckpt.save_checkpoint(acc, root / "checkpoint-4", step=4)
+    shutil.copytree(good, root / "checkpoint-6.tmp-0a1b2c3d")  # killed save (before the marker)
+    (root / "checkpoint-6.tmp-0a1b2c3d" / ckpt.MARKER_NAME).unlink()
+    shutil.copytree(good, root / "checkpoint-2.trash-deadbeef")  # killed prune
+    shutil.copytree(good, root / "checkpoint-1")  # half deleted by an older version: a listed file gone
+    (root / "checkpoint-1" / "model.safetensors").unlink()
+    shutil.copytree(good, root / "checkpoint-3")  # marker deleted first
+    (root / "checkpoint-3" / ckpt.MARKER_NAME).unlink()
+    (root / "checkpoint-9").mkdir()  # everything but the folder deleted
+    shutil.copytree(good, root / "checkpoint-5")  # corrupt (other bytes): kept for inspection
+    (root / "checkpoint-5" / "optimizer.bin").write_bytes(b"junk")
+    (root / "notes").mkdir()  # not ours
+    return good
+
+
+def test_next_save_removes_leftovers_but_no_checkpoint(tmp_path):
+    acc, model, opt, sched = _setup()
+    _leftovers(tmp_path, acc)
+    ckpt.save_checkpoint(acc, tmp_path / "checkpoint-7", step=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-5", "checkpoint-7", "notes"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-7"]
+
+
+def test_resume_path_cleans_leftovers_and_keeps_the_requested_folder(tmp_path, capsys):
+    acc, model, opt, sched = _setup()
+    good = _leftovers(tmp_path, acc)
+    # an explicit, incomplete folder is not removed: loading it says what is wrong
+    target = ckpt.resume_path(acc, tmp_path / "checkpoint-3", tmp_path)
+    assert target == tmp_path / "checkpoint-3" and target.is_dir()
+    with pytest.raises(ckpt.IncompleteCheckpointError, match="incomplete"):
+        ckpt.load_checkpoint(acc, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "notes"]
+    capsys.readouterr()
+    assert ckpt.resume_path(acc, "latest", tmp_path) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-5", "notes"]
+    assert "warning: skipping damaged checkpoint(s) checkpoint-5" in capsys.readouterr().out  # newer, corrupt
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resume_path(acc, "latest", tmp_path / "empty")
+
+
+def test_save_keep_prunes_oldest_and_keeps_the_new_one(tmp_path):
+    acc, model, opt, sched = _setup()
+    for step in (2, 4, 8):
+        ckpt.save_checkpoint(acc, tmp_path / f"checkpoint-{step}", step=step)
+    ckpt.save_checkpoint(acc, tmp_path / "other", step=1)  # not a checkpoint-N: never pruned
+    # a resumed run saving step 6 next to a step-8 checkpoint of the abandoned run: step 6 stays
+    ckpt.save_checkpoint(acc, tmp_path / "checkpoint-6", step=6, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8", "other"]
+    with pytest.raises(ckpt.CheckpointError, match="keep"):
+        ckpt.save_checkpoint(acc, tmp_path / "checkpoint-9", step=9, keep=-1)
+    assert not (tmp_path / "checkpoint-9").exists()
+
+
+def test_prune_killed_mid_delete_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """A kill while deleting: simulated by a removal that deletes the marker and one file, then stops. The
+    checkpoint's name is already gone (renamed first); the leftover is cleared by the next clean-up."""
+    acc, model, opt, sched = _setup()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(acc, tmp_path / f"checkpoint-{step}", step=step)
+
+    def killed(folder):
+        (folder / ckpt.MARKER_NAME).unlink(missing_ok=True)
+        (folder / "model.safetensors").unlink(missing_ok=True)
+
+    monkeypatch.setattr(ckpt, "_discard", killed)
+    assert ckpt.prune_checkpoints(tmp_path, 1) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and names[2] == "checkpoint-3"
+    assert names[0].startswith("checkpoint-1.trash-") and names[1].startswith("checkpoint-2.trash-")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    monkeypatch.undo()
+    assert len(ckpt.remove_incomplete(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+
+
+# ---------------------------------------------------------------------------- storage failures while saving
+@pytest.mark.parametrize("failure", ["oserror", "torch_zip_writer"])
+def test_full_disk_during_save_is_one_line_and_keeps_previous(tmp_path, monkeypatch, failure):
+    import errno
+    from collections import namedtuple
+
+    from egg_optim.kit import storage
+
+    acc, model, opt, sched = _setup()
+    ckpt.save_checkpoint(acc, tmp_path / "checkpoint-1", step=1)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # part of the bytes reach the disk, then the device is full
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    with pytest.raises(storage.StorageError) as info:
+        ckpt.save_checkpoint(acc, tmp_path / "checkpoint-2", step=2)
+    assert str(info.value) == f"no space left on device while writing {tmp_path / 'checkpoint-2'}"
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, EggOptimError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint-1")["step"] == 1
+
+
+def test_run_settings_of_other_tools_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="cannot be checked"):
+        ckpt.check_run_settings(folder, {"lr": 0.1})
+    ckpt.write_run_settings(folder, {"lr": 0.1, "optim": "sgd", "seed": 0})
+    ckpt.check_run_settings(folder, {"lr": 0.1, "optim": "sgd", "seed": 0})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.check_run_settings(folder, {"lr": 0.5, "optim": "adamw_torch", "seed": 0})
+    msg = str(info.value)
+    assert "lr=0.1 (this run: 0.5)" in msg and "optim='sgd' (this run: 'adamw_torch')" in msg and "seed" not in msg
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.check_run_settings(tmp_path / "nope", {})
+
+
+def test_every_mismatch_is_named(tmp_path):
+    acc, model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(acc, tmp_path / "ck", step=1, metadata={"lr": 3e-4, "optimizer": "adam", "seed": 0})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(acc, path, expect={"lr": 0.01, "optimizer": "sgd", "seed": 0})
+    msg = str(info.value)
+    assert "lr=0.0003 (this run: 0.01)" in msg and "optimizer='adam' (this run: 'sgd')" in msg
+    assert "seed" not in msg and "\n" not in msg

@@ -374,3 +374,85 @@ def test_parse_augment():
             parse_augment(bad)
     with pytest.raises(ConfigError):
         BatchTransform(normalize="imagenet")
+
+
+# ---------------------------------------------------------------------------------------- single-split sources
+def _grey_dataset(n: int, labels) -> datasets.Dataset:
+    rng = np.random.default_rng(n)
+    return datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 256, (4, 4), dtype=np.uint8) for _ in range(n)], "label": list(labels)}
+    )
+
+
+def test_single_data_file_is_not_its_own_test_split(tmp_path):
+    _grey_dataset(20, [i % 3 for i in range(20)]).to_parquet(str(tmp_path / "one.parquet"))
+    path, cache = str(tmp_path / "one.parquet"), tmp_path / "cache"
+    assert len(load_image_dataset(path, cache_dir=cache)) == 20
+    with pytest.raises(ConfigError, match="single data file.*test_split_fraction"):
+        load_image_dataset(path, split="test", cache_dir=cache)
+    train = load_image_dataset(path, split="train", test_split_fraction=0.25, cache_dir=cache)
+    test = load_image_dataset(path, split="test", test_split_fraction=0.25, cache_dir=cache, seed=9)
+    assert (len(train), len(test)) == (15, 5)
+    rows = lambda ds: {bytes(r) for r in _arrays(ds)[0].reshape(len(ds), -1)}
+    full = rows(load_image_dataset(path, cache_dir=cache))
+    assert rows(train) | rows(test) == full and not rows(train) & rows(test)
+    assert rows(test) == rows(load_image_dataset(path, split="test", test_split_fraction=0.25, cache_dir=cache))
+
+
+def test_single_split_folder_and_save_to_disk_are_refused_as_test(tmp_path):
+    ds = _grey_dataset(8, [0, 1] * 4)
+    (tmp_path / "folder").mkdir()
+    ds.to_parquet(str(tmp_path / "folder" / "data.parquet"))  # datasets names the one split "train"
+    with pytest.raises(ConfigError, match=r"no 'test' split.*test_split_fraction"):
+        load_image_dataset(str(tmp_path / "folder"), split="test", cache_dir=tmp_path / "cache")
+    ds.save_to_disk(str(tmp_path / "saved"))  # a Dataset, not a DatasetDict
+    assert len(load_image_dataset(str(tmp_path / "saved"))) == 8
+    with pytest.raises(ConfigError, match="single save_to_disk Dataset"):
+        load_image_dataset(str(tmp_path / "saved"), split="test")
+    assert len(load_image_dataset(str(tmp_path / "saved"), split="test", test_split_fraction=0.5)) == 4
+
+
+def test_hub_dataset_without_test_split_gets_the_hint(monkeypatch):
+    def train_only(*args, **kwargs):
+        raise ValueError("Unknown split \"test\". Should be one of ['train'].")
+
+    monkeypatch.setattr(datasets, "load_dataset", train_only)
+    with pytest.raises(ConfigError, match="test_split_fraction"):
+        load_image_dataset("someone/train-only", split="test")
+
+
+def test_test_split_fraction_on_digits_is_fixed_and_subset_after():
+    train = load_image_dataset("digits", test_split_fraction=0.2)
+    test = load_image_dataset("digits", split="test", test_split_fraction=0.2, seed=5)
+    official = load_image_dataset("digits")
+    assert len(train) + len(test) == len(official) and len(test) == round(0.2 * len(official))
+    small = load_image_dataset("digits", split="test", test_split_fraction=0.2, max_samples=10, seed=1)
+    held = {bytes(r) for r in _arrays(test)[0].reshape(len(test), -1)}
+    assert len(small) == 10 and all(bytes(r) in held for r in _arrays(small)[0].reshape(10, -1))
+    for bad in (0.0, 1.0, -0.1, "0.2", True):
+        with pytest.raises(ConfigError, match="test_split_fraction"):
+            load_image_dataset("digits", test_split_fraction=bad)
+    with pytest.raises(ConfigError, match="leaves no test row"):
+        load_image_dataset("digits", test_split_fraction=0.0001)  # of 1437 rows
+    with pytest.raises(ConfigError, match="leaves no train row"):
+        load_image_dataset("digits", test_split_fraction=0.9999)
+    with pytest.raises(ConfigError, match="validation"):
+        load_image_dataset("digits", split="validation", test_split_fraction=0.2)
+
+
+def test_check_splits_refuses_one_class_and_unknown_test_labels(tmp_path):
+    from egg_optim.kit.data import check_splits
+
+    one = tmp_path / "one_class.parquet"
+    _grey_dataset(6, [4] * 6).to_parquet(str(one))
+    ds = load_image_dataset(str(one), cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"only label 4 in its 6 rows.*at least 2 classes"):
+        check_splits(ds)
+    few = tmp_path / "few.parquet"
+    _grey_dataset(6, [0, 1, 2] * 2).to_parquet(str(few))
+    many = tmp_path / "many.parquet"
+    _grey_dataset(6, [0, 5, 9] * 2).to_parquet(str(many))
+    train = load_image_dataset(str(few), cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"labels 0\.\.9 but the train split defines 3 classes"):
+        check_splits(train, load_image_dataset(str(many), cache_dir=tmp_path / "cache"))
+    check_splits(load_image_dataset("digits"), load_image_dataset("digits", split="test", max_samples=1))

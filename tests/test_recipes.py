@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
@@ -20,11 +22,23 @@ sys.path.insert(0, str(RECIPES))
 import sweep  # noqa: E402
 import train_image  # noqa: E402
 
+from egg_optim.errors import EggOptimError  # noqa: E402
+
 # tiny, fast runs: 256 training digits -> 4 batches of 64 per epoch
 FAST = [
     "--batch-size", "64", "--max-train-samples", "256", "--max-eval-samples", "64",
     "--report-to", "none", "--no-progress",
 ]  # fmt: skip
+
+
+FAST_TRAINER = [a for a in FAST if a != "--no-progress"]  # flags both recipes know
+
+
+def _trainer():
+    pytest.importorskip("transformers")
+    import train_trainer
+
+    return train_trainer
 
 
 def _env(**extra) -> dict[str, str]:
@@ -71,6 +85,9 @@ def test_help_lists_every_flag():
         (["--no-such-flag"], "unrecognized arguments"),
         (["--state-storage", "sparse"], "invalid choice: 'sparse'"),
         (["--clone-state", "forget"], "invalid choice: 'forget'"),
+        (["--seed", str(2**32)], "argument --seed: expected an integer in [0, 4294967295], got '4294967296'"),
+        (["--seed", "-1"], "expected an integer in [0, 4294967295]"),
+        (["--test-split-fraction", "1"], "expected a number in (0, 1)"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(argv, fragment, capsys):
@@ -165,16 +182,153 @@ def test_resume_latest_and_refusals(tmp_path, capsys):
     args = [*FAST, "--output-dir", str(out), "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "1"]
     assert train_image.main(args) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
-    assert train_image.main([*args, "--max-steps", "5", "--resume-from", "latest"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 5
+    # leftovers of a killed save and of an older, half-finished deletion: removed on resume
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-6.tmp-0123abcd")
+    (out / "checkpoints" / "checkpoint-6.tmp-0123abcd" / "egg_optim_checkpoint.json").unlink()
+    (out / "checkpoints" / "checkpoint-2").mkdir()
     capsys.readouterr()
-    # another seed: refused before anything is loaded
+    assert train_image.main([*args, "--max-steps", "5", "--resume-from", "latest", "--eval-every", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    said = capsys.readouterr().out
+    assert "resumed from" in said and "matches this run's model, dataset" in said and "lr, " in said
+    assert "--epochs, --max-steps and the evaluation, logging, saving and output flags" in said
+    # another seed, another optimizer and lr: refused before anything is loaded, every difference named
     assert train_image.main([*args, "--seed", "7", "--resume-from", "latest"]) == 2
-    assert "seed" in capsys.readouterr().err
+    assert "seed=0 (this run: 7)" in capsys.readouterr().err
+    assert train_image.main([*args, "--lr", "0.01", "--optimizer", "sgd", "--resume-from", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr=0.0003 (this run: 0.01)" in err and "optimizer='adam' (this run: 'sgd')" in err
     # a damaged checkpoint: refused
     (out / "checkpoints" / "checkpoint-4" / "optimizer.bin").write_bytes(b"junk")
     assert train_image.main([*args, "--resume-from", str(out / "checkpoints" / "checkpoint-4")]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_schedule_length(tmp_path, capsys):
+    """A cosine schedule is built for the planned steps: resuming with more would restart the cosine."""
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--max-steps", "2", "--save-every", "2", "--lr-schedule", "cosine"]
+    assert train_image.main(args) == 0
+    capsys.readouterr()
+    assert train_image.main([*args, "--max-steps", "3", "--resume-from", "latest"]) == 2
+    assert "lr_schedule_steps=2 (this run: 3)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- storage failures
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the recipe gets as far as loading data."""
+    from egg_optim.kit import data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the recipe loaded data before checking its output folder")
+
+    monkeypatch.setattr(data, "load_image_dataset", loaded)
+
+
+def _one_line_error(capsys) -> str:
+    """The recipe's error line (datasets' progress bars may come before it on stderr)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n") and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("recipe", ["image", "trainer"])
+def test_output_dir_under_a_file_fails_up_front(tmp_path, capsys, no_training, recipe):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "run"
+    main = train_image.main if recipe == "image" else _trainer().main
+    assert main([*FAST_TRAINER, "--output-dir", str(target)]) == 2
+    assert _one_line_error(capsys) == (
+        f"error: cannot create output folder {target}: {tmp_path / 'file'} is a file, not a folder"
+    )
+
+
+def test_read_only_output_dir_fails_up_front(tmp_path, monkeypatch, capsys, no_training):
+    import errno
+
+    from egg_optim.kit import storage
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
+    assert train_image.main([*FAST, "--output-dir", str(tmp_path / "run")]) == 2
+    assert _one_line_error(capsys) == f"error: cannot write to {tmp_path / 'run'}: read-only file system"
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "model"])
+def test_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, monkeypatch, capsys, where):
+    from collections import namedtuple
+
+    import safetensors.torch
+
+    from egg_optim.kit import storage
+
+    out = tmp_path / "run"
+    if where == "checkpoint":  # torch.save (optimizer.bin) on a full disk: no errno, only "unexpected pos"
+        real = torch.save
+
+        def full(obj, f, *args, **kwargs):
+            real(obj, f, *args, **kwargs)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(torch, "save", full)
+        monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+        expected = out / "checkpoints" / "checkpoint-1"
+    else:  # safetensors says it in its own words
+
+        def full(model, filename, *args, **kwargs):
+            Path(filename).write_bytes(b"partial")
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+
+        monkeypatch.setattr(safetensors.torch, "save_model", full)
+        expected = out / "model.safetensors"
+    save = ["--save-every", "1"] if where == "checkpoint" else []
+    assert train_image.main([*FAST, "--output-dir", str(out), "--max-steps", "1", *save]) == 2
+    assert _one_line_error(capsys) == f"error: no space left on device while writing {expected}"
+    # no partial checkpoint folder or model file (a failed save removes its temporary files)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == (["checkpoints"] if save else [])
+    assert not (out / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------- data checks
+def _write_local_dataset(path: Path, labels) -> Path:
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in labels]
+    datasets.Dataset.from_dict({"image": images, "label": list(labels)}).to_parquet(str(path))
+    return path
+
+
+def test_single_data_file_needs_a_test_split(tmp_path, capsys):
+    data_file = _write_local_dataset(tmp_path / "data.parquet", [i % 3 for i in range(40)])
+    common = [*FAST, "--dataset", str(data_file), "--model", "mlp", "--max-steps", "1"]
+    capsys.readouterr()
+    assert train_image.main([*common, "--output-dir", str(tmp_path / "a")]) == 2
+    err = _one_line_error(capsys)
+    assert "a single data file" in err and "--test-split-fraction" in err
+    m, _ = _run(["--dataset", str(data_file), "--model", "mlp", "--max-steps", "1", "--test-split-fraction", "0.25"],
+                tmp_path, "b")  # fmt: skip
+    assert m["steps"] == 1 and m["args"]["test_split_fraction"] == 0.25
+
+
+def test_one_class_dataset_is_refused(tmp_path, capsys):
+    data_dir = tmp_path / "one_class"
+    data_dir.mkdir()
+    _write_local_dataset(data_dir / "train.parquet", [0] * 20)
+    _write_local_dataset(data_dir / "test.parquet", [0] * 8)
+    args = [*FAST, "--dataset", str(data_dir), "--model", "mlp", "--output-dir", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert train_image.main(args) == 2
+    assert "only label 0 in its 20 rows; a classifier needs at least 2 classes" in _one_line_error(capsys)
 
 
 # ---------------------------------------------------------------------------- W&B offline
@@ -276,3 +430,12 @@ def test_trainer_route_logs_roles_and_resumes_exactly(tmp_path):
     )
     for key in ("param_sha256", "roles_sha256", "steps", "elections"):
         assert resumed[key] == straight[key], key
+    # other settings: refused, each difference named
+    refused = [*common, "--output-dir", str(tmp_path / "c"), "--resume-from", str(tmp_path / "a" / "checkpoint-3")]
+    with pytest.raises(EggOptimError) as info:
+        train_trainer.train(parse([*refused, "--lr", "0.01", "--optim", "sgd"]))
+    assert "lr=0.0003 (this run: 0.01)" in str(info.value) and "optim='adamw_torch' (this run: 'sgd')" in str(
+        info.value
+    )
+    with pytest.raises(EggOptimError, match="no checkpoint-N folder"):
+        train_trainer.train(parse([*common, "--output-dir", str(tmp_path / "d"), "--resume-from", "latest"]))

@@ -14,6 +14,12 @@ Sources (``name`` of :func:`load_image_dataset`):
   files, one data file, or a ``save_to_disk`` folder). A local path runs the same ``datasets`` code and the
   same column normalisation as a Hub name, which is how the Hub path is tested offline.
 
+A source with a single split (one data file, a ``save_to_disk`` Dataset, a folder or Hub dataset with only
+``train``) is never served as its own test split, which would report training accuracy as test accuracy:
+``test_split_fraction`` carves a fixed held-out part out of ``train`` instead. :func:`check_splits` refuses
+a train split with fewer than two classes (every prediction would be right) and test labels the train split
+does not define.
+
 Batches come from :func:`make_dataloader`, which materialises the columns as tensors once (indexing Arrow per
 batch costs more than a small CNN's step) and applies resize / channel repeat / augmentation / normalisation
 per batch in torch (there is no CPU torchvision build to lean on).
@@ -49,6 +55,7 @@ __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "NORMALIZE_PRESETS",
     "AUGMENT_PRESETS",
+    "check_splits",
     "dataset_spec",
     "load_image_dataset",
     "make_dataloader",
@@ -72,6 +79,7 @@ FASHION_MNIST_CLASSES = (
 )
 _FASHION_ALIASES = {"fashion_mnist", "fashion-mnist", "fashionmnist"}
 _LOCAL_SPLITS = ("train", "test")
+_HOLDOUT_SEED = 0  # the held-out part of test_split_fraction never depends on the run's seed
 _IMAGE_COLUMNS = ("image", "img", "pixel_values")
 _LABEL_COLUMNS = ("label", "labels", "fine_label")
 _DATA_FILE_BUILDERS = {
@@ -214,6 +222,26 @@ def _subset_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray | 
     return np.sort(rng.choice(n, size=max_samples, replace=False))
 
 
+def _holdout_indices(n: int, fraction: float, split: str, name: str) -> np.ndarray:
+    """Sorted rows of ``split`` when a fixed random ``fraction`` of ``n`` rows is held out as ``"test"``."""
+    k = int(round(fraction * n))
+    if not 1 <= k <= n - 1:
+        raise ConfigError(
+            f"dataset {name!r}: test_split_fraction={fraction} of its {n} train rows leaves "
+            f"{'no test' if k < 1 else 'no train'} row; use a fraction between {1 / n:.3g} and {1 - 1 / n:.3g}"
+        )
+    perm = np.random.default_rng(_HOLDOUT_SEED).permutation(n)
+    return np.sort(perm[:k] if split == "test" else perm[k:])
+
+
+def _no_split(what: str, split: str) -> ConfigError:
+    return ConfigError(
+        f"{what} has no {split!r} split, and using its train rows for testing would report training accuracy: "
+        f"pass test_split_fraction (recipes: --test-split-fraction, e.g. 0.2) to hold out part of it, or give a "
+        f"source with separate train and test splits"
+    )
+
+
 def _check_local_split(name: str, split: str) -> str:
     if split not in _LOCAL_SPLITS:
         raise ConfigError(f"dataset {name!r} has splits {list(_LOCAL_SPLITS)}, got split={split!r}")
@@ -347,20 +375,35 @@ def _raw_local(path: str, split: str, cache_dir: str | None):
         loaded = datasets.load_from_disk(str(p))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
+                if split == "test" and list(loaded) == ["train"]:
+                    raise _no_split(f"{str(p)!r} (splits {list(loaded)})", split)
                 raise ConfigError(f"{str(p)!r} has splits {list(loaded)}, got split={split!r}")
             return loaded[split]
+        if split != "train":  # one Dataset, no split names: it is the train split
+            raise _no_split(f"{str(p)!r} (a single save_to_disk Dataset)", split)
         return loaded
     try:
         if p.is_file():
             builder = _DATA_FILE_BUILDERS.get(p.suffix.lower())
             if builder is None:
                 raise ConfigError(f"cannot tell the format of {str(p)!r}: use one of {sorted(_DATA_FILE_BUILDERS)}")
+            if split != "train":
+                raise _no_split(f"{str(p)!r} (a single data file)", split)
             return datasets.load_dataset(builder, data_files={split: str(p)}, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(str(p), split=split, cache_dir=cache_dir)
     except ValueError as exc:  # e.g. an unknown split
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"cannot load {str(p)!r} (split {split!r}): {_one_line(exc)}") from exc
+        raise _split_error(exc, repr(str(p)), split) from exc
+
+
+def _split_error(exc: ValueError, what: str, split: str) -> ConfigError:
+    """``datasets``' "Unknown split" (or another bad argument) as a ConfigError; a test split missing from a
+    train-only source gets the test_split_fraction hint."""
+    text = str(exc)
+    if split == "test" and "Unknown split" in text and re.search(r"\[\s*'train'\s*\]", text):
+        return _no_split(f"{what} (splits ['train'])", split)
+    return ConfigError(f"cannot load {what} (split {split!r}): {_one_line(exc)}")
 
 
 def _raw_hub(name: str, split: str, cache_dir: str | None):
@@ -369,6 +412,8 @@ def _raw_hub(name: str, split: str, cache_dir: str | None):
     try:
         return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as exc:
+        if isinstance(exc, ValueError) and "Unknown split" in str(exc):
+            raise _split_error(exc, repr(name), split) from exc
         if not _is_hub_failure(exc):
             raise
         reason = _one_line(f"{type(exc).__name__}: {exc}", 200)
@@ -479,6 +524,7 @@ def load_image_dataset(
     data_dir: str | os.PathLike | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    test_split_fraction: float | None = None,
 ) -> datasets.Dataset:
     """Load an image-classification split as a torch-formatted (``pixel_values``, ``label``) Dataset.
 
@@ -489,27 +535,74 @@ def load_image_dataset(
     random subset chosen by ``seed`` (in original order) for quick runs. ``image_column``/``label_column``
     override the column detection (e.g. ``label_column="coarse_label"`` for CIFAR-100's 20 super-classes).
 
+    ``test_split_fraction`` (in (0, 1)) holds out that fraction of the source's ``train`` rows: ``split="test"``
+    returns them and ``split="train"`` the rest (a fixed draw, independent of ``seed``, so the two never
+    overlap; pass the same fraction for both). It is how a single-split source (one data file...) gets a test
+    set; asking such a source for ``"test"`` without it is a :class:`~egg_optim.errors.ConfigError`.
+
     Raises :class:`DatasetUnavailableError` (one-line message listing the offline choices) when a source is
     missing or the Hub cannot be reached, :class:`~egg_optim.errors.ConfigError` for bad arguments.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"dataset name must be a non-empty string, got {name!r}")
+    holdout = test_split_fraction is not None
+    if holdout:
+        f = test_split_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
+            raise ConfigError(f"test_split_fraction must be a number in (0, 1), got {f!r}")
+        if split not in _LOCAL_SPLITS:
+            raise ConfigError(f"with test_split_fraction the splits are {list(_LOCAL_SPLITS)}, got split={split!r}")
+    source_split = "train" if holdout else split
     key = name.strip().lower()
-    if key == "digits":
-        return _load_digits(split, max_samples, seed)
-    if key in _FASHION_ALIASES:
-        return _load_fashion_mnist(split, data_dir, max_samples, seed)
+    if key == "digits" or key in _FASHION_ALIASES:
+        if key == "digits":
+            ds = _load_digits(source_split, None if holdout else max_samples, seed)
+        else:
+            ds = _load_fashion_mnist(source_split, data_dir, None if holdout else max_samples, seed)
+        if holdout:
+            ds = ds.select(_holdout_indices(len(ds), float(test_split_fraction), split, key).tolist())
+            idx = _subset_indices(len(ds), max_samples, seed)
+            if idx is not None:
+                ds = ds.select(idx.tolist())
+        return ds
     cache = str(cache_dir) if cache_dir is not None else None
     if _looks_like_path(name):
-        raw = _raw_local(name, split, cache)
+        raw = _raw_local(name, source_split, cache)
         display = Path(name).expanduser().name or name
     else:
-        raw = _raw_hub(name, split, cache)
+        raw = _raw_hub(name, source_split, cache)
         display = name
+    if holdout:
+        raw = raw.select(_holdout_indices(len(raw), float(test_split_fraction), split, display).tolist())
     idx = _subset_indices(len(raw), max_samples, seed)
     if idx is not None:
         raw = raw.select(idx.tolist())
     return _normalise_columns(raw, display, image_column, label_column)
+
+
+def _labels(ds: datasets.Dataset) -> np.ndarray:
+    return np.asarray(ds.with_format("numpy", columns=["label"])[:]["label"])  # not the pixels
+
+
+def check_splits(train: datasets.Dataset, test: datasets.Dataset | None = None) -> None:
+    """Refuse data no classifier can be judged on: a ``train`` split with fewer than two distinct labels
+    (predicting the one class is always right: accuracy 1.0 by construction), or ``test`` labels outside the
+    classes ``train`` defines (see :func:`dataset_spec`). Raises :class:`~egg_optim.errors.ConfigError`."""
+    spec = dataset_spec(train)
+    present = np.unique(_labels(train))
+    if len(present) < 2:
+        which = f"only label {int(present[0])}" if len(present) else "no labels"
+        raise ConfigError(
+            f"dataset {spec.name!r}: the train split has {which} in its {len(train)} rows; a classifier needs "
+            f"at least 2 classes (with 1, every prediction is right and accuracy is 1.0 by construction)"
+        )
+    if test is not None and len(test):
+        labels = _labels(test)
+        if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
+            raise ConfigError(
+                f"dataset {spec.name!r}: the test split has labels {int(labels.min())}..{int(labels.max())} but the "
+                f"train split defines {spec.num_classes} classes (0..{spec.num_classes - 1})"
+            )
 
 
 # --------------------------------------------------------------------------------------------- batches
