@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Run the seed's scenario table (baseline / mild / aggressive, optionally both clone modes) on one dataset,
+"""Run the seed's scenario table (baseline / mild / aggressive, optionally both clone modes, and the narrow-mild /
+narrow-aggressive dense controls with the plans' active widths) on one dataset,
 sequentially in this one process, and write a markdown table and a PNG plot.
 
 Example (the committed Fashion-MNIST table, docs/results/fashion_mnist_scenarios.md)::
@@ -78,10 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def has_roles(scenario: str) -> bool:
+    """Whether ``scenario`` trains with clones (the baseline and the narrow dense controls do not)."""
+    return scenario != "baseline" and not scenario.startswith(train_image.NARROW)
+
+
 def run_matrix(scenarios: Sequence[str], clone_modes: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for scenario in scenarios:
-        modes = clone_modes[:1] if scenario == "baseline" else clone_modes
+        modes = clone_modes if has_roles(scenario) else clone_modes[:1]
         out += [(scenario, mode) for mode in modes]
     return out
 
@@ -110,20 +116,22 @@ def write_table(path: Path, rows: list[dict[str, Any]], target: float, command: 
         f"Machine: {header['machine']}. Epochs: {header['epochs']}, batch size {header['batch_size']}, "
         f"lr {header['lr']}, seed {header['seed']}. Finished {header['finished']}.",
         "",
-        "| scenario | clone mode | test acc | updates/epoch | time/epoch (s) | "
+        "| scenario | clone mode | test acc | updates/epoch | fwd GFLOPs/epoch | time/epoch (s) | "
         f"time to acc >= {target:.4f} (s) | steps |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['scenario']} | {r['clone_mode'] if r['scenario'] != 'baseline' else '-'} | "
-            f"{r['test_accuracy']:.4f} | {r['updates_per_epoch']:,.0f} | {r['time_per_epoch']:.1f} | "
-            f"{_fmt_time(r['time_to_accuracy'])} | {r['steps']} |"
+            f"| {r['scenario']} | {r['clone_mode'] if has_roles(r['scenario']) else '-'} | "
+            f"{r['test_accuracy']:.4f} | {r['updates_per_epoch']:,.0f} | {r.get('flops_per_epoch', 0) / 1e9:,.1f} | "
+            f"{r['time_per_epoch']:.1f} | {_fmt_time(r['time_to_accuracy'])} | {r['steps']} |"
         )
     lines += [
         "",
         "updates/epoch: active output channels (leaders + independents) per batch summed over an epoch, as in the "
-        "seed's tables. time/epoch: mean training wall-clock of the full epochs, evaluation excluded. "
+        "seed's tables. fwd GFLOPs/epoch: counted forward Conv/Linear FLOPs over the epoch's training samples "
+        "(output cloning computes only leaders and independents; the narrow-* rows are dense nets with the plan's "
+        "active widths, no roles). time/epoch: mean training wall-clock of the full epochs, evaluation excluded. "
         "Time to accuracy: training wall-clock until the first evaluation (end of each epoch unless "
         "`--eval-every` is passed) at or above the target.",
         "",
@@ -139,7 +147,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], target: float, title: str
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_acc, ax_upd = fig.subplots(1, 2)
     for r in rows:
-        label = r["scenario"] if r["scenario"] == "baseline" else f"{r['scenario']} ({r['clone_mode']})"
+        label = f"{r['scenario']} ({r['clone_mode']})" if has_roles(r["scenario"]) else r["scenario"]
         hist = r["history"]
         ax_acc.plot([h["train_time"] for h in hist], [h["accuracy"] for h in hist], marker="o", label=label)
     ax_acc.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
@@ -147,7 +155,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], target: float, title: str
     ax_acc.set_ylabel("test accuracy")
     ax_acc.set_title("accuracy vs time")
     ax_acc.legend(fontsize=8)
-    labels = [r["scenario"] if r["scenario"] == "baseline" else f"{r['scenario']}\n{r['clone_mode']}" for r in rows]
+    labels = [f"{r['scenario']}\n{r['clone_mode']}" if has_roles(r["scenario"]) else r["scenario"] for r in rows]
     bars = ax_upd.bar(range(len(rows)), [r["updates_per_epoch"] for r in rows], color="tab:blue")
     ax_upd.set_xticks(range(len(rows)), labels, fontsize=8)
     ax_upd.set_ylabel("updates / epoch (active channels x batches)")
@@ -209,6 +217,7 @@ def sweep(args: argparse.Namespace, passthrough: Sequence[str], command: str) ->
                 "test_accuracy": metrics["test_accuracy"],
                 "updates_per_epoch": metrics["updates_per_epoch"],
                 "updates_per_batch": metrics["updates_per_batch"],
+                "flops_per_epoch": metrics["flops_per_epoch"],
                 "time_per_epoch": metrics["time_per_epoch"],
                 "steps": metrics["steps"],
                 "history": metrics["history"],

@@ -38,7 +38,8 @@ from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_argu
 from egg_optim.errors import ConfigError, EggOptimError
 
 MODELS = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
-SCENARIOS = ("baseline", "mild", "aggressive")
+SCENARIOS = ("baseline", "mild", "aggressive", "narrow-mild", "narrow-aggressive")
+NARROW = "narrow-"  # a dense net narrowed to the plan's active widths: the control for cloning
 # EggConfig fields that are not flags of the image recipes (the plan comes from --scenario and the model)
 # (--seed is the recipe's own: it seeds model init and data order too)
 NOT_FLAGS = ("plan", "plan_table", "seed", "local_losses", "local_loss_scores", "log_roles", "log_per_layer")
@@ -185,7 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="mild",
         choices=SCENARIOS,
         help="the seed's presets: baseline (every unit trained), mild, aggressive; per-layer tables for the "
-        "seed nets (mnist table for seed_mnist, cifar table for seed_cifar), one uniform pair for other models",
+        "seed nets (mnist table for seed_mnist, cifar table for seed_cifar), one uniform pair for other models; "
+        "narrow-mild / narrow-aggressive: the control, a dense net (no roles) whose managed layers have the "
+        "plan's active widths (leaders + independents), see --width-match",
+    )
+    g.add_argument(
+        "--width-match",
+        default="widths",
+        choices=("widths", "flops"),
+        help="narrow-* scenarios: widths = each layer's active width (about half of output cloning's FLOPs: "
+        "its layers still read every input channel); flops = the active widths scaled up by one factor until "
+        "the forward FLOPs match output cloning's (the equal-compute control)",
     )
     g.add_argument(
         "--leaders",
@@ -260,9 +271,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ============================================================================ building blocks
+def base_scenario(args: argparse.Namespace) -> str:
+    """The preset behind ``--scenario`` (``narrow-mild`` -> ``mild``)."""
+    return args.scenario[len(NARROW) :] if args.scenario.startswith(NARROW) else args.scenario
+
+
 def make_plan(args: argparse.Namespace, model: torch.nn.Module) -> RolePlan:
     """The role plan for ``args``: the seed's per-layer table for the seed nets, a uniform pair otherwise;
-    ``--leaders/--independents`` replace the fractions on the same layers."""
+    ``--leaders/--independents`` replace the fractions on the same layers. For a ``narrow-*`` scenario this is
+    the plan whose active widths the dense control takes (the control itself trains with no roles)."""
     table = SEED_TABLES.get(args.model)
     lead, ind = getattr(args, "leaders", None), getattr(args, "independents", None)
     if lead is not None or ind is not None:
@@ -271,7 +288,21 @@ def make_plan(args: argparse.Namespace, model: torch.nn.Module) -> RolePlan:
         if table is not None:
             return RolePlan(per_layer=dict.fromkeys(counted_layers(args, model), (lead, ind)), only_listed=True)
         return RolePlan(lead, ind)
-    return RolePlan.preset(args.scenario, table=table or "uniform")
+    return RolePlan.preset(base_scenario(args), table=table or "uniform")
+
+
+def build_network(args: argparse.Namespace, spec) -> tuple[torch.nn.Module, RolePlan]:
+    """The model and its role plan for ``args`` and a :func:`~egg_optim.kit.data.dataset_spec`: a ``narrow-*``
+    scenario builds the dense control (:func:`~egg_optim.kit.models.narrow_model`) and trains it without roles."""
+    from egg_optim.kit.models import build_model, narrow_model
+
+    shape = {"in_channels": spec.channels, "num_classes": spec.num_classes, "image_size": spec.image_size}
+    if not args.scenario.startswith(NARROW):
+        model = build_model(args.model, **shape)
+        return model, make_plan(args, model)
+    with torch.device("meta"):  # shapes only, so the control's init draws from the seeded RNG
+        plan = make_plan(args, build_model(args.model, **shape))
+    return narrow_model(args.model, plan, match=getattr(args, "width_match", "widths"), **shape), RolePlan()
 
 
 def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
@@ -395,6 +426,10 @@ def _configure_wandb(output_dir: Path) -> dict[str, Any]:
     return kwargs
 
 
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _clock() -> float:
     """Wall-clock seconds, after the GPU has finished queued work (timings would otherwise be too low)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -419,7 +454,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from egg_optim.kit import storage, tracking
     from egg_optim.kit.data import check_splits, dataset_spec, load_image_dataset, make_dataloader
     from egg_optim.kit.metrics import load_metric
-    from egg_optim.kit.models import build_model
+    from egg_optim.kit.models import count_conv_linear_flops
 
     output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
     tracker = None if args.report_to == "none" else args.report_to
@@ -450,8 +485,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     raw_eval_dl = make_dataloader(eval_ds, args.eval_batch_size or args.batch_size, **common)
 
     # ---------------------------------------------------------------- model, roles, optimizer
-    model = build_model(args.model, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size)
-    plan = make_plan(args, model)
+    model, plan = build_network(args, spec)
+    layer_flops = count_conv_linear_flops(model, (1, spec.channels, *_pair(spec.image_size)))
     counted = counted_layers(args, model)
     config = egg_config(args, plan)
     base = make_optimizer(args, model.parameters())
@@ -507,6 +542,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "history": [],
         "epochs": [],
         "epoch_updates": 0,
+        "epoch_flops": 0,
+        "train_flops": 0,
         "epoch_train_time": 0.0,
         "train_time": 0.0,
     }
@@ -569,6 +606,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "step": step,
             "epoch": epoch,
             "train_time": progress["train_time"],
+            "train_flops": progress.get("train_flops", 0),
             "accuracy": result["accuracy"],
             "loss": result["loss"],
         }
@@ -579,6 +617,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # ---------------------------------------------------------------- loop
     model.train()
     updates_per_batch = tracking.active_units(lco, counted, unwrapped)
+    flops_per_sample = tracking.forward_flops(lco, layer_flops)
     global_step = progress["global_step"]
     start_epoch = progress["epoch"]
     started = time.perf_counter()
@@ -587,9 +626,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             break
         skip = progress["batch_in_epoch"] if epoch == start_epoch else 0
         if skip == 0:
-            progress["epoch_updates"], progress["epoch_train_time"] = 0, 0.0
+            progress["epoch_updates"], progress["epoch_flops"], progress["epoch_train_time"] = 0, 0, 0.0
         lco.epoch_begin(epoch)  # a resumed epoch is not re-elected: the optimizer state remembers it began
         updates_per_batch = tracking.active_units(lco, counted, unwrapped)
+        flops_per_sample = tracking.forward_flops(lco, layer_flops)
         progress["epoch"], progress["batch_in_epoch"] = epoch, skip
         sampler.generator.manual_seed(derived_seed(args.seed, "order", epoch))
         collate.start(epoch, skip)
@@ -616,8 +656,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             progress["global_step"] = global_step
             progress["batch_in_epoch"] += 1
             progress["epoch_updates"] += updates_per_batch
+            batch_flops = flops_per_sample * int(x.shape[0]) * world  # forward Conv/Linear FLOPs, all processes
+            progress["epoch_flops"] = progress.get("epoch_flops", 0) + batch_flops
+            progress["train_flops"] = progress.get("train_flops", 0) + batch_flops
             if lco.elect_every.steps is not None:  # roles may change inside the epoch
                 updates_per_batch = tracking.active_units(lco, counted, unwrapped)
+                flops_per_sample = tracking.forward_flops(lco, layer_flops)
             bar.update(1)
             if global_step % args.log_every == 0 or global_step == max_steps:
                 loss_value = float(loss.detach())
@@ -660,6 +704,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "complete": progress["batch_in_epoch"] == steps_per_epoch,
             "train_time": progress["epoch_train_time"],
             "updates": progress["epoch_updates"],
+            "flops": progress.get("epoch_flops", 0),
             "accuracy": result["accuracy"],
         }
         progress["epochs"].append(summary)
@@ -693,6 +738,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "time_per_epoch": sum(e["train_time"] for e in full) / len(full) if full else 0.0,
         "updates_per_epoch": sum(e["updates"] for e in full) / len(full) if full else 0.0,
         "updates_per_batch": updates_per_batch,
+        "forward_flops_per_sample": flops_per_sample,
+        "flops_per_epoch": sum(e.get("flops", 0) for e in full) / len(full) if full else 0.0,
+        "train_flops": progress.get("train_flops", 0),
         "counted_layers": counted,
         "epochs": progress["epochs"],
         "history": progress["history"],

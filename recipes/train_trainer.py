@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-split-fraction", type=t._open_fraction, default=None, metavar="F", help="as in train_image.py"
     )
     p.add_argument("--augment", nargs="?", const="auto", default=None, metavar="SPEC", help="as in train_image.py")
-    p.add_argument("--scenario", default="mild", choices=t.SCENARIOS, help="the seed's presets")
+    p.add_argument("--scenario", default="mild", choices=t.SCENARIOS, help="as in train_image.py")
+    p.add_argument("--width-match", default="widths", choices=("widths", "flops"), help="as in train_image.py")
     add_config_arguments(p, exclude=(*train_image.NOT_FLAGS[:-1],))  # keeps --log-per-layer
     p.add_argument("--optim", default="adamw_torch", choices=TRAINER_OPTIMIZERS, help="Trainer optimizer name")
     p.add_argument("--lr", type=t._positive_float, default=3e-4, help="learning rate")
@@ -101,7 +102,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from egg_optim.kit import storage
     from egg_optim.kit.data import BatchTransform, check_splits, dataset_spec, load_image_dataset
     from egg_optim.kit.metrics import load_metric
-    from egg_optim.kit.models import build_model
 
     output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
     holdout = args.test_split_fraction
@@ -118,10 +118,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if augment == "auto":
         augment = train_image.DEFAULT_AUGMENT.get(args.model, "crop:2")
     torch.manual_seed(args.seed)
-    net = build_model(args.model, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size)
+    net, plan = train_image.build_network(args, spec)
     model = ImageClassifier(net)
 
-    egg = train_image.egg_config(args, train_image.make_plan(args, net))
+    egg = train_image.egg_config(args, plan)
     report_to = "none" if args.report_to == "none" else ["wandb"]
     if args.report_to == "wandb":
         wandb_kwargs = train_image._configure_wandb(output_dir)

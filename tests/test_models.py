@@ -16,6 +16,8 @@ from egg_optim.kit.models import (
     SmallCNN,
     build_model,
     count_conv_linear_flops,
+    narrow_model,
+    narrow_widths,
 )
 
 ROLE_LAYERS = [f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3)]
@@ -155,3 +157,95 @@ def test_flop_counter_on_seed_net():
     assert flops["layer1.conv2"] == 2 * (32 * 28 * 28) * (32 * 9)
     assert flops["layer3.conv3"] == 2 * (32 * 7 * 7) * 16
     assert flops["fc1"] == 2 * 128 * 288
+
+
+# ---------------------------------------------------------------------------- width-matched dense controls
+def _plan(scenario, table):
+    from egg_optim import RolePlan
+
+    return RolePlan.preset(scenario, table)
+
+
+@pytest.mark.parametrize(
+    ("name", "table", "size"),
+    [("seed_mnist", "mnist", 28), ("seed_cifar", "cifar", 8), ("small_cnn", "uniform", 28), ("mlp", "uniform", 8)],
+)
+@pytest.mark.parametrize("scenario", ["mild", "aggressive"])
+def test_narrow_model_has_the_plans_active_widths(name, table, size, scenario):
+    ch = 3 if name == "seed_cifar" else 1
+    full = build_model(name, in_channels=ch, num_classes=10, image_size=size)
+    plan = _plan(scenario, table)
+    want = {n: lp.leaders + lp.independents for n, lp in plan.resolve(full).items()}
+    assert want == narrow_widths(full, plan) and any(
+        want[n] < dict(full.named_modules())[n].weight.shape[0] for n in want
+    )
+    net = narrow_model(name, plan, in_channels=ch, num_classes=10, image_size=size)
+    mods = dict(net.named_modules())
+    assert {n: mods[n].weight.shape[0] for n in want} == want
+    # downstream widths follow: every layer reads what the layer before it writes
+    if name.startswith("seed"):
+        cin = ch
+        for b in (1, 2, 3):
+            blk = mods[f"layer{b}"]
+            assert (blk.conv1.in_channels, blk.conv2.in_channels, blk.conv3.in_channels) == (
+                cin, want[f"layer{b}.conv1"], want[f"layer{b}.conv2"],
+            )  # fmt: skip
+            assert blk.bn2.num_features == want[f"layer{b}.conv2"] and blk.bn3.num_features == want[f"layer{b}.conv3"]
+            if len(blk.shortcut):
+                assert (blk.shortcut[0].in_channels, blk.shortcut[0].out_channels) == (cin, want[f"layer{b}.conv3"])
+            else:
+                assert cin == want[f"layer{b}.conv3"]
+            cin = want[f"layer{b}.conv3"]
+        assert net.fc1.in_features == cin * (size // 8) ** 2
+    assert net(torch.randn(2, ch, size, size)).shape == (2, 10)
+
+
+def test_narrow_flops_against_output_cloning():
+    """Output cloning computes the active output units but reads every input channel: the width-matched net
+    computes about half its FLOPs on the seed net; the FLOP-matched control comes within 10 % below it. The
+    ``active=`` count equals what an output-cloned model actually computes (its compact conv outputs)."""
+    from egg_optim import LeaderCloneOptimizer
+
+    plan = _plan("mild", "mnist")
+    full = SeedMNISTNet()
+    active = narrow_widths(full, plan)
+    analytic = count_conv_linear_flops(full, (1, 1, 28, 28), active=active)
+    lco = LeaderCloneOptimizer(full, torch.optim.Adam(full.parameters()), plan, clone_mode="output")
+    assert count_conv_linear_flops(full, (1, 1, 28, 28)) == analytic  # hooks see the compact outputs
+    lco.remove_output_cloning()
+    out_total = sum(analytic.values())
+    assert out_total < sum(count_conv_linear_flops(full, (1, 1, 28, 28)).values())
+    shape = {"in_channels": 1, "num_classes": 10, "image_size": 28}
+    narrow = sum(count_conv_linear_flops(narrow_model("seed_mnist", plan, **shape), (1, 1, 28, 28)).values())
+    matched = narrow_model("seed_mnist", plan, match="flops", **shape)
+    matched_total = sum(count_conv_linear_flops(matched, (1, 1, 28, 28)).values())
+    assert 0.4 < narrow / out_total < 0.6
+    assert 0.9 * out_total < matched_total <= out_total
+    widths = {n: m.weight.shape[0] for n, m in matched.named_modules() if n in active}
+    assert all(active[n] < widths[n] <= dict(full.named_modules())[n].weight.shape[0] for n in active)
+
+
+def test_narrow_model_draws_its_init_like_build_model():
+    plan = _plan("aggressive", "mnist")
+    shape = {"in_channels": 1, "num_classes": 10, "image_size": 8}
+    torch.manual_seed(3)
+    a = narrow_model("seed_mnist", plan, **shape)
+    after_a = torch.rand(1)
+    widths = narrow_widths(SeedMNISTNet(image_size=8), plan)
+    torch.manual_seed(3)
+    b = build_model("seed_mnist", widths=widths, **shape)
+    assert torch.equal(torch.rand(1), after_a)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_widths_are_checked():
+    with pytest.raises(ConfigError, match="unknown layer 'layer4.conv1'"):
+        SeedMNISTNet(widths={"layer4.conv1": 3})
+    with pytest.raises(ConfigError, match="positive int, got 0"):
+        SmallCNN(widths={"conv1": 0})
+    with pytest.raises(ConfigError, match="unknown layer 'head'"):
+        MLP(64, widths={"head": 4})
+    with pytest.raises(ConfigError, match="match must be one of"):
+        narrow_model("mlp", _plan("mild", "uniform"), in_channels=1, num_classes=10, image_size=8, match="params")
+    with pytest.raises(ConfigError, match="active names unknown modules"):
+        count_conv_linear_flops(SmallCNN(), (1, 1, 28, 28), active={"conv9": 1})

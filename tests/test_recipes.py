@@ -125,6 +125,28 @@ def test_seed_updates_match_the_seed_tables(tmp_path):
     assert [round(v * 235) for v in per_batch.values()] == [75_200, 36_895, 29_610]
 
 
+def test_narrow_scenarios_train_the_dense_control(tmp_path):
+    """narrow-*: a dense net with the plan's active widths and no roles; same updates as the plan, about half
+    output cloning's counted FLOPs; --width-match flops scales it up to (just under) output cloning's FLOPs."""
+    from egg_optim.kit.models import count_conv_linear_flops, narrow_model
+
+    flops = {}
+    for argv in (["--scenario", "mild", "--clone-mode", "output"], ["--scenario", "narrow-mild"],
+                 ["--scenario", "narrow-mild", "--width-match", "flops"]):  # fmt: skip
+        m, _ = _run([*argv, "--max-steps", "2"], tmp_path, "-".join(argv))
+        flops[" ".join(argv)] = m["forward_flops_per_sample"]
+        assert m["train_flops"] == m["epochs"][0]["flops"] == 2 * 64 * m["forward_flops_per_sample"]
+        if "narrow-mild" in argv:
+            assert m["roles"]["clones"] == 0
+        if argv == ["--scenario", "narrow-mild"]:
+            assert m["updates_per_batch"] == 157  # the mild plan's active units over the 9 block convs
+    out, narrow, matched = flops.values()
+    plan = train_image.RolePlan.preset("mild", table="mnist")
+    net = narrow_model("seed_mnist", plan, in_channels=1, num_classes=10, image_size=8)
+    assert narrow == sum(count_conv_linear_flops(net, (1, 1, 8, 8)).values())
+    assert narrow < 0.6 * out and 0.9 * out < matched <= out
+
+
 def test_train_end_to_end_learns_and_writes_outputs(tmp_path):
     m, out = _run(
         ["--model", "small_cnn", "--scenario", "mild", "--epochs", "3", "--lr", "1e-2", "--max-train-samples", "1437",
@@ -396,6 +418,7 @@ def test_sweep_writes_table_and_plot(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 3  # header, baseline once, aggressive x 2 clone modes
     assert "| baseline | - |" in rows[1] and "| 640 |" in rows[1]  # 320 updates x 2 batches
+    assert "fwd GFLOPs/epoch" in rows[0]
     assert "| aggressive | output |" in rows[3]
     png = (tmp_path / "sweep" / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

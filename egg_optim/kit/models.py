@@ -1,4 +1,4 @@
-"""The seed's bottleneck CNNs and two small baselines, plus a Conv/Linear FLOP counter.
+"""The seed's bottleneck CNNs and two small baselines, their width-matched dense controls, and a FLOP counter.
 
 Module names and registration order are part of the API: role presets address ``layer1.conv1`` ...
 ``layer3.conv3``, and :mod:`egg_optim.core.units` couples each conv with the norm layer registered right after it,
@@ -7,12 +7,18 @@ so every block registers ``conv1, bn1, conv2, bn2, conv3, bn3, shortcut`` in tha
 Like the seed, block convolutions keep their bias and use Kaiming-normal (ReLU) weights with zero bias; the
 first fully connected layer's width is computed from ``image_size`` (288 for 28x28 MNIST, 1024 for 32x32
 CIFAR) so the same nets also run on 8x8 digits.
+
+Every model takes ``widths={layer name: output width}`` to narrow (or widen) named layers, and downstream
+widths follow (a block's conv3 sets the block output, its shortcut and the next block's input; the last conv
+sets the classifier input). :func:`narrow_model` uses it to build the *width-matched control* of a role plan:
+the dense network whose managed layers have exactly the plan's active widths (leaders + independents, with the
+plan's rounding), the comparison a reviewer asks of any cloning result.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +34,25 @@ __all__ = [
     "SmallCNN",
     "MODEL_NAMES",
     "build_model",
+    "narrow_widths",
+    "narrow_model",
+    "NARROW_MATCHES",
     "count_conv_linear_flops",
 ]
 
 ImageSize = int | Sequence[int]
+Widths = Mapping[str, int]
+
+
+def _check_widths(widths: Widths | None, allowed: Sequence[str], what: str) -> dict[str, int]:
+    """``widths`` as a dict, refusing unknown layer names and widths that are not positive ints."""
+    out = dict(widths or {})
+    for name, w in out.items():
+        if name not in allowed:
+            raise ConfigError(f"{what}: widths names unknown layer {name!r}; layers are {list(allowed)}")
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ConfigError(f"{what}: width of {name!r} must be a positive int, got {w!r}")
+    return out
 
 
 def _size_pair(image_size: ImageSize) -> tuple[int, int]:
@@ -56,16 +77,18 @@ class Bottleneck(nn.Module):
     """The seed's block: conv1 1x1-BN-ReLU, conv2 3x3-BN-ReLU, conv3 1x1-BN, plus shortcut, then ReLU.
 
     The shortcut is a 1x1 conv + BN when the channel count changes, else an empty ``nn.Sequential``
-    (identity). It gets no roles in the seed.
+    (identity). It gets no roles in the seed. ``conv2_ch`` (default ``mid_ch``) sets conv2's width apart from
+    conv1's (a narrowed block whose two middle convs have different active widths).
     """
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, *, conv2_ch: int | None = None) -> None:
         super().__init__()
+        c2 = mid_ch if conv2_ch is None else conv2_ch
         self.conv1 = nn.Conv2d(in_ch, mid_ch, kernel_size=1, bias=True)
         self.bn1 = nn.BatchNorm2d(mid_ch)
-        self.conv2 = nn.Conv2d(mid_ch, mid_ch, kernel_size=3, padding=1, bias=True)
-        self.bn2 = nn.BatchNorm2d(mid_ch)
-        self.conv3 = nn.Conv2d(mid_ch, out_ch, kernel_size=1, bias=True)
+        self.conv2 = nn.Conv2d(mid_ch, c2, kernel_size=3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = nn.Conv2d(c2, out_ch, kernel_size=1, bias=True)
         self.bn3 = nn.BatchNorm2d(out_ch)
         if in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=True), nn.BatchNorm2d(out_ch))
@@ -83,8 +106,14 @@ class Bottleneck(nn.Module):
         return F.relu(out + identity)
 
 
+_SEED_LAYERS = tuple(f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3)) + ("fc1",)
+
+
 class _SeedNet(nn.Module):
-    """Three bottleneck blocks, each followed by MaxPool 2x2, then dropout-regularised FC -> FC."""
+    """Three bottleneck blocks, each followed by MaxPool 2x2, then dropout-regularised FC -> FC.
+
+    ``blocks`` are the nominal ``(in, mid, out)`` widths; ``widths`` overrides ``layer{b}.conv{c}`` and
+    ``fc1`` output widths, and each block's input is the previous block's (possibly narrowed) conv3 width."""
 
     def __init__(
         self,
@@ -93,19 +122,21 @@ class _SeedNet(nn.Module):
         num_classes: int,
         dropout: float,
         image_size: ImageSize,
+        widths: Widths | None = None,
     ) -> None:
         super().__init__()
-        (b1, b2, b3) = blocks
-        self.layer1 = Bottleneck(*b1)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.layer2 = Bottleneck(*b2)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.layer3 = Bottleneck(*b3)
-        self.pool3 = nn.MaxPool2d(2, 2)
+        w = _check_widths(widths, _SEED_LAYERS, type(self).__name__)
+        cin = blocks[0][0]
+        for b, (_, mid, out) in enumerate(blocks, start=1):
+            c1, c2, c3 = (w.get(f"layer{b}.conv{c}", d) for c, d in ((1, mid), (2, mid), (3, out)))
+            setattr(self, f"layer{b}", Bottleneck(cin, c1, c3, conv2_ch=c2))
+            setattr(self, f"pool{b}", nn.MaxPool2d(2, 2))
+            cin = c3
+        hidden = w.get("fc1", hidden)
         self.dropout = nn.Dropout(dropout)
         oh, ow = _pooled(image_size, 3, type(self).__name__)
         self.image_size = _size_pair(image_size)
-        self.fc1 = nn.Linear(b3[2] * oh * ow, hidden)
+        self.fc1 = nn.Linear(cin * oh * ow, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +154,16 @@ class SeedMNISTNet(_SeedNet):
     """The seed's MNIST net: blocks (in,32,64), (64,32,64), (64,16,32); dropout 0.3; FC 288 -> 128 -> 10."""
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, *, image_size: ImageSize = 28, dropout: float = 0.3
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        *,
+        image_size: ImageSize = 28,
+        dropout: float = 0.3,
+        widths: Widths | None = None,
     ) -> None:
-        super().__init__([(in_channels, 32, 64), (64, 32, 64), (64, 16, 32)], 128, num_classes, dropout, image_size)
+        blocks = [(in_channels, 32, 64), (64, 32, 64), (64, 16, 32)]
+        super().__init__(blocks, 128, num_classes, dropout, image_size, widths)
 
 
 class SeedCIFARNet(_SeedNet):
@@ -139,14 +177,15 @@ class SeedCIFARNet(_SeedNet):
         *,
         image_size: ImageSize = 32,
         dropout: float = 0.5,
+        widths: Widths | None = None,
     ) -> None:
-        super().__init__(
-            [(in_channels, 128, 256), (256, 128, 128), (128, 32, 64)], 1024, num_classes, dropout, image_size
-        )
+        blocks = [(in_channels, 128, 256), (256, 128, 128), (128, 32, 64)]
+        super().__init__(blocks, 1024, num_classes, dropout, image_size, widths)
 
 
 class MLP(nn.Module):
-    """Flatten -> (Linear -> ReLU) per hidden width -> Linear ``head``. Layers are ``fc1, fc2, ..., head``."""
+    """Flatten -> (Linear -> ReLU) per hidden width -> Linear ``head``. Layers are ``fc1, fc2, ..., head``;
+    ``widths={"fc2": 64}`` overrides hidden widths by layer name."""
 
     def __init__(
         self,
@@ -154,8 +193,11 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (256, 256),
         num_classes: int = 10,
         dropout: float = 0.0,
+        widths: Widths | None = None,
     ) -> None:
         super().__init__()
+        w = _check_widths(widths, [f"fc{i}" for i in range(1, len(hidden) + 1)], "MLP")
+        hidden = [w.get(f"fc{i}", int(h)) for i, h in enumerate(hidden, start=1)]
         self.in_features = int(in_features)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         width = self.in_features
@@ -176,7 +218,8 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """``num_blocks`` x (conv3x3 -> BN -> ReLU -> MaxPool 2x2), widths ``width * 2**i``, then Linear ``head``.
 
-    Convs are ``conv1, conv2, ...`` each followed by ``bn1, bn2, ...`` (no conv bias: BN follows).
+    Convs are ``conv1, conv2, ...`` each followed by ``bn1, bn2, ...`` (no conv bias: BN follows);
+    ``widths={"conv1": 12}`` overrides conv widths by layer name.
     """
 
     def __init__(
@@ -187,14 +230,16 @@ class SmallCNN(nn.Module):
         *,
         image_size: ImageSize = 28,
         num_blocks: int = 2,
+        widths: Widths | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= num_blocks <= 3:
             raise ConfigError(f"SmallCNN num_blocks must be 1, 2 or 3, got {num_blocks}")
+        w = _check_widths(widths, [f"conv{i}" for i in range(1, num_blocks + 1)], "SmallCNN")
         self.num_blocks = num_blocks
         cin = in_channels
         for i in range(1, num_blocks + 1):
-            cout = width * 2 ** (i - 1)
+            cout = w.get(f"conv{i}", width * 2 ** (i - 1))
             setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False))
             setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
             cin = cout
@@ -231,23 +276,93 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: Im
     raise ConfigError(f"unknown model {name!r}; choices: {', '.join(MODEL_NAMES)}")
 
 
+NARROW_MATCHES = ("widths", "flops")
+
+
+def narrow_widths(model: nn.Module, plan) -> dict[str, int]:
+    """``{layer: leaders + independents}`` of ``plan`` (a :class:`~egg_optim.RolePlan`) resolved on ``model``:
+    the widths at which a dense network computes, per layer, as many output units as output cloning."""
+    return {name: lp.leaders + lp.independents for name, lp in plan.resolve(model).items()}
+
+
+def _flops(model: nn.Module, image_size: ImageSize, in_channels: int, active: Mapping[str, int] | None = None) -> int:
+    h, w = _size_pair(image_size)
+    return sum(count_conv_linear_flops(model, (1, in_channels, h, w), active).values())
+
+
+def narrow_model(
+    name: str,
+    plan,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: ImageSize,
+    match: str = "widths",
+    **kwargs,
+) -> nn.Module:
+    """The dense control of ``plan`` (a :class:`~egg_optim.RolePlan`) for model ``name``: nothing is cloned and
+    every layer the plan manages is narrowed; downstream widths follow.
+
+    ``match="widths"``: each managed layer gets its active width (leaders + independents, the plan's rounding).
+    That net computes about half the FLOPs of output cloning under the same plan, whose layers still read every
+    input channel (clones carry copies). ``match="flops"``: the active widths scaled by the largest common factor
+    (each capped at the full width) whose counted forward FLOPs (:func:`count_conv_linear_flops`) do not exceed
+    output cloning's: the equal-compute control. The model's initialisation draws from the global RNG as a
+    direct ``build_model`` call would (the helper builds run under a forked RNG)."""
+    if match not in NARROW_MATCHES:
+        raise ConfigError(f"narrow_model: match must be one of {NARROW_MATCHES}, got {match!r}")
+    common = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size, **kwargs}
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # shapes only: no weights drawn or stored
+        full = build_model(name, **common)
+        active = narrow_widths(full, plan)
+        widths = dict(active)
+        if match == "flops":
+            budget = _flops(full, image_size, in_channels, active)
+            units = {n: m.weight.shape[0] for n, m in full.named_modules() if n in active}
+
+            def scaled(f: float) -> dict[str, int]:
+                return {n: min(units[n], max(1, round(f * k))) for n, k in active.items()}
+
+            lo, hi = 1.0, max(units[n] / k for n, k in active.items())
+            for _ in range(24):  # FLOPs grow with f: the largest f within budget
+                mid = (lo + hi) / 2
+                if _flops(build_model(name, widths=scaled(mid), **common), image_size, in_channels) <= budget:
+                    lo = mid
+                else:
+                    hi = mid
+            widths = scaled(lo)
+    return build_model(name, widths=widths, **common)
+
+
 @torch.no_grad()
-def count_conv_linear_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+def count_conv_linear_flops(
+    model: nn.Module, input_shape: Sequence[int], active: Mapping[str, int] | None = None
+) -> dict[str, int]:
     """FLOPs (2 x multiply-adds, bias adds not counted) of every Conv/Linear in one forward of a zero input.
 
     ``input_shape`` includes the batch dimension, e.g. ``(1, 1, 28, 28)``; counts scale with it. Returns
     ``{module name: flops}`` for the modules that ran, in call order. The model is run in eval mode and its
-    train/eval state is restored.
+    train/eval state is restored. ``active={name: k}`` counts layer ``name`` as computing only ``k`` of its
+    output units (what output cloning computes: leaders + independents, every input channel read); the model
+    itself should then be the plain one.
     """
     counts: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
+    active = dict(active or {})
+    unknown = set(active) - set(names.values())
+    if unknown:
+        raise ConfigError(f"count_conv_linear_flops: active names unknown modules {sorted(unknown)}")
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if isinstance(module, nn.Linear):
             macs = output.numel() * module.in_features
+            units = module.out_features
         else:
             macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            units = module.out_channels
         name = names[module]
+        if name in active:
+            macs = macs // units * min(int(active[name]), units)
         counts[name] = counts.get(name, 0) + 2 * int(macs)
 
     handles = [

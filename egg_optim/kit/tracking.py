@@ -63,6 +63,22 @@ def active_units(optimizer: Any, layers: Iterable[str] | None = None, model: tor
     return total
 
 
+def forward_flops(optimizer: Any, layer_flops: Mapping[str, int]) -> int:
+    """Forward Conv/Linear FLOPs per sample as the model trains now, from the plain model's per-layer counts
+    (:func:`egg_optim.kit.models.count_conv_linear_flops`): in output mode a managed layer computes only its
+    leaders and independents (every input channel read); in weight mode every unit is computed."""
+    lco = _require(optimizer)
+    total = 0
+    for name, flops in layer_flops.items():
+        roles = lco.roles.get(name) if lco.clone_mode == "output" else None
+        if roles is None:
+            total += int(flops)
+        else:
+            c = roles.counts()
+            total += int(flops) // roles.num_units * (c["leaders"] + c["independents"])
+    return total
+
+
 def leadership_heatmap(optimizer: Any, *, normalize: bool = True, title: str | None = None):
     """A matplotlib ``Figure``: one row per managed layer, one column per unit, colour = steps led
     (a fraction of all steps when ``normalize``). Layers narrower than the widest are padded (blank)."""
