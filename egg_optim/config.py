@@ -19,8 +19,9 @@ from .core.cloning import check_clone_options
 from .core.compact import CLONE_STATES, STORAGES
 from .core.election import ASSIGN_STRATEGIES
 from .core.plan import PRESET_TABLES, PRESETS, RolePlan
+from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
-from .core.scores import SCORES, Score, resolve_score
+from .core.scores import SCORES, CloneConflictScore, Score, resolve_score
 from .errors import ConfigError, PlanError
 
 CLONE_MODES = ("weight", "output")
@@ -80,6 +81,26 @@ class EggConfig:
                       "round_robin, nearest (most similar weights)", choices=ASSIGN_STRATEGIES),
     )  # fmt: skip
     hysteresis: float = field(default=0.0, metadata=_opt("relative margin a challenger needs to unseat a leader"))
+    election_policy: str = field(
+        default="rank",
+        metadata=_opt("rank: each election re-ranks every unit by the score (the seed's redraw with 'random'); "
+                      "stable: roles change only where the score asks, keeping what units compute (a promoted "
+                      "clone starts as its source and shares its clones; a demoted leader merges into the "
+                      "nearest leader), at most max_churn of the leaders per election at unchanged counts",
+                      choices=ELECTION_POLICIES),
+    )  # fmt: skip
+    max_churn: float = field(
+        default=0.1,
+        metadata=_opt("stable policy: most leaders replaced per layer and election at unchanged counts, as a "
+                      "fraction of the layer's leaders (at least one when > 0; 0: only count changes)"),
+    )  # fmt: skip
+    leader_scales: tuple[float, ...] | str = field(
+        default=(),
+        metadata=_opt("grow/shrink the plan over training: the leader fraction of every layer is scaled by entry k "
+                      "from the k-th role draw on (0: the initial one; the last entry stays); comma list "
+                      "'0.5,1,1.5' or 'ramp:START:END:N' (N equal pieces at their midpoints, mean (START+END)/2); "
+                      "empty: the plan as is", type="scales"),
+    )  # fmt: skip
     clone_blend: float = field(default=1.0, metadata=_opt("weight cloning: 1 copies the leader, less blends"))
     clone_noise: float = field(
         default=0.0, metadata=_opt("weight cloning: Gaussian noise relative to the leader row's RMS")
@@ -152,6 +173,11 @@ class EggConfig:
     def score(self) -> Score:
         return resolve_score(self.election)
 
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """``leader_scales`` as numbers (``()``: the plan is not scaled)."""
+        return parse_leader_scales(self.leader_scales, what="EggConfig.leader_scales")
+
     def signature(self) -> dict[str, Any]:
         """The options as primitives (for run signatures, trackers and logs)."""
         out: dict[str, Any] = {}
@@ -163,6 +189,8 @@ class EggConfig:
                 value = self.score.name
             elif f.name in ("clone_every", "elect_every") and value != "auto":
                 value = str(Schedule.parse(value))
+            elif f.name == "leader_scales":
+                value = ",".join(f"{v:g}" for v in self.scales)
             elif isinstance(value, Mapping):
                 value = dict(value)
             out[f.name] = value
@@ -205,6 +233,20 @@ def _validate(cfg: EggConfig) -> None:
     value = cfg.hysteresis
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise _fail("hysteresis", value, "a finite number >= 0")
+    _choice(cfg, "election_policy", ELECTION_POLICIES)
+    value = cfg.max_churn
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1):
+        raise _fail("max_churn", value, "a number in [0, 1]")
+    if cfg.scales and Schedule.parse(cfg.elect_every).never:
+        raise ConfigError(
+            f"EggConfig.leader_scales {cfg.leader_scales!r} changes the plan at elections, but elect_every is "
+            "'never'; give an election schedule (e.g. 'epoch')"
+        )
+    if isinstance(resolve_score(cfg.election), CloneConflictScore) and cfg.election_policy != "stable":
+        raise ConfigError(
+            "EggConfig.election 'clone_conflict' scores clones against their sources and leaders against each "
+            f"other, which only the stable policy reads; got election_policy={cfg.election_policy!r}"
+        )
     try:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
@@ -248,6 +290,9 @@ def _argparse_type(f: dataclasses.Field, cli: Mapping[str, Any]) -> Callable[[st
                 value: Any = str(Schedule.parse(text, what=_flag(f.name)))
             elif kind == "auto_bool":
                 value = {"auto": None, "on": True, "off": False}[text.strip().lower()]
+            elif kind == "scales":  # needs an election schedule too: checked with the whole config
+                parse_leader_scales(text, what=_flag(f.name))
+                return text.strip()
             elif kind is int:
                 value = int(text)
             else:
@@ -288,9 +333,11 @@ def add_config_arguments(
         elif cli.get("type") == "auto_bool":
             kwargs.update(type=_argparse_type(f, cli), default=default, metavar="{auto,on,off}")
         else:
-            kwargs.update(
-                type=_argparse_type(f, cli), default=str(default) if isinstance(default, Schedule) else default
-            )
+            if isinstance(default, Schedule):
+                default = str(default)
+            elif cli.get("type") == "scales" and not isinstance(default, str):
+                default = ",".join(f"{v:g}" for v in default)
+            kwargs.update(type=_argparse_type(f, cli), default=default)
         parser.add_argument(flags.get(f.name, _flag(f.name)), **kwargs)
 
 

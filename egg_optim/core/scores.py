@@ -7,6 +7,12 @@ outside, through :meth:`LeaderCloneOptimizer.observe_scores` (the LFNN local-los
 
 Scores that read ``weight.grad`` set ``reads_grad = True``: weight-mode gradient skipping
 (:mod:`egg_optim.rewrites.grad_skip`, which leaves clone rows of the gradient zero) then stays off.
+
+A :class:`UnitGradScore` sees every unit's weight gradient *as if each unit were computed*, clones included,
+with the layer's roles (:meth:`UnitGradScore.observe_grads`): ``weight.grad`` in weight mode, and in output
+mode, where clones have no weight gradient, a probe of the output-cloned layer every ``probe_every`` steps
+(:meth:`egg_optim.rewrites.output_cloning.OutputCloning.probe`). :class:`CloneConflictScore` is the one that
+lets elections free clones in output mode.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError
+from .roles import Roles
 from .units import ManagedLayer
 
 ScoreFn = Callable[[ManagedLayer], torch.Tensor]
@@ -96,6 +103,58 @@ class TaylorScore(RunningScore):
         return None if g is None else (_rows(layer.weight) * _rows(g)).float().abs().sum(dim=1)
 
 
+class UnitGradScore(RunningScore):
+    """Observes every unit's weight-gradient rows with the layer's roles; implement :meth:`observe_grads`.
+
+    ``probe_every``: in output mode, the optimizer probes one training step in this many (the probed step
+    runs the layer at full width: slower, same function). In weight mode every step is observed."""
+
+    reads_grad = True
+    probe_every: int = 10
+
+    def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
+        raise TypeError(f"{self!r} observes gradients with roles: the optimizer calls observe_grads")
+
+    def observe_grads(self, grad: torch.Tensor, roles: Roles) -> torch.Tensor | None:
+        """This step's per-unit values from ``grad`` (every unit's weight-gradient rows, shaped like the weight)."""
+        raise NotImplementedError
+
+
+class CloneConflictScore(UnitGradScore):
+    """Which clones to free and which leaders are redundant, from the first-order effect of tying units.
+
+    Tied units share one update: a leader steps with the sum ``G`` of its group's gradients (its own and its
+    clones'). For plain gradient descent with learning rate ``lr``, freeing clone ``c`` (gradient ``g_c``) from a
+    group whose other members sum to ``r = G - g_c`` changes the first-order loss decrease by
+    ``-2 lr <g_c, r>``: it helps when the clone's gradient disagrees with the rest of its group. So a clone
+    scores ``-<g_c, G_source - g_c>``, and a leader ``d`` scores ``-max_m <G_d, G_m>`` over the other leaders
+    ``m`` (merging it into the leader its group's gradient agrees with most costs least). Both are on one
+    scale, so hysteresis compares them. Independents score ``|g|^2`` (the stable policy never swaps them).
+    Meant for ``election_policy="stable"``."""
+
+    name = "clone_conflict"
+
+    def __init__(self, probe_every: int = 10) -> None:
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ConfigError(f"CloneConflictScore.probe_every must be a positive int, got {probe_every!r}")
+        self.probe_every = probe_every
+
+    def observe_grads(self, grad: torch.Tensor, roles: Roles) -> torch.Tensor | None:
+        g = _rows(grad).float().cpu()
+        out = (g * g).sum(dim=1)
+        if not roles.has_clones:
+            return out
+        clones, sources = roles.clones, roles.sources
+        total = g.clone().index_add_(0, sources, g[clones])  # leader rows: their group's summed gradient
+        out[clones] = -(g[clones] * (total[sources] - g[clones])).sum(dim=1)
+        leaders = roles.leaders
+        if leaders.numel() > 1:
+            gram = total[leaders] @ total[leaders].T
+            gram.fill_diagonal_(-float("inf"))
+            out[leaders] = -gram.max(dim=1).values
+        return out
+
+
 class LocalLossScore(ObservedScore):
     """Minus each unit's LFNN worker loss, pushed by :class:`~egg_optim.callbacks.LocalLossCallback`."""
 
@@ -116,7 +175,8 @@ class CallableScore(Score):
 
 
 SCORES: dict[str, Score] = {
-    s.name: s for s in (RandomScore(), WeightNormScore(), GradNormScore(), TaylorScore(), LocalLossScore())
+    s.name: s
+    for s in (RandomScore(), WeightNormScore(), GradNormScore(), TaylorScore(), LocalLossScore(), CloneConflictScore())
 }
 
 

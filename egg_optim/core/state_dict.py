@@ -10,7 +10,7 @@ state dict raises :class:`StateDictMismatchError` naming the offending key and l
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,11 +120,12 @@ def parse_book(
     *,
     plan: str,
     units: Mapping[str, int],
-    counts: Mapping[str, tuple[int, int]],
+    counts: Mapping[str, tuple[int, int]] | Callable[[int], Mapping[str, tuple[int, int]]],
     device_of: Any,
 ) -> Book:
     """Validate the ``egg_optim`` entry against this optimizer (plan signature, managed layers and their unit
-    counts, per-layer ``(leaders, independents)`` counts) and return its :class:`Book`. Changes nothing."""
+    counts, per-layer ``(leaders, independents)`` counts, or a function of the number of elections held when
+    the plan changes over training) and return its :class:`Book`. Changes nothing."""
     if not isinstance(extra, Mapping):
         raise StateDictMismatchError(
             f"state dict has no {STATE_KEY!r} entry: it was not saved by a LeaderCloneOptimizer "
@@ -149,6 +150,8 @@ def parse_book(
         clone_events=_int(f"{STATE_KEY}.clone_events", extra["clone_events"]),
         roles_since=_int(f"{STATE_KEY}.roles_since", extra["roles_since"]),
     )
+    if callable(counts):
+        counts = counts(book.elections)
     if book.roles_since > book.steps:
         raise StateDictMismatchError(f"{STATE_KEY}.roles_since {book.roles_since} is after steps {book.steps}")
     if version >= 2:

@@ -26,9 +26,10 @@ from ..core.cloning import clone_layer
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
+from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
-from ..core.scores import RandomScore, RunningScore, Score
+from ..core.scores import RandomScore, RunningScore, Score, UnitGradScore
 from ..core.state_dict import STATE_KEY, Book, LayerBook, check_base_state, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers
 from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError, UnsupportedOptimizerError
@@ -111,6 +112,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         layer_plans = role_plan.resolve(model)
         layers = build_managed_layers(model, list(layer_plans), dict(config.norms) if config.norms else None)
         layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
+        # the counts of every role draw a leader_scales schedule asks for, checked now
+        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
 
         # --- the Optimizer protocol, sharing the base optimizer's containers
         self.optimizer = optimizer
@@ -125,7 +128,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.model = model
         self.config = config
         self.plan = role_plan
-        self.layer_plans: dict[str, LayerPlan] = layer_plans
+        self._plans_by_draw = plans_by_draw or [layer_plans]
+        self.layer_plans: dict[str, LayerPlan] = self._counts(0)  # the counts in force now
         self.layers: dict[str, ManagedLayer] = layers
         self.score: Score = config.score
         self.clone_every: Schedule = config.clone_schedule
@@ -185,6 +189,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         )
         keep = [n for n in layers if n not in reasons]
         return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
+
+    def _counts(self, draw: int) -> dict[str, LayerPlan]:
+        """Per-layer counts of role draw ``draw`` (0: the initial draw, k: the k-th election)."""
+        return self._plans_by_draw[min(draw, len(self._plans_by_draw) - 1)]
 
     # ------------------------------------------------------------------ options, as attributes
     @property
@@ -371,9 +379,26 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         if not isinstance(self.score, RunningScore):
             return
         for name, layer in self.layers.items():
-            value = self.score.observe(layer)
+            if isinstance(self.score, UnitGradScore):
+                roles = self.book.layers[name].roles
+                if self.output_cloning is not None and roles.has_clones:
+                    from ..rewrites.output_cloning import take_probe
+
+                    grad = take_probe(layer.module)  # None on steps that were not probed
+                else:
+                    grad = layer.weight.grad
+                value = None if grad is None else self.score.observe_grads(grad, roles)
+            else:
+                value = self.score.observe(layer)
             if value is not None:
                 self._accumulate(name, value)
+
+    def _arm_probe(self) -> None:
+        """Output mode with a :class:`UnitGradScore`: probe the next forward when it is a probe step."""
+        score = self.score
+        probing = self.output_cloning is not None and isinstance(score, UnitGradScore)
+        if probing and (self.steps + 1) % score.probe_every == 0:
+            self.output_cloning.probe()
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         lb = self.book.layers[name]
@@ -417,6 +442,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             self.elect_now()
         if self.clone_every.after_step(self.steps):
             self._scheduled_clone()
+        self._arm_probe()
         return loss
 
     @staticmethod
@@ -480,12 +506,30 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         bad = [n for n, s in scores.items() if not bool(torch.isfinite(s).all())]
         if bad:
             raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
+        counts = self._counts(0 if initial else self.elections + 1)
+        if not initial and self.config.election_policy == "stable":
+            out = {}
+            for name, layer in self.layers.items():
+                roles = self.roles[name]
+                weight = layer.weight.detach()
+                if self.output_cloning is not None:  # a promoted clone starts from its source's rows
+                    weight = weight[roles.source_map.to(weight.device)]
+                out[name] = stable_elect(
+                    roles,
+                    scores[name],
+                    counts[name].leaders,
+                    counts[name].independents,
+                    hysteresis=self.hysteresis,
+                    max_churn=float(self.config.max_churn),
+                    weight=weight,
+                )
+            return out
         current = None if initial else self.roles
         return {
             name: elect(
                 scores[name],
-                self.layer_plans[name].leaders,
-                self.layer_plans[name].independents,
+                counts[name].leaders,
+                counts[name].independents,
                 current=None if current is None else current[name],
                 hysteresis=self.hysteresis,
                 assign=self.assign,
@@ -503,6 +547,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
             lb.score_sum, lb.score_count = None, 0
         self.book.elections += 1
+        self.layer_plans = self._counts(self.elections)
         self.book.last_election_step = self.steps
         if self.output_cloning is not None:
             # A clone has been computing its source's output; giving it the source's conv rows and norm
@@ -642,7 +687,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             sd.pop(STATE_KEY, None),
             plan=self.plan.signature(),
             units={n: lay.num_units for n, lay in self.layers.items()},
-            counts={n: (lp.leaders, lp.independents) for n, lp in self.layer_plans.items()},
+            counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self._counts(draw).items()},
             device_of=lambda n: self.layers[n].weight.device,
         )
         saved_roles = {n: lb.roles for n, lb in book.layers.items()}
@@ -665,6 +710,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
             self.config = self.config.replace(seed=book.seed)
         self.book = book
+        self.layer_plans = self._counts(book.elections)
         self._parked = {}
         self._roles_changed({}, saved_roles)
         self.book.roles_since = roles_since

@@ -35,6 +35,7 @@ from ._core import (
     export_plain,
     export_state_dict,
     is_output_cloned,
+    take_probe,
 )
 from ._kernel import error as native_kernel_error
 from ._kernel import load as _load_kernel
@@ -53,4 +54,5 @@ __all__ = [
     "is_output_cloned",
     "native_kernel_error",
     "native_kernels_available",
+    "take_probe",
 ]

@@ -22,12 +22,16 @@ __all__ = [
     "export_plain",
     "export_state_dict",
     "is_output_cloned",
+    "take_probe",
 ]
 
 EVAL_MODES = ("as_trained", "own_weights")
 
 
-_LAYER_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise")
+_LAYER_ATTRS = (
+    "_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise",
+    "_egg_probe", "_egg_probe_data",
+)  # fmt: skip
 _LAYER_BUFFERS = ("_egg_active", "_egg_gather")
 _NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel")
 _NORM_BUFFERS = ("_egg_active", "_egg_gather", "_egg_zero", "_egg_one")
@@ -44,6 +48,7 @@ class _OutputClonedLayer:
     _egg_dim: int
     _egg_active: torch.Tensor
     _egg_gather: torch.Tensor
+    _egg_probe: bool = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or (self._egg_own_weights and not self.training):
@@ -52,6 +57,15 @@ class _OutputClonedLayer:
         weight = self.weight.index_select(0, active)
         bias = None if self.bias is None else self.bias.index_select(0, active)
         y = self._egg_compute(input, weight, bias)
+        if self._egg_probe and self.training and torch.is_grad_enabled():
+            # one probed forward: full width (a fused norm then runs as the plain norm, the same function), and
+            # the gradient at every output position, clones' included, is kept before it is summed into sources
+            self._egg_probe = False
+            full = y.index_select(self._egg_dim, self._egg_gather)
+            if full.requires_grad:
+                x = input.detach()
+                full.register_hook(lambda g: setattr(self, "_egg_probe_data", (x, g.detach())))
+            return full
         if self._egg_fused:
             return y  # the fused norm expands
         return y.index_select(self._egg_dim, self._egg_gather)
@@ -212,6 +226,22 @@ def _fill_clone_rows(module: nn.Module) -> None:
             t.index_copy_(0, c, t.index_select(0, s))
 
 
+def take_probe(layer: nn.Module) -> torch.Tensor | None:
+    """The weight gradient of *every* unit of ``layer`` from its last probed training step (see
+    :meth:`OutputCloning.probe`), as if each clone computed its own output with its source's weights, or
+    ``None`` when no probe was recorded since the last call. It is not the gradient the optimizer steps with
+    (there clone positions are summed into their source)."""
+    data = layer.__dict__.pop("_egg_probe_data", None)
+    if data is None:
+        return None
+    x, g = data
+    with torch.enable_grad():
+        w = layer.weight.detach().requires_grad_()
+        y = F.linear(x, w) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, None)
+        (grad,) = torch.autograd.grad(y, w, g)
+    return grad
+
+
 # ---------------------------------------------------------------------------------------------- public
 class OutputCloning(rewrite.LayerRewrite):
     """Apply output cloning to ``model`` in place (reversible with :meth:`remove`).
@@ -318,6 +348,16 @@ class OutputCloning(rewrite.LayerRewrite):
     def norms(self) -> dict[str, str]:
         """Layer name -> fused norm name."""
         return dict(self._norm_names)
+
+    def probe(self, names=None) -> None:
+        """Probe the next training forward of the named layers (default: all): that forward computes full width
+        (the same function and parameter gradients, at the cost of the unfused path) and keeps the gradient at
+        every output position for :func:`take_probe`. Clone-aware election scores use it."""
+        self._check_live()
+        for name in self._layers if names is None else names:
+            layer = self._layers[name]
+            layer._egg_probe = True
+            layer.__dict__.pop("_egg_probe_data", None)
 
     def _apply_roles(self, name: str, roles: Roles) -> None:
         _set_layer_roles(self._layers[name], roles)

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Election policies against fixed roles and the dense controls, at equal data passes, over several seeds.
+
+Every run is ``recipes/train_image.py`` in this process, with the same data, seeds, batch size, optimizer and a
+learning rate that decays to zero (``--lr-schedule cosine`` by default), so runs differ only in the policy
+flags below. Each run writes ``<runs-dir>/<policy>-s<seed>/metrics.json``; a run whose metrics exist with the
+same flags is not run again, so a stopped study continues where it was (and several processes may share a
+runs dir, one policy list each). ``--report-only`` just rewrites the summary from the runs on disk.
+
+Summary: ``<out-dir>/<name>.md`` (per-policy mean, spread and per-seed accuracy, counted forward FLOPs,
+indicative wall-clock, time to a target accuracy), ``<name>.png`` (accuracy against counted FLOPs and against
+training wall-clock, mean over seeds), ``<name>.json``.
+
+    python benchmarks/election_study.py --dataset digits --epochs 10 --batch-size 64 --lr 3e-3 \\
+        --seeds 0 1 2 --out-dir /tmp/study --name digits_screen
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import train_image  # noqa: E402
+
+#: policy name -> (what it is, train_image flags; "{E}" is the number of epochs, "{S}" the scenario)
+POLICIES: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("dense full-width network, no roles", ["--scenario", "baseline"]),
+    "narrow": (
+        "dense network with the plan's active widths (width-matched control)",
+        ["--scenario", "narrow-{S}"],
+    ),
+    "narrow-flops": (
+        "dense network, active widths scaled to output cloning's forward FLOPs (FLOP-matched control)",
+        ["--scenario", "narrow-{S}", "--width-match", "flops"],
+    ),
+    "fixed": ("output cloning, roles drawn once and kept", ["--elect-every", "never"]),
+    "seed-redraw": (
+        "output cloning, roles redrawn at random every epoch (the seed's protocol)",
+        ["--elect-every", "epoch", "--election", "random", "--election-policy", "rank"],
+    ),
+    "grow-random": (
+        "stable policy, leaders grown 0.5x -> 1.5x of the plan over the epochs (mean 1x), random promotions",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "random",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:0.5:1.5:{E}",
+        ],
+    ),  # fmt: skip
+    "grow-conflict": (
+        "as grow-random, promoting the clones whose gradient conflicts most with their group's",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:0.5:1.5:{E}",
+        ],
+    ),  # fmt: skip
+    "shrink-conflict": (
+        "stable policy, leaders shrunk 1.5x -> 0.5x (mean 1x), demoting the most redundant leaders",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:1.5:0.5:{E}",
+        ],
+    ),  # fmt: skip
+    "swap-conflict": (
+        "stable policy at fixed counts, every epoch up to 10% of leaders swapped for conflicting clones",
+        ["--elect-every", "epoch", "--election", "clone_conflict", "--election-policy", "stable", "--max-churn", "0.1"],
+    ),  # fmt: skip
+    "swap-conflict-h": (
+        "as swap-conflict, hysteresis 1 (a clone must beat the leader's score by |score|)",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--max-churn",
+            "0.1",
+            "--hysteresis",
+            "1",
+        ],
+    ),  # fmt: skip
+}
+CONTROLS = ("baseline", "narrow", "narrow-flops")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = train_image._Parser(
+        prog="election_study.py",
+        description="Election policies vs fixed roles and dense controls, several seeds, one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="seed_mnist", choices=train_image.MODELS)
+    p.add_argument("--scenario", default="mild", choices=("mild", "aggressive"), help="the plan of every policy")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="cosine", choices=train_image.LR_SCHEDULES)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps too (0: epoch ends only)")
+    p.add_argument("--reference", default="fixed", help="the policy others are compared with")
+    p.add_argument(
+        "--target", type=float, default=None, help="accuracy for time-to-target (default: 0.98 x baseline mean)"
+    )
+    p.add_argument("--runs-dir", default="runs/election_study")
+    p.add_argument("--out-dir", default="runs/election_study")
+    p.add_argument("--name", default="election_study")
+    p.add_argument("--report-only", action="store_true", help="summarise the runs on disk, run nothing")
+    return p
+
+
+def run_argv(args: argparse.Namespace, policy: str, seed: int, out: Path) -> list[str]:
+    flags = [f.replace("{E}", str(args.epochs)).replace("{S}", args.scenario) for f in POLICIES[policy][1]]
+    argv = [
+        "--dataset", str(args.dataset), "--model", args.model, "--scenario", args.scenario,
+        "--clone-mode", "output", "--assign", "round_robin",
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--lr-schedule", args.lr_schedule, "--seed", str(seed), "--eval-every", str(args.eval_every),
+        "--report-to", "none", "--no-progress", "--output-dir", str(out),
+    ]  # fmt: skip
+    for flag, value in (("--max-train-samples", args.max_train_samples), ("--max-eval-samples", args.max_eval_samples)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + flags  # later flags win (e.g. --scenario baseline)
+
+
+def _done(out: Path, argv: list[str]) -> dict[str, Any] | None:
+    path = out / train_image.METRICS_FILE
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    want = vars(train_image.parse_args(argv))
+    return metrics if metrics.get("args") == json.loads(json.dumps(want, default=str)) else None
+
+
+def run_all(args: argparse.Namespace) -> None:
+    runs = Path(args.runs_dir)
+    for policy in args.policies:
+        for seed in args.seeds:
+            out = runs / f"{policy}-s{seed}"
+            argv = run_argv(args, policy, seed, out)
+            if _done(out, argv) is not None:
+                print(f"[study] {policy} seed {seed}: done before, skipped", flush=True)
+                continue
+            print(f"[study] {policy} seed {seed}: train_image.py {shlex.join(argv)}", flush=True)
+            started = time.perf_counter()
+            m = train_image.train(train_image.parse_args(argv))
+            print(
+                f"[study] {policy} seed {seed}: acc {m['test_accuracy']:.4f}, "
+                f"{m['train_flops'] / 1e12:.3f} TFLOP fwd, {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    runs = Path(args.runs_dir)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for policy in args.policies:
+        for seed in args.seeds:
+            m = _done(runs / f"{policy}-s{seed}", run_argv(args, policy, seed, runs / f"{policy}-s{seed}"))
+            if m is not None:
+                out.setdefault(policy, []).append({"seed": seed, **m})
+    return out
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def time_to(history: Sequence[dict[str, Any]], target: float, key: str) -> float | None:
+    for h in history:
+        if h["accuracy"] >= target:
+            return float(h[key])
+    return None
+
+
+def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], command: str) -> str:
+    base = results.get("baseline")
+    target = args.target
+    if target is None:
+        target = 0.98 * _mean_sd([r["test_accuracy"] for r in base])[0] if base else 0.0
+    ref = results.get(args.reference)
+    ref_acc = {r["seed"]: r["test_accuracy"] for r in ref} if ref else {}
+    ref_flops = statistics.fmean(r["train_flops"] for r in ref) if ref else None
+    lines = [
+        f"# Election study: {args.dataset} / {args.model} / {args.scenario}",
+        "",
+        "Command (from the repository root):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {platform.machine()} CPU x{os.cpu_count()}, torch {_torch_version()}. Every run: "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g} with `{args.lr_schedule}` decay to "
+        f"0, output cloning, round-robin clone sources, seeds {' '.join(map(str, args.seeds))}"
+        + (f", {args.max_train_samples} training samples" if args.max_train_samples else "")
+        + (f", {args.max_eval_samples} test samples" if args.max_eval_samples else "")
+        + ".",
+        "",
+        f"| policy | test acc, mean ± sd | per seed | vs {args.reference} (paired mean) | fwd TFLOP (train) | "
+        f"FLOPs vs {args.reference} | time/epoch (s) | time to {target:.4f} (s) | TFLOP to {target:.4f} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for policy, rows in results.items():
+        accs = [r["test_accuracy"] for r in rows]
+        mean, sd = _mean_sd(accs)
+        paired = [r["test_accuracy"] - ref_acc[r["seed"]] for r in rows if r["seed"] in ref_acc]
+        delta = f"{100 * statistics.fmean(paired):+.2f} pt" if paired and policy != args.reference else "-"
+        flops = statistics.fmean(r["train_flops"] for r in rows)
+        ratio = f"{flops / ref_flops:.3f}" if ref_flops else "-"
+        tpe = statistics.fmean(r["time_per_epoch"] for r in rows)
+        t_hit = [time_to(r["history"], target, "train_time") for r in rows]
+        f_hit = [time_to(r["history"], target, "train_flops") for r in rows]
+        t_txt = (
+            f"{statistics.fmean(t_hit):.0f}"
+            if all(t is not None for t in t_hit)
+            else f"{sum(t is not None for t in t_hit)}/{len(t_hit)} reached"
+        )
+        f_txt = f"{statistics.fmean(f_hit) / 1e12:.3f}" if all(f is not None for f in f_hit) else "-"
+        per_seed = " / ".join(f"{a:.4f}" for a in accs)
+        lines.append(
+            f"| {policy} | {mean:.4f} ± {sd:.4f} | {per_seed} | {delta} | {flops / 1e12:.3f} | {ratio} | {tpe:.1f} | "
+            f"{t_txt} | {f_txt} |"
+        )
+    lines += ["", "Policies:", ""]
+    for policy in results:
+        flags = " ".join(POLICIES[policy][1]).replace("{E}", str(args.epochs)).replace("{S}", args.scenario)
+        lines.append(f"- `{policy}`: {POLICIES[policy][0]} (`{flags}`)")
+    lines += [
+        "",
+        "fwd TFLOP: counted forward Conv/Linear FLOPs over all training samples (exact; output cloning computes "
+        "leaders and independents only, growing/shrinking plans at their actual counts). Wall-clock columns are "
+        "indicative: the 2 CPU cores were shared with other jobs. Time/FLOPs to target: at the first evaluation "
+        f"at or above the target ({'every ' + str(args.eval_every) + ' steps and ' if args.eval_every else ''}"
+        "at epoch ends), mean over seeds.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(path: Path, results: dict[str, list[dict[str, Any]]], target: float | None, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_f, ax_t = fig.subplots(1, 2)
+    for policy, rows in results.items():
+        n = min(len(r["history"]) for r in rows)
+        acc = [statistics.fmean(r["history"][i]["accuracy"] for r in rows) for i in range(n)]
+        flops = [statistics.fmean(r["history"][i]["train_flops"] for r in rows) / 1e12 for i in range(n)]
+        secs = [statistics.fmean(r["history"][i]["train_time"] for r in rows) for i in range(n)]
+        style = "--" if policy in CONTROLS else "-"
+        ax_f.plot(flops, acc, style, marker="o", markersize=3, label=policy)
+        ax_t.plot(secs, acc, style, marker="o", markersize=3, label=policy)
+    for ax, label in ((ax_f, "counted forward TFLOP (training)"), (ax_t, "training wall-clock (s), indicative")):
+        if target:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    ax_f.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/election_study.py "
+    command += shlex.join(a for a in argv if a != "--report-only")
+    if not args.report_only:
+        run_all(args)
+    results = collect(args)
+    if not results:
+        print("[study] no finished runs", flush=True)
+        return 1
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = summarise(args, results, command)
+    (out / f"{args.name}.md").write_text(text)
+    base = results.get("baseline")
+    target = args.target or (0.98 * statistics.fmean(r["test_accuracy"] for r in base) if base else None)
+    plot(out / f"{args.name}.png", results, target, f"{args.dataset} / {args.model} / {args.scenario}")
+    slim = {
+        p: [{k: r[k] for k in ("seed", "test_accuracy", "train_flops", "history")} for r in rs]
+        for p, rs in results.items()
+    }
+    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "runs": slim}, indent=1))
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
