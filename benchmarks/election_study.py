@@ -76,6 +76,84 @@ POLICIES: dict[str, tuple[str, list[str]]] = {
             "ramp:0.5:1.5:{E}",
         ],
     ),  # fmt: skip
+    "grow-random-copy": (
+        "as grow-random, a promoted clone also starts from its source's optimizer state (warm handover)",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "random",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:0.5:1.5:{E}",
+            "--clone-state",
+            "copy",
+        ],
+    ),  # fmt: skip
+    "grow-conflict-copy": (
+        "as grow-conflict, with the source's optimizer state (warm handover)",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:0.5:1.5:{E}",
+            "--clone-state",
+            "copy",
+        ],
+    ),  # fmt: skip
+    "grow-wide-copy": (
+        "leaders grown 0.25x -> 1.75x (mean 1x), conflict promotions, warm handover",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "ramp:0.25:1.75:{E}",
+            "--clone-state",
+            "copy",
+        ],
+    ),  # fmt: skip
+    "swap-conflict-copy": (
+        "as swap-conflict, with warm handover",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--max-churn",
+            "0.1",
+            "--clone-state",
+            "copy",
+        ],
+    ),  # fmt: skip
+    "grow-early": (
+        "stable policy, leaders at 0.5x for the first quarter of the epochs, then the rest at the scale that "
+        "keeps the mean at 1x; conflict promotions",
+        [
+            "--elect-every",
+            "epoch",
+            "--election",
+            "clone_conflict",
+            "--election-policy",
+            "stable",
+            "--leader-scales",
+            "{EARLY}",
+        ],
+    ),  # fmt: skip
+    "grow-early-random": (
+        "as grow-early, random promotions",
+        ["--elect-every", "epoch", "--election", "random", "--election-policy", "stable", "--leader-scales", "{EARLY}"],
+    ),  # fmt: skip
     "shrink-conflict": (
         "stable policy, leaders shrunk 1.5x -> 0.5x (mean 1x), demoting the most redundant leaders",
         [
@@ -141,8 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def early_scales(epochs: int) -> str:
+    """0.5 for the first quarter of the epochs (at least one), then the scale that keeps the mean at 1."""
+    k = max(1, epochs // 4)
+    rest = (epochs - 0.5 * k) / (epochs - k)
+    return ",".join(["0.5"] * k + [f"{rest:.6g}"])
+
+
+def _fill(flag: str, args: argparse.Namespace) -> str:
+    return (
+        flag.replace("{E}", str(args.epochs))
+        .replace("{S}", args.scenario)
+        .replace("{EARLY}", early_scales(args.epochs))
+    )
+
+
 def run_argv(args: argparse.Namespace, policy: str, seed: int, out: Path) -> list[str]:
-    flags = [f.replace("{E}", str(args.epochs)).replace("{S}", args.scenario) for f in POLICIES[policy][1]]
+    flags = [_fill(f, args) for f in POLICIES[policy][1]]
     argv = [
         "--dataset", str(args.dataset), "--model", args.model, "--scenario", args.scenario,
         "--clone-mode", "output", "--assign", "round_robin",
@@ -258,7 +351,7 @@ def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
         )
     lines += ["", "Policies:", ""]
     for policy in results:
-        flags = " ".join(POLICIES[policy][1]).replace("{E}", str(args.epochs)).replace("{S}", args.scenario)
+        flags = " ".join(_fill(f, args) for f in POLICIES[policy][1])
         lines.append(f"- `{policy}`: {POLICIES[policy][0]} (`{flags}`)")
     lines += [
         "",

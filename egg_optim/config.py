@@ -90,12 +90,13 @@ class EggConfig:
                       choices=ELECTION_POLICIES),
     )  # fmt: skip
     max_churn: float = field(
-        default=0.1,
+        default=0.0,
         metadata=_opt("stable policy: most leaders replaced per layer and election at unchanged counts, as a "
-                      "fraction of the layer's leaders (at least one when > 0; 0: only count changes)"),
+                      "fraction of the layer's leaders (at least one when > 0); 0: roles change only when "
+                      "leader_scales changes the counts (swaps cost accuracy in every measurement so far)"),
     )  # fmt: skip
-    leader_scales: tuple[float, ...] | str = field(
-        default=(),
+    leader_scales: Sequence[float] | str = field(
+        default="",
         metadata=_opt("grow/shrink the plan over training: the leader fraction of every layer is scaled by entry k "
                       "from the k-th role draw on (0: the initial one; the last entry stays); comma list "
                       "'0.5,1,1.5' or 'ramp:START:END:N' (N equal pieces at their midpoints, mean (START+END)/2); "

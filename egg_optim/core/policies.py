@@ -116,7 +116,7 @@ def stable_elect(
     n_independents: int,
     *,
     hysteresis: float = 0.0,
-    max_churn: float = 0.1,
+    max_churn: float = 0.0,
     weight: torch.Tensor | None = None,
 ) -> Roles:
     """New roles for one layer that change only what ``scores`` (higher: should be active) ask for.
