@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/election_study.py on a few digits: runs, summary, and skipping finished runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("election_study", ROOT / "benchmarks" / "election_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
+    study = _load_study()
+    argv = [
+        "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--max-train-samples", "128",
+        "--max-eval-samples", "64", "--seeds", "0", "--policies", "fixed", "grow-random",
+        "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path), "--name", "s",
+    ]  # fmt: skip
+    assert study.main(argv) == 0
+    table = (tmp_path / "s.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line
+    }
+    assert set(rows) == {"policy", "fixed", "grow-random"}
+    assert "--leader-scales ramp:0.5:1.5:2" in table and "python benchmarks/election_study.py" in table
+    grown = json.loads((tmp_path / "runs" / "grow-random-s0" / "metrics.json").read_text())
+    fixed = json.loads((tmp_path / "runs" / "fixed-s0" / "metrics.json").read_text())
+    # grown 0.75x then 1.25x: more FLOPs in the second epoch than fixed roles, fewer in the first
+    assert grown["epochs"][0]["flops"] < fixed["epochs"][0]["flops"] < grown["epochs"][1]["flops"]
+    assert grown["elections"] == 1 and fixed["elections"] == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
