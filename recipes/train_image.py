@@ -44,6 +44,9 @@ NARROW = "narrow-"  # a dense net narrowed to the plan's active widths: the cont
 # (--seed is the recipe's own: it seeds model init and data order too)
 NOT_FLAGS = ("plan", "plan_table", "seed", "local_losses", "local_loss_scores", "log_roles", "log_per_layer")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
+# The recipes' role defaults: the best policy measured (docs/results/fashion_mnist_elections.md): output cloning
+# (only leaders and independents computed), clones spread round-robin over the leaders, roles drawn once and kept.
+RECIPE_DEFAULTS = {"clone_mode": "output", "assign": "round_robin", "elect_every": "never"}
 OPTIMIZERS = {
     "adam": "Adam",
     "adamw": "AdamW",
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to 0.4 / 0.1)",
     )
     g.add_argument("--independents", type=_fraction, default=None, help="override: independent fraction per layer")
-    add_config_arguments(g, exclude=NOT_FLAGS)
+    add_config_arguments(g, exclude=NOT_FLAGS, defaults=RECIPE_DEFAULTS)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS), help="base torch optimizer")

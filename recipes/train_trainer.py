@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", nargs="?", const="auto", default=None, metavar="SPEC", help="as in train_image.py")
     p.add_argument("--scenario", default="mild", choices=t.SCENARIOS, help="as in train_image.py")
     p.add_argument("--width-match", default="widths", choices=("widths", "flops"), help="as in train_image.py")
-    add_config_arguments(p, exclude=(*train_image.NOT_FLAGS[:-1],))  # keeps --log-per-layer
+    add_config_arguments(
+        p, exclude=(*train_image.NOT_FLAGS[:-1],), defaults=train_image.RECIPE_DEFAULTS
+    )  # keeps --log-per-layer
     p.add_argument("--optim", default="adamw_torch", choices=TRAINER_OPTIMIZERS, help="Trainer optimizer name")
     p.add_argument("--lr", type=t._positive_float, default=3e-4, help="learning rate")
     p.add_argument("--weight-decay", type=t._non_negative_float, default=0.0, help="weight decay")

@@ -73,6 +73,13 @@ def test_help_lists_every_flag():
     assert "seed_cifar" in res.stdout and "fashion_mnist" in res.stdout and "taylor" in res.stdout
 
 
+def test_recipe_defaults_are_the_best_measured_policy():
+    args = train_image.parse_args([])
+    assert (args.clone_mode, args.assign, args.elect_every, args.election_policy) == (
+        "output", "round_robin", "never", "rank",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -150,7 +157,7 @@ def test_narrow_scenarios_train_the_dense_control(tmp_path):
 def test_train_end_to_end_learns_and_writes_outputs(tmp_path):
     m, out = _run(
         ["--model", "small_cnn", "--scenario", "mild", "--epochs", "3", "--lr", "1e-2", "--max-train-samples", "1437",
-         "--max-eval-samples", "360", "--eval-every", "10", "--elect-every", "epoch"],
+         "--max-eval-samples", "360", "--eval-every", "10", "--elect-every", "epoch", "--clone-mode", "weight"],
         tmp_path,
     )  # fmt: skip
     saved = json.loads((out / "metrics.json").read_text())
