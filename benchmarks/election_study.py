@@ -210,12 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps too (0: epoch ends only)")
     p.add_argument("--reference", default="fixed", help="the policy others are compared with")
     p.add_argument(
-        "--target", type=float, default=None, help="accuracy for time-to-target (default: 0.98 x baseline mean)"
+        "--target",
+        type=float,
+        default=None,
+        help="accuracy for time-to-target (default: 0.98 x the baseline's mean, else the reference policy's)",
     )
     p.add_argument("--runs-dir", default="runs/election_study")
     p.add_argument("--out-dir", default="runs/election_study")
     p.add_argument("--name", default="election_study")
     p.add_argument("--report-only", action="store_true", help="summarise the runs on disk, run nothing")
+    p.add_argument(
+        "--time-steps",
+        type=int,
+        default=0,
+        help="also time N training steps of every network configuration the policies train, interleaved in this "
+        "process (same machine conditions for all), and estimate each run's wall-clock from them",
+    )
+    p.add_argument("--time-rounds", type=int, default=3, help="interleaved rounds of --time-steps steps each")
     return p
 
 
@@ -277,6 +288,103 @@ def run_all(args: argparse.Namespace) -> None:
             )
 
 
+# ---------------------------------------------------------------------------------------------- same-conditions timing
+def _flag_value(flags: Sequence[str], name: str) -> str | None:
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+def epoch_configs(args: argparse.Namespace, policy: str) -> list[str]:
+    """The network configuration each epoch of ``policy`` trains: ``baseline``, ``narrow``, ``narrow-flops`` or
+    ``<scenario>@<leader scale>`` (``+probe`` when the score probes output-cloned layers)."""
+    flags = [_fill(f, args) for f in POLICIES[policy][1]]
+    if policy in CONTROLS:
+        return [policy] * args.epochs
+    from egg_optim.core.policies import parse_leader_scales
+
+    scales = parse_leader_scales(_flag_value(flags, "--leader-scales") or "") or (1.0,)
+    probe = "+probe" if _flag_value(flags, "--election") == "clone_conflict" else ""
+    return [f"{args.scenario}@{scales[min(e, len(scales) - 1)]:g}{probe}" for e in range(args.epochs)]
+
+
+def _timing_case(args: argparse.Namespace, config: str, spec):
+    import torch
+    import torch.nn.functional as F
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+    from egg_optim.core.scores import CloneConflictScore
+    from egg_optim.kit.models import build_model, narrow_model
+
+    shape = {"in_channels": spec.channels, "num_classes": spec.num_classes, "image_size": spec.image_size}
+    table = train_image.SEED_TABLES.get(args.model, "uniform")
+    plan = RolePlan.preset(args.scenario, table=table)
+    torch.manual_seed(0)
+    probe = config.endswith("+probe")
+    if config == "baseline":
+        model, plan = build_model(args.model, **shape), RolePlan()
+    elif config.startswith("narrow"):
+        match = "flops" if config == "narrow-flops" else "widths"
+        model, plan = narrow_model(args.model, plan, match=match, **shape), RolePlan()
+    else:
+        scale = float(config.split("@")[1].removesuffix("+probe"))
+        model = build_model(args.model, **shape)
+        plan = RolePlan(per_layer={k: (v[0] * scale, v[1]) for k, v in plan.per_layer.items()}, only_listed=True)
+    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-4), plan, clone_mode="output")
+    size = spec.image_size if isinstance(spec.image_size, int) else spec.image_size[0]
+    x = torch.randn(args.batch_size, spec.channels, size, size)
+    y = torch.randint(0, spec.num_classes, (args.batch_size,))
+    every = CloneConflictScore().probe_every
+
+    def step(i: int) -> None:
+        if probe and i % every == 0:
+            opt.output_cloning.probe()  # one probed step in probe_every, as in training
+        F.cross_entropy(model(x), y).backward()
+        if probe and i % every == 0:
+            from egg_optim.rewrites.output_cloning import take_probe
+
+            for name, layer in opt.layers.items():  # the work the score does with a probe
+                if opt.roles[name].has_clones:
+                    take_probe(layer.module)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_times(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per training step of every configuration, interleaved round-robin."""
+    import statistics as st
+
+    from egg_optim.kit.data import dataset_spec, load_image_dataset
+
+    spec = dataset_spec(load_image_dataset(args.dataset, split="train", max_samples=64, seed=0))
+    configs = sorted({c for p in args.policies for c in epoch_configs(args, p)})
+    cases = {c: _timing_case(args, c, spec) for c in configs}
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for c in configs:  # warm-up
+        cases[c](1)
+    for _ in range(args.time_rounds):
+        for c in configs:
+            for i in range(args.time_steps):
+                t0 = time.perf_counter()
+                cases[c](i)
+                times[c].append(time.perf_counter() - t0)
+    return {c: st.median(v) if not c.endswith("+probe") else st.fmean(v) for c, v in times.items()}
+
+
+def estimated_history(args: argparse.Namespace, policy: str, run: dict[str, Any], step_times: dict[str, float]):
+    """``run["history"]`` with ``est_time``: the steps done so far priced at the same-conditions step times."""
+    configs = epoch_configs(args, policy)
+    per_epoch = run["steps_per_epoch"]
+    out = []
+    for h in run["history"]:
+        done, total = h["step"], 0.0
+        for e, config in enumerate(configs):
+            n = max(0, min(done - e * per_epoch, per_epoch))
+            total += n * step_times[config]
+        out.append({**h, "est_time": total})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- summary
 def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     runs = Path(args.runs_dir)
@@ -300,11 +408,21 @@ def time_to(history: Sequence[dict[str, Any]], target: float, key: str) -> float
     return None
 
 
-def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], command: str) -> str:
-    base = results.get("baseline")
-    target = args.target
-    if target is None:
-        target = 0.98 * _mean_sd([r["test_accuracy"] for r in base])[0] if base else 0.0
+def default_target(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> float:
+    """``--target``, else 98 % of the baseline's mean final accuracy (of the reference policy's without one)."""
+    if args.target is not None:
+        return args.target
+    rows = results.get("baseline") or results.get(args.reference) or next(iter(results.values()))
+    return 0.98 * statistics.fmean(r["test_accuracy"] for r in rows)
+
+
+def summarise(
+    args: argparse.Namespace,
+    results: dict[str, list[dict[str, Any]]],
+    command: str,
+    step_times: dict[str, float] | None = None,
+) -> str:
+    target = default_target(args, results)
     ref = results.get(args.reference)
     ref_acc = {r["seed"]: r["test_accuracy"] for r in ref} if ref else {}
     ref_flops = statistics.fmean(r["train_flops"] for r in ref) if ref else None
@@ -325,8 +443,9 @@ def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
         + ".",
         "",
         f"| policy | test acc, mean ± sd | per seed | vs {args.reference} (paired mean) | fwd TFLOP (train) | "
-        f"FLOPs vs {args.reference} | time/epoch (s) | time to {target:.4f} (s) | TFLOP to {target:.4f} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"FLOPs vs {args.reference} | time/epoch (s) | time to {target:.4f} (s) | TFLOP to {target:.4f} |"
+        + (f" est. train time (s) | est. time to {target:.4f} (s) |" if step_times else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if step_times else ""),
     ]
     for policy, rows in results.items():
         accs = [r["test_accuracy"] for r in rows]
@@ -345,9 +464,15 @@ def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
         )
         f_txt = f"{statistics.fmean(f_hit) / 1e12:.3f}" if all(f is not None for f in f_hit) else "-"
         per_seed = " / ".join(f"{a:.4f}" for a in accs)
+        est = ""
+        if step_times:
+            hists = [estimated_history(args, policy, r, step_times) for r in rows]
+            e_hit = [time_to(h, target, "est_time") for h in hists]
+            e_txt = f"{statistics.fmean(e_hit):.0f}" if all(e is not None for e in e_hit) else "-"
+            est = f" {statistics.fmean(h[-1]['est_time'] for h in hists):.0f} | {e_txt} |"
         lines.append(
             f"| {policy} | {mean:.4f} ± {sd:.4f} | {per_seed} | {delta} | {flops / 1e12:.3f} | {ratio} | {tpe:.1f} | "
-            f"{t_txt} | {f_txt} |"
+            f"{t_txt} | {f_txt} |{est}"
         )
     lines += ["", "Policies:", ""]
     for policy in results:
@@ -362,23 +487,44 @@ def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
         "at epoch ends), mean over seeds.",
         "",
     ]
+    if step_times:
+        lines += [
+            "Same-conditions step times (median seconds per training step, batch "
+            f"{args.batch_size}, every configuration timed interleaved in one process, {args.time_rounds} rounds of "
+            f"{args.time_steps} steps; `+probe`: the mean, one probed step in 10): "
+            + ", ".join(f"`{c}` {t:.3f}" for c, t in sorted(step_times.items()))
+            + ". est. train time prices each run's steps at these times (the configuration of each epoch).",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def plot(path: Path, results: dict[str, list[dict[str, Any]]], target: float | None, title: str) -> None:
+def plot(
+    path: Path,
+    args: argparse.Namespace,
+    results: dict[str, list[dict[str, Any]]],
+    target: float | None,
+    title: str,
+    step_times: dict[str, float] | None = None,
+) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     ax_f, ax_t = fig.subplots(1, 2)
     for policy, rows in results.items():
-        n = min(len(r["history"]) for r in rows)
-        acc = [statistics.fmean(r["history"][i]["accuracy"] for r in rows) for i in range(n)]
-        flops = [statistics.fmean(r["history"][i]["train_flops"] for r in rows) / 1e12 for i in range(n)]
-        secs = [statistics.fmean(r["history"][i]["train_time"] for r in rows) for i in range(n)]
+        hists = [estimated_history(args, policy, r, step_times) if step_times else r["history"] for r in rows]
+        n = min(len(h) for h in hists)
+        acc = [statistics.fmean(h[i]["accuracy"] for h in hists) for i in range(n)]
+        flops = [statistics.fmean(h[i]["train_flops"] for h in hists) / 1e12 for i in range(n)]
+        key = "est_time" if step_times else "train_time"
+        secs = [statistics.fmean(h[i][key] for h in hists) for i in range(n)]
         style = "--" if policy in CONTROLS else "-"
         ax_f.plot(flops, acc, style, marker="o", markersize=3, label=policy)
         ax_t.plot(secs, acc, style, marker="o", markersize=3, label=policy)
-    for ax, label in ((ax_f, "counted forward TFLOP (training)"), (ax_t, "training wall-clock (s), indicative")):
+    time_label = (
+        "training wall-clock (s) at same-conditions step times" if step_times else "training wall-clock (s), indicative"
+    )
+    for ax, label in ((ax_f, "counted forward TFLOP (training)"), (ax_t, time_label)):
         if target:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(label)
@@ -409,11 +555,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = summarise(args, results, command)
+    step_times = None
+    timing_file = out / f"{args.name}_timing.json"
+    if args.time_steps:
+        step_times = measure_times(args)
+        timing_file.write_text(json.dumps(step_times, indent=1))
+    elif timing_file.exists():
+        step_times = json.loads(timing_file.read_text())
+    if step_times and not all(c in step_times for p in results for c in epoch_configs(args, p)):
+        step_times = None  # timed for other policies: rerun with --time-steps
+    text = summarise(args, results, command, step_times)
     (out / f"{args.name}.md").write_text(text)
-    base = results.get("baseline")
-    target = args.target or (0.98 * statistics.fmean(r["test_accuracy"] for r in base) if base else None)
-    plot(out / f"{args.name}.png", results, target, f"{args.dataset} / {args.model} / {args.scenario}")
+    target = default_target(args, results)
+    title = f"{args.dataset} / {args.model} / {args.scenario}"
+    plot(out / f"{args.name}.png", args, results, target, title, step_times)
     slim = {
         p: [{k: r[k] for k in ("seed", "test_accuracy", "train_flops", "history")} for r in rs]
         for p, rs in results.items()

@@ -30,7 +30,10 @@ def test_study_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
         "--max-eval-samples", "64", "--seeds", "0", "--policies", "fixed", "grow-random",
         "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path), "--name", "s",
     ]  # fmt: skip
-    assert study.main(argv) == 0
+    assert study.main([*argv, "--time-steps", "1", "--time-rounds", "1"]) == 0
+    times = json.loads((tmp_path / "s_timing.json").read_text())
+    assert set(times) == {"mild@0.75", "mild@1", "mild@1.25"}  # every epoch's network, timed
+    assert "est. train time (s)" in (tmp_path / "s.md").read_text()
     table = (tmp_path / "s.md").read_text()
     rows = {
         line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line
