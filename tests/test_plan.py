@@ -33,9 +33,20 @@ def test_counts_partition_units(units, lead, ind):
     assert lp.leaders > 0 or lp.clones == 0
 
 
+def test_presets_default_to_the_uniform_table_and_fit_any_model():
+    """The default table works on a model without the seed's layer names; the seed tables are opt-in."""
+    model = mlp((6, 10, 20, 3))
+    assert RolePlan.preset("mild") == RolePlan.preset("mild", table="uniform") == RolePlan(0.40, 0.10)
+    mild = RolePlan.preset("mild").resolve(model)
+    assert sorted(mild) == ["0", "2"] and mild["2"].leaders == round(0.40 * 20)
+    assert RolePlan.preset("aggressive").resolve(model)["2"].leaders == round(0.25 * 20)
+    with pytest.raises(PlanError, match="layer1.conv1"):
+        RolePlan.preset("mild", table="mnist").resolve(model)
+
+
 def test_seed_presets_use_tables():
     net = TinySeedNet()
-    mild = RolePlan.preset("mild").resolve(net)
+    mild = RolePlan.preset("mild", table="mnist").resolve(net)
     assert sorted(mild) == sorted(f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3))
     assert mild["layer1.conv1"].leaders == round(0.40 * 10)
     assert mild["layer1.conv3"].leaders == round(0.35 * 20)

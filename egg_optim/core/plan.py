@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import PlanError
-from .units import candidate_layers, name_matches, num_units
+from .units import MANAGED_TYPES, candidate_layers, name_matches, num_units
 
 Fractions = tuple[float, float]
 
@@ -49,6 +49,32 @@ _CIFAR = {
 _UNIFORM = {"mild": (0.40, 0.10), "aggressive": (0.25, 0.10)}
 PRESETS = ("baseline", "mild", "aggressive")
 PRESET_TABLES = ("mnist", "cifar", "uniform")
+
+
+def _short_list(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _unsupported_note(model: nn.Module) -> str:
+    """``"; found 48 transformers Conv1D layers (...), which are not supported yet"`` for layer types that
+    compute per-unit outputs but cannot have roles (empty when there are none)."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        t = type(m)
+        if t.__name__ == "Conv1D" and t.__module__.startswith("transformers"):
+            kind = "transformers Conv1D"  # GPT-2's weight is (in, out): units on dim 1
+        elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            kind = f"nn.{t.__name__}"
+        elif isinstance(m, MANAGED_TYPES) and not isinstance(m, nn.Linear) and m.groups != 1:
+            kind = "grouped convolution"
+        elif isinstance(m, (nn.Bilinear, nn.MultiheadAttention)):
+            kind = f"nn.{t.__name__}"
+        else:
+            continue
+        found.setdefault(kind, []).append(name)
+    parts = [f"{len(v)} {k} layers (e.g. {v[0]!r})" for k, v in found.items()]
+    return f"; found {', '.join(parts)}, which are not supported yet" if parts else ""
 
 
 def _check_fractions(where: str, pair: Sequence[float]) -> Fractions:
@@ -109,11 +135,12 @@ class RolePlan:
             raise PlanError("RolePlan.layers and RolePlan.exclude take a list of patterns, not a string")
 
     @classmethod
-    def preset(cls, name: str, table: str = "mnist") -> RolePlan:
+    def preset(cls, name: str, table: str = "uniform") -> RolePlan:
         """The seed's scenarios: ``"baseline"`` (no roles), ``"mild"``, ``"aggressive"``.
 
-        ``table="mnist"`` / ``"cifar"`` use the seed's per-layer tables for its Bottleneck CNNs (layers
-        ``layer{1,2,3}.conv{1,2,3}``); ``table="uniform"`` applies one pair to every managed layer of any model.
+        ``table="uniform"`` (default, works on any model) applies one pair to every managed layer (mild 0.40 /
+        0.10, aggressive 0.25 / 0.10); ``"mnist"`` / ``"cifar"`` are the seed's per-layer tables for its
+        Bottleneck CNNs (layers ``layer{1,2,3}.conv{1,2,3}`` only).
         """
         if name not in PRESETS:
             raise PlanError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -143,7 +170,9 @@ class RolePlan:
         """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
         candidates = candidate_layers(model)
         if not candidates:
-            raise PlanError("the model has no nn.Linear / nn.ConvNd layer to manage")
+            raise PlanError(
+                f"{type(model).__name__} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
+            )
         names = [n for n, _ in candidates]
         modules = dict(candidates)
         for pattern in list(self.per_layer) + list(self.layers or []) + list(self.exclude):
@@ -156,6 +185,18 @@ class RolePlan:
         else:
             chosen = names[:-1]
         chosen = [n for n in chosen if not any(name_matches(n, p) for p in self.exclude)]
+        if not chosen:
+            if self.only_listed or self.layers is not None:
+                why = "every layer the plan selects is excluded"
+            else:
+                why = (
+                    "by default every Linear/ConvNd except the last one registered (the classifier) is managed, "
+                    f"and {names[-1]!r} is the only one"
+                )
+            raise PlanError(
+                f"the plan manages no layer of {type(model).__name__} ({why}); its Linear/ConvNd layers are "
+                f"{_short_list(names)}{_unsupported_note(model)}"
+            )
         out: dict[str, LayerPlan] = {}
         for name in chosen:
             units = num_units(modules[name])
