@@ -105,7 +105,12 @@ class EggConfig:
                       choices=EVAL_MODES),
     )  # fmt: skip
     norms: Mapping[str, str | None] | None = field(
-        default=None, metadata={"help": "{layer: norm layer or None} overrides of the norm coupling", **_NO_CLI}
+        default=None,
+        metadata={
+            "help": "{layer: norm layer or None}: couple exactly these; other layers get a norm only when the "
+            "first forward pass shows it normalises their output",
+            **_NO_CLI,
+        },
     )
     seed: int = field(default=0, metadata=_opt("seeds every random role decision", type=int))
     local_losses: Mapping[str, Any] | None = field(

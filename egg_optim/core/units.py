@@ -1,10 +1,15 @@
 """Managed layers and the tensors each output unit owns.
 
 A unit of a managed layer owns row ``u`` of the layer's weight (dim 0 is the output dimension for Linear and
-ConvNd), entry ``u`` of its bias and entry ``u`` of the affine parameters and running statistics of a directly
-following normalisation layer. "Directly following" means the next module registered after the layer in
-``model.named_modules()`` order (which is how ``Conv -> BN`` pairs are written in practice), provided it is a
-norm layer whose per-channel size equals the layer's unit count; pass explicit ``norms`` to override.
+ConvNd), entry ``u`` of its bias and entry ``u`` of the affine parameters and running statistics of the norm
+layer *coupled* to it. A norm is coupled only when it provably normalises the layer's own output: explicitly
+(``norms={layer: norm}``), or when a forward pass shows it (:mod:`egg_optim.core.coupling`). Registration order
+proves nothing: BERT's ``LayerNorm`` registered after ``output.dense`` normalises a residual sum, ViT's
+``layernorm_before`` the next block's input.
+
+A unit-owned tensor must belong to the managed layer (or its norm) alone: a parameter that another module also
+holds (tied embeddings, a weight assigned to two modules) is refused, since freezing or cloning its rows would
+change that module too.
 """
 
 from __future__ import annotations
@@ -85,22 +90,71 @@ def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MANAGED_TYPES)]
 
 
-def find_norms(model: nn.Module) -> dict[str, str]:
-    """Map each managed-type layer to the norm layer registered right after it, when the sizes agree."""
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-    out: dict[str, str] = {}
-    for (name, mod), (next_name, next_mod) in zip(leaves, leaves[1:]):
-        if isinstance(mod, MANAGED_TYPES) and norm_units(next_mod) == num_units(mod):
-            out[name] = next_name
-    return out
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter)`` -> every ``(qualified name, module)`` that registers it, duplicates included (a tied
+    parameter is listed under each module that holds it)."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, m))
+    return holders
+
+
+def check_not_shared(
+    name: str,
+    params: list[tuple[str, nn.Parameter]],
+    owners: tuple[nn.Module, ...],
+    holders: dict[int, list[tuple[str, nn.Module]]],
+) -> None:
+    """Refuse unit-owned ``params`` of layer ``name`` that a module other than ``owners`` also holds."""
+    for pname, p in params:
+        others = [(q, m) for q, m in holders.get(id(p), ()) if not any(m is o for o in owners)]
+        if others:
+            qname, m = others[0]
+            raise PlanError(
+                f"layer {name!r}: its parameter {pname!r} is also {qname!r} ({type(m).__name__} "
+                f"{qname.rpartition('.')[0]!r}): tied or shared weights cannot have roles, since freezing or "
+                f"cloning its rows would change that module too; leave {name!r} out of the plan "
+                f"(RolePlan(exclude=[{name!r}]))"
+            )
+
+
+def norm_problem(layer_name: str, module: nn.Module, norm_name: str, norm: nn.Module | None) -> str | None:
+    """Why ``norm`` cannot be coupled to the layer (or ``None``)."""
+    if norm is None or norm_units(norm) != num_units(module):
+        return (
+            f"layer {layer_name!r}: norm layer {norm_name!r} has "
+            f"{norm_units(norm) if norm is not None else 'no'} per-unit entries, the layer has "
+            f"{num_units(module)} units"
+        )
+    return None
+
+
+def couple_norm(
+    model: nn.Module, layer: ManagedLayer, norm_name: str | None, holders: dict | None = None
+) -> ManagedLayer:
+    """``layer`` with ``norm_name`` coupled (a new :class:`ManagedLayer`; ``layer`` is unchanged). Raises
+    :class:`PlanError` for a norm of the wrong size or whose parameters other modules hold."""
+    norm = None
+    if norm_name is not None:
+        norm = dict(model.named_modules()).get(norm_name)
+        problem = norm_problem(layer.name, layer.module, norm_name, norm)
+        if problem:
+            raise PlanError(problem)
+    params, buffers = _unit_tensors(layer.name, layer.module, norm_name, norm)
+    holders = parameter_holders(model) if holders is None else holders
+    check_not_shared(layer.name, params, (layer.module, norm) if norm is not None else (layer.module,), holders)
+    return ManagedLayer(layer.name, layer.module, norm_name, norm, params, buffers, dict(layer.dims))
 
 
 def build_managed_layers(
     model: nn.Module, names: list[str], norms: dict[str, str | None] | None = None
 ) -> dict[str, ManagedLayer]:
-    """Resolve layer names to :class:`ManagedLayer` with their coupled norm tensors."""
+    """Resolve layer names to :class:`ManagedLayer`, with the norms given in ``norms`` coupled (no others:
+    automatic coupling needs a forward pass, :mod:`egg_optim.core.coupling`)."""
     modules = dict(model.named_modules())
-    auto = find_norms(model)
+    holders = parameter_holders(model)
     layers: dict[str, ManagedLayer] = {}
     owner: dict[int, str] = {}
     for name in names:
@@ -112,17 +166,15 @@ def build_managed_layers(
             )
         if not isinstance(module, nn.Linear) and module.groups != 1:
             raise PlanError(f"layer {name!r}: grouped convolutions (groups={module.groups}) are not supported")
-        norm_name = norms[name] if norms is not None and name in norms else auto.get(name)
+        norm_name = norms.get(name) if norms is not None else None
         norm = None
         if norm_name is not None:
             norm = modules.get(norm_name)
-            if norm is None or norm_units(norm) != num_units(module):
-                raise PlanError(
-                    f"layer {name!r}: norm layer {norm_name!r} has "
-                    f"{norm_units(norm) if norm is not None else 'no'} per-unit entries, the layer has "
-                    f"{num_units(module)} units"
-                )
+            problem = norm_problem(name, module, norm_name, norm)
+            if problem:
+                raise PlanError(problem)
         params, buffers = _unit_tensors(name, module, norm_name, norm)
+        check_not_shared(name, params, (module, norm) if norm is not None else (module,), holders)
         for pname, p in params:
             if id(p) in owner:
                 raise PlanError(

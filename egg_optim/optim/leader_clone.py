@@ -23,6 +23,7 @@ from torch import nn
 from ..config import EggConfig
 from ..core import compact, masking
 from ..core.cloning import clone_layer
+from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
@@ -30,7 +31,7 @@ from ..core.roles import Roles
 from ..core.schedule import Schedule
 from ..core.scores import RandomScore, RunningScore, Score
 from ..core.state_dict import STATE_KEY, Book, LayerBook, check_base_state, pack_book, parse_book
-from ..core.units import ManagedLayer, build_managed_layers
+from ..core.units import ManagedLayer, build_managed_layers, couple_norm, parameter_holders
 from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError, UnsupportedOptimizerError
 from .registry import optimizer_info
 
@@ -139,13 +140,15 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.grad_skip = None
         initial = self._elect_all(self.score if not isinstance(self.score, RunningScore) else RandomScore(), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
+        fusable = None
         if config.clone_mode == "output":
-            from ..rewrites.output_cloning import OutputCloning
+            from ..rewrites.output_cloning import OutputCloning, can_fuse
 
-            fusable = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-            bn = {n: lay.norm_name for n, lay in layers.items() if type(lay.norm) in fusable}
-            self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=config.eval_mode)
+            # norms are fused once a forward pass proves the pair (core.coupling); until then the layers expand
+            # their output themselves, which computes the same
+            self.output_cloning = OutputCloning(model, initial, eval_mode=config.eval_mode)
             self._listeners.append(self.output_cloning.update_roles)
+            fusable = can_fuse
         elif self._skip_clone_grads(config):
             from ..rewrites.grad_skip import GradSkip, supports
 
@@ -155,6 +158,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 self._listeners.append(self._update_grad_skip)
         self.book.layers = {n: LayerBook(roles) for n, roles in initial.items()}
         self._roles_changed({}, initial)
+        explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
+        self._norm_coupling = NormCoupling(
+            model, {n: lay.module for n, lay in layers.items()}, explicit, self._couple_norms, fusable
+        )
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
@@ -185,6 +192,88 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         )
         keep = [n for n in layers if n not in reasons]
         return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
+
+    # ------------------------------------------------------------------ norm coupling (core.coupling)
+    @property
+    def coupled_norms(self) -> dict[str, str]:
+        """Layer name -> the norm layer its units own. Explicit ``norms`` hold from construction; the others
+        are decided once, from the first complete forward pass (:attr:`coupling_pending`), and logged."""
+        return {n: lay.norm_name for n, lay in self.layers.items() if lay.norm_name is not None}
+
+    @property
+    def coupling_pending(self) -> bool:
+        """True until norm coupling is decided: at the end of the first complete forward pass of the model, at
+        the first optimizer step without one, or by loading a state dict that holds a decision."""
+        return self._norm_coupling.pending
+
+    def _couple_norms(self, coupling: Coupling) -> None:
+        # called once by the NormCoupling; validates everything before changing anything
+        self._apply_coupling(self._coupled_layers(coupling), coupling.fused, relayout=True)
+
+    def _coupled_layers(self, coupling: Coupling) -> dict[str, ManagedLayer]:
+        """The managed layers whose norm ``coupling`` changes, rebuilt (validated; nothing is changed)."""
+        holders = parameter_holders(self.model)
+        new = {
+            n: couple_norm(self.model, self.layers[n], norm, holders)
+            for n, norm in coupling.coupled.items()
+            if self.layers[n].norm_name != norm
+        }
+        owner: dict[int, str] = {}
+        for n, lay in {**self.layers, **new}.items():
+            for pname, p in lay.params:
+                if owner.setdefault(id(p), n) != n:
+                    raise PlanError(f"parameter {pname!r} of layer {n!r} is shared with layer {owner[id(p)]!r}")
+        return new
+
+    def _apply_coupling(self, new: Mapping[str, ManagedLayer], fused: Mapping[str, str], relayout: bool) -> None:
+        if self.output_cloning is not None and fused:
+            self.output_cloning.fuse_norms(fused)  # validates before changing anything
+        joining = []
+        for n, lay in new.items():
+            layer = self.layers[n]
+            old = {id(p) for _, p in layer.params}
+            joining += [(n, pname, p) for pname, p in lay.params if id(p) not in old]
+            layer.norm_name, layer.norm, layer.params, layer.buffers = lay.norm_name, lay.norm, lay.params, lay.buffers
+        if relayout and self.state_storage == "compact":  # norm state already there (loaded) takes the layout
+            groups = self._group_of()
+            compact.relayout(
+                (
+                    (None, compact.UnitParam(p, groups[id(p)][0], self.roles[n], self.layers[n].dim_of(pname)))
+                    for n, pname, p in joining
+                    if id(p) in groups
+                ),
+                self.state,
+                self._parked,
+                clone_state=self.clone_state,
+                fresh=self.info.fresh_value,
+            )
+        if new:
+            self._rebuild_masks()
+
+    def _coupling_state(self) -> dict[str, dict[str, str]] | None:
+        """The decided coupling, for state dicts (``None`` while pending: nothing to restore)."""
+        if self._norm_coupling.pending:
+            return None
+        fused = self.output_cloning.norms if self.output_cloning is not None else {}
+        return {"norms": self.coupled_norms, "fused": fused}
+
+    def _saved_coupling(self, extra: Any) -> tuple[dict[str, ManagedLayer], Coupling] | None:
+        """The coupling a state dict was saved with, validated, when this optimizer has none yet (a resumed run
+        couples what the saved run coupled). Changes nothing."""
+        if not isinstance(extra, Mapping) or extra.get("coupling") is None:
+            return None
+        saved = self._norm_coupling.from_state(extra["coupling"], fuse=self.output_cloning is not None)
+        if not self._norm_coupling.pending:
+            if saved.coupled != self.coupled_norms:
+                raise StateDictMismatchError(
+                    f"state dict was saved with norm coupling {saved.coupled}, this optimizer couples "
+                    f"{self.coupled_norms}"
+                )
+            return None
+        try:
+            return self._coupled_layers(saved), saved
+        except PlanError as exc:
+            raise StateDictMismatchError(f"state dict's norm coupling does not fit this model: {exc}") from exc
 
     # ------------------------------------------------------------------ options, as attributes
     @property
@@ -307,10 +396,13 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._listeners.append(fn)
         fn(self.roles)
 
-    def _managed_params(self) -> Iterator[tuple[torch.Tensor, str, int]]:
-        """(parameter, layer name, unit dim) for every managed-layer parameter the base optimizer holds."""
+    def _managed_params(
+        self, layers: Mapping[str, ManagedLayer] | None = None
+    ) -> Iterator[tuple[torch.Tensor, str, int]]:
+        """(parameter, layer name, unit dim) for every managed-layer parameter the base optimizer holds (of
+        ``layers``, default: the managed layers as they are)."""
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
-        for name, layer in self.layers.items():
+        for name, layer in (self.layers if layers is None else layers).items():
             for pname, p in layer.params:
                 if id(p) in in_optimizer:
                     yield p, name, layer.dim_of(pname)
@@ -318,9 +410,13 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
         return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
 
-    def _unit_params(self, roles: Mapping[str, Roles]) -> dict[torch.Tensor, compact.UnitParam]:
+    def _unit_params(
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> dict[torch.Tensor, compact.UnitParam]:
         groups = self._group_of()
-        return {p: compact.UnitParam(p, groups[id(p)][0], roles[name], dim) for p, name, dim in self._managed_params()}
+        return {
+            p: compact.UnitParam(p, groups[id(p)][0], roles[name], dim) for p, name, dim in self._managed_params(layers)
+        }
 
     def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
         """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
@@ -399,6 +495,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step and schedules
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One base-optimizer step with clones held fixed, then any election and clone event due by steps."""
+        if self._norm_coupling.pending:
+            self._norm_coupling.decide_now()  # no complete forward pass seen: explicit couplings only
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -622,6 +720,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 state[i] = st
             sd["state"] = state
         sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
+        sd[STATE_KEY]["coupling"] = self._coupling_state()
         return sd
 
     def export_optimizer_state(self) -> dict[str, Any]:
@@ -638,23 +737,26 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, Mapping):
             raise StateDictMismatchError(f"expected a state dict (a Mapping), got {type(state_dict).__name__}")
         sd = dict(state_dict)
+        extra = sd.pop(STATE_KEY, None)
         book = parse_book(
-            sd.pop(STATE_KEY, None),
+            extra,
             plan=self.plan.signature(),
             units={n: lay.num_units for n, lay in self.layers.items()},
             counts={n: (lp.leaders, lp.independents) for n, lp in self.layer_plans.items()},
             device_of=lambda n: self.layers[n].weight.device,
         )
         saved_roles = {n: lb.roles for n, lb in book.layers.items()}
+        saved_coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet
+        layers = {**self.layers, **(saved_coupling[0] if saved_coupling is not None else {})}
         names = {id(p): pname for pname, p in self.model.named_parameters()}
-        managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params()}
+        managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params(layers)}
         check_base_state(sd, self.optimizer, managed, names)
         previous = self.optimizer.state_dict()
         try:
             self.optimizer.load_state_dict(sd)
             # The loaded state is laid out for the saved roles (either storage): make it full size, then lay it
             # out for this optimizer's storage and roles.
-            for p, e in self._unit_params(saved_roles).items():
+            for p, e in self._unit_params(saved_roles, layers).items():
                 if self.state.get(p):
                     compact.expand(p, self.state[p], e.roles, e.group, from_sources=False, dim=e.dim)
         except Exception as exc:
@@ -664,6 +766,9 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         if book.seed is not None and book.seed != self.seed:
             # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
             self.config = self.config.replace(seed=book.seed)
+        if saved_coupling is not None:
+            self._apply_coupling(saved_coupling[0], saved_coupling[1].fused, relayout=False)
+            self._norm_coupling.adopt(saved_coupling[1])
         self.book = book
         self._parked = {}
         self._roles_changed({}, saved_roles)
