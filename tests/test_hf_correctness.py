@@ -171,7 +171,7 @@ def test_a_plan_that_manages_nothing_fails_loudly():
     model = gpt2()  # attention/MLP are transformers Conv1D; the only nn.Linear is the (tied) lm_head
     base = torch.optim.AdamW(model.parameters())
     with pytest.raises(PlanError, match=r"manages no layer of GPT2LMHeadModel.*'lm_head'.*8 transformers Conv1D"):
-        EggConfig(plan="mild").build_optimizer(model, base)
+        LeaderCloneOptimizer(model, base, config=EggConfig(plan="mild"))  # what EggTrainer builds
     with pytest.raises(PlanError, match="manages no layer"):
         LeaderCloneOptimizer(model, base, RolePlan(0.5, exclude=["lm_head"], layers=["lm_head"]))
     only_embeddings = nn.Sequential(nn.Embedding(5, 4))
