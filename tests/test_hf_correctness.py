@@ -115,11 +115,11 @@ def test_output_mode_saves_reproduce_bert_through_every_save_path(tmp_path):
     trainer = EggTrainer(model=model, args=args, train_dataset=ds, egg=EggConfig(plan="mild", clone_mode="output"))
     trainer.train()
     opt = trainer.egg_optimizer
-    assert opt.stats()["total"]["clones"] > 0 and opt.output_cloning is not None
+    assert opt.stats()["total"]["clones"] > 0 and opt.block_output is not None
     live = model.state_dict(keep_vars=True)
     saved = model.state_dict()
+    roles = opt.roles["bert.encoder.layer.0.mlp"]  # the MLP's hidden neurons: rows of intermediate.dense
     name = "bert.encoder.layer.0.intermediate.dense"
-    roles = opt.roles[name]
     w_live, w_saved = live[f"{name}.weight"], saved[f"{name}.weight"]
     assert torch.equal(w_saved[roles.clones], w_live[roles.sources])  # clones saved as their sources
     assert not torch.equal(w_live[roles.clones], w_live[roles.sources])  # ... the live rows untouched (stale)
@@ -171,7 +171,9 @@ def test_a_plan_that_manages_nothing_fails_loudly():
     model = gpt2()  # attention/MLP are transformers Conv1D; the only nn.Linear is the (tied) lm_head
     base = torch.optim.AdamW(model.parameters())
     with pytest.raises(PlanError, match=r"manages no layer of GPT2LMHeadModel.*'lm_head'.*8 transformers Conv1D"):
-        LeaderCloneOptimizer(model, base, config=EggConfig(plan="mild"))  # what EggTrainer builds
+        LeaderCloneOptimizer(model, base, RolePlan(0.4, 0.1, units="layers"))
+    opt = LeaderCloneOptimizer(model, base, config=EggConfig(plan="mild"))  # what EggTrainer builds: GPT-2 blocks
+    assert sorted(opt.layers) == [f"transformer.h.{i}.{b}" for i in (0, 1) for b in ("attn", "mlp")]
     with pytest.raises(PlanError, match="manages no layer"):
         LeaderCloneOptimizer(model, base, RolePlan(0.5, exclude=["lm_head"], layers=["lm_head"]))
     only_embeddings = nn.Sequential(nn.Embedding(5, 4))
@@ -220,6 +222,7 @@ def test_transformer_norms_are_not_coupled(which, mode):
     out = model(**inputs).logits
     assert not opt.coupling_pending
     assert opt.coupled_norms == {}
-    assert all(n.rsplit(".", 1)[0] == name for name, lay in opt.layers.items() for n, _ in lay.params)
+    plain = {name: lay for name, lay in opt.layers.items() if lay.group is None}
+    assert all(n.rsplit(".", 1)[0] == name for name, lay in plain.items() for n, _ in lay.params)
     out.sum().backward()
     opt.step()

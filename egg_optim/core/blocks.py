@@ -164,6 +164,14 @@ def _fused_attention(name: str, module: nn.Module, qkv: tuple[str, nn.Module], o
     return UnitGroup(name, "attention", heads, slices, [qkv[0]], o[0], 1, head_dim)
 
 
+def _mlp_like(children: dict[str, nn.Module], *projections: str) -> bool:
+    """A block of exactly these projections around an activation (``act``, ``act_fn``, ``activation_fn``): a
+    plain network that merely names two of its layers ``fc1`` and ``fc2`` is not taken for a transformer MLP."""
+    others = [n for n, m in children.items() if n not in projections and (_linear(m) or isinstance(m, nn.Conv2d))]
+    has_act = any("act" in n.lower() and not _linear(m) for n, m in children.items())
+    return not others and has_act
+
+
 def _children(module: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in module.named_children()}
 
@@ -199,9 +207,9 @@ def _match(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
     if lin("gate_proj", "up_proj", "down_proj"):  # Llama, Mistral, Qwen (SwiGLU)
         yield _mlp(prefix, {_join(prefix, "gate_proj"): c["gate_proj"], _join(prefix, "up_proj"): c["up_proj"]},
                    at("down_proj"))  # fmt: skip
-    elif lin("fc1", "fc2") and not lin("q_proj"):  # ViT (transformers 5), CLIP, OPT-style MLPs
+    elif lin("fc1", "fc2") and _mlp_like(c, "fc1", "fc2"):  # ViT (transformers 5), CLIP, OPT-style MLPs
         yield _mlp(prefix, {_join(prefix, "fc1"): c["fc1"]}, at("fc2"))
-    elif lin("c_fc", "c_proj"):  # GPT-2
+    elif lin("c_fc", "c_proj") and _is_conv1d(c["c_fc"]):  # GPT-2
         yield _mlp(prefix, {_join(prefix, "c_fc"): c["c_fc"]}, at("c_proj"))
     if lin("q_proj", "k_proj", "v_proj") and (lin("o_proj") or lin("out_proj")):
         o = "o_proj" if lin("o_proj") else "out_proj"

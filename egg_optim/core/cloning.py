@@ -56,8 +56,9 @@ def clone_layer(
     """Copy source units into clone units in place; returns the number of clone units written."""
     if not roles.has_clones:
         return 0
+    unit_roles = roles
     for pname, p in layer.params:
-        dim = layer.dim_of(pname)
+        dim, roles = layer.dim_of(pname), layer.roles_of(pname, unit_roles)
         idx = roles.clones.to(p.device)
         rows = _blended(p, roles, blend, dim)
         if noise > 0:
@@ -75,6 +76,6 @@ def clone_layer(
                 else:
                     st[key].index_fill_(dim, idx, fresh(key, (groups or {}).get(p, {})))
     for bname, b in layer.buffers:
-        dim = layer.dim_of(bname)
+        dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
         b.index_copy_(dim, roles.clones.to(b.device), _blended(b, roles, blend, dim))
-    return roles.num_clones
+    return unit_roles.num_clones

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import PlanError
-from .units import MANAGED_TYPES, candidate_layers, name_matches, num_units
+from .blocks import UnitGroup
+from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, name_matches
 
 Fractions = tuple[float, float]
 
@@ -57,7 +58,7 @@ def _short_list(names: list[str], limit: int = 6) -> str:
 
 
 def _unsupported_note(model: nn.Module) -> str:
-    """``"; found 48 transformers Conv1D layers (...), which are not supported yet"`` for layer types that
+    """``"; found 48 transformers Conv1D layers (...), which are not supported as layers"`` for layer types that
     compute per-unit outputs but cannot have roles (empty when there are none)."""
     found: dict[str, list[str]] = {}
     for name, m in model.named_modules():
@@ -74,7 +75,8 @@ def _unsupported_note(model: nn.Module) -> str:
             continue
         found.setdefault(kind, []).append(name)
     parts = [f"{len(v)} {k} layers (e.g. {v[0]!r})" for k, v in found.items()]
-    return f"; found {', '.join(parts)}, which are not supported yet" if parts else ""
+    note = f"; found {', '.join(parts)}, which are not supported as layers" if parts else ""
+    return note + (" (units='auto' manages GPT-2's MLP and attention blocks)" if "transformers Conv1D" in found else "")
 
 
 def _check_fractions(where: str, pair: Sequence[float]) -> Fractions:
@@ -118,6 +120,10 @@ class RolePlan:
         exclude: patterns removed from the managed set.
         only_listed: manage only layers matched by ``per_layer`` (used by the seed presets, whose shortcut
             convolutions and FC layers get no roles).
+        units: ``"auto"`` (default): in transformer MLP and attention blocks a unit is a hidden neuron or an
+            attention head spanning the block's projections (:mod:`egg_optim.core.blocks`), named by the block
+            (``model.layers.0.mlp``, ``model.layers.0.self_attn``); elsewhere a Linear/ConvNd output row.
+            ``"layers"``: every Linear/ConvNd output row is a unit, blocks included.
     """
 
     leaders: float = 1.0
@@ -126,6 +132,7 @@ class RolePlan:
     layers: Sequence[str] | None = None
     exclude: Sequence[str] = ()
     only_listed: bool = False
+    units: str = "auto"
 
     def __post_init__(self) -> None:
         _check_fractions("RolePlan", (self.leaders, self.independents))
@@ -133,6 +140,8 @@ class RolePlan:
         object.__setattr__(self, "per_layer", checked)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise PlanError("RolePlan.layers and RolePlan.exclude take a list of patterns, not a string")
+        if self.units not in UNIT_KINDS:
+            raise PlanError(f"RolePlan.units must be one of {UNIT_KINDS}, got {self.units!r}")
 
     @classmethod
     def preset(cls, name: str, table: str = "uniform") -> RolePlan:
@@ -158,6 +167,7 @@ class RolePlan:
         return (
             f"L={self.leaders:g};I={self.independents:g};per=[{per}];layers={list(self.layers or [])};"
             f"exclude={list(self.exclude)};only={self.only_listed}"
+            + (f";units={self.units}" if self.units != "auto" else "")
         )
 
     def fractions_for(self, name: str) -> Fractions:
@@ -166,9 +176,13 @@ class RolePlan:
                 return pair
         return self.leaders, self.independents
 
+    def candidates(self, model: nn.Module) -> dict[str, nn.Module | UnitGroup]:
+        """What in ``model`` can have roles under this plan's ``units``: Linear/ConvNd layers and blocks."""
+        return dict(candidate_layers(model, self.units))
+
     def resolve(self, model: nn.Module) -> dict[str, LayerPlan]:
         """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
-        candidates = candidate_layers(model)
+        candidates = list(self.candidates(model).items())
         if not candidates:
             raise PlanError(
                 f"{type(model).__name__} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
@@ -199,7 +213,7 @@ class RolePlan:
             )
         out: dict[str, LayerPlan] = {}
         for name in chosen:
-            units = num_units(modules[name])
+            units = candidate_units(modules[name])
             p_lead, p_ind = self.fractions_for(name)
             k_lead, k_ind = round(p_lead * units), round(p_ind * units)
             if k_lead + k_ind > units:

@@ -21,10 +21,6 @@ from .units import ManagedLayer
 ScoreFn = Callable[[ManagedLayer], torch.Tensor]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().flatten(1) if t.dim() > 1 else t.detach().unsqueeze(1)
-
-
 class Score:
     """Scores every unit of a layer at an election. Subclass and implement :meth:`__call__`."""
 
@@ -66,12 +62,12 @@ class RandomScore(Score):
 
 
 class WeightNormScore(Score):
-    """L2 norm of each unit's weight row."""
+    """L2 norm of each unit's weights (its row; for a transformer block, all its slices)."""
 
     name = "weight_norm"
 
     def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
-        return _rows(layer.weight).float().norm(dim=1).cpu()
+        return layer.unit_rows().float().norm(dim=1).cpu()
 
 
 class GradNormScore(RunningScore):
@@ -81,8 +77,8 @@ class GradNormScore(RunningScore):
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
-        g = layer.weight.grad
-        return None if g is None else _rows(g).float().norm(dim=1)
+        g = layer.unit_rows(grad=True)
+        return None if g is None else g.float().norm(dim=1)
 
 
 class TaylorScore(RunningScore):
@@ -92,8 +88,8 @@ class TaylorScore(RunningScore):
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
-        g = layer.weight.grad
-        return None if g is None else (_rows(layer.weight) * _rows(g)).float().abs().sum(dim=1)
+        g = layer.unit_rows(grad=True)
+        return None if g is None else (layer.unit_rows() * g).float().abs().sum(dim=1)
 
 
 class LocalLossScore(ObservedScore):

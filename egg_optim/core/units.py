@@ -7,6 +7,10 @@ layer *coupled* to it. A norm is coupled only when it provably normalises the la
 proves nothing: BERT's ``LayerNorm`` registered after ``output.dense`` normalises a residual sum, ViT's
 ``layernorm_before`` the next block's input.
 
+Units may also span several modules: the hidden neurons of a transformer MLP and its attention heads
+(:mod:`egg_optim.core.blocks`). Such a managed "layer" is the block; each tensor it owns has a unit dimension
+and an index of the positions each unit owns along it, and per-tensor roles come from :meth:`Roles.expand`.
+
 A unit-owned tensor must belong to the managed layer (or its norm) alone: a parameter that another module also
 holds (tied embeddings, a weight assigned to two modules) is refused, since freezing or cloning its rows would
 change that module too.
@@ -21,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from .blocks import UnitGroup, find_unit_groups
+from .roles import Roles
 
 MANAGED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -48,29 +54,57 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
+UNIT_KINDS = ("auto", "layers")
+
+
 @dataclass
 class ManagedLayer:
-    """One layer under role control and the tensors its units own (all with units on dim 0)."""
+    """One layer (or transformer block, ``group``) under role control and the tensors its units own."""
 
     name: str
-    module: nn.Module
+    module: nn.Module  # the layer; for a block, the module that reads its units (down / output projection)
     norm_name: str | None = None
     norm: nn.Module | None = None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     # unit dimension of each owned tensor by qualified name; 0 (rows) unless listed
     dims: dict[str, int] = field(default_factory=dict)
+    # positions [num_units, k] each unit owns along the unit dimension, for units of several positions
+    index: dict[str, torch.Tensor] = field(default_factory=dict)
+    group: UnitGroup | None = None
 
     def dim_of(self, name: str) -> int:
         return self.dims.get(name, 0)
 
+    def roles_of(self, name: str, roles: Roles) -> Roles:
+        """The roles of the positions of owned tensor ``name`` (the unit roles themselves for rows)."""
+        index = self.index.get(name)
+        return roles if index is None else roles.expand(index)
+
     @property
     def num_units(self) -> int:
-        return num_units(self.module)
+        return self.group.num_units if self.group is not None else num_units(self.module)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    def unit_rows(self, grad: bool = False) -> torch.Tensor | None:
+        """``[num_units, D]``: each unit's weights (or their gradients, ``None`` before any backward), all
+        its weight tensors concatenated. For a plain layer, its weight rows."""
+        if self.group is None:
+            t = self.module.weight.grad if grad else self.module.weight
+            return None if t is None else t.detach().flatten(1) if t.dim() > 1 else t.detach().unsqueeze(1)
+        parts = []
+        for pname, p in self.params:
+            if not pname.endswith(".weight"):
+                continue
+            t = p.grad if grad else p
+            if t is None:
+                return None
+            moved = t.detach().movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
+            parts.append(moved[self.index[pname]].reshape(self.num_units, -1))
+        return torch.cat(parts, dim=1)
 
 
 def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.Module | None):
@@ -86,8 +120,25 @@ def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.
     return params, buffers
 
 
-def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MANAGED_TYPES)]
+def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str, nn.Module | UnitGroup]]:
+    """What can have roles, in registration order: every Linear/ConvNd (``units="layers"``); with
+    ``units="auto"``, transformer MLP and attention blocks replace the projections they are made of."""
+    if units not in UNIT_KINDS:
+        raise PlanError(f"unknown unit kind {units!r}; choose one of {UNIT_KINDS}")
+    groups = find_unit_groups(model) if units == "auto" else {}
+    first = {g.modules[0]: g for g in groups.values()}
+    members = {m for g in groups.values() for m in g.modules}
+    out: list[tuple[str, nn.Module | UnitGroup]] = []
+    for n, m in model.named_modules():
+        if n in first:
+            out.append((first[n].name, first[n]))
+        if isinstance(m, MANAGED_TYPES) and n not in members:
+            out.append((n, m))
+    return out
+
+
+def candidate_units(candidate: nn.Module | UnitGroup) -> int:
+    return candidate.num_units if isinstance(candidate, UnitGroup) else num_units(candidate)
 
 
 def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -145,19 +196,46 @@ def couple_norm(
     params, buffers = _unit_tensors(layer.name, layer.module, norm_name, norm)
     holders = parameter_holders(model) if holders is None else holders
     check_not_shared(layer.name, params, (layer.module, norm) if norm is not None else (layer.module,), holders)
-    return ManagedLayer(layer.name, layer.module, norm_name, norm, params, buffers, dict(layer.dims))
+    return ManagedLayer(
+        layer.name, layer.module, norm_name, norm, params, buffers, dict(layer.dims)
+    )  # plain layers only
+
+
+def _group_layer(model: nn.Module, group: UnitGroup, holders: dict) -> ManagedLayer:
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    owned = [(s.param, params[s.param]) for s in group.slices]
+    check_not_shared(group.name, owned, tuple(modules[m] for m in group.modules), holders)
+    return ManagedLayer(
+        group.name,
+        modules[group.consumer],
+        params=owned,
+        dims={s.param: s.dim for s in group.slices},
+        index={s.param: s.index for s in group.slices},
+        group=group,
+    )
 
 
 def build_managed_layers(
-    model: nn.Module, names: list[str], norms: dict[str, str | None] | None = None
+    model: nn.Module,
+    names: list[str],
+    norms: dict[str, str | None] | None = None,
+    groups: dict[str, UnitGroup] | None = None,
 ) -> dict[str, ManagedLayer]:
-    """Resolve layer names to :class:`ManagedLayer`, with the norms given in ``norms`` coupled (no others:
-    automatic coupling needs a forward pass, :mod:`egg_optim.core.coupling`)."""
+    """Resolve layer names (and ``groups``, transformer blocks by name) to :class:`ManagedLayer`, with the
+    norms given in ``norms`` coupled (no others: automatic coupling needs a forward pass,
+    :mod:`egg_optim.core.coupling`)."""
     modules = dict(model.named_modules())
     holders = parameter_holders(model)
     layers: dict[str, ManagedLayer] = {}
     owner: dict[int, str] = {}
     for name in names:
+        if groups and name in groups:
+            layer = layers[name] = _group_layer(model, groups[name], holders)
+            for pname, p in layer.params:
+                if owner.setdefault(id(p), name) != name:
+                    raise PlanError(f"parameter {pname!r} is shared with layer {owner[id(p)]!r}")
+            continue
         module = modules.get(name)
         if not isinstance(module, MANAGED_TYPES):
             raise PlanError(

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import EggConfig
 from ..core import compact, masking
+from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
@@ -110,7 +111,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             raise ConfigError("EggConfig.elect_every: an election when training ends would change the trained model")
         role_plan = config.role_plan()
         layer_plans = role_plan.resolve(model)
-        layers = build_managed_layers(model, list(layer_plans), dict(config.norms) if config.norms else None)
+        blocks = {n: c for n, c in role_plan.candidates(model).items() if isinstance(c, UnitGroup)}
+        layers = build_managed_layers(
+            model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
+        )
         layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
 
         # --- the Optimizer protocol, sharing the base optimizer's containers
@@ -136,23 +140,37 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book = Book()
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._parked: compact.Parked = {}  # compact storage: clones' own state slices (clone_state="keep")
-        self.output_cloning = None
+        self.output_cloning = None  # output mode, plain layers
+        self.block_output = None  # output mode, transformer blocks
         self.grad_skip = None
         initial = self._elect_all(self.score if not isinstance(self.score, RunningScore) else RandomScore(), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         fusable = None
+        plain = {n for n, lay in layers.items() if lay.group is None}
         if config.clone_mode == "output":
+            from ..rewrites.block_output import BlockOutputCloning
             from ..rewrites.output_cloning import OutputCloning, can_fuse
 
+            in_blocks = {n: r for n, r in initial.items() if n not in plain}
+            if in_blocks:
+                self.block_output = BlockOutputCloning(
+                    model, {n: layers[n].group for n in in_blocks}, in_blocks, eval_mode=config.eval_mode
+                )
+                self._listeners.append(self._update_block_output)
             # norms are fused once a forward pass proves the pair (core.coupling); until then the layers expand
             # their output themselves, which computes the same
-            self.output_cloning = OutputCloning(model, initial, eval_mode=config.eval_mode)
-            self._listeners.append(self.output_cloning.update_roles)
+            try:
+                self.output_cloning = OutputCloning(model, {n: initial[n] for n in plain}, eval_mode=config.eval_mode)
+            except Exception:
+                if self.block_output is not None:
+                    self.block_output.remove()
+                raise
+            self._listeners.append(self._update_output_cloning)
             fusable = can_fuse
         elif self._skip_clone_grads(config):
             from ..rewrites.grad_skip import GradSkip, supports
 
-            rewritable = {n: r for n, r in initial.items() if supports(layers[n].module)}
+            rewritable = {n: r for n, r in initial.items() if n in plain and supports(layers[n].module)}
             if rewritable:
                 self.grad_skip = GradSkip(model, rewritable)
                 self._listeners.append(self._update_grad_skip)
@@ -160,7 +178,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._roles_changed({}, initial)
         explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
         self._norm_coupling = NormCoupling(
-            model, {n: lay.module for n, lay in layers.items()}, explicit, self._couple_norms, fusable
+            model, {n: layers[n].module for n in plain}, explicit, self._couple_norms, fusable
         )
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
@@ -310,6 +328,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         return self.book.clone_events
 
     # ------------------------------------------------------------------ model rewrites
+    def _update_output_cloning(self, roles: Mapping[str, Roles]) -> None:
+        if self.output_cloning is not None:
+            self.output_cloning.update_roles({n: roles[n] for n in self.output_cloning.layers})
+
+    def _update_block_output(self, roles: Mapping[str, Roles]) -> None:
+        if self.block_output is not None:
+            self.block_output.update_roles({n: roles[n] for n in self.block_output.groups})
+
     def _update_grad_skip(self, roles: Mapping[str, Roles]) -> None:
         if self.grad_skip is not None:
             self.grad_skip.update_roles({n: roles[n] for n in self.grad_skip.layers})
@@ -324,10 +350,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     def remove_output_cloning(self) -> None:
         """Give the model back its original modules (output-cloning mode only; training can go on in weight mode)."""
         if self.output_cloning is not None:
-            self._listeners.remove(self.output_cloning.update_roles)
+            self._listeners.remove(self._update_output_cloning)
             self.output_cloning.remove()
             self.output_cloning = None
-            self.clone_mode = "weight"
+        if self.block_output is not None:
+            self._listeners.remove(self._update_block_output)
+            self.block_output.remove()
+            self.block_output = None
+        self.clone_mode = "weight"
 
     def export_model(self) -> nn.Module:
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
@@ -397,15 +427,15 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         fn(self.roles)
 
     def _managed_params(
-        self, layers: Mapping[str, ManagedLayer] | None = None
-    ) -> Iterator[tuple[torch.Tensor, str, int]]:
-        """(parameter, layer name, unit dim) for every managed-layer parameter the base optimizer holds (of
-        ``layers``, default: the managed layers as they are)."""
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> Iterator[tuple[torch.Tensor, str, Roles, int]]:
+        """(parameter, layer name, the roles of its positions, unit dim) for every managed-layer parameter the
+        base optimizer holds (of ``layers``, default: the managed layers as they are), under ``roles``."""
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
         for name, layer in (self.layers if layers is None else layers).items():
             for pname, p in layer.params:
                 if id(p) in in_optimizer:
-                    yield p, name, layer.dim_of(pname)
+                    yield p, name, layer.roles_of(pname, roles[name]), layer.dim_of(pname)
 
     def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
         return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
@@ -415,7 +445,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     ) -> dict[torch.Tensor, compact.UnitParam]:
         groups = self._group_of()
         return {
-            p: compact.UnitParam(p, groups[id(p)][0], roles[name], dim) for p, name, dim in self._managed_params(layers)
+            p: compact.UnitParam(p, groups[id(p)][0], r, dim) for p, _, r, dim in self._managed_params(roles, layers)
         }
 
     def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
@@ -451,8 +481,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._mask: list[masking.MaskEntry] = []
         self._compact: list[compact.CompactEntry] = []
         groups = self._group_of()
-        for p, name, dim in self._managed_params():
-            roles = self.book.layers[name].roles
+        for p, _, roles, dim in self._managed_params(self.roles):
             if not roles.has_clones:
                 continue
             if self.state_storage == "compact":
@@ -587,7 +616,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 current=None if current is None else current[name],
                 hysteresis=self.hysteresis,
                 assign=self.assign,
-                weight=layer.weight,
+                weight=layer.unit_rows() if self.assign == "nearest" else None,
                 generator=gen,
             )
             for name, layer in self.layers.items()
@@ -602,10 +631,13 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             lb.score_sum, lb.score_count = None, 0
         self.book.elections += 1
         self.book.last_election_step = self.steps
+        # A clone has been computing its source's output; giving it the source's rows (conv rows and norm
+        # statistics; a block's producer slices) before it may become active again keeps that output
+        # (function-preserving election).
         if self.output_cloning is not None:
-            # A clone has been computing its source's output; giving it the source's conv rows and norm
-            # statistics before it may become active again keeps that output (function-preserving election).
             self.output_cloning.fill_clones()
+        if self.block_output is not None:
+            self.block_output.fill_clones()
         self._set_roles(new)
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
@@ -749,7 +781,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         saved_coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet
         layers = {**self.layers, **(saved_coupling[0] if saved_coupling is not None else {})}
         names = {id(p): pname for pname, p in self.model.named_parameters()}
-        managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params(layers)}
+        managed = {id(p): (name, r, dim) for p, name, r, dim in self._managed_params(saved_roles, layers)}
         check_base_state(sd, self.optimizer, managed, names)
         previous = self.optimizer.state_dict()
         try:

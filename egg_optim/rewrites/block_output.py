@@ -21,7 +21,6 @@ loaded from it computes what the rewritten one did.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,9 @@ from ..errors import ConfigError, PlanError
 from . import base
 
 OWNER = "block output cloning"
-_ATTRS = ("_egg_has_clones", "_egg_dim", "_egg_produces")
-_BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src")
+_ATTRS = ("_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights")
+_BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources")
+EVAL_MODES = ("as_trained", "own_weights")
 
 
 class _BlockMember:
@@ -43,12 +43,14 @@ class _BlockMember:
     _egg_has_clones: bool
     _egg_dim: int  # the unit dimension of the weight
     _egg_produces: bool
-    _egg_active: torch.Tensor
-    _egg_fold_pos: torch.Tensor
-    _egg_fold_src: torch.Tensor
+    _egg_own_weights: bool  # eval_mode="own_weights": evaluation runs the plain module
+    _egg_active: torch.Tensor  # active positions along the unit dimension
+    _egg_fold_pos: torch.Tensor  # for each clone position, where its source sits among the active ones
+    _egg_fold_src: torch.Tensor  # clone positions
+    _egg_sources: torch.Tensor  # each clone position's source position
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self._egg_has_clones:
+        if not self._egg_has_clones or (self._egg_own_weights and not self.training):
             return super().forward(input)
         w, dim = self.weight, self._egg_dim
         if self._egg_produces:
@@ -64,6 +66,24 @@ class _BlockMember:
                 y = y + bias
             return y.reshape(*input.shape[:-1], weight.shape[1])
         return F.linear(input, weight, bias)
+
+    def _clone_positions(self, key: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """(dim, clone positions, their sources) of a producer's ``weight`` / ``bias``, or ``None``."""
+        if not (self._egg_produces and self._egg_has_clones) or getattr(self, key, None) is None:
+            return None
+        return (self._egg_dim if key == "weight" else 0), self._egg_fold_src, self._egg_sources
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A producer's clone slices are saved as their source's: what output mode computed, for a plain model.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars or (self._egg_own_weights and not self.training):
+            return
+        for key in ("weight", "bias"):
+            found = self._clone_positions(key)
+            if found is not None and prefix + key in destination:
+                dim, clones, sources = found
+                t = destination[prefix + key]
+                destination[prefix + key] = t.index_copy(dim, clones, t.index_select(dim, sources))
 
 
 _CLASSES: dict[type, type] = {}
@@ -91,7 +111,16 @@ class BlockOutputCloning(base.LayerRewrite):
 
     owner = OWNER
 
-    def __init__(self, model: nn.Module, groups: Mapping[str, UnitGroup], roles: Mapping[str, Roles]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Mapping[str, UnitGroup],
+        roles: Mapping[str, Roles],
+        *,
+        eval_mode: str = "as_trained",
+    ) -> None:
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
         modules = dict(model.named_modules())
         for name, r in roles.items():
             g = groups.get(name)
@@ -114,16 +143,14 @@ class BlockOutputCloning(base.LayerRewrite):
         self._roles = dict(roles)
         self._removed = False
         self._members: dict[str, list[tuple[str, nn.Module, bool]]] = {}
-        self._hooks: list[Any] = []
         for name, g in self.groups.items():
             members = [(p, modules[p], True) for p in g.producers] + [(g.consumer, modules[g.consumer], False)]
             self._members[name] = members
             for mname, m, produces in members:
                 m.__class__ = _rewritten_class(type(m))
                 m._egg_produces = produces
+                m._egg_own_weights = eval_mode == "own_weights"
                 m._egg_dim = _weight_slice(g, mname).dim
-                if produces:
-                    self._hooks.append(m._register_state_dict_hook(self._saver(name, mname)))
             self._apply_roles(name, roles[name])
 
     def _check_roles(self, name: str, roles: Roles) -> None:
@@ -151,33 +178,29 @@ class BlockOutputCloning(base.LayerRewrite):
             pos[er.active] = torch.arange(er.active.numel())
             base.set_buffer(m, "_egg_active", er.active.to(device))
             base.set_buffer(m, "_egg_fold_src", er.clones.to(device))
+            base.set_buffer(m, "_egg_sources", er.sources.to(device))
             base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
 
-    def _saver(self, name: str, module_name: str):
-        """A state-dict hook writing each clone's producer slices as its source's (the plain model then
-        computes what output mode computed)."""
+    @torch.no_grad()
+    def fill_clones(self) -> None:
+        """Copy each clone's producer slices from its source in place (before an election: a promoted clone
+        then computes what it computed as a clone)."""
+        self._check_live()
+        for members in self._members.values():
+            for _, m, _ in members:
+                for key in ("weight", "bias"):
+                    found = m._clone_positions(key)
+                    if found is not None:
+                        dim, clones, sources = found
+                        t = getattr(m, key)
+                        t.index_copy_(dim, clones, t.index_select(dim, sources))
 
-        def hook(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
-            roles = self._roles[name]
-            if not roles.has_clones:
-                return
-            g = self.groups[name]
-            for key in ("weight", "bias"):
-                sl = next((s for s in g.slices if s.param == f"{module_name}.{key}"), None)
-                if sl is None or prefix + key not in state:
-                    continue
-                er = roles.expand(sl.index)
-                t = state[prefix + key]
-                filled = t.detach().clone()
-                src = t.detach().index_select(sl.dim, er.sources.to(t.device))
-                filled.index_copy_(sl.dim, er.clones.to(t.device), src)
-                state[prefix + key] = filled
-
-        return hook
+    @property
+    def eval_mode(self) -> str:
+        m = next(iter(self._members.values()))[0][1]
+        return "own_weights" if m._egg_own_weights else "as_trained"
 
     def _restore_all(self) -> None:
-        for h in self._hooks:
-            h.remove()
         for members in self._members.values():
             for _, m, _ in members:
                 base.restore(m, _ATTRS, _BUFFERS)
