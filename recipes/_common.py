@@ -197,7 +197,9 @@ def trainer_resume_path(resume_from: str, output_dir: Path) -> Path:
 
 # ============================================================================ trackers
 def configure_wandb(output_dir: Path) -> dict[str, Any]:
-    """Offline mode unless a W&B API key is configured; returns wandb.init kwargs."""
+    """Offline mode unless a W&B API key is configured; returns wandb.init kwargs: the run folder is
+    ``$WANDB_DIR``, else ``output_dir``, always passed explicitly (wandb reads ``WANDB_DIR`` once per process,
+    so a second run in the same process would otherwise land in the first one's folder)."""
     if "WANDB_MODE" not in os.environ:
         has_key = bool(os.environ.get("WANDB_API_KEY"))
         if not has_key:
@@ -209,10 +211,7 @@ def configure_wandb(output_dir: Path) -> dict[str, Any]:
                 has_key = False
         if not has_key:
             os.environ["WANDB_MODE"] = "offline"
-    kwargs: dict[str, Any] = {}
-    if "WANDB_DIR" not in os.environ:
-        kwargs["dir"] = str(output_dir)
-    return kwargs
+    return {"dir": os.environ.get("WANDB_DIR") or str(output_dir)}
 
 
 def init_trackers(accelerator: Any, args: argparse.Namespace, output_dir: Path) -> None:
@@ -236,9 +235,7 @@ def trainer_report_to(args: argparse.Namespace, output_dir: Path) -> str | list[
     (the Trainer's W&B callback reads them from the environment)."""
     if args.report_to == "none":
         return "none"
-    wandb_kwargs = configure_wandb(output_dir)
-    if "dir" in wandb_kwargs:
-        os.environ.setdefault("WANDB_DIR", wandb_kwargs["dir"])
+    os.environ.setdefault("WANDB_DIR", configure_wandb(output_dir)["dir"])
     if getattr(args, "project", None):
         os.environ.setdefault("WANDB_PROJECT", args.project)
     return ["wandb"]
