@@ -28,9 +28,16 @@ def test_counts_partition_units(units, lead, ind):
     except PlanError as e:
         assert "0" in str(e)
         return
-    assert lp.leaders == round(lead * units) and lp.independents == round(ind * units)
+    assert lp.independents == round(ind * units)
+    # the seed's rounding, but never 0 leaders for a positive fraction that leaves clones
+    rounded = round(lead * units)
+    assert lp.leaders == (1 if rounded == 0 and units - lp.independents > 0 else rounded)
     assert lp.leaders + lp.independents + lp.clones == units and lp.clones >= 0
     assert lp.leaders > 0 or lp.clones == 0
+
+
+def test_a_small_positive_leader_fraction_still_gives_clones_a_source():
+    assert RolePlan(0.01).resolve(mlp((4, 20, 2)))["0"].leaders == 1
 
 
 def test_presets_default_to_the_uniform_table_and_fit_any_model():
@@ -72,7 +79,7 @@ def test_per_layer_first_match_and_suffix_patterns():
         ({"leaders": 0.7, "independents": 0.5}, "> 1"),
         ({"per_layer": {"nope.*": (0.5, 0.1)}}, "matches no"),
         ({"layers": ["missing"]}, "matches no"),
-        ({"leaders": 0.01}, "0 leaders"),
+        ({"leaders": 0.0, "independents": 0.5}, "0 leaders"),
         ({"per_layer": {"0": (0.5, 0.5)}}, "too few units"),
         ({"per_layer": {"0": (0.5,)}}, "pair"),
     ],

@@ -305,7 +305,7 @@ def test_wandb_offline_logs_role_metrics_and_perplexity(tmp_path, corpus, monkey
     (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     rows = read_wandb_offline_history(run, timeout=60)  # the W&B service writes asynchronously
     keys = history_keys(rows)
-    layer = "roles/model.layers.0.mlp.up_proj"
+    layer = "roles/model.layers.0.mlp"  # a block: the MLP's hidden neurons
     for key in (f"{layer}/leaders", f"{layer}/clones", f"{layer}/updated_fraction", "roles/total/clones",
                 "train/loss", "train/lr", "eval/perplexity", "final/perplexity"):  # fmt: skip
         assert key in keys, key

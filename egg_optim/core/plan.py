@@ -3,7 +3,8 @@
 A plan is data: global ``(leaders, independents)`` fractions, per-layer overrides by name pattern, and which
 layers are managed. Resolving a plan against a model validates everything before anything is changed.
 Counts follow the seed: ``leaders = round(pL * units)``, ``independents = round(pI * units)``, clones are
-the rest (Python's ``round``, i.e. half to even).
+the rest (Python's ``round``, i.e. half to even); a positive leader fraction that rounds to no leader while
+clones remain gives one leader (small blocks: two attention heads at ``pL = 0.25``).
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ class RolePlan:
                     f"layer {name!r} has too few units ({units}) for leaders {p_lead:g} -> {k_lead} plus "
                     f"independents {p_ind:g} -> {k_ind}"
                 )
+            if k_lead == 0 and p_lead > 0 and units - k_ind > 0:
+                k_lead = 1  # a small block (few attention heads): the nearest plan that gives clones a source
             if k_lead == 0 and units - k_ind > 0:
                 raise PlanError(
                     f"layer {name!r}: leaders {p_lead:g} x {units} units rounds to 0 leaders but "

@@ -280,8 +280,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         couples what the saved run coupled). Changes nothing."""
         if not isinstance(extra, Mapping) or extra.get("coupling") is None:
             return None
-        saved = self._norm_coupling.from_state(extra["coupling"], fuse=self.output_cloning is not None)
-        if not self._norm_coupling.pending:
+        # already decided (a forward pass ran first): the saved decision must agree, its fusions are in place
+        pending = self._norm_coupling.pending
+        saved = self._norm_coupling.from_state(extra["coupling"], fuse=pending and self.output_cloning is not None)
+        if not pending:
             if saved.coupled != self.coupled_norms:
                 raise StateDictMismatchError(
                     f"state dict was saved with norm coupling {saved.coupled}, this optimizer couples "
@@ -753,7 +755,53 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             sd["state"] = state
         sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
         sd[STATE_KEY]["coupling"] = self._coupling_state()
+        sd[STATE_KEY]["clone_rows"] = self._clone_rows() if self.clone_mode == "output" else {}
         return sd
+
+    def _owned(self, layers: Mapping[str, ManagedLayer] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(layer, qualified name, tensor) for every parameter and buffer a managed unit owns."""
+        for name, layer in (self.layers if layers is None else layers).items():
+            for qname, t in [*layer.params, *layer.buffers]:
+                yield name, qname, t
+
+    def _clone_rows(self) -> dict[str, torch.Tensor]:
+        """Output mode: the clones' own slices of every tensor they own. A saved model holds clones as their
+        sources (what output mode computes, for a plain model), and elections may read the clones' own rows
+        (``weight_norm``, ``assign="nearest"``, blending): these make a resume exact."""
+        out = {}
+        for name, qname, t in self._owned():
+            layer, roles = self.layers[name], self.roles[name]
+            if roles.has_clones:
+                er = layer.roles_of(qname, roles)
+                out[qname] = t.detach().index_select(layer.dim_of(qname), er.clones.to(t.device)).cpu().clone()
+        return out
+
+    def _check_clone_rows(self, rows: Any, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer]) -> None:
+        """Refuse saved clone slices that do not fit the saved roles (changes nothing)."""
+        if not isinstance(rows, Mapping):
+            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
+        shapes = {}
+        for name, qname, t in self._owned(layers):
+            er = layers[name].roles_of(qname, roles[name])
+            shape = list(t.shape)
+            shape[layers[name].dim_of(qname)] = er.num_clones
+            shapes[qname] = tuple(shape)
+        for qname, v in rows.items():
+            if qname not in shapes:
+                raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
+            if not torch.is_tensor(v) or tuple(v.shape) != shapes[qname]:
+                got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                raise StateDictMismatchError(
+                    f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {shapes[qname]}"
+                )
+
+    @torch.no_grad()
+    def _restore_clone_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
+        for name, qname, t in self._owned():
+            if qname in rows:
+                layer = self.layers[name]
+                er = layer.roles_of(qname, self.roles[name])
+                t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
 
     def export_optimizer_state(self) -> dict[str, Any]:
         """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
@@ -783,6 +831,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         names = {id(p): pname for pname, p in self.model.named_parameters()}
         managed = {id(p): (name, r, dim) for p, name, r, dim in self._managed_params(saved_roles, layers)}
         check_base_state(sd, self.optimizer, managed, names)
+        clone_rows = extra.get("clone_rows", {}) if self.clone_mode == "output" else {}
+        self._check_clone_rows(clone_rows, saved_roles, layers)
         previous = self.optimizer.state_dict()
         try:
             self.optimizer.load_state_dict(sd)
@@ -804,4 +854,5 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book = book
         self._parked = {}
         self._roles_changed({}, saved_roles)
+        self._restore_clone_rows(clone_rows)  # after the model was loaded (as Accelerate and the Trainer do)
         self.book.roles_since = roles_since
