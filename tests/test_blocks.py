@@ -178,3 +178,56 @@ def test_roles_expand_refuses_a_wrong_index():
     r = Roles.all_leaders(3)
     with pytest.raises(PlanError, match=r"\[3, k\]"):
         r.expand(torch.arange(4).reshape(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_optimizer_manages_blocks_exactly_and_exports_a_plain_model(mode):
+    """Through LeaderCloneOptimizer: every slice a clone owns stays frozen (compact storage), active ones train,
+    and export_model() is the plain class computing the same."""
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan(0.4, 0.1), clone_mode=mode, clone_every=None
+    )
+    assert {n for n, lay in opt.layers.items() if lay.group is not None} == {
+        f"model.layers.{i}.{b}" for i in (0, 1) for b in ("mlp", "self_attn")
+    }
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for _ in range(2):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, layer in opt.layers.items():
+        roles = opt.roles[name]
+        for pname, p in layer.params:
+            er, dim = layer.roles_of(pname, roles), layer.dim_of(pname)
+            assert torch.equal(p.index_select(dim, er.clones), before[pname].index_select(dim, er.clones)), pname
+            assert not torch.equal(p.index_select(dim, er.active), before[pname].index_select(dim, er.active))
+    model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits
+    plain = opt.export_model().eval()
+    assert not any(type(m).__module__.startswith("egg_optim") for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_block_units_get_exactly_the_bare_update_on_one_step():
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    bare_model = copy.deepcopy(model)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+                               RolePlan(0.4, 0.1), clone_every=None)  # fmt: skip
+    bare = torch.optim.AdamW(bare_model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for m, o in ((model, opt), (bare_model, bare)):  # weight mode: the same forward, the same gradients
+        m(**inputs, labels=inputs["input_ids"]).loss.backward()
+        o.step()
+    after_bare = dict(bare_model.named_parameters())
+    for name, layer in opt.layers.items():
+        for pname, p in layer.params:
+            er, dim = layer.roles_of(pname, opt.roles[name]), layer.dim_of(pname)
+            assert torch.equal(p.index_select(dim, er.active), after_bare[pname].index_select(dim, er.active)), pname
+            assert torch.equal(p.index_select(dim, er.clones), before[pname].index_select(dim, er.clones)), pname

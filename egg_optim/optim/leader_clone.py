@@ -365,13 +365,15 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
         model computes as trained: in output mode, clone rows are filled with their source's conv weights and
         norm statistics; in weight mode a plain copy."""
+        from ..rewrites.block_output import restore_plain_blocks
+
         if self.output_cloning is None:
             from ..rewrites.grad_skip import restore_plain
 
-            return restore_plain(copy.deepcopy(self.model))
+            return restore_plain_blocks(restore_plain(copy.deepcopy(self.model)))
         from ..rewrites.output_cloning import export_plain
 
-        return export_plain(self.output_cloning)
+        return restore_plain_blocks(export_plain(self.output_cloning))
 
     # ------------------------------------------------------------------ Optimizer protocol (shared state)
     @property

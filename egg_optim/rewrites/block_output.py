@@ -188,12 +188,7 @@ class BlockOutputCloning(base.LayerRewrite):
         self._check_live()
         for members in self._members.values():
             for _, m, _ in members:
-                for key in ("weight", "bias"):
-                    found = m._clone_positions(key)
-                    if found is not None:
-                        dim, clones, sources = found
-                        t = getattr(m, key)
-                        t.index_copy_(dim, clones, t.index_select(dim, sources))
+                _fill(m)
 
     @property
     def eval_mode(self) -> str:
@@ -204,3 +199,23 @@ class BlockOutputCloning(base.LayerRewrite):
         for members in self._members.values():
             for _, m, _ in members:
                 base.restore(m, _ATTRS, _BUFFERS)
+
+
+@torch.no_grad()
+def restore_plain_blocks(model: nn.Module) -> nn.Module:
+    """Give every block member in ``model`` (typically a copy) its original class, with each clone's producer
+    slices filled from its source, so the plain modules compute what output mode computed. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, _BlockMember):
+            _fill(m)
+            base.restore(m, _ATTRS, _BUFFERS)
+    return model
+
+
+def _fill(m: _BlockMember) -> None:
+    for key in ("weight", "bias"):
+        found = m._clone_positions(key)
+        if found is not None:
+            dim, clones, sources = found
+            t = getattr(m, key)
+            t.index_copy_(dim, clones, t.index_select(dim, sources))
