@@ -150,6 +150,18 @@ def resume_config_signature(config: EggConfig) -> dict[str, Any]:
 
 
 # ============================================================================ determinism and digests
+def load_image_splits(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The train and test splits of ``--dataset`` (with ``--max-*-samples`` and ``--test-split-fraction``),
+    checked to make a meaningful classification task."""
+    from egg_optim.kit.data import check_splits, load_image_dataset
+
+    common = {"seed": args.seed, "test_split_fraction": args.test_split_fraction}
+    train = load_image_dataset(args.dataset, split="train", max_samples=args.max_train_samples, **common)
+    test = load_image_dataset(args.dataset, split="test", max_samples=args.max_eval_samples, **common)
+    check_splits(train, test)
+    return train, test
+
+
 def derived_seed(*keys: object) -> int:
     """A 63-bit seed from ``keys`` (e.g. ``(seed, "order", epoch)``): a resumed run redraws what it skipped."""
     text = ":".join(str(k) for k in keys).encode()

@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     derived_seed,
     egg_config,
     init_trackers,
+    load_image_splits,
     resume_config_signature,
     run_cli,
     state_digests,
@@ -299,7 +300,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     from egg_optim.kit import checkpoint as ckpt
     from egg_optim.kit import storage, tracking
-    from egg_optim.kit.data import check_splits, dataset_spec, load_image_dataset, make_dataloader
+    from egg_optim.kit.data import dataset_spec, make_dataloader
     from egg_optim.kit.metrics import load_metric
     from egg_optim.kit.models import build_model
 
@@ -310,14 +311,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
 
     # ---------------------------------------------------------------- data
-    holdout = args.test_split_fraction
-    train_ds = load_image_dataset(
-        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    eval_ds = load_image_dataset(
-        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    check_splits(train_ds, eval_ds)
+    train_ds, eval_ds = load_image_splits(args)
     spec = dataset_spec(train_ds, resize_to=args.resize_to, channels=args.channels)
     normalize = DEFAULT_NORMALIZE.get(args.model) if args.normalize == "auto" else args.normalize
     normalize = None if normalize == "none" else normalize

@@ -100,19 +100,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from egg_optim.integrations.transformers import EggTrainer
     from egg_optim.kit import checkpoint as ckpt
     from egg_optim.kit import storage
-    from egg_optim.kit.data import BatchTransform, check_splits, dataset_spec, load_image_dataset
+    from egg_optim.kit.data import BatchTransform, dataset_spec
     from egg_optim.kit.metrics import load_metric
     from egg_optim.kit.models import build_model
 
     output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
-    holdout = args.test_split_fraction
-    train_ds = load_image_dataset(
-        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    eval_ds = load_image_dataset(
-        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    check_splits(train_ds, eval_ds)
+    train_ds, eval_ds = train_image.load_image_splits(args)
     spec = dataset_spec(train_ds)
     normalize = train_image.DEFAULT_NORMALIZE.get(args.model)
     augment = args.augment
