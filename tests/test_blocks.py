@@ -231,3 +231,18 @@ def test_block_units_get_exactly_the_bare_update_on_one_step():
             er, dim = layer.roles_of(pname, opt.roles[name]), layer.dim_of(pname)
             assert torch.equal(p.index_select(dim, er.active), after_bare[pname].index_select(dim, er.active)), pname
             assert torch.equal(p.index_select(dim, er.clones), before[pname].index_select(dim, er.clones)), pname
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_block_units_compile_without_graph_breaks_and_match_eager(mode):
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1), clone_mode=mode)
+    model(**inputs)  # one eager forward decides norm coupling
+    explained = torch._dynamo.explain(lambda ids: model(input_ids=ids).logits)(inputs["input_ids"])
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
