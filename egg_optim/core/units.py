@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import PlanError
 from .blocks import UnitGroup, find_unit_groups
 from .roles import Roles
+from .sharding import full
 
 MANAGED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -91,10 +92,15 @@ class ManagedLayer:
 
     def unit_rows(self, grad: bool = False) -> torch.Tensor | None:
         """``[num_units, D]``: each unit's weights (or their gradients, ``None`` before any backward), all
-        its weight tensors concatenated. For a plain layer, its weight rows."""
+        its weight tensors concatenated. For a plain layer, its weight rows. Parameters sharded by FSDP2 are
+        gathered first (every rank gets every unit's rows, as one process would)."""
         if self.group is None:
-            t = self.module.weight.grad if grad else self.module.weight
-            return None if t is None else t.detach().flatten(1) if t.dim() > 1 else t.detach().unsqueeze(1)
+            weight = dict(self.params).get(f"{self.name}.weight", self.module.weight)
+            t = weight.grad if grad else weight
+            if t is None:
+                return None
+            t = full(t.detach())
+            return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
         parts = []
         for pname, p in self.params:
             if not pname.endswith(".weight"):
@@ -102,7 +108,7 @@ class ManagedLayer:
             t = p.grad if grad else p
             if t is None:
                 return None
-            moved = t.detach().movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
+            moved = full(t.detach()).movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
             parts.append(moved[self.index[pname]].reshape(self.num_units, -1))
         return torch.cat(parts, dim=1)
 

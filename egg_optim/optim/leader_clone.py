@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from ..config import EggConfig
-from ..core import compact, masking
+from ..core import compact, masking, sharding
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
 from ..core.coupling import Coupling, NormCoupling
-from ..core.distributed import all_reduce_mean, derived_generator
+from ..core.distributed import all_reduce_mean, all_reduce_min, derived_generator
 from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
 from ..core.roles import Roles
@@ -143,10 +143,13 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.output_cloning = None  # output mode, plain layers
         self.block_output = None  # output mode, transformer blocks
         self.grad_skip = None
+        self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
+        self._sharded = self._check_sharding()
         initial = self._elect_all(self.score if not isinstance(self.score, RunningScore) else RandomScore(), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         fusable = None
-        plain = {n for n, lay in layers.items() if lay.group is None}
+        # a list in the layers' order, not a set: every rank must rewrite (and later gather) in the same order
+        plain = [n for n, lay in layers.items() if lay.group is None]
         if config.clone_mode == "output":
             from ..rewrites.block_output import BlockOutputCloning
             from ..rewrites.output_cloning import OutputCloning, can_fuse
@@ -314,7 +317,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     @property
     def state_storage(self) -> str:
-        return self.config.state_storage
+        """The storage in use: ``config.state_storage``, except ``"full"`` for parameters sharded by FSDP2
+        (:meth:`_sync_params`)."""
+        return "full" if self._sharded else self.config.state_storage
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the managed parameters are sharded by FSDP2 (DTensors)."""
+        return self._sharded
 
     @property
     def steps(self) -> int:
@@ -365,6 +375,12 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
         model computes as trained: in output mode, clone rows are filled with their source's conv weights and
         norm statistics; in weight mode a plain copy."""
+        if self._sharded:
+            raise ConfigError(
+                "export_model() copies the model, which FSDP2 cannot do with sharded parameters: take "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True)) instead (clone rows are filled in it as in model.state_dict()), on every rank"
+            )
         from ..rewrites.block_output import restore_plain_blocks
 
         if self.output_cloning is None:
@@ -491,8 +507,111 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             if self.state_storage == "compact":
                 group, position = groups[id(p)]
                 self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device), dim))
-            else:
-                self._mask.append(masking.MaskEntry(p, roles.clones.to(p.device), dim))
+            else:  # a sharded parameter is masked on this rank's slice: the clones it holds, local positions
+                where = sharding.localize(p, dim, roles.clones)[1]
+                if where.numel():
+                    self._mask.append(masking.MaskEntry(p, where.to(sharding.local(p).device), dim))
+
+    # ------------------------------------------------------------------ FSDP2 (core.sharding)
+    def _check_sharding(self) -> bool:
+        """Whether managed parameters are sharded (DTensors); refuses placements the core cannot translate."""
+        flags = []
+        for layer in self.layers.values():
+            for pname, p in layer.params:
+                sharding.check_placements(pname, p)
+                flags.append(sharding.is_sharded(p))
+        return any(flags)
+
+    def _slot(self, qname: str) -> tuple[nn.Module, str, bool]:
+        """(module, attribute, is a parameter) of a unit-owned tensor, by qualified name (cached)."""
+        slot = self._slots.get(qname)
+        if slot is None:
+            prefix, _, attr = qname.rpartition(".")
+            module = self.model.get_submodule(prefix)
+            slot = self._slots[qname] = (module, attr, attr in module._parameters)
+        return slot
+
+    def _registered(self, qname: str) -> torch.Tensor | None:
+        module, attr, is_param = self._slot(qname)
+        return (module._parameters if is_param else module._buffers).get(attr)
+
+    def _stale(self) -> bool:
+        return any(self._registered(qname) is not t for _, qname, t in self._owned())
+
+    def _sync_params(self) -> None:
+        """Follow unit-owned tensors that the model replaced since they were looked up: ``fully_shard`` registers
+        new (DTensor) parameters, after this optimizer was built when Accelerate prepares the model, and between a
+        forward pass and the backward pass that ends it FSDP2 registers gathered copies. Sharded parameters are
+        put back first (:func:`~egg_optim.core.sharding.reshard`: writes to the gathered copies would be lost),
+        then the managed layers take the registered tensors, which must be the optimizer's, and with sharded
+        parameters the storage becomes ``"full"``. A cheap identity check when nothing changed."""
+        if not self._stale():
+            return
+        sharding.reshard(self.model)
+        if not self._stale():
+            return
+        in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
+        new: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, layer in self.layers.items():
+            params = []
+            for qname, _ in layer.params:
+                p = self._registered(qname)
+                if p is None or id(p) not in in_optimizer:
+                    raise PlanError(
+                        f"layer {name!r}: parameter {qname!r} was replaced by one the optimizer does not hold; when "
+                        "the model is wrapped (fully_shard) after the optimizer is built, update the optimizer's "
+                        "param_groups to the new parameters (Accelerate's prepare does)"
+                    )
+                params.append((qname, p))
+            new[name] = params
+        old = [p for layer in self.layers.values() for _, p in layer.params]
+        kept = {id(p) for params in new.values() for _, p in params}
+        if any(self.state.get(p) for p in old if id(p) not in kept):
+            raise ConfigError(
+                "the model's managed parameters were replaced (fully_shard?) after the optimizer took steps: their "
+                "optimizer state belongs to the old tensors; shard the model before the first step"
+            )
+        for name, layer in self.layers.items():
+            layer.params = new[name]
+            layer.buffers = [(qname, self._registered(qname)) for qname, _ in layer.buffers]
+        self._parked = {}
+        self._sharded = self._check_sharding()
+        self._check_unsharded_rewrites()
+        self._rebuild_masks()
+
+    def _check_unsharded_rewrites(self) -> None:
+        """Refuse class-swapping rewrites of modules that ``fully_shard`` wrapped itself: FSDP2 swaps their class
+        too, so neither rewrite could be undone or recognised."""
+        modules = dict(self.model.named_modules())
+        names: list[str] = []
+        if self.output_cloning is not None:
+            names += [*self.output_cloning.layers, *self.output_cloning.norms.values()]
+        if self.block_output is not None:
+            names += [m for g in self.block_output.groups.values() for m in g.modules]
+        if self.grad_skip is not None:
+            names += list(self.grad_skip.layers)
+        for n in names:
+            if sharding.is_fsdp_module(modules[n]):
+                what = "clone_mode='output'" if self.grad_skip is None else "skip_clone_grads (set it to False)"
+                raise ConfigError(
+                    f"module {n!r} is itself wrapped by fully_shard, which {what} cannot rewrite: apply fully_shard "
+                    "to a module that contains it (a block, the model), e.g. a transformer-layer or no auto-wrap "
+                    "policy rather than a size-based one"
+                )
+
+    def _is_state_init(self) -> bool:
+        """Whether this step is ``torch.distributed.checkpoint``'s optimizer-state initialisation (sharded
+        parameters only): a step before any state exists with every learning rate 0 and every gradient zero.
+        It runs the base step (which creates the state a checkpoint is loaded into) and nothing else: counting it,
+        or holding an election or a clone event, would change what the checkpoint restores."""
+        if not self._sharded or self.state:
+            return False
+        lrs = [g["lr"] for g in self.param_groups if "lr" in g]
+        if not lrs or any(float(lr) != 0.0 for lr in lrs):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        zero = torch.tensor([float(bool(grads) and not any(bool(sharding.local(g).any()) for g in grads))])
+        return bool(all_reduce_min(zero, self.process_group))
 
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
@@ -528,13 +647,28 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step and schedules
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One base-optimizer step with clones held fixed, then any election and clone event due by steps."""
+        self._sync_params()
+        if self._is_state_init():
+            self._base_step()  # creates the state a checkpoint loads into; counts as nothing
+            return None
         if self._norm_coupling.pending:
             self._norm_coupling.decide_now()  # no complete forward pass seen: explicit couplings only
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self._sync_params()
         self._observe_step()
+        self._base_step()
+        self.book.steps += 1
+        if self.elect_every.after_step(self.steps):
+            self.elect_now()
+        if self.clone_every.after_step(self.steps):
+            self._scheduled_clone()
+        return loss
+
+    def _base_step(self) -> None:
+        """The base optimizer's step with clones held fixed (left out of it, or restored after it)."""
         if self._compact:
             with compact.stand_ins(self._compact, self.state):
                 self.optimizer.step()
@@ -543,12 +677,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             self.optimizer.step()
             if saved is not None:
                 masking.restore(saved, self.state)
-        self.book.steps += 1
-        if self.elect_every.after_step(self.steps):
-            self.elect_now()
-        if self.clone_every.after_step(self.steps):
-            self._scheduled_clone()
-        return loss
 
     @staticmethod
     def _epoch(epoch: Any) -> int:
@@ -628,6 +756,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     def elect_now(self) -> dict[str, int]:
         """Hold an election in every managed layer now; returns the leader churn per layer."""
+        self._sync_params()
         new = self._elect_all(self.score)
         for name, roles in new.items():
             lb = self.book.layers[name]
@@ -647,6 +776,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     def clone_now(self) -> int:
         """Copy every clone's source leader into it now; returns the number of clone units written."""
+        self._sync_params()
         cfg = self.config
         gen = derived_generator(self.seed, "clone", self.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.param_groups for p in g["params"]}
@@ -732,7 +862,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict, with full-size state whatever the storage (clone slices as the
-        clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores."""
+        clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores.
+
+        With parameters sharded by FSDP2 the state is the base optimizer's DTensors (this rank's shards, as a bare
+        optimizer keeps them) and the ``egg_optim`` entry (identical on every rank; a collective: every rank must
+        call this) is also carried, serialised, in the first parameter group, where
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (Accelerate's FSDP2 checkpoints)
+        keeps it."""
+        self._sync_params()
         sd = self.optimizer.state_dict()
         if self.state_storage == "compact":
             params = [p for g in self.param_groups for p in g["params"]]
@@ -758,6 +895,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
         sd[STATE_KEY]["coupling"] = self._coupling_state()
         sd[STATE_KEY]["clone_rows"] = self._clone_rows() if self.clone_mode == "output" else {}
+        if self._sharded:
+            sd["param_groups"][0][STATE_KEY] = sharding.pack_entry(sd[STATE_KEY])
         return sd
 
     def _owned(self, layers: Mapping[str, ManagedLayer] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -775,7 +914,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             layer, roles = self.layers[name], self.roles[name]
             if roles.has_clones:
                 er = layer.roles_of(qname, roles)
-                out[qname] = t.detach().index_select(layer.dim_of(qname), er.clones.to(t.device)).cpu().clone()
+                whole = sharding.full(t.detach())
+                out[qname] = whole.index_select(layer.dim_of(qname), er.clones.to(whole.device)).cpu().clone()
         return out
 
     def _check_clone_rows(self, rows: Any, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer]) -> None:
@@ -803,12 +943,18 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             if qname in rows:
                 layer = self.layers[name]
                 er = layer.roles_of(qname, self.roles[name])
-                t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
+                if sharding.is_sharded(t):
+                    whole = sharding.full(t).clone()
+                    whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
+                    sharding.write_full_(t, whole)
+                else:
+                    t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
 
     def export_optimizer_state(self) -> dict[str, Any]:
         """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
         sd = self.state_dict()
         del sd[STATE_KEY]
+        sd["param_groups"][0].pop(STATE_KEY, None)
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -818,8 +964,12 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         nothing."""
         if not isinstance(state_dict, Mapping):
             raise StateDictMismatchError(f"expected a state dict (a Mapping), got {type(state_dict).__name__}")
+        self._sync_params()
         sd = dict(state_dict)
         extra = sd.pop(STATE_KEY, None)
+        carried = sharding.take_entry(sd, STATE_KEY)  # the copy sharded state dicts carry in param_groups[0]
+        if extra is None:
+            extra = carried
         book = parse_book(
             extra,
             plan=self.plan.signature(),
@@ -833,6 +983,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         names = {id(p): pname for pname, p in self.model.named_parameters()}
         managed = {id(p): (name, r, dim) for p, name, r, dim in self._managed_params(saved_roles, layers)}
         check_base_state(sd, self.optimizer, managed, names)
+        if self._sharded:  # plain full-size state (a checkpoint of an unsharded run) takes the parameters' layout
+            sd["state"] = sharding.distribute_state(sd, self.param_groups)
         clone_rows = extra.get("clone_rows", {}) if self.clone_mode == "output" else {}
         self._check_clone_rows(clone_rows, saved_roles, layers)
         previous = self.optimizer.state_dict()

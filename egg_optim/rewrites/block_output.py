@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.blocks import UnitGroup, UnitSlice
 from ..core.roles import Roles
+from ..core.sharding import copied_positions, copy_positions_
 from ..errors import ConfigError, PlanError
 from . import base
 
@@ -82,8 +83,7 @@ class _BlockMember:
             found = self._clone_positions(key)
             if found is not None and prefix + key in destination:
                 dim, clones, sources = found
-                t = destination[prefix + key]
-                destination[prefix + key] = t.index_copy(dim, clones, t.index_select(dim, sources))
+                destination[prefix + key] = copied_positions(destination[prefix + key], dim, clones, sources)
 
 
 _CLASSES: dict[type, type] = {}
@@ -217,5 +217,4 @@ def _fill(m: _BlockMember) -> None:
         found = m._clone_positions(key)
         if found is not None:
             dim, clones, sources = found
-            t = getattr(m, key)
-            t.index_copy_(dim, clones, t.index_select(dim, sources))
+            copy_positions_(getattr(m, key), dim, clones, sources)  # FSDP2: rows on any rank

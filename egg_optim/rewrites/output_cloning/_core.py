@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.roles import Roles
+from ...core.sharding import copied_positions, copy_positions_
 from ...errors import ConfigError, PlanError
 from .. import base as rewrite
 from ..base import known_names, set_buffer
@@ -170,9 +171,7 @@ def _save_filled(module: nn.Module, destination, prefix: str, keep_vars: bool, a
         t = destination.get(prefix + attr)
         if t is None:
             continue
-        t = t.clone()
-        t.index_copy_(0, roles.clones.to(t.device), t.index_select(0, roles.sources.to(t.device)))
-        destination[prefix + attr] = t
+        destination[prefix + attr] = copied_positions(t, 0, roles.clones, roles.sources)  # DTensors stay sharded
 
 
 def can_fuse(layer: nn.Module, norm: nn.Module) -> bool:
@@ -243,8 +242,7 @@ def _fill_clone_rows(module: nn.Module) -> None:
         tensors = [module.weight, module.bias]
     for t in tensors:
         if t is not None:
-            c, s = clones.to(t.device), sources.to(t.device)
-            t.index_copy_(0, c, t.index_select(0, s))
+            copy_positions_(t, 0, clones, sources)  # FSDP2: rows on any rank
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -469,7 +467,5 @@ def export_state_dict(model_or_oc: nn.Module | OutputCloning) -> dict[str, torch
             t = state.get(key)
             if t is None:
                 continue
-            t = t.clone()
-            t[roles.clones.to(t.device)] = t[roles.sources.to(t.device)]
-            state[key] = t
+            state[key] = copied_positions(t, 0, roles.clones, roles.sources)
     return state
