@@ -6,6 +6,7 @@
   :func:`egg_optim.add_config_arguments`, read back by :func:`egg_config`;
 - exact resumes: :func:`derived_seed` (data order, dropout), :func:`resume_config_signature`,
   :func:`state_digests` (equal digests = bit-identical runs), :func:`trainer_resume_path`;
+- FSDP2: :func:`gathered_model_state` (the plain model's weights, gathered onto the main process);
 - trackers: :func:`init_trackers` (Accelerate) and :func:`trainer_report_to` (transformers Trainer), W&B offline
   unless a key is configured;
 - :func:`run_cli`: library errors become ``error: ...`` and exit status 2.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, config_from_args
+from egg_optim.core.sharding import full, reshard
 from egg_optim.errors import ConfigError, EggOptimError
 
 SCENARIOS = ("baseline", "mild", "aggressive")
@@ -172,12 +174,27 @@ def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in tensors:
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        t = full(t.detach())  # FSDP2: the whole tensor (every rank must call this), so digests compare across runs
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def gathered_model_state(lco: LeaderCloneOptimizer) -> dict[str, torch.Tensor] | None:
+    """With parameters sharded by FSDP2: the model's full state dict, which holds clone rows filled as
+    ``lco.export_model()`` does (that copies the model, which FSDP2 cannot), gathered onto the main process (the
+    other ranks get ``{}``); every rank must call it. ``None`` without sharding: use ``lco.export_model()``."""
+    if not lco.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(lco.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def state_digests(model: torch.nn.Module, lco: LeaderCloneOptimizer) -> dict[str, str]:
     """sha256 of the parameters, buffers and roles: equal digests mean bit-identical runs."""
+    # FSDP2: after an evaluation pass the root holds gathered copies, whose storage FSDP2 must free (and numpy
+    # views would pin); the sharded parameters, gathered, are what the digest is of
+    reshard(model)
     roles = []
     for name, r in lco.roles.items():
         roles += [(f"{name}.codes", r.codes), (f"{name}.source_map", r.source_map)]

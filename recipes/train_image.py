@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments
-from egg_optim.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,6 +44,7 @@ from _common import (  # noqa: E402
     add_run_arguments,
     derived_seed,
     egg_config,
+    gathered_model_state,
     init_trackers,
     load_image_splits,
     resume_config_signature,
@@ -278,16 +278,20 @@ class _SeededBatches:
         return self.transform(batch)
 
 
-def save_plain_model(lco: LeaderCloneOptimizer, path: Path) -> None:
+def save_plain_model(lco: LeaderCloneOptimizer, path: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
     """Save weights that a plain (unmodified) model loads and that compute what was trained: in output mode
-    the clone rows are filled with their source's weights and norm statistics. Atomic; a full disk is a
-    one-line :class:`~egg_optim.kit.storage.StorageError`."""
-    from safetensors.torch import save_model
+    the clone rows are filled with their source's weights and norm statistics. ``gathered``: under FSDP2, the
+    state :func:`gathered_model_state` collected. Atomic; a full disk is a one-line
+    :class:`~egg_optim.kit.storage.StorageError`."""
+    from safetensors.torch import save_file, save_model
 
     from egg_optim.kit.storage import atomic_path
 
     with atomic_path(path) as tmp:
-        save_model(lco.export_model(), str(tmp))
+        if gathered is not None:
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(tmp))
+        else:
+            save_model(lco.export_model(), str(tmp))
 
 
 # ============================================================================ training
@@ -295,7 +299,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run one training job described by ``args`` (see :func:`build_parser`); returns the final metrics
     (also written to ``<output-dir>/metrics.json`` by the main process)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from egg_optim.kit import checkpoint as ckpt
@@ -331,14 +335,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     counted = counted_layers(args, model)
     config = egg_config(args, plan)
     base = make_optimizer(args, model.parameters())
-    # Built on the bare model, before prepare: DDP wraps the model but shares its parameters.
+    # Built on the bare model, before prepare: DDP wraps the model but shares its parameters; FSDP2 replaces them
+    # by sharded ones, which the optimizer follows (leaders and clones may then sit on different ranks).
     lco = LeaderCloneOptimizer(model, base, config=config)
-    if accelerator.distributed_type == DistributedType.FSDP and any(lp.clones for lp in lco.layer_plans.values()):
-        raise ConfigError(
-            "FSDP shards weights along the output-unit dimension, so leaders and clones can sit on different "
-            "ranks, which LeaderCloneOptimizer does not support: use DDP (accelerate_configs/multi_gpu.yaml) or "
-            "--scenario baseline"
-        )
     batches_per_epoch_raw = len(raw_train_dl)
     planned_raw = args.epochs * batches_per_epoch_raw
     if args.max_steps is not None:
@@ -578,8 +577,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             json.dumps({"rank": rank, "world_size": world, "pid": os.getpid(), "steps": global_step, **digests}),
         )
     accelerator.wait_for_everyone()
+    gathered = gathered_model_state(lco)  # FSDP2: every rank takes part
     if accelerator.is_main_process:  # the model first: metrics.json marks a finished run
-        save_plain_model(lco, output_dir / "model.safetensors")
+        save_plain_model(lco, output_dir / "model.safetensors", gathered)
         storage.write_text_atomic(output_dir / METRICS_FILE, json.dumps(metrics, indent=1, default=str))
     if tracker is not None:
         accelerator.log({"final/test_accuracy": metrics["test_accuracy"]}, step=global_step)

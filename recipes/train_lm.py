@@ -21,6 +21,7 @@ in the epoch in the checkpoint); ``--trainer hf`` uses the Trainer's ``checkpoin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from _common import (  # noqa: E402
     derived_seed,
     egg_config,
     fraction,
+    gathered_model_state,
     init_trackers,
     non_negative_float,
     non_negative_int,
@@ -60,6 +62,7 @@ from _common import (  # noqa: E402
 )
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments  # noqa: E402
+from egg_optim.core.sharding import is_fsdp_class  # noqa: E402
 
 DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "tiny_tales"
 TRAINERS = ("accelerate", "hf")
@@ -260,11 +263,23 @@ def save_model_atomic(model: torch.nn.Module, folder: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(lco: LeaderCloneOptimizer, output_dir: Path, metrics: dict[str, Any]) -> None:
-    """The plain model first, then ``metrics.json`` (which marks a finished run); both atomic."""
+def write_outputs(
+    lco: LeaderCloneOptimizer,
+    output_dir: Path,
+    metrics: dict[str, Any],
+    gathered: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The plain model first, then ``metrics.json`` (which marks a finished run); both atomic. ``gathered``:
+    under FSDP2, the weights :func:`gathered_model_state` collected, loaded into a fresh plain model."""
     from egg_optim.kit import storage
 
-    save_model_atomic(lco.export_model(), output_dir / MODEL_DIR)
+    if gathered is not None:
+        plain_cls = next(c for c in type(lco.model).__mro__ if not is_fsdp_class(c))  # FSDP2 subclasses the model
+        plain = plain_cls(copy.deepcopy(lco.model.config))
+        plain.load_state_dict(gathered)
+    else:
+        plain = lco.export_model()
+    save_model_atomic(plain, output_dir / MODEL_DIR)
     storage.write_text_atomic(output_dir / METRICS_FILE, json.dumps(metrics, indent=1, default=str))
 
 
@@ -440,8 +455,9 @@ def train_accelerate(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     accelerator.wait_for_everyone()
+    gathered = gathered_model_state(lco)  # FSDP2: every rank takes part
     if accelerator.is_main_process:
-        write_outputs(lco, output_dir, metrics)
+        write_outputs(lco, output_dir, metrics, gathered)
     if tracker is not None:
         accelerator.log({"final/perplexity": metrics["perplexity"]}, step=step)
     accelerator.end_training()

@@ -157,6 +157,12 @@ def is_fsdp_module(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
+def is_fsdp_class(cls: type) -> bool:
+    """Whether ``cls`` is one of the classes ``fully_shard`` gives a module (its original class follows it in the
+    MRO)."""
+    return FSDPModule is not None and issubclass(cls, FSDPModule)
+
+
 def reshard(model: nn.Module) -> None:
     """Put FSDP2's sharded parameters back on every module (a forward pass without backward, e.g. evaluation, can
     leave the root's gathered, unsharded copies registered; writes into those would be lost)."""
