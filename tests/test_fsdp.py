@@ -44,11 +44,20 @@ def ranks(tmp_path_factory):
         for i in range(2):
             path = out / f"rank{i}.pt"
             if path.exists():
-                err = torch.load(path, weights_only=False).get("error")
-                if err:
-                    raise AssertionError(f"rank {i} failed:\n{err}") from None
+                errors = [f"{k}: {v['error']}" for k, v in torch.load(path, weights_only=False).items() if "error" in v]
+                if errors:
+                    raise AssertionError(f"rank {i} failed:\n" + "\n".join(errors)) from None
         raise
     return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+def part(ranks, name: str) -> list[dict]:
+    """Both ranks' results of one part of the run; a part that raised fails the test with its traceback."""
+    out = [r[name] for r in ranks]
+    for i, res in enumerate(out):
+        if isinstance(res, dict) and "error" in res:
+            pytest.fail(f"rank {i}, {name}:\n{res['error']}")
+    return out
 
 
 def assert_same(a: dict, b: dict, what: str) -> None:
@@ -70,7 +79,7 @@ def test_sharded_training_is_bit_identical_to_one_process(ranks, name):
     without FSDP, bit for bit, on both ranks. FSDP2 uses full storage; the reference uses the default compact
     storage, which trains the same, except that clone_state="copy"/"reset" act at clone events in full storage
     and at promotions in compact storage: those references use full storage."""
-    r0, r1 = ranks[0][name], ranks[1][name]
+    r0, r1 = part(ranks, name)
     opts = w.SCENARIOS[name]
     ref = w.train({**opts, "state_storage": "full"} if opts.get("clone_state", "keep") != "keep" else opts, False)
     assert r0["sharded"] and r0["storage"] == "full"
@@ -87,7 +96,7 @@ def test_sharded_training_is_bit_identical_to_one_process(ranks, name):
 def test_clone_rows_stay_frozen_between_clone_events(ranks):
     """clone_every=4, no elections: a clone's rows change only at steps 4 and 8 (and then equal its source's);
     the leaders' rows change every step. Checked on the gathered tensors of the sharded run."""
-    r = ranks[0]["mlp_frozen"]
+    r = part(ranks, "mlp_frozen")[0]
     ref = w.train(w.SCENARIOS["mlp_frozen"], sharded=False)
     model, opt = w.make(w.SCENARIOS["mlp_frozen"], sharded=False)
     start = w.own_rows(opt)
@@ -111,7 +120,7 @@ def test_clone_rows_stay_frozen_between_clone_events(ranks):
 def test_ranks_with_their_own_data_agree(ranks):
     """Each rank trains on its own half of every batch (FSDP2 averages the gradients): both ranks hold the same
     roles; weights equal one process on whole batches up to the rounding of the gradient average."""
-    r0, r1 = ranks[0]["mlp_rank_data"], ranks[1]["mlp_rank_data"]
+    r0, r1 = part(ranks, "mlp_rank_data")
     ref = w.train(w.SCENARIOS["mlp_rank_data"], sharded=False, rank=-1)
     assert_same_roles(r0["roles"], r1["roles"], "rank 0 vs rank 1")
     assert_same(r0["state"], r1["state"], "rank 0 vs rank 1")
@@ -125,8 +134,7 @@ def test_checkpoint_round_trip_resumes_exactly(ranks, name):
     """per_rank: each rank's state_dict() files; full_broadcast: get/set_optimizer_state_dict with a full state
     dict on rank 0 (DCP's state-initialising step must count as nothing); dcp_sharded: DCP shards;
     unsharded_into_sharded: an unsharded run's state dict loads into sharded parameters."""
-    for rank in ranks:
-        res = rank[f"ckpt_{name}"]
+    for res in part(ranks, f"ckpt_{name}"):
         assert res["loaded_steps"] == 7
         assert res["resumed"]["steps"] == res["reference"]["steps"] == 13
         assert_same_roles(res["resumed"]["roles"], res["reference"]["roles"], name)
@@ -137,17 +145,16 @@ def test_checkpoint_round_trip_resumes_exactly(ranks, name):
 def test_accelerate_fsdp2_prepare_save_and_load(ranks):
     """Accelerate's FSDP2 prepare replaces the parameters after the optimizer was built; save_state / load_state
     (FULL_STATE_DICT) resume exactly."""
-    for rank in ranks:
-        res = rank["accelerate"]
+    for res in part(ranks, "accelerate"):
         assert res["reference"]["sharded"] and res["loaded_steps"] == 7
         assert_same_roles(res["resumed"]["roles"], res["reference"]["roles"], "accelerate")
         assert_same(res["resumed"]["state"], res["reference"]["state"], "accelerate")
 
 
 def test_what_fsdp2_cannot_do_is_refused(ranks):
-    got = ranks[0]["refusals"]
+    got, other = part(ranks, "refusals")
     assert got["leaf_first"].startswith("PlanError") and "itself wrapped by fully_shard" in got["leaf_first"]
     assert got["leaf_first"].count("'0'"), got["leaf_first"]  # names the layer
     assert got["leaf_after"].startswith("ConfigError") and "module '0' is itself wrapped" in got["leaf_after"]
     assert got["export_model"].startswith("ConfigError") and "get_model_state_dict" in got["export_model"]
-    assert ranks[1]["refusals"] == got
+    assert other == got
