@@ -92,7 +92,7 @@ class EggConfig:
     state_storage: str = field(
         default="compact",
         metadata=_opt("compact: clones take no part in the optimizer step and hold no state; full: whole tensors are "
-                      "stepped and clone rows restored", choices=STORAGES),
+                      "stepped and clone rows restored (always, with parameters sharded by FSDP2)", choices=STORAGES),
     )  # fmt: skip
     skip_clone_grads: bool | None = field(
         default=None,

@@ -21,6 +21,7 @@ placements are refused by :func:`check_placements`.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -29,27 +30,34 @@ from torch import nn
 
 from ..errors import PlanError, StateDictMismatchError
 
-try:  # torch.distributed may be missing from a build
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - torch without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+_TENSOR = "torch.distributed.tensor"
+_FSDP = "torch.distributed.fsdp"
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover
-    FSDPModule = None  # type: ignore[assignment,misc]
+
+def _dtensor() -> type | None:
+    """The DTensor class if ``torch.distributed.tensor`` is loaded (a DTensor cannot exist before it is). Looked up,
+    never imported: importing it takes seconds, and egg_optim is imported by runs that never shard."""
+    mod = sys.modules.get(_TENSOR)
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def _fsdp_module_class() -> type | None:
+    mod = sys.modules.get(_FSDP)
+    return getattr(mod, "FSDPModule", None) if mod is not None else None
 
 
 def is_sharded(t: object) -> bool:
     """Whether ``t`` is a DTensor (a parameter, gradient or optimizer state that FSDP2 shards)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor()
+    return cls is not None and isinstance(t, cls)
 
 
 def check_placements(name: str, t: torch.Tensor) -> None:
     """Refuse a DTensor whose layout the core cannot translate into a contiguous local slice."""
     if not is_sharded(t):
         return
+    from torch.distributed.tensor import Replicate, Shard
+
     for p in t.placements:
         if type(p) is not Shard and type(p) is not Replicate:
             raise PlanError(
@@ -65,6 +73,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this rank's slice of DTensor ``t``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
 
 
@@ -119,7 +129,7 @@ def like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if not is_sharded(t) or is_sharded(value):
         return value
     mine = _own_slice(t, value.to(t.device)).clone()
-    return DTensor.from_local(mine, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return _dtensor().from_local(mine, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
 
 @torch.no_grad()
@@ -148,19 +158,20 @@ def copied_positions(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: t
 
 def fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
     """The modules of ``model`` that ``fully_shard`` was applied to."""
-    if FSDPModule is None:
-        return iter(())
-    return (m for m in model.modules() if isinstance(m, FSDPModule))
+    cls = _fsdp_module_class()
+    return iter(()) if cls is None else (m for m in model.modules() if isinstance(m, cls))
 
 
 def is_fsdp_module(module: nn.Module) -> bool:
-    return FSDPModule is not None and isinstance(module, FSDPModule)
+    cls = _fsdp_module_class()
+    return cls is not None and isinstance(module, cls)
 
 
 def is_fsdp_class(cls: type) -> bool:
     """Whether ``cls`` is one of the classes ``fully_shard`` gives a module (its original class follows it in the
     MRO)."""
-    return FSDPModule is not None and issubclass(cls, FSDPModule)
+    fsdp = _fsdp_module_class()
+    return fsdp is not None and issubclass(cls, fsdp)
 
 
 def reshard(model: nn.Module) -> None:
