@@ -574,7 +574,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         for name, layer in self.layers.items():
             layer.params = new[name]
             layer.buffers = [(qname, self._registered(qname)) for qname, _ in layer.buffers]
-        self._parked = {}
+        self._parked = {p: rows for p, rows in self._parked.items() if id(p) in kept}  # (replaced ones hold none)
         self._sharded = self._check_sharding()
         self._check_unsharded_rewrites()
         self._rebuild_masks()
