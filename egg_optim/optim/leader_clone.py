@@ -5,7 +5,9 @@ optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradien
 one optimizer), keeps clone units exactly frozen through each base step (by leaving them out of it,
 :mod:`egg_optim.core.compact`, or by restoring them, :mod:`egg_optim.core.masking`), and runs cloning
 (:mod:`egg_optim.core.cloning`) and leader elections (:mod:`egg_optim.core.election`) on its schedules
-(:mod:`egg_optim.core.schedule`). Its options are one :class:`~egg_optim.config.EggConfig`.
+(:mod:`egg_optim.core.schedule`). Its options are one :class:`~egg_optim.config.EggConfig`. Norm coupling
+(``_coupling``), FSDP2 (``_sharding``), state dicts (``_state``) and statistics (``_stats``) live in mixins
+of their own.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ from ..config import EggConfig
 from ..core import compact, masking, sharding
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
-from ..core.coupling import Coupling, NormCoupling
-from ..core.distributed import all_reduce_mean, all_reduce_min, derived_generator
+from ..core.coupling import NormCoupling
+from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
 from ..core.roles import Roles
 from ..core.schedule import Schedule
 from ..core.scores import RandomScore, RunningScore, Score
-from ..core.state_dict import STATE_KEY, Book, LayerBook, check_base_state, pack_book, parse_book
-from ..core.units import ManagedLayer, build_managed_layers, couple_norm, parameter_holders
-from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError, UnsupportedOptimizerError
+from ..core.state_dict import Book, LayerBook
+from ..core.units import ManagedLayer, build_managed_layers
+from ..errors import ConfigError, ElectionError, PlanError, UnsupportedOptimizerError
+from ._coupling import NormCouplingMixin
+from ._sharding import ShardingMixin
+from ._state import StateDictMixin
+from ._stats import StatsMixin
 from .registry import optimizer_info
 
 
@@ -69,7 +75,7 @@ def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
     return None
 
 
-class LeaderCloneOptimizer(torch.optim.Optimizer):
+class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, StatsMixin, torch.optim.Optimizer):
     """Wrap ``optimizer`` so that, in the managed layers of ``model``, only leaders and independents learn.
 
     Args:
@@ -213,90 +219,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         )
         keep = [n for n in layers if n not in reasons]
         return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
-
-    # ------------------------------------------------------------------ norm coupling (core.coupling)
-    @property
-    def coupled_norms(self) -> dict[str, str]:
-        """Layer name -> the norm layer its units own. Explicit ``norms`` hold from construction; the others
-        are decided once, from the first complete forward pass (:attr:`coupling_pending`), and logged."""
-        return {n: lay.norm_name for n, lay in self.layers.items() if lay.norm_name is not None}
-
-    @property
-    def coupling_pending(self) -> bool:
-        """True until norm coupling is decided: at the end of the first complete forward pass of the model, at
-        the first optimizer step without one, or by loading a state dict that holds a decision."""
-        return self._norm_coupling.pending
-
-    def _couple_norms(self, coupling: Coupling) -> None:
-        # called once by the NormCoupling; validates everything before changing anything
-        self._apply_coupling(self._coupled_layers(coupling), coupling.fused, relayout=True)
-
-    def _coupled_layers(self, coupling: Coupling) -> dict[str, ManagedLayer]:
-        """The managed layers whose norm ``coupling`` changes, rebuilt (validated; nothing is changed)."""
-        holders = parameter_holders(self.model)
-        new = {
-            n: couple_norm(self.model, self.layers[n], norm, holders)
-            for n, norm in coupling.coupled.items()
-            if self.layers[n].norm_name != norm
-        }
-        owner: dict[int, str] = {}
-        for n, lay in {**self.layers, **new}.items():
-            for pname, p in lay.params:
-                if owner.setdefault(id(p), n) != n:
-                    raise PlanError(f"parameter {pname!r} of layer {n!r} is shared with layer {owner[id(p)]!r}")
-        return new
-
-    def _apply_coupling(self, new: Mapping[str, ManagedLayer], fused: Mapping[str, str], relayout: bool) -> None:
-        if self.output_cloning is not None and fused:
-            self.output_cloning.fuse_norms(fused)  # validates before changing anything
-        joining = []
-        for n, lay in new.items():
-            layer = self.layers[n]
-            old = {id(p) for _, p in layer.params}
-            joining += [(n, pname, p) for pname, p in lay.params if id(p) not in old]
-            layer.norm_name, layer.norm, layer.params, layer.buffers = lay.norm_name, lay.norm, lay.params, lay.buffers
-        if relayout and self.state_storage == "compact":  # norm state already there (loaded) takes the layout
-            groups = self._group_of()
-            compact.relayout(
-                (
-                    (None, compact.UnitParam(p, groups[id(p)][0], self.roles[n], self.layers[n].dim_of(pname)))
-                    for n, pname, p in joining
-                    if id(p) in groups
-                ),
-                self.state,
-                self._parked,
-                clone_state=self.clone_state,
-                fresh=self.info.fresh_value,
-            )
-        if new:
-            self._rebuild_masks()
-
-    def _coupling_state(self) -> dict[str, dict[str, str]] | None:
-        """The decided coupling, for state dicts (``None`` while pending: nothing to restore)."""
-        if self._norm_coupling.pending:
-            return None
-        fused = self.output_cloning.norms if self.output_cloning is not None else {}
-        return {"norms": self.coupled_norms, "fused": fused}
-
-    def _saved_coupling(self, extra: Any) -> tuple[dict[str, ManagedLayer], Coupling] | None:
-        """The coupling a state dict was saved with, validated, when this optimizer has none yet (a resumed run
-        couples what the saved run coupled). Changes nothing."""
-        if not isinstance(extra, Mapping) or extra.get("coupling") is None:
-            return None
-        # already decided (a forward pass ran first): the saved decision must agree, its fusions are in place
-        pending = self._norm_coupling.pending
-        saved = self._norm_coupling.from_state(extra["coupling"], fuse=pending and self.output_cloning is not None)
-        if not pending:
-            if saved.coupled != self.coupled_norms:
-                raise StateDictMismatchError(
-                    f"state dict was saved with norm coupling {saved.coupled}, this optimizer couples "
-                    f"{self.coupled_norms}"
-                )
-            return None
-        try:
-            return self._coupled_layers(saved), saved
-        except PlanError as exc:
-            raise StateDictMismatchError(f"state dict's norm coupling does not fit this model: {exc}") from exc
 
     # ------------------------------------------------------------------ options, as attributes
     @property
@@ -512,107 +434,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 if where.numel():
                     self._mask.append(masking.MaskEntry(p, where.to(sharding.local(p).device), dim))
 
-    # ------------------------------------------------------------------ FSDP2 (core.sharding)
-    def _check_sharding(self) -> bool:
-        """Whether managed parameters are sharded (DTensors); refuses placements the core cannot translate."""
-        flags = []
-        for layer in self.layers.values():
-            for pname, p in layer.params:
-                sharding.check_placements(pname, p)
-                flags.append(sharding.is_sharded(p))
-        return any(flags)
-
-    def _slot(self, qname: str) -> tuple[nn.Module, str, bool]:
-        """(module, attribute, is a parameter) of a unit-owned tensor, by qualified name (cached)."""
-        slot = self._slots.get(qname)
-        if slot is None:
-            prefix, _, attr = qname.rpartition(".")
-            module = self.model.get_submodule(prefix)
-            slot = self._slots[qname] = (module, attr, attr in module._parameters)
-        return slot
-
-    def _registered(self, qname: str) -> torch.Tensor | None:
-        module, attr, is_param = self._slot(qname)
-        return (module._parameters if is_param else module._buffers).get(attr)
-
-    def _stale(self) -> bool:
-        return any(self._registered(qname) is not t for _, qname, t in self._owned())
-
-    def _sync_params(self) -> None:
-        """Follow unit-owned tensors that the model replaced since they were looked up: ``fully_shard`` registers
-        new (DTensor) parameters, after this optimizer was built when Accelerate prepares the model, and between a
-        forward pass and the backward pass that ends it FSDP2 registers gathered copies. Sharded parameters are
-        put back first (:func:`~egg_optim.core.sharding.reshard`: writes to the gathered copies would be lost),
-        then the managed layers take the registered tensors, which must be the optimizer's, and with sharded
-        parameters the storage becomes ``"full"``. A cheap identity check when nothing changed."""
-        if not self._stale():
-            return
-        sharding.reshard(self.model)
-        if not self._stale():
-            return
-        in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
-        new: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        for name, layer in self.layers.items():
-            params = []
-            for qname, _ in layer.params:
-                p = self._registered(qname)
-                if p is None or id(p) not in in_optimizer:
-                    raise PlanError(
-                        f"layer {name!r}: parameter {qname!r} was replaced by one the optimizer does not hold; when "
-                        "the model is wrapped (fully_shard) after the optimizer is built, update the optimizer's "
-                        "param_groups to the new parameters (Accelerate's prepare does)"
-                    )
-                params.append((qname, p))
-            new[name] = params
-        old = [p for layer in self.layers.values() for _, p in layer.params]
-        kept = {id(p) for params in new.values() for _, p in params}
-        if any(self.state.get(p) for p in old if id(p) not in kept):
-            raise ConfigError(
-                "the model's managed parameters were replaced (fully_shard?) after the optimizer took steps: their "
-                "optimizer state belongs to the old tensors; shard the model before the first step"
-            )
-        for name, layer in self.layers.items():
-            layer.params = new[name]
-            layer.buffers = [(qname, self._registered(qname)) for qname, _ in layer.buffers]
-        self._parked = {p: rows for p, rows in self._parked.items() if id(p) in kept}  # (replaced ones hold none)
-        self._sharded = self._check_sharding()
-        self._check_unsharded_rewrites()
-        self._rebuild_masks()
-
-    def _check_unsharded_rewrites(self) -> None:
-        """Refuse class-swapping rewrites of modules that ``fully_shard`` wrapped itself: FSDP2 swaps their class
-        too, so neither rewrite could be undone or recognised."""
-        modules = dict(self.model.named_modules())
-        names: list[str] = []
-        if self.output_cloning is not None:
-            names += [*self.output_cloning.layers, *self.output_cloning.norms.values()]
-        if self.block_output is not None:
-            names += [m for g in self.block_output.groups.values() for m in g.modules]
-        if self.grad_skip is not None:
-            names += list(self.grad_skip.layers)
-        for n in names:
-            if sharding.is_fsdp_module(modules[n]):
-                what = "clone_mode='output'" if self.grad_skip is None else "skip_clone_grads (set it to False)"
-                raise ConfigError(
-                    f"module {n!r} is itself wrapped by fully_shard, which {what} cannot rewrite: apply fully_shard "
-                    "to a module that contains it (a block, the model), e.g. a transformer-layer or no auto-wrap "
-                    "policy rather than a size-based one"
-                )
-
-    def _is_state_init(self) -> bool:
-        """Whether this step is ``torch.distributed.checkpoint``'s optimizer-state initialisation (sharded
-        parameters only): a step before any state exists with every learning rate 0 and every gradient zero.
-        It runs the base step (which creates the state a checkpoint is loaded into) and nothing else: counting it,
-        or holding an election or a clone event, would change what the checkpoint restores."""
-        if not self._sharded or self.state:
-            return False
-        lrs = [g["lr"] for g in self.param_groups if "lr" in g]
-        if not lrs or any(float(lr) != 0.0 for lr in lrs):
-            return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        zero = torch.tensor([float(bool(grads) and not any(bool(sharding.local(g).any()) for g in grads))])
-        return bool(all_reduce_min(zero, self.process_group))
-
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
     def _observe_step(self) -> None:
@@ -799,214 +620,3 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book.clone_events += 1
         self.book.last_clone_key = (self.steps, self.elections)
         return written
-
-    # ------------------------------------------------------------------ stats
-    def leadership_counts(self) -> dict[str, torch.Tensor]:
-        """Optimizer steps each unit has spent as a leader (the paper's Figure 4 heat map, per layer)."""
-        out = {}
-        for name, lb in self.book.layers.items():
-            counts = lb.led_steps.clone()
-            counts[lb.roles.leaders] += self.steps - self.book.roles_since
-            out[name] = counts
-        return out
-
-    def stats(self) -> dict[str, Any]:
-        """Role counts, fraction of units updated, units cloned so far, elections and churn."""
-        layers = {}
-        for name, lb in self.book.layers.items():
-            roles = lb.roles
-            c = roles.counts()
-            layers[name] = {
-                "units": roles.num_units,
-                **c,
-                "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
-                "cloned_units": lb.cloned_units,
-                "churn": lb.churn,
-                "mean_tenure": float((self.steps - lb.seated_at[roles.leaders]).float().mean())
-                if roles.leaders.numel()
-                else 0.0,
-            }
-        keys = ("units", "leaders", "independents", "clones", "cloned_units", "churn")
-        total = {k: sum(v[k] for v in layers.values()) for k in keys}
-        total["updated_fraction"] = (
-            (total["leaders"] + total["independents"]) / total["units"] if total["units"] else 1.0
-        )
-        return {
-            "layers": layers,
-            "total": total,
-            "steps": self.steps,
-            "elections": self.elections,
-            "clone_events": self.clone_events,
-        }
-
-    def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:
-        """:meth:`stats` as flat floats for trackers: ``{prefix}/{layer}/{key}`` (with ``per_layer``),
-        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps`` and the like."""
-        stats = self.stats()
-        out: dict[str, float] = {}
-        if per_layer:
-            for name, entry in stats["layers"].items():
-                out.update({f"{prefix}/{name}/{k}": float(v) for k, v in entry.items()})
-        out.update({f"{prefix}/total/{k}": float(v) for k, v in stats["total"].items()})
-        tenures = [float(e["mean_tenure"]) for e in stats["layers"].values()]
-        out[f"{prefix}/total/mean_tenure"] = sum(tenures) / len(tenures) if tenures else 0.0
-        out.update({f"{prefix}/{k}": float(stats[k]) for k in ("steps", "elections", "clone_events")})
-        return out
-
-    # ------------------------------------------------------------------ state
-    def state_bytes(self) -> int:
-        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) included."""
-        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
-        tensors += [v for rows in self._parked.values() for v in rows.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base optimizer's state dict, with full-size state whatever the storage (clone slices as the
-        clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores.
-
-        With parameters sharded by FSDP2 the state is the base optimizer's DTensors (this rank's shards, as a bare
-        optimizer keeps them) and the ``egg_optim`` entry (identical on every rank; a collective: every rank must
-        call this) is also carried, serialised, in the first parameter group, where
-        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (Accelerate's FSDP2 checkpoints)
-        keeps it."""
-        self._sync_params()
-        sd = self.optimizer.state_dict()
-        if self.state_storage == "compact":
-            params = [p for g in self.param_groups for p in g["params"]]
-            units = self._unit_params(self.roles)
-            state = {}
-            for i, st in sd["state"].items():
-                st = dict(st)  # the base state_dict shares the live dicts
-                e = units.get(params[i])
-                if e is not None:
-                    parked = self._parked.get(e.param) if self.clone_state == "keep" else None
-                    compact.expand(
-                        e.param,
-                        st,
-                        e.roles,
-                        e.group,
-                        from_sources=self.clone_state == "copy",
-                        parked=parked,
-                        fresh=self.info.fresh_value,
-                        dim=e.dim,
-                    )
-                state[i] = st
-            sd["state"] = state
-        sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
-        sd[STATE_KEY]["coupling"] = self._coupling_state()
-        sd[STATE_KEY]["clone_rows"] = self._clone_rows() if self.clone_mode == "output" else {}
-        if self._sharded:
-            sd["param_groups"][0][STATE_KEY] = sharding.pack_entry(sd[STATE_KEY])
-        return sd
-
-    def _owned(self, layers: Mapping[str, ManagedLayer] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """(layer, qualified name, tensor) for every parameter and buffer a managed unit owns."""
-        for name, layer in (self.layers if layers is None else layers).items():
-            for qname, t in [*layer.params, *layer.buffers]:
-                yield name, qname, t
-
-    def _clone_rows(self) -> dict[str, torch.Tensor]:
-        """Output mode: the clones' own slices of every tensor they own. A saved model holds clones as their
-        sources (what output mode computes, for a plain model), and elections may read the clones' own rows
-        (``weight_norm``, ``assign="nearest"``, blending): these make a resume exact."""
-        out = {}
-        for name, qname, t in self._owned():
-            layer, roles = self.layers[name], self.roles[name]
-            if roles.has_clones:
-                er = layer.roles_of(qname, roles)
-                whole = sharding.full(t.detach())
-                out[qname] = whole.index_select(layer.dim_of(qname), er.clones.to(whole.device)).cpu().clone()
-        return out
-
-    def _check_clone_rows(self, rows: Any, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer]) -> None:
-        """Refuse saved clone slices that do not fit the saved roles (changes nothing)."""
-        if not isinstance(rows, Mapping):
-            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
-        shapes = {}
-        for name, qname, t in self._owned(layers):
-            er = layers[name].roles_of(qname, roles[name])
-            shape = list(t.shape)
-            shape[layers[name].dim_of(qname)] = er.num_clones
-            shapes[qname] = tuple(shape)
-        for qname, v in rows.items():
-            if qname not in shapes:
-                raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
-            if not torch.is_tensor(v) or tuple(v.shape) != shapes[qname]:
-                got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                raise StateDictMismatchError(
-                    f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {shapes[qname]}"
-                )
-
-    @torch.no_grad()
-    def _restore_clone_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
-        for name, qname, t in self._owned():
-            if qname in rows:
-                layer = self.layers[name]
-                er = layer.roles_of(qname, self.roles[name])
-                if sharding.is_sharded(t):
-                    whole = sharding.full(t).clone()
-                    whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
-                    sharding.write_full_(t, whole)
-                else:
-                    t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
-
-    def export_optimizer_state(self) -> dict[str, Any]:
-        """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
-        sd = self.state_dict()
-        del sd[STATE_KEY]
-        sd["param_groups"][0].pop(STATE_KEY, None)
-        return sd
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore base-optimizer state, roles, counters and running scores, and adopt the saved run's seed (as
-        ``param_groups`` hyperparameters are adopted), so later random draws continue that run. Everything is
-        validated first: a refused state dict raises :class:`StateDictMismatchError` naming the key and changes
-        nothing."""
-        if not isinstance(state_dict, Mapping):
-            raise StateDictMismatchError(f"expected a state dict (a Mapping), got {type(state_dict).__name__}")
-        self._sync_params()
-        sd = dict(state_dict)
-        extra = sd.pop(STATE_KEY, None)
-        carried = sharding.take_entry(sd, STATE_KEY)  # the copy sharded state dicts carry in param_groups[0]
-        if extra is None:
-            extra = carried
-        book = parse_book(
-            extra,
-            plan=self.plan.signature(),
-            units={n: lay.num_units for n, lay in self.layers.items()},
-            counts={n: (lp.leaders, lp.independents) for n, lp in self.layer_plans.items()},
-            device_of=lambda n: self.layers[n].weight.device,
-        )
-        saved_roles = {n: lb.roles for n, lb in book.layers.items()}
-        saved_coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet
-        layers = {**self.layers, **(saved_coupling[0] if saved_coupling is not None else {})}
-        names = {id(p): pname for pname, p in self.model.named_parameters()}
-        managed = {id(p): (name, r, dim) for p, name, r, dim in self._managed_params(saved_roles, layers)}
-        check_base_state(sd, self.optimizer, managed, names)
-        if self._sharded:  # plain full-size state (a checkpoint of an unsharded run) takes the parameters' layout
-            sd["state"] = sharding.distribute_state(sd, self.param_groups)
-        clone_rows = extra.get("clone_rows", {}) if self.clone_mode == "output" else {}
-        self._check_clone_rows(clone_rows, saved_roles, layers)
-        previous = self.optimizer.state_dict()
-        try:
-            self.optimizer.load_state_dict(sd)
-            # The loaded state is laid out for the saved roles (either storage): make it full size, then lay it
-            # out for this optimizer's storage and roles.
-            for p, e in self._unit_params(saved_roles, layers).items():
-                if self.state.get(p):
-                    compact.expand(p, self.state[p], e.roles, e.group, from_sources=False, dim=e.dim)
-        except Exception as exc:
-            self.optimizer.load_state_dict(previous)
-            raise StateDictMismatchError(f"the base optimizer refused the state dict ({exc}); nothing changed") from exc
-        roles_since = book.roles_since
-        if book.seed is not None and book.seed != self.seed:
-            # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
-            self.config = self.config.replace(seed=book.seed)
-        if saved_coupling is not None:
-            self._apply_coupling(saved_coupling[0], saved_coupling[1].fused, relayout=False)
-            self._norm_coupling.adopt(saved_coupling[1])
-        self.book = book
-        self._parked = {}
-        self._roles_changed({}, saved_roles)
-        self._restore_clone_rows(clone_rows)  # after the model was loaded (as Accelerate and the Trainer do)
-        self.book.roles_since = roles_since
