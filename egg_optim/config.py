@@ -114,7 +114,7 @@ class EggConfig:
     state_storage: str = field(
         default="compact",
         metadata=_opt("compact: clones take no part in the optimizer step and hold no state; full: whole tensors are "
-                      "stepped and clone rows restored", choices=STORAGES),
+                      "stepped and clone rows restored (always, with parameters sharded by FSDP2)", choices=STORAGES),
     )  # fmt: skip
     skip_clone_grads: bool | None = field(
         default=None,
@@ -127,7 +127,12 @@ class EggConfig:
                       choices=EVAL_MODES),
     )  # fmt: skip
     norms: Mapping[str, str | None] | None = field(
-        default=None, metadata={"help": "{layer: norm layer or None} overrides of the norm coupling", **_NO_CLI}
+        default=None,
+        metadata={
+            "help": "{layer: norm layer or None}: couple exactly these; other layers get a norm only when the "
+            "first forward pass shows it normalises their output",
+            **_NO_CLI,
+        },
     )
     seed: int = field(default=0, metadata=_opt("seeds every random role decision", type=int))
     local_losses: Mapping[str, Any] | None = field(

@@ -21,9 +21,7 @@ step, so a resumed run draws what the uninterrupted one would, wherever it stopp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -34,12 +32,64 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments, config_from_args
-from egg_optim.errors import ConfigError, EggOptimError
+from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# shared recipe pieces (recipes/_common.py), also read from here by train_trainer.py, sweep.py and the tests
+from _common import (  # noqa: E402
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    add_run_arguments,
+    derived_seed,
+    egg_config,
+    gathered_model_state,
+    init_trackers,
+    load_image_splits,
+    resume_config_signature,
+    run_cli,
+    state_digests,
+    tensor_digest,
+)
+from _common import SCENARIOS as LM_SCENARIOS  # noqa: E402
+from _common import Parser as _Parser  # noqa: E402
+from _common import clock as _clock  # noqa: E402
+from _common import fraction as _fraction  # noqa: E402
+from _common import non_negative_float as _non_negative_float  # noqa: E402
+from _common import non_negative_int as _non_negative_int  # noqa: E402
+from _common import one_line as _one_line  # noqa: E402
+from _common import open_fraction as _open_fraction  # noqa: E402
+from _common import positive_float as _positive_float  # noqa: E402
+from _common import positive_int as _positive_int  # noqa: E402
+from _common import seed_value as _seed  # noqa: E402
+from _common import wandb_installed as _wandb_installed  # noqa: E402
+
+__all__ = [  # the names other recipes and the tests read from this module
+    "EggConfig",
+    "METRICS_FILE",
+    "SCENARIOS",
+    "_fraction",
+    "_non_negative_float",
+    "_non_negative_int",
+    "_one_line",
+    "_open_fraction",
+    "_positive_float",
+    "_seed",
+    "_wandb_installed",
+    "build_parser",
+    "egg_config",
+    "main",
+    "make_plan",
+    "resume_config_signature",
+    "run_cli",
+    "state_digests",
+    "tensor_digest",
+    "train",
+]
 
 MODELS = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
-SCENARIOS = ("baseline", "mild", "aggressive", "narrow-mild", "narrow-aggressive")
 NARROW = "narrow-"  # a dense net narrowed to the plan's active widths: the control for cloning
+SCENARIOS = LM_SCENARIOS + tuple(NARROW + s for s in LM_SCENARIOS if s != "baseline")
 # EggConfig fields that are not flags of the image recipes (the plan comes from --scenario and the model)
 # (--seed is the recipe's own: it seeds model init and data order too)
 NOT_FLAGS = ("plan", "plan_table", "seed", "local_losses", "local_loss_scores", "log_roles", "log_per_layer")
@@ -60,76 +110,9 @@ OPTIMIZERS = {
 SEED_TABLES = {"seed_mnist": "mnist", "seed_cifar": "cifar"}
 DEFAULT_NORMALIZE = {"seed_mnist": "mnist", "seed_cifar": "half"}
 DEFAULT_AUGMENT = {"seed_mnist": "seed_mnist", "seed_cifar": "seed_cifar"}
-METRICS_FILE = "metrics.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 # ============================================================================ arguments
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (``error: ...``) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
-
-
-def _bounded(cast: type, low: float, high: float, what: str):
-    """An argparse ``type=`` that parses with ``cast`` and accepts ``low <= value <= high``."""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not low <= value <= high:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _bounded(int, 1, math.inf, "a positive integer")
-_non_negative_int = _bounded(int, 0, math.inf, "an integer >= 0")
-_fraction = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
-# numpy's legacy seeding (accelerate's set_seed) accepts 0 <= seed < 2**32; torch and random accept more
-_seed = _bounded(int, 0, 2**32 - 1, f"an integer in [0, {2**32 - 1}]")
-
-
-def _open_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _wandb_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("wandb") is not None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train_image.py",
@@ -223,40 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=_seed, default=0, help="seeds model init, data order, roles")
 
-    g = p.add_argument_group("run, logging and checkpoints")
-    g.add_argument(
-        "--output-dir",
-        default=None,
-        help="where metrics.json, model.safetensors and checkpoints go (default: runs/<dataset>-<model>-<scenario>)",
+    g = add_run_arguments(
+        p,
+        output_help="where metrics.json, model.safetensors and checkpoints go "
+        "(default: runs/<dataset>-<model>-<scenario>)",
     )
-    g.add_argument(
-        "--resume-from",
-        default=None,
-        metavar="PATH",
-        help="continue from a checkpoint folder, or 'latest' (the newest complete one in <output-dir>/checkpoints)",
-    )
-    g.add_argument(
-        "--save-every", type=_non_negative_int, default=0, help="checkpoint every N optimizer steps (0: never)"
-    )
-    g.add_argument(
-        "--keep-checkpoints", type=_non_negative_int, default=2, help="keep the newest N checkpoints (0: all)"
-    )
-    g.add_argument(
-        "--eval-every",
-        type=_non_negative_int,
-        default=0,
-        help="also evaluate every N optimizer steps (0: at the end of each epoch only)",
-    )
-    g.add_argument("--log-every", type=_positive_int, default=20, help="log loss and role metrics every N steps")
-    g.add_argument(
-        "--report-to",
-        default="wandb" if _wandb_installed() else "none",
-        choices=("wandb", "none"),
-        help="experiment tracker; W&B runs offline (WANDB_MODE=offline) when no API key is configured",
-    )
-    g.add_argument("--project", default="egg_optim", help="tracker project name")
-    g.add_argument("--run-name", default=None, help="tracker run name")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (epoch summaries only)")
     g.add_argument(
         "--dump-rank-state",
         action="store_true",
@@ -308,19 +262,6 @@ def build_network(args: argparse.Namespace, spec) -> tuple[torch.nn.Module, Role
     return narrow_model(args.model, plan, match=getattr(args, "width_match", "widths"), **shape), RolePlan()
 
 
-def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
-    """The run's :class:`EggConfig`: the role flags, with the plan built from --scenario and the model."""
-    config = config_from_args(args, plan=plan, seed=args.seed)
-    if config.score.name == "local_loss":
-        raise ConfigError("--election local_loss needs LFNN local losses, which this recipe does not add")
-    return config
-
-
-def resume_config_signature(config: EggConfig) -> dict[str, Any]:
-    """The config options a resume must match: all but the logging ones (the plan as its signature)."""
-    return {k: v for k, v in config.signature().items() if k not in ("log_roles", "log_per_layer")}
-
-
 def counted_layers(args: argparse.Namespace, model: torch.nn.Module) -> list[str]:
     """Layers whose active units make the seed's "updates": the 9 block convs of the seed nets, every
     Linear/Conv but the classifier otherwise (the layers the scenarios manage)."""
@@ -352,11 +293,6 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, h
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
 
 
-def derived_seed(*keys: object) -> int:
-    text = ":".join(str(k) for k in keys).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
-
-
 class _SeededBatches:
     """collate_fn wrapper: reseeds the batch transform's augmentation generator from
     ``(seed, rank, epoch, batch index)`` before each batch, so a resumed run augments as the uninterrupted
@@ -377,72 +313,24 @@ class _SeededBatches:
         return self.transform(batch)
 
 
-def tensor_digest(tensors) -> str:
-    h = hashlib.sha256()
-    for name, t in tensors:
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def state_digests(model: torch.nn.Module, lco: LeaderCloneOptimizer) -> dict[str, str]:
-    roles = []
-    for name, r in lco.roles.items():
-        roles += [(f"{name}.codes", r.codes), (f"{name}.source_map", r.source_map)]
-    return {
-        "param_sha256": tensor_digest(model.named_parameters()),
-        "buffer_sha256": tensor_digest(
-            (n, b) for n, b in model.named_buffers() if not n.split(".")[-1].startswith("_")
-        ),
-        "roles_sha256": tensor_digest(roles),
-    }
-
-
-def save_plain_model(lco: LeaderCloneOptimizer, path: Path) -> None:
+def save_plain_model(lco: LeaderCloneOptimizer, path: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
     """Save weights that a plain (unmodified) model loads and that compute what was trained: in output mode
-    the clone rows are filled with their source's weights and norm statistics. Atomic; a full disk is a
-    one-line :class:`~egg_optim.kit.storage.StorageError`."""
-    from safetensors.torch import save_model
+    the clone rows are filled with their source's weights and norm statistics. ``gathered``: under FSDP2, the
+    state :func:`gathered_model_state` collected. Atomic; a full disk is a one-line
+    :class:`~egg_optim.kit.storage.StorageError`."""
+    from safetensors.torch import save_file, save_model
 
     from egg_optim.kit.storage import atomic_path
 
     with atomic_path(path) as tmp:
-        save_model(lco.export_model(), str(tmp))
-
-
-def _configure_wandb(output_dir: Path) -> dict[str, Any]:
-    """Offline mode unless a W&B API key is configured; returns wandb.init kwargs."""
-    if "WANDB_MODE" not in os.environ:
-        has_key = bool(os.environ.get("WANDB_API_KEY"))
-        if not has_key:
-            try:
-                import netrc
-
-                has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
-            except (OSError, netrc.NetrcParseError):
-                has_key = False
-        if not has_key:
-            os.environ["WANDB_MODE"] = "offline"
-    kwargs: dict[str, Any] = {}
-    if "WANDB_DIR" not in os.environ:
-        kwargs["dir"] = str(output_dir)
-    return kwargs
+        if gathered is not None:
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(tmp))
+        else:
+            save_model(lco.export_model(), str(tmp))
 
 
 def _pair(size) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _clock() -> float:
-    """Wall-clock seconds, after the GPU has finished queued work (timings would otherwise be too low)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 # ============================================================================ training
@@ -450,12 +338,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run one training job described by ``args`` (see :func:`build_parser`); returns the final metrics
     (also written to ``<output-dir>/metrics.json`` by the main process)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from egg_optim.kit import checkpoint as ckpt
     from egg_optim.kit import storage, tracking
-    from egg_optim.kit.data import check_splits, dataset_spec, load_image_dataset, make_dataloader
+    from egg_optim.kit.data import dataset_spec, make_dataloader
     from egg_optim.kit.metrics import load_metric
     from egg_optim.kit.models import count_conv_linear_flops
 
@@ -466,14 +354,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
 
     # ---------------------------------------------------------------- data
-    holdout = args.test_split_fraction
-    train_ds = load_image_dataset(
-        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    eval_ds = load_image_dataset(
-        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    check_splits(train_ds, eval_ds)
+    train_ds, eval_ds = load_image_splits(args)
     spec = dataset_spec(train_ds, resize_to=args.resize_to, channels=args.channels)
     normalize = DEFAULT_NORMALIZE.get(args.model) if args.normalize == "auto" else args.normalize
     normalize = None if normalize == "none" else normalize
@@ -493,14 +374,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     counted = counted_layers(args, model)
     config = egg_config(args, plan)
     base = make_optimizer(args, model.parameters())
-    # Built on the bare model, before prepare: DDP wraps the model but shares its parameters.
+    # Built on the bare model, before prepare: DDP wraps the model but shares its parameters; FSDP2 replaces them
+    # by sharded ones, which the optimizer follows (leaders and clones may then sit on different ranks).
     lco = LeaderCloneOptimizer(model, base, config=config)
-    if accelerator.distributed_type == DistributedType.FSDP and any(lp.clones for lp in lco.layer_plans.values()):
-        raise ConfigError(
-            "FSDP shards weights along the output-unit dimension, so leaders and clones can sit on different "
-            "ranks, which LeaderCloneOptimizer does not support: use DDP (accelerate_configs/multi_gpu.yaml) or "
-            "--scenario baseline"
-        )
     batches_per_epoch_raw = len(raw_train_dl)
     planned_raw = args.epochs * batches_per_epoch_raw
     if args.max_steps is not None:
@@ -564,17 +440,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     # ---------------------------------------------------------------- trackers
-    if tracker is not None:
-        init_kwargs = {}
-        if tracker == "wandb":
-            init_kwargs["wandb"] = {**_configure_wandb(output_dir), "name": args.run_name or output_dir.name}
-        accelerator.init_trackers(
-            args.project,
-            config={
-                k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()
-            },
-            init_kwargs=init_kwargs,
-        )
+    init_trackers(accelerator, args, output_dir)
 
     metric = load_metric("accuracy", keep_in_memory=True)
 
@@ -763,26 +629,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             json.dumps({"rank": rank, "world_size": world, "pid": os.getpid(), "steps": global_step, **digests}),
         )
     accelerator.wait_for_everyone()
+    gathered = gathered_model_state(lco)  # FSDP2: every rank takes part
     if accelerator.is_main_process:  # the model first: metrics.json marks a finished run
-        save_plain_model(lco, output_dir / "model.safetensors")
+        save_plain_model(lco, output_dir / "model.safetensors", gathered)
         storage.write_text_atomic(output_dir / METRICS_FILE, json.dumps(metrics, indent=1, default=str))
     if tracker is not None:
         accelerator.log({"final/test_accuracy": metrics["test_accuracy"]}, step=global_step)
     accelerator.end_training()
     lco.remove_output_cloning()
     return metrics
-
-
-def run_cli(train_fn, args: argparse.Namespace) -> int:
-    """Run ``train_fn(args)``; bad input becomes a one-line ``error: ...`` and exit status 2 (no stack trace)."""
-    from egg_optim.kit.data import DatasetUnavailableError
-
-    try:
-        train_fn(args)
-    except (EggOptimError, DatasetUnavailableError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

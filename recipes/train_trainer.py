@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_image  # noqa: E402  (shared flag types and dataset/model defaults)
+from _common import trainer_report_to, trainer_resume_path  # noqa: E402
 
 from egg_optim import add_config_arguments  # noqa: E402
 
@@ -102,18 +103,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from egg_optim.integrations.transformers import EggTrainer
     from egg_optim.kit import checkpoint as ckpt
     from egg_optim.kit import storage
-    from egg_optim.kit.data import BatchTransform, check_splits, dataset_spec, load_image_dataset
+    from egg_optim.kit.data import BatchTransform, dataset_spec
     from egg_optim.kit.metrics import load_metric
 
     output_dir = storage.prepare_output_dir(args.output_dir)  # an unusable folder fails before any compute
-    holdout = args.test_split_fraction
-    train_ds = load_image_dataset(
-        args.dataset, split="train", max_samples=args.max_train_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    eval_ds = load_image_dataset(
-        args.dataset, split="test", max_samples=args.max_eval_samples, seed=args.seed, test_split_fraction=holdout
-    )
-    check_splits(train_ds, eval_ds)
+    train_ds, eval_ds = train_image.load_image_splits(args)
     spec = dataset_spec(train_ds)
     normalize = train_image.DEFAULT_NORMALIZE.get(args.model)
     augment = args.augment
@@ -124,13 +118,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = ImageClassifier(net)
 
     egg = train_image.egg_config(args, plan)
-    report_to = "none" if args.report_to == "none" else ["wandb"]
-    if args.report_to == "wandb":
-        wandb_kwargs = train_image._configure_wandb(output_dir)
-        if "dir" in wandb_kwargs:
-            import os
-
-            os.environ.setdefault("WANDB_DIR", wandb_kwargs["dir"])
+    report_to = trainer_report_to(args, output_dir)
     training_args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -175,7 +163,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     trainer.get_eval_dataloader = _eval_loader_with(trainer, eval_collator)
     resume = None
     if args.resume_from:
-        resume = _resume_path(args.resume_from, output_dir)
+        resume = trainer_resume_path(args.resume_from, output_dir)
         ckpt.check_run_settings(resume, settings)
         if trainer.is_world_process_zero():
             print(
@@ -220,22 +208,6 @@ def run_settings(
         "lr_schedule_steps": None if args.lr_schedule == "constant" else steps,
         "num_processes": world,
     }
-
-
-def _resume_path(resume_from: str, output_dir: Path) -> Path:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from egg_optim.kit.checkpoint import CheckpointError
-
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        return path
-    found = get_last_checkpoint(str(output_dir))
-    if found is None:
-        raise CheckpointError(f"--resume-from latest: no checkpoint-N folder in {output_dir}")
-    return Path(found)
 
 
 def _eval_loader_with(trainer, collator):

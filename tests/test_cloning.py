@@ -21,7 +21,11 @@ def test_clone_copies_every_coupled_entry(assign, seed):
     torch.manual_seed(seed)
     model = TinySeedNet()
     opt = LeaderCloneOptimizer(
-        model, torch.optim.Adam(model.parameters(), lr=0.05), RolePlan.preset("aggressive"), assign=assign, seed=seed
+        model,
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        RolePlan.preset("aggressive", table="mnist"),
+        assign=assign,
+        seed=seed,
     )
     _trained(model, opt)
     model.train()

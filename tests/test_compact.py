@@ -27,7 +27,11 @@ def _make(storage, plan=None, opt_spec=ADAM, **kw):
     cls, okw = opt_spec
     kw.setdefault("clone_every", None)
     opt = LeaderCloneOptimizer(
-        model, cls(model.parameters(), **okw), plan or RolePlan.preset("mild"), state_storage=storage, **kw
+        model,
+        cls(model.parameters(), **okw),
+        plan or RolePlan.preset("mild", table="mnist"),
+        state_storage=storage,
+        **kw,
     )
     return model, opt
 

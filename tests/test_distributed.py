@@ -33,7 +33,7 @@ def _worker(
         opt = LeaderCloneOptimizer(
             model,
             torch.optim.Adam(model.parameters(), lr=1e-2),
-            RolePlan.preset("mild"),
+            RolePlan.preset("mild", table="mnist"),
             clone_every=2,
             elect_every=3,
             election=election,

@@ -556,7 +556,7 @@ def _wrapped(seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     model = TinySeedNet()
     opt = LeaderCloneOptimizer(
-        model, torch.optim.Adam(model.parameters(), lr=1e-2), RolePlan.preset("aggressive"), **kwargs
+        model, torch.optim.Adam(model.parameters(), lr=1e-2), RolePlan.preset("aggressive", table="mnist"), **kwargs
     )
     return model, opt
 

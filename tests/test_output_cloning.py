@@ -439,6 +439,30 @@ def test_export_plain_loads_strictly_and_reproduces_as_trained_eval():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_model_state_dict_is_what_eval_computes():
+    """model.state_dict() loads into the plain class and computes what eval() computes: under "as_trained" clone
+    rows (layer weight/bias, fused BN running stats) are saved as their sources', under "own_weights" as they
+    are; the live tensors never change."""
+    model, oc, _ = trained_net()
+    x = torch.randn(5, 3, 8, 8)
+    live = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    for mode in ("as_trained", "own_weights", "as_trained"):
+        oc.eval_mode = mode
+        model.eval()
+        with torch.no_grad():
+            want = model(x)
+        fresh = Net().eval()
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict(keep_vars=True)[k]) for k, v in live.items())
+    r = oc.roles["layer1.conv2"]
+    sd = model.state_dict()
+    for key in ("layer1.conv2.weight", "layer1.bn2.running_var"):
+        assert torch.equal(sd[key][r.clones], sd[key][r.sources])
+        assert not torch.equal(live[key][r.clones], live[key][r.sources])
+
+
 def test_own_weights_eval_is_the_plain_model_and_fill_clones_aligns_it():
     model, oc, _ = trained_net(eval_mode="own_weights")
     model.eval()

@@ -18,7 +18,7 @@ def _make(**kw):
     opt = LeaderCloneOptimizer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        RolePlan.preset("mild"),
+        RolePlan.preset("mild", table="mnist"),
         clone_mode="output",
         assign="random",
         **kw,

@@ -28,14 +28,32 @@ def test_counts_partition_units(units, lead, ind):
     except PlanError as e:
         assert "0" in str(e)
         return
-    assert lp.leaders == round(lead * units) and lp.independents == round(ind * units)
+    assert lp.independents == round(ind * units)
+    # the seed's rounding, but never 0 leaders for a positive fraction that leaves clones
+    rounded = round(lead * units)
+    assert lp.leaders == (1 if rounded == 0 and units - lp.independents > 0 else rounded)
     assert lp.leaders + lp.independents + lp.clones == units and lp.clones >= 0
     assert lp.leaders > 0 or lp.clones == 0
 
 
+def test_a_small_positive_leader_fraction_still_gives_clones_a_source():
+    assert RolePlan(0.01).resolve(mlp((4, 20, 2)))["0"].leaders == 1
+
+
+def test_presets_default_to_the_uniform_table_and_fit_any_model():
+    """The default table works on a model without the seed's layer names; the seed tables are opt-in."""
+    model = mlp((6, 10, 20, 3))
+    assert RolePlan.preset("mild") == RolePlan.preset("mild", table="uniform") == RolePlan(0.40, 0.10)
+    mild = RolePlan.preset("mild").resolve(model)
+    assert sorted(mild) == ["0", "2"] and mild["2"].leaders == round(0.40 * 20)
+    assert RolePlan.preset("aggressive").resolve(model)["2"].leaders == round(0.25 * 20)
+    with pytest.raises(PlanError, match="layer1.conv1"):
+        RolePlan.preset("mild", table="mnist").resolve(model)
+
+
 def test_seed_presets_use_tables():
     net = TinySeedNet()
-    mild = RolePlan.preset("mild").resolve(net)
+    mild = RolePlan.preset("mild", table="mnist").resolve(net)
     assert sorted(mild) == sorted(f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3))
     assert mild["layer1.conv1"].leaders == round(0.40 * 10)
     assert mild["layer1.conv3"].leaders == round(0.35 * 20)
@@ -61,7 +79,7 @@ def test_per_layer_first_match_and_suffix_patterns():
         ({"leaders": 0.7, "independents": 0.5}, "> 1"),
         ({"per_layer": {"nope.*": (0.5, 0.1)}}, "matches no"),
         ({"layers": ["missing"]}, "matches no"),
-        ({"leaders": 0.01}, "0 leaders"),
+        ({"leaders": 0.0, "independents": 0.5}, "0 leaders"),
         ({"per_layer": {"0": (0.5, 0.5)}}, "too few units"),
         ({"per_layer": {"0": (0.5,)}}, "pair"),
     ],

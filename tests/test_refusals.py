@@ -246,3 +246,53 @@ def test_optimizer_over_another_models_parameters_refused():
         warnings.simplefilter("error")
         with pytest.raises(PlanError, match="another model"):
             LeaderCloneOptimizer(model, torch.optim.SGD(other.parameters(), lr=0.1), RolePlan(0.5))
+
+
+# ---------------------------------------------------------------------------------------------- output-mode resume
+@pytest.mark.parametrize("score", ["weight_norm", "random"])
+def test_output_mode_resume_is_exact_when_elections_read_the_clones_own_rows(score):
+    """The saved model holds clones as their sources; the optimizer state carries their own rows back."""
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = TinySeedNet()
+        opt = LeaderCloneOptimizer(
+            model, torch.optim.Adam(model.parameters(), lr=1e-2), PLAN, election=score, elect_every=3,
+            clone_mode="output", assign="nearest",
+        )  # fmt: skip
+        return model, opt
+
+    model_a, opt_a = make(0)
+    _train(model_a, opt_a, 8)
+    model_b, opt_b = make(0)
+    _train(model_b, opt_b, 4)
+    saved_model, saved_opt = copy.deepcopy(model_b.state_dict()), copy.deepcopy(opt_b.state_dict())
+    assert saved_opt["egg_optim"]["clone_rows"]
+    model_c, opt_c = make(5)
+    model_c(torch.randn(2, 1, 6, 6))  # decide norm coupling, as a resumed run does before it loads
+    model_c.load_state_dict(saved_model)
+    opt_c.load_state_dict(saved_opt)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # the data that run A saw in steps 5-8
+        torch.randn(4, 1, 6, 6, generator=g)
+    for _ in range(4):
+        model_c(torch.randn(4, 1, 6, 6, generator=g)).logsumexp(1).mean().backward()
+        opt_c.step()
+        opt_c.zero_grad()
+    assert all(opt_a.roles[n].same_as(opt_c.roles[n]) for n in opt_a.roles)
+    for k, v in model_a.state_dict(keep_vars=True).items():
+        assert torch.equal(v, model_c.state_dict(keep_vars=True)[k]), k
+
+
+def test_bad_clone_rows_refused_in_output_mode():
+    torch.manual_seed(0)
+    model = TinySeedNet()
+    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), PLAN, clone_mode="output")
+    _train(model, opt)
+    bad = copy.deepcopy(opt.state_dict())
+    key = next(iter(bad["egg_optim"]["clone_rows"]))
+    bad["egg_optim"]["clone_rows"][key] = bad["egg_optim"]["clone_rows"][key][:1]
+    before = _snapshot(model, opt)
+    with pytest.raises(StateDictMismatchError, match="clone_rows"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(model, opt, before)

@@ -14,7 +14,7 @@ def _make(seed=0, plan=None, **kw):
     opt = LeaderCloneOptimizer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
-        plan or RolePlan.preset("mild"),
+        plan or RolePlan.preset("mild", table="mnist"),
         clone_every=2,
         elect_every=3,
         election="grad_norm",
@@ -84,7 +84,7 @@ def _bad_dicts():
     model, opt = _make()
     _steps(model, opt, 0, 2)
     good = opt.state_dict()
-    other_plan = _make(plan=RolePlan.preset("aggressive"))[1].state_dict()
+    other_plan = _make(plan=RolePlan.preset("aggressive", table="mnist"))[1].state_dict()
     no_extra = opt.optimizer.state_dict()
     bad_roles = copy.deepcopy(good)
     bad_roles["egg_optim"]["layers"]["layer1.conv1"]["codes"][:] = 2  # all clones, no leader

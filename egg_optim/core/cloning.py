@@ -5,6 +5,10 @@ the symmetry between a leader and its clones, and ``state`` says what happens to
 optimizer state: ``"keep"`` them, ``"reset"`` them to a fresh value, or ``"copy"`` the leader's. (With compact
 storage, :mod:`egg_optim.core.compact`, clone rows are not in the optimizer state; the policy then applies when a
 clone becomes active.)
+
+A parameter sharded by FSDP2 (:mod:`egg_optim.core.sharding`) may hold a clone on one rank and its source on
+another: the new rows are computed from the gathered tensor, exactly as one process computes them (noise
+included), and each rank writes its own slice.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..errors import ConfigError
 from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
 from .roles import Roles
+from .sharding import copy_positions_, full, is_sharded, local, localize, write_full_
 from .units import ManagedLayer
 
 
@@ -56,25 +61,32 @@ def clone_layer(
     """Copy source units into clone units in place; returns the number of clone units written."""
     if not roles.has_clones:
         return 0
+    unit_roles = roles
     for pname, p in layer.params:
-        dim = layer.dim_of(pname)
-        idx = roles.clones.to(p.device)
-        rows = _blended(p, roles, blend, dim)
+        dim, roles = layer.dim_of(pname), layer.roles_of(pname, unit_roles)
+        whole = full(p)  # p itself unless sharded
+        idx = roles.clones.to(whole.device)
+        rows = _blended(whole, roles, blend, dim)
         if noise > 0:
             moved = rows.movedim(dim, 0)
             flat = moved.reshape(moved.shape[0], -1)
             rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
             rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, dim)
-        p.index_copy_(dim, idx, rows)
+        if is_sharded(p):
+            write_full_(p, whole.index_copy(dim, idx, rows))
+        else:
+            p.index_copy_(dim, idx, rows)
         if opt_state is not None and state != "keep":
             st = opt_state.get(p, {})
             for key in row_state_keys(p, st):
                 if state == "copy":
-                    st[key].index_copy_(dim, idx, st[key].index_select(dim, roles.sources.to(p.device)))
+                    copy_positions_(st[key], dim, roles.clones, roles.sources)
                 else:
-                    st[key].index_fill_(dim, idx, fresh(key, (groups or {}).get(p, {})))
+                    where = localize(st[key], dim, roles.clones)[1]
+                    value = local(st[key])
+                    value.index_fill_(dim, where.to(value.device), fresh(key, (groups or {}).get(p, {})))
     for bname, b in layer.buffers:
-        dim = layer.dim_of(bname)
+        dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
         b.index_copy_(dim, roles.clones.to(b.device), _blended(b, roles, blend, dim))
-    return roles.num_clones
+    return unit_roles.num_clones

@@ -1,4 +1,5 @@
-"""The little of torch.distributed that role decisions need: one all-reduce of scores per election."""
+"""The little of torch.distributed that role decisions need: one all-reduce of scores per election (and, for
+parameters sharded by FSDP2, :mod:`egg_optim.core.sharding`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def all_reduce_mean(t: torch.Tensor, group=None) -> torch.Tensor:
     dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
     work /= dist.get_world_size(group)
     return work.to(t.device) if work is not t else t
+
+
+def all_reduce_min(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise minimum of ``t`` over ranks (a decision every rank takes only if every rank agrees)."""
+    if not is_distributed():
+        return t
+    work = t.cuda() if dist.get_backend(group) == "nccl" and not t.is_cuda else t
+    dist.all_reduce(work, op=dist.ReduceOp.MIN, group=group)
+    return work.to(t.device)
 
 
 def derived_generator(seed: int, *keys: object) -> torch.Generator:

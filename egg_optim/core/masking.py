@@ -11,6 +11,9 @@ are untouched: an elementwise optimizer gives them exactly the update it would g
 Clone gradient rows are zeroed before the step, so state that the optimizer creates lazily on its first
 step starts, for clone rows, from what a zero gradient gives (zero moments, a zero momentum buffer).
 Scalar state (Adam's ``step``) is shared by the whole tensor and is not per unit.
+
+Parameters sharded by FSDP2 (DTensors, :mod:`egg_optim.core.sharding`) are masked on this rank's slice: an entry's
+``index`` then holds the *local* positions of the clones this rank holds, and nothing is communicated.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .sharding import local
+
 
 @dataclass(frozen=True)
 class MaskEntry:
     param: torch.Tensor
-    index: torch.Tensor  # clone units, on the parameter's device
+    index: torch.Tensor  # clone positions (in this rank's slice, for a sharded parameter), on its device
     dim: int = 0  # the parameter's unit dimension
 
 
@@ -41,17 +46,17 @@ def snapshot(entries: list[MaskEntry], opt_state: Mapping[torch.Tensor, dict]) -
     saved: Saved = []
     for e in entries:
         st = opt_state.get(e.param, {})
-        rows = {k: st[k].index_select(e.dim, e.index) for k in row_state_keys(e.param, st)}
-        saved.append((e, e.param.index_select(e.dim, e.index), rows))
+        rows = {k: local(st[k]).index_select(e.dim, e.index) for k in row_state_keys(e.param, st)}
+        saved.append((e, local(e.param).index_select(e.dim, e.index), rows))
         if e.param.grad is not None:
-            e.param.grad.index_fill_(e.dim, e.index, 0)
+            local(e.param.grad).index_fill_(e.dim, e.index, 0)
     return saved
 
 
 @torch.no_grad()
 def restore(saved: Saved, opt_state: Mapping[torch.Tensor, dict]) -> None:
     for e, p_rows, rows in saved:
-        e.param.index_copy_(e.dim, e.index, p_rows)
+        local(e.param).index_copy_(e.dim, e.index, p_rows)
         st = opt_state.get(e.param, {})
         for k, v in rows.items():
-            st[k].index_copy_(e.dim, e.index, v)
+            local(st[k]).index_copy_(e.dim, e.index, v)

@@ -3,7 +3,8 @@
 A plan is data: global ``(leaders, independents)`` fractions, per-layer overrides by name pattern, and which
 layers are managed. Resolving a plan against a model validates everything before anything is changed.
 Counts follow the seed: ``leaders = round(pL * units)``, ``independents = round(pI * units)``, clones are
-the rest (Python's ``round``, i.e. half to even).
+the rest (Python's ``round``, i.e. half to even); a positive leader fraction that rounds to no leader while
+clones remain gives one leader (small blocks: two attention heads at ``pL = 0.25``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import PlanError
-from .units import candidate_layers, name_matches, num_units
+from .blocks import UnitGroup
+from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, name_matches
 
 Fractions = tuple[float, float]
 
@@ -49,6 +51,33 @@ _CIFAR = {
 _UNIFORM = {"mild": (0.40, 0.10), "aggressive": (0.25, 0.10)}
 PRESETS = ("baseline", "mild", "aggressive")
 PRESET_TABLES = ("mnist", "cifar", "uniform")
+
+
+def _short_list(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _unsupported_note(model: nn.Module) -> str:
+    """``"; found 48 transformers Conv1D layers (...), which are not supported as layers"`` for layer types that
+    compute per-unit outputs but cannot have roles (empty when there are none)."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        t = type(m)
+        if t.__name__ == "Conv1D" and t.__module__.startswith("transformers"):
+            kind = "transformers Conv1D"  # GPT-2's weight is (in, out): units on dim 1
+        elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            kind = f"nn.{t.__name__}"
+        elif isinstance(m, MANAGED_TYPES) and not isinstance(m, nn.Linear) and m.groups != 1:
+            kind = "grouped convolution"
+        elif isinstance(m, (nn.Bilinear, nn.MultiheadAttention)):
+            kind = f"nn.{t.__name__}"
+        else:
+            continue
+        found.setdefault(kind, []).append(name)
+    parts = [f"{len(v)} {k} layers (e.g. {v[0]!r})" for k, v in found.items()]
+    note = f"; found {', '.join(parts)}, which are not supported as layers" if parts else ""
+    return note + (" (units='auto' manages GPT-2's MLP and attention blocks)" if "transformers Conv1D" in found else "")
 
 
 def _check_fractions(where: str, pair: Sequence[float]) -> Fractions:
@@ -92,6 +121,10 @@ class RolePlan:
         exclude: patterns removed from the managed set.
         only_listed: manage only layers matched by ``per_layer`` (used by the seed presets, whose shortcut
             convolutions and FC layers get no roles).
+        units: ``"auto"`` (default): in transformer MLP and attention blocks a unit is a hidden neuron or an
+            attention head spanning the block's projections (:mod:`egg_optim.core.blocks`), named by the block
+            (``model.layers.0.mlp``, ``model.layers.0.self_attn``); elsewhere a Linear/ConvNd output row.
+            ``"layers"``: every Linear/ConvNd output row is a unit, blocks included.
     """
 
     leaders: float = 1.0
@@ -100,6 +133,7 @@ class RolePlan:
     layers: Sequence[str] | None = None
     exclude: Sequence[str] = ()
     only_listed: bool = False
+    units: str = "auto"
 
     def __post_init__(self) -> None:
         _check_fractions("RolePlan", (self.leaders, self.independents))
@@ -107,13 +141,16 @@ class RolePlan:
         object.__setattr__(self, "per_layer", checked)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise PlanError("RolePlan.layers and RolePlan.exclude take a list of patterns, not a string")
+        if self.units not in UNIT_KINDS:
+            raise PlanError(f"RolePlan.units must be one of {UNIT_KINDS}, got {self.units!r}")
 
     @classmethod
-    def preset(cls, name: str, table: str = "mnist") -> RolePlan:
+    def preset(cls, name: str, table: str = "uniform") -> RolePlan:
         """The seed's scenarios: ``"baseline"`` (no roles), ``"mild"``, ``"aggressive"``.
 
-        ``table="mnist"`` / ``"cifar"`` use the seed's per-layer tables for its Bottleneck CNNs (layers
-        ``layer{1,2,3}.conv{1,2,3}``); ``table="uniform"`` applies one pair to every managed layer of any model.
+        ``table="uniform"`` (default, works on any model) applies one pair to every managed layer (mild 0.40 /
+        0.10, aggressive 0.25 / 0.10); ``"mnist"`` / ``"cifar"`` are the seed's per-layer tables for its
+        Bottleneck CNNs (layers ``layer{1,2,3}.conv{1,2,3}`` only).
         """
         if name not in PRESETS:
             raise PlanError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -131,6 +168,7 @@ class RolePlan:
         return (
             f"L={self.leaders:g};I={self.independents:g};per=[{per}];layers={list(self.layers or [])};"
             f"exclude={list(self.exclude)};only={self.only_listed}"
+            + (f";units={self.units}" if self.units != "auto" else "")
         )
 
     def fractions_for(self, name: str) -> Fractions:
@@ -139,11 +177,17 @@ class RolePlan:
                 return pair
         return self.leaders, self.independents
 
+    def candidates(self, model: nn.Module) -> dict[str, nn.Module | UnitGroup]:
+        """What in ``model`` can have roles under this plan's ``units``: Linear/ConvNd layers and blocks."""
+        return dict(candidate_layers(model, self.units))
+
     def resolve(self, model: nn.Module) -> dict[str, LayerPlan]:
         """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
-        candidates = candidate_layers(model)
+        candidates = list(self.candidates(model).items())
         if not candidates:
-            raise PlanError("the model has no nn.Linear / nn.ConvNd layer to manage")
+            raise PlanError(
+                f"{type(model).__name__} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
+            )
         names = [n for n, _ in candidates]
         modules = dict(candidates)
         for pattern in list(self.per_layer) + list(self.layers or []) + list(self.exclude):
@@ -156,9 +200,21 @@ class RolePlan:
         else:
             chosen = names[:-1]
         chosen = [n for n in chosen if not any(name_matches(n, p) for p in self.exclude)]
+        if not chosen:
+            if self.only_listed or self.layers is not None:
+                why = "every layer the plan selects is excluded"
+            else:
+                why = (
+                    "by default every Linear/ConvNd except the last one registered (the classifier) is managed, "
+                    f"and {names[-1]!r} is the only one"
+                )
+            raise PlanError(
+                f"the plan manages no layer of {type(model).__name__} ({why}); its Linear/ConvNd layers are "
+                f"{_short_list(names)}{_unsupported_note(model)}"
+            )
         out: dict[str, LayerPlan] = {}
         for name in chosen:
-            units = num_units(modules[name])
+            units = candidate_units(modules[name])
             p_lead, p_ind = self.fractions_for(name)
             k_lead, k_ind = round(p_lead * units), round(p_ind * units)
             if k_lead + k_ind > units:
@@ -166,6 +222,8 @@ class RolePlan:
                     f"layer {name!r} has too few units ({units}) for leaders {p_lead:g} -> {k_lead} plus "
                     f"independents {p_ind:g} -> {k_ind}"
                 )
+            if k_lead == 0 and p_lead > 0 and units - k_ind > 0:
+                k_lead = 1  # a small block (few attention heads): the nearest plan that gives clones a source
             if k_lead == 0 and units - k_ind > 0:
                 raise PlanError(
                     f"layer {name!r}: leaders {p_lead:g} x {units} units rounds to 0 leaders but "

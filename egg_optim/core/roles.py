@@ -131,6 +131,25 @@ class Roles:
             and torch.equal(self.source_map, other.source_map)
         )
 
+    def expand(self, index: torch.Tensor) -> Roles:
+        """The roles of the *elements* a tensor holds for these units: ``index[u]`` lists the positions (along
+        the tensor's unit dimension) of unit ``u``'s ``k`` elements, ``index`` of shape ``[num_units, k]``
+        covering every position once. Clone ``c``'s ``i``-th element copies source ``s``'s ``i``-th element, so
+        masking, cloning and compact storage work on grouped units (attention heads: ``head_dim`` rows each;
+        GQA groups; a fused qkv projection) exactly as on single rows."""
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        if index.dim() != 2 or index.shape[0] != self.num_units:
+            raise PlanError(f"unit index must have shape [{self.num_units}, k], got {tuple(index.shape)}")
+        if index.shape[1] == 1 and torch.equal(index[:, 0], torch.arange(self.num_units)):
+            return self
+        return Roles(
+            int(index.numel()),
+            index[self.leaders].flatten(),
+            index[self.independents].flatten(),
+            index[self.clones].flatten(),
+            index[self.sources].flatten(),
+        )
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors only (safe for ``torch.load(weights_only=True)``)."""

@@ -28,10 +28,6 @@ from .units import ManagedLayer
 ScoreFn = Callable[[ManagedLayer], torch.Tensor]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().flatten(1) if t.dim() > 1 else t.detach().unsqueeze(1)
-
-
 class Score:
     """Scores every unit of a layer at an election. Subclass and implement :meth:`__call__`."""
 
@@ -73,12 +69,12 @@ class RandomScore(Score):
 
 
 class WeightNormScore(Score):
-    """L2 norm of each unit's weight row."""
+    """L2 norm of each unit's weights (its row; for a transformer block, all its slices)."""
 
     name = "weight_norm"
 
     def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
-        return _rows(layer.weight).float().norm(dim=1).cpu()
+        return layer.unit_rows().float().norm(dim=1).cpu()
 
 
 class GradNormScore(RunningScore):
@@ -88,8 +84,8 @@ class GradNormScore(RunningScore):
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
-        g = layer.weight.grad
-        return None if g is None else _rows(g).float().norm(dim=1)
+        g = layer.unit_rows(grad=True)
+        return None if g is None else g.float().norm(dim=1)
 
 
 class TaylorScore(RunningScore):
@@ -99,8 +95,8 @@ class TaylorScore(RunningScore):
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
-        g = layer.weight.grad
-        return None if g is None else (_rows(layer.weight) * _rows(g)).float().abs().sum(dim=1)
+        g = layer.unit_rows(grad=True)
+        return None if g is None else (layer.unit_rows() * g).float().abs().sum(dim=1)
 
 
 class UnitGradScore(RunningScore):
@@ -140,7 +136,7 @@ class CloneConflictScore(UnitGradScore):
         self.probe_every = probe_every
 
     def observe_grads(self, grad: torch.Tensor, roles: Roles) -> torch.Tensor | None:
-        g = _rows(grad).float().cpu()
+        g = (grad.flatten(1) if grad.dim() > 1 else grad.unsqueeze(1)).float().cpu()
         out = (g * g).sum(dim=1)
         if not roles.has_clones:
             return out

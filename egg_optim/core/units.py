@@ -1,10 +1,19 @@
 """Managed layers and the tensors each output unit owns.
 
 A unit of a managed layer owns row ``u`` of the layer's weight (dim 0 is the output dimension for Linear and
-ConvNd), entry ``u`` of its bias and entry ``u`` of the affine parameters and running statistics of a directly
-following normalisation layer. "Directly following" means the next module registered after the layer in
-``model.named_modules()`` order (which is how ``Conv -> BN`` pairs are written in practice), provided it is a
-norm layer whose per-channel size equals the layer's unit count; pass explicit ``norms`` to override.
+ConvNd), entry ``u`` of its bias and entry ``u`` of the affine parameters and running statistics of the norm
+layer *coupled* to it. A norm is coupled only when it provably normalises the layer's own output: explicitly
+(``norms={layer: norm}``), or when a forward pass shows it (:mod:`egg_optim.core.coupling`). Registration order
+proves nothing: BERT's ``LayerNorm`` registered after ``output.dense`` normalises a residual sum, ViT's
+``layernorm_before`` the next block's input.
+
+Units may also span several modules: the hidden neurons of a transformer MLP and its attention heads
+(:mod:`egg_optim.core.blocks`). Such a managed "layer" is the block; each tensor it owns has a unit dimension
+and an index of the positions each unit owns along it, and per-tensor roles come from :meth:`Roles.expand`.
+
+A unit-owned tensor must belong to the managed layer (or its norm) alone: a parameter that another module also
+holds (tied embeddings, a weight assigned to two modules) is refused, since freezing or cloning its rows would
+change that module too.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from .blocks import UnitGroup, find_unit_groups
+from .roles import Roles
+from .sharding import full
 
 MANAGED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -43,29 +55,62 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
+UNIT_KINDS = ("auto", "layers")
+
+
 @dataclass
 class ManagedLayer:
-    """One layer under role control and the tensors its units own (all with units on dim 0)."""
+    """One layer (or transformer block, ``group``) under role control and the tensors its units own."""
 
     name: str
-    module: nn.Module
+    module: nn.Module  # the layer; for a block, the module that reads its units (down / output projection)
     norm_name: str | None = None
     norm: nn.Module | None = None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     # unit dimension of each owned tensor by qualified name; 0 (rows) unless listed
     dims: dict[str, int] = field(default_factory=dict)
+    # positions [num_units, k] each unit owns along the unit dimension, for units of several positions
+    index: dict[str, torch.Tensor] = field(default_factory=dict)
+    group: UnitGroup | None = None
 
     def dim_of(self, name: str) -> int:
         return self.dims.get(name, 0)
 
+    def roles_of(self, name: str, roles: Roles) -> Roles:
+        """The roles of the positions of owned tensor ``name`` (the unit roles themselves for rows)."""
+        index = self.index.get(name)
+        return roles if index is None else roles.expand(index)
+
     @property
     def num_units(self) -> int:
-        return num_units(self.module)
+        return self.group.num_units if self.group is not None else num_units(self.module)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    def unit_rows(self, grad: bool = False) -> torch.Tensor | None:
+        """``[num_units, D]``: each unit's weights (or their gradients, ``None`` before any backward), all
+        its weight tensors concatenated. For a plain layer, its weight rows. Parameters sharded by FSDP2 are
+        gathered first (every rank gets every unit's rows, as one process would)."""
+        if self.group is None:
+            weight = dict(self.params).get(f"{self.name}.weight", self.module.weight)
+            t = weight.grad if grad else weight
+            if t is None:
+                return None
+            t = full(t.detach())
+            return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
+        parts = []
+        for pname, p in self.params:
+            if not pname.endswith(".weight"):
+                continue
+            t = p.grad if grad else p
+            if t is None:
+                return None
+            moved = full(t.detach()).movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
+            parts.append(moved[self.index[pname]].reshape(self.num_units, -1))
+        return torch.cat(parts, dim=1)
 
 
 def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.Module | None):
@@ -81,29 +126,122 @@ def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.
     return params, buffers
 
 
-def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MANAGED_TYPES)]
-
-
-def find_norms(model: nn.Module) -> dict[str, str]:
-    """Map each managed-type layer to the norm layer registered right after it, when the sizes agree."""
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-    out: dict[str, str] = {}
-    for (name, mod), (next_name, next_mod) in zip(leaves, leaves[1:]):
-        if isinstance(mod, MANAGED_TYPES) and norm_units(next_mod) == num_units(mod):
-            out[name] = next_name
+def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str, nn.Module | UnitGroup]]:
+    """What can have roles, in registration order: every Linear/ConvNd (``units="layers"``); with
+    ``units="auto"``, transformer MLP and attention blocks replace the projections they are made of."""
+    if units not in UNIT_KINDS:
+        raise PlanError(f"unknown unit kind {units!r}; choose one of {UNIT_KINDS}")
+    groups = find_unit_groups(model) if units == "auto" else {}
+    first = {g.modules[0]: g for g in groups.values()}
+    members = {m for g in groups.values() for m in g.modules}
+    out: list[tuple[str, nn.Module | UnitGroup]] = []
+    for n, m in model.named_modules():
+        if n in first:
+            out.append((first[n].name, first[n]))
+        if isinstance(m, MANAGED_TYPES) and n not in members:
+            out.append((n, m))
     return out
 
 
-def build_managed_layers(
-    model: nn.Module, names: list[str], norms: dict[str, str | None] | None = None
-) -> dict[str, ManagedLayer]:
-    """Resolve layer names to :class:`ManagedLayer` with their coupled norm tensors."""
+def candidate_units(candidate: nn.Module | UnitGroup) -> int:
+    return candidate.num_units if isinstance(candidate, UnitGroup) else num_units(candidate)
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter)`` -> every ``(qualified name, module)`` that registers it, duplicates included (a tied
+    parameter is listed under each module that holds it)."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, m))
+    return holders
+
+
+def check_not_shared(
+    name: str,
+    params: list[tuple[str, nn.Parameter]],
+    owners: tuple[nn.Module, ...],
+    holders: dict[int, list[tuple[str, nn.Module]]],
+) -> None:
+    """Refuse unit-owned ``params`` of layer ``name`` that a module other than ``owners`` also holds."""
+    for pname, p in params:
+        others = [(q, m) for q, m in holders.get(id(p), ()) if not any(m is o for o in owners)]
+        if others:
+            qname, m = others[0]
+            raise PlanError(
+                f"layer {name!r}: its parameter {pname!r} is also {qname!r} ({type(m).__name__} "
+                f"{qname.rpartition('.')[0]!r}): tied or shared weights cannot have roles, since freezing or "
+                f"cloning its rows would change that module too; leave {name!r} out of the plan "
+                f"(RolePlan(exclude=[{name!r}]))"
+            )
+
+
+def norm_problem(layer_name: str, module: nn.Module, norm_name: str, norm: nn.Module | None) -> str | None:
+    """Why ``norm`` cannot be coupled to the layer (or ``None``)."""
+    if norm is None or norm_units(norm) != num_units(module):
+        return (
+            f"layer {layer_name!r}: norm layer {norm_name!r} has "
+            f"{norm_units(norm) if norm is not None else 'no'} per-unit entries, the layer has "
+            f"{num_units(module)} units"
+        )
+    return None
+
+
+def couple_norm(
+    model: nn.Module, layer: ManagedLayer, norm_name: str | None, holders: dict | None = None
+) -> ManagedLayer:
+    """``layer`` with ``norm_name`` coupled (a new :class:`ManagedLayer`; ``layer`` is unchanged). Raises
+    :class:`PlanError` for a norm of the wrong size or whose parameters other modules hold."""
+    norm = None
+    if norm_name is not None:
+        norm = dict(model.named_modules()).get(norm_name)
+        problem = norm_problem(layer.name, layer.module, norm_name, norm)
+        if problem:
+            raise PlanError(problem)
+    params, buffers = _unit_tensors(layer.name, layer.module, norm_name, norm)
+    holders = parameter_holders(model) if holders is None else holders
+    check_not_shared(layer.name, params, (layer.module, norm) if norm is not None else (layer.module,), holders)
+    return ManagedLayer(
+        layer.name, layer.module, norm_name, norm, params, buffers, dict(layer.dims)
+    )  # plain layers only
+
+
+def _group_layer(model: nn.Module, group: UnitGroup, holders: dict) -> ManagedLayer:
+    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    auto = find_norms(model)
+    owned = [(s.param, params[s.param]) for s in group.slices]
+    check_not_shared(group.name, owned, tuple(modules[m] for m in group.modules), holders)
+    return ManagedLayer(
+        group.name,
+        modules[group.consumer],
+        params=owned,
+        dims={s.param: s.dim for s in group.slices},
+        index={s.param: s.index for s in group.slices},
+        group=group,
+    )
+
+
+def build_managed_layers(
+    model: nn.Module,
+    names: list[str],
+    norms: dict[str, str | None] | None = None,
+    groups: dict[str, UnitGroup] | None = None,
+) -> dict[str, ManagedLayer]:
+    """Resolve layer names (and ``groups``, transformer blocks by name) to :class:`ManagedLayer`, with the
+    norms given in ``norms`` coupled (no others: automatic coupling needs a forward pass,
+    :mod:`egg_optim.core.coupling`)."""
+    modules = dict(model.named_modules())
+    holders = parameter_holders(model)
     layers: dict[str, ManagedLayer] = {}
     owner: dict[int, str] = {}
     for name in names:
+        if groups and name in groups:
+            layer = layers[name] = _group_layer(model, groups[name], holders)
+            for pname, p in layer.params:
+                if owner.setdefault(id(p), name) != name:
+                    raise PlanError(f"parameter {pname!r} is shared with layer {owner[id(p)]!r}")
+            continue
         module = modules.get(name)
         if not isinstance(module, MANAGED_TYPES):
             raise PlanError(
@@ -112,17 +250,15 @@ def build_managed_layers(
             )
         if not isinstance(module, nn.Linear) and module.groups != 1:
             raise PlanError(f"layer {name!r}: grouped convolutions (groups={module.groups}) are not supported")
-        norm_name = norms[name] if norms is not None and name in norms else auto.get(name)
+        norm_name = norms.get(name) if norms is not None else None
         norm = None
         if norm_name is not None:
             norm = modules.get(norm_name)
-            if norm is None or norm_units(norm) != num_units(module):
-                raise PlanError(
-                    f"layer {name!r}: norm layer {norm_name!r} has "
-                    f"{norm_units(norm) if norm is not None else 'no'} per-unit entries, the layer has "
-                    f"{num_units(module)} units"
-                )
+            problem = norm_problem(name, module, norm_name, norm)
+            if problem:
+                raise PlanError(problem)
         params, buffers = _unit_tensors(name, module, norm_name, norm)
+        check_not_shared(name, params, (module, norm) if norm is not None else (module,), holders)
         for pname, p in params:
             if id(p) in owner:
                 raise PlanError(

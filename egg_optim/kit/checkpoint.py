@@ -433,19 +433,40 @@ def resume_path(
 
 
 # ---------------------------------------------------------------------------- load
+def _fsdp_weight_shapes(folder: Path, i: int) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes in an FSDP model file of Accelerate (``pytorch_model_fsdp[_i].bin``, a full state dict);
+    ``None`` for a sharded (DCP) folder, which DCP checks itself when loading."""
+    name = "pytorch_model_fsdp.bin" if i == 0 else f"pytorch_model_fsdp_{i}.bin"
+    if (folder / f"pytorch_model_fsdp_{i}").is_dir():
+        return None
+    if not (folder / name).is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {name} (not saved by an FSDP run?)")
+    try:
+        saved = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is an unreadable file
+        raise CheckpointError(f"checkpoint {folder}: unreadable {name} ({exc})") from exc
+    return {k: tuple(v.shape) for k, v in saved.items()}
+
+
 def _check_weight_names(accelerator: Any, folder: Path) -> None:
     from safetensors import safe_open
 
+    fsdp = getattr(accelerator, "distributed_type", None) == "FSDP"  # a str enum
     for i, model in enumerate(getattr(accelerator, "_models", [])):
         name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
         path = folder / name
-        if not path.is_file():
+        if fsdp:  # FSDP models are saved by Accelerate's FSDP code, as a full state dict or DCP shards
+            saved = _fsdp_weight_shapes(folder, i)
+            if saved is None:
+                continue
+        elif not path.is_file():
             raise CheckpointError(f"checkpoint {folder} has no {name} (saved without safe_serialization?)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint {folder}: unreadable {name} ({exc})") from exc
+        else:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"checkpoint {folder}: unreadable {name} ({exc})") from exc
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if saved != expected:
             missing = sorted(set(expected) - set(saved))[:5]

@@ -1,8 +1,8 @@
 """The seed's bottleneck CNNs and two small baselines, their width-matched dense controls, and a FLOP counter.
 
 Module names and registration order are part of the API: role presets address ``layer1.conv1`` ...
-``layer3.conv3``, and :mod:`egg_optim.core.units` couples each conv with the norm layer registered right after it,
-so every block registers ``conv1, bn1, conv2, bn2, conv3, bn3, shortcut`` in that order.
+``layer3.conv3``; each conv's BN is coupled to it because the forward pass feeds it the conv's output
+(:mod:`egg_optim.core.coupling`). Blocks register ``conv1, bn1, conv2, bn2, conv3, bn3, shortcut`` in that order.
 
 Like the seed, block convolutions keep their bias and use Kaiming-normal (ReLU) weights with zero bias; the
 first fully connected layer's width is computed from ``image_size`` (288 for 28x28 MNIST, 1024 for 32x32

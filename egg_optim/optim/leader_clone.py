@@ -5,7 +5,9 @@ optimizer's ``param_groups``, ``state`` and ``defaults`` (LR schedulers, gradien
 one optimizer), keeps clone units exactly frozen through each base step (by leaving them out of it,
 :mod:`egg_optim.core.compact`, or by restoring them, :mod:`egg_optim.core.masking`), and runs cloning
 (:mod:`egg_optim.core.cloning`) and leader elections (:mod:`egg_optim.core.election`) on its schedules
-(:mod:`egg_optim.core.schedule`). Its options are one :class:`~egg_optim.config.EggConfig`.
+(:mod:`egg_optim.core.schedule`). Its options are one :class:`~egg_optim.config.EggConfig`. Norm coupling
+(``_coupling``), FSDP2 (``_sharding``), state dicts (``_state``) and statistics (``_stats``) live in mixins
+of their own.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch
 from torch import nn
 
 from ..config import EggConfig
-from ..core import compact, masking
+from ..core import compact, masking, sharding
+from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
+from ..core.coupling import NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.plan import LayerPlan, RolePlan
@@ -30,9 +34,13 @@ from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
 from ..core.scores import RandomScore, RunningScore, Score, UnitGradScore
-from ..core.state_dict import STATE_KEY, Book, LayerBook, check_base_state, pack_book, parse_book
+from ..core.state_dict import Book, LayerBook
 from ..core.units import ManagedLayer, build_managed_layers
-from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError, UnsupportedOptimizerError
+from ..errors import ConfigError, ElectionError, PlanError, UnsupportedOptimizerError
+from ._coupling import NormCouplingMixin
+from ._sharding import ShardingMixin
+from ._state import StateDictMixin
+from ._stats import StatsMixin
 from .registry import optimizer_info
 
 
@@ -68,7 +76,7 @@ def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
     return None
 
 
-class LeaderCloneOptimizer(torch.optim.Optimizer):
+class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, StatsMixin, torch.optim.Optimizer):
     """Wrap ``optimizer`` so that, in the managed layers of ``model``, only leaders and independents learn.
 
     Args:
@@ -110,7 +118,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             raise ConfigError("EggConfig.elect_every: an election when training ends would change the trained model")
         role_plan = config.role_plan()
         layer_plans = role_plan.resolve(model)
-        layers = build_managed_layers(model, list(layer_plans), dict(config.norms) if config.norms else None)
+        blocks = {n: c for n, c in role_plan.candidates(model).items() if isinstance(c, UnitGroup)}
+        layers = build_managed_layers(
+            model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
+        )
         layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
         # the counts of every role draw a leader_scales schedule asks for, checked now
         plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
@@ -139,26 +150,49 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book = Book()
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._parked: compact.Parked = {}  # compact storage: clones' own state slices (clone_state="keep")
-        self.output_cloning = None
+        self.output_cloning = None  # output mode, plain layers
+        self.block_output = None  # output mode, transformer blocks
         self.grad_skip = None
+        self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
+        self._sharded = self._check_sharding()
         initial = self._elect_all(self.score if not isinstance(self.score, RunningScore) else RandomScore(), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
+        fusable = None
+        # a list in the layers' order, not a set: every rank must rewrite (and later gather) in the same order
+        plain = [n for n, lay in layers.items() if lay.group is None]
         if config.clone_mode == "output":
-            from ..rewrites.output_cloning import OutputCloning
+            from ..rewrites.block_output import BlockOutputCloning
+            from ..rewrites.output_cloning import OutputCloning, can_fuse
 
-            fusable = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-            bn = {n: lay.norm_name for n, lay in layers.items() if type(lay.norm) in fusable}
-            self.output_cloning = OutputCloning(model, initial, norms=bn, eval_mode=config.eval_mode)
-            self._listeners.append(self.output_cloning.update_roles)
+            in_blocks = {n: r for n, r in initial.items() if n not in plain}
+            if in_blocks:
+                self.block_output = BlockOutputCloning(
+                    model, {n: layers[n].group for n in in_blocks}, in_blocks, eval_mode=config.eval_mode
+                )
+                self._listeners.append(self._update_block_output)
+            # norms are fused once a forward pass proves the pair (core.coupling); until then the layers expand
+            # their output themselves, which computes the same
+            try:
+                self.output_cloning = OutputCloning(model, {n: initial[n] for n in plain}, eval_mode=config.eval_mode)
+            except Exception:
+                if self.block_output is not None:
+                    self.block_output.remove()
+                raise
+            self._listeners.append(self._update_output_cloning)
+            fusable = can_fuse
         elif self._skip_clone_grads(config):
             from ..rewrites.grad_skip import GradSkip, supports
 
-            rewritable = {n: r for n, r in initial.items() if supports(layers[n].module)}
+            rewritable = {n: r for n, r in initial.items() if n in plain and supports(layers[n].module)}
             if rewritable:
                 self.grad_skip = GradSkip(model, rewritable)
                 self._listeners.append(self._update_grad_skip)
         self.book.layers = {n: LayerBook(roles) for n, roles in initial.items()}
         self._roles_changed({}, initial)
+        explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
+        self._norm_coupling = NormCoupling(
+            model, {n: layers[n].module for n in plain}, explicit, self._couple_norms, fusable
+        )
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
@@ -213,7 +247,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     @property
     def state_storage(self) -> str:
-        return self.config.state_storage
+        """The storage in use: ``config.state_storage``, except ``"full"`` for parameters sharded by FSDP2
+        (:meth:`_sync_params`)."""
+        return "full" if self._sharded else self.config.state_storage
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the managed parameters are sharded by FSDP2 (DTensors)."""
+        return self._sharded
 
     @property
     def steps(self) -> int:
@@ -229,6 +270,14 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         return self.book.clone_events
 
     # ------------------------------------------------------------------ model rewrites
+    def _update_output_cloning(self, roles: Mapping[str, Roles]) -> None:
+        if self.output_cloning is not None:
+            self.output_cloning.update_roles({n: roles[n] for n in self.output_cloning.layers})
+
+    def _update_block_output(self, roles: Mapping[str, Roles]) -> None:
+        if self.block_output is not None:
+            self.block_output.update_roles({n: roles[n] for n in self.block_output.groups})
+
     def _update_grad_skip(self, roles: Mapping[str, Roles]) -> None:
         if self.grad_skip is not None:
             self.grad_skip.update_roles({n: roles[n] for n in self.grad_skip.layers})
@@ -243,22 +292,34 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     def remove_output_cloning(self) -> None:
         """Give the model back its original modules (output-cloning mode only; training can go on in weight mode)."""
         if self.output_cloning is not None:
-            self._listeners.remove(self.output_cloning.update_roles)
+            self._listeners.remove(self._update_output_cloning)
             self.output_cloning.remove()
             self.output_cloning = None
-            self.clone_mode = "weight"
+        if self.block_output is not None:
+            self._listeners.remove(self._update_block_output)
+            self.block_output.remove()
+            self.block_output = None
+        self.clone_mode = "weight"
 
     def export_model(self) -> nn.Module:
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
         model computes as trained: in output mode, clone rows are filled with their source's conv weights and
         norm statistics; in weight mode a plain copy."""
+        if self._sharded:
+            raise ConfigError(
+                "export_model() copies the model, which FSDP2 cannot do with sharded parameters: take "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True)) instead (clone rows are filled in it as in model.state_dict()), on every rank"
+            )
+        from ..rewrites.block_output import restore_plain_blocks
+
         if self.output_cloning is None:
             from ..rewrites.grad_skip import restore_plain
 
-            return restore_plain(copy.deepcopy(self.model))
+            return restore_plain_blocks(restore_plain(copy.deepcopy(self.model)))
         from ..rewrites.output_cloning import export_plain
 
-        return export_plain(self.output_cloning)
+        return restore_plain_blocks(export_plain(self.output_cloning))
 
     # ------------------------------------------------------------------ Optimizer protocol (shared state)
     @property
@@ -315,20 +376,27 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._listeners.append(fn)
         fn(self.roles)
 
-    def _managed_params(self) -> Iterator[tuple[torch.Tensor, str, int]]:
-        """(parameter, layer name, unit dim) for every managed-layer parameter the base optimizer holds."""
+    def _managed_params(
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> Iterator[tuple[torch.Tensor, str, Roles, int]]:
+        """(parameter, layer name, the roles of its positions, unit dim) for every managed-layer parameter the
+        base optimizer holds (of ``layers``, default: the managed layers as they are), under ``roles``."""
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
-        for name, layer in self.layers.items():
+        for name, layer in (self.layers if layers is None else layers).items():
             for pname, p in layer.params:
                 if id(p) in in_optimizer:
-                    yield p, name, layer.dim_of(pname)
+                    yield p, name, layer.roles_of(pname, roles[name]), layer.dim_of(pname)
 
     def _group_of(self) -> dict[int, tuple[dict[str, Any], int]]:
         return {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
 
-    def _unit_params(self, roles: Mapping[str, Roles]) -> dict[torch.Tensor, compact.UnitParam]:
+    def _unit_params(
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> dict[torch.Tensor, compact.UnitParam]:
         groups = self._group_of()
-        return {p: compact.UnitParam(p, groups[id(p)][0], roles[name], dim) for p, name, dim in self._managed_params()}
+        return {
+            p: compact.UnitParam(p, groups[id(p)][0], r, dim) for p, _, r, dim in self._managed_params(roles, layers)
+        }
 
     def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
         """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
@@ -363,15 +431,16 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self._mask: list[masking.MaskEntry] = []
         self._compact: list[compact.CompactEntry] = []
         groups = self._group_of()
-        for p, name, dim in self._managed_params():
-            roles = self.book.layers[name].roles
+        for p, _, roles, dim in self._managed_params(self.roles):
             if not roles.has_clones:
                 continue
             if self.state_storage == "compact":
                 group, position = groups[id(p)]
                 self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device), dim))
-            else:
-                self._mask.append(masking.MaskEntry(p, roles.clones.to(p.device), dim))
+            else:  # a sharded parameter is masked on this rank's slice: the clones it holds, local positions
+                where = sharding.localize(p, dim, roles.clones)[1]
+                if where.numel():
+                    self._mask.append(masking.MaskEntry(p, where.to(sharding.local(p).device), dim))
 
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
@@ -386,7 +455,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
                     grad = take_probe(layer.module)  # None on steps that were not probed
                 else:
-                    grad = layer.weight.grad
+                    grad = layer.unit_rows(grad=True)
                 value = None if grad is None else self.score.observe_grads(grad, roles)
             else:
                 value = self.score.observe(layer)
@@ -424,11 +493,29 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step and schedules
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One base-optimizer step with clones held fixed, then any election and clone event due by steps."""
+        self._sync_params()
+        if self._is_state_init():
+            self._base_step()  # creates the state a checkpoint loads into; counts as nothing
+            return None
+        if self._norm_coupling.pending:
+            self._norm_coupling.decide_now()  # no complete forward pass seen: explicit couplings only
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self._sync_params()
         self._observe_step()
+        self._base_step()
+        self.book.steps += 1
+        if self.elect_every.after_step(self.steps):
+            self.elect_now()
+        if self.clone_every.after_step(self.steps):
+            self._scheduled_clone()
+        self._arm_probe()
+        return loss
+
+    def _base_step(self) -> None:
+        """The base optimizer's step with clones held fixed (left out of it, or restored after it)."""
         if self._compact:
             with compact.stand_ins(self._compact, self.state):
                 self.optimizer.step()
@@ -437,13 +524,6 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             self.optimizer.step()
             if saved is not None:
                 masking.restore(saved, self.state)
-        self.book.steps += 1
-        if self.elect_every.after_step(self.steps):
-            self.elect_now()
-        if self.clone_every.after_step(self.steps):
-            self._scheduled_clone()
-        self._arm_probe()
-        return loss
 
     @staticmethod
     def _epoch(epoch: Any) -> int:
@@ -511,7 +591,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             out = {}
             for name, layer in self.layers.items():
                 roles = self.roles[name]
-                weight = layer.weight.detach()
+                weight = layer.unit_rows()
                 if self.output_cloning is not None:  # a promoted clone starts from its source's rows
                     weight = weight[roles.source_map.to(weight.device)]
                 out[name] = stable_elect(
@@ -533,7 +613,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
                 current=None if current is None else current[name],
                 hysteresis=self.hysteresis,
                 assign=self.assign,
-                weight=layer.weight,
+                weight=layer.unit_rows() if self.assign == "nearest" else None,
                 generator=gen,
             )
             for name, layer in self.layers.items()
@@ -541,6 +621,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     def elect_now(self) -> dict[str, int]:
         """Hold an election in every managed layer now; returns the leader churn per layer."""
+        self._sync_params()
         new = self._elect_all(self.score)
         for name, roles in new.items():
             lb = self.book.layers[name]
@@ -549,15 +630,19 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book.elections += 1
         self.layer_plans = self._counts(self.elections)
         self.book.last_election_step = self.steps
+        # A clone has been computing its source's output; giving it the source's rows (conv rows and norm
+        # statistics; a block's producer slices) before it may become active again keeps that output
+        # (function-preserving election).
         if self.output_cloning is not None:
-            # A clone has been computing its source's output; giving it the source's conv rows and norm
-            # statistics before it may become active again keeps that output (function-preserving election).
             self.output_cloning.fill_clones()
+        if self.block_output is not None:
+            self.block_output.fill_clones()
         self._set_roles(new)
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
     def clone_now(self) -> int:
         """Copy every clone's source leader into it now; returns the number of clone units written."""
+        self._sync_params()
         cfg = self.config
         gen = derived_generator(self.seed, "clone", self.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.param_groups for p in g["params"]}
@@ -580,137 +665,3 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.book.clone_events += 1
         self.book.last_clone_key = (self.steps, self.elections)
         return written
-
-    # ------------------------------------------------------------------ stats
-    def leadership_counts(self) -> dict[str, torch.Tensor]:
-        """Optimizer steps each unit has spent as a leader (the paper's Figure 4 heat map, per layer)."""
-        out = {}
-        for name, lb in self.book.layers.items():
-            counts = lb.led_steps.clone()
-            counts[lb.roles.leaders] += self.steps - self.book.roles_since
-            out[name] = counts
-        return out
-
-    def stats(self) -> dict[str, Any]:
-        """Role counts, fraction of units updated, units cloned so far, elections and churn."""
-        layers = {}
-        for name, lb in self.book.layers.items():
-            roles = lb.roles
-            c = roles.counts()
-            layers[name] = {
-                "units": roles.num_units,
-                **c,
-                "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
-                "cloned_units": lb.cloned_units,
-                "churn": lb.churn,
-                "mean_tenure": float((self.steps - lb.seated_at[roles.leaders]).float().mean())
-                if roles.leaders.numel()
-                else 0.0,
-            }
-        keys = ("units", "leaders", "independents", "clones", "cloned_units", "churn")
-        total = {k: sum(v[k] for v in layers.values()) for k in keys}
-        total["updated_fraction"] = (
-            (total["leaders"] + total["independents"]) / total["units"] if total["units"] else 1.0
-        )
-        return {
-            "layers": layers,
-            "total": total,
-            "steps": self.steps,
-            "elections": self.elections,
-            "clone_events": self.clone_events,
-        }
-
-    def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:
-        """:meth:`stats` as flat floats for trackers: ``{prefix}/{layer}/{key}`` (with ``per_layer``),
-        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps`` and the like."""
-        stats = self.stats()
-        out: dict[str, float] = {}
-        if per_layer:
-            for name, entry in stats["layers"].items():
-                out.update({f"{prefix}/{name}/{k}": float(v) for k, v in entry.items()})
-        out.update({f"{prefix}/total/{k}": float(v) for k, v in stats["total"].items()})
-        tenures = [float(e["mean_tenure"]) for e in stats["layers"].values()]
-        out[f"{prefix}/total/mean_tenure"] = sum(tenures) / len(tenures) if tenures else 0.0
-        out.update({f"{prefix}/{k}": float(stats[k]) for k in ("steps", "elections", "clone_events")})
-        return out
-
-    # ------------------------------------------------------------------ state
-    def state_bytes(self) -> int:
-        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) included."""
-        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
-        tensors += [v for rows in self._parked.values() for v in rows.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base optimizer's state dict, with full-size state whatever the storage (clone slices as the
-        clone-state policy gives them), plus an ``egg_optim`` entry: roles, counters, running scores."""
-        sd = self.optimizer.state_dict()
-        if self.state_storage == "compact":
-            params = [p for g in self.param_groups for p in g["params"]]
-            units = self._unit_params(self.roles)
-            state = {}
-            for i, st in sd["state"].items():
-                st = dict(st)  # the base state_dict shares the live dicts
-                e = units.get(params[i])
-                if e is not None:
-                    parked = self._parked.get(e.param) if self.clone_state == "keep" else None
-                    compact.expand(
-                        e.param,
-                        st,
-                        e.roles,
-                        e.group,
-                        from_sources=self.clone_state == "copy",
-                        parked=parked,
-                        fresh=self.info.fresh_value,
-                        dim=e.dim,
-                    )
-                state[i] = st
-            sd["state"] = state
-        sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
-        return sd
-
-    def export_optimizer_state(self) -> dict[str, Any]:
-        """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""
-        sd = self.state_dict()
-        del sd[STATE_KEY]
-        return sd
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore base-optimizer state, roles, counters and running scores, and adopt the saved run's seed (as
-        ``param_groups`` hyperparameters are adopted), so later random draws continue that run. Everything is
-        validated first: a refused state dict raises :class:`StateDictMismatchError` naming the key and changes
-        nothing."""
-        if not isinstance(state_dict, Mapping):
-            raise StateDictMismatchError(f"expected a state dict (a Mapping), got {type(state_dict).__name__}")
-        sd = dict(state_dict)
-        book = parse_book(
-            sd.pop(STATE_KEY, None),
-            plan=self.plan.signature(),
-            units={n: lay.num_units for n, lay in self.layers.items()},
-            counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self._counts(draw).items()},
-            device_of=lambda n: self.layers[n].weight.device,
-        )
-        saved_roles = {n: lb.roles for n, lb in book.layers.items()}
-        names = {id(p): pname for pname, p in self.model.named_parameters()}
-        managed = {id(p): (name, saved_roles[name], dim) for p, name, dim in self._managed_params()}
-        check_base_state(sd, self.optimizer, managed, names)
-        previous = self.optimizer.state_dict()
-        try:
-            self.optimizer.load_state_dict(sd)
-            # The loaded state is laid out for the saved roles (either storage): make it full size, then lay it
-            # out for this optimizer's storage and roles.
-            for p, e in self._unit_params(saved_roles).items():
-                if self.state.get(p):
-                    compact.expand(p, self.state[p], e.roles, e.group, from_sources=False, dim=e.dim)
-        except Exception as exc:
-            self.optimizer.load_state_dict(previous)
-            raise StateDictMismatchError(f"the base optimizer refused the state dict ({exc}); nothing changed") from exc
-        roles_since = book.roles_since
-        if book.seed is not None and book.seed != self.seed:
-            # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
-            self.config = self.config.replace(seed=book.seed)
-        self.book = book
-        self.layer_plans = self._counts(book.elections)
-        self._parked = {}
-        self._roles_changed({}, saved_roles)
-        self.book.roles_since = roles_since

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.roles import Roles
+from ..core.sharding import is_fsdp_module
 from ..core.units import num_units
 from ..errors import PlanError
 
@@ -55,6 +56,11 @@ def layer_problem(module: nn.Module, supported: Mapping[type, type], owner: str)
     current = owner_of(module)
     if current is not None:
         return f"is already under {current}"
+    if is_fsdp_module(module):
+        return (
+            "is itself wrapped by fully_shard (FSDP2 swapped its class too): apply fully_shard to a module that "
+            "contains it (a block, the model)"
+        )
     if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
         return "has uninitialised (lazy) parameters; run a forward pass first"
     if type(module) not in supported:

@@ -24,7 +24,12 @@ active-channel tensor.
 
 :func:`export_plain` gives a plain model (original classes) in which clone rows hold their source's conv
 weights, bias and norm running statistics (and their own norm affine, which they used), so the unmodified
-architecture reproduces ``"as_trained"`` evaluation.
+architecture reproduces ``"as_trained"`` evaluation. ``model.state_dict()`` gives the same values (the rewritten
+classes save clone rows filled from their sources, without changing the live tensors; with
+``eval_mode="own_weights"`` they save the units' own rows, which is what that mode evaluates), so every save
+path built on it (``torch.save(model.state_dict())``, ``save_pretrained``, ``Trainer.save_model`` and its
+checkpoints, ``accelerator.save_model``, safetensors' ``save_model``) loads into the plain architecture and
+computes what the model computes in ``eval()``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 from ._core import (
     EVAL_MODES,
     OutputCloning,
+    can_fuse,
     export_plain,
     export_state_dict,
     is_output_cloned,
@@ -49,6 +55,7 @@ def native_kernels_available() -> bool:
 __all__ = [
     "EVAL_MODES",
     "OutputCloning",
+    "can_fuse",
     "export_plain",
     "export_state_dict",
     "is_output_cloned",

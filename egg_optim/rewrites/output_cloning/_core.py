@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.roles import Roles
+from ...core.sharding import copied_positions, copy_positions_
 from ...errors import ConfigError, PlanError
 from .. import base as rewrite
 from ..base import known_names, set_buffer
@@ -19,6 +20,7 @@ from ._fused import AFFINE_EPS, fused_norm_expand
 __all__ = [
     "EVAL_MODES",
     "OutputCloning",
+    "can_fuse",
     "export_plain",
     "export_state_dict",
     "is_output_cloned",
@@ -33,7 +35,7 @@ _LAYER_ATTRS = (
     "_egg_probe", "_egg_probe_data",
 )  # fmt: skip
 _LAYER_BUFFERS = ("_egg_active", "_egg_gather")
-_NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel")
+_NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel", "_egg_own_weights")
 _NORM_BUFFERS = ("_egg_active", "_egg_gather", "_egg_zero", "_egg_one")
 
 
@@ -69,6 +71,10 @@ class _OutputClonedLayer:
         if self._egg_fused:
             return y  # the fused norm expands
         return y.index_select(self._egg_dim, self._egg_gather)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_filled(self, destination, prefix, keep_vars, ("weight", "bias"))
 
 
 class _OCLinear(_OutputClonedLayer, nn.Linear):
@@ -133,6 +139,10 @@ class _FusedNorm:
         self._check_input_dim(input)
         return fused_norm_expand(self, input)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_filled(self, destination, prefix, keep_vars, ("running_mean", "running_var"))
+
 
 class _FusedBatchNorm1d(_FusedNorm, nn.BatchNorm1d):
     pass
@@ -163,6 +173,30 @@ _ORIGINAL_CLASS = rewrite.register(_OWNER, {**_LAYER_CLASSES, **_NORM_CLASSES})
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _save_filled(module: nn.Module, destination, prefix: str, keep_vars: bool, attrs: tuple[str, ...]) -> None:
+    """Saved state is what the model computes in ``eval()``: under ``"as_trained"`` a clone's rows of ``attrs``
+    are saved as its source's (the clone carried its source's output, its own rows were never used), so the
+    state dict loads into the plain architecture and reproduces the model. Live tensors are not changed.
+    ``keep_vars=True`` asks for the live tensors themselves (identity, not values): given unchanged."""
+    if keep_vars or not module._egg_has_clones or module._egg_own_weights:
+        return
+    roles: Roles = module._egg_roles
+    for attr in attrs:
+        t = destination.get(prefix + attr)
+        if t is None:
+            continue
+        destination[prefix + attr] = copied_positions(t, 0, roles.clones, roles.sources)  # DTensors stay sharded
+
+
+def can_fuse(layer: nn.Module, norm: nn.Module) -> bool:
+    """Whether output cloning can fuse ``norm`` into ``layer`` (types and sizes; not whether ``norm`` does take
+    ``layer``'s output alone, which :mod:`egg_optim.core.coupling` establishes)."""
+    original = _ORIGINAL_CLASS.get(type(layer), type(layer))
+    allowed = _NORM_FOR_LAYER.get(original, ())
+    units = layer.out_features if isinstance(layer, nn.Linear) else getattr(layer, "out_channels", None)
+    return type(norm) in allowed and getattr(norm, "num_features", None) == units
+
+
 def is_output_cloned(module: nn.Module) -> bool:
     """True when ``module`` is currently a layer or norm managed by output cloning."""
     return type(module) in _ORIGINAL_CLASS
@@ -222,8 +256,7 @@ def _fill_clone_rows(module: nn.Module) -> None:
         tensors = [module.weight, module.bias]
     for t in tensors:
         if t is not None:
-            c, s = clones.to(t.device), sources.to(t.device)
-            t.index_copy_(0, c, t.index_select(0, s))
+            copy_positions_(t, 0, clones, sources)  # FSDP2: rows on any rank
 
 
 def take_probe(layer: nn.Module) -> torch.Tensor | None:
@@ -251,7 +284,10 @@ class OutputCloning(rewrite.LayerRewrite):
         roles: qualified layer name -> :class:`~egg_optim.core.roles.Roles` (``nn.Linear`` / ``nn.Conv1d/2d/3d``
             with ``groups == 1``; ``num_units`` must equal the layer's output features/channels).
         norms: optional layer name -> name of the ``BatchNorm1d/2d/3d`` that directly follows it, to fuse them
-            (the norm then receives the layer's active channels only; see the module docstring).
+            (the norm then receives the layer's active channels only; see the module docstring). The caller
+            guarantees that the norm takes the layer's output and nothing else reads it;
+            :class:`~egg_optim.LeaderCloneOptimizer` fuses only pairs a forward pass proved
+            (:mod:`egg_optim.core.coupling`).
         eval_mode: ``"as_trained"`` (clones follow their leaders, as in training) or ``"own_weights"`` (every
             unit computed with its own weights and own norm statistics: the plain model) when in ``eval()``.
         native_kernels: run fused norms on CPU float32/float64 with the small compiled kernels of
@@ -288,21 +324,41 @@ class OutputCloning(rewrite.LayerRewrite):
         self._norm_names: dict[str, str] = {k: norms[k] for k in fused}
         self._roles: dict[str, Roles] = dict(roles)
         self._eval_mode = eval_mode
+        self._native_kernels = bool(native_kernels)
         self._removed = False
         for name, layer in layers.items():
             layer.__class__ = _LAYER_CLASSES[type(layer)]
-            layer._egg_fused = name in fused
+            layer._egg_fused = False
             layer._egg_own_weights = eval_mode == "own_weights"
             layer._egg_dim = -1 if isinstance(layer, nn.Linear) else 1
             if not isinstance(layer, nn.Linear):
                 layer._egg_pointwise = bool(pointwise_matmul) and _is_pointwise(layer)
             _set_layer_roles(layer, roles[name])
+        self._fuse(fused)
+
+    def _fuse(self, fused: dict[str, nn.Module]) -> None:
         for name, norm in fused.items():
             norm.__class__ = _NORM_CLASSES[type(norm)]
-            norm._egg_kernel = bool(native_kernels)
-            _set_norm_roles(norm, roles[name])
-        if native_kernels and fused:
+            norm._egg_kernel = self._native_kernels
+            norm._egg_own_weights = self._eval_mode == "own_weights"
+            _set_norm_roles(norm, self._roles[name])
+            self._layers[name]._egg_fused = True
+        if self._native_kernels and fused:
             _kernel.load()  # build now (about a second, once per machine) rather than in the first step
+
+    def fuse_norms(self, norms: Mapping[str, str]) -> None:
+        """Fuse more norms: ``{layer name: BatchNorm name}``, validated like the constructor's ``norms`` before
+        anything changes. The caller guarantees that each norm takes that layer's output and nothing else does
+        (:mod:`egg_optim.core.coupling` proves it from a forward pass)."""
+        self._check_live()
+        norms = dict(norms)
+        for lname in norms:
+            if lname in self._norms:
+                raise PlanError(f"layer {lname!r} already has a fused norm ({self._norm_names[lname]!r})")
+        fused = self._validate_norms(dict(self.model.named_modules()), self._layers, self._roles, norms)
+        self._norms.update(fused)
+        self._norm_names.update({k: norms[k] for k in fused})
+        self._fuse(fused)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -323,13 +379,14 @@ class OutputCloning(rewrite.LayerRewrite):
                 raise PlanError(f"unknown norm layer {nname!r} (given for layer {lname!r})")
             norm = modules[nname]
             layer = layers[lname]
-            allowed = _NORM_FOR_LAYER[type(layer)]
+            layer_type = _ORIGINAL_CLASS.get(type(layer), type(layer))
+            allowed = _NORM_FOR_LAYER[layer_type]
             if is_output_cloned(norm):
                 raise PlanError(f"norm {nname!r} is already fused by output cloning")
             if type(norm) not in allowed:
                 raise PlanError(
                     f"norm {nname!r} for layer {lname!r} is a {type(norm).__name__}; a "
-                    f"{type(layer).__name__} can be fused only with "
+                    f"{layer_type.__name__} can be fused only with "
                     f"{', '.join('nn.' + c.__name__ for c in allowed)}"
                 )
             n = roles[lname].num_units
@@ -373,9 +430,9 @@ class OutputCloning(rewrite.LayerRewrite):
     def eval_mode(self, mode: str) -> None:
         _check_eval_mode(mode)
         self._eval_mode = mode
-        for layer in self._layers.values():
-            if is_output_cloned(layer):
-                layer._egg_own_weights = mode == "own_weights"
+        for m in list(self._layers.values()) + list(self._norms.values()):
+            if is_output_cloned(m):
+                m._egg_own_weights = mode == "own_weights"
 
     # ------------------------------------------------------------------ clones' rows / undo
     def fill_clones(self) -> None:
@@ -450,7 +507,5 @@ def export_state_dict(model_or_oc: nn.Module | OutputCloning) -> dict[str, torch
             t = state.get(key)
             if t is None:
                 continue
-            t = t.clone()
-            t[roles.clones.to(t.device)] = t[roles.sources.to(t.device)]
-            state[key] = t
+            state[key] = copied_positions(t, 0, roles.clones, roles.sources)
     return state

@@ -1,0 +1,226 @@
+"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensors whose units live on several ranks.
+
+FSDP2 shards every parameter along dim 0, the output-unit dimension (``torch.chunk`` sizes, the last shard possibly
+shorter or empty), so a leader's row and its clones' rows may sit on different ranks. Outside forward and backward,
+the module, the optimizer and its state hold DTensors whose ``to_local()`` is this rank's slice, a view: writing it
+writes the parameter. This module holds what the core needs to work on them exactly:
+
+* :func:`local` and :func:`localize`: a tensor's own slice, and which unit positions lie in it (masking writes only
+  local rows and needs no communication);
+* :func:`full` and :func:`write_full_`: the whole tensor, identical on every rank (one all-gather), and the write
+  of a full-size value back into each rank's slice. Cloning, scores and saved clone rows read a unit's source or
+  all of a unit's weights wherever they live; computing on the gathered tensor gives, bit for bit, what a
+  single process computes;
+* :func:`like`: a full-size value laid out as a DTensor like a given one (state loaded from a plain checkpoint).
+
+Every function is the identity (or the plain tensor operation) for ordinary tensors. Supported placements are
+``Shard(d)`` and ``Replicate()`` on any mesh dimensions (FSDP2, HSDP); partial (pending-reduction) and strided
+placements are refused by :func:`check_placements`.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PlanError, StateDictMismatchError
+
+_TENSOR = "torch.distributed.tensor"
+_FSDP = "torch.distributed.fsdp"
+
+
+def _dtensor() -> type | None:
+    """The DTensor class if ``torch.distributed.tensor`` is loaded (a DTensor cannot exist before it is). Looked up,
+    never imported: importing it takes seconds, and egg_optim is imported by runs that never shard."""
+    mod = sys.modules.get(_TENSOR)
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def _fsdp_module_class() -> type | None:
+    mod = sys.modules.get(_FSDP)
+    return getattr(mod, "FSDPModule", None) if mod is not None else None
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a parameter, gradient or optimizer state that FSDP2 shards)."""
+    cls = _dtensor()
+    return cls is not None and isinstance(t, cls)
+
+
+def check_placements(name: str, t: torch.Tensor) -> None:
+    """Refuse a DTensor whose layout the core cannot translate into a contiguous local slice."""
+    if not is_sharded(t):
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    for p in t.placements:
+        if type(p) is not Shard and type(p) is not Replicate:
+            raise PlanError(
+                f"parameter {name!r} is a DTensor with placements {tuple(t.placements)}: egg_optim supports "
+                "Shard(dim) and Replicate() placements (FSDP2's fully_shard, HSDP), not partial or strided ones"
+            )
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``t`` (a view: writing it writes ``t``); ``t`` itself for an ordinary tensor."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's slice of DTensor ``t``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+
+
+def span(t: torch.Tensor, dim: int) -> tuple[int, int]:
+    """``(first, count)``: the global positions ``[first, first + count)`` along ``dim`` this rank holds."""
+    if not is_sharded(t):
+        return 0, int(t.shape[dim])
+    shape, offset = _box(t)
+    return int(offset[dim]), int(shape[dim])
+
+
+def splits(t: torch.Tensor, dim: int) -> bool:
+    """Whether ranks hold different positions of ``t`` along ``dim`` (``False`` for ordinary tensors)."""
+    return span(t, dim)[1] != int(t.shape[dim])
+
+
+def localize(t: torch.Tensor, dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the global ``positions`` along ``dim`` lie in this rank's slice of ``t``: ``(which, where)``, their
+    indices into ``positions`` and their local positions (every one of them, unchanged, for ordinary tensors)."""
+    positions = positions.cpu()
+    first, count = span(t, dim)
+    if not is_sharded(t) or count == int(t.shape[dim]):
+        return torch.arange(positions.numel()), positions
+    which = ((positions >= first) & (positions < first + count)).nonzero().flatten()
+    return which, positions[which] - first
+
+
+@torch.no_grad()
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t`` as an ordinary tensor, identical on every rank (a collective: every rank must call it)."""
+    return t.detach().full_tensor() if is_sharded(t) else t
+
+
+def _own_slice(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    shape, offset = _box(t)
+    return value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+@torch.no_grad()
+def write_full_(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Set ``t`` to the full-size ``value`` (identical on every rank): each rank writes its own slice."""
+    if is_sharded(t):
+        t.to_local().copy_(_own_slice(t, value.to(t.device)))
+    else:
+        t.copy_(value)
+
+
+@torch.no_grad()
+def like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The full-size ``value`` (identical on every rank) laid out like DTensor ``t``; ``value`` when ``t`` is an
+    ordinary tensor. No communication: each rank keeps its own slice."""
+    if not is_sharded(t) or is_sharded(value):
+        return value
+    mine = _own_slice(t, value.to(t.device)).clone()
+    return _dtensor().from_local(mine, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+
+@torch.no_grad()
+def copy_positions_(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: torch.Tensor) -> None:
+    """``t[clones] = t[sources]`` along ``dim``, in place, wherever the positions live (one all-gather when ranks
+    split ``dim``, none otherwise)."""
+    if not splits(t, dim):
+        x = local(t)
+        x.index_copy_(dim, clones.to(x.device), x.index_select(dim, sources.to(x.device)))
+        return
+    which, where = localize(t, dim, clones)
+    whole = full(t)
+    x = local(t)
+    x.index_copy_(dim, where.to(x.device), whole.index_select(dim, sources[which].to(whole.device)).to(x))
+
+
+@torch.no_grad()
+def copied_positions(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (same kind: a DTensor stays one) with ``[clones]`` along ``dim`` taken from ``[sources]``."""
+    if not is_sharded(t):
+        return t.index_copy(dim, clones.to(t.device), t.index_select(dim, sources.to(t.device)))
+    whole = full(t).clone()
+    whole.index_copy_(dim, clones.to(whole.device), whole.index_select(dim, sources.to(whole.device)))
+    return like(t, whole)
+
+
+def fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to."""
+    cls = _fsdp_module_class()
+    return iter(()) if cls is None else (m for m in model.modules() if isinstance(m, cls))
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    cls = _fsdp_module_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_fsdp_class(cls: type) -> bool:
+    """Whether ``cls`` is one of the classes ``fully_shard`` gives a module (its original class follows it in the
+    MRO)."""
+    fsdp = _fsdp_module_class()
+    return fsdp is not None and issubclass(cls, fsdp)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on every module (a forward pass without backward, e.g. evaluation, can
+    leave the root's gathered, unsharded copies registered; writes into those would be lost)."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+def pack_entry(entry: Mapping[str, Any]) -> bytes:
+    """The ``egg_optim`` entry of a state dict as one opaque value: ``get_optimizer_state_dict`` keeps only
+    ``state`` and ``param_groups``, and checkpoint loaders that fill a template (DCP, ``broadcast_from_rank0``)
+    need every rank's template to have the saved structure, which a nested entry (roles-dependent contents)
+    would not. Loadable with ``torch.load(weights_only=True)``, like the entry itself."""
+    buf = io.BytesIO()
+    torch.save(dict(entry), buf)
+    return buf.getvalue()
+
+
+def take_entry(sd: MutableMapping[str, Any], key: str) -> Any:
+    """Remove the packed entry (:func:`pack_entry`) from ``sd["param_groups"][0]`` (``sd`` gets a new list and
+    group dict; the caller's are unchanged) and return it unpacked, or ``None`` when there is none."""
+    groups = sd.get("param_groups")
+    if not isinstance(groups, list) or not groups or not isinstance(groups[0], Mapping) or key not in groups[0]:
+        return None
+    first = dict(groups[0])
+    blob = first.pop(key)
+    sd["param_groups"] = [first, *groups[1:]]
+    try:
+        return torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the value is not what state_dict() wrote
+        raise StateDictMismatchError(
+            f"param_groups[0][{key!r}] is not an entry written by LeaderCloneOptimizer.state_dict() ({exc})"
+        ) from exc
+
+
+def distribute_state(sd: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> dict[Any, Any]:
+    """``sd["state"]`` with every plain, full-size tensor of a sharded parameter laid out like it (:func:`like`):
+    a checkpoint of an unsharded run, or a full state dict, loads into sharded parameters. ``sd`` was checked
+    (:func:`~egg_optim.core.state_dict.check_base_state`): its groups list as many parameters as ``param_groups``."""
+    params = {sid: p for sg, g in zip(sd["param_groups"], param_groups) for sid, p in zip(sg["params"], g["params"])}
+    out: dict[Any, Any] = {}
+    for sid, st in sd["state"].items():
+        p = params[sid]
+        if is_sharded(p):
+            st = {
+                k: like(p, v) if torch.is_tensor(v) and not is_sharded(v) and v.dim() > 0 and v.shape == p.shape else v
+                for k, v in st.items()
+            }
+        out[sid] = st
+    return out

@@ -1,0 +1,64 @@
+"""Statistics of a :class:`~egg_optim.optim.LeaderCloneOptimizer`: role counts, churn, tenure and the
+leadership heat map, for logs and trackers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class StatsMixin:
+    """Role statistics."""
+
+    def leadership_counts(self) -> dict[str, torch.Tensor]:
+        """Optimizer steps each unit has spent as a leader (the paper's Figure 4 heat map, per layer)."""
+        out = {}
+        for name, lb in self.book.layers.items():
+            counts = lb.led_steps.clone()
+            counts[lb.roles.leaders] += self.steps - self.book.roles_since
+            out[name] = counts
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Role counts, fraction of units updated, units cloned so far, elections and churn."""
+        layers = {}
+        for name, lb in self.book.layers.items():
+            roles = lb.roles
+            c = roles.counts()
+            layers[name] = {
+                "units": roles.num_units,
+                **c,
+                "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
+                "cloned_units": lb.cloned_units,
+                "churn": lb.churn,
+                "mean_tenure": float((self.steps - lb.seated_at[roles.leaders]).float().mean())
+                if roles.leaders.numel()
+                else 0.0,
+            }
+        keys = ("units", "leaders", "independents", "clones", "cloned_units", "churn")
+        total = {k: sum(v[k] for v in layers.values()) for k in keys}
+        total["updated_fraction"] = (
+            (total["leaders"] + total["independents"]) / total["units"] if total["units"] else 1.0
+        )
+        return {
+            "layers": layers,
+            "total": total,
+            "steps": self.steps,
+            "elections": self.elections,
+            "clone_events": self.clone_events,
+        }
+
+    def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:
+        """:meth:`stats` as flat floats for trackers: ``{prefix}/{layer}/{key}`` (with ``per_layer``),
+        ``{prefix}/total/{key}`` (``mean_tenure`` averaged over layers), ``{prefix}/steps`` and the like."""
+        stats = self.stats()
+        out: dict[str, float] = {}
+        if per_layer:
+            for name, entry in stats["layers"].items():
+                out.update({f"{prefix}/{name}/{k}": float(v) for k, v in entry.items()})
+        out.update({f"{prefix}/total/{k}": float(v) for k, v in stats["total"].items()})
+        tenures = [float(e["mean_tenure"]) for e in stats["layers"].values()]
+        out[f"{prefix}/total/mean_tenure"] = sum(tenures) / len(tenures) if tenures else 0.0
+        out.update({f"{prefix}/{k}": float(stats[k]) for k in ("steps", "elections", "clone_events")})
+        return out

@@ -1,0 +1,248 @@
+"""Units that span modules (transformer MLP neurons, attention heads): detection, element roles, output mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egg_optim.core.blocks import find_unit_groups
+from egg_optim.core.election import elect
+from egg_optim.core.roles import Roles
+from egg_optim.errors import ConfigError, PlanError
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def tiny(kind: str):
+    """Tiny random-init models of each family, with inputs."""
+    torch.manual_seed(0)
+    ids = {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=50,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(cfg), ids
+    if kind == "qwen":
+        cfg = transformers.Qwen2Config(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+            vocab_size=50,
+        )  # fmt: skip
+        return transformers.Qwen2ForCausalLM(cfg), ids
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg), ids
+    if kind == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                      vocab_size=50)  # fmt: skip
+        return transformers.BertForSequenceClassification(cfg), ids
+    if kind == "vit":
+        cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     image_size=8, patch_size=4)  # fmt: skip
+        return transformers.ViTForImageClassification(cfg), {"pixel_values": torch.randn(2, 3, 8, 8)}
+    raise ValueError(kind)
+
+
+EXPECTED = {  # group kind -> units per block
+    "llama": {"attention": 2, "mlp": 48},  # GQA: a unit is one key/value head with its 2 query heads
+    "qwen": {"attention": 1, "mlp": 48},
+    "gpt2": {"attention": 4, "mlp": 128},
+    "bert": {"attention": 4, "mlp": 48},
+    "vit": {"attention": 4, "mlp": 48},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_every_block_is_found_and_its_slices_partition_the_tensors(kind):
+    model, _ = tiny(kind)
+    groups = find_unit_groups(model)
+    layers = 2 if kind == "llama" else 1
+    assert sorted(g.kind for g in groups.values()) == sorted(["attention", "mlp"] * layers)
+    params = dict(model.named_parameters())
+    for g in groups.values():
+        assert g.num_units == EXPECTED[kind][g.kind]
+        for s in g.slices:
+            size = params[s.param].shape[s.dim]
+            assert s.index.shape[0] == g.num_units
+            assert torch.equal(torch.sort(s.index.flatten()).values, torch.arange(size)), s.param  # each position once
+    # every projection of a block belongs to its group: q/k/v/o or up/gate/down
+    owned = {s.param for g in groups.values() for s in g.slices}
+    for name in params:
+        if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_fc", "c_attn", "query")):
+            assert name in owned, name
+
+
+def test_shapes_that_do_not_add_up_are_refused_naming_the_module():
+    model, _ = tiny("llama")
+    model.model.layers[0].self_attn.config.num_attention_heads = 3  # 32 query rows are not 3 heads of 8
+    with pytest.raises(PlanError, match=r"model\.layers\.0\.self_attn"):
+        find_unit_groups(model)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.data())
+def test_expanded_roles_pair_every_clone_element_with_its_source_element(units, k, data):
+    n_lead = data.draw(st.integers(1, units))
+    n_ind = data.draw(st.integers(0, units - n_lead))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    roles = elect(torch.rand(units, generator=gen), n_lead, n_ind, assign="random", generator=gen)
+    index = torch.randperm(units * k, generator=gen).reshape(units, k)
+    er = roles.expand(index)
+    assert er.num_units == units * k and er.counts()["clones"] == roles.num_clones * k
+    m = er.source_map
+    for c, s in zip(roles.clones.tolist(), roles.sources.tolist()):
+        assert torch.equal(m[index[c]], index[s])  # element i of the clone copies element i of its source
+    assert torch.equal(torch.sort(er.active).values, torch.sort(index[roles.active].flatten()).values)
+
+
+# ---------------------------------------------------------------------------------------------- output mode
+def _roles(groups, gen):
+    out = {}
+    for name, g in groups.items():
+        n = g.num_units
+        lead = max(1, (n + 1) // 3)
+        out[name] = elect(torch.rand(n, generator=gen), lead, min(1, n - lead), assign="random", generator=gen)
+    return out
+
+
+def _with_clones_as_sources(model, groups, roles):
+    """The plain model in which every clone unit computes what its source computes: producer slices copied."""
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, g in groups.items():
+            for s in g.slices:
+                if s.param.rpartition(".")[0] in g.producers:
+                    er = roles[name].expand(s.index)
+                    p = params[s.param]
+                    p.index_copy_(s.dim, er.clones, p.index_select(s.dim, er.sources))
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen", "gpt2", "bert", "vit"])
+def test_block_output_mode_computes_clones_as_their_sources_and_saves_a_plain_model(kind):
+    from egg_optim.rewrites.block_output import BlockOutputCloning
+
+    model, inputs = tiny(kind)
+    model.eval()
+    groups = find_unit_groups(model)
+    if kind == "gpt2":  # fused qkv: attention cannot shrink
+        with pytest.raises(ConfigError, match="fused qkv"):
+            BlockOutputCloning(model, groups, _roles(groups, torch.Generator().manual_seed(0)))
+        groups = {n: g for n, g in groups.items() if g.kind == "mlp"}
+    roles = _roles(groups, torch.Generator().manual_seed(0))
+    ref = _with_clones_as_sources(model, groups, roles)
+    rewrite = BlockOutputCloning(model, groups, roles)
+    out = model(**inputs).logits
+    torch.testing.assert_close(out, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
+    # the producers compute active units only, and clone weights get no gradient
+    out.square().sum().backward()
+    for name, g in groups.items():
+        for s in g.slices:
+            p = dict(model.named_parameters())[s.param]
+            er = roles[name].expand(s.index)
+            assert torch.all(p.grad.index_select(s.dim, er.clones) == 0), s.param
+    saved = model.state_dict()
+    rewrite.remove()
+    plain = type(model)(model.config).eval()
+    plain.load_state_dict(saved)
+    torch.testing.assert_close(plain(**inputs).logits, out.detach(), rtol=1e-5, atol=1e-5)
+    assert type(model.get_submodule(next(iter(groups.values())).consumer)).__name__ in ("Linear", "Conv1D")
+
+
+def test_block_output_mode_follows_role_updates():
+    from egg_optim.rewrites.block_output import BlockOutputCloning
+
+    model, inputs = tiny("llama")
+    model.eval()
+    groups = find_unit_groups(model)
+    gen = torch.Generator().manual_seed(3)
+    first, second = _roles(groups, gen), _roles(groups, gen)
+    rewrite = BlockOutputCloning(model, groups, first)
+    rewrite.update_roles(second)
+    ref = _with_clones_as_sources(model, groups, second)
+    torch.testing.assert_close(model(**inputs).logits, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PlanError):
+        rewrite.update_roles({"nope": next(iter(second.values()))})
+    rewrite.remove()
+    with pytest.raises(PlanError, match="removed"):
+        rewrite.update_roles(second)
+
+
+def test_roles_expand_refuses_a_wrong_index():
+    r = Roles.all_leaders(3)
+    with pytest.raises(PlanError, match=r"\[3, k\]"):
+        r.expand(torch.arange(4).reshape(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_optimizer_manages_blocks_exactly_and_exports_a_plain_model(mode):
+    """Through LeaderCloneOptimizer: every slice a clone owns stays frozen (compact storage), active ones train,
+    and export_model() is the plain class computing the same."""
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan(0.4, 0.1), clone_mode=mode, clone_every=None
+    )
+    assert {n for n, lay in opt.layers.items() if lay.group is not None} == {
+        f"model.layers.{i}.{b}" for i in (0, 1) for b in ("mlp", "self_attn")
+    }
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for _ in range(2):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, layer in opt.layers.items():
+        roles = opt.roles[name]
+        for pname, p in layer.params:
+            er, dim = layer.roles_of(pname, roles), layer.dim_of(pname)
+            assert torch.equal(p.index_select(dim, er.clones), before[pname].index_select(dim, er.clones)), pname
+            assert not torch.equal(p.index_select(dim, er.active), before[pname].index_select(dim, er.active))
+    model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits
+    plain = opt.export_model().eval()
+    assert not any(type(m).__module__.startswith("egg_optim") for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_block_units_get_exactly_the_bare_update_on_one_step():
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    bare_model = copy.deepcopy(model)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+                               RolePlan(0.4, 0.1), clone_every=None)  # fmt: skip
+    bare = torch.optim.AdamW(bare_model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for m, o in ((model, opt), (bare_model, bare)):  # weight mode: the same forward, the same gradients
+        m(**inputs, labels=inputs["input_ids"]).loss.backward()
+        o.step()
+    after_bare = dict(bare_model.named_parameters())
+    for name, layer in opt.layers.items():
+        for pname, p in layer.params:
+            er, dim = layer.roles_of(pname, opt.roles[name]), layer.dim_of(pname)
+            assert torch.equal(p.index_select(dim, er.active), after_bare[pname].index_select(dim, er.active)), pname
+            assert torch.equal(p.index_select(dim, er.clones), before[pname].index_select(dim, er.clones)), pname
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_block_units_compile_without_graph_breaks_and_match_eager(mode):
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny("llama")
+    LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1), clone_mode=mode)
+    model(**inputs)  # one eager forward decides norm coupling
+    explained = torch._dynamo.explain(lambda ids: model(input_ids=ids).logits)(inputs["input_ids"])
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()

@@ -1,0 +1,228 @@
+"""Hugging Face models (tiny random-init configs): what is saved, what is managed, what is coupled (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from egg_optim import LeaderCloneOptimizer, PlanError, RolePlan  # noqa: E402
+from egg_optim.callbacks import EggConfig  # noqa: E402
+from egg_optim.integrations.transformers import EggTrainer  # noqa: E402
+
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_reset():
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def bert_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+
+
+def llama(tie: bool = False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def gpt2() -> GPT2LMHeadModel:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def vit() -> ViTForImageClassification:
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=3,
+    )
+    return ViTForImageClassification(cfg)
+
+
+def ids(n: int = 4, length: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def test_output_mode_saves_reproduce_bert_through_every_save_path(tmp_path):
+    """EggTrainer in output mode: Trainer.save_model, its checkpoint, accelerator.save_model and a plain
+    state_dict all load into the plain BertForSequenceClassification and give the trained model's logits."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config())
+    x = ids(16)
+    ds = datasets.Dataset.from_dict({"input_ids": x.tolist(), "labels": (x[:, 0] % 3).tolist()}).with_format("torch")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        save_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = EggTrainer(model=model, args=args, train_dataset=ds, egg=EggConfig(plan="mild", clone_mode="output"))
+    trainer.train()
+    opt = trainer.egg_optimizer
+    assert opt.stats()["total"]["clones"] > 0 and opt.block_output is not None
+    live = model.state_dict(keep_vars=True)
+    saved = model.state_dict()
+    roles = opt.roles["bert.encoder.layer.0.mlp"]  # the MLP's hidden neurons: rows of intermediate.dense
+    name = "bert.encoder.layer.0.intermediate.dense"
+    w_live, w_saved = live[f"{name}.weight"], saved[f"{name}.weight"]
+    assert torch.equal(w_saved[roles.clones], w_live[roles.sources])  # clones saved as their sources
+    assert not torch.equal(w_live[roles.clones], w_live[roles.sources])  # ... the live rows untouched (stale)
+
+    model.eval()
+    probe = ids(5, seed=1)
+    with torch.no_grad():
+        want = model(input_ids=probe).logits
+    trainer.save_model(str(tmp_path / "final"))
+    trainer.accelerator.save_model(model, str(tmp_path / "accelerate"))
+    loaded = {
+        "save_model": BertForSequenceClassification.from_pretrained(tmp_path / "final"),
+        "checkpoint": BertForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-4"),
+    }
+    plain = BertForSequenceClassification(bert_config())
+    plain.load_state_dict(model.state_dict())
+    loaded["state_dict"] = plain
+    acc = BertForSequenceClassification(bert_config())
+    acc.load_state_dict(safetensors_torch.load_file(str(tmp_path / "accelerate" / "model.safetensors")))
+    loaded["accelerator.save_model"] = acc
+    for how, m in loaded.items():
+        assert not any(type(mod).__module__.startswith("egg_optim") for mod in m.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(input_ids=probe).logits, want, rtol=1e-5, atol=1e-5, msg=how)
+
+
+def test_output_mode_llama_save_pretrained_reproduces_the_loss(tmp_path):
+    torch.manual_seed(0)
+    model = llama()
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan.preset("mild"), clone_mode="output"
+    )
+    x = ids(4, 8)
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x, labels=x).loss
+    model.save_pretrained(tmp_path)
+    fresh = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x, labels=x).loss, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- managed layers
+def test_a_plan_that_manages_nothing_fails_loudly():
+    model = gpt2()  # attention/MLP are transformers Conv1D; the only nn.Linear is the (tied) lm_head
+    base = torch.optim.AdamW(model.parameters())
+    with pytest.raises(PlanError, match=r"manages no layer of GPT2LMHeadModel.*'lm_head'.*8 transformers Conv1D"):
+        LeaderCloneOptimizer(model, base, RolePlan(0.4, 0.1, units="layers"))
+    opt = LeaderCloneOptimizer(model, base, config=EggConfig(plan="mild"))  # what EggTrainer builds: GPT-2 blocks
+    assert sorted(opt.layers) == [f"transformer.h.{i}.{b}" for i in (0, 1) for b in ("attn", "mlp")]
+    with pytest.raises(PlanError, match="manages no layer"):
+        LeaderCloneOptimizer(model, base, RolePlan(0.5, exclude=["lm_head"], layers=["lm_head"]))
+    only_embeddings = nn.Sequential(nn.Embedding(5, 4))
+    with pytest.raises(PlanError, match="no nn.Linear"):
+        LeaderCloneOptimizer(only_embeddings, torch.optim.SGD(only_embeddings.parameters(), lr=0.1))
+
+
+def test_tied_and_shared_parameters_are_refused():
+    cases = [
+        (gpt2(), RolePlan(0.5, 0.1, layers=["lm_head"]), r"'lm_head.weight' is also 'transformer.wte.weight'"),
+        (llama(tie=True), RolePlan(0.5, 0.1, layers=["lm_head"]), r"'lm_head.weight' is also 'model.embed_tokens"),
+    ]
+    shared = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    shared.register_module("proj", nn.Linear(6, 6))
+    shared.proj.weight = shared[2].weight  # e.g. a weight reused by a module outside the plan
+    cases.append((shared, RolePlan(0.5, layers=["2"]), r"layer '2': its parameter '2.weight' is also 'proj.weight'"))
+    for model, plan, match in cases:
+        classes = [type(m) for m in model.modules()]
+        with pytest.raises(PlanError, match=match):
+            LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), plan, clone_mode="output")
+        assert [type(m) for m in model.modules()] == classes  # nothing rewritten
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing hooked
+    # the same module under two names is one layer, not a shared parameter
+    aliased = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    aliased.register_module("alias", aliased[0])
+    opt = LeaderCloneOptimizer(aliased, torch.optim.SGD(aliased.parameters(), lr=0.1), RolePlan(0.5))
+    assert list(opt.layers) == ["0"]
+
+
+# ---------------------------------------------------------------------------------------------- norm coupling
+@pytest.mark.parametrize("mode", ["weight", "output"])
+@pytest.mark.parametrize("which", ["bert", "vit", "llama"])
+def test_transformer_norms_are_not_coupled(which, mode):
+    """BERT's post-add LayerNorm, ViT's layernorm_before/after and Llama's RMSNorms never take a Linear's own
+    output: no norm is coupled, so norm entries are trained normally."""
+    torch.manual_seed(0)
+    if which == "bert":
+        model, inputs = BertForSequenceClassification(bert_config()), {"input_ids": ids()}
+    elif which == "vit":
+        model, inputs = vit(), {"pixel_values": torch.randn(2, 3, 8, 8)}
+    else:
+        model, inputs = llama(), {"input_ids": ids()}
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.AdamW(model.parameters()), RolePlan.preset("mild"), clone_mode=mode, seed=1
+    )
+    out = model(**inputs).logits
+    assert not opt.coupling_pending
+    assert opt.coupled_norms == {}
+    plain = {name: lay for name, lay in opt.layers.items() if lay.group is None}
+    assert all(n.rsplit(".", 1)[0] == name for name, lay in plain.items() for n, _ in lay.params)
+    out.sum().backward()
+    opt.step()
