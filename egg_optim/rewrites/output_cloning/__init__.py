@@ -22,6 +22,10 @@ them to all channels and applies every channel's *own* affine weight and bias, i
 source's statistics. Whatever runs between the two modules (hooks on the layer, user code) sees the compact
 active-channel tensor.
 
+Both paths trace under ``torch.compile`` without graph breaks (the CPU kernels are registered custom ops), and
+a compiled model follows role changes without recompiling: the index buffers are graph inputs, not constants.
+A change in a layer's number of active units (or whether it has clones) recompiles.
+
 :func:`export_plain` gives a plain model (original classes) in which clone rows hold their source's conv
 weights, bias and norm running statistics (and their own norm affine, which they used), so the unmodified
 architecture reproduces ``"as_trained"`` evaluation. ``model.state_dict()`` gives the same values (the rewritten

@@ -13,12 +13,18 @@ module computes that without ever materialising ``x_full``:
   one pass writing ``grad x_a`` (the gather's backward and the batch-statistics terms folded in).
 * :func:`_torch_path` otherwise (GPU, other dtypes, no compiler): batch_norm on ``x_a`` without affine,
   ``index_select``, then the per-channel affine as an eval-mode batch_norm (one native kernel each way).
+
+Under ``torch.compile`` the kernels run as the custom ops ``torch.ops.egg_optim.oc_*`` (shape-only fake
+implementations, the same autograd formula), so the model traces as one graph; eager mode calls them directly.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _kernel
 
@@ -26,58 +32,149 @@ from . import _kernel
 AFFINE_EPS = 2.0**-20
 
 
+# ---------------------------------------------------------------------------------------------- kernels
+# Plain functions around the native kernels. Eager mode calls them directly (from _ExpandNorm); under
+# torch.compile they run as the registered custom ops below, which Dynamo records as single opaque ops instead of
+# tracing into ctypes (which broke the graph at every call). The custom-op dispatcher costs tens of
+# microseconds per call in eager mode, hence the two entry points to the same code.
+
+
+def _batch_stats_impl(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (float64) of ``x`` (N, A, *) over every dimension but 1."""
+    x = x.contiguous()
+    mean = torch.empty(x.shape[1], dtype=torch.float64)
+    var = torch.empty(x.shape[1], dtype=torch.float64)
+    _kernel.run(3, x, acc1=mean, acc2=var)
+    return mean, var
+
+
+def _expand_norm_impl(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    gather: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats: bool,
+) -> Tensor:
+    """``y[:, c] = (x[:, g[c]] - mean[g[c]]) * invstd[g[c]] * weight[c] + bias[c]``; ``mean``/``invstd`` (A,)
+    float64. ``batch_stats``: they are ``x``'s own batch statistics (their gradient is part of the backward)."""
+    x = x.contiguous()
+    C = gather.numel()
+    ig = invstd.index_select(0, gather)
+    mg = mean.index_select(0, gather)
+    s = ig if weight is None else weight.detach().double() * ig
+    t = -mg * s if bias is None else bias.detach().double() - mg * s
+    out = torch.empty((x.shape[0], C) + tuple(x.shape[2:]), dtype=x.dtype)
+    _kernel.run(0, x, out=out, g=gather, s=s, t=t, C=C)
+    return out
+
+
+def _reduce_impl(x: Tensor, gy: Tensor, gather: Tensor, mg: Tensor) -> tuple[Tensor, Tensor]:
+    """Per output channel ``c``: ``sum gy[:, c]`` and ``sum gy[:, c] * (x[:, g[c]] - mg[c])`` (float64)."""
+    C = gather.numel()
+    gsum = torch.empty(C, dtype=torch.float64)
+    gdot = torch.empty(C, dtype=torch.float64)
+    _kernel.run(1, x.contiguous(), gy=gy.contiguous(), g=gather, t=mg, acc1=gsum, acc2=gdot, C=C)
+    return gsum, gdot
+
+
+def _grad_input_impl(x: Tensor, gy: Tensor, gather: Tensor, coef: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """``gx[:, a] = x[:, a] * p[a] + q[a] + sum_{c: g[c] = a} gy[:, c] * coef[c]``."""
+    x = x.contiguous()
+    gx = torch.empty_like(x)
+    _kernel.run(2, x, gy=gy.contiguous(), out=gx, g=gather, s=coef, p=p, q=q, C=gather.numel())
+    return gx
+
+
+def _expand_norm_backward(ctx, gy: Tensor, reduce, grad_input) -> tuple:
+    """Gradients of ``_expand_norm_impl`` w.r.t. (x, weight, bias) from what ``ctx`` saved; ``reduce`` and
+    ``grad_input`` are the two backward kernels (plain functions or their custom ops). Once differentiable."""
+    x, weight, gather, mean, invstd = ctx.saved_tensors
+    A = x.shape[1]
+    M = x.numel() // A if A else 1
+    ig = invstd.index_select(0, gather)
+    mg = mean.index_select(0, gather)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    w = None if weight is None else weight.detach().double()
+    gsum = gdot = None
+    if need_w or need_b or (need_x and ctx.batch_stats):
+        gsum, gdot = reduce(x, gy, gather, mg)
+        gdot = gdot * ig  # sum gy_c * xhat_g(c): the weight gradient
+    gx = None
+    if need_x:
+        coef = ig if w is None else w * ig
+        if ctx.batch_stats:
+            # grad x_a = invstd * (H - mean(H) - xhat * mean(H * xhat)),  H_a = sum_{c->a} w_c gy_c
+            wsum = gsum if w is None else w * gsum
+            wdot = gdot if w is None else w * gdot
+            dsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wsum)
+            dxsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wdot)
+            p = -invstd * invstd * dxsum / M
+            q = -invstd * dsum / M - p * mean
+        else:
+            p = torch.zeros(A, dtype=torch.float64)
+            q = p
+        gx = grad_input(x, gy, gather, coef, p, q)
+    gw = gdot.to(weight.dtype) if need_w and weight is not None else None
+    gb = gsum.to(gy.dtype) if need_b and ctx.has_bias else None
+    return gx, gw, gb, None, None, None, None
+
+
+def _save(ctx, x, weight, bias, gather, mean, invstd, batch_stats) -> None:
+    ctx.save_for_backward(x, weight, gather, mean, invstd)
+    ctx.batch_stats = batch_stats
+    ctx.has_bias = bias is not None
+
+
 class _ExpandNorm(torch.autograd.Function):
+    """Eager entry point: the kernels called directly."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, gather, mean, invstd, batch_stats: bool):
-        # x: (N, A, *) contiguous; mean/invstd: (A,) float64 constants (their gradient is handled here)
-        C = gather.numel()
-        ig = invstd.index_select(0, gather)
-        mg = mean.index_select(0, gather)
-        s = ig if weight is None else weight.detach().double() * ig
-        t = -mg * s if bias is None else bias.detach().double() - mg * s
-        out = torch.empty((x.shape[0], C) + tuple(x.shape[2:]), dtype=x.dtype)
-        _kernel.run(0, x, out=out, g=gather, s=s, t=t, C=C)
-        ctx.save_for_backward(x, weight, gather, mean, invstd)
-        ctx.batch_stats = batch_stats
-        ctx.has_bias = bias is not None
-        return out
+        _save(ctx, x, weight, bias, gather, mean, invstd, batch_stats)
+        return _expand_norm_impl(x, weight, bias, gather, mean, invstd, batch_stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, weight, gather, mean, invstd = ctx.saved_tensors
-        gy = gy.contiguous()
-        C = gather.numel()
-        A = x.shape[1]
-        M = x.numel() // A if A else 1
-        ig = invstd.index_select(0, gather)
-        mg = mean.index_select(0, gather)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        w = None if weight is None else weight.detach().double()
-        gsum = gdot = None
-        if need_w or need_b or (need_x and ctx.batch_stats):
-            gsum = torch.empty(C, dtype=torch.float64)  # sum gy_c
-            gdot = torch.empty(C, dtype=torch.float64)  # sum gy_c * (x_g(c) - mean_g(c))
-            _kernel.run(1, x, gy=gy, g=gather, t=mg, acc1=gsum, acc2=gdot, C=C)
-            gdot = gdot * ig  # sum gy_c * xhat_g(c): the weight gradient
-        gx = None
-        if need_x:
-            coef = ig if w is None else w * ig
-            if ctx.batch_stats:
-                # grad x_a = invstd * (H - mean(H) - xhat * mean(H * xhat)),  H_a = sum_{c->a} w_c gy_c
-                wc = torch.ones(C, dtype=torch.float64) if w is None else w
-                dsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wc * gsum)
-                dxsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wc * gdot)
-                p = -invstd * invstd * dxsum / M
-                q = -invstd * dsum / M - p * mean
-            else:
-                p = torch.zeros(A, dtype=torch.float64)
-                q = p
-            gx = torch.empty_like(x)
-            _kernel.run(2, x, gy=gy, out=gx, g=gather, s=coef, p=p, q=q, C=C)
-        gw = gdot.to(weight.dtype) if need_w and weight is not None else None
-        gb = gsum.to(gy.dtype) if need_b and ctx.has_bias else None
-        return gx, gw, gb, None, None, None, None
+        return _expand_norm_backward(ctx, gy, _reduce_impl, _grad_input_impl)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+# torch.compile entry point: the same functions as CPU custom ops with shape-only fake implementations and the
+# autograd formula above, so Dynamo and AOTAutograd see (and inductor calls) one op per kernel.
+_cpu_op = functools.partial(torch.library.custom_op, mutates_args=(), device_types="cpu")
+_batch_stats_op = _cpu_op("egg_optim::oc_batch_stats", _batch_stats_impl)
+_expand_norm_op = _cpu_op("egg_optim::oc_expand_norm", _expand_norm_impl)
+_reduce_op = _cpu_op("egg_optim::oc_expand_norm_reduce", _reduce_impl)
+_grad_input_op = _cpu_op("egg_optim::oc_expand_norm_grad_input", _grad_input_impl)
+
+
+@_batch_stats_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[1], dtype=torch.float64), x.new_empty(x.shape[1], dtype=torch.float64)
+
+
+@_expand_norm_op.register_fake
+def _(x, weight, bias, gather, mean, invstd, batch_stats):
+    return x.new_empty((x.shape[0], gather.shape[0]) + tuple(x.shape[2:]))
+
+
+@_reduce_op.register_fake
+def _(x, gy, gather, mg):
+    return x.new_empty(gather.shape[0], dtype=torch.float64), x.new_empty(gather.shape[0], dtype=torch.float64)
+
+
+@_grad_input_op.register_fake
+def _(x, gy, gather, coef, p, q):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_expand_norm_op.register_autograd(
+    lambda ctx, gy: _expand_norm_backward(ctx, gy, _reduce_op, _grad_input_op),
+    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs),
+)
 
 
 def _verify_batch_size(x: torch.Tensor) -> None:
@@ -110,14 +207,13 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_path(norm, x, use_batch, running, factor, active):
+    compiling = torch.compiler.is_compiling()
     x = x.contiguous()
     gather = norm._egg_gather
     if use_batch:
         _verify_batch_size(x)
         A = x.shape[1]
-        mean = torch.empty(A, dtype=torch.float64)
-        var = torch.empty(A, dtype=torch.float64)
-        _kernel.run(3, x.detach(), acc1=mean, acc2=var)
+        mean, var = (_batch_stats_op if compiling else _batch_stats_impl)(x.detach())
         if running:
             m = x.numel() // A
             with torch.no_grad():
@@ -131,7 +227,8 @@ def _kernel_path(norm, x, use_batch, running, factor, active):
         mean = norm.running_mean.index_select(0, active).double()
         var = norm.running_var.index_select(0, active).double()
     invstd = (var + norm.eps).rsqrt_()
-    return _ExpandNorm.apply(x, norm.weight, norm.bias, gather, mean, invstd, use_batch)
+    expand = _expand_norm_op if compiling else _ExpandNorm.apply
+    return expand(x, norm.weight, norm.bias, gather, mean, invstd, use_batch)
 
 
 def _torch_path(norm, x, use_batch, running, factor, active):

@@ -285,8 +285,9 @@ def run(
 ) -> None:
     """Call kernel ``kind``. Every tensor must be contiguous on the CPU: ``x``/``gy``/``out`` of one float dtype
     (shapes ``N,A,*``/``N,C,*``), ``g`` int64, the per-channel vectors float64."""
-    lib = _lib
-    assert lib is not None
+    lib = _lib if _tried else load()
+    if lib is None:
+        raise RuntimeError(f"the native output-cloning kernels are unavailable ({_error})")
     N, A = x.shape[0], x.shape[1]
     S = x[0, 0].numel() if N and A else 0
     nt = max(1, torch.get_num_threads())
