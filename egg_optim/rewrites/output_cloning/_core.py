@@ -16,6 +16,7 @@ from .. import base as rewrite
 from ..base import known_names, set_buffer
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
+from ._gather import expand_units
 
 __all__ = [
     "EVAL_MODES",
@@ -70,7 +71,7 @@ class _OutputClonedLayer:
             return full
         if self._egg_fused:
             return y  # the fused norm expands
-        return y.index_select(self._egg_dim, self._egg_gather)
+        return expand_units(y, self._egg_dim, self._egg_gather)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

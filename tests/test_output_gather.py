@@ -1,0 +1,106 @@
+"""Output cloning on [batch, tokens, features] activations: the expansion to all units and its fast path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from egg_optim.core.roles import Roles
+from egg_optim.rewrites.output_cloning import OutputCloning
+from egg_optim.rewrites.output_cloning._gather import expand_units
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _roles(n: int, gen: torch.Generator) -> Roles:
+    """Random roles with at least one leader; each clone copies a random leader."""
+    codes = torch.randint(0, 3, (n,), generator=gen)
+    codes[torch.randint(0, n, (1,), generator=gen)] = 0
+    leaders, indep, clones = (torch.nonzero(codes == k).flatten() for k in range(3))
+    sources = leaders[torch.randint(0, leaders.numel(), (clones.numel(),), generator=gen)]
+    return Roles(n, leaders, indep, clones, sources)
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    st.data(),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_expand_units_is_index_select(shape, data, transposed, seed):
+    """Same values and gradients as ``index_select`` for every dim (either sign), contiguous or not."""
+    gen = torch.Generator().manual_seed(seed)
+    ndim = len(shape)
+    dim = data.draw(st.integers(-ndim, ndim - 1))
+    y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if transposed and ndim > 1:
+        y = y.transpose(0, -1).contiguous().transpose(0, -1)  # same shape, not contiguous
+    index = torch.randint(0, shape[dim], (data.draw(st.integers(0, 7)),), generator=gen)
+    a = y.clone().requires_grad_(True)
+    b = y.clone().requires_grad_(True)
+    out, ref = expand_units(a, dim, index), b.index_select(dim, index)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    st.integers(1, 5),
+    st.integers(1, 9),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_linear_on_token_activations_matches_reference(lead, cin, cout, bias, seed):
+    """An output-cloned Linear on (*, in) inputs == the full Linear with each clone's column replaced by its
+    source's; gradients reach the sources and clone weight rows get exact zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = nn.Linear(cin, cout, bias=bias).double()
+    ref_w, ref_b = layer.weight.detach().clone().requires_grad_(), None
+    if bias:
+        ref_b = layer.bias.detach().clone().requires_grad_()
+    roles = _roles(cout, gen)
+    OutputCloning(nn.Sequential(layer), {"0": roles})
+    x = torch.randn(*lead, 2, cin, generator=gen, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    source = roles.active[roles.gather_index]  # unit -> the unit that computes it (itself, or a clone's source)
+    yr = F.linear(xr, ref_w, ref_b).index_select(-1, source)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y.backward(gy)
+    yr.backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    active = roles.active
+    torch.testing.assert_close(layer.weight.grad[active], ref_w.grad[active], rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(layer.weight.grad[roles.clones]) == 0
+    if bias:
+        torch.testing.assert_close(layer.bias.grad[active], ref_b.grad[active], rtol=1e-10, atol=1e-12)
+        assert torch.count_nonzero(layer.bias.grad[roles.clones]) == 0
+
+
+def test_token_activations_are_gathered_through_a_2d_view(monkeypatch):
+    """torch's CPU index_select on the last dim of a 3-D tensor is ~14x slower than on its 2-D view (issue 13:
+    output mode slower than the baseline on BERT and Llama): the expansion must never call it that way."""
+    layer = nn.Linear(6, 8)
+    roles = Roles(8, [0, 1, 2], [3], [4, 5, 6, 7], [0, 1, 2, 0])
+    OutputCloning(nn.Sequential(layer), {"0": roles})
+    calls = []
+    real = torch.Tensor.index_select
+
+    def spy(self, dim, index):
+        calls.append((self.dim(), dim % self.dim()))
+        return real(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", spy)
+    layer(torch.randn(2, 5, 6)).sum().backward()
+    expansions = [c for c in calls if c[1] != 0]  # the other calls pick weight rows (dim 0)
+    assert expansions == [(2, 1)]
