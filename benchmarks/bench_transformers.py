@@ -1,0 +1,186 @@
+"""Training-step time of tiny random-init transformers: baseline vs weight mode vs output mode.
+
+Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification
+(hidden 256, 4 layers, 4 heads, intermediate 1024) and a Llama-style causal LM (hidden 256, intermediate 688,
+4 layers, 4 heads), vocabulary 1000, batch 16 x sequence 128 tokens. A step is forward (loss) + backward +
+AdamW step + zero_grad. Plan: ``RolePlan.preset("mild", table="uniform")`` (40 % leaders, 10 % independents
+in every managed Linear: q/k/v, attention output, MLP; the last Linear, the head, has no roles).
+
+Cases run in ONE process, interleaved round-robin so machine noise hits all of them alike; the table gives
+medians and the median of per-round ratios against the bare AdamW step measured in the same rounds. Then the
+output-mode and baseline steps are profiled (``torch.profiler``, a few steps each) and the ops whose total
+self time differs most between the two are listed: that is where output mode's time goes.
+
+    python benchmarks/bench_transformers.py                  # 20 timed rounds
+    python benchmarks/bench_transformers.py --steps 5 --no-profile
+
+The last line printed is one JSON object with the headline ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from egg_optim import LeaderCloneOptimizer, RolePlan
+
+MODES = ("baseline", "weight", "output")
+
+
+@dataclass
+class Case:
+    name: str
+    step: Callable[[], None]
+    times: list[float] = field(default_factory=list)
+
+
+def _bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg), {"labels": torch.randint(0, 2, (16,))}
+
+
+def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg), {}
+
+
+MODELS = {"bert": _bert, "llama": _llama}
+
+
+def _make(kind: str, mode: str, batch: int, seq: int) -> Case:
+    torch.manual_seed(0)
+    model, extra = MODELS[kind]()
+    model.train()
+    ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, **extra}
+    if "labels" not in inputs:
+        inputs["labels"] = ids
+    if kind == "bert" and "labels" in extra:
+        inputs["labels"] = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt: torch.optim.Optimizer = base
+    if mode != "baseline":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild", table="uniform"), clone_mode=mode, seed=0)
+
+    def step() -> None:
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Case(f"{kind}/{mode}", step)
+
+
+def _profile(case: Case, steps: int) -> dict[str, tuple[float, int]]:
+    """Self CPU time (ms per step) and calls per step of every op over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            case.step()
+    out: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
+    for ev in prof.key_averages():
+        if ev.key.startswith(("Optimizer.", "ProfilerStep", "## ")):
+            continue  # wrappers: their self time is Python overhead, reported under "(other)"
+        out[ev.key] = (ev.self_cpu_time_total / 1e3 / steps, ev.count // steps)
+    return dict(out)
+
+
+def _profile_table(kind: str, base: dict, other: dict, top: int) -> list[str]:
+    keys = set(base) | set(other)
+    diff = sorted(keys, key=lambda k: -abs(other.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0]))
+    tot_b = sum(v[0] for v in base.values())
+    tot_o = sum(v[0] for v in other.values())
+    lines = [
+        f"{kind}: profiled self CPU time per step, ops by |output - baseline| (total {tot_b:.1f} -> {tot_o:.1f} ms)",
+        "| op | baseline ms | calls | output ms | calls | difference ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in diff[:top]:
+        b, o = base.get(k, (0.0, 0)), other.get(k, (0.0, 0))
+        lines.append(f"| `{k}` | {b[0]:.1f} | {b[1]} | {o[0]:.1f} | {o[1]} | {o[0] - b[0]:+.1f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed rounds (every case steps once per round)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12, help="rows of each profile table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = {(k, m): _make(k, m, args.batch, args.seq) for k in args.models for m in MODES}
+    for _ in range(args.warmup):
+        for case in cases.values():
+            case.step()
+    for _ in range(args.steps):
+        for case in cases.values():
+            t0 = time.perf_counter()
+            case.step()
+            case.times.append(time.perf_counter() - t0)
+
+    def ratio(a: Case, b: Case) -> float:
+        return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
+        f"{args.steps} timed rounds, medians"
+    )
+    print("| case | step ms | vs baseline |")
+    print("|---|---|---|")
+    result: dict[str, float] = {}
+    for (kind, mode), case in cases.items():
+        r = ratio(case, cases[(kind, "baseline")])
+        print(f"| {case.name} | {statistics.median(case.times) * 1e3:.1f} | {r:.3f} |")
+        if mode != "baseline":
+            result[f"{kind}_{mode}_vs_baseline"] = r
+    if not args.no_profile:
+        for kind in args.models:
+            base = _profile(cases[(kind, "baseline")], args.profile_steps)
+            out = _profile(cases[(kind, "output")], args.profile_steps)
+            print()
+            print("\n".join(_profile_table(kind, base, out, args.top)))
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
