@@ -87,10 +87,17 @@ class _OCConvMixin(_OutputClonedLayer):
     _egg_pointwise: bool
 
     def _egg_compute(self, input, weight, bias):
-        if self._egg_pointwise and input.device.type == "cpu" and input.dim() == weight.dim() and input.is_contiguous():
+        if (
+            self._egg_pointwise
+            and input.device.type == "cpu"
+            and input.dim() == weight.dim()
+            and input.is_contiguous()
+            and not torch.compiler.is_compiling()
+        ):
             # 1x1 conv, stride 1, no padding: a batched matmul on the NC(spatial) layout. On CPU it scales with
             # the number of active channels, while mkldnn works in blocks of 8/16 output channels and reorders
-            # NCHW tensors in and out.
+            # NCHW tensors in and out. Not under torch.compile: inductor lays convs out channels-last, and an
+            # NCHW matmul among them costs a layout conversion each way.
             n, cin = input.shape[0], input.shape[1]
             a = weight.shape[0]
             w = weight.view(1, a, cin).expand(n, a, cin)

@@ -16,6 +16,8 @@ module computes that without ever materialising ``x_full``:
 
 Under ``torch.compile`` the kernels run as the custom ops ``torch.ops.egg_optim.oc_*`` (shape-only fake
 implementations, the same autograd formula), so the model traces as one graph; eager mode calls them directly.
+The kernels take ``x`` contiguous or with its channels innermost (``channels_last``, which inductor picks for
+convolutions on CPU) and give ``y`` and ``grad x`` in the same layout, so no conversion runs around them.
 """
 
 from __future__ import annotations
@@ -39,12 +41,45 @@ AFFINE_EPS = 2.0**-20
 # microseconds per call in eager mode, hence the two entry points to the same code.
 
 
+def _rows_layout(x: Tensor) -> bool:
+    """Whether ``x`` (N, A, *S) stores its channels innermost (``channels_last``, as inductor lays out conv
+    outputs): the kernels then run on its (N*S, A) rows without a copy."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _kernel_layout(x: Tensor) -> tuple[Tensor, bool]:
+    """``x`` in a layout the kernels take (contiguous, or channels innermost) and whether it is the latter."""
+    if _rows_layout(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """A channels-innermost (N, A, *S) tensor as the (N*S, A, 1) view the rows kernels (kinds 4-7) read."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1], 1)
+
+
+def _match_layout(t: Tensor, rows: bool) -> Tensor:
+    """``t`` (N, C, *S) with the layout of the kernels' ``x``: channels innermost if ``rows``, else contiguous."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if rows else t.contiguous()
+
+
+def _empty(shape: tuple[int, ...], like: Tensor, rows: bool) -> Tensor:
+    """An uninitialised (N, C, *S) tensor, channels innermost if ``rows``."""
+    if rows:
+        return like.new_empty((shape[0],) + shape[2:] + (shape[1],)).movedim(-1, 1)
+    return like.new_empty(shape)
+
+
 def _batch_stats_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float64) of ``x`` (N, A, *) over every dimension but 1."""
-    x = x.contiguous()
+    x, rows = _kernel_layout(x)
     mean = torch.empty(x.shape[1], dtype=torch.float64)
     var = torch.empty(x.shape[1], dtype=torch.float64)
-    _kernel.run(3, x, acc1=mean, acc2=var)
+    if rows:
+        _kernel.run(7, _as_rows(x), acc1=mean, acc2=var)
+    else:
+        _kernel.run(3, x, acc1=mean, acc2=var)
     return mean, var
 
 
@@ -58,32 +93,45 @@ def _expand_norm_impl(
     batch_stats: bool,
 ) -> Tensor:
     """``y[:, c] = (x[:, g[c]] - mean[g[c]]) * invstd[g[c]] * weight[c] + bias[c]``; ``mean``/``invstd`` (A,)
-    float64. ``batch_stats``: they are ``x``'s own batch statistics (their gradient is part of the backward)."""
-    x = x.contiguous()
+    float64. ``batch_stats``: they are ``x``'s own batch statistics (their gradient is part of the backward).
+    ``y`` has ``x``'s layout (contiguous or channels innermost)."""
+    x, rows = _kernel_layout(x)
     C = gather.numel()
     ig = invstd.index_select(0, gather)
     mg = mean.index_select(0, gather)
     s = ig if weight is None else weight.detach().double() * ig
     t = -mg * s if bias is None else bias.detach().double() - mg * s
-    out = torch.empty((x.shape[0], C) + tuple(x.shape[2:]), dtype=x.dtype)
-    _kernel.run(0, x, out=out, g=gather, s=s, t=t, C=C)
+    out = _empty((x.shape[0], C) + tuple(x.shape[2:]), x, rows)
+    if rows:
+        _kernel.run(4, _as_rows(x), out=_as_rows(out), g=gather, s=s, t=t, C=C)
+    else:
+        _kernel.run(0, x, out=out, g=gather, s=s, t=t, C=C)
     return out
 
 
 def _reduce_impl(x: Tensor, gy: Tensor, gather: Tensor, mg: Tensor) -> tuple[Tensor, Tensor]:
     """Per output channel ``c``: ``sum gy[:, c]`` and ``sum gy[:, c] * (x[:, g[c]] - mg[c])`` (float64)."""
+    x, rows = _kernel_layout(x)
+    gy = _match_layout(gy, rows)
     C = gather.numel()
     gsum = torch.empty(C, dtype=torch.float64)
     gdot = torch.empty(C, dtype=torch.float64)
-    _kernel.run(1, x.contiguous(), gy=gy.contiguous(), g=gather, t=mg, acc1=gsum, acc2=gdot, C=C)
+    if rows:
+        _kernel.run(5, _as_rows(x), gy=_as_rows(gy), g=gather, t=mg, acc1=gsum, acc2=gdot, C=C)
+    else:
+        _kernel.run(1, x, gy=gy, g=gather, t=mg, acc1=gsum, acc2=gdot, C=C)
     return gsum, gdot
 
 
 def _grad_input_impl(x: Tensor, gy: Tensor, gather: Tensor, coef: Tensor, p: Tensor, q: Tensor) -> Tensor:
-    """``gx[:, a] = x[:, a] * p[a] + q[a] + sum_{c: g[c] = a} gy[:, c] * coef[c]``."""
-    x = x.contiguous()
-    gx = torch.empty_like(x)
-    _kernel.run(2, x, gy=gy.contiguous(), out=gx, g=gather, s=coef, p=p, q=q, C=gather.numel())
+    """``gx[:, a] = x[:, a] * p[a] + q[a] + sum_{c: g[c] = a} gy[:, c] * coef[c]``, in ``x``'s layout."""
+    x, rows = _kernel_layout(x)
+    gy = _match_layout(gy, rows)
+    gx = _empty(tuple(x.shape), x, rows)
+    if rows:
+        _kernel.run(6, _as_rows(x), gy=_as_rows(gy), out=_as_rows(gx), g=gather, s=coef, p=p, q=q, C=gather.numel())
+    else:
+        _kernel.run(2, x, gy=gy, out=gx, g=gather, s=coef, p=p, q=q, C=gather.numel())
     return gx
 
 
@@ -144,7 +192,11 @@ class _ExpandNorm(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- custom ops
 # torch.compile entry point: the same functions as CPU custom ops with shape-only fake implementations and the
 # autograd formula above, so Dynamo and AOTAutograd see (and inductor calls) one op per kernel.
-_cpu_op = functools.partial(torch.library.custom_op, mutates_args=(), device_types="cpu")
+# flexible_layout: inductor may pass its channels-last conv outputs as they are (the default would convert them to
+# the strides seen while tracing, NCHW, and back after the op)
+_cpu_op = functools.partial(
+    torch.library.custom_op, mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
 _batch_stats_op = _cpu_op("egg_optim::oc_batch_stats", _batch_stats_impl)
 _expand_norm_op = _cpu_op("egg_optim::oc_expand_norm", _expand_norm_impl)
 _reduce_op = _cpu_op("egg_optim::oc_expand_norm_reduce", _reduce_impl)
@@ -158,7 +210,7 @@ def _(x):
 
 @_expand_norm_op.register_fake
 def _(x, weight, bias, gather, mean, invstd, batch_stats):
-    return x.new_empty((x.shape[0], gather.shape[0]) + tuple(x.shape[2:]))
+    return _empty((x.shape[0], gather.shape[0]) + tuple(x.shape[2:]), x, _rows_layout(x))
 
 
 @_reduce_op.register_fake
@@ -168,7 +220,7 @@ def _(x, gy, gather, mg):
 
 @_grad_input_op.register_fake
 def _(x, gy, gather, coef, p, q):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty(tuple(x.shape), x, _rows_layout(x))
 
 
 _expand_norm_op.register_autograd(
@@ -208,7 +260,7 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
 
 def _kernel_path(norm, x, use_batch, running, factor, active):
     compiling = torch.compiler.is_compiling()
-    x = x.contiguous()
+    x = _kernel_layout(x)[0]
     gather = norm._egg_gather
     if use_batch:
         _verify_batch_size(x)

@@ -25,6 +25,7 @@ import torch
 _SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAXT 64
@@ -92,8 +93,77 @@ static void k3_##SUF(job_t *j) { \
     } \
 }
 
+/* Rows layout (channels last): x is (R, A), gy/out (R, C), one row per batch position; the same four kernels
+   (kinds 4-7 = 0-3 with S = 1), vectorised over channels, with per-channel vectors converted to T (and the
+   gather index to int32: several times faster gathers than int64 at these widths) once per job, and sums kept
+   in T over blocks of ROWB rows before they are added in double (as kinds 1 and 3 do per row). */
+#define ROWB 64
+static int32_t *idx32(const int64_t *g, int64_t n) {
+    int32_t *o = (int32_t *)malloc(sizeof(int32_t) * (n > 0 ? n : 1));
+    if (o) for (int64_t i = 0; i < n; i++) o[i] = (int32_t)g[i];
+    return o;
+}
+#define ROW_KERNELS(T, SUF) \
+static T *conv_##SUF(const double *v, int64_t n) { \
+    T *o = (T *)calloc(n > 0 ? n : 1, sizeof(T)); \
+    if (o && v) for (int64_t i = 0; i < n; i++) o[i] = (T)v[i]; \
+    return o; \
+} \
+static void k4_##SUF(job_t *j) { \
+    const T *restrict x = (const T *)j->x; T *restrict out = (T *)j->out; const int32_t C = (int32_t)j->C; \
+    const int64_t A = j->A; int32_t *restrict g = idx32(j->g, C); \
+    T *restrict s = conv_##SUF(j->s, C), *restrict t = conv_##SUF(j->t, C); \
+    for (int64_t r = j->n0; r < j->n1; r++) { \
+        const T *restrict xr = x + r * A; T *restrict o = out + r * C; \
+        for (int32_t c = 0; c < C; c++) o[c] = xr[g[c]] * s[c] + t[c]; \
+    } \
+    free(g); free(s); free(t); \
+} \
+static void k5_##SUF(job_t *j) { \
+    const T *restrict x = (const T *)j->x, *restrict gy = (const T *)j->gy; const int32_t C = (int32_t)j->C; \
+    const int64_t A = j->A; int32_t *restrict g = idx32(j->g, C); \
+    T *restrict t = conv_##SUF(j->t, C), *restrict b1 = conv_##SUF(0, C), *restrict b2 = conv_##SUF(0, C); \
+    for (int64_t r0 = j->n0; r0 < j->n1; r0 += ROWB) { \
+        int64_t r1 = r0 + ROWB < j->n1 ? r0 + ROWB : j->n1; \
+        memset(b1, 0, sizeof(T) * C); memset(b2, 0, sizeof(T) * C); \
+        for (int64_t r = r0; r < r1; r++) { \
+            const T *restrict xr = x + r * A, *restrict gr = gy + r * C; \
+            for (int32_t c = 0; c < C; c++) { b1[c] += gr[c]; b2[c] += gr[c] * (xr[g[c]] - t[c]); } \
+        } \
+        for (int32_t c = 0; c < C; c++) { j->acc1[c] += (double)b1[c]; j->acc2[c] += (double)b2[c]; } \
+    } \
+    free(g); free(t); free(b1); free(b2); \
+} \
+static void k6_##SUF(job_t *j) { \
+    const T *restrict x = (const T *)j->x, *restrict gy = (const T *)j->gy; T *restrict out = (T *)j->out; \
+    const int64_t A = j->A; const int32_t C = (int32_t)j->C; int32_t *restrict g = idx32(j->g, C); \
+    T *restrict s = conv_##SUF(j->s, C), *restrict p = conv_##SUF(j->p, A), *restrict q = conv_##SUF(j->q, A); \
+    for (int64_t r = j->n0; r < j->n1; r++) { \
+        const T *restrict xr = x + r * A, *restrict gr = gy + r * C; T *restrict o = out + r * A; \
+        _Pragma("omp simd") for (int64_t a = 0; a < A; a++) o[a] = xr[a] * p[a] + q[a]; \
+        for (int32_t c = 0; c < C; c++) o[g[c]] += gr[c] * s[c]; \
+    } \
+    free(g); free(s); free(p); free(q); \
+} \
+static void k7_##SUF(job_t *j) { \
+    const T *restrict x = (const T *)j->x; const int64_t A = j->A; \
+    T *restrict b1 = conv_##SUF(0, A), *restrict b2 = conv_##SUF(0, A); \
+    for (int64_t r0 = j->n0; r0 < j->n1; r0 += ROWB) { \
+        int64_t r1 = r0 + ROWB < j->n1 ? r0 + ROWB : j->n1; \
+        memset(b1, 0, sizeof(T) * A); memset(b2, 0, sizeof(T) * A); \
+        for (int64_t r = r0; r < r1; r++) { \
+            const T *restrict xr = x + r * A; \
+            _Pragma("omp simd") for (int64_t a = 0; a < A; a++) { T d = xr[a] - x[a]; b1[a] += d; b2[a] += d * d; } \
+        } \
+        for (int64_t a = 0; a < A; a++) { j->acc1[a] += (double)b1[a]; j->acc2[a] += (double)b2[a]; } \
+    } \
+    free(b1); free(b2); \
+}
+
 KERNELS(float, f32)
 KERNELS(double, f64)
+ROW_KERNELS(float, f32)
+ROW_KERNELS(double, f64)
 
 static void *run_job(void *arg) {
     job_t *j = (job_t *)arg;
@@ -102,31 +172,41 @@ static void *run_job(void *arg) {
             case 0: k0_f64(j); break;
             case 1: k1_f64(j); break;
             case 2: k2_f64(j); break;
-            default: k3_f64(j);
+            case 3: k3_f64(j); break;
+            case 4: k4_f64(j); break;
+            case 5: k5_f64(j); break;
+            case 6: k6_f64(j); break;
+            default: k7_f64(j);
         }
     } else {
         switch (j->kind) {
             case 0: k0_f32(j); break;
             case 1: k1_f32(j); break;
             case 2: k2_f32(j); break;
-            default: k3_f32(j);
+            case 3: k3_f32(j); break;
+            case 4: k4_f32(j); break;
+            case 5: k5_f32(j); break;
+            case 6: k6_f32(j); break;
+            default: k7_f32(j);
         }
     }
     return 0;
 }
 
-/* For kinds 1 and 3, acc1/acc2 receive the totals (R = C or A doubles); scratch holds 2*R*nthreads doubles.
-   Kind 3 returns mean (acc1) and biased variance (acc2). Returns the number of threads used. */
+/* For kinds 1/5 and 3/7, acc1/acc2 receive the totals (R = C or A doubles); scratch holds 2*R*nthreads doubles.
+   Kinds 3/7 return mean (acc1) and biased variance (acc2). Rows kinds (4-7) take S = 1 and N = rows.
+   Returns the number of threads used. */
 int egg_oc_run(int kind, int dbl, const void *x, const void *gy, void *out, const int64_t *g,
                const double *s, const double *t, const double *p, const double *q,
                double *acc1, double *acc2, double *scratch,
                int64_t N, int64_t A, int64_t C, int64_t S, int nthreads) {
     job_t jobs[MAXT]; pthread_t th[MAXT]; int ok[MAXT];
-    int64_t R = kind == 3 ? A : C;
+    int red = kind == 1 || kind == 3 || kind == 5 || kind == 7, stats = kind == 3 || kind == 7;
+    int64_t R = stats ? A : C;
     if (nthreads > MAXT) nthreads = MAXT;
     if (nthreads > N) nthreads = (int)N;
     if (nthreads < 1) nthreads = 1;
-    if (kind == 1 || kind == 3) memset(scratch, 0, sizeof(double) * 2 * R * nthreads);
+    if (red) memset(scratch, 0, sizeof(double) * 2 * R * nthreads);
     int64_t chunk = (N + nthreads - 1) / nthreads;
     for (int k = 0; k < nthreads; k++) {
         job_t *j = &jobs[k];
@@ -145,13 +225,13 @@ int egg_oc_run(int kind, int dbl, const void *x, const void *gy, void *out, cons
     run_job(&jobs[0]);
     for (int k = 1; k < nthreads; k++) { if (ok[k]) pthread_join(th[k], 0); else run_job(&jobs[k]); }
 #endif
-    if (kind == 1 || kind == 3) {
+    if (red) {
         for (int64_t r = 0; r < R; r++) {
             double a1 = 0, a2 = 0;
             for (int k = 0; k < nthreads; k++) { a1 += jobs[k].acc1[r]; a2 += jobs[k].acc2[r]; }
             acc1[r] = a1; acc2[r] = a2;
         }
-        if (kind == 3) {
+        if (stats) {
             double M = (double)N * (double)S;
             for (int64_t a = 0; a < A; a++) {
                 double k0 = dbl ? ((const double *)x)[a * S] : (double)((const float *)x)[a * S];
@@ -292,8 +372,8 @@ def run(
     S = x[0, 0].numel() if N and A else 0
     nt = max(1, torch.get_num_threads())
     scratch = None
-    if kind in (1, 3):
-        R = A if kind == 3 else C
+    if kind in (1, 3, 5, 7):
+        R = A if kind in (3, 7) else C
         scratch = torch.empty(2 * R * min(nt, max(N, 1), 64), dtype=torch.float64)
     lib.egg_oc_run(
         kind,

@@ -1,0 +1,81 @@
+"""The fused norm's kernels on channels-innermost (channels_last) tensors, the layout inductor gives convs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from egg_optim.core.roles import Roles
+from egg_optim.rewrites.output_cloning import OutputCloning, _kernel, native_kernels_available
+
+pytestmark = pytest.mark.skipif(not native_kernels_available(), reason="no C compiler, or EGG_OPTIM_NO_KERNEL")
+
+CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+def _channels_innermost(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([1, 2, 3]),
+    st.integers(3, 9),
+    st.integers(1, 3),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([torch.float64, torch.float32]),
+    st.integers(0, 2**16),
+)
+def test_channels_last_input_matches_contiguous_and_keeps_its_layout(dims, cout, batch, affine, training, dtype, seed):
+    """The fused norm on a channels-innermost copy of the compact conv output: the same values, gradients and
+    running statistics as on the contiguous one, computed by the rows kernels (no conversion), in that layout."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    conv_cls, norm_cls = CONV[dims]
+    model = nn.Sequential(conv_cls(3, cout, 1), norm_cls(cout, affine=affine)).to(dtype)
+    with torch.no_grad():
+        model[1].running_mean.normal_(generator=gen)
+        model[1].running_var.uniform_(0.5, 2.0, generator=gen)
+        if affine:
+            model[1].weight.normal_(generator=gen)
+            model[1].bias.normal_(generator=gen)
+    other = copy.deepcopy(model)
+    codes = torch.randint(0, 3, (cout,), generator=gen)
+    codes[0], codes[1], codes[-1] = 0, 1, 2  # a leader, an independent (2 active channels) and a clone
+    leaders, indep, clones = (torch.nonzero(codes == k).flatten() for k in range(3))
+    sources = leaders[torch.randint(0, leaders.numel(), (clones.numel(),), generator=gen)]
+    roles = Roles(cout, leaders, indep, clones, sources)
+    for m in (model, other):
+        OutputCloning(m, {"0": roles}, norms={"0": "1"})
+        m.train(training)
+    with torch.no_grad():  # the layer's compact output: the active channels only
+        z = model[0](torch.randn((batch + 1, 3) + (4,) * dims, generator=gen, dtype=dtype))
+    a = z.clone().requires_grad_(True)
+    b = _channels_innermost(z).requires_grad_(True)
+    assert not b.is_contiguous()
+    ya = model[1](a)
+    gy = torch.randn(ya.shape, generator=gen, dtype=dtype)
+    ya.backward(gy)
+    calls = []
+    real = _kernel.run
+    _kernel.run = lambda kind, *args, **kw: (calls.append(kind), real(kind, *args, **kw))[1]
+    try:
+        yb = other[1](b)
+        yb.backward(_channels_innermost(gy))
+    finally:
+        _kernel.run = real
+    assert yb.movedim(1, -1).is_contiguous()
+    assert set(calls) <= {4, 5, 6, 7} and 4 in calls and 6 in calls, calls  # the rows kernels, no converted copy
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(yb, ya, **tol)
+    torch.testing.assert_close(b.grad, a.grad, **tol)
+    for pa, pb in zip(model[1].parameters(), other[1].parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, **tol)
+    torch.testing.assert_close(other[1].running_mean, model[1].running_mean, **tol)
+    torch.testing.assert_close(other[1].running_var, model[1].running_var, **tol)
