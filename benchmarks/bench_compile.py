@@ -14,9 +14,9 @@ under compile inductor can then fuse the norm with its neighbours, while the ker
     python benchmarks/bench_compile.py               # 20 timed rounds
     python benchmarks/bench_compile.py --steps 6     # quick look
 
-Compilation uses a fresh inductor cache folder (a temporary one, unless ``TORCHINDUCTOR_CACHE_DIR`` is set): so the
-compile times are cold ones, and no graph cached by an earlier version of the custom ops is replayed (inductor's
-FX-graph cache key does not cover a custom op's layout tags).
+Compilation uses a fresh, temporary inductor cache folder (``--cache-dir`` to use another): so the compile times
+are cold ones, and no graph cached by an earlier version of the custom ops is replayed (inductor's FX-graph cache
+key does not cover a custom op's layout tags).
 
 The last line printed is one JSON object with the headline ratios.
 """
@@ -112,17 +112,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: torch's default)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return _run(args)
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch sets it to its default on first use
     with tempfile.TemporaryDirectory(prefix="egg_bench_inductor_") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or cache
         try:
             return _run(args)
         finally:
-            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def _run(args: argparse.Namespace) -> dict[str, float]:
