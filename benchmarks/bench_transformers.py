@@ -3,8 +3,14 @@
 Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification
 (hidden 256, 4 layers, 4 heads, intermediate 1024) and a Llama-style causal LM (hidden 256, intermediate 688,
 4 layers, 4 heads), vocabulary 1000, batch 16 x sequence 128 tokens. A step is forward (loss) + backward +
-AdamW step + zero_grad. Plan: ``RolePlan.preset("mild", table="uniform")`` (40 % leaders, 10 % independents
-in every managed Linear: q/k/v, attention output, MLP; the last Linear, the head, has no roles).
+AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry
+(mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units
+are MLP neurons and attention heads (``egg_optim.core.blocks``), so output mode computes only the active
+neurons and heads and folds clones into the down/o projections; the head has no roles.
+
+Counted FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one step's forward and backward (the matmuls
+and attention torch actually ran). ``time / FLOPs`` is the step-time ratio divided by the FLOP ratio, both
+against the baseline: 1.0 means the step got exactly as much faster as its arithmetic shrank.
 
 Cases run in ONE process, interleaved round-robin so machine noise hits all of them alike; the table gives
 medians and the median of per-round ratios against the bare AdamW step measured in the same rounds. Then the
@@ -13,6 +19,7 @@ self time differs most between the two are listed: that is where output mode's t
 
     python benchmarks/bench_transformers.py                  # 20 timed rounds
     python benchmarks/bench_transformers.py --steps 5 --no-profile
+    python benchmarks/bench_transformers.py --models llama --compile   # eager and torch.compile cases
 
 ``--before-gather-fix`` adds the case ``output-3d``: output mode as it was before issue 13, expanding a
 Linear's active units on the 3-D activation (``y.index_select(-1, gather)``, torch's slow path) instead of its 2-D
@@ -47,6 +54,7 @@ _EXPAND = _core.expand_units
 class Case:
     name: str
     step: Callable[[], None]
+    flops: int = 0
     times: list[float] = field(default_factory=list)
 
 
@@ -87,7 +95,7 @@ def _index_select_3d(y: torch.Tensor, dim: int, gather: torch.Tensor) -> torch.T
     return y.index_select(dim, gather)
 
 
-def _make(kind: str, mode: str, batch: int, seq: int) -> Case:
+def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:
     torch.manual_seed(0)
     model, extra = MODELS[kind]()
     model.train()
@@ -102,20 +110,32 @@ def _make(kind: str, mode: str, batch: int, seq: int) -> Case:
     if mode != "baseline":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = RolePlan.preset("mild", table="uniform")
+            plan = RolePlan.preset(scenario, table="uniform")
             opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode.split("-")[0], seed=0)
     expand = _index_select_3d if mode == "output-3d" else _core.expand_units
+    forward = torch.compile(model) if compiled else model
 
-    def step() -> None:
+    def loss_backward() -> None:
         _core.expand_units = expand
         try:
-            model(**inputs).loss.backward()
+            forward(**inputs).loss.backward()
         finally:
             _core.expand_units = _EXPAND
+
+    def step() -> None:
+        loss_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Case(f"{kind}/{mode}", step)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step()  # the first step settles lazy state (norm coupling, compilation) before FLOPs are counted
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_backward()
+    opt.zero_grad(set_to_none=True)
+    name = f"{kind}/{mode}" if mode == "baseline" else f"{kind}/{mode}/{scenario}"
+    return Case(name + ("/compiled" if compiled else ""), step, counter.get_total_flops())
 
 
 def _profile(case: Case, steps: int) -> dict[str, tuple[float, int]]:
@@ -156,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--scenarios", nargs="+", default=["mild", "aggressive"], choices=["mild", "aggressive"])
+    parser.add_argument("--compile", action="store_true", help="also time every case under torch.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -165,7 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = MODES + (("output-3d",) if args.before_gather_fix else ())
-    cases = {(k, m): _make(k, m, args.batch, args.seq) for k in args.models for m in modes}
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cases = {}
+    for kind in args.models:
+        for mode in modes:
+            for scenario in args.scenarios[:1] if mode == "baseline" else args.scenarios:
+                for compiled in (False, True) if args.compile else (False,):
+                    case = _make(kind, mode, scenario, args.batch, args.seq, compiled)
+                    cases[case.name] = case
     for _ in range(args.warmup):
         for case in cases.values():
             case.step()
@@ -182,21 +212,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
         f"{args.steps} timed rounds, medians"
     )
-    print("| case | step ms | vs baseline |")
-    print("|---|---|---|")
+    print("| case | step ms | vs baseline | GFLOPs (fwd+bwd) | FLOPs vs baseline | time / FLOPs |")
+    print("|---|---|---|---|---|---|")
     result: dict[str, float] = {}
-    for (kind, mode), case in cases.items():
-        r = ratio(case, cases[(kind, "baseline")])
-        print(f"| {case.name} | {statistics.median(case.times) * 1e3:.1f} | {r:.3f} |")
-        if mode != "baseline":
-            result[f"{kind}_{mode.replace('-', '_')}_vs_baseline"] = r
+    for name, case in cases.items():
+        kind = name.split("/")[0]
+        base = cases[f"{kind}/baseline" + ("/compiled" if name.endswith("/compiled") else "")]
+        r, fr = ratio(case, base), case.flops / base.flops
+        print(
+            f"| {name} | {statistics.median(case.times) * 1e3:.1f} | {r:.3f} | {case.flops / 1e9:.2f} | "
+            f"{fr:.3f} | {r / fr:.3f} |"
+        )
+        if case is not base:
+            key = name.replace("/", "_").replace("-", "_")
+            result[f"{key}_vs_baseline"] = r
+            result[f"{key}_time_over_flops"] = r / fr
     if not args.no_profile:
         for kind in args.models:
-            base = _profile(cases[(kind, "baseline")], args.profile_steps)
-            for mode in [m for m in modes if m.startswith("output")]:
-                out = _profile(cases[(kind, mode)], args.profile_steps)
+            base = _profile(cases[f"{kind}/baseline"], args.profile_steps)
+            for name in [n for n in cases if n.startswith(f"{kind}/output") and not n.endswith("/compiled")]:
+                out = _profile(cases[name], args.profile_steps)
                 print()
-                print("\n".join(_profile_table(f"{kind}/{mode}", base, out, args.top)))
+                print("\n".join(_profile_table(name, base, out, args.top)))
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return result
 
