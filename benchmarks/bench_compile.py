@@ -66,6 +66,8 @@ def _model(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
             for m in model.modules():
                 if hasattr(m, "_egg_kernel"):
                     m._egg_kernel = False
+        with torch.no_grad():  # one eager forward decides norm coupling (a compiled forward gives no evidence)
+            model(torch.zeros(2, 1, 28, 28))
     return model.train(), opt
 
 

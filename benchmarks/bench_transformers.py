@@ -12,6 +12,12 @@ Counted FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one step's forw
 and attention torch actually ran). ``time / FLOPs`` is the step-time ratio divided by the FLOP ratio, both
 against the baseline: 1.0 means the step got exactly as much faster as its arithmetic shrank.
 
+Memory (eager cases): ``activations MB``, the bytes of every tensor autograd saves for backward in one step
+(``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded: the sliced active weights
+output mode saves count), and ``optimizer state MB`` (AdamW's ``exp_avg``/``exp_avg_sq``; with roles,
+``LeaderCloneOptimizer.state_bytes()``, clones' parked slices included). Compiled models run one eager forward
+first (it decides norm coupling; a compiled forward gives no evidence).
+
 Cases run in ONE process, interleaved round-robin so machine noise hits all of them alike; the table gives
 medians and the median of per-round ratios against the bare AdamW step measured in the same rounds. Then the
 output-mode and baseline steps are profiled (``torch.profiler``, a few steps each) and the ops whose total
@@ -55,6 +61,8 @@ class Case:
     name: str
     step: Callable[[], None]
     flops: int = 0
+    saved_bytes: int = -1
+    state_bytes: int = 0
     times: list[float] = field(default_factory=list)
 
 
@@ -113,6 +121,9 @@ def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: b
             plan = RolePlan.preset(scenario, table="uniform")
             opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode.split("-")[0], seed=0)
     expand = _index_select_3d if mode == "output-3d" else _core.expand_units
+    if compiled:
+        with torch.no_grad():
+            model(**inputs)
     forward = torch.compile(model) if compiled else model
 
     def loss_backward() -> None:
@@ -131,11 +142,34 @@ def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: b
 
     step()  # the first step settles lazy state (norm coupling, compilation) before FLOPs are counted
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the counter's global module hooks around a compiled module
         loss_backward()
     opt.zero_grad(set_to_none=True)
     name = f"{kind}/{mode}" if mode == "baseline" else f"{kind}/{mode}/{scenario}"
-    return Case(name + ("/compiled" if compiled else ""), step, counter.get_total_flops())
+    case = Case(name + ("/compiled" if compiled else ""), step, counter.get_total_flops())
+    state = [v for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    case.state_bytes = opt.state_bytes() if opt is not base else sum(t.numel() * t.element_size() for t in state)
+    if not compiled:
+        case.saved_bytes = _saved_bytes(model, loss_backward)
+        opt.zero_grad(set_to_none=True)
+    return case
+
+
+def _saved_bytes(model: nn.Module, loss_backward: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward + backward (each storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_backward()
+    return sum(seen.values())
 
 
 def _profile(case: Case, steps: int) -> dict[str, tuple[float, int]]:
@@ -212,21 +246,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
         f"{args.steps} timed rounds, medians"
     )
-    print("| case | step ms | vs baseline | GFLOPs (fwd+bwd) | FLOPs vs baseline | time / FLOPs |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| case | step ms | vs baseline | compiled / eager | GFLOPs (fwd+bwd) | FLOPs vs baseline | time / FLOPs "
+        "| activations MB | optimizer state MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     result: dict[str, float] = {}
     for name, case in cases.items():
         kind = name.split("/")[0]
         base = cases[f"{kind}/baseline" + ("/compiled" if name.endswith("/compiled") else "")]
         r, fr = ratio(case, base), case.flops / base.flops
+        eager = cases.get(name.removesuffix("/compiled"))
+        vs_eager = f"{ratio(case, eager):.3f}" if case is not eager else "-"
+        act = f"{case.saved_bytes / 2**20:.1f}" if case.saved_bytes >= 0 else "-"
         print(
-            f"| {name} | {statistics.median(case.times) * 1e3:.1f} | {r:.3f} | {case.flops / 1e9:.2f} | "
-            f"{fr:.3f} | {r / fr:.3f} |"
+            f"| {name} | {statistics.median(case.times) * 1e3:.1f} | {r:.3f} | {vs_eager} | {case.flops / 1e9:.2f} | "
+            f"{fr:.3f} | {r / fr:.3f} | {act} | {case.state_bytes / 2**20:.1f} |"
         )
         if case is not base:
             key = name.replace("/", "_").replace("-", "_")
             result[f"{key}_vs_baseline"] = r
             result[f"{key}_time_over_flops"] = r / fr
+            result[f"{key}_flops_vs_baseline"] = fr
+            if case.saved_bytes >= 0:
+                result[f"{key}_activations_vs_baseline"] = case.saved_bytes / base.saved_bytes
     if not args.no_profile:
         for kind in args.models:
             base = _profile(cases[f"{kind}/baseline"], args.profile_steps)
