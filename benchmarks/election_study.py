@@ -34,158 +34,76 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 import train_image  # noqa: E402
 
+# the election flags every stable-policy row shares; its score follows
+_STABLE = "--elect-every epoch --election-policy stable --election "
+
 #: policy name -> (what it is, train_image flags; "{E}" is the number of epochs, "{S}" the scenario)
-POLICIES: dict[str, tuple[str, list[str]]] = {
-    "baseline": ("dense full-width network, no roles", ["--scenario", "baseline"]),
+POLICIES: dict[str, tuple[str, str]] = {
+    "baseline": (
+        "dense full-width network, no roles",
+        "--scenario baseline",
+    ),
     "narrow": (
         "dense network with the plan's active widths (width-matched control)",
-        ["--scenario", "narrow-{S}"],
+        "--scenario narrow-{S}",
     ),
     "narrow-flops": (
         "dense network, active widths scaled to output cloning's forward FLOPs (FLOP-matched control)",
-        ["--scenario", "narrow-{S}", "--width-match", "flops"],
+        "--scenario narrow-{S} --width-match flops",
     ),
-    "fixed": ("output cloning, roles drawn once and kept", ["--elect-every", "never"]),
+    "fixed": (
+        "output cloning, roles drawn once and kept",
+        "--elect-every never",
+    ),
     "seed-redraw": (
         "output cloning, roles redrawn at random every epoch (the seed's protocol)",
-        ["--elect-every", "epoch", "--election", "random", "--election-policy", "rank"],
+        "--elect-every epoch --election random --election-policy rank",
     ),
     "grow-random": (
         "stable policy, leaders grown 0.5x -> 1.5x of the plan over the epochs (mean 1x), random promotions",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "random",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:0.5:1.5:{E}",
-        ],
-    ),  # fmt: skip
+        _STABLE + "random --leader-scales ramp:0.5:1.5:{E}",
+    ),
     "grow-conflict": (
         "as grow-random, promoting the clones whose gradient conflicts most with their group's",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:0.5:1.5:{E}",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --leader-scales ramp:0.5:1.5:{E}",
+    ),
     "grow-random-copy": (
         "as grow-random, a promoted clone also starts from its source's optimizer state (warm handover)",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "random",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:0.5:1.5:{E}",
-            "--clone-state",
-            "copy",
-        ],
-    ),  # fmt: skip
+        _STABLE + "random --leader-scales ramp:0.5:1.5:{E} --clone-state copy",
+    ),
     "grow-conflict-copy": (
         "as grow-conflict, with the source's optimizer state (warm handover)",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:0.5:1.5:{E}",
-            "--clone-state",
-            "copy",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --leader-scales ramp:0.5:1.5:{E} --clone-state copy",
+    ),
     "grow-wide-copy": (
         "leaders grown 0.25x -> 1.75x (mean 1x), conflict promotions, warm handover",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:0.25:1.75:{E}",
-            "--clone-state",
-            "copy",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --leader-scales ramp:0.25:1.75:{E} --clone-state copy",
+    ),
     "swap-conflict-copy": (
         "as swap-conflict, with warm handover",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--max-churn",
-            "0.1",
-            "--clone-state",
-            "copy",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --max-churn 0.1 --clone-state copy",
+    ),
     "grow-early": (
-        "stable policy, leaders at 0.5x for the first quarter of the epochs, then the rest at the scale that "
-        "keeps the mean at 1x; conflict promotions",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "{EARLY}",
-        ],
-    ),  # fmt: skip
+        "stable policy, leaders at 0.5x for the first quarter of the epochs, then the rest at the scale that keeps "
+        "the mean at 1x; conflict promotions",
+        _STABLE + "clone_conflict --leader-scales {EARLY}",
+    ),
     "grow-early-random": (
         "as grow-early, random promotions",
-        ["--elect-every", "epoch", "--election", "random", "--election-policy", "stable", "--leader-scales", "{EARLY}"],
-    ),  # fmt: skip
+        _STABLE + "random --leader-scales {EARLY}",
+    ),
     "shrink-conflict": (
         "stable policy, leaders shrunk 1.5x -> 0.5x (mean 1x), demoting the most redundant leaders",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--leader-scales",
-            "ramp:1.5:0.5:{E}",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --leader-scales ramp:1.5:0.5:{E}",
+    ),
     "swap-conflict": (
         "stable policy at fixed counts, every epoch up to 10% of leaders swapped for conflicting clones",
-        ["--elect-every", "epoch", "--election", "clone_conflict", "--election-policy", "stable", "--max-churn", "0.1"],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --max-churn 0.1",
+    ),
     "swap-conflict-h": (
         "as swap-conflict, hysteresis 1 (a clone must beat the leader's score by |score|)",
-        [
-            "--elect-every",
-            "epoch",
-            "--election",
-            "clone_conflict",
-            "--election-policy",
-            "stable",
-            "--max-churn",
-            "0.1",
-            "--hysteresis",
-            "1",
-        ],
-    ),  # fmt: skip
+        _STABLE + "clone_conflict --max-churn 0.1 --hysteresis 1",
+    ),
 }
 CONTROLS = ("baseline", "narrow", "narrow-flops")
 
@@ -246,7 +164,7 @@ def _fill(flag: str, args: argparse.Namespace) -> str:
 
 
 def run_argv(args: argparse.Namespace, policy: str, seed: int, out: Path) -> list[str]:
-    flags = [_fill(f, args) for f in POLICIES[policy][1]]
+    flags = [_fill(f, args) for f in POLICIES[policy][1].split()]
     argv = [
         "--dataset", str(args.dataset), "--model", args.model, "--scenario", args.scenario,
         "--clone-mode", "output", "--assign", "round_robin",
@@ -296,7 +214,7 @@ def _flag_value(flags: Sequence[str], name: str) -> str | None:
 def epoch_configs(args: argparse.Namespace, policy: str) -> list[str]:
     """The network configuration each epoch of ``policy`` trains: ``baseline``, ``narrow``, ``narrow-flops`` or
     ``<scenario>@<leader scale>`` (``+probe`` when the score probes output-cloned layers)."""
-    flags = [_fill(f, args) for f in POLICIES[policy][1]]
+    flags = [_fill(f, args) for f in POLICIES[policy][1].split()]
     if policy in CONTROLS:
         return [policy] * args.epochs
     from egg_optim.core.policies import parse_leader_scales
@@ -476,7 +394,7 @@ def summarise(
         )
     lines += ["", "Policies:", ""]
     for policy in results:
-        flags = " ".join(_fill(f, args) for f in POLICIES[policy][1])
+        flags = " ".join(_fill(f, args) for f in POLICIES[policy][1].split())
         lines.append(f"- `{policy}`: {POLICIES[policy][0]} (`{flags}`)")
     lines += [
         "",
