@@ -155,6 +155,39 @@ def test_block_output_mode_computes_clones_as_their_sources_and_saves_a_plain_mo
     assert type(model.get_submodule(next(iter(groups.values())).consumer)).__name__ in ("Linear", "Conv1D")
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_weight_clones_take_producer_rows_only_and_compute_what_output_mode_computes(kind):
+    """A weight clone of a neuron or head takes its source's producer rows (so it computes its source's
+    activation) and keeps its own consumer column: the model then computes exactly what output mode computes
+    with the same roles. Copying the column too would double the source's contribution."""
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, inputs = tiny(kind)
+    twin = copy.deepcopy(model)
+    weight = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1),
+                                  clone_every=None, seed=3)  # fmt: skip
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert weight.clone_now() > 0
+    output = LeaderCloneOptimizer(twin, torch.optim.SGD(twin.parameters(), lr=0.1), RolePlan(0.4, 0.1),
+                                  clone_mode="output", seed=3)  # fmt: skip
+    assert any(layer.group is not None for layer in weight.layers.values())
+    for name, layer in weight.layers.items():
+        assert output.roles[name].same_as(weight.roles[name])
+        for pname, p in layer.params:
+            er, dim = layer.roles_of(pname, weight.roles[name]), layer.dim_of(pname)
+            clones = p.index_select(dim, er.clones)
+            if layer.copied_by_clones(pname):
+                assert torch.equal(clones, p.index_select(dim, er.sources)), pname
+            else:  # the consumer's columns: untouched
+                assert pname.startswith(layer.group.consumer) and torch.equal(
+                    clones, before[pname].index_select(dim, er.clones)
+                )
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, twin(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_block_output_mode_follows_role_updates():
     from egg_optim.rewrites.block_output import BlockOutputCloning
 

@@ -1,4 +1,5 @@
-"""Weight cloning: each clone takes its source leader's unit (weight row, bias, norm entries).
+"""Weight cloning: each clone takes its source leader's unit (weight row, bias, norm entries; a block unit's
+producer rows, not the consumer columns that read it: :meth:`ManagedLayer.copied_by_clones`).
 
 ``blend`` mixes (``1.0`` copies), ``noise`` adds Gaussian noise relative to each source row's RMS to break
 the symmetry between a leader and its clones, and ``state`` says what happens to the clone's rows of the
@@ -63,6 +64,8 @@ def clone_layer(
         return 0
     unit_roles = roles
     for pname, p in layer.params:
+        if not layer.copied_by_clones(pname):
+            continue
         dim, roles = layer.dim_of(pname), layer.roles_of(pname, unit_roles)
         whole = full(p)  # p itself unless sharded
         idx = roles.clones.to(whole.device)

@@ -82,6 +82,14 @@ class ManagedLayer:
         index = self.index.get(name)
         return roles if index is None else roles.expand(index)
 
+    def copied_by_clones(self, name: str) -> bool:
+        """Whether a weight clone takes owned tensor ``name`` from its source: what computes a unit (weight rows,
+        bias, norm entries; a block's producer rows), not the columns through which a block's consumer reads it.
+        With its source's producer rows a clone neuron or head computes its source's activation and passes it on
+        through its own frozen column, as in output mode; copying the column too would double the source's share."""
+        consumer = self.group.consumer if self.group is not None else None
+        return consumer is None or not name.startswith(consumer + ".")
+
     @property
     def num_units(self) -> int:
         return self.group.num_units if self.group is not None else num_units(self.module)
