@@ -27,10 +27,6 @@ self time differs most between the two are listed: that is where output mode's t
     python benchmarks/bench_transformers.py --steps 5 --no-profile
     python benchmarks/bench_transformers.py --models llama --compile   # eager and torch.compile cases
 
-``--before-gather-fix`` adds the case ``output-3d``: output mode as it was before issue 13, expanding a
-Linear's active units on the 3-D activation (``y.index_select(-1, gather)``, torch's slow path) instead of its 2-D
-view, swapped in for that case's steps only.
-
 The last line printed is one JSON object with the headline ratios.
 """
 
@@ -50,10 +46,8 @@ import torch
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.rewrites.output_cloning import _core
 
 MODES = ("baseline", "weight", "output")
-_EXPAND = _core.expand_units
 
 
 @dataclass
@@ -99,10 +93,6 @@ def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 MODELS = {"bert": _bert, "llama": _llama}
 
 
-def _index_select_3d(y: torch.Tensor, dim: int, gather: torch.Tensor) -> torch.Tensor:
-    return y.index_select(dim, gather)
-
-
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:
     torch.manual_seed(0)
     model, extra = MODELS[kind]()
@@ -119,19 +109,14 @@ def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan = RolePlan.preset(scenario, table="uniform")
-            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode.split("-")[0], seed=0)
-    expand = _index_select_3d if mode == "output-3d" else _core.expand_units
+            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0)
     if compiled:
         with torch.no_grad():
             model(**inputs)
     forward = torch.compile(model) if compiled else model
 
     def loss_backward() -> None:
-        _core.expand_units = expand
-        try:
-            forward(**inputs).loss.backward()
-        finally:
-            _core.expand_units = _EXPAND
+        forward(**inputs).loss.backward()
 
     def step() -> None:
         loss_backward()
@@ -216,16 +201,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="rows of each profile table")
-    parser.add_argument("--before-gather-fix", action="store_true", help="add the case output-3d (see above)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = MODES + (("output-3d",) if args.before_gather_fix else ())
     if args.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     cases = {}
     for kind in args.models:
-        for mode in modes:
+        for mode in MODES:
             for scenario in args.scenarios[:1] if mode == "baseline" else args.scenarios:
                 for compiled in (False, True) if args.compile else (False,):
                     case = _make(kind, mode, scenario, args.batch, args.seq, compiled)

@@ -282,3 +282,18 @@ def test_block_units_compile_without_graph_breaks_and_match_eager(mode):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_clone_gradient_probe_scores_are_refused_for_blocks_in_output_mode():
+    """The output-mode probe records plain layers only: a block would score nothing and elect on zeros."""
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    model, _ = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ConfigError, match="clone_conflict.*transformer blocks"):
+        LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1),
+                             clone_mode="output", election="clone_conflict", election_policy="stable",
+                             elect_every="epoch")  # fmt: skip
+    assert {n: type(m) for n, m in model.named_modules()} == types  # nothing rewritten
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

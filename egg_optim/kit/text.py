@@ -147,20 +147,14 @@ def _raw_splits(source: str | os.PathLike | Sequence[str | os.PathLike], config_
 
 
 def _pick_text_column(ds, wanted: str | None, name: str) -> str:
+    """``wanted``, else the first usual text column name, else the dataset's only string column."""
     import datasets
 
+    from .data import _pick_column
+
     cols = ds.column_names
-    if wanted is not None:
-        if wanted not in cols:
-            raise ConfigError(f"dataset {name!r} has no text column {wanted!r}; columns: {cols}")
-        return wanted
-    for c in _TEXT_COLUMNS:
-        if c in cols:
-            return c
     strings = [c for c in cols if isinstance(ds.features[c], datasets.Value) and ds.features[c].dtype == "string"]
-    if len(strings) == 1:
-        return strings[0]
-    raise ConfigError(f"dataset {name!r}: cannot tell the text column among {cols} (pass text_column=...)")
+    return _pick_column(cols, wanted, [*_TEXT_COLUMNS, *(strings if len(strings) == 1 else [])], "text", name)
 
 
 def load_text_dataset(

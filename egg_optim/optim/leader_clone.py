@@ -123,6 +123,14 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
             model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
         )
         layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
+        if config.clone_mode == "output" and isinstance(config.score, UnitGradScore):
+            in_blocks = [n for n, lay in layers.items() if lay.group is not None]
+            if in_blocks:  # the output-mode probe records plain layers only: blocks would score nothing
+                raise ConfigError(
+                    f"EggConfig.election {config.score.name!r} probes clone gradients, which output mode records "
+                    f"for plain layers only, not for transformer blocks {in_blocks}; use weight mode, "
+                    "RolePlan(units='layers') or another score"
+                )
         # the counts of every role draw a leader_scales schedule asks for, checked now
         plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
 
@@ -592,7 +600,7 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
             for name, layer in self.layers.items():
                 roles = self.roles[name]
                 weight = layer.unit_rows()
-                if self.output_cloning is not None:  # a promoted clone starts from its source's rows
+                if self.clone_mode == "output":  # a promoted clone starts from its source's rows
                     weight = weight[roles.source_map.to(weight.device)]
                 out[name] = stable_elect(
                     roles,
