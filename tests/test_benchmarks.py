@@ -43,3 +43,68 @@ def test_bench_compile_runs_without_graph_breaks():
     result = bench.main(argv)
     assert result["output_graph_breaks"] == 0 and result["weight_graph_breaks"] == 0
     assert all(math.isfinite(v) for v in result.values()), result
+
+
+def test_demotion_screen_costs_are_the_loss_change_of_the_demotion_and_its_derivative():
+    """The exact cost is what the stable policy's swap really does to the eval loss; the first-order cost is the
+    directional derivative of the loss along that change."""
+    import torch
+    import torch.nn.functional as F
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+    from egg_optim.kit.models import build_model
+
+    screen = _load("demotion_screen")
+    torch.manual_seed(0)
+    x, y, _, _ = screen.load("digits", 256, 64, 0)
+    model = build_model("seed_mnist", in_channels=1, num_classes=10, image_size=x.shape[-2:])
+    score = screen.DemotionCost()
+    opt = LeaderCloneOptimizer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        RolePlan.preset("mild", table=screen.train_image.SEED_TABLES["seed_mnist"]),
+        clone_mode="output",
+        assign="round_robin",
+        election=score,
+        election_policy="stable",
+        max_churn=1e-6,  # one swap per layer at most
+    )
+    for i in range(0, 256, 64):
+        F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+        opt.step()
+        opt.zero_grad()
+    name = "layer2.conv3"
+    roles = opt.roles[name]
+    group = torch.bincount(roles.source_map, minlength=roles.num_units)
+    demoted = int(roles.leaders[group[roles.leaders].argmax()])  # a leader with clones: they move too
+    promoted = int(roles.clones[roles.sources != demoted][0])
+    exact = screen.exact_costs(model, opt, x, y)[name][demoted]
+
+    # first order: the derivative of the loss along the merge, by central differences
+    norm, target = screen._norm_of(model, name), screen.merge_targets(opt, name)[demoted]
+    channels = torch.nonzero(roles.source_map == demoted).flatten()
+
+    def loss_at(eps: float) -> float:
+        handle = norm.register_forward_hook(lambda m, i, o: o + eps * (screen._merged(o, m, channels, target) - o))
+        try:
+            return screen._loss(model, x, y)
+        finally:
+            handle.remove()
+
+    model.eval()
+    derivative = (loss_at(1e-3) - loss_at(-1e-3)) / 2e-3
+    base = loss_at(0.0)
+    first = screen.first_order_costs(model, opt, x, y)[name][demoted]
+    assert first == pytest.approx(derivative, rel=1e-2, abs=1e-6)
+
+    scores = {n: torch.ones(r.num_units) for n, r in opt.roles.items()}  # no swap elsewhere
+    scores[name][roles.clones] = 0.0
+    scores[name][promoted] = 0.5
+    scores[name][demoted] = -1.0
+    score.costs = scores
+    opt.elect_now()
+    after = opt.roles[name]
+    assert demoted in after.clones.tolist() and promoted in after.leaders.tolist()
+    model.eval()
+    assert screen._loss(model, x, y) - base == pytest.approx(exact, rel=1e-3, abs=1e-5)
+    assert abs(exact) > 1e-4  # the check above is not vacuous
