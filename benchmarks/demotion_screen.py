@@ -225,9 +225,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(x)
 
 
-def run(policy: str, seed: int, args: argparse.Namespace, data=None) -> dict[str, Any]:
+def run(policy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
-    x, y, xt, yt = data if data is not None else load(args.dataset, args.max_train_samples, args.max_eval_samples, seed)
+    x, y, xt, yt = load(args.dataset, args.max_train_samples, args.max_eval_samples, seed)
     model = build_model(args.model, in_channels=x.shape[1], num_classes=int(y.max()) + 1, image_size=x.shape[-2:])
     plan = RolePlan.preset(args.scenario, table=train_image.SEED_TABLES[args.model])
     score = DemotionCost()
