@@ -66,8 +66,9 @@ def _model(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
             for m in model.modules():
                 if hasattr(m, "_egg_kernel"):
                     m._egg_kernel = False
-        with torch.no_grad():  # one eager forward decides norm coupling (a compiled forward gives no evidence)
+        with torch.no_grad():  # one eager forward gives the norm coupling's evidence (a compiled one gives none)
             model(torch.zeros(2, 1, 28, 28))
+        opt.couple_norms()  # applied before compiling: it swaps norm classes
     return model.train(), opt
 
 

@@ -16,7 +16,7 @@ Memory (eager cases): ``activations MB``, the bytes of every tensor autograd sav
 (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded: the sliced active weights
 output mode saves count), and ``optimizer state MB`` (AdamW's ``exp_avg``/``exp_avg_sq``; with roles,
 ``LeaderCloneOptimizer.state_bytes()``, clones' parked slices included). Compiled models run one eager forward
-first (it decides norm coupling; a compiled forward gives no evidence).
+first and apply the norm coupling (``couple_norms()``; a compiled forward gives no evidence).
 
 Cases run in ONE process, interleaved round-robin so machine noise hits all of them alike; the table gives
 medians and the median of per-round ratios against the bare AdamW step measured in the same rounds. Then the
@@ -113,6 +113,8 @@ def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: b
     if compiled:
         with torch.no_grad():
             model(**inputs)
+        if isinstance(opt, LeaderCloneOptimizer):
+            opt.couple_norms()
     forward = torch.compile(model) if compiled else model
 
     def loss_backward() -> None:

@@ -489,8 +489,7 @@ def build_local_loss(config: EggConfig, model: torch.nn.Module) -> Any:
 def build_callbacks(config: EggConfig, local_loss: Any = None) -> list[Callback]:
     """The callbacks a config asks for, in the order they must run: local-loss scores (fed before the step
     that may hold an election), then role logging. Elections and cloning are the optimizer's own schedules."""
-    if config.score.name == "local_loss" and local_loss is None:
-        raise ConfigError("EggConfig: election='local_loss' scores units by their LFNN worker loss; set local_losses")
+    config.validate(local_loss_given=local_loss is not None)
     cbs: list[Callback] = []
     if local_loss is not None:
         cbs.append(LocalLossCallback(local_loss, kind=config.local_loss_scores))

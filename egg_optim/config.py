@@ -21,11 +21,11 @@ from .core.election import ASSIGN_STRATEGIES
 from .core.plan import PRESET_TABLES, PRESETS, RolePlan
 from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
-from .core.scores import SCORES, CloneConflictScore, Score, resolve_score
+from .core.scores import SCORES, Score, resolve_score
 from .errors import ConfigError, PlanError
+from .rewrites.base import EVAL_MODES
 
 CLONE_MODES = ("weight", "output")
-EVAL_MODES = ("as_trained", "own_weights")
 LOCAL_LOSS_SCORES = ("last", "ema")
 
 
@@ -149,6 +149,51 @@ class EggConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        self.validate()
+
+    def validate(
+        self,
+        *,
+        local_loss_given: bool | None = None,
+        model_init: bool = False,
+        world_size: int = 1,
+        local_loss_heads: bool = False,
+    ) -> EggConfig:
+        """Check every rule between fields, and between the config and where it is used (the one place such rules
+        live; each field alone is checked at construction). Construction runs it with the defaults; the
+        callbacks and the transformers integration run it again with what they know:
+
+        ``local_loss_given``: whether a local-loss module exists to feed a score that needs local losses
+        (``None``: not known); ``model_init``: a Trainer builds its model with ``model_init``; ``world_size``:
+        processes training together; ``local_loss_heads``: the local-loss module has trainable heads.
+        Raises :class:`ConfigError`; returns the config."""
+        score = resolve_score(self.election)
+        if self.scales and Schedule.parse(self.elect_every).never:
+            raise ConfigError(
+                f"EggConfig.leader_scales {self.leader_scales!r} changes the plan at elections, but elect_every is "
+                "'never'; give an election schedule (e.g. 'epoch')"
+            )
+        if Schedule.parse(self.elect_every).at_train_end:
+            raise ConfigError("EggConfig.elect_every: an election when training ends would change the trained model")
+        if score.policies is not None and self.election_policy not in score.policies:
+            raise ConfigError(
+                f"EggConfig.election {score.name!r} {score.policies_reason or 'is read by other policies'}, which "
+                f"only the {' or '.join(score.policies)} policy reads; got election_policy={self.election_policy!r}"
+            )
+        if self.local_losses is not None and "num_classes" not in self.local_losses:
+            raise ConfigError("EggConfig.local_losses needs num_classes (and usually layers=[...])")
+        if local_loss_given is False and score.requires("local_losses"):
+            raise ConfigError(
+                f"EggConfig: election={score.name!r} scores units by their LFNN worker loss; set local_losses"
+            )
+        if model_init and self.local_losses is not None:
+            raise ConfigError("EggConfig.local_losses cannot follow a Trainer model_init (hooks are per model)")
+        if local_loss_heads and world_size > 1:
+            raise ConfigError(
+                "LFNN readout heads / block heads are not part of the DDP module, so their gradients would "
+                "not be averaged across ranks: use readout='direct'/'gap' without blocks under DDP"
+            )
+        return self
 
     # ------------------------------------------------------------------ derived values
     def replace(self, **changes: Any) -> EggConfig:
@@ -243,16 +288,7 @@ def _validate(cfg: EggConfig) -> None:
     value = cfg.max_churn
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1):
         raise _fail("max_churn", value, "a number in [0, 1]")
-    if cfg.scales and Schedule.parse(cfg.elect_every).never:
-        raise ConfigError(
-            f"EggConfig.leader_scales {cfg.leader_scales!r} changes the plan at elections, but elect_every is "
-            "'never'; give an election schedule (e.g. 'epoch')"
-        )
-    if isinstance(resolve_score(cfg.election), CloneConflictScore) and cfg.election_policy != "stable":
-        raise ConfigError(
-            "EggConfig.election 'clone_conflict' scores clones against their sources and leaders against each "
-            f"other, which only the stable policy reads; got election_policy={cfg.election_policy!r}"
-        )
+    cfg.scales  # noqa: B018 - parsed: leader_scales alone is valid
     try:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
@@ -273,11 +309,8 @@ def _validate(cfg: EggConfig) -> None:
         and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in cfg.norms.items())
     ):
         raise _fail("norms", cfg.norms, "None or a {layer name: norm layer name or None} dict")
-    if cfg.local_losses is not None:
-        if not isinstance(cfg.local_losses, Mapping):
-            raise _fail("local_losses", cfg.local_losses, "None or a dict of LeaderFollowerLoss keyword arguments")
-        if "num_classes" not in cfg.local_losses:
-            raise ConfigError("EggConfig.local_losses needs num_classes (and usually layers=[...])")
+    if cfg.local_losses is not None and not isinstance(cfg.local_losses, Mapping):
+        raise _fail("local_losses", cfg.local_losses, "None or a dict of LeaderFollowerLoss keyword arguments")
 
 
 # ---------------------------------------------------------------------------------------------- command lines

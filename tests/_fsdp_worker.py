@@ -115,7 +115,9 @@ def gathered(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def own_rows(opt: LeaderCloneOptimizer) -> dict[str, torch.Tensor]:
     """Every unit-owned tensor as it is (not as saved: output mode saves clones filled), gathered."""
-    return {q: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for _, q, t in opt._owned()}
+    return {
+        q: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for _, q, t in opt.controller.owned()
+    }
 
 
 def roles_of(opt: LeaderCloneOptimizer) -> dict[str, dict[str, torch.Tensor]]:

@@ -33,8 +33,9 @@ def _pair(mode: str):
         model = TinySeedNet()
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # Adam would amplify float noise
         opt = LeaderCloneOptimizer(model, base, RolePlan(0.4, 0.1), clone_mode=mode, election="random", seed=0)
-        with torch.no_grad():  # one eager forward decides norm coupling, before compiling (as the warning says)
+        with torch.no_grad():  # one eager forward records the norm coupling's evidence, before compiling
             model(torch.zeros(2, 1, 8, 8))
+        opt.couple_norms()  # applied before compiling (as the warning says): it swaps norm classes
         out.append((model, opt))
     return out
 

@@ -107,6 +107,8 @@ def test_seed_cnns_keep_their_conv_bn_pairs(caplog):
         opt = LeaderCloneOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1), plan, clone_mode="output")
         with caplog.at_level(logging.INFO, logger="egg_optim"):
             net(torch.randn(2, 1, 28, 28) if isinstance(net, SeedMNISTNet) else torch.randn(2, 1, 6, 6))
+            assert opt.coupling_pending and opt.coupled_norms == {}  # the forward pass only records evidence
+            opt.couple_norms()  # the named point (or the next step)
         pairs = {f"layer{b}.conv{c}": f"layer{b}.bn{c}" for b in (1, 2, 3) for c in (1, 2, 3)}
         if isinstance(net, SeedMNISTNet):  # every conv except the last Linear is managed, shortcuts included
             pairs.update({f"layer{b}.shortcut.0": f"layer{b}.shortcut.1" for b in (1, 3)})
@@ -180,6 +182,31 @@ def test_deep_copies_carry_inert_hooks():
     opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5))
     twin = copy.deepcopy(model)  # before the decision: the copy's hooks must not decide for the original
     twin(torch.randn(2, 1, 6, 6))
-    assert opt.coupling_pending
     model(torch.randn(2, 1, 6, 6))
+    assert opt.coupling_pending
+    opt.couple_norms()
     assert len(opt.coupled_norms) == 9 + 2  # block convs and the two shortcut convs
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_the_forward_pass_only_records_and_the_next_step_couples(mode):
+    """Nothing changes inside the first forward pass: the coupling (new unit tensors, fused norm classes) is
+    applied at the start of the next step, before its update, so that step already holds clone norm entries."""
+    torch.manual_seed(0)
+    model = TinySeedNet()
+    plan = RolePlan.preset("mild", table="mnist")
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), plan, clone_mode=mode, clone_every=None
+    )
+    classes = {n: type(m) for n, m in model.named_modules()}
+    model(torch.randn(2, 1, 6, 6)).logsumexp(1).mean().backward()
+    assert opt.coupling_pending and opt.coupled_norms == {}
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    bn = model.layer1.bn1
+    before = bn.weight.detach().clone()
+    opt.step()
+    assert not opt.coupling_pending and opt.coupled_norms["layer1.conv1"] == "layer1.bn1"
+    if mode == "output":
+        assert opt.output_cloning.norms["layer1.conv1"] == "layer1.bn1"
+    clones = opt.roles["layer1.conv1"].clones
+    assert torch.equal(bn.weight.detach()[clones], before[clones])  # frozen in the very step that coupled them

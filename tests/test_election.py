@@ -15,6 +15,7 @@ from egg_optim import (
     elect,
     register_score,
 )
+from egg_optim.core.scores import RandomScore
 
 
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=40))
@@ -191,3 +192,46 @@ def test_first_random_election_draws_new_roles():
     initial = opt.roles["0"]
     opt.elect_now()
     assert not opt.roles["0"].same_as(initial)
+
+
+class _CloneGradNorm(Score):
+    """A score defined outside the package that needs clone gradients: it implements the score protocol
+    directly (no UnitGradScore), so only its declaration tells the controller to probe."""
+
+    name = "test_clone_grad_norm"
+    needs = frozenset({"clone_grads"})
+    probe_every = 1
+
+    def initial(self):
+        return RandomScore()
+
+    def observe_step(self, layer, data):
+        return None if data.clone_grads is None else data.clone_grads.flatten(1).norm(dim=1)
+
+    def unit_scores(self, layer, generator, average):
+        return average if average is not None else torch.zeros(layer.num_units)
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_a_custom_score_that_needs_clone_gradients_gets_them(mode):
+    torch.manual_seed(0)
+    model = mlp((5, 16, 16, 3))
+    score = _CloneGradNorm()
+    opt = LeaderCloneOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25, 0.0), election=score, clone_mode=mode
+    )
+    assert opt.grad_skip is None  # needing clone gradients keeps weight-mode gradient skipping off
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randn(4, 5, generator=gen)).square().mean().backward()
+        grad = model[0].weight.grad.clone()
+        opt.step()
+        opt.zero_grad()
+    clones = opt.roles["0"].clones
+    if mode == "output":
+        assert torch.equal(grad[clones], torch.zeros_like(grad[clones]))  # clones get no weight gradient ...
+    book = opt.book.layers["0"]
+    probed = 3 if mode == "weight" else 2  # output mode probes from the step after the first on
+    assert book.score_count == probed and bool((book.score_sum[clones] > 0).all())  # ... the score saw theirs
+    opt.elect_now()
+    assert opt.elections == 1

@@ -74,6 +74,7 @@ def _check_one_step(opt: LeaderCloneOptimizer, model: nn.Module, cls, kwargs, ex
     ``exact=False``: non-clone rows within float rounding. CPU fused kernels run a vector loop and a scalar tail
     that round differently, so a row's result may depend on the tensor's length (compact storage changes it)."""
     same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+    opt.couple_norms()  # what step() would do first: the norm entries the forward pass coupled are units' too
     ref_model = copy.deepcopy(model)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()  # deepcopy drops .grad of Parameters

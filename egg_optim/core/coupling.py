@@ -20,12 +20,14 @@ reads a managed layer's output. :func:`decide` turns what was seen into a :class
 Explicit couplings (``norms={layer: norm}``) are taken as given (they need not be direct: ``Linear -> transpose
 -> BatchNorm1d`` is a valid ownership); they are fused only when proven fusable like the others.
 
-The decision is made once: at the end of the first complete forward pass of the root module, or, when none ran
-(the model was compiled before its first call, only submodules were called, ``DataParallel`` replicas), at the
-first optimizer step with explicit couplings only (logged as a warning). Until then the unit tensors are the
+The first complete forward pass of the root module only *records* its evidence (and removes the hooks); nothing
+changes inside it. The decision is made, and applied, at one named point: the next optimizer step (the start of
+``LeaderCloneOptimizer.step()``) or an explicit ``LeaderCloneOptimizer.couple_norms()``. When no complete forward
+pass ran before it (the model was compiled before its first call, only submodules were called, ``DataParallel``
+replicas), the decision takes explicit couplings only (logged as a warning). Until then the unit tensors are the
 layers' own and nothing is fused, which computes the same. A forward pass under ``torch.compile`` gives no
-evidence: run one eager forward pass before compiling. The optimizer's state dict stores the decision, and a
-resumed run that has not decided yet adopts it.
+evidence: run one eager forward pass and ``couple_norms()`` before compiling (the coupling swaps norm classes).
+The optimizer's state dict stores the decision, and a resumed run that has not decided yet adopts it.
 """
 
 from __future__ import annotations
@@ -317,9 +319,10 @@ def decide(
 
 
 class NormCoupling:
-    """Decides a model's norm coupling once, from its first complete forward pass, then hands the decision to
-    ``apply(coupling)`` and removes its hooks. Nothing to observe (no candidate norm, no fusable explicit pair):
-    decided at construction without hooks.
+    """Decides a model's norm coupling once. Its hooks record the evidence of the first complete forward pass and
+    are removed; :meth:`decide_now` (the owner calls it at a named point: the next optimizer step, or
+    ``couple_norms()``) decides from that evidence and hands the decision to ``apply(coupling)``. Nothing to
+    observe (no candidate norm, no fusable explicit pair): decided at construction without hooks.
 
     Args:
         model: the root module whose forward pass is watched.
@@ -352,6 +355,7 @@ class NormCoupling:
                 if nname is not None and lname in self._layers and fusable(self._layers[lname], modules[nname]):
                     self._norms[nname] = modules[nname]
         self._trace: ForwardTrace | None = None
+        self.evidence: Evidence | None = None  # of the first complete forward pass, until the decision
         if self._norms:
             self._trace = ForwardTrace(model, self._layers, self._norms, self._complete)
         else:
@@ -399,13 +403,14 @@ class NormCoupling:
     def adopt(self, coupling: Coupling) -> None:
         """Take a decision made elsewhere (a resumed run adopts the saved run's coupling); already applied."""
         self.coupling = coupling
+        self.evidence = None
         self.remove()
         logger.info("egg_optim: %s (from the state dict)", coupling.describe())
 
     def decide_now(self) -> None:
-        """Decide with what has been seen (nothing: explicit couplings only, no fusion)."""
+        """Decide from the recorded evidence (none: explicit couplings only, no fusion) and apply the decision."""
         if self.pending:
-            self._finish(None)
+            self._finish(self.evidence)
 
     def remove(self) -> None:
         """Stop watching without deciding (the owner is going away)."""
@@ -414,7 +419,9 @@ class NormCoupling:
             self._trace = None
 
     def _complete(self, evidence: Evidence) -> None:
-        self._finish(evidence)
+        # inside the forward pass: record only (the model and the optimizer change at decide_now)
+        self.evidence = evidence
+        self.remove()
 
     def _finish(self, evidence: Evidence | None, quiet: bool = False) -> None:
         apply = self._apply()
@@ -422,15 +429,17 @@ class NormCoupling:
             self.remove()
             return
         coupling = decide(self._layers, self._norms, self._explicit, evidence, self._fusable)
-        apply(coupling)  # validates before changing anything; raising leaves the trace in place
+        apply(coupling)  # validates before changing anything; raising leaves it pending
         self.coupling = coupling
+        self.evidence = None
         self.remove()
         if not quiet:
             if evidence is None and (set(self._norms) - set(coupling.coupled.values())):
                 logger.warning(
-                    "egg_optim: no complete eager forward pass of the model ran before the first optimizer step, "
-                    "so no norm layer was coupled automatically (under torch.compile, run one forward pass before "
-                    "compiling; or pass norms={layer: norm}); %s",
+                    "egg_optim: no complete eager forward pass of the model ran before the norm coupling was applied "
+                    "(the first optimizer step or couple_norms()), so no norm layer was coupled automatically (under "
+                    "torch.compile, run one eager forward pass and couple_norms() before compiling; or pass "
+                    "norms={layer: norm}); %s",
                     coupling.describe(),
                 )
             elif any(k.endswith("(fusion)") for k in coupling.notes):

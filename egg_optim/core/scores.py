@@ -1,41 +1,92 @@
 """Unit scores for leader elections: callable objects, like torch-pruning's ``Importance``.
 
-A :class:`Score` is called at an election, ``score(layer, generator) -> Tensor[num_units]`` (higher leads).
-A :class:`RunningScore` is instead observed after every optimizer step (``observe(layer)``) and the optimizer
-averages the observations since the last election; an :class:`ObservedScore` receives its observations from
-outside, through :meth:`LeaderCloneOptimizer.observe_scores` (the LFNN local-loss score).
+One protocol, which the role controller (:class:`~egg_optim.optim.controller.RoleController`) calls and never
+looks behind (no ``isinstance`` on score classes outside this module):
 
-Scores that read ``weight.grad`` set ``reads_grad = True``: weight-mode gradient skipping
-(:mod:`egg_optim.rewrites.grad_skip`, which leaves clone rows of the gradient zero) then stays off.
+* ``score.needs``: what the score reads, from :data:`NEEDS`. ``"weights"`` and ``"grads"`` it reads itself
+  from the layer (``"grads"`` keeps weight-mode gradient skipping off, which would leave clone rows of
+  ``weight.grad`` zero); ``"clone_grads"``: every unit's weight gradient *as if each unit were computed*,
+  clones included, which the controller provides in :attr:`StepData.clone_grads` (``weight.grad`` in weight
+  mode; in output mode, where clones have no weight gradient, a probe through the layer rewrite one training
+  step in ``probe_every``); ``"local_losses"``: per-unit values pushed from outside
+  (:meth:`LeaderCloneOptimizer.observe_scores`, the LFNN local-loss callback).
+* ``score.observe_step(layer, data)`` after every optimizer step's gradients are complete: this step's
+  per-unit values, or ``None``. The controller averages them until the next election.
+* ``score.unit_scores(layer, generator, average)`` at an election: the per-unit scores (higher leads).
+  ``average``: the mean of the observed values (and pushed ones) since the last election, or ``None``.
+* ``score.initial()``: the score that draws the first roles, before anything was observed.
 
-A :class:`UnitGradScore` sees every unit's weight gradient *as if each unit were computed*, clones included,
-with the layer's roles (:meth:`UnitGradScore.observe_grads`): ``weight.grad`` in weight mode, and in output
-mode, where clones have no weight gradient, a probe of the output-cloned layer every ``probe_every`` steps
-(:meth:`egg_optim.rewrites.output_cloning.OutputCloning.probe`). :class:`CloneConflictScore` is the one that
-lets elections free clones in output mode.
+The base classes implement it for the usual shapes, so a new score subclasses one of them and never touches
+the optimizer or the config: a :class:`Score` is called at an election, ``score(layer, generator)``; a
+:class:`RunningScore` is observed after every step (``observe(layer)``) and averaged; an :class:`ObservedScore`
+receives its observations from outside; a :class:`UnitGradScore` observes every unit's gradient with the
+layer's roles (:meth:`UnitGradScore.observe_grads`). :class:`CloneConflictScore` is the one that lets
+elections free clones in output mode. ``Score.policies`` names the election policies that can read a score
+(checked by :meth:`EggConfig.validate <egg_optim.config.EggConfig.validate>`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..errors import ConfigError
 from .roles import Roles
 from .units import ManagedLayer
 
 ScoreFn = Callable[[ManagedLayer], torch.Tensor]
+NEEDS = ("weights", "grads", "clone_grads", "local_losses")
+
+
+@dataclass(frozen=True)
+class StepData:
+    """What the controller hands :meth:`Score.observe_step` for one layer: its roles, and every unit's weight
+    gradient as if each unit were computed (``clone_grads``; ``None`` unless the score needs it, or on a step
+    that was not probed)."""
+
+    roles: Roles
+    clone_grads: torch.Tensor | None = None
 
 
 class Score:
-    """Scores every unit of a layer at an election. Subclass and implement :meth:`__call__`."""
+    """Scores every unit of a layer at an election. Subclass and implement :meth:`__call__` (or, for another
+    shape, the protocol methods :meth:`observe_step` / :meth:`unit_scores`; see the module docstring)."""
 
     name: str = "custom"
+    needs: frozenset[str] = frozenset({"weights"})
+    #: the election policies that can read this score (``None``: any), with the reason for messages
+    policies: tuple[str, ...] | None = None
+    policies_reason: str = ""
+    #: output mode, scores that need ``"clone_grads"``: one training step in this many is probed
+    probe_every: int = 10
+    #: old spelling of ``"grads" in needs`` (kept: subclasses may set it)
     reads_grad: bool = False
 
     def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the protocol the controller calls
+    def requires(self, what: str) -> bool:
+        """Whether the score reads ``what`` (one of :data:`NEEDS`; whoever reads ``"clone_grads"`` reads
+        ``"grads"`` too: in weight mode they are ``weight.grad``)."""
+        if what == "grads" and (self.reads_grad or "clone_grads" in self.needs):
+            return True
+        return what in self.needs
+
+    def initial(self) -> Score:
+        """The score that draws the first roles (nothing has been observed yet)."""
+        return self
+
+    def observe_step(self, layer: ManagedLayer, data: StepData) -> torch.Tensor | None:
+        """This step's per-unit values (averaged until the next election), or ``None``: nothing to record."""
+        return None
+
+    def unit_scores(self, layer: ManagedLayer, generator: torch.Generator, average: Tensor | None) -> Tensor:
+        """Per-unit scores at an election (``average``: the mean observation since the last one, or ``None``)."""
+        return self(layer, generator)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -43,6 +94,15 @@ class Score:
 
 class RunningScore(Score):
     """Observed after every optimizer step and averaged until the next election. Implement :meth:`observe`."""
+
+    def initial(self) -> Score:
+        return RandomScore()  # nothing observed yet: the seed's draw
+
+    def observe_step(self, layer: ManagedLayer, data: StepData) -> torch.Tensor | None:
+        return self.observe(layer)
+
+    def unit_scores(self, layer: ManagedLayer, generator: torch.Generator, average: Tensor | None) -> Tensor:
+        return average if average is not None else torch.zeros(layer.num_units)
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
         """This step's per-unit values, or ``None`` to skip the step (e.g. no gradient yet)."""
@@ -55,6 +115,8 @@ class RunningScore(Score):
 class ObservedScore(RunningScore):
     """Fed from outside with :meth:`LeaderCloneOptimizer.observe_scores`; nothing is read per step."""
 
+    needs = frozenset()
+
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
         return None
 
@@ -63,6 +125,7 @@ class RandomScore(Score):
     """A fresh seeded draw: the seed's roles."""
 
     name = "random"
+    needs = frozenset()
 
     def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(layer.num_units, generator=generator)
@@ -81,6 +144,7 @@ class GradNormScore(RunningScore):
     """L2 norm of each unit's weight-gradient row, averaged over the steps since the last election."""
 
     name = "grad_norm"
+    needs = frozenset({"grads"})
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
@@ -92,6 +156,7 @@ class TaylorScore(RunningScore):
     """First-order Taylor importance ``sum |w * dL/dw|`` of each unit, averaged over steps."""
 
     name = "taylor"
+    needs = frozenset({"weights", "grads"})
     reads_grad = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
@@ -105,11 +170,15 @@ class UnitGradScore(RunningScore):
     ``probe_every``: in output mode, the optimizer probes one training step in this many (the probed step
     runs the layer at full width: slower, same function). In weight mode every step is observed."""
 
+    needs = frozenset({"clone_grads"})
     reads_grad = True
     probe_every: int = 10
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
         raise TypeError(f"{self!r} observes gradients with roles: the optimizer calls observe_grads")
+
+    def observe_step(self, layer: ManagedLayer, data: StepData) -> torch.Tensor | None:
+        return None if data.clone_grads is None else self.observe_grads(data.clone_grads, data.roles)
 
     def observe_grads(self, grad: torch.Tensor, roles: Roles) -> torch.Tensor | None:
         """This step's per-unit values from ``grad`` (every unit's weight-gradient rows, shaped like the weight)."""
@@ -129,6 +198,8 @@ class CloneConflictScore(UnitGradScore):
     Meant for ``election_policy="stable"``."""
 
     name = "clone_conflict"
+    policies = ("stable",)
+    policies_reason = "scores clones against their sources and leaders against each other"
 
     def __init__(self, probe_every: int = 10) -> None:
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
@@ -155,11 +226,13 @@ class LocalLossScore(ObservedScore):
     """Minus each unit's LFNN worker loss, pushed by :class:`~egg_optim.callbacks.LocalLossCallback`."""
 
     name = "local_loss"
+    needs = frozenset({"local_losses"})
 
 
 class CallableScore(Score):
     """Wraps ``fn(layer) -> scores``; assumed to read gradients (so gradient skipping stays off)."""
 
+    needs = frozenset({"weights", "grads"})
     reads_grad = True
 
     def __init__(self, fn: ScoreFn, name: str | None = None) -> None:

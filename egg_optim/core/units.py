@@ -19,6 +19,7 @@ change that module too.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +186,24 @@ def check_not_shared(
             )
 
 
+def claim_params(owner: dict[int, str], name: str, params: list[tuple[str, nn.Parameter]]) -> None:
+    """Record layer ``name`` as the owner of ``params`` in ``owner`` (``id(parameter) -> layer``); refuses a
+    parameter another managed layer owns (tied weights cannot have roles). The one owner check of the package."""
+    for pname, p in params:
+        if owner.setdefault(id(p), name) != name:
+            raise PlanError(
+                f"parameter {pname!r} of layer {name!r} is shared with layer {owner[id(p)]!r}: tied weights "
+                "cannot have roles"
+            )
+
+
+def check_single_owners(layers: Mapping[str, ManagedLayer]) -> None:
+    """Refuse managed layers that share a parameter (:func:`claim_params` over all of them)."""
+    owner: dict[int, str] = {}
+    for name, layer in layers.items():
+        claim_params(owner, name, layer.params)
+
+
 def norm_problem(layer_name: str, module: nn.Module, norm_name: str, norm: nn.Module | None) -> str | None:
     """Why ``norm`` cannot be coupled to the layer (or ``None``)."""
     if norm is None or norm_units(norm) != num_units(module):
@@ -246,9 +265,7 @@ def build_managed_layers(
     for name in names:
         if groups and name in groups:
             layer = layers[name] = _group_layer(model, groups[name], holders)
-            for pname, p in layer.params:
-                if owner.setdefault(id(p), name) != name:
-                    raise PlanError(f"parameter {pname!r} is shared with layer {owner[id(p)]!r}")
+            claim_params(owner, name, layer.params)
             continue
         module = modules.get(name)
         if not isinstance(module, MANAGED_TYPES):
@@ -267,11 +284,6 @@ def build_managed_layers(
                 raise PlanError(problem)
         params, buffers = _unit_tensors(name, module, norm_name, norm)
         check_not_shared(name, params, (module, norm) if norm is not None else (module,), holders)
-        for pname, p in params:
-            if id(p) in owner:
-                raise PlanError(
-                    f"parameter {pname!r} is shared with layer {owner[id(p)]!r}: tied weights cannot have roles"
-                )
-            owner[id(p)] = name
+        claim_params(owner, name, params)
         layers[name] = ManagedLayer(name, module, norm_name, norm, params, buffers)
     return layers

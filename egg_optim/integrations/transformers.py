@@ -249,14 +249,11 @@ class EggTrainerMixin:
         self.egg_local_loss = build_local_loss(egg, self.model)
         lf = self.egg_local_loss
         if lf is not None:
-            if getattr(self, "model_init", None) is not None:
-                raise ConfigError("EggConfig.local_losses cannot follow a Trainer model_init (hooks are per model)")
-            has_heads = any(True for _ in lf.parameters())
-            if has_heads and self.args.world_size > 1:
-                raise ConfigError(
-                    "LFNN readout heads / block heads are not part of the DDP module, so their gradients would "
-                    "not be averaged across ranks: use readout='direct'/'gap' without blocks under DDP"
-                )
+            egg.validate(
+                model_init=getattr(self, "model_init", None) is not None,
+                world_size=self.args.world_size,
+                local_loss_heads=any(True for _ in lf.parameters()),
+            )
             lf.to(self.args.device)
         self._egg_local_sum = 0.0
         self._egg_local_count = 0

@@ -4,7 +4,10 @@ A rewrite replaces ``module.__class__`` with a subclass whose ``forward`` differ
 and buffer objects, qualified names, ``state_dict`` keys and hooks stay the same, and swapping the class back
 undoes it. Per-role index tensors live on the module as non-persistent buffers (moved by ``.to()``, never
 saved) and are rebuilt only when roles change. This module holds what every rewrite needs: validation before
-anything changes, the registry that tells which rewrite owns a module, and the role-update life cycle.
+anything changes, the registry that tells which rewrite owns a module, and the life cycle the role controller
+drives through :class:`LayerRewrite` without knowing which rewrite it holds: ``update_roles``, ``fill_clones``,
+``module_names``, ``export``, ``remove`` (and, for rewrites that can, ``probe`` / ``take_clone_grads`` and
+``fuse_norms``). :func:`egg_optim.rewrites.factory.build_rewrites` builds the list a run asks for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from torch import nn
 from ..core.roles import Roles
 from ..core.sharding import is_fsdp_module
 from ..core.units import num_units
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError
+
+# what a rewritten model computes in eval(): clones follow their leaders, or every unit its own weights
+EVAL_MODES = ("as_trained", "own_weights")
 
 # rewritten class -> (owner name, original class)
 _REWRITTEN: dict[type, tuple[str, type]] = {}
@@ -35,6 +41,11 @@ def owner_of(module: nn.Module) -> str | None:
     """The rewrite currently applied to ``module`` (``"output cloning"``, ``"GradSkip"``) or ``None``."""
     entry = _REWRITTEN.get(type(module))
     return entry[0] if entry else None
+
+
+def check_eval_mode(mode: str) -> None:
+    if mode not in EVAL_MODES:
+        raise ConfigError(f"eval_mode must be one of {EVAL_MODES}, got {mode!r}")
 
 
 def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -121,11 +132,20 @@ def restore(module: nn.Module, attrs: tuple[str, ...], buffers: tuple[str, ...])
 class LayerRewrite:
     """Life cycle of a rewrite: current roles, validated role updates, ``remove()``, use as a context manager.
 
-    Subclasses set ``model``, ``_layers``, ``_roles`` and ``_removed`` and implement :meth:`_apply_roles` and
-    :meth:`_restore_all`.
+    Subclasses set ``model``, ``_layers`` (keyed by the managed layer or block names whose roles they take),
+    ``_roles`` and ``_removed`` and implement :meth:`_apply_roles`, :meth:`_restore_all` and :meth:`export`;
+    the class attributes below tell the role controller what the rewrite does, so it needs no branch per rewrite.
     """
 
     owner = "layer rewrite"
+    #: the option that asks for the rewrite, for messages
+    option = ""
+    #: clones compute with their source's rows: their own rows are unused, and saved as their source's
+    clones_follow_sources = False
+    #: clones get no weight gradient, but a probed step gives every unit's (:meth:`probe`, :meth:`take_clone_grads`)
+    probes_clone_grads = False
+    #: ``can_fuse(layer, norm)``: whether the rewrite can fuse that norm into that layer (``None``: it fuses none)
+    can_fuse = None
     model: nn.Module
     _layers: dict[str, nn.Module]
     _roles: dict[str, Roles]
@@ -165,6 +185,37 @@ class LayerRewrite:
 
     def _restore_all(self) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ what the controller drives
+    def module_names(self) -> list[str]:
+        """Qualified names of every module the rewrite changed."""
+        return list(self._layers)
+
+    def fill_clones(self) -> None:
+        """Give each clone its source's rows where the clone computed with them (before an election, so that a
+        promoted clone computes what it computed as a clone). Nothing for rewrites whose clones compute alone."""
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """Make ``model`` (a copy of the rewritten model) plain in place: original classes, clone rows as the
+        rewritten model computes with them. Returns ``model``."""
+        raise NotImplementedError
+
+    @property
+    def fused_norms(self) -> dict[str, str]:
+        """Layer name -> the norm fused into it."""
+        return {}
+
+    def fuse_norms(self, norms: Mapping[str, str]) -> None:
+        """Fuse more norms (only rewrites with :attr:`can_fuse`)."""
+        if norms:
+            raise PlanError(f"{type(self).__name__} fuses no norms, got {dict(norms)}")
+
+    def probe(self) -> None:
+        """Probe the next training forward (only rewrites with :attr:`probes_clone_grads`)."""
+
+    def take_clone_grads(self, name: str) -> torch.Tensor | None:
+        """Every unit's weight gradient of layer ``name`` from the last probed step, or ``None``."""
+        return None
 
     def remove(self) -> nn.Module:
         """Restore the original module classes (same objects and parameters). Idempotent. Returns the model."""

@@ -31,11 +31,11 @@ from ..core.roles import Roles
 from ..core.sharding import copied_positions, copy_positions_
 from ..errors import ConfigError, PlanError
 from . import base
+from .base import check_eval_mode
 
 OWNER = "block output cloning"
 _ATTRS = ("_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights")
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources")
-EVAL_MODES = ("as_trained", "own_weights")
 
 
 class _BlockMember:
@@ -110,6 +110,8 @@ class BlockOutputCloning(base.LayerRewrite):
     """
 
     owner = OWNER
+    option = "clone_mode='output'"
+    clones_follow_sources = True
 
     def __init__(
         self,
@@ -119,8 +121,7 @@ class BlockOutputCloning(base.LayerRewrite):
         *,
         eval_mode: str = "as_trained",
     ) -> None:
-        if eval_mode not in EVAL_MODES:
-            raise ConfigError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        check_eval_mode(eval_mode)
         modules = dict(model.named_modules())
         for name, r in roles.items():
             g = groups.get(name)
@@ -194,6 +195,12 @@ class BlockOutputCloning(base.LayerRewrite):
     def eval_mode(self) -> str:
         m = next(iter(self._members.values()))[0][1]
         return "own_weights" if m._egg_own_weights else "as_trained"
+
+    def module_names(self) -> list[str]:
+        return [m for g in self.groups.values() for m in g.modules]
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return restore_plain_blocks(model)
 
     def _restore_all(self) -> None:
         for members in self._members.values():

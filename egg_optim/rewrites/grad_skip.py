@@ -335,6 +335,7 @@ class GradSkip(rewrite.LayerRewrite):
     """
 
     owner = _OWNER
+    option = "skip_clone_grads (set it to False)"
 
     def __init__(self, model: nn.Module, roles: Mapping[str, Roles], *, min_clone_fraction: float = 0.5) -> None:
         if not 0.0 <= min_clone_fraction <= 1.0:
@@ -372,6 +373,9 @@ class GradSkip(rewrite.LayerRewrite):
     def _restore_all(self) -> None:
         for m in self._layers.values():
             rewrite.restore(m, _ATTRS, _BUFFERS)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return restore_plain(model)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers"

@@ -11,9 +11,9 @@ from torch import nn
 
 from ...core.roles import Roles
 from ...core.sharding import copied_positions, copy_positions_
-from ...errors import ConfigError, PlanError
+from ...errors import PlanError
 from .. import base as rewrite
-from ..base import known_names, set_buffer
+from ..base import EVAL_MODES, check_eval_mode, known_names, set_buffer
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
 from ._gather import expand_units
@@ -27,9 +27,6 @@ __all__ = [
     "is_output_cloned",
     "take_probe",
 ]
-
-EVAL_MODES = ("as_trained", "own_weights")
-
 
 _LAYER_ATTRS = (
     "_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise",
@@ -310,6 +307,10 @@ class OutputCloning(rewrite.LayerRewrite):
     """
 
     owner = _OWNER
+    option = "clone_mode='output'"
+    clones_follow_sources = True
+    probes_clone_grads = True
+    can_fuse = staticmethod(can_fuse)
 
     def __init__(
         self,
@@ -321,7 +322,7 @@ class OutputCloning(rewrite.LayerRewrite):
         native_kernels: bool = True,
         pointwise_matmul: bool = True,
     ) -> None:
-        _check_eval_mode(eval_mode)
+        check_eval_mode(eval_mode)
         norms = dict(norms or {})
         layers = rewrite.validate_layers(model, roles, _LAYER_CLASSES, _OWNER)
         fused = self._validate_norms(dict(model.named_modules()), layers, roles, norms)
@@ -414,6 +415,19 @@ class OutputCloning(rewrite.LayerRewrite):
         """Layer name -> fused norm name."""
         return dict(self._norm_names)
 
+    @property
+    def fused_norms(self) -> dict[str, str]:
+        return self.norms
+
+    def module_names(self) -> list[str]:
+        return [*self._layers, *self._norm_names.values()]
+
+    def take_clone_grads(self, name: str) -> torch.Tensor | None:
+        return take_probe(self._layers[name])
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return export_plain(model, inplace=True)
+
     def probe(self, names=None) -> None:
         """Probe the next training forward of the named layers (default: all): that forward computes full width
         (the same function and parameter gradients, at the cost of the unfused path) and keeps the gradient at
@@ -436,7 +450,7 @@ class OutputCloning(rewrite.LayerRewrite):
 
     @eval_mode.setter
     def eval_mode(self, mode: str) -> None:
-        _check_eval_mode(mode)
+        check_eval_mode(mode)
         self._eval_mode = mode
         for m in list(self._layers.values()) + list(self._norms.values()):
             if is_output_cloned(m):
@@ -469,11 +483,6 @@ class OutputCloning(rewrite.LayerRewrite):
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers, {len(self._norms)} fused norms"
         return f"OutputCloning({state}, eval_mode={self._eval_mode!r})"
-
-
-def _check_eval_mode(mode: str) -> None:
-    if mode not in EVAL_MODES:
-        raise ConfigError(f"eval_mode must be one of {EVAL_MODES}, got {mode!r}")
 
 
 def export_plain(model_or_oc: nn.Module | OutputCloning, inplace: bool = False) -> nn.Module:

@@ -1,0 +1,701 @@
+"""The role controller: which unit of a model leads, follows or stays independent, and everything that follows.
+
+In the spirit of ``torch.ao.pruning``'s sparsifier, a separate object with a life cycle:
+
+* **prepare** (construction): resolve the plan to managed units (:mod:`egg_optim.core.units`; a unit is a
+  Linear/Conv output, or a transformer block's neuron or head, :mod:`egg_optim.core.blocks`), draw the first
+  roles, build the model rewrites the options ask for (one list, :func:`~egg_optim.rewrites.factory.build_rewrites`)
+  and start watching the first forward pass for norm coupling (:mod:`egg_optim.core.coupling`);
+* **step** (:meth:`begin_step`, :meth:`observe_step`, :meth:`end_step` around the masked optimizer's step): follow
+  parameters FSDP2 replaced, apply the norm coupling at this named point, feed the election score what it
+  declared it needs, count the step, hold elections and clone events on their schedules;
+* **squash / convert**: :meth:`export_model` (a plain copy of the model) and :meth:`remove_rewrites`.
+
+It owns the managed units, roles, schedules, election scores, cloning, the rewrites and its own part of the state
+dict (the ``egg_optim`` entry). Whenever roles change it tells the :class:`~egg_optim.optim.masked.MaskedOptimizer`
+(which slices to hold fixed, and to move compact state), every rewrite, and the roles listeners.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import EggConfig
+from ..core import compact, sharding
+from ..core.blocks import UnitGroup
+from ..core.cloning import clone_layer
+from ..core.coupling import Coupling, NormCoupling
+from ..core.distributed import all_reduce_mean, derived_generator
+from ..core.election import elect
+from ..core.plan import LayerPlan, RolePlan
+from ..core.policies import scaled_counts, stable_elect
+from ..core.roles import Roles
+from ..core.schedule import Schedule
+from ..core.scores import Score, StepData
+from ..core.state_dict import STATE_KEY, Book, LayerBook, pack_book, parse_book
+from ..core.units import ManagedLayer, build_managed_layers, check_single_owners, couple_norm, parameter_holders
+from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError
+from ..rewrites.base import LayerRewrite
+from ..rewrites.factory import build_rewrites
+from . import stats as role_stats
+from .masked import MaskedOptimizer
+
+
+def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
+    """Why the optimizer cannot train ``layer`` (a frozen or foreign parameter), or ``None``."""
+    for pname, p in layer.params:
+        if not p.requires_grad:
+            return f"parameter {pname!r} is frozen (requires_grad=False)"
+        if id(p) not in in_optimizer:
+            return f"parameter {pname!r} is not in the optimizer"
+    return None
+
+
+def _trainable_only(plan: RolePlan, layer_plans, layers, in_optimizer: set[int]):
+    reasons = {n: r for n, lay in layers.items() if (r := _untrainable(lay, in_optimizer)) is not None}
+    if not reasons:
+        return layer_plans, layers
+    explicit = plan.layers is not None or plan.only_listed
+    if explicit or len(reasons) == len(layers):
+        name, why = next(iter(reasons.items()))
+        hint = (
+            "the optimizer holds none of the managed layers' parameters (is it over another model?)"
+            if len(reasons) == len(layers) and all("not in the optimizer" in r for r in reasons.values())
+            else f"exclude it (RolePlan(exclude=[{name!r}])) or train it"
+        )
+        raise PlanError(f"layer {name!r} cannot have roles: its {why}; {hint}")
+    warnings.warn(
+        f"egg_optim: leaving {len(reasons)} layer(s) unmanaged because the optimizer does not train them: "
+        + "; ".join(f"{n}: {r}" for n, r in reasons.items()),
+        stacklevel=4,
+    )
+    keep = [n for n in layers if n not in reasons]
+    return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
+
+
+@dataclass
+class LoadedState:
+    """A validated ``egg_optim`` entry (:meth:`RoleController.read_state`), not applied yet."""
+
+    book: Book
+    roles: dict[str, Roles]
+    layers: dict[str, ManagedLayer]  # the managed layers under the saved norm coupling
+    coupling: tuple[dict[str, ManagedLayer], Coupling] | None
+    clone_rows: Mapping[str, torch.Tensor]
+
+
+class RoleController:
+    """Roles, elections, cloning and model rewrites of ``model`` for the parameters ``masked`` steps.
+
+    Args:
+        model: the module whose units get roles.
+        masked: the :class:`~egg_optim.optim.masked.MaskedOptimizer` over the model's parameters.
+        config: the run's :class:`~egg_optim.config.EggConfig`.
+        process_group: the ranks whose roles must agree (default: the world, when initialised).
+    """
+
+    def __init__(self, model: nn.Module, masked: MaskedOptimizer, config: EggConfig, process_group: Any = None):
+        role_plan = config.role_plan()
+        layer_plans = role_plan.resolve(model)
+        blocks = {n: c for n, c in role_plan.candidates(model).items() if isinstance(c, UnitGroup)}
+        layers = build_managed_layers(
+            model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
+        )
+        layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
+        # the counts of every role draw a leader_scales schedule asks for, checked now
+        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
+
+        self.model = model
+        self.masked = masked
+        self.config = config
+        self.plan = role_plan
+        self._plans_by_draw = plans_by_draw or [layer_plans]
+        self.layer_plans: dict[str, LayerPlan] = self.counts(0)  # the counts in force now
+        self.layers: dict[str, ManagedLayer] = layers
+        self.score: Score = config.score
+        self.clone_every: Schedule = config.clone_schedule
+        self.elect_every: Schedule = config.elect_schedule
+        self.clone_mode = config.clone_mode
+        self.process_group = process_group
+        self.book = Book()
+        self.rewrites: list[LayerRewrite] = []
+        self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
+        self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
+        masked.sharded = self._check_sharding()
+        initial = self._elect_all(self.score.initial(), True)
+        # Module rewrites validate before changing anything; only then is the optimizer state laid out.
+        self.rewrites = build_rewrites(
+            model,
+            layers,
+            initial,
+            clone_mode=config.clone_mode,
+            eval_mode=config.eval_mode,
+            skip_clone_grads=self._skip_clone_grads(config),
+            clone_grads_for=self.score.name if self.score.requires("clone_grads") else None,
+        )
+        self.book.layers = {n: LayerBook(roles) for n, roles in initial.items()}
+        self._roles_changed({}, initial)
+        explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
+        plain = {n: lay.module for n, lay in layers.items() if lay.group is None}
+        fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
+        self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
+
+    def _skip_clone_grads(self, config: EggConfig) -> bool:
+        if config.skip_clone_grads is not None:
+            return config.skip_clone_grads
+        # LFNN sites ask autograd for parameter and input gradients in separate calls; a skipping layer would
+        # compute both in each, so its saving turns into extra work
+        return not self.score.requires("grads") and config.local_losses is None
+
+    def counts(self, draw: int) -> dict[str, LayerPlan]:
+        """Per-layer counts of role draw ``draw`` (0: the initial draw, k: the k-th election)."""
+        return self._plans_by_draw[min(draw, len(self._plans_by_draw) - 1)]
+
+    # ------------------------------------------------------------------ rewrites
+    def _clones_follow_sources(self) -> bool:
+        return any(rw.clones_follow_sources for rw in self.rewrites)
+
+    def remove_rewrites(self, which: Callable[[LayerRewrite], bool]) -> None:
+        """Remove the rewrites ``which(rewrite)`` selects (their modules get their original classes back)."""
+        for rw in [rw for rw in self.rewrites if which(rw)]:
+            self.rewrites.remove(rw)
+            rw.remove()
+
+    def export_model(self) -> nn.Module:
+        """A plain copy of the model (original module classes, no egg_optim objects) that computes what the model
+        computes as trained: every rewrite makes its modules of the copy plain (output mode: clone rows filled
+        with their source's weights and norm statistics)."""
+        if self.masked.sharded:
+            raise ConfigError(
+                "export_model() copies the model, which FSDP2 cannot do with sharded parameters: take "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True)) instead (clone rows are filled in it as in model.state_dict()), on every rank"
+            )
+        model = copy.deepcopy(self.model)
+        for rw in self.rewrites:
+            rw.export(model)
+        return model
+
+    # ------------------------------------------------------------------ roles
+    @property
+    def roles(self) -> Mapping[str, Roles]:
+        """Current roles per managed layer (read-only)."""
+        return MappingProxyType({n: lb.roles for n, lb in self.book.layers.items()})
+
+    def add_roles_listener(self, fn: Callable[[Mapping[str, Roles]], None]) -> None:
+        """Call ``fn(roles)`` now and whenever roles change."""
+        self._listeners.append(fn)
+        fn(self.roles)
+
+    def managed_params(
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> Iterator[tuple[torch.Tensor, str, Roles, int]]:
+        """(parameter, layer name, the roles of its positions, unit dim) for every managed-layer parameter the
+        base optimizer holds (of ``layers``, default: the managed layers as they are), under ``roles``."""
+        in_optimizer = self.masked.params_held()
+        for name, layer in (self.layers if layers is None else layers).items():
+            for pname, p in layer.params:
+                if id(p) in in_optimizer:
+                    yield p, name, layer.roles_of(pname, roles[name]), layer.dim_of(pname)
+
+    def unit_params(
+        self, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer] | None = None
+    ) -> dict[torch.Tensor, compact.UnitParam]:
+        return self.masked.unit_params(self.managed_params(roles, layers))
+
+    def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
+        """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
+        size), rebuild the step's indices and tell the rewrites and the listeners."""
+        if self.masked.storage == "compact":
+            before = self.unit_params(old) if old else {}
+            after = self.unit_params(new)
+            self.masked.relayout((before.get(p), e) for p, e in after.items())
+        self.rebuild_masks()
+        roles = self.roles
+        for rw in self.rewrites:
+            rw.update_roles({n: roles[n] for n in rw.layers})
+        for fn in self._listeners:
+            fn(roles)
+
+    def _set_roles(self, roles: Mapping[str, Roles]) -> None:
+        """Hand over to ``roles`` (an election): update tenure and leadership history, then lay out state."""
+        old = dict(self.roles)
+        for name, new in roles.items():
+            lb = self.book.layers[name]
+            lb.led_steps[lb.roles.leaders] += self.book.steps - self.book.roles_since
+            newcomers = new.leaders[~torch.isin(new.leaders, lb.roles.leaders)]
+            lb.seated_at[newcomers] = self.book.steps
+            lb.roles = new
+        self.book.roles_since = self.book.steps
+        self._roles_changed(old, roles)
+
+    def rebuild_masks(self) -> None:
+        self.masked.rebuild(self.managed_params(self.roles))
+
+    # ------------------------------------------------------------------ scores
+    def _clone_grads(self, name: str, layer: ManagedLayer, roles: Roles) -> torch.Tensor | None:
+        """Every unit's weight gradient as if each unit were computed: a probing rewrite's record for a layer
+        with clones (``None`` on steps that were not probed), else ``weight.grad``'s rows."""
+        if roles.has_clones:
+            for rw in self.rewrites:
+                if rw.probes_clone_grads and name in rw.layers:
+                    return rw.take_clone_grads(name)
+        return layer.unit_rows(grad=True)
+
+    @torch.no_grad()
+    def observe_step(self) -> None:
+        """Give the score this step's observations (what it declared it needs), once gradients are complete."""
+        score = self.score
+        clone_grads = score.requires("clone_grads")
+        for name, layer in self.layers.items():
+            roles = self.book.layers[name].roles
+            grads = self._clone_grads(name, layer, roles) if clone_grads else None
+            value = score.observe_step(layer, StepData(roles, grads))
+            if value is not None:
+                self._accumulate(name, value)
+
+    def _arm_probe(self) -> None:
+        """A score that needs clone gradients: probing rewrites probe the next forward when it is a probe step."""
+        score = self.score
+        if score.requires("clone_grads") and (self.book.steps + 1) % score.probe_every == 0:
+            for rw in self.rewrites:
+                rw.probe()
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        lb = self.book.layers[name]
+        value = value.detach().float()
+        lb.score_sum = value.clone() if lb.score_sum is None else lb.score_sum.add_(value.to(lb.score_sum.device))
+        lb.score_count += 1
+
+    def observe_scores(self, scores: Mapping[str, torch.Tensor]) -> None:
+        """Feed per-unit scores (higher is better) from outside; averaged until the next election. All layers
+        are checked before any score is added."""
+        for name, value in scores.items():
+            if name not in self.layers:
+                raise ConfigError(f"observe_scores: {name!r} is not a managed layer; managed: {list(self.layers)}")
+            units = self.layers[name].num_units
+            if not torch.is_tensor(value) or value.shape != (units,):
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ConfigError(f"observe_scores: layer {name!r} has {units} units, got scores of shape {shape}")
+            if not bool(torch.isfinite(value).all()):
+                raise ElectionError(f"observe_scores: layer {name!r} got non-finite scores")
+        for name, value in scores.items():
+            self._accumulate(name, value)
+
+    # ------------------------------------------------------------------ the step and the schedules
+    def begin_step(self) -> None:
+        """Before a step's base update: the norm coupling is applied here if it is still pending."""
+        self.couple_norms()
+
+    def end_step(self) -> None:
+        """After the base update: count the step, hold what the schedules ask for, arm the next probe."""
+        self.book.steps += 1
+        if self.elect_every.after_step(self.book.steps):
+            self.elect_now()
+        if self.clone_every.after_step(self.book.steps):
+            self._scheduled_clone()
+        self._arm_probe()
+
+    def _new_epoch(self, epoch: Any, mark: str) -> bool:
+        """Whether epoch ``epoch``'s event ``mark`` (a :class:`Book` field) is new, recording it (each epoch's
+        begin and end are handled once: a resumed epoch is not handled again)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be an int >= 0, got {epoch!r}")
+        if epoch <= getattr(self.book, mark):
+            return False
+        setattr(self.book, mark, epoch)
+        return True
+
+    def epoch_begin(self, epoch: int) -> bool:
+        if not self._new_epoch(epoch, "epoch_begun"):
+            return False
+        due = self.elect_every.at_epoch_begin(epoch) and self.book.steps > 0
+        if due and self.book.last_election_step != self.book.steps:
+            self.elect_now()
+            return True
+        return False
+
+    def epoch_end(self, epoch: int) -> bool:
+        if not self._new_epoch(epoch, "epoch_ended"):
+            return False
+        return self.clone_every.at_epoch_end(epoch) and self._scheduled_clone()
+
+    def train_end(self) -> bool:
+        return self.clone_every.at_train_end and self._scheduled_clone()
+
+    def _scheduled_clone(self) -> bool:
+        key = (self.book.steps, self.book.elections)
+        if key == self.book.last_clone_key:  # nothing trained or elected since the last clone event
+            return False
+        self.clone_now()
+        return True
+
+    # ------------------------------------------------------------------ elections and cloning
+    def _elect_all(self, score: Score, initial: bool = False) -> dict[str, Roles]:
+        seed = self.config.seed
+        gen = derived_generator(seed, "init") if initial else derived_generator(seed, "elect", self.book.elections)
+        scores: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            lb = self.book.layers.get(name)
+            total = lb.score_sum if lb is not None else None
+            average = total.cpu() / lb.score_count if total is not None else None
+            scores[name] = score.unit_scores(layer, gen, average).detach().float().cpu().reshape(-1)
+            if scores[name].numel() != layer.num_units:
+                raise ElectionError(
+                    f"score {score.name!r} returned {scores[name].numel()} values for layer {name!r} "
+                    f"with {layer.num_units} units"
+                )
+        if scores:
+            flat = all_reduce_mean(torch.cat(list(scores.values())), self.process_group)
+            scores = dict(zip(scores, torch.split(flat, [s.numel() for s in scores.values()])))
+        bad = [n for n, s in scores.items() if not bool(torch.isfinite(s).all())]
+        if bad:
+            raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
+        counts = self.counts(0 if initial else self.book.elections + 1)
+        cfg = self.config
+        if not initial and cfg.election_policy == "stable":
+            follow = self._clones_follow_sources()
+            out = {}
+            for name, layer in self.layers.items():
+                roles = self.roles[name]
+                weight = layer.unit_rows()
+                if follow:  # a promoted clone starts from its source's rows
+                    weight = weight[roles.source_map.to(weight.device)]
+                out[name] = stable_elect(
+                    roles,
+                    scores[name],
+                    counts[name].leaders,
+                    counts[name].independents,
+                    hysteresis=float(cfg.hysteresis),
+                    max_churn=float(cfg.max_churn),
+                    weight=weight,
+                )
+            return out
+        current = None if initial else self.roles
+        return {
+            name: elect(
+                scores[name],
+                counts[name].leaders,
+                counts[name].independents,
+                current=None if current is None else current[name],
+                hysteresis=float(cfg.hysteresis),
+                assign=cfg.assign,
+                weight=layer.unit_rows() if cfg.assign == "nearest" else None,
+                generator=gen,
+            )
+            for name, layer in self.layers.items()
+        }
+
+    def elect_now(self) -> dict[str, int]:
+        """Hold an election in every managed layer now; returns the leader churn per layer."""
+        self.sync_params()
+        new = self._elect_all(self.score)
+        for name, roles in new.items():
+            lb = self.book.layers[name]
+            lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
+            lb.score_sum, lb.score_count = None, 0
+        self.book.elections += 1
+        self.layer_plans = self.counts(self.book.elections)
+        self.book.last_election_step = self.book.steps
+        # A clone has been computing its source's output; giving it the source's rows (conv rows and norm
+        # statistics; a block's producer slices) before it may become active again keeps that output
+        # (function-preserving election).
+        for rw in self.rewrites:
+            rw.fill_clones()
+        self._set_roles(new)
+        return {n: lb.churn for n, lb in self.book.layers.items()}
+
+    def clone_now(self) -> int:
+        """Copy every clone's source leader into it now; returns the number of clone units written."""
+        self.sync_params()
+        cfg = self.config
+        gen = derived_generator(self.config.seed, "clone", self.book.clone_events) if cfg.clone_noise > 0 else None
+        groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+        written = 0
+        for name, layer in self.layers.items():
+            lb = self.book.layers[name]
+            n = clone_layer(
+                layer,
+                lb.roles,
+                blend=float(cfg.clone_blend),
+                noise=float(cfg.clone_noise),
+                state=cfg.clone_state,
+                opt_state=self.masked.state,
+                groups=groups,
+                generator=gen,
+                fresh=self.masked.info.fresh_value,
+            )
+            lb.cloned_units += n
+            written += n
+        self.book.clone_events += 1
+        self.book.last_clone_key = (self.book.steps, self.book.elections)
+        return written
+
+    # ------------------------------------------------------------------ statistics
+    def leadership_counts(self) -> dict[str, torch.Tensor]:
+        return role_stats.leadership_counts(self.book)
+
+    def stats(self) -> dict[str, Any]:
+        return role_stats.stats(self.book)
+
+    # ------------------------------------------------------------------ norm coupling
+    @property
+    def coupled_norms(self) -> dict[str, str]:
+        return {n: lay.norm_name for n, lay in self.layers.items() if lay.norm_name is not None}
+
+    @property
+    def coupling_pending(self) -> bool:
+        return self._norm_coupling.pending
+
+    def couple_norms(self) -> None:
+        """Decide and apply the norm coupling now, from the first complete forward pass recorded (none:
+        explicit couplings only, logged as a warning); nothing once decided."""
+        if self._norm_coupling.pending:
+            self._norm_coupling.decide_now()
+
+    def _couple_norms(self, coupling: Coupling) -> None:
+        # called once by the NormCoupling, from couple_norms(); validates everything before changing anything
+        self._apply_coupling(self._coupled_layers(coupling), coupling.fused, relayout=True)
+
+    def _coupled_layers(self, coupling: Coupling) -> dict[str, ManagedLayer]:
+        """The managed layers whose norm ``coupling`` changes, rebuilt (validated; nothing is changed)."""
+        holders = parameter_holders(self.model)
+        new = {
+            n: couple_norm(self.model, self.layers[n], norm, holders)
+            for n, norm in coupling.coupled.items()
+            if self.layers[n].norm_name != norm
+        }
+        check_single_owners({**self.layers, **new})
+        return new
+
+    def _apply_coupling(self, new: Mapping[str, ManagedLayer], fused: Mapping[str, str], relayout: bool) -> None:
+        fuser = next((rw for rw in self.rewrites if rw.can_fuse is not None), None)
+        if fuser is not None and fused:
+            fuser.fuse_norms(fused)  # validates before changing anything
+        joining = []
+        for n, lay in new.items():
+            layer = self.layers[n]
+            old = {id(p) for _, p in layer.params}
+            joining += [(n, pname, p) for pname, p in lay.params if id(p) not in old]
+            layer.norm_name, layer.norm, layer.params, layer.buffers = lay.norm_name, lay.norm, lay.params, lay.buffers
+        if relayout:  # norm state already there (loaded) takes the layout
+            groups = self.masked.group_of()
+            self.masked.relayout(
+                (None, compact.UnitParam(p, groups[id(p)][0], self.roles[n], self.layers[n].dim_of(pname)))
+                for n, pname, p in joining
+                if id(p) in groups
+            )
+        if new:
+            self.rebuild_masks()
+
+    def _coupling_state(self) -> dict[str, dict[str, str]] | None:
+        """The decided coupling, for state dicts (``None`` while pending: nothing to restore)."""
+        if self._norm_coupling.pending:
+            return None
+        fused = {k: v for rw in self.rewrites for k, v in rw.fused_norms.items()}
+        return {"norms": self.coupled_norms, "fused": fused}
+
+    def _saved_coupling(self, extra: Any) -> tuple[dict[str, ManagedLayer], Coupling] | None:
+        """The coupling a state dict was saved with, validated, when this controller has none yet (a resumed run
+        couples what the saved run coupled). Changes nothing."""
+        if not isinstance(extra, Mapping) or extra.get("coupling") is None:
+            return None
+        # already decided (a step ran first): the saved decision must agree, its fusions are in place
+        pending = self._norm_coupling.pending
+        can_fuse = any(rw.can_fuse is not None for rw in self.rewrites)
+        saved = self._norm_coupling.from_state(extra["coupling"], fuse=pending and can_fuse)
+        if not pending:
+            if saved.coupled != self.coupled_norms:
+                raise StateDictMismatchError(
+                    f"state dict was saved with norm coupling {saved.coupled}, this optimizer couples "
+                    f"{self.coupled_norms}"
+                )
+            return None
+        try:
+            return self._coupled_layers(saved), saved
+        except PlanError as exc:
+            raise StateDictMismatchError(f"state dict's norm coupling does not fit this model: {exc}") from exc
+
+    # ------------------------------------------------------------------ parameters FSDP2 replaces
+    def _check_sharding(self) -> bool:
+        """Whether managed parameters are sharded (DTensors); refuses placements the core cannot translate."""
+        flags = []
+        for layer in self.layers.values():
+            for pname, p in layer.params:
+                sharding.check_placements(pname, p)
+                flags.append(sharding.is_sharded(p))
+        return any(flags)
+
+    def _slot(self, qname: str) -> tuple[nn.Module, str, bool]:
+        """(module, attribute, is a parameter) of a unit-owned tensor, by qualified name (cached)."""
+        slot = self._slots.get(qname)
+        if slot is None:
+            prefix, _, attr = qname.rpartition(".")
+            module = self.model.get_submodule(prefix)
+            slot = self._slots[qname] = (module, attr, attr in module._parameters)
+        return slot
+
+    def _registered(self, qname: str) -> torch.Tensor | None:
+        module, attr, is_param = self._slot(qname)
+        return (module._parameters if is_param else module._buffers).get(attr)
+
+    def _stale(self) -> bool:
+        return any(self._registered(qname) is not t for _, qname, t in self.owned())
+
+    def sync_params(self) -> None:
+        """Follow unit-owned tensors that the model replaced since they were looked up: ``fully_shard`` registers
+        new (DTensor) parameters, after the optimizer was built when Accelerate prepares the model, and between a
+        forward pass and the backward pass that ends it FSDP2 registers gathered copies. Sharded parameters are
+        put back first (:func:`~egg_optim.core.sharding.reshard`: writes to the gathered copies would be lost),
+        then the managed layers take the registered tensors, which must be the optimizer's, and with sharded
+        parameters the storage becomes ``"full"``. A cheap identity check when nothing changed."""
+        if not self._stale():
+            return
+        sharding.reshard(self.model)
+        if not self._stale():
+            return
+        in_optimizer = self.masked.params_held()
+        new: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, layer in self.layers.items():
+            params = []
+            for qname, _ in layer.params:
+                p = self._registered(qname)
+                if p is None or id(p) not in in_optimizer:
+                    raise PlanError(
+                        f"layer {name!r}: parameter {qname!r} was replaced by one the optimizer does not hold; when "
+                        "the model is wrapped (fully_shard) after the optimizer is built, update the optimizer's "
+                        "param_groups to the new parameters (Accelerate's prepare does)"
+                    )
+                params.append((qname, p))
+            new[name] = params
+        old = [p for layer in self.layers.values() for _, p in layer.params]
+        kept = {id(p) for params in new.values() for _, p in params}
+        if any(self.masked.state.get(p) for p in old if id(p) not in kept):
+            raise ConfigError(
+                "the model's managed parameters were replaced (fully_shard?) after the optimizer took steps: their "
+                "optimizer state belongs to the old tensors; shard the model before the first step"
+            )
+        for name, layer in self.layers.items():
+            layer.params = new[name]
+            layer.buffers = [(qname, self._registered(qname)) for qname, _ in layer.buffers]
+        self.masked.forget_parked(kept)  # (replaced ones hold none)
+        self.masked.sharded = self._check_sharding()
+        self._check_unsharded_rewrites()
+        self.rebuild_masks()
+
+    def _check_unsharded_rewrites(self) -> None:
+        """Refuse class-swapping rewrites of modules that ``fully_shard`` wrapped itself: FSDP2 swaps their class
+        too, so neither rewrite could be undone or recognised."""
+        modules = dict(self.model.named_modules())
+        for rw in self.rewrites:
+            for n in rw.module_names():
+                if sharding.is_fsdp_module(modules[n]):
+                    raise ConfigError(
+                        f"module {n!r} is itself wrapped by fully_shard, which {rw.option} cannot rewrite: apply "
+                        "fully_shard to a module that contains it (a block, the model), e.g. a transformer-layer or "
+                        "no auto-wrap policy rather than a size-based one"
+                    )
+
+    # ------------------------------------------------------------------ the egg_optim entry of state dicts
+    def owned(self, layers: Mapping[str, ManagedLayer] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(layer, qualified name, tensor) for every parameter and buffer a managed unit owns."""
+        for name, layer in (self.layers if layers is None else layers).items():
+            for qname, t in [*layer.params, *layer.buffers]:
+                yield name, qname, t
+
+    def _clone_rows(self) -> dict[str, torch.Tensor]:
+        """The clones' own slices of every tensor they own, where clones compute with their source's rows. A saved
+        model holds such clones as their sources (what output mode computes, for a plain model), and elections
+        may read the clones' own rows (``weight_norm``, ``assign="nearest"``, blending): these make a resume
+        exact."""
+        out: dict[str, torch.Tensor] = {}
+        if not self._clones_follow_sources():
+            return out
+        for name, qname, t in self.owned():
+            layer, roles = self.layers[name], self.roles[name]
+            if roles.has_clones:
+                er = layer.roles_of(qname, roles)
+                whole = sharding.full(t.detach())
+                out[qname] = whole.index_select(layer.dim_of(qname), er.clones.to(whole.device)).cpu().clone()
+        return out
+
+    def state_entry(self) -> dict[str, Any]:
+        """The ``egg_optim`` entry of a state dict: roles, counters, running scores, coupling, clones' rows."""
+        entry = pack_book(self.book, plan=self.plan.signature(), seed=self.config.seed, storage=self.masked.storage)
+        entry["coupling"] = self._coupling_state()
+        entry["clone_rows"] = self._clone_rows()
+        return entry
+
+    def read_state(self, extra: Any) -> LoadedState:
+        """The ``egg_optim`` entry ``extra`` validated against this controller; changes nothing."""
+        book = parse_book(
+            extra,
+            plan=self.plan.signature(),
+            units={n: lay.num_units for n, lay in self.layers.items()},
+            counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self.counts(draw).items()},
+            device_of=lambda n: self.layers[n].weight.device,
+        )
+        roles = {n: lb.roles for n, lb in book.layers.items()}
+        coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet
+        layers = {**self.layers, **(coupling[0] if coupling is not None else {})}
+        clone_rows = extra.get("clone_rows", {}) if self._clones_follow_sources() else {}
+        return LoadedState(book, roles, layers, coupling, clone_rows)
+
+    def check_clone_rows(self, loaded: LoadedState) -> None:
+        """Refuse saved clone slices that do not fit the saved roles (changes nothing)."""
+        rows, roles, layers = loaded.clone_rows, loaded.roles, loaded.layers
+        if not isinstance(rows, Mapping):
+            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
+        shapes = {}
+        for name, qname, t in self.owned(layers):
+            er = layers[name].roles_of(qname, roles[name])
+            shape = list(t.shape)
+            shape[layers[name].dim_of(qname)] = er.num_clones
+            shapes[qname] = tuple(shape)
+        for qname, v in rows.items():
+            if qname not in shapes:
+                raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
+            if not torch.is_tensor(v) or tuple(v.shape) != shapes[qname]:
+                got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                raise StateDictMismatchError(
+                    f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {shapes[qname]}"
+                )
+
+    def adopt(self, loaded: LoadedState) -> None:
+        """Take a validated entry (after the masked optimizer loaded the base state, full size): the saved run's
+        seed (as ``param_groups`` hyperparameters are adopted), coupling, counters and roles, and the clones' own
+        rows (after the model was loaded, as Accelerate and the Trainer do)."""
+        book = loaded.book
+        roles_since = book.roles_since
+        if book.seed is not None and book.seed != self.config.seed:
+            # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
+            self.config = self.config.replace(seed=book.seed)
+        if loaded.coupling is not None:
+            self._apply_coupling(loaded.coupling[0], loaded.coupling[1].fused, relayout=False)
+            self._norm_coupling.adopt(loaded.coupling[1])
+        self.book = book
+        self.layer_plans = self.counts(book.elections)
+        self._roles_changed({}, loaded.roles)
+        self._restore_clone_rows(loaded.clone_rows)
+        self.book.roles_since = roles_since
+
+    @torch.no_grad()
+    def _restore_clone_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
+        for name, qname, t in self.owned():
+            if qname in rows:
+                layer = self.layers[name]
+                er = layer.roles_of(qname, self.roles[name])
+                if sharding.is_sharded(t):
+                    whole = sharding.full(t).clone()
+                    whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
+                    sharding.write_full_(t, whole)
+                else:
+                    t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
