@@ -220,6 +220,7 @@ def test_transformer_norms_are_not_coupled(which, mode):
         model, torch.optim.AdamW(model.parameters()), RolePlan.preset("mild"), clone_mode=mode, seed=1
     )
     out = model(**inputs).logits
+    opt.couple_norms()  # applies what that forward pass recorded (the next step would)
     assert not opt.coupling_pending
     assert opt.coupled_norms == {}
     plain = {name: lay for name, lay in opt.layers.items() if lay.group is None}

@@ -211,7 +211,8 @@ def test_narrow_flops_against_output_cloning():
     active = narrow_widths(full, plan)
     analytic = count_conv_linear_flops(full, (1, 1, 28, 28), active=active)
     lco = LeaderCloneOptimizer(full, torch.optim.Adam(full.parameters()), plan, clone_mode="output")
-    full(torch.zeros(2, 1, 28, 28))  # the first forward decides norm coupling (a counting hook would unfuse it)
+    full(torch.zeros(2, 1, 28, 28))  # the first forward gives the norm coupling (a counting hook would unfuse it)
+    lco.couple_norms()
     assert count_conv_linear_flops(full, (1, 1, 28, 28)) == analytic  # hooks see the compact outputs
     lco.remove_output_cloning()
     out_total = sum(analytic.values())
