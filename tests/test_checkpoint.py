@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints (egg_optim.kit.checkpoint) around accelerate's save_state / load_state."""
+"""Atomic, verified checkpoints (egg_recipes.checkpoint) around accelerate's save_state / load_state."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
 
 from accelerate import Accelerator  # noqa: E402
+from egg_recipes import checkpoint as ckpt  # noqa: E402
 
 from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
 from egg_optim.errors import EggOptimError  # noqa: E402
-from egg_optim.kit import checkpoint as ckpt  # noqa: E402
 
 PLAN = RolePlan(per_layer={"layer*.conv*": (0.4, 0.2)}, only_listed=True)
 
@@ -359,7 +359,7 @@ def test_full_disk_during_save_is_one_line_and_keeps_previous(tmp_path, monkeypa
     import errno
     from collections import namedtuple
 
-    from egg_optim.kit import storage
+    from egg_recipes import storage
 
     acc, model, opt, sched = _setup()
     ckpt.save_checkpoint(acc, tmp_path / "checkpoint-1", step=1)

@@ -16,7 +16,7 @@ checkpoint's name. Those leftovers (and half-deleted folders of older versions) 
 Loading checks the marker, the manifest (exactly the files present, sizes and hashes), the caller's
 expectations and the weight names before touching anything, and rolls the models, optimizers, schedulers and
 RNG states back if Accelerate fails halfway; every refusal is a :class:`CheckpointError`. A full disk or a
-folder that cannot be written while saving is a :class:`~egg_optim.kit.storage.StorageError` (the previous
+folder that cannot be written while saving is a :class:`~egg_recipes.storage.StorageError` (the previous
 checkpoint is kept).
 
 All ranks must call :func:`save_checkpoint` and :func:`load_checkpoint` (they synchronise); the folder must
@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from ..errors import EggOptimError
+from egg_optim.errors import EggOptimError
+
 from . import storage
 
 MARKER_NAME = "egg_optim_checkpoint.json"
@@ -186,7 +187,7 @@ def save_checkpoint(
     interrupted saves and removals next to ``directory`` (:func:`remove_incomplete`); after a successful save
     with ``keep`` > 0 it keeps the newest ``keep`` numbered checkpoints of the same name family, this one
     included (:func:`prune_checkpoints`). A full disk or an unwritable folder raises
-    :class:`~egg_optim.kit.storage.StorageError` after removing the partial folder."""
+    :class:`~egg_recipes.storage.StorageError` after removing the partial folder."""
     final = Path(directory)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
         raise CheckpointError(f"keep must be an integer >= 0, got {keep!r}")

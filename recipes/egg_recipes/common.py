@@ -155,7 +155,7 @@ def resume_config_signature(config: EggConfig) -> dict[str, Any]:
 def load_image_splits(args: argparse.Namespace) -> tuple[Any, Any]:
     """The train and test splits of ``--dataset`` (with ``--max-*-samples`` and ``--test-split-fraction``),
     checked to make a meaningful classification task."""
-    from egg_optim.kit.data import check_splits, load_image_dataset
+    from egg_recipes.data import check_splits, load_image_dataset
 
     common = {"seed": args.seed, "test_split_fraction": args.test_split_fraction}
     train = load_image_dataset(args.dataset, split="train", max_samples=args.max_train_samples, **common)
@@ -211,7 +211,7 @@ def trainer_resume_path(resume_from: str, output_dir: Path) -> Path:
     """The Trainer checkpoint ``--resume-from`` names: a folder, or ``latest`` (the newest ``checkpoint-N``)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from egg_optim.kit.checkpoint import CheckpointError
+    from egg_recipes.checkpoint import CheckpointError
 
     if resume_from != "latest":
         path = Path(resume_from)

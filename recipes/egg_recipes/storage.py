@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import EggOptimError
+from egg_optim.errors import EggOptimError
 
 __all__ = ["StorageError", "atomic_path", "prepare_output_dir", "write_error", "write_text_atomic", "writing"]
 
