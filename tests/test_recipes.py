@@ -208,14 +208,14 @@ def test_resume_latest_and_refusals(tmp_path, capsys):
     args = [*FAST, "--output-dir", str(out), "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "1"]
     assert train_image.main(args) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
-    # leftovers of a killed save and of an older, half-finished deletion: removed on resume
+    # leftovers of a killed save (its files may all be there: moved aside) and an emptied folder (removed)
     shutil.copytree(out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-6.tmp-0123abcd")
     (out / "checkpoints" / "checkpoint-6.tmp-0123abcd" / "egg_optim_checkpoint.json").unlink()
     (out / "checkpoints" / "checkpoint-2").mkdir()
     capsys.readouterr()
     assert train_image.main([*args, "--max-steps", "5", "--resume-from", "latest", "--eval-every", "1"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 5
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6.quarantine-1"]
     said = capsys.readouterr().out
     assert "resumed from" in said and "matches this run's model, dataset" in said and "lr, " in said
     assert "--epochs, --max-steps and the evaluation, logging, saving and output flags" in said

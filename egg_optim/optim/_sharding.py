@@ -59,11 +59,7 @@ class ShardingMixin:
             for qname, _ in layer.params:
                 p = self._registered(qname)
                 if p is None or id(p) not in in_optimizer:
-                    raise PlanError(
-                        f"layer {name!r}: parameter {qname!r} was replaced by one the optimizer does not hold; when "
-                        "the model is wrapped (fully_shard) after the optimizer is built, update the optimizer's "
-                        "param_groups to the new parameters (Accelerate's prepare does)"
-                    )
+                    raise PlanError(sharding.replacement_problem(name, qname, p))
                 params.append((qname, p))
             new[name] = params
         old = [p for layer in self.layers.values() for _, p in layer.params]

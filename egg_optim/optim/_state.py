@@ -11,7 +11,7 @@ import torch
 
 from ..core import compact, sharding
 from ..core.roles import Roles
-from ..core.state_dict import STATE_KEY, check_base_state, pack_book, parse_book
+from ..core.state_dict import STATE_KEY, check_base_state, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer
 from ..errors import StateDictMismatchError
 
@@ -57,7 +57,10 @@ class StateDictMixin:
                     )
                 state[i] = st
             sd["state"] = state
-        sd[STATE_KEY] = pack_book(self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage)
+        sd[STATE_KEY] = pack_book(
+            self.book, plan=self.plan.signature(), seed=self.seed, storage=self.state_storage,
+            depends=dependencies(self.config),
+        )  # fmt: skip
         sd[STATE_KEY]["coupling"] = self._coupling_state()
         sd[STATE_KEY]["clone_rows"] = self._clone_rows() if self.clone_mode == "output" else {}
         if self._sharded:
@@ -84,23 +87,14 @@ class StateDictMixin:
         return out
 
     def _check_clone_rows(self, rows: Any, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer]) -> None:
-        """Refuse saved clone slices that do not fit the saved roles (changes nothing)."""
-        if not isinstance(rows, Mapping):
-            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
+        """Refuse saved clone slices that do not fit the saved roles or are not finite (changes nothing)."""
         shapes = {}
         for name, qname, t in self._owned(layers):
             er = layers[name].roles_of(qname, roles[name])
             shape = list(t.shape)
             shape[layers[name].dim_of(qname)] = er.num_clones
             shapes[qname] = tuple(shape)
-        for qname, v in rows.items():
-            if qname not in shapes:
-                raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
-            if not torch.is_tensor(v) or tuple(v.shape) != shapes[qname]:
-                got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                raise StateDictMismatchError(
-                    f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {shapes[qname]}"
-                )
+        check_clone_rows(rows, shapes)
 
     @torch.no_grad()
     def _restore_clone_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
@@ -141,6 +135,7 @@ class StateDictMixin:
             units={n: lay.num_units for n, lay in self.layers.items()},
             counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self._counts(draw).items()},
             device_of=lambda n: self.layers[n].weight.device,
+            depends=dependencies(self.config),
         )
         saved_roles = {n: lb.roles for n, lb in book.layers.items()}
         saved_coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet

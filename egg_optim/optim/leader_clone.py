@@ -29,11 +29,12 @@ from ..core.cloning import clone_layer
 from ..core.coupling import NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
+from ..core.guards import frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
-from ..core.scores import RandomScore, RunningScore, Score, UnitGradScore
+from ..core.scores import RandomScore, RunningScore, Score, UnitGradScore, check_observed_scores, unit_scores
 from ..core.state_dict import Book, LayerBook
 from ..core.units import ManagedLayer, build_managed_layers
 from ..errors import ConfigError, ElectionError, PlanError, UnsupportedOptimizerError
@@ -485,17 +486,10 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
 
     def observe_scores(self, scores: Mapping[str, torch.Tensor]) -> None:
         """Feed per-unit scores (higher is better) for an observed election score such as ``"local_loss"``;
-        they are averaged until the next election. All layers are checked before any score is added."""
-        for name, value in scores.items():
-            if name not in self.layers:
-                raise ConfigError(f"observe_scores: {name!r} is not a managed layer; managed: {list(self.layers)}")
-            units = self.layers[name].num_units
-            if not torch.is_tensor(value) or value.shape != (units,):
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ConfigError(f"observe_scores: layer {name!r} has {units} units, got scores of shape {shape}")
-            if not bool(torch.isfinite(value).all()):
-                raise ElectionError(f"observe_scores: layer {name!r} got non-finite scores")
-        for name, value in scores.items():
+        they are averaged until the next election. All layers are checked before any score is added; an election
+        that reads no observed scores refuses them (:class:`ConfigError`)."""
+        units = {n: lay.num_units for n, lay in self.layers.items()}
+        for name, value in check_observed_scores(self.score, scores, units).items():
             self._accumulate(name, value)
 
     # ------------------------------------------------------------------ step and schedules
@@ -582,12 +576,7 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
                 total = lb.score_sum
                 scores[name] = total.cpu() / lb.score_count if total is not None else torch.zeros(layer.num_units)
             else:
-                scores[name] = score(layer, gen).detach().float().cpu().reshape(-1)
-                if scores[name].numel() != layer.num_units:
-                    raise ElectionError(
-                        f"score {score.name!r} returned {scores[name].numel()} values for layer {name!r} "
-                        f"with {layer.num_units} units"
-                    )
+                scores[name] = unit_scores(score, layer, gen)
         if scores:
             flat = all_reduce_mean(torch.cat(list(scores.values())), self.process_group)
             scores = dict(zip(scores, torch.split(flat, [s.numel() for s in scores.values()])))
@@ -627,10 +616,13 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
             for name, layer in self.layers.items()
         }
 
+    @outside_inference_mode()  # in an evaluation block too: the new state must be trainable
     def elect_now(self) -> dict[str, int]:
-        """Hold an election in every managed layer now; returns the leader churn per layer."""
+        """Hold an election in every managed layer now; returns the leader churn per layer. Layers frozen since
+        the optimizer was built keep their roles and rows (with a warning)."""
         self._sync_params()
-        new = self._elect_all(self.score)
+        frozen = frozen_layers(self.layers)
+        new = keep_frozen_roles(self._elect_all(self.score), self.roles, frozen)
         for name, roles in new.items():
             lb = self.book.layers[name]
             lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
@@ -642,20 +634,26 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
         # statistics; a block's producer slices) before it may become active again keeps that output
         # (function-preserving election).
         if self.output_cloning is not None:
-            self.output_cloning.fill_clones()
+            self.output_cloning.fill_clones(skip=frozen)
         if self.block_output is not None:
-            self.block_output.fill_clones()
+            self.block_output.fill_clones(skip=frozen)
         self._set_roles(new)
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
+    @outside_inference_mode()
     def clone_now(self) -> int:
-        """Copy every clone's source leader into it now; returns the number of clone units written."""
+        """Copy every clone's source leader into it now; returns the number of clone units written. Layers frozen
+        since the optimizer was built, and clones whose new rows would not be finite, are left as they are (with
+        a warning)."""
         self._sync_params()
+        frozen = frozen_layers(self.layers)
         cfg = self.config
         gen = derived_generator(self.seed, "clone", self.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.param_groups for p in g["params"]}
         written = 0
         for name, layer in self.layers.items():
+            if name in frozen:
+                continue
             lb = self.book.layers[name]
             n = clone_layer(
                 layer,

@@ -9,8 +9,10 @@ Example (the committed Fashion-MNIST table, docs/results/fashion_mnist_scenarios
         --output-dir docs/results --name fashion_mnist_scenarios --runs-dir runs/sweep_fashion_mnist
 
 Flags this script does not know are passed to every run of ``recipes/train_image.py`` (e.g. ``--augment``,
-``--lr-schedule cosine``, ``--report-to wandb``). Each run's own output (metrics.json, weights) goes to
-``<runs-dir>/<scenario>-<clone mode>``; ``<output-dir>/<name>.{md,png,json}`` hold the summary.
+``--lr-schedule cosine``, ``--report-to wandb``); role flags (``--elect-every``, ``--election``, ...) go to the
+runs with clones only (the baseline and the narrow-* controls train none; the sweep says which it left out).
+Every run's flags are checked before the first run starts. Each run's own output (metrics.json, weights) goes
+to ``<runs-dir>/<scenario>-<clone mode>``; ``<output-dir>/<name>.{md,png,json}`` hold the summary.
 
 Columns: test accuracy after the last epoch; updates/epoch = active output channels per batch summed over an
 epoch (the seed's "updates"); time/epoch = mean training wall-clock of the full epochs (evaluation excluded);
@@ -34,6 +36,8 @@ from typing import Any
 from egg_optim.config import CLONE_MODES
 from egg_optim.errors import EggOptimError
 from egg_recipes import train_image
+from egg_recipes.common import reset_flags, role_dests
+from egg_recipes.storage import write_text_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +138,7 @@ def write_table(path: Path, rows: list[dict[str, Any]], target: float, command: 
         "",
     ]
     text = "\n".join(lines)
-    path.write_text(text)
+    write_text_atomic(path, text)
     return text
 
 
@@ -169,39 +173,58 @@ def write_plot(path: Path, rows: list[dict[str, Any]], target: float, title: str
     fig.savefig(path, dpi=110)
 
 
+def run_args(
+    scenario: str, mode: str, args: argparse.Namespace, passthrough: Sequence[str], run_dir: Path
+) -> tuple[list[str], argparse.Namespace, list[str]]:
+    """The train_image.py command line of one run, its checked flags (a contradiction exits 2 in one line), and
+    the role flags left out because the scenario trains no clones."""
+    argv = [
+        "--dataset",
+        str(args.dataset),
+        "--model",
+        args.model,
+        "--scenario",
+        scenario,
+        "--clone-mode",
+        mode,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--output-dir",
+        str(run_dir),
+    ]
+    if "--report-to" not in passthrough:
+        argv += ["--report-to", "none"]
+    argv += list(passthrough)
+    parser = train_image.build_parser()
+    parsed = parser.parse_args(argv)
+    dropped = [] if has_roles(scenario) else reset_flags(parser, parsed, role_dests(parser))
+    train_image.check_flags(parser, parsed)
+    return argv, parsed, dropped
+
+
 def sweep(args: argparse.Namespace, passthrough: Sequence[str], command: str) -> list[dict[str, Any]]:
-    out_dir = Path(args.output_dir)
-    runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / "runs"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from egg_recipes.storage import prepare_output_dir
+
+    out_dir = prepare_output_dir(args.output_dir)  # a folder that cannot be written fails before any run
+    runs_dir = prepare_output_dir(Path(args.runs_dir) if args.runs_dir else out_dir / "runs")
+    runs = [
+        (scenario, mode, run_dir, *run_args(scenario, mode, args, passthrough, run_dir))
+        for scenario, mode in run_matrix(args.scenarios, args.clone_modes)
+        for run_dir in [runs_dir / f"{scenario}-{mode}"]
+    ]  # every run's flags checked before the first one starts
     rows: list[dict[str, Any]] = []
-    for scenario, mode in run_matrix(args.scenarios, args.clone_modes):
-        run_dir = runs_dir / f"{scenario}-{mode}"
-        argv = [
-            "--dataset",
-            str(args.dataset),
-            "--model",
-            args.model,
-            "--scenario",
-            scenario,
-            "--clone-mode",
-            mode,
-            "--epochs",
-            str(args.epochs),
-            "--batch-size",
-            str(args.batch_size),
-            "--lr",
-            str(args.lr),
-            "--seed",
-            str(args.seed),
-            "--output-dir",
-            str(run_dir),
-        ]
-        if "--report-to" not in passthrough:
-            argv += ["--report-to", "none"]
-        run_args = train_image.parse_args(argv + list(passthrough))
-        print(f"[sweep] {scenario} / {mode}: train_image.py {shlex.join(argv + list(passthrough))}", flush=True)
+    for scenario, mode, run_dir, argv, parsed, dropped in runs:
+        if dropped:
+            print(f"[sweep] {scenario}: trains no clones, so {', '.join(dropped)} left out", flush=True)
+        print(f"[sweep] {scenario} / {mode}: train_image.py {shlex.join(argv)}", flush=True)
         started = time.perf_counter()
-        metrics = train_image.train(run_args)
+        metrics = train_image.train(parsed)
         print(
             f"[sweep] {scenario} / {mode}: test acc {metrics['test_accuracy']:.4f}, "
             f"{metrics['time_per_epoch']:.1f} s/epoch, {time.perf_counter() - started:.0f} s in all",
@@ -250,8 +273,9 @@ def write_summary(args: argparse.Namespace, rows: list[dict[str, Any]], command:
     }
     write_table(out_dir / f"{args.name}.md", rows, target, command, header)
     write_plot(out_dir / f"{args.name}.png", rows, target, f"{args.dataset} / {args.model}, {args.epochs} epochs")
-    (out_dir / f"{args.name}.json").write_text(
-        json.dumps({"target_accuracy": target, "command": command, "header": header, "runs": rows}, indent=1)
+    write_text_atomic(
+        out_dir / f"{args.name}.json",
+        json.dumps({"target_accuracy": target, "command": command, "header": header, "runs": rows}, indent=1),
     )
     if final:
         print(f"[sweep] wrote {out_dir / (args.name + '.md')} and .png", flush=True)

@@ -34,16 +34,18 @@ import torch.nn.functional as F
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments
 
-# shared recipe pieces (recipes/_common.py), also read from here by train_trainer.py, sweep.py and the tests
+# shared recipe pieces (egg_recipes.common), also read from here by train_trainer.py, sweep.py and the tests
 from egg_recipes.common import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     add_run_arguments,
+    changed_flags,
     derived_seed,
     egg_config,
     gathered_model_state,
     init_trackers,
     load_image_splits,
+    refuse_ineffective_flags,
     resume_config_signature,
     run_cli,
     state_digests,
@@ -217,8 +219,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that this run would ignore or that contradict the scenario, in one line (exit status 2):
+    role options with ``--scenario baseline`` (no clones) or a ``narrow-*`` control (a dense net, no roles; only
+    ``--clone-mode`` and ``--skip-clone-grads``, which choose how such a run is computed, stay),
+    ``--leaders/--independents`` with ``baseline`` (they would replace its plan), ``--width-match`` without a
+    ``narrow-*`` scenario, and options of the other clone mode (``--eval-mode`` in weight mode,
+    ``--skip-clone-grads`` in output mode)."""
+    scenario = args.scenario
+    if scenario == "baseline":
+        fractions = changed_flags(parser, args, ("leaders", "independents"))
+        if fractions:
+            parser.error(
+                f"{', '.join(fractions)}: replaces the plan of --scenario baseline, which would then train clones; "
+                "use --scenario mild or aggressive with it"
+            )
+        refuse_ineffective_flags(
+            parser, args, clones=False, without_clones="--scenario baseline", also=("width_match",)
+        )
+    elif scenario.startswith(NARROW):
+        refuse_ineffective_flags(parser, args, clones=False, without_clones=f"--scenario {scenario} (a dense control)")
+    else:
+        if changed_flags(parser, args, ("width_match",)):
+            parser.error(f"--width-match {args.width_match}: no effect with --scenario {scenario} (it sizes the "
+                         "narrow-* dense controls); drop it")  # fmt: skip
+        refuse_ineffective_flags(parser, args, clones=True)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    """The flags of ``argv``, checked by :func:`check_flags`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     if args.output_dir is None:
         name = Path(str(args.dataset)).name or "dataset"
         args.output_dir = str(Path("runs") / f"{name}-{args.model}-{args.scenario}-{args.clone_mode}")

@@ -42,6 +42,7 @@ from egg_recipes.common import (
     SCENARIOS,
     Parser,
     add_run_arguments,
+    changed_flags,
     clock,
     derived_seed,
     egg_config,
@@ -53,6 +54,7 @@ from egg_recipes.common import (
     open_fraction,
     positive_float,
     positive_int,
+    refuse_ineffective_flags,
     resume_config_signature,
     run_cli,
     seed_value,
@@ -169,6 +171,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --heads: head size {args.hidden_size // args.heads} must be even (rotary embeddings)")
     if args.block_size < 2:
         parser.error(f"argument --block-size: expected at least 2 tokens, got {args.block_size}")
+    if args.scenario == "baseline":  # flags this run would ignore, or that would give the baseline clones
+        fractions = changed_flags(parser, args, ("leaders", "independents"))
+        if fractions:
+            parser.error(
+                f"{', '.join(fractions)}: replaces the plan of --scenario baseline, which would then train clones; "
+                "use --scenario mild or aggressive with it"
+            )
+    refuse_ineffective_flags(parser, args, clones=args.scenario != "baseline", without_clones="--scenario baseline")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"lm-{args.scenario}-{args.clone_mode}-{args.trainer}")
     return args
@@ -249,15 +259,24 @@ def save_model_atomic(model: torch.nn.Module, folder: Path) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     with storage.writing(folder):
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own unfinished export, if any
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(str(tmp))
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+            raise
+        moved = folder.exists()
+        if moved:
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if moved and not folder.exists():  # the previous model goes back: never lost
+                os.replace(old, folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if moved:
+            shutil.rmtree(old, ignore_errors=True)  # replaced by the new one, as asked
 
 
 def write_outputs(

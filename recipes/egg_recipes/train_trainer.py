@@ -220,8 +220,16 @@ def _eval_loader_with(trainer, collator):
     return get_eval_dataloader
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags of ``argv``; flags the run would ignore are refused as in train_image.py."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    train_image.check_flags(parser, args)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return train_image.run_cli(train, build_parser().parse_args(argv))
+    return train_image.run_cli(train, parse_args(argv))
 
 
 if __name__ == "__main__":
