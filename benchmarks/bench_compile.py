@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch._dynamo
+from egg_recipes.models import SeedMNISTNet
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.kit.models import SeedMNISTNet
 
 VARIANTS = ("baseline", "output", "output-torchnorm", "weight")
 

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from egg_recipes.models import MLP, SeedMNISTNet, count_conv_linear_flops
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.kit.models import MLP, SeedMNISTNet, count_conv_linear_flops
 
 SCENARIOS = ("baseline", "mild", "aggressive")
 

@@ -42,17 +42,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from egg_recipes import train_image
+from egg_recipes.data import load_image_dataset
+from egg_recipes.models import build_model
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
 from egg_optim.core.scores import RandomScore, Score
-from egg_optim.kit.data import load_image_dataset
-from egg_optim.kit.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import train_image  # noqa: E402
 
 POLICIES = {
     "fixed": "output cloning, roles drawn once and kept",

@@ -29,10 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from egg_recipes import train_image
 
-import train_image  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # the election flags every stable-policy row shares; its score follows
 _STABLE = "--elect-every epoch --election-policy stable --election "
@@ -227,10 +226,10 @@ def epoch_configs(args: argparse.Namespace, policy: str) -> list[str]:
 def _timing_case(args: argparse.Namespace, config: str, spec):
     import torch
     import torch.nn.functional as F
+    from egg_recipes.models import build_model, narrow_model
 
     from egg_optim import LeaderCloneOptimizer, RolePlan
     from egg_optim.core.scores import CloneConflictScore
-    from egg_optim.kit.models import build_model, narrow_model
 
     shape = {"in_channels": spec.channels, "num_classes": spec.num_classes, "image_size": spec.image_size}
     table = train_image.SEED_TABLES.get(args.model, "uniform")
@@ -272,7 +271,7 @@ def measure_times(args: argparse.Namespace) -> dict[str, float]:
     """Median seconds per training step of every configuration, interleaved round-robin."""
     import statistics as st
 
-    from egg_optim.kit.data import dataset_spec, load_image_dataset
+    from egg_recipes.data import dataset_spec, load_image_dataset
 
     spec = dataset_spec(load_image_dataset(args.dataset, split="train", max_samples=64, seed=0))
     configs = sorted({c for p in args.policies for c in epoch_configs(args, p)})

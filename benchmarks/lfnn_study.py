@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from egg_recipes.data import dataset_spec, load_image_dataset, make_dataloader
+from egg_recipes.models import MLP
 from torch import nn
 
-from egg_optim.kit.data import dataset_spec, load_image_dataset, make_dataloader
-from egg_optim.kit.models import MLP
 from egg_optim.lfnn import LeaderFollowerLoss, num_leaders
 
 DATASETS = ("digits", "fashion_mnist")

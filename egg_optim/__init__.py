@@ -7,6 +7,7 @@ from .core.roles import Roles
 from .core.schedule import Schedule
 from .core.scores import ObservedScore, RunningScore, Score, register_score
 from .errors import (
+    CheckpointError,
     ConfigError,
     EggOptimError,
     ElectionError,
@@ -26,6 +27,7 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "EggConfig",
     "EggOptimError",

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,7 @@ from typing import Any
 import torch
 
 from .config import EggConfig
-from .errors import ConfigError, StateDictMismatchError
+from .errors import CheckpointError, ConfigError, StateDictMismatchError
 from .optim import LeaderCloneOptimizer, find_leader_clone_optimizer
 
 EVENTS = (
@@ -386,8 +387,16 @@ class CallbackRunner:
         return path
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restore what :meth:`save` wrote (loaded with ``weights_only=True``)."""
-        self.load_state_dict(torch.load(os.path.join(os.fspath(directory), STATE_FILE), weights_only=True))
+        """Restore what :meth:`save` wrote (loaded with ``weights_only=True``); a missing or unreadable file is a
+        :class:`~egg_optim.errors.CheckpointError` and changes nothing."""
+        path = os.path.join(os.fspath(directory), STATE_FILE)
+        try:
+            state = torch.load(path, weights_only=True)
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+            raise CheckpointError(
+                f"cannot read {path} ({' '.join(str(exc).split())[:200] or type(exc).__name__})"
+            ) from exc
+        self.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -455,7 +464,12 @@ class LocalLossCallback(Callback):
         self.observations = 0
 
     def on_train_begin(self, state: TrainState) -> None:
-        state.require_egg_optimizer("LocalLossCallback")
+        opt = state.require_egg_optimizer("LocalLossCallback")
+        if not opt.score.observed:
+            raise ConfigError(
+                f"LocalLossCallback feeds observed scores, which election {opt.score.name!r} does not read; use "
+                "election='local_loss'"
+            )
 
     def on_before_optimizer_step(self, state: TrainState) -> None:
         opt = state.require_egg_optimizer("LocalLossCallback")

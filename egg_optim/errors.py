@@ -1,4 +1,4 @@
-"""Typed errors. All subclass the builtin a user would catch (ValueError/TypeError)."""
+"""Typed errors. All subclass the builtin a user would catch (ValueError, TypeError or RuntimeError)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ class StateDictMismatchError(EggOptimError, ValueError):
 
 class ConfigError(EggOptimError, ValueError):
     """An option given to a callback, recipe or local-loss module is invalid."""
+
+
+class CheckpointError(EggOptimError, RuntimeError):
+    """A checkpoint is missing, unreadable, incomplete, corrupt or does not match the run; nothing was changed."""
 
 
 class ElectionError(EggOptimError, ValueError):

@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints (egg_optim.kit.checkpoint) around accelerate's save_state / load_state."""
+"""Atomic, verified checkpoints (egg_recipes.checkpoint) around accelerate's save_state / load_state."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
 
 from accelerate import Accelerator  # noqa: E402
+from egg_recipes import checkpoint as ckpt  # noqa: E402
 
 from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
 from egg_optim.errors import EggOptimError  # noqa: E402
-from egg_optim.kit import checkpoint as ckpt  # noqa: E402
 
 PLAN = RolePlan(per_layer={"layer*.conv*": (0.4, 0.2)}, only_listed=True)
 
@@ -181,7 +181,13 @@ def test_crash_mid_save_leaves_nothing_complete(tmp_path, monkeypatch):
         ckpt.load_checkpoint(acc, leftovers[0])
     assert ckpt.latest_checkpoint(tmp_path) is None
     monkeypatch.undo()
-    assert ckpt.remove_incomplete(tmp_path) == leftovers and not leftovers[0].exists()
+    files = sorted(p.name for p in leftovers[0].iterdir())
+    # its files may be all there: moved aside, not deleted
+    assert ckpt.recover_leftovers(tmp_path) == [
+        (leftovers[0], tmp_path / "checkpoint-5.quarantine-1", "a save that was killed before it finished")
+    ]
+    assert sorted(p.name for p in (tmp_path / "checkpoint-5.quarantine-1").iterdir()) == files
+    assert ckpt.latest_checkpoint(tmp_path) is None and ckpt.recover_leftovers(tmp_path) == []
 
 
 def test_crash_while_overwriting_keeps_previous(tmp_path, monkeypatch):
@@ -264,7 +270,7 @@ def test_damaged_marker_refused_naming_it(tmp_path, damage):
         ckpt.load_checkpoint(acc, path)
     assert str(marker_path) in str(info.value)
     assert not isinstance(info.value, ckpt.IncompleteCheckpointError)  # damaged, not unfinished: kept
-    assert ckpt.remove_incomplete(tmp_path) == [] and path.is_dir()
+    assert ckpt.recover_leftovers(tmp_path) == [] and path.is_dir()
 
 
 def test_missing_listed_file_is_incomplete(tmp_path):
@@ -293,27 +299,42 @@ def _leftovers(root, acc):
     return good
 
 
-def test_next_save_removes_leftovers_but_no_checkpoint(tmp_path):
+RECOVERED = [  # what the leftovers above become: nothing that might hold a state is deleted
+    "checkpoint-1.quarantine-1", "checkpoint-3.quarantine-1", "checkpoint-4", "checkpoint-5",
+    "checkpoint-6.quarantine-1", "notes",
+]  # fmt: skip
+
+
+def test_next_save_recovers_leftovers_and_deletes_no_state(tmp_path, caplog):
     acc, model, opt, sched = _setup()
     _leftovers(tmp_path, acc)
     ckpt.save_checkpoint(acc, tmp_path / "checkpoint-7", step=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-5", "checkpoint-7", "notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*RECOVERED, "checkpoint-7"])
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-7"]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "\n" not in said[0]
+    for moved in ("checkpoint-1 -> checkpoint-1.quarantine-1", "checkpoint-3 -> checkpoint-3.quarantine-1",
+                  "checkpoint-6.tmp-0a1b2c3d -> checkpoint-6.quarantine-1"):  # fmt: skip
+        assert moved in said[0]
 
 
-def test_resume_path_cleans_leftovers_and_keeps_the_requested_folder(tmp_path, capsys):
+def test_resume_path_recovers_leftovers_and_keeps_the_requested_folder(tmp_path, caplog):
     acc, model, opt, sched = _setup()
     good = _leftovers(tmp_path, acc)
-    # an explicit, incomplete folder is not removed: loading it says what is wrong
+    # an explicit, incomplete folder is not moved: loading it says what is wrong
     target = ckpt.resume_path(acc, tmp_path / "checkpoint-3", tmp_path)
     assert target == tmp_path / "checkpoint-3" and target.is_dir()
     with pytest.raises(ckpt.IncompleteCheckpointError, match="incomplete"):
         ckpt.load_checkpoint(acc, target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "notes"]
-    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {*RECOVERED, "checkpoint-3"} - {"checkpoint-3.quarantine-1"}
+    )
+    caplog.clear()
     assert ckpt.resume_path(acc, "latest", tmp_path) == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-5", "notes"]
-    assert "warning: skipping damaged checkpoint(s) checkpoint-5" in capsys.readouterr().out  # newer, corrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == RECOVERED
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "checkpoint-3 -> checkpoint-3.quarantine-1" in said[0]
+    assert "resuming from checkpoint-4, not from newer checkpoint-5 (damaged, kept" in said[0]  # newer, corrupt
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         ckpt.resume_path(acc, "latest", tmp_path / "empty")
 
@@ -349,7 +370,8 @@ def test_prune_killed_mid_delete_leaves_no_half_checkpoint(tmp_path, monkeypatch
     assert names[0].startswith("checkpoint-1.trash-") and names[1].startswith("checkpoint-2.trash-")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3"]
     monkeypatch.undo()
-    assert len(ckpt.remove_incomplete(tmp_path)) == 2
+    recovered = ckpt.recover_leftovers(tmp_path)  # removals that were asked for: finished
+    assert len(recovered) == 2 and all(dst is None for _, dst, _ in recovered)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
@@ -359,7 +381,7 @@ def test_full_disk_during_save_is_one_line_and_keeps_previous(tmp_path, monkeypa
     import errno
     from collections import namedtuple
 
-    from egg_optim.kit import storage
+    from egg_recipes import storage
 
     acc, model, opt, sched = _setup()
     ckpt.save_checkpoint(acc, tmp_path / "checkpoint-1", step=1)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinySeedNet
+from egg_recipes.models import SeedMNISTNet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan, StateDictMismatchError
-from egg_optim.kit.models import SeedMNISTNet
 
 # How block i wires conv_i and bn_i (registered as conv_i, bn_i, side_i: the order a registration heuristic reads as
 # "conv_i -> bn_i"). Expected: (coupled, fused in output mode).

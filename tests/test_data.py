@@ -1,4 +1,4 @@
-"""egg_optim.kit.data: offline datasets, the Hub code path on local files, typed errors, batches."""
+"""egg_recipes.data: offline datasets, the Hub code path on local files, typed errors, batches."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from egg_optim.errors import ConfigError, EggOptimError
-from egg_optim.kit import data
-from egg_optim.kit.data import (
+from egg_recipes import data
+from egg_recipes.data import (
     BatchTransform,
     DatasetUnavailableError,
     dataset_spec,
@@ -24,6 +21,9 @@ from egg_optim.kit.data import (
     parse_augment,
     random_flip_crop,
 )
+from PIL import Image
+
+from egg_optim.errors import ConfigError, EggOptimError
 
 FASHION_DIR = Path(data.DEFAULT_FASHION_MNIST_DIR)
 HAVE_FASHION = all(
@@ -441,7 +441,7 @@ def test_test_split_fraction_on_digits_is_fixed_and_subset_after():
 
 
 def test_check_splits_refuses_one_class_and_unknown_test_labels(tmp_path):
-    from egg_optim.kit.data import check_splits
+    from egg_recipes.data import check_splits
 
     one = tmp_path / "one_class.parquet"
     _grey_dataset(6, [4] * 6).to_parquet(str(one))

@@ -1,13 +1,13 @@
-"""egg_optim.kit.metrics: an accuracy metric that loads and runs without the Hugging Face Hub."""
+"""egg_recipes.metrics: an accuracy metric that loads and runs without the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import evaluate
 import numpy as np
 import pytest
+from egg_recipes.metrics import METRIC_NAMES, load_metric, metric_path
 
 from egg_optim.errors import ConfigError
-from egg_optim.kit.metrics import METRIC_NAMES, load_metric, metric_path
 
 
 @pytest.fixture

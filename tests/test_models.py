@@ -1,13 +1,10 @@
-"""egg_optim.kit.models: the seed's architectures, baselines, factory and FLOP counter."""
+"""egg_recipes.models: the seed's architectures, baselines, factory and FLOP counter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from egg_optim.errors import ConfigError
-from egg_optim.kit.models import (
+from egg_recipes.models import (
     MLP,
     MODEL_NAMES,
     Bottleneck,
@@ -19,6 +16,9 @@ from egg_optim.kit.models import (
     narrow_model,
     narrow_widths,
 )
+from torch import nn
+
+from egg_optim.errors import ConfigError
 
 ROLE_LAYERS = [f"layer{b}.conv{c}" for b in (1, 2, 3) for c in (1, 2, 3)]
 

@@ -17,10 +17,8 @@ pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-sys.path.insert(0, str(RECIPES))
 
-import sweep  # noqa: E402
-import train_image  # noqa: E402
+from egg_recipes import sweep, train_image  # noqa: E402
 
 from egg_optim.errors import EggOptimError  # noqa: E402
 
@@ -36,7 +34,7 @@ FAST_TRAINER = [a for a in FAST if a != "--no-progress"]  # flags both recipes k
 
 def _trainer():
     pytest.importorskip("transformers")
-    import train_trainer
+    from egg_recipes import train_trainer
 
     return train_trainer
 
@@ -135,7 +133,7 @@ def test_seed_updates_match_the_seed_tables(tmp_path):
 def test_narrow_scenarios_train_the_dense_control(tmp_path):
     """narrow-*: a dense net with the plan's active widths and no roles; same updates as the plan, about half
     output cloning's counted FLOPs; --width-match flops scales it up to (just under) output cloning's FLOPs."""
-    from egg_optim.kit.models import count_conv_linear_flops, narrow_model
+    from egg_recipes.models import count_conv_linear_flops, narrow_model
 
     flops = {}
     for argv in (["--scenario", "mild", "--clone-mode", "output"], ["--scenario", "narrow-mild"],
@@ -177,9 +175,8 @@ def test_output_clone_mode_runs(tmp_path):
     assert m["steps"] == 5 and m["elections"] == 1 and m["roles"]["clones"] > 0
     assert m["roles"]["cloned_units"] == 0  # no weight copies in output mode
     # the saved weights load into the plain, unmodified network
+    from egg_recipes.models import build_model
     from safetensors.torch import load_model
-
-    from egg_optim.kit.models import build_model
 
     plain = build_model("seed_mnist", in_channels=1, num_classes=10, image_size=8)
     missing, unexpected = load_model(plain, str(out / "model.safetensors"))
@@ -211,14 +208,14 @@ def test_resume_latest_and_refusals(tmp_path, capsys):
     args = [*FAST, "--output-dir", str(out), "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "1"]
     assert train_image.main(args) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
-    # leftovers of a killed save and of an older, half-finished deletion: removed on resume
+    # leftovers of a killed save (its files may all be there: moved aside) and an emptied folder (removed)
     shutil.copytree(out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-6.tmp-0123abcd")
     (out / "checkpoints" / "checkpoint-6.tmp-0123abcd" / "egg_optim_checkpoint.json").unlink()
     (out / "checkpoints" / "checkpoint-2").mkdir()
     capsys.readouterr()
     assert train_image.main([*args, "--max-steps", "5", "--resume-from", "latest", "--eval-every", "1"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 5
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6.quarantine-1"]
     said = capsys.readouterr().out
     assert "resumed from" in said and "matches this run's model, dataset" in said and "lr, " in said
     assert "--epochs, --max-steps and the evaluation, logging, saving and output flags" in said
@@ -248,7 +245,7 @@ def test_resume_refuses_another_schedule_length(tmp_path, capsys):
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if the recipe gets as far as loading data."""
-    from egg_optim.kit import data
+    from egg_recipes import data
 
     def loaded(*args, **kwargs):
         raise AssertionError("the recipe loaded data before checking its output folder")
@@ -278,7 +275,7 @@ def test_output_dir_under_a_file_fails_up_front(tmp_path, capsys, no_training, r
 def test_read_only_output_dir_fails_up_front(tmp_path, monkeypatch, capsys, no_training):
     import errno
 
-    from egg_optim.kit import storage
+    from egg_recipes import storage
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -293,8 +290,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, monkeypatch
     from collections import namedtuple
 
     import safetensors.torch
-
-    from egg_optim.kit import storage
+    from egg_recipes import storage
 
     out = tmp_path / "run"
     if where == "checkpoint":  # torch.save (optimizer.bin) on a full disk: no errno, only "unexpected pos"
@@ -371,7 +367,7 @@ def test_wandb_offline_logs_role_metrics(tmp_path, monkeypatch):
         ["--report-to", "wandb", "--model", "small_cnn", "--epochs", "2", "--max-steps", "6", "--log-every", "2"],
         tmp_path,
     )
-    from egg_optim.kit.tracking import history_keys, read_wandb_offline_history
+    from egg_recipes.tracking import history_keys, read_wandb_offline_history
 
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -444,7 +440,7 @@ def test_sweep_rejects_unknown_flags_before_running(tmp_path, capsys):
 def test_trainer_route_logs_roles_and_resumes_exactly(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("egg_optim.integrations.transformers")
-    import train_trainer
+    from egg_recipes import train_trainer
 
     common = ["--max-steps", "6", "--batch-size", "64", "--max-train-samples", "256", "--max-eval-samples", "64",
               "--report-to", "none", "--log-every", "2", "--election", "grad_norm",

@@ -1,4 +1,4 @@
-"""egg_optim.kit.storage: output-folder check, atomic writes, storage failures as one-line StorageErrors.
+"""egg_recipes.storage: output-folder check, atomic writes, storage failures as one-line StorageErrors.
 
 Faults are simulated (patched writes, patched free space): the tests run as root, where a chmod'ed folder is
 still writable, and never fill a disk."""
@@ -10,10 +10,10 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from egg_recipes import storage
+from egg_recipes.storage import StorageError, atomic_path, prepare_output_dir, write_error, write_text_atomic
 
 from egg_optim.errors import EggOptimError
-from egg_optim.kit import storage
-from egg_optim.kit.storage import StorageError, atomic_path, prepare_output_dir, write_error, write_text_atomic
 
 _Usage = namedtuple("_Usage", "total used free")
 

@@ -1,4 +1,4 @@
-"""Role metrics, the leadership heat map and the offline W&B reader (egg_optim.kit.tracking)."""
+"""Role metrics, the leadership heat map and the offline W&B reader (egg_recipes.tracking)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinySeedNet
+from egg_recipes import tracking
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
 from egg_optim.errors import ConfigError
-from egg_optim.kit import tracking
 
 PLAN = RolePlan(per_layer={"layer1.conv*": (0.4, 0.2), "layer2.conv1": (0.5, 0.1)}, only_listed=True)
 

@@ -1,11 +1,12 @@
-"""The causal-LM text pipeline (egg_optim.kit.text) and recipes/train_lm.py on both routes (tiny models, seconds)."""
+"""The causal-LM text pipeline (egg_recipes.text) and recipes/train_lm.py on both routes (tiny models, seconds)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,8 @@ pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from egg_optim.kit.data import DatasetUnavailableError  # noqa: E402
-from egg_optim.kit.text import (  # noqa: E402
+from egg_recipes.data import DatasetUnavailableError
+from egg_recipes.text import (
     IGNORE_INDEX,
     ByteTokenizer,
     CausalLMCollator,
@@ -29,13 +27,13 @@ from egg_optim.kit.text import (  # noqa: E402
     token_nll,
     tokenize_and_group,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-sys.path.insert(0, str(ROOT / "recipes" / "data"))
-
-import make_tiny_tales  # noqa: E402
-import train_lm  # noqa: E402
+# the corpus generator is a script beside its data, not a module of a package
+make_tiny_tales = SimpleNamespace(**runpy.run_path(str(ROOT / "recipes" / "data" / "make_tiny_tales.py")))
+from egg_recipes import train_lm  # noqa: E402
 
 TINY = [
     "--hidden-size", "32", "--layers", "1", "--heads", "2", "--intermediate-size", "64", "--block-size", "32",
@@ -197,7 +195,7 @@ def test_default_corpus_output_mode_writes_a_loadable_model(tmp_path):
     assert m["eval_tokens"] == 24 * 31 and math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
     assert m["perplexity"] < 0.5 * 259  # learned something: a uniform guess over 259 ids scores 259
     assert m["roles"]["clones"] > 0 and m["args"]["dataset"] == str(train_lm.DEFAULT_DATASET)
-    from egg_optim.kit.text import evaluate_perplexity
+    from egg_recipes.text import evaluate_perplexity
 
     plain = LlamaForCausalLM.from_pretrained(str(out / "model"))
     tok = ByteTokenizer()
@@ -294,7 +292,7 @@ def test_shipped_corpus_is_the_generators_output():
 
 def test_wandb_offline_logs_role_metrics_and_perplexity(tmp_path, corpus, monkeypatch):
     pytest.importorskip("wandb")
-    from egg_optim.kit.tracking import history_keys, read_wandb_offline_history
+    from egg_recipes.tracking import history_keys, read_wandb_offline_history
 
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(key, value)

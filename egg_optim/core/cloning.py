@@ -15,6 +15,7 @@ included), and each rank writes its own slice.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -46,6 +47,13 @@ def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: int) -> torch.Ten
     return torch.lerp(t.index_select(dim, roles.clones.to(t.device)), src, blend)
 
 
+def _bad_units(rows: torch.Tensor, dim: int, clone_units: int) -> torch.Tensor:
+    """Per clone unit (in the order of ``roles.clones``): whether its new rows hold a NaN or inf. The rows of an
+    expanded tensor list each clone unit's positions together (:meth:`Roles.expand`)."""
+    flat = rows.movedim(dim, 0).reshape(clone_units, -1)
+    return ~torch.isfinite(flat).all(dim=1)
+
+
 @torch.no_grad()
 def clone_layer(
     layer: ManagedLayer,
@@ -59,16 +67,23 @@ def clone_layer(
     generator: torch.Generator | None = None,
     fresh: Fresh = zero_fresh,
 ) -> int:
-    """Copy source units into clone units in place; returns the number of clone units written."""
+    """Copy source units into clone units in place; returns the number of clone units written.
+
+    A clone event never writes NaN or inf: a clone whose new rows would hold one (its source leader diverged,
+    e.g. after a non-finite gradient) keeps its rows and its optimizer state, and a warning names the layer and
+    the count; the other clones are written as usual."""
     if not roles.has_clones:
         return 0
     unit_roles = roles
+    n = unit_roles.num_clones
+    # every tensor's new rows first (nothing written yet), so a non-finite source is found before any write
+    writes: list[tuple[torch.Tensor, torch.Tensor, int, Roles, torch.Tensor, bool]] = []
+    bad: torch.Tensor | None = None
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
             continue
         dim, roles = layer.dim_of(pname), layer.roles_of(pname, unit_roles)
         whole = full(p)  # p itself unless sharded
-        idx = roles.clones.to(whole.device)
         rows = _blended(whole, roles, blend, dim)
         if noise > 0:
             moved = rows.movedim(dim, 0)
@@ -76,20 +91,47 @@ def clone_layer(
             rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
             rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, dim)
-        if is_sharded(p):
-            write_full_(p, whole.index_copy(dim, idx, rows))
-        else:
-            p.index_copy_(dim, idx, rows)
-        if opt_state is not None and state != "keep":
-            st = opt_state.get(p, {})
-            for key in row_state_keys(p, st):
-                if state == "copy":
-                    copy_positions_(st[key], dim, roles.clones, roles.sources)
-                else:
-                    where = localize(st[key], dim, roles.clones)[1]
-                    value = local(st[key])
-                    value.index_fill_(dim, where.to(value.device), fresh(key, (groups or {}).get(p, {})))
+        writes.append((p, whole, dim, roles, rows, True))
+        units_bad = _bad_units(rows, dim, n)
+        bad = units_bad if bad is None else bad | units_bad.to(bad.device)
     for bname, b in layer.buffers:
         dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
-        b.index_copy_(dim, roles.clones.to(b.device), _blended(b, roles, blend, dim))
-    return unit_roles.num_clones
+        rows = _blended(b, roles, blend, dim)
+        writes.append((b, b, dim, roles, rows, False))
+        units_bad = _bad_units(rows, dim, n)
+        bad = units_bad if bad is None else bad | units_bad.to(bad.device)
+    skipped = 0
+    keep_units = None
+    if bad is not None and bool(bad.any()):  # one host sync per layer and clone event
+        keep_units = ~bad.cpu()
+        skipped = n - int(keep_units.sum())
+        warnings.warn(
+            f"egg_optim: clone event in layer {layer.name!r}: {skipped} of {n} clone(s) keep their rows because "
+            "their source leader's rows hold NaN or inf (a non-finite gradient or update); clone events never "
+            "copy non-finite values",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    for t, whole, dim, roles, rows, is_param in writes:
+        clones, sources = roles.clones, roles.sources
+        if keep_units is not None:
+            keep = keep_units.repeat_interleave(clones.numel() // n)
+            clones, sources = clones[keep], sources[keep]
+            rows = rows.index_select(dim, keep.nonzero().flatten().to(rows.device))
+            if not clones.numel():
+                continue
+        idx = clones.to(whole.device)
+        if is_param and is_sharded(t):
+            write_full_(t, whole.index_copy(dim, idx, rows))
+        else:
+            t.index_copy_(dim, idx, rows)
+        if is_param and opt_state is not None and state != "keep":
+            st = opt_state.get(t, {})
+            for key in row_state_keys(t, st):
+                if state == "copy":
+                    copy_positions_(st[key], dim, clones, sources)
+                else:
+                    where = localize(st[key], dim, clones)[1]
+                    value = local(st[key])
+                    value.index_fill_(dim, where.to(value.device), fresh(key, (groups or {}).get(t, {})))
+    return n - skipped

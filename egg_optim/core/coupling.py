@@ -44,6 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import StateDictMismatchError
+from .guards import outside_inference_mode
 from .units import norm_units, num_units, parameter_holders
 
 logger = logging.getLogger("egg_optim")
@@ -429,7 +430,8 @@ class NormCoupling:
             self.remove()
             return
         coupling = decide(self._layers, self._norms, self._explicit, evidence, self._fusable)
-        apply(coupling)  # validates before changing anything; raising leaves it pending
+        with outside_inference_mode():  # couple_norms() in an evaluation block: the new state must train
+            apply(coupling)  # validates before changing anything; raising leaves it pending
         self.coupling = coupling
         self.evidence = None
         self.remove()

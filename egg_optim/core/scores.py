@@ -27,13 +27,14 @@ elections free clones in output mode. ``Score.policies`` names the election poli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ElectionError
 from .roles import Roles
 from .units import ManagedLayer
 
@@ -62,6 +63,8 @@ class Score:
     policies_reason: str = ""
     #: output mode, scores that need ``"clone_grads"``: one training step in this many is probed
     probe_every: int = 10
+    #: whether the score reads values fed from outside (:meth:`LeaderCloneOptimizer.observe_scores`)
+    observed: bool = False
     #: old spelling of ``"grads" in needs`` (kept: subclasses may set it)
     reads_grad: bool = False
 
@@ -116,6 +119,7 @@ class ObservedScore(RunningScore):
     """Fed from outside with :meth:`LeaderCloneOptimizer.observe_scores`; nothing is read per step."""
 
     needs = frozenset()
+    observed = True
 
     def observe(self, layer: ManagedLayer) -> torch.Tensor | None:
         return None
@@ -270,3 +274,49 @@ def resolve_score(election: str | Score | ScoreFn) -> Score:
     if callable(election):
         return CallableScore(election)
     raise ConfigError(f"election must be a score name, a Score or a callable, got {type(election).__name__}")
+
+
+def unit_scores(
+    score: Score, layer: ManagedLayer, generator: torch.Generator, average: Tensor | None = None
+) -> torch.Tensor:
+    """``score.unit_scores(layer, generator, average)`` (the protocol's election call) as a flat float CPU tensor
+    of one value per unit; anything else (a list, a tensor of another size) is an
+    :class:`~egg_optim.errors.ElectionError` naming the score and the layer."""
+    value = score.unit_scores(layer, generator, average)
+    if not torch.is_tensor(value):
+        raise ElectionError(
+            f"score {score.name!r} returned a {type(value).__name__} for layer {layer.name!r}; a score returns a "
+            f"tensor of {layer.num_units} values (torch.tensor(...) of yours)"
+        )
+    value = value.detach().float().cpu().reshape(-1)
+    if value.numel() != layer.num_units:
+        raise ElectionError(
+            f"score {score.name!r} returned {value.numel()} values for layer {layer.name!r} "
+            f"with {layer.num_units} units"
+        )
+    return value
+
+
+def check_observed_scores(score: Score, scores: Any, units: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Validate scores fed from outside (:meth:`LeaderCloneOptimizer.observe_scores`) before any is added: the
+    election must read them (an :class:`ObservedScore`), ``scores`` must map managed layers (``units``: layer ->
+    number of units) to finite tensors of one value per unit. Returns them as a dict."""
+    if not score.observed:
+        raise ConfigError(
+            f"observe_scores: election {score.name!r} does not read observed scores (they would be averaged into "
+            "its own running values, or ignored); use an ObservedScore election such as 'local_loss'"
+        )
+    if not isinstance(scores, Mapping):
+        raise ConfigError(
+            f"observe_scores expects a {{layer name: tensor of per-unit scores}} mapping, got "
+            f"{type(scores).__name__} {scores!r:.60}"
+        )
+    for name, value in scores.items():
+        if name not in units:
+            raise ConfigError(f"observe_scores: {name!r} is not a managed layer; managed: {list(units)}")
+        if not torch.is_tensor(value) or value.shape != (units[name],):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ConfigError(f"observe_scores: layer {name!r} has {units[name]} units, got scores of shape {shape}")
+        if not bool(torch.isfinite(value).all()):
+            raise ElectionError(f"observe_scores: layer {name!r} got non-finite scores")
+    return dict(scores)

@@ -156,6 +156,29 @@ def copied_positions(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: t
     return like(t, whole)
 
 
+def replacement_problem(layer: str, qname: str, new: torch.Tensor | None) -> str:
+    """Why an optimizer cannot follow parameter ``qname`` of managed ``layer`` that the model replaced by ``new``
+    (a tensor the optimizer does not hold, or ``None``): named by what replaced it."""
+    where = f"layer {layer!r}: parameter {qname!r}"
+    if new is None:
+        return f"{where} is no longer registered in the model (removed or renamed after the optimizer was built)"
+    if new.is_meta:
+        return (
+            f"{where} is now a new tensor on the meta device (model.to('meta')?), which holds no values and which "
+            "the optimizer does not hold; build the optimizer over the model once it has its real parameters"
+        )
+    if not is_sharded(new):
+        return (
+            f"{where} was replaced by a new tensor the optimizer does not hold (a parameter assigned or converted "
+            "after the optimizer was built); build the optimizer over the model as it will be trained"
+        )
+    return (
+        f"{where} was replaced by one the optimizer does not hold; when the model is wrapped (fully_shard) after "
+        "the optimizer is built, update the optimizer's param_groups to the new parameters (Accelerate's prepare "
+        "does)"
+    )
+
+
 def fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
     """The modules of ``model`` that ``fully_shard`` was applied to."""
     cls = _fsdp_module_class()

@@ -2,13 +2,19 @@
 
 A state dict is the base optimizer's ``{state, param_groups}`` (always full-size state, whatever the storage)
 plus an ``egg_optim`` entry of tensors and primitives only (loadable with ``torch.load(weights_only=True)``):
-roles, counters, running election scores and leadership history. :func:`parse_book` and
-:func:`check_base_state` validate everything a load would touch *before* anything is changed, so a refused
-state dict raises :class:`StateDictMismatchError` naming the offending key and leaves the optimizer as it was.
+roles, counters, running election scores and leadership history, and the options the saved state only means
+something under (``depends``: clone mode, election score and policy, schedules, clone options, assignment;
+:func:`dependencies`). :func:`parse_book`, :func:`check_clone_rows` and :func:`check_base_state` validate
+everything a load would touch *before* anything is changed: the entry, the options it depends on (a state dict
+written before they were recorded skips that check), the clones' saved rows, and the base optimizer's
+hyperparameters (types, finiteness and its own constructor's checks) and state (shapes, finiteness, signs), so a
+refused state dict raises :class:`StateDictMismatchError` naming the offending key and value and leaves the
+optimizer as it was.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,11 +67,41 @@ class Book:
     seed: int | None = None  # the seed the saved run drew its roles from (None: this optimizer's)
 
 
-def pack_book(book: Book, *, plan: str, seed: int, storage: str) -> dict[str, Any]:
+# The options whose change makes saved roles, running scores and clone rows mean something else (or makes the
+# resumed run another run): recorded in every state dict and compared on load.
+DEPENDS_ON = (
+    "clone_mode",
+    "election",
+    "election_policy",
+    "elect_every",
+    "clone_every",
+    "assign",
+    "hysteresis",
+    "max_churn",
+    "leader_scales",
+    "clone_blend",
+    "clone_noise",
+    "clone_state",
+)
+
+
+def dependencies(config: Any) -> dict[str, Any]:
+    """What a state dict depends on, from an :class:`~egg_optim.config.EggConfig` (as primitives: the score's
+    name, schedules as text with ``clone_every="auto"`` resolved)."""
+    signature = config.signature()
+    out = {k: signature[k] for k in DEPENDS_ON if k in signature}
+    out["clone_every"] = str(config.clone_schedule)
+    return out
+
+
+def pack_book(
+    book: Book, *, plan: str, seed: int, storage: str, depends: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``egg_optim`` entry of a state dict (tensors and primitives only)."""
     return {
         "version": STATE_VERSION,
         "plan": plan,
+        **({"depends": dict(depends)} if depends is not None else {}),
         "seed": seed,
         "state_storage": storage,
         "steps": book.steps,
@@ -115,6 +151,23 @@ def _tensor(where: str, value: Any, numel: tuple[int, ...], *, integer: bool) ->
     return value.detach().cpu().reshape(-1).clone()
 
 
+def check_dependencies(extra: Mapping[str, Any], depends: Mapping[str, Any]) -> None:
+    """Refuse an entry saved under other options than ``depends`` (:func:`dependencies` of this optimizer's
+    config), naming every difference; an entry without ``depends`` (written before it was recorded) passes."""
+    saved = extra.get("depends")
+    if saved is None:
+        return
+    if not isinstance(saved, Mapping):
+        raise StateDictMismatchError(f"{STATE_KEY}.depends must be a dict, got {type(saved).__name__}")
+    diffs = [f"{k}={saved[k]!r} (this optimizer: {v!r})" for k, v in depends.items() if k in saved and saved[k] != v]
+    if diffs:
+        raise StateDictMismatchError(
+            f"state dict was saved under other options: {', '.join(diffs)}; its roles, running scores and clone "
+            "rows mean something else under these, so build the optimizer with the saved options to resume (to "
+            f"adopt the state anyway, delete state_dict[{STATE_KEY!r}]['depends'] before loading)"
+        )
+
+
 def parse_book(
     extra: Any,
     *,
@@ -122,10 +175,12 @@ def parse_book(
     units: Mapping[str, int],
     counts: Mapping[str, tuple[int, int]] | Callable[[int], Mapping[str, tuple[int, int]]],
     device_of: Any,
+    depends: Mapping[str, Any] | None = None,
 ) -> Book:
-    """Validate the ``egg_optim`` entry against this optimizer (plan signature, managed layers and their unit
-    counts, per-layer ``(leaders, independents)`` counts, or a function of the number of elections held when
-    the plan changes over training) and return its :class:`Book`. Changes nothing."""
+    """Validate the ``egg_optim`` entry against this optimizer (plan signature, the options the state depends on
+    (:func:`check_dependencies`, when ``depends`` is given), managed layers and their unit counts, per-layer
+    ``(leaders, independents)`` counts, or a function of the number of elections held when the plan changes over
+    training) and return its :class:`Book`. Changes nothing."""
     if not isinstance(extra, Mapping):
         raise StateDictMismatchError(
             f"state dict has no {STATE_KEY!r} entry: it was not saved by a LeaderCloneOptimizer "
@@ -207,7 +262,147 @@ def parse_book(
             score_sum=score_sum.float().to(device_of(name)) if score_count else None,
             score_count=score_count,
         )
+    if depends is not None:  # last: a state dict of another model is named as that first
+        check_dependencies(extra, depends)
     return book
+
+
+def check_clone_rows(rows: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse saved clone slices (``egg_optim.clone_rows``, output mode) that do not fit: a tensor the saved roles
+    do not give a shape in ``shapes`` (qualified name -> shape), another shape, or non-finite values (they would
+    be written into the model's clone rows)."""
+    if not isinstance(rows, Mapping):
+        raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
+    for qname, v in rows.items():
+        if qname not in shapes:
+            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
+        if not torch.is_tensor(v) or tuple(v.shape) != tuple(shapes[qname]):
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise StateDictMismatchError(
+                f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {tuple(shapes[qname])}"
+            )
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise StateDictMismatchError(
+                f"{STATE_KEY}.clone_rows[{qname!r}] holds {_nonfinite(v)}: loading it would write them into the "
+                "model's clone rows"
+            )
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    t = t.detach()
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return " and ".join(part for part in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if part)
+
+
+# ---------------------------------------------------------------------------- base optimizer hyperparameters
+def _is_number(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return math.isfinite(float(value))
+
+
+def _hyperparameter_problem(live: Any, saved: Any) -> str | None:
+    """Why ``saved`` cannot stand for the option whose value in this optimizer is ``live`` (or ``None``)."""
+    if live is None:  # foreach / fused: None means 'choose'; a saved choice is fine
+        return None
+    if isinstance(live, bool):
+        return None if isinstance(saved, bool) else "expected True or False"
+    if _is_number(live):
+        if not _is_number(saved):
+            return "expected a number"
+        return None if _finite(saved) else "expected a finite number"
+    if isinstance(live, (tuple, list)) and all(_is_number(v) for v in live):
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(live) or not all(_is_number(v) for v in saved):
+            return f"expected {len(live)} numbers"
+        return None if all(_finite(v) for v in saved) else "expected finite numbers"
+    if isinstance(live, str):
+        return None if isinstance(saved, str) else "expected a string"
+    return None
+
+
+def _constructor_error(cls: type, options: Mapping[str, Any]) -> Exception | None:
+    """The error ``cls([probe], **options)`` raises (its own checks of lr, betas, eps...), or ``None``."""
+    try:
+        accepted = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    kwargs = {k: v for k, v in options.items() if k in accepted and k not in ("self", "params")}
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the constructor refuses
+        return exc
+    return None
+
+
+def check_hyperparameters(saved_groups: list[Any], groups: list[Mapping[str, Any]], optimizer_cls: type) -> None:
+    """Refuse saved ``param_groups`` hyperparameters that ``load_state_dict`` would adopt as they are but that
+    the optimizer could not run with: a value of another type than this optimizer's (``lr="0.01"``), a non-finite
+    number (``lr=nan``), or a value the optimizer's own constructor refuses (``betas=(0.9, 1.5)``, ``lr=-1``;
+    checked when it accepts this optimizer's own values)."""
+    for i, (sg, g) in enumerate(zip(saved_groups, groups)):
+        for key, live in g.items():
+            if key in ("params", "param_names", STATE_KEY) or key not in sg:
+                continue
+            problem = _hyperparameter_problem(live, sg[key])
+            if problem is not None:
+                raise StateDictMismatchError(
+                    f"state dict's param_groups[{i}][{key!r}] is {sg[key]!r}: {problem} (this optimizer has {live!r})"
+                )
+        ours = {k: v for k, v in g.items() if k != "params"}
+        theirs = {k: sg[k] for k in ours if k in sg}
+        changed = {k: v for k, v in theirs.items() if not _same(v, ours[k])}
+        if changed and _constructor_error(optimizer_cls, ours) is None:
+            exc = _constructor_error(optimizer_cls, {**ours, **theirs})
+            if exc is not None:
+                raise StateDictMismatchError(
+                    f"state dict's param_groups[{i}] holds {changed}, which {optimizer_cls.__name__} refuses: "
+                    f"{' '.join(str(exc).split())}"
+                )
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors of several values
+        return False
+
+
+# ---------------------------------------------------------------------------- base optimizer state values
+# state entries that are sums of squares (or products of positive factors): never negative
+_NON_NEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta", "mu_product"})
+
+
+def check_state_values(pname: str, state: Mapping[str, Any]) -> None:
+    """Refuse optimizer state of parameter ``pname`` holding NaN or inf, a negative ``step``, or negative values
+    in an entry that is a sum of squares (``exp_avg_sq``, ``square_avg``, ``sum``...). Tensors sharded by FSDP2
+    are checked on this rank's shard."""
+    from .sharding import local
+
+    for key, value in state.items():
+        where = f"optimizer state {key!r} of {pname!r}"
+        if torch.is_tensor(value):
+            t = local(value).detach()
+            if t.dtype == torch.bool or t.numel() == 0:
+                continue
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                raise StateDictMismatchError(f"{where} holds {_nonfinite(t)}")
+            if t.is_complex():
+                continue
+            low = float(t.min())
+        elif _is_number(value):
+            if not _finite(value):
+                raise StateDictMismatchError(f"{where} is {value}")
+            low = float(value)
+        else:
+            continue
+        if key == "step" and low < 0:
+            raise StateDictMismatchError(f"{where} is {low:g}: a step count cannot be negative")
+        if key in _NON_NEGATIVE and low < 0:
+            raise StateDictMismatchError(f"{where} holds negative values (min {low:g}); it is a sum of squares")
 
 
 def expected_state_keys(optimizer: torch.optim.Optimizer, options: Mapping[str, Any]) -> frozenset[str] | None:
@@ -230,13 +425,16 @@ def check_base_state(
     names: Mapping[int, str],
 ) -> None:
     """Refuse base-optimizer state that ``optimizer.load_state_dict`` would accept but that does not fit:
-    wrong group sizes, another optimizer's state keys, per-unit state of the wrong shape (full or, for a managed
-    parameter, ``managed[id(p)] = (layer, roles, dim)``, active units only). ``names`` names parameters in
-    messages."""
+    wrong group sizes, hyperparameters it could not run with (:func:`check_hyperparameters`), another optimizer's
+    state keys, non-finite or impossible state values (:func:`check_state_values`), per-unit state of the wrong
+    shape (full or, for a managed parameter, ``managed[id(p)] = (layer, roles, dim)``, active units only).
+    ``names`` names parameters in messages."""
     groups, saved_groups = optimizer.param_groups, sd.get("param_groups")
     if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
         n = len(saved_groups) if isinstance(saved_groups, list) else type(saved_groups).__name__
         raise StateDictMismatchError(f"state dict has {n} parameter groups, the optimizer has {len(groups)}")
+    if not all(isinstance(sg, Mapping) for sg in saved_groups):
+        raise StateDictMismatchError("state dict's param_groups must be dicts")
     id_map: dict[Any, tuple[torch.Tensor, Mapping[str, Any]]] = {}
     for i, (sg, g) in enumerate(zip(saved_groups, groups)):
         if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
@@ -247,6 +445,7 @@ def check_base_state(
                 f"{len(g['params'])}"
             )
         id_map.update((sid, (p, sg)) for sid, p in zip(sg["params"], g["params"]))
+    check_hyperparameters(saved_groups, groups, type(optimizer))
     state = sd.get("state")
     if not isinstance(state, Mapping):
         raise StateDictMismatchError(f"state dict's 'state' must be a dict, got {type(state).__name__}")
@@ -260,6 +459,7 @@ def check_base_state(
             raise StateDictMismatchError(f"optimizer state of {pname!r} must be a dict, got {type(st).__name__}")
         if not st:
             continue
+        check_state_values(pname, st)
         expected = keys_cache.setdefault(id(sg), expected_state_keys(optimizer, sg))
         if expected is not None and set(st) != expected:
             raise StateDictMismatchError(
@@ -278,5 +478,3 @@ def check_base_state(
                     f"optimizer state {key!r} of {pname!r} has shape {tuple(value.shape)}, the parameter has "
                     f"{tuple(p.shape)}"
                 )
-            if isinstance(value, float) and not math.isfinite(value):
-                raise StateDictMismatchError(f"optimizer state {key!r} of {pname!r} is {value}")

@@ -33,13 +33,22 @@ Trainer                   egg_optim
 ``on_log``                pending egg metrics into the logs
 ``on_train_end``          ``on_train_end``
 ========================  ==============================================
+
+Resuming is all-or-nothing under :class:`EggTrainer`: before the Trainer loads a checkpoint's weights into the
+model, the checkpoint's ``optimizer.pt``, ``scheduler.pt`` and ``egg_callbacks.pt`` must be readable (a file
+truncated by a killed save is a :class:`~egg_optim.errors.CheckpointError` with the model untouched), and when
+the optimizer then refuses its saved state (another plan, or other options it depends on: clone mode, election,
+schedules, clone options, assignment; a :class:`~egg_optim.errors.StateDictMismatchError`), the model's weights,
+the optimizer and the LR scheduler are restored to what they were before ``train()`` was called.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +68,7 @@ from ..callbacks import (
     load_callbacks_state_dict,
 )
 from ..config import EggConfig
-from ..errors import ConfigError, StateDictMismatchError
+from ..errors import CheckpointError, ConfigError, EggOptimError, StateDictMismatchError
 from ..optim import LeaderCloneOptimizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,38 @@ __all__ = ["EggConfig", "EggTrainer", "EggTrainerCallback", "EggTrainerMixin", "
 
 _STATE_VERSION = 1
 _EVAL_PREFIXES = ("eval_", "test_")
+# what torch.load raises on a truncated or garbled file (a killed save): not a programming error
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
+_CHECKED_FILES = ("optimizer.pt", "scheduler.pt", STATE_FILE)
+
+
+def _load_file(path: str) -> Any:
+    """``torch.load(path)`` as the Trainer does (CPU, ``weights_only``); an unreadable file is a
+    :class:`CheckpointError` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as exc:
+        raise CheckpointError(
+            f"checkpoint {os.path.dirname(path)}: unreadable {os.path.basename(path)} "
+            f"({' '.join(str(exc).split())[:200] or type(exc).__name__}; was the save interrupted?)"
+        ) from exc
+
+
+def _check_readable(checkpoint: str, names: Sequence[str] = _CHECKED_FILES) -> None:
+    """Refuse a checkpoint holding a file among ``names`` that ``torch.load`` cannot read (nothing is loaded)."""
+    for name in names:
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path):
+            _load_file(path)
+
+
+def _model_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state on the CPU (device memory stays free); sharded tensors are copied as they are."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        out[k] = v.clone() if type(v) is not torch.Tensor else v.to("cpu", copy=True)
+    return out
 
 
 def _epoch_index(state: Any) -> int:
@@ -158,7 +199,7 @@ class EggTrainerCallback(TrainerCallback):
             ckpt = self._checkpoint_to_restore(args, state)
             path = os.path.join(ckpt, self.state_file) if ckpt else None
             if path and os.path.isfile(path):
-                self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                self.load_state_dict(_load_file(path))
                 self.restored_from = ckpt
             else:
                 logger.warning(
@@ -330,7 +371,59 @@ class EggTrainerMixin:
         if path is True:
             path = get_last_checkpoint(self.args.output_dir)
         self.egg_callback.resume_from = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._egg_model_backup = None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._egg_model_backup = None
+
+    # ------------------------------------------------------------------ all-or-nothing resume
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Check that the checkpoint's optimizer, scheduler and callback files are readable before any weight is
+        loaded, and keep a copy of the model's weights until the optimizer has accepted its state."""
+        _check_readable(resume_from_checkpoint)
+        if not getattr(self, "is_deepspeed_enabled", False):
+            self._egg_model_backup = _model_snapshot(self.model)
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except Exception:
+            self._egg_restore_model()
+            raise
+
+    def _egg_restore_model(self) -> bool:
+        backup, self._egg_model_backup = getattr(self, "_egg_model_backup", None), None
+        if backup is None:
+            return False
+        self.model.load_state_dict(backup)
+        return True
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load the optimizer and scheduler states; if either is refused or unreadable, restore the model's
+        weights, the optimizer and the scheduler and raise a typed error (nothing of the checkpoint stays)."""
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        opt_before = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        sched = getattr(self, "lr_scheduler", None)
+        sched_before = copy.deepcopy(sched.state_dict()) if sched is not None else None
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as exc:
+            if opt_before is not None:
+                self.optimizer.load_state_dict(opt_before)
+            if sched_before is not None:
+                sched.load_state_dict(sched_before)
+            restored = self._egg_restore_model()
+            what = "the model's weights, " if restored else ""
+            note = f"; {what}the optimizer and the LR scheduler are as they were before train()"
+            if isinstance(exc, EggOptimError):
+                raise type(exc)(f"checkpoint {checkpoint}: {exc}{note}") from exc
+            if isinstance(exc, _UNREADABLE):
+                raise CheckpointError(
+                    f"checkpoint {checkpoint}: its optimizer or scheduler state could not be loaded "
+                    f"({' '.join(str(exc).split())[:200] or type(exc).__name__}){note}"
+                ) from exc
+            raise
+        self._egg_model_backup = None
 
 
 _MADE: dict[type, type] = {}

@@ -35,12 +35,13 @@ from ..core.cloning import clone_layer
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
+from ..core.guards import frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
-from ..core.scores import Score, StepData
-from ..core.state_dict import STATE_KEY, Book, LayerBook, pack_book, parse_book
+from ..core.scores import Score, StepData, check_observed_scores, unit_scores
+from ..core.state_dict import Book, LayerBook, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers, check_single_owners, couple_norm, parameter_holders
 from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError
 from ..rewrites.base import LayerRewrite
@@ -277,17 +278,9 @@ class RoleController:
 
     def observe_scores(self, scores: Mapping[str, torch.Tensor]) -> None:
         """Feed per-unit scores (higher is better) from outside; averaged until the next election. All layers
-        are checked before any score is added."""
-        for name, value in scores.items():
-            if name not in self.layers:
-                raise ConfigError(f"observe_scores: {name!r} is not a managed layer; managed: {list(self.layers)}")
-            units = self.layers[name].num_units
-            if not torch.is_tensor(value) or value.shape != (units,):
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ConfigError(f"observe_scores: layer {name!r} has {units} units, got scores of shape {shape}")
-            if not bool(torch.isfinite(value).all()):
-                raise ElectionError(f"observe_scores: layer {name!r} got non-finite scores")
-        for name, value in scores.items():
+        are checked before any score is added; an election that reads no observed scores refuses them."""
+        units = {n: lay.num_units for n, lay in self.layers.items()}
+        for name, value in check_observed_scores(self.score, scores, units).items():
             self._accumulate(name, value)
 
     # ------------------------------------------------------------------ the step and the schedules
@@ -347,12 +340,7 @@ class RoleController:
             lb = self.book.layers.get(name)
             total = lb.score_sum if lb is not None else None
             average = total.cpu() / lb.score_count if total is not None else None
-            scores[name] = score.unit_scores(layer, gen, average).detach().float().cpu().reshape(-1)
-            if scores[name].numel() != layer.num_units:
-                raise ElectionError(
-                    f"score {score.name!r} returned {scores[name].numel()} values for layer {name!r} "
-                    f"with {layer.num_units} units"
-                )
+            scores[name] = unit_scores(score, layer, gen, average)
         if scores:
             flat = all_reduce_mean(torch.cat(list(scores.values())), self.process_group)
             scores = dict(zip(scores, torch.split(flat, [s.numel() for s in scores.values()])))
@@ -394,10 +382,13 @@ class RoleController:
             for name, layer in self.layers.items()
         }
 
+    @outside_inference_mode()  # in an evaluation block too: the new state must be trainable
     def elect_now(self) -> dict[str, int]:
-        """Hold an election in every managed layer now; returns the leader churn per layer."""
+        """Hold an election in every managed layer now; returns the leader churn per layer. Layers frozen since
+        the optimizer was built keep their roles and rows (with a warning)."""
         self.sync_params()
-        new = self._elect_all(self.score)
+        frozen = frozen_layers(self.layers)
+        new = keep_frozen_roles(self._elect_all(self.score), self.roles, frozen)
         for name, roles in new.items():
             lb = self.book.layers[name]
             lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
@@ -409,18 +400,24 @@ class RoleController:
         # statistics; a block's producer slices) before it may become active again keeps that output
         # (function-preserving election).
         for rw in self.rewrites:
-            rw.fill_clones()
+            rw.fill_clones(skip=frozen)
         self._set_roles(new)
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
+    @outside_inference_mode()
     def clone_now(self) -> int:
-        """Copy every clone's source leader into it now; returns the number of clone units written."""
+        """Copy every clone's source leader into it now; returns the number of clone units written. Layers frozen
+        since the optimizer was built, and clones whose new rows would not be finite, are left as they are (with
+        a warning)."""
         self.sync_params()
+        frozen = frozen_layers(self.layers)
         cfg = self.config
         gen = derived_generator(self.config.seed, "clone", self.book.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.masked.param_groups for p in g["params"]}
         written = 0
         for name, layer in self.layers.items():
+            if name in frozen:
+                continue
             lb = self.book.layers[name]
             n = clone_layer(
                 layer,
@@ -569,11 +566,7 @@ class RoleController:
             for qname, _ in layer.params:
                 p = self._registered(qname)
                 if p is None or id(p) not in in_optimizer:
-                    raise PlanError(
-                        f"layer {name!r}: parameter {qname!r} was replaced by one the optimizer does not hold; when "
-                        "the model is wrapped (fully_shard) after the optimizer is built, update the optimizer's "
-                        "param_groups to the new parameters (Accelerate's prepare does)"
-                    )
+                    raise PlanError(sharding.replacement_problem(name, qname, p))
                 params.append((qname, p))
             new[name] = params
         old = [p for layer in self.layers.values() for _, p in layer.params]
@@ -629,7 +622,13 @@ class RoleController:
 
     def state_entry(self) -> dict[str, Any]:
         """The ``egg_optim`` entry of a state dict: roles, counters, running scores, coupling, clones' rows."""
-        entry = pack_book(self.book, plan=self.plan.signature(), seed=self.config.seed, storage=self.masked.storage)
+        entry = pack_book(
+            self.book,
+            plan=self.plan.signature(),
+            seed=self.config.seed,
+            storage=self.masked.storage,
+            depends=dependencies(self.config),
+        )
         entry["coupling"] = self._coupling_state()
         entry["clone_rows"] = self._clone_rows()
         return entry
@@ -642,6 +641,7 @@ class RoleController:
             units={n: lay.num_units for n, lay in self.layers.items()},
             counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self.counts(draw).items()},
             device_of=lambda n: self.layers[n].weight.device,
+            depends=dependencies(self.config),
         )
         roles = {n: lb.roles for n, lb in book.layers.items()}
         coupling = self._saved_coupling(extra)  # the saved run's norm coupling, if this one has none yet
@@ -650,24 +650,15 @@ class RoleController:
         return LoadedState(book, roles, layers, coupling, clone_rows)
 
     def check_clone_rows(self, loaded: LoadedState) -> None:
-        """Refuse saved clone slices that do not fit the saved roles (changes nothing)."""
-        rows, roles, layers = loaded.clone_rows, loaded.roles, loaded.layers
-        if not isinstance(rows, Mapping):
-            raise StateDictMismatchError(f"{STATE_KEY}.clone_rows must be a dict, got {type(rows).__name__}")
+        """Refuse saved clone slices that do not fit the saved roles or are not finite (changes nothing)."""
+        roles, layers = loaded.roles, loaded.layers
         shapes = {}
         for name, qname, t in self.owned(layers):
             er = layers[name].roles_of(qname, roles[name])
             shape = list(t.shape)
             shape[layers[name].dim_of(qname)] = er.num_clones
             shapes[qname] = tuple(shape)
-        for qname, v in rows.items():
-            if qname not in shapes:
-                raise StateDictMismatchError(f"{STATE_KEY}.clone_rows holds {qname!r}, which no managed unit owns")
-            if not torch.is_tensor(v) or tuple(v.shape) != shapes[qname]:
-                got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                raise StateDictMismatchError(
-                    f"{STATE_KEY}.clone_rows[{qname!r}] has shape {got}, the saved roles need {shapes[qname]}"
-                )
+        check_clone_rows(loaded.clone_rows, shapes)
 
     def adopt(self, loaded: LoadedState) -> None:
         """Take a validated entry (after the masked optimizer loaded the base state, full size): the saved run's

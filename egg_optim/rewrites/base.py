@@ -12,7 +12,7 @@ drives through :class:`LayerRewrite` without knowing which rewrite it holds: ``u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -191,9 +191,10 @@ class LayerRewrite:
         """Qualified names of every module the rewrite changed."""
         return list(self._layers)
 
-    def fill_clones(self) -> None:
+    def fill_clones(self, skip: Collection[str] = ()) -> None:
         """Give each clone its source's rows where the clone computed with them (before an election, so that a
-        promoted clone computes what it computed as a clone). Nothing for rewrites whose clones compute alone."""
+        promoted clone computes what it computed as a clone), except in the layers named in ``skip`` (frozen
+        ones). Nothing for rewrites whose clones compute alone."""
 
     def export(self, model: nn.Module) -> nn.Module:
         """Make ``model`` (a copy of the rewritten model) plain in place: original classes, clone rows as the

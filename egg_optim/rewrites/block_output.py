@@ -20,7 +20,7 @@ loaded from it computes what the rewritten one did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -183,11 +183,13 @@ class BlockOutputCloning(base.LayerRewrite):
             base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
 
     @torch.no_grad()
-    def fill_clones(self) -> None:
+    def fill_clones(self, skip: Collection[str] = ()) -> None:
         """Copy each clone's producer slices from its source in place (before an election: a promoted clone
-        then computes what it computed as a clone)."""
+        then computes what it computed as a clone); blocks named in ``skip`` (frozen ones) are left as they are."""
         self._check_live()
-        for members in self._members.values():
+        for name, members in self._members.items():
+            if name in skip:
+                continue
             for _, m, _ in members:
                 _fill(m)
 

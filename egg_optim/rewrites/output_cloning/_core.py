@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -457,14 +457,17 @@ class OutputCloning(rewrite.LayerRewrite):
                 m._egg_own_weights = mode == "own_weights"
 
     # ------------------------------------------------------------------ clones' rows / undo
-    def fill_clones(self) -> None:
-        """Copy each clone's source conv weight/bias rows (and fused norm running stats) into the clone, in place.
+    def fill_clones(self, skip: Collection[str] = ()) -> None:
+        """Copy each clone's source conv weight/bias rows (and fused norm running stats) into the clone, in place;
+        layers named in ``skip`` (frozen ones) are left as they are.
 
         Afterwards ``eval_mode="own_weights"`` gives the same outputs as ``"as_trained"``. Clone rows are unused
         in output-cloning training, so this does not change training.
         """
         self._check_live()
         for name, layer in self._layers.items():
+            if name in skip:
+                continue
             _fill_clone_rows(layer)
             if name in self._norms:
                 _fill_clone_rows(self._norms[name])

@@ -19,15 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import EggOptimError
+from egg_optim.errors import EggOptimError
 
 __all__ = ["StorageError", "atomic_path", "prepare_output_dir", "write_error", "write_text_atomic", "writing"]
 
 _SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DENIED = {errno.EACCES, errno.EPERM}
 _OS_ERROR_RE = re.compile(r"os error (\d+)")  # Rust's io::Error text (safetensors)
-# torch's PytorchStreamWriter (torch.save) reports a failed write without the errno
-_TORCH_WRITE_RE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed", re.IGNORECASE)
+# torch's PytorchStreamWriter (torch.save) and C++ streams report a failed write without the errno
+_TORCH_WRITE_RE = re.compile(
+    r"unexpected pos|file write failed|PytorchStreamWriter failed|basic_ios::clear|iostream error", re.IGNORECASE
+)
 _LOW_SPACE = 16 * 1024 * 1024
 
 

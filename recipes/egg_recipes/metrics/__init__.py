@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError
+from egg_optim.errors import ConfigError
 
 __all__ = ["METRIC_NAMES", "load_metric", "metric_path"]
 

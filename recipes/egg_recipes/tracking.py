@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..optim import LeaderCloneOptimizer, find_leader_clone_optimizer
+from egg_optim.errors import ConfigError
+from egg_optim.optim import LeaderCloneOptimizer, find_leader_clone_optimizer
 
 ROLE_PREFIX = "roles"
 
@@ -65,7 +65,7 @@ def active_units(optimizer: Any, layers: Iterable[str] | None = None, model: tor
 
 def forward_flops(optimizer: Any, layer_flops: Mapping[str, int]) -> int:
     """Forward Conv/Linear FLOPs per sample as the model trains now, from the plain model's per-layer counts
-    (:func:`egg_optim.kit.models.count_conv_linear_flops`): in output mode a managed layer computes only its
+    (:func:`egg_recipes.models.count_conv_linear_flops`): in output mode a managed layer computes only its
     leaders and independents (every input channel read); in weight mode every unit is computed."""
     lco = _require(optimizer)
     total = 0

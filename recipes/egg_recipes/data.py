@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, EggOptimError
+from egg_optim.errors import ConfigError, EggOptimError
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: models and batch transforms work without it
     import datasets

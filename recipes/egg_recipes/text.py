@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from egg_optim.errors import ConfigError
+
 from .data import DatasetUnavailableError, _is_hub_failure, _one_line
 
-if TYPE_CHECKING:  # `datasets` is imported lazily, like in egg_optim.kit.data
+if TYPE_CHECKING:  # `datasets` is imported lazily, like in egg_recipes.data
     import datasets
 
 __all__ = [
@@ -174,7 +175,7 @@ def load_text_dataset(
     the source has no validation split (a plain folder of text files), ``"validation"`` is the last
     ``validation_fraction`` of the ``train`` rows and ``"train"`` the rest, so the two never overlap.
 
-    Raises :class:`~egg_optim.kit.data.DatasetUnavailableError` (one line) for a missing path or an unreachable
+    Raises :class:`~egg_recipes.data.DatasetUnavailableError` (one line) for a missing path or an unreachable
     Hub, :class:`~egg_optim.errors.ConfigError` for bad arguments.
     """
     if not (isinstance(validation_fraction, (int, float)) and 0 < validation_fraction < 1):

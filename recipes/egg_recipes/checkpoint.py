@@ -10,13 +10,23 @@ Saving writes everything into ``<dir>.tmp-<random>`` next to the target, writes 
 renames the folder into place with ``os.replace``: a crash at any point leaves either the previous checkpoint
 or a ``*.tmp-*`` folder without a marker, never a folder that looks complete. Removing a checkpoint (pruning)
 first renames it to ``<dir>.trash-<random>``, so a kill mid-delete cannot leave a half-deleted folder under a
-checkpoint's name. Those leftovers (and half-deleted folders of older versions) are removed by
-:func:`remove_incomplete`, which :func:`save_checkpoint` and :func:`resume_path` run on the main process.
+checkpoint's name.
+
+Nothing that might be the only copy of a state is deleted. :func:`recover_leftovers` (which
+:func:`save_checkpoint` and :func:`resume_path` run on the main process) finishes what a kill interrupted: it
+deletes ``*.trash-*`` folders (removals that were asked for), installs a complete ``*.tmp-*`` folder whose
+target name is free (a save killed between its two renames) and puts a ``*.old-*`` folder back under its name
+when nothing replaced it; everything else that might hold a state (a ``*.tmp-*`` folder without a marker, a
+``*.old-*`` folder beside its replacement, a ``<prefix><N>`` folder that lost its marker or some files) is moved
+aside to ``<name>.quarantine-<n>`` and named in one warning line. Quarantined folders are never read, listed,
+pruned or deleted by this module: inspect them, then delete them or rename them back. The only checkpoints
+deleted are those a caller replaces or prunes: the previous checkpoint of a same-name save (once the new one is
+in place, and only when it was complete) and the oldest ones beyond ``keep``.
 
 Loading checks the marker, the manifest (exactly the files present, sizes and hashes), the caller's
 expectations and the weight names before touching anything, and rolls the models, optimizers, schedulers and
 RNG states back if Accelerate fails halfway; every refusal is a :class:`CheckpointError`. A full disk or a
-folder that cannot be written while saving is a :class:`~egg_optim.kit.storage.StorageError` (the previous
+folder that cannot be written while saving is a :class:`~egg_recipes.storage.StorageError` (the previous
 checkpoint is kept).
 
 All ranks must call :func:`save_checkpoint` and :func:`load_checkpoint` (they synchronise); the folder must
@@ -25,9 +35,13 @@ be on a file system all ranks share.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import itertools
 import json
+import logging
+import numbers
 import os
 import random
 import re
@@ -40,16 +54,22 @@ from typing import Any
 
 import torch
 
-from ..errors import EggOptimError
+from egg_optim.errors import CheckpointError
+
 from . import storage
+
+logger = logging.getLogger(__name__)
 
 MARKER_NAME = "egg_optim_checkpoint.json"
 RUN_SETTINGS_NAME = "egg_optim_run.json"  # the run's settings inside a checkpoint written by someone else
 FORMAT_VERSION = 2  # 2: the manifest lists every file and the marker carries its own sha256
 DIGEST_KEY = "marker_sha256"
 DEFAULT_PREFIX = "checkpoint-"
-_TMP_RE = re.compile(r"\.(tmp|old|trash)-[0-9a-f]+$")
+QUARANTINE = "quarantine"  # <name>.quarantine-<n>: moved aside, never read or deleted here
+_LEFTOVER_RE = re.compile(r"\.(tmp|old|trash)-[0-9a-f]+$")
+_NOT_A_CHECKPOINT_RE = re.compile(r"\.(?:(?:tmp|old|trash)-[0-9a-f]+|" + QUARANTINE + r"-\d+)$")
 _STEP_RE = re.compile(r"(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"  # what a transformers Trainer checkpoint holds
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -64,6 +84,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
+    "recover_leftovers",
     "remove_checkpoint",
     "remove_incomplete",
     "resume_path",
@@ -74,15 +95,11 @@ __all__ = [
 ]
 
 
-class CheckpointError(EggOptimError, RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not match the run; nothing was changed."""
-
-
 class IncompleteCheckpointError(CheckpointError):
-    """The folder has no marker, or files its marker lists are gone: a save or a removal that did not finish.
-
-    Unlike a corrupt checkpoint (other bytes, extra files, a damaged marker), such a folder holds nothing worth
-    keeping, and :func:`remove_incomplete` deletes it."""
+    """The folder has no marker, or files its marker lists are gone: a save or a removal that did not finish,
+    or a marker (or file) lost since. It may still hold a usable state, so :func:`recover_leftovers` moves such
+    a ``<prefix><N>`` folder aside (quarantine) rather than deleting it. (A corrupt checkpoint, with other bytes,
+    extra files or a damaged marker, stays where it is; loading it is refused.)"""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -169,6 +186,12 @@ def _jsonable(obj: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- save
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise CheckpointError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def save_checkpoint(
     accelerator: Any,
     directory: str | os.PathLike,
@@ -180,14 +203,17 @@ def save_checkpoint(
 ) -> Path:
     """Save ``accelerator``'s prepared objects into ``directory`` atomically; returns the final path.
 
-    ``metadata`` (JSON-serialisable) is stored in the marker and returned by :func:`load_checkpoint`; use it
-    for the data-loader position and anything a resume must check. An existing checkpoint at ``directory`` is
-    replaced only once the new one is complete. Before writing, the main process removes leftovers of
-    interrupted saves and removals next to ``directory`` (:func:`remove_incomplete`); after a successful save
+    ``step`` and ``epoch`` are integers >= 0. ``metadata`` (JSON-serialisable) is stored in the marker and
+    returned by :func:`load_checkpoint`; use it for the data-loader position and anything a resume must check. An
+    existing checkpoint at ``directory`` is replaced only once the new one is complete (a folder there that is not
+    a complete checkpoint is moved aside, not deleted). Before writing, the main process recovers leftovers of
+    interrupted saves and removals next to ``directory`` (:func:`recover_leftovers`); after a successful save
     with ``keep`` > 0 it keeps the newest ``keep`` numbered checkpoints of the same name family, this one
     included (:func:`prune_checkpoints`). A full disk or an unwritable folder raises
-    :class:`~egg_optim.kit.storage.StorageError` after removing the partial folder."""
+    :class:`~egg_recipes.storage.StorageError` after removing this save's own unfinished folder; the previous
+    checkpoint is kept."""
     final = Path(directory)
+    step, epoch = _count("step", step), _count("epoch", epoch)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
         raise CheckpointError(f"keep must be an integer >= 0, got {keep!r}")
     meta = _jsonable(dict(metadata or {}), "checkpoint metadata")
@@ -195,19 +221,21 @@ def save_checkpoint(
     tmp = final.with_name(f"{final.name}.tmp-{token}")
     family = _family(final.name)
     main = accelerator.is_main_process
+    marked = False  # tmp holds a complete checkpoint from here on
+    old = None
     try:
         if main:
             with storage.writing(final.parent):
                 final.parent.mkdir(parents=True, exist_ok=True)
-            remove_incomplete(final.parent, prefix=family, protect=(final,))
+            recover_leftovers(final.parent, prefix=family, protect=(final,))
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if main:
             marker = {
                 "format": FORMAT_VERSION,
-                "step": int(step),
-                "epoch": int(epoch),
+                "step": step,
+                "epoch": epoch,
                 "num_processes": int(getattr(accelerator, "num_processes", 1)),
                 "saved_at": time.time(),
                 "metadata": meta,
@@ -216,17 +244,20 @@ def save_checkpoint(
             marker[DIGEST_KEY] = _marker_digest(marker)
             _write_json_atomic(tmp / MARKER_NAME, marker)
             _fsync_dir(tmp)
-            old = None
+            marked = True
             if final.exists():
                 old = final.with_name(f"{final.name}.old-{token}")
                 os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
             if old is not None:
-                _discard(old)
+                if is_complete(old):  # the checkpoint this save replaces, as asked
+                    _discard(old)
+                else:  # not a checkpoint of ours that was complete: keep it
+                    _report([_quarantine(old, final.name, f"was at {final.name}, which this save replaced")])
     except BaseException as exc:
         if main:
-            _discard(tmp)
+            _abandon(tmp, final, old, marked)
         error = storage.write_error(exc, final)
         if error is not None:
             raise error from exc
@@ -235,6 +266,16 @@ def save_checkpoint(
         prune_checkpoints(final.parent, keep, prefix=family, protect=(final,))
     accelerator.wait_for_everyone()
     return final
+
+
+def _abandon(tmp: Path, final: Path, old: Path | None, marked: bool) -> None:
+    """After a failed save: put the previous checkpoint back under its name if it was moved, and remove this
+    save's own folder unless it is complete (then :func:`recover_leftovers` deals with it later)."""
+    if old is not None and old.exists() and not final.exists():
+        with contextlib.suppress(OSError):  # else left as *.old-*: recover_leftovers puts it back
+            os.replace(old, final)
+    if not marked and tmp.exists():
+        _discard(tmp)  # this save's unfinished files (no marker, the save raised); the live state is in memory
 
 
 def remove_checkpoint(directory: str | os.PathLike) -> None:
@@ -288,9 +329,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, check_hashes: bool = True
         raise CheckpointError(f"checkpoint {folder} does not exist")
     marker_path = folder / MARKER_NAME
     if not marker_path.is_file():
-        raise IncompleteCheckpointError(
-            f"checkpoint {folder} is incomplete: no {MARKER_NAME} (was the save interrupted?)"
-        )
+        raise _no_marker_error(folder)
     try:
         marker = json.loads(marker_path.read_text())
     except (OSError, ValueError) as exc:
@@ -332,6 +371,30 @@ def verify_checkpoint(directory: str | os.PathLike, *, check_hashes: bool = True
     return marker
 
 
+def _no_marker_error(folder: Path) -> CheckpointError:
+    """What a folder without a marker is: a Trainer checkpoint, a folder of checkpoints, or an incomplete one."""
+    if (folder / TRAINER_STATE_NAME).is_file():
+        return CheckpointError(
+            f"{folder} is a transformers Trainer checkpoint ({TRAINER_STATE_NAME}), not one written by "
+            "save_checkpoint: resume it through the Trainer (train_lm.py --trainer hf, train_trainer.py, "
+            "Trainer.train(resume_from_checkpoint=...))"
+        )
+    inside = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and ((p / MARKER_NAME).is_file() or _numbered(p, DEFAULT_PREFIX))
+    )
+    if inside:
+        shown = ", ".join(inside[:3]) + (" ..." if len(inside) > 3 else "")
+        return CheckpointError(
+            f"{folder} is a folder of checkpoints ({shown}), not a checkpoint: pass one of them, or 'latest' "
+            "with this folder as the root"
+        )
+    if not any(folder.iterdir()):
+        return IncompleteCheckpointError(f"checkpoint {folder} is incomplete: the folder is empty")
+    return IncompleteCheckpointError(
+        f"checkpoint {folder} is incomplete: no {MARKER_NAME} (an interrupted save, or the marker was lost)"
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
@@ -352,7 +415,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        if not path.is_dir() or _TMP_RE.search(path.name):
+        if not path.is_dir() or _NOT_A_CHECKPOINT_RE.search(path.name):
             continue
         try:
             step = verify_checkpoint(path, check_hashes=False)["step"]
@@ -368,54 +431,147 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _quarantine(path: Path, base: str, why: str) -> tuple[Path, Path | None, str]:
+    """Move ``path`` aside to ``<base>.quarantine-<n>`` (the first free ``n``); returns the action."""
+    for n in itertools.count(1):
+        dest = path.with_name(f"{base}.{QUARANTINE}-{n}")
+        if not dest.exists():
+            break
+    with storage.writing(path.parent):
+        os.replace(path, dest)
+    return path, dest, why
+
+
+def _describe(actions: list[tuple[Path, Path | None, str]]) -> str:
+    return "; ".join(f"{src.name} -> {dst.name if dst else 'deleted'} ({why})" for src, dst, why in actions)
+
+
+def _report(actions: list[tuple[Path, Path | None, str]], suffix: str = "") -> None:
+    """One warning line for what was moved aside or put back (finished removals are not news), and ``suffix``."""
+    shown = [a for a in actions if a[1] is not None]
+    parts = []
+    if shown:
+        parts.append(f"recovered leftovers of interrupted saves in {shown[0][0].parent}, deleting nothing: "
+                     f"{_describe(shown)}")  # fmt: skip
+        if any(QUARANTINE in dst.name for _, dst, _ in shown if dst is not None):
+            parts.append("quarantined folders may hold a complete state: inspect them, then delete or rename back")
+    if suffix:
+        parts.append(suffix)
+    if parts:
+        logger.warning("egg_optim: %s", "; ".join(parts))
+
+
+def recover_leftovers(
+    root: str | os.PathLike,
+    *,
+    prefix: str | None = DEFAULT_PREFIX,
+    protect: tuple[str | os.PathLike, ...] = (),
+    report: bool = True,
+) -> list[tuple[Path, Path | None, str]]:
+    """Finish what interrupted saves and removals left directly below ``root``, deleting nothing that might be
+    the only copy of a state:
+
+    - ``*.trash-*`` folders (a removal that was asked for, killed midway) are deleted;
+    - a ``*.tmp-*`` folder (a killed save) that is a complete checkpoint (hashes checked) is renamed to its target
+      name when that name is free (the save was killed between its two renames); otherwise it is moved aside;
+    - a ``*.old-*`` folder (the checkpoint a same-name save was replacing) is renamed back to its name when nothing
+      took it, else moved aside;
+    - ``<prefix><N>`` folders that are incomplete (no marker, or listed files gone: may still hold a usable
+      model and optimizer) are moved aside; empty ones are removed.
+
+    Moving aside is renaming to ``<name>.quarantine-<n>``; with ``report`` one warning line names every folder
+    moved or put back. Complete checkpoints, corrupt ones (kept for inspection; loading them is refused), Trainer
+    checkpoints, other names and the folders in ``protect`` are left alone. Call it on the main process only, when
+    no save into ``root`` is running. Returns ``(folder, where it went or None if deleted, why)`` per folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    kept = {Path(p).resolve() for p in protect}
+
+    def entries(kind: str | None) -> list[Path]:
+        out = []
+        for path in sorted(root.iterdir()):
+            if not path.is_dir() or path.is_symlink() or path.resolve() in kept:
+                continue
+            m = _LEFTOVER_RE.search(path.name)
+            if (m.group(1) if m else None) == kind:
+                out.append(path)
+        return out
+
+    actions: list[tuple[Path, Path | None, str]] = []
+    for path in entries("trash"):
+        _discard(path)
+        actions.append((path, None, "a removal that was asked for"))
+    for path in entries("tmp"):
+        base = _LEFTOVER_RE.sub("", path.name)
+        target = root / base
+        complete = is_complete(path, check_hashes=True)
+        if complete and not target.exists():
+            with storage.writing(root):
+                os.replace(path, target)
+            actions.append((path, target, "a complete save killed before its final rename, installed"))
+        else:
+            why = "a save that was killed before it finished" if not complete else f"a complete save beside {base}"
+            actions.append(_quarantine(path, base, why))
+    for path in entries("old"):
+        base = _LEFTOVER_RE.sub("", path.name)
+        target = root / base
+        if not target.exists():
+            with storage.writing(root):
+                os.replace(path, target)
+            actions.append((path, target, "the checkpoint a killed save was replacing, put back"))
+        else:
+            actions.append(_quarantine(path, base, f"the checkpoint a save replaced with {base}"))
+    if prefix is not None:
+        for path in entries(None):
+            if not _numbered(path, prefix) or _NOT_A_CHECKPOINT_RE.search(path.name):
+                continue
+            try:
+                verify_checkpoint(path, check_hashes=False)
+                continue
+            except IncompleteCheckpointError as exc:
+                if not any(path.iterdir()):
+                    path.rmdir()  # an empty folder: no file to lose
+                    actions.append((path, None, "empty"))
+                    continue
+                reason = str(exc).split(": ", 1)[-1]
+            except CheckpointError:
+                continue  # complete but corrupt, or not ours: left where it is
+            actions.append(_quarantine(path, path.name, reason))
+    if report:
+        _report(actions)
+    return actions
+
+
 def remove_incomplete(
     root: str | os.PathLike,
     *,
     prefix: str | None = DEFAULT_PREFIX,
     protect: tuple[str | os.PathLike, ...] = (),
 ) -> list[Path]:
-    """Delete what interrupted saves and removals left directly below ``root``: ``*.tmp-*`` / ``*.old-*`` /
-    ``*.trash-*`` folders, and ``<prefix><N>`` folders that are incomplete (no marker, or listed files gone:
-    a half-deleted checkpoint). Complete checkpoints, corrupt ones (kept for inspection; loading them is
-    refused), other names and the folders in ``protect`` are left alone. Call it on the main process only,
-    when no save into ``root`` is running. Returns what was removed."""
-    root = Path(root)
-    kept = {Path(p).resolve() for p in protect}
-    removed = []
-    if not root.is_dir():
-        return removed
-    for path in sorted(root.iterdir()):
-        if not path.is_dir() or path.is_symlink() or path.resolve() in kept:
-            continue
-        if not _TMP_RE.search(path.name):
-            if prefix is None or not _numbered(path, prefix):
-                continue
-            try:
-                verify_checkpoint(path, check_hashes=False)
-                continue
-            except IncompleteCheckpointError:
-                pass
-            except CheckpointError:
-                continue
-        _discard(path)
-        removed.append(path)
-    return removed
+    """Former name of :func:`recover_leftovers` (which no longer deletes folders that might hold a state);
+    returns the folders it dealt with."""
+    return [src for src, _, _ in recover_leftovers(root, prefix=prefix, protect=protect)]
 
 
 def resume_path(
     accelerator: Any, resume_from: str | os.PathLike, root: str | os.PathLike, *, prefix: str = DEFAULT_PREFIX
 ) -> Path:
     """The checkpoint to resume from: ``"latest"`` is the newest complete one below ``root``, anything else a
-    folder path. First the main process clears leftovers of interrupted saves below ``root`` (all processes
-    wait for it), the requested folder excepted so that loading it reports what is wrong with it. With
-    ``"latest"``, newer ``<prefix><N>`` folders that fail verification are named in a warning rather than
-    skipped silently. Raises :class:`CheckpointError` when ``"latest"`` finds nothing."""
+    folder path. First the main process recovers leftovers of interrupted saves below ``root``
+    (:func:`recover_leftovers`: nothing that might hold a state is deleted; all processes wait for it), the
+    requested folder excepted so that loading it reports what is wrong with it. With ``"latest"``, newer
+    ``<prefix><N>`` folders that were moved aside or fail verification are named, with what was recovered, in one
+    warning line, rather than skipped silently. Raises :class:`CheckpointError` when ``"latest"`` finds nothing."""
     root = Path(root)
     target = None if str(resume_from) == "latest" else Path(resume_from)
+    actions: list[tuple[Path, Path | None, str]] = []
     if accelerator.is_main_process:
-        remove_incomplete(root, prefix=prefix, protect=() if target is None else (target,))
+        actions = recover_leftovers(root, prefix=prefix, protect=() if target is None else (target,), report=False)
     accelerator.wait_for_everyone()
     if target is not None:
+        if accelerator.is_main_process:
+            _report(actions)
         return target
     found = latest_checkpoint(root)
     newest = -1 if found is None else int(verify_checkpoint(found, check_hashes=False)["step"])
@@ -425,8 +581,20 @@ def resume_path(
         key=lambda p: int(p.name[len(prefix) :]),
     )
     damaged = [p.name for p in damaged if not is_complete(p)]
-    if damaged and accelerator.is_main_process:  # 'latest' must not fall back to an older one without a word
-        print(f"warning: skipping damaged checkpoint(s) {', '.join(damaged)} in {root} (loading them is refused)")
+    passed_over = [
+        f"{src.name} (moved aside)"
+        for src, dst, _ in actions
+        if dst is not None and QUARANTINE in dst.name and _numbered(src, prefix)
+        and int(src.name[len(prefix) :]) > newest
+    ]  # fmt: skip
+    passed_over += [f"{name} (damaged, kept; loading it is refused)" for name in damaged]
+    if accelerator.is_main_process:  # 'latest' must not fall back to an older one without a word
+        suffix = ""
+        if passed_over and found is not None:
+            suffix = f"resuming from {found.name}, not from newer {', '.join(passed_over)}"
+        elif passed_over:
+            suffix = f"no complete checkpoint left to resume from ({', '.join(passed_over)})"
+        _report(actions, suffix)
     if found is None:
         raise CheckpointError(f"resume from 'latest': no complete checkpoint in {root}")
     return found
@@ -476,6 +644,39 @@ def _check_weight_names(accelerator: Any, folder: Path) -> None:
                 f"checkpoint {folder}: weights do not match model {i} (missing {missing}, unexpected "
                 f"{unexpected}, other shape {shapes}); was it saved with another model or number of processes?"
             )
+
+
+def _check_rng_files(accelerator: Any, folder: Path) -> None:
+    """Refuse a checkpoint whose RNG states Accelerate would fail to restore: it catches any error there and
+    only logs it at info level, so a resume would go on with this process's RNG, silently not exact. Every
+    process's file is checked (on every process, so all ranks decide alike), by restoring it into scratch
+    generators."""
+    import numpy as np
+    from accelerate.utils import RNG_STATE_NAME
+    from accelerate.utils.other import load
+
+    for i in range(int(getattr(accelerator, "num_processes", 1))):
+        name = f"{RNG_STATE_NAME}_{i}.pkl"
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} has no {name}, so process {i}'s RNG could not be restored")
+        try:
+            states = load(path)
+            if not isinstance(states, Mapping):
+                raise TypeError(f"holds a {type(states).__name__}, not a dict of RNG states")
+            random.Random().setstate(states["random_state"])
+            np.random.RandomState().set_state(states["numpy_random_seed"])
+            torch.Generator().set_state(states["torch_manual_seed"])
+            for key, value in states.items():
+                if key.startswith("torch_") and key.endswith("_manual_seed") and key != "torch_manual_seed":
+                    values = value if isinstance(value, (list, tuple)) else [value]
+                    if not all(torch.is_tensor(v) and v.dtype == torch.uint8 for v in values):
+                        raise TypeError(f"{key} is not a device RNG state")
+        except Exception as exc:  # noqa: BLE001 - whatever makes the restore fail
+            raise CheckpointError(
+                f"checkpoint {folder}: {name} does not hold RNG states Accelerate can restore ({_first_line(exc)}); "
+                "the resume would not be exact, nothing was changed"
+            ) from exc
 
 
 def _snapshot(accelerator: Any) -> dict[str, Any]:
@@ -528,12 +729,14 @@ def load_checkpoint(
     marker (``step``, ``epoch``, ``metadata``...).
 
     ``expect`` maps metadata keys to required values (a plan signature, a model name...); every mismatch is
-    named in one refusal. Any refusal or failure raises :class:`CheckpointError` with the models, optimizers,
+    named in one refusal. The weight names and shapes and every process's RNG-state file are checked before
+    anything is loaded. Any refusal or failure raises :class:`CheckpointError` with the models, optimizers,
     schedulers and RNG states unchanged."""
     folder = Path(directory)
     marker = verify_checkpoint(folder, check_hashes=check_hashes)
     _refuse_mismatches(folder, marker.get("metadata", {}), expect or {})
     _check_weight_names(accelerator, folder)
+    _check_rng_files(accelerator, folder)
     snap = _snapshot(accelerator)
     try:
         accelerator.load_state(str(folder))

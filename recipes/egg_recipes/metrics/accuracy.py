@@ -3,7 +3,7 @@
 ``evaluate.load("accuracy")`` fetches a script from the Hugging Face Hub, which our machines cannot reach, and
 metric scripts are not shipped in the ``evaluate`` wheel. This file is a self-contained metric module (it
 imports only ``evaluate``, ``datasets`` and ``numpy``, because ``evaluate.load(path)`` copies it out of the
-package), so both ``evaluate.load("<path to this file>")`` and ``egg_optim.kit.metrics.load_metric("accuracy")``
+package), so both ``evaluate.load("<path to this file>")`` and ``egg_recipes.metrics.load_metric("accuracy")``
 work offline and give the same results as the Hub's ``accuracy``.
 """
 

@@ -3,7 +3,8 @@
 - flags: :class:`Parser` (a bad flag is one line, ``error: ...``, exit status 2), the flag types
   (:func:`positive_int`, :func:`fraction`, :func:`seed_value`, ...) and :func:`add_run_arguments` (output folder,
   checkpoints, evaluation and logging cadence, tracker); the role flags come from
-  :func:`egg_optim.add_config_arguments`, read back by :func:`egg_config`;
+  :func:`egg_optim.add_config_arguments`, read back by :func:`egg_config`; :func:`refuse_ineffective_flags`
+  (a flag that would change nothing in this run is refused in one line, not ignored);
 - exact resumes: :func:`derived_seed` (data order, dropout), :func:`resume_config_signature`,
   :func:`state_digests` (equal digests = bit-identical runs), :func:`trainer_resume_path`;
 - FSDP2: :func:`gathered_model_state` (the plain model's weights, gathered onto the main process);
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -137,6 +139,81 @@ def add_run_arguments(p: argparse.ArgumentParser, *, output_help: str) -> argpar
     return g
 
 
+# ============================================================================ flags that would do nothing
+# EggConfig options that only act on one clone mode
+OUTPUT_MODE_ONLY = ("eval_mode",)
+WEIGHT_MODE_ONLY = ("skip_clone_grads",)
+# options that still choose how a run without clones is computed (which layer rewrite: speed, rounding)
+HOW_COMPUTED = ("clone_mode", "skip_clone_grads")
+
+
+def _as_typed(parser: argparse.ArgumentParser, dest: str, value: Any) -> str:
+    """``--flag value`` as one would type it."""
+    action = next((a for a in parser._actions if a.dest == dest and a.option_strings), None)
+    if action is None:
+        return f"--{dest.replace('_', '-')} {value}"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return action.option_strings[0 if value else 1]
+    if action.metavar == "{auto,on,off}":
+        value = {None: "auto", True: "on", False: "off"}.get(value, value)
+    return f"{action.option_strings[0]} {value}"
+
+
+def changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, dests) -> list[str]:
+    """The flags among ``dests`` whose value in ``args`` is not the parser's default (given on the command line
+    with another value), as typed (``--flag value``)."""
+    return [
+        _as_typed(parser, dest, getattr(args, dest))
+        for dest in dests
+        if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest)
+    ]
+
+
+def role_dests(parser: argparse.ArgumentParser) -> list[str]:
+    """The :class:`EggConfig` options this parser has flags for that act on clones and roles only (all but
+    :data:`HOW_COMPUTED`, which also choose how a run without clones is computed)."""
+    fields = {f.name for f in dataclasses.fields(EggConfig)} - set(HOW_COMPUTED)
+    return [a.dest for a in parser._actions if a.dest in fields]
+
+
+def refuse_ineffective_flags(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *,
+    clones: bool,
+    without_clones: str = "",
+    also: tuple[str, ...] = (),
+) -> None:
+    """Refuse, in one line (``parser.error``), flags that would change nothing in this run instead of running as
+    if they were absent: without clones (``clones=False``; ``without_clones`` says why, e.g. ``--scenario
+    baseline``) every role option (:func:`role_dests`) and the ``also`` flags; in any case the options of the
+    other clone mode (``--eval-mode`` acts in output mode only, ``--skip-clone-grads`` in weight mode only)."""
+    if not clones:
+        flags = changed_flags(parser, args, [*role_dests(parser), *also])
+        if flags:
+            parser.error(
+                f"{', '.join(flags)}: no effect with {without_clones}, which trains no clones; drop "
+                f"{'it' if len(flags) == 1 else 'them'}"
+            )
+    mode = getattr(args, "clone_mode", None)
+    other = WEIGHT_MODE_ONLY if mode == "output" else OUTPUT_MODE_ONLY if mode == "weight" else ()
+    flags = changed_flags(parser, args, other)
+    if flags:
+        parser.error(
+            f"{', '.join(flags)}: no effect with --clone-mode {mode} (it acts in "
+            f"{'weight' if mode == 'output' else 'output'} mode only); drop it or change --clone-mode"
+        )
+
+
+def reset_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, dests) -> list[str]:
+    """Put the flags among ``dests`` back to their defaults; returns those that were changed."""
+    changed = changed_flags(parser, args, dests)
+    for dest in dests:
+        if hasattr(args, dest):
+            setattr(args, dest, parser.get_default(dest))
+    return changed
+
+
 # ============================================================================ roles
 def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
     """The run's :class:`EggConfig`: the role flags, with the plan built from --scenario and the model."""
@@ -155,7 +232,7 @@ def resume_config_signature(config: EggConfig) -> dict[str, Any]:
 def load_image_splits(args: argparse.Namespace) -> tuple[Any, Any]:
     """The train and test splits of ``--dataset`` (with ``--max-*-samples`` and ``--test-split-fraction``),
     checked to make a meaningful classification task."""
-    from egg_optim.kit.data import check_splits, load_image_dataset
+    from egg_recipes.data import check_splits, load_image_dataset
 
     common = {"seed": args.seed, "test_split_fraction": args.test_split_fraction}
     train = load_image_dataset(args.dataset, split="train", max_samples=args.max_train_samples, **common)
@@ -211,7 +288,7 @@ def trainer_resume_path(resume_from: str, output_dir: Path) -> Path:
     """The Trainer checkpoint ``--resume-from`` names: a folder, or ``latest`` (the newest ``checkpoint-N``)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from egg_optim.kit.checkpoint import CheckpointError
+    from egg_recipes.checkpoint import CheckpointError
 
     if resume_from != "latest":
         path = Path(resume_from)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from egg_optim.errors import ConfigError
 
 __all__ = [
     "Bottleneck",
@@ -260,7 +260,7 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: Im
     """Build a model by name (``seed_mnist``, ``seed_cifar``, ``mlp``, ``small_cnn``) for the given input.
 
     ``kwargs`` go to the model's constructor (e.g. ``dropout=``, ``hidden=``, ``width=``). Pair with
-    :func:`egg_optim.kit.data.dataset_spec`: ``build_model(n, in_channels=s.channels, num_classes=s.num_classes,
+    :func:`egg_recipes.data.dataset_spec`: ``build_model(n, in_channels=s.channels, num_classes=s.num_classes,
     image_size=s.image_size)``.
     """
     key = str(name).strip().lower()

@@ -1,0 +1,72 @@
+"""What a role change (an election, a clone event, a norm-coupling decision) may touch, and how.
+
+- :func:`outside_inference_mode`: a role change called inside ``torch.inference_mode()`` (an evaluation block)
+  would create its new tensors (optimizer state laid out for the new roles, index tensors of the rewrites) as
+  inference tensors, which the next training step cannot update or save for backward. The change runs with
+  inference mode off and gradients off (as the caller had them), so it works there exactly as outside.
+- :func:`frozen_layers` / :func:`keep_frozen_roles`: a managed layer whose parameters were frozen
+  (``requires_grad_(False)``) after the optimizer was built keeps its roles and rows through elections and clone
+  events; one warning names it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import PlanError
+from .roles import Roles
+from .units import ManagedLayer
+
+
+@contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Inside ``torch.inference_mode()``: run the block with inference mode off and gradients off, so that the
+    tensors it creates are normal ones that training can use later; elsewhere: nothing. Also a decorator
+    (``@outside_inference_mode()``)."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def frozen_layers(layers: Mapping[str, ManagedLayer], *, warn: bool = True) -> dict[str, str]:
+    """``{layer: its first frozen parameter}`` for the managed layers with a parameter that no longer requires
+    gradients (frozen after the optimizer was built: a plan never manages a frozen layer). With ``warn``, one
+    warning names them and says that elections and clone events leave them as they are."""
+    frozen = {}
+    for name, layer in layers.items():
+        pname = next((pname for pname, p in layer.params if not p.requires_grad), None)
+        if pname is not None:
+            frozen[name] = pname
+    if frozen and warn:
+        warnings.warn(
+            "egg_optim: managed layer(s) frozen after the optimizer was built ("
+            + ", ".join(f"{n}: {p!r} has requires_grad=False" for n, p in frozen.items())
+            + "): elections and clone events leave their roles and rows as they are (build a new optimizer to "
+            "leave them out of the plan)",
+            stacklevel=3,
+        )
+    return frozen
+
+
+def keep_frozen_roles(
+    new: Mapping[str, Roles], current: Mapping[str, Roles], frozen: Mapping[str, str]
+) -> dict[str, Roles]:
+    """``new`` roles with the ``frozen`` layers' ``current`` ones kept; refuses (:class:`PlanError`, nothing
+    changed) when the plan asks a frozen layer for other counts at this election (``leader_scales``)."""
+    out = dict(new)
+    for name in frozen:
+        want, have = new[name].counts(), current[name].counts()
+        if (want["leaders"], want["independents"]) != (have["leaders"], have["independents"]):
+            raise PlanError(
+                f"layer {name!r} is frozen ({frozen[name]!r} has requires_grad=False), but the plan gives it "
+                f"{want['leaders']} leaders / {want['independents']} independents at this election (it has "
+                f"{have['leaders']} / {have['independents']}); unfreeze it, or build a new optimizer without it"
+            )
+        out[name] = current[name]
+    return out
