@@ -21,7 +21,7 @@ from .core.election import ASSIGN_STRATEGIES
 from .core.plan import PRESET_TABLES, PRESETS, RolePlan
 from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
-from .core.scores import SCORES, Score, resolve_score
+from .core.scores import SCORES, Score, is_election, resolve_score
 from .errors import ConfigError, PlanError
 from .rewrites.base import EVAL_MODES
 
@@ -278,7 +278,7 @@ def _validate(cfg: EggConfig) -> None:
     if cfg.clone_every != "auto":
         Schedule.parse(cfg.clone_every, what="EggConfig.clone_every")
     Schedule.parse(cfg.elect_every, what="EggConfig.elect_every")
-    if not (isinstance(cfg.election, (str, Score)) or callable(cfg.election)):
+    if not is_election(cfg.election):
         raise _fail("election", cfg.election, "a score name, a Score or a callable")
     resolve_score(cfg.election)
     value = cfg.hysteresis

@@ -56,7 +56,7 @@ def state_digest(model: torch.nn.Module, opt: Any = None, scheduler: Any = None)
             {
                 "state": [dict(base.state.get(p, {})) for p in params],
                 "groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
-                "parked": [dict(lco._parked.get(p, {})) for p in params] if lco is not None else [],
+                "parked": [dict(lco.masked.parked.get(p, {})) for p in params] if lco is not None else [],
             }
         )
         if lco is not None:

@@ -263,6 +263,11 @@ def register_score(score: Score, *, overwrite: bool = False) -> Score:
     return score
 
 
+def is_election(value: Any) -> bool:
+    """Whether ``value`` can name an election score: a registered name, a :class:`Score` or a callable."""
+    return isinstance(value, (str, Score)) or callable(value)
+
+
 def resolve_score(election: str | Score | ScoreFn) -> Score:
     """The :class:`Score` for a registered name, a Score, or a plain callable ``fn(layer) -> scores``."""
     if isinstance(election, Score):
