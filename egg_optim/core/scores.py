@@ -83,6 +83,11 @@ class Score:
         """The score that draws the first roles (nothing has been observed yet)."""
         return self
 
+    @property
+    def observes_steps(self) -> bool:
+        """Whether :meth:`observe_step` can record anything (the controller skips the call per layer when not)."""
+        return type(self).observe_step is not Score.observe_step
+
     def observe_step(self, layer: ManagedLayer, data: StepData) -> torch.Tensor | None:
         """This step's per-unit values (averaged until the next election), or ``None``: nothing to record."""
         return None

@@ -255,6 +255,8 @@ class RoleController:
     def observe_step(self) -> None:
         """Give the score this step's observations (what it declared it needs), once gradients are complete."""
         score = self.score
+        if not score.observes_steps:
+            return
         clone_grads = score.requires("clone_grads")
         for name, layer in self.layers.items():
             roles = self.book.layers[name].roles
