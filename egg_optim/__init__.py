@@ -11,6 +11,7 @@ from .errors import (
     EggOptimError,
     ElectionError,
     PlanError,
+    RewriteCheckError,
     StateDictMismatchError,
     UnsupportedOptimizerError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "LeaderCloneOptimizer",
     "OptimizerInfo",
     "PlanError",
+    "RewriteCheckError",
     "RolePlan",
     "Roles",
     "SUPPORTED_OPTIMIZERS",

@@ -131,15 +131,16 @@ def test_block_output_mode_computes_clones_as_their_sources_and_saves_a_plain_mo
     model, inputs = tiny(kind)
     model.eval()
     groups = find_unit_groups(model)
-    if kind == "gpt2":  # fused qkv: attention cannot shrink
-        with pytest.raises(ConfigError, match="fused qkv"):
-            BlockOutputCloning(model, groups, _roles(groups, torch.Generator().manual_seed(0)))
-        groups = {n: g for n, g in groups.items() if g.kind == "mlp"}
     roles = _roles(groups, torch.Generator().manual_seed(0))
     ref = _with_clones_as_sources(model, groups, roles)
     rewrite = BlockOutputCloning(model, groups, roles)
     out = model(**inputs).logits
     torch.testing.assert_close(out, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert rewrite.verified == {n for n, r in roles.items() if r.has_clones}  # checked at its first forward pass
+    # GPT-2 splits its fused qkv at fixed offsets: its attention computes every head (clones as their sources)
+    want = {n: "expand" if kind == "gpt2" and g.kind == "attention" and roles[n].has_clones else "shrink"
+            for n, g in groups.items()}  # fmt: skip
+    assert rewrite.modes == want
     # the producers compute active units only, and clone weights get no gradient
     out.square().sum().backward()
     for name, g in groups.items():

@@ -32,6 +32,17 @@ class UnitSlice:
     param: str  # qualified parameter name
     dim: int
     index: torch.Tensor  # [num_units, k]
+    # "producer": the positions compute the unit (a clone takes its source's); "consumer": they read the unit (a
+    # clone keeps its own, frozen)
+    role: str = "producer"
+
+    @property
+    def module(self) -> str:
+        return self.param.rpartition(".")[0]
+
+    @property
+    def key(self) -> str:
+        return self.param.rpartition(".")[2]
 
 
 @dataclass
@@ -83,7 +94,7 @@ def _producer_slices(prefix: str, m: nn.Module, index: torch.Tensor) -> list[Uni
 
 def _consumer_slice(prefix: str, m: nn.Module, index: torch.Tensor) -> UnitSlice:
     """A module whose input positions are the units: columns of a Linear weight, rows of a Conv1D one."""
-    return UnitSlice(f"{prefix}.weight", 0 if _is_conv1d(m) else 1, index)
+    return UnitSlice(f"{prefix}.weight", 0 if _is_conv1d(m) else 1, index, "consumer")
 
 
 def _mlp(name: str, producers: dict[str, nn.Module], consumer: tuple[str, nn.Module]) -> UnitGroup:

@@ -87,8 +87,9 @@ class ManagedLayer:
         bias, norm entries; a block's producer rows), not the columns through which a block's consumer reads it.
         With its source's producer rows a clone neuron or head computes its source's activation and passes it on
         through its own frozen column, as in output mode; copying the column too would double the source's share."""
-        consumer = self.group.consumer if self.group is not None else None
-        return consumer is None or not name.startswith(consumer + ".")
+        if self.group is None:
+            return True
+        return all(s.role != "consumer" for s in self.group.slices if s.param == name)
 
     @property
     def num_units(self) -> int:
@@ -222,7 +223,7 @@ def _group_layer(model: nn.Module, group: UnitGroup, holders: dict) -> ManagedLa
     check_not_shared(group.name, owned, tuple(modules[m] for m in group.modules), holders)
     return ManagedLayer(
         group.name,
-        modules[group.consumer],
+        modules[group.consumer or group.modules[0]],
         params=owned,
         dims={s.param: s.dim for s in group.slices},
         index={s.param: s.index for s in group.slices},
