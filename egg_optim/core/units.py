@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from .blocks import UnitGroup, find_unit_groups
+from .blocks import UnitGroup, discover
 from .roles import Roles
 from .sharding import full
 
@@ -137,10 +137,11 @@ def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.
 
 def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str, nn.Module | UnitGroup]]:
     """What can have roles, in registration order: every Linear/ConvNd (``units="layers"``); with
-    ``units="auto"``, transformer MLP and attention blocks replace the projections they are made of."""
+    ``units="auto"``, transformer MLP, attention and experts blocks replace the projections they are made of (the
+    layers of a block found but not decomposed stay listed: :func:`left_alone` says which)."""
     if units not in UNIT_KINDS:
         raise PlanError(f"unknown unit kind {units!r}; choose one of {UNIT_KINDS}")
-    groups = find_unit_groups(model) if units == "auto" else {}
+    groups = discover(model).groups if units == "auto" else {}
     first = {g.modules[0]: g for g in groups.values()}
     members = {m for g in groups.values() for m in g.modules}
     out: list[tuple[str, nn.Module | UnitGroup]] = []
@@ -150,6 +151,14 @@ def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str,
         if isinstance(m, MANAGED_TYPES) and n not in members:
             out.append((n, m))
     return out
+
+
+def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
+    """``{layer: why}`` for the layers of blocks found but not decomposed (``units="auto"``): a default plan leaves
+    them alone (residual-stream projections must not become rows by accident); a plan naming them manages them."""
+    if units != "auto":
+        return {}
+    return {m: s.reason for s in discover(model).skipped.values() for m in s.members}
 
 
 def candidate_units(candidate: nn.Module | UnitGroup) -> int:

@@ -75,16 +75,38 @@ def _plain_eval(m: nn.Module) -> bool:
     return bool(m._egg_own_weights) and not m.training and not _Check.running
 
 
-class _BlockMember:
+class _Member:
+    """What every rewritten member shares: saving clone slices as their sources', the self-check's flag."""
+
+    _egg_own_weights: bool  # eval_mode="own_weights": evaluation runs the plain module
+    _egg_reference = False  # set by the self-check: compute as the plain module
+
+    def _egg_keys(self) -> tuple[str, ...]:
+        return ("weight", "bias")
+
+    def _clone_positions(self, key: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A producer's clone slices are saved as their source's: what output mode computed, for a plain model.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars or (self._egg_own_weights and not self.training):
+            return
+        for key in self._egg_keys():
+            found = self._clone_positions(key)
+            if found is not None and prefix + key in destination:
+                dim, clones, sources = found
+                destination[prefix + key] = copied_positions(destination[prefix + key], dim, clones, sources)
+
+
+class _BlockMember(_Member):
     """Mixin before a Linear's (or transformers Conv1D's) class: a producer computes active units' outputs, a
     consumer folds clones (``"shrink"``) or reads all units with clone columns frozen (``"expand"``)."""
 
     _egg_has_clones: bool
     _egg_dim: int  # the unit dimension of the weight
     _egg_produces: bool
-    _egg_own_weights: bool  # eval_mode="own_weights": evaluation runs the plain module
     _egg_expand: bool  # the block computes all units ("expand")
-    _egg_reference = False  # set by the self-check: compute as the plain module
     _egg_active: torch.Tensor  # active positions along the unit dimension
     _egg_fold_pos: torch.Tensor  # for each clone position, where its source sits among the active ones
     _egg_fold_src: torch.Tensor  # clone positions
@@ -122,26 +144,13 @@ class _BlockMember:
             return None
         return (self._egg_dim if key == "weight" else 0), self._egg_fold_src, self._egg_sources
 
-    def _egg_keys(self) -> tuple[str, ...]:
-        return ("weight", "bias")
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # A producer's clone slices are saved as their source's: what output mode computed, for a plain model.
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if keep_vars or (self._egg_own_weights and not self.training):
-            return
-        for key in self._egg_keys():
-            found = self._clone_positions(key)
-            if found is not None and prefix + key in destination:
-                dim, clones, sources = found
-                destination[prefix + key] = copied_positions(destination[prefix + key], dim, clones, sources)
-
-
-class _TiedMember(_BlockMember):
+class _TiedMember(_Member):
     """Mixin for any other module holding unit slices (T5's relative attention bias, MoE experts' 3-D weights):
     its forward runs with every clone position of a producer slice taken from its source (gradients reach the
     source) and every clone position of a consumer slice frozen; always at full width."""
 
+    _egg_has_clones: bool
     _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
     _egg_inside = False
 
@@ -313,7 +322,7 @@ class BlockOutputCloning(base.LayerRewrite):
                 else:
                     m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
             self._members[name] = members
-            linear_only = all(isinstance(m, _BlockMember) and not isinstance(m, _TiedMember) for _, m, _ in members)
+            linear_only = all(isinstance(m, _BlockMember) for _, m, _ in members)
             self._set_mode(name, "shrink" if linear_only else "expand")
             self._apply_roles(name, roles[name])
         self._verified: set[str] = set()
@@ -570,13 +579,13 @@ def restore_plain_blocks(model: nn.Module) -> nn.Module:
     """Give every block member in ``model`` (typically a copy) its original class, with each clone's producer
     slices filled from its source, so the plain modules compute what output mode computed. Returns ``model``."""
     for m in model.modules():
-        if isinstance(m, _BlockMember):
+        if isinstance(m, _Member):
             _fill(m)
             _restore(m)
     return model
 
 
-def _fill(m: _BlockMember) -> None:
+def _fill(m: _Member) -> None:
     for key in m._egg_keys():
         found = m._clone_positions(key)
         if found is not None:
