@@ -42,7 +42,7 @@ def test_one_line_is_logged_and_coverage_returns_it_as_frozen_data(caplog):
         cov.blocks_found = 0
     blocks = {f"model.layers.{i}.{b}": k for i in (0, 1) for b, k in (("self_attn", "attention"), ("mlp", "mlp"))}
     assert cov.blocks_found == 4 and dict(cov.blocks) == blocks and dict(cov.managed_blocks) == blocks
-    assert dict(cov.units) == {"attention heads": 4, "mlp neurons": 96} and cov.row_layers == ()
+    assert dict(cov.units) == {"attention units": 4, "mlp neurons": 96} and cov.row_layers == ()
     assert list(cov.left_alone) == ["lm_head"] and "output head" in cov.left_alone["lm_head"]
     owned = sum(p.numel() for lay in opt.layers.values() for _, p in lay.params)
     embedding = model.model.embed_tokens.weight.numel()
@@ -51,7 +51,7 @@ def test_one_line_is_logged_and_coverage_returns_it_as_frozen_data(caplog):
     assert set(cov.modes.values()) == {"unchecked"}  # output mode: decided at the first forward pass
     model(input_ids=ids())
     assert set(opt.coverage().modes.values()) == {"shrink"}
-    assert cov.as_dict()["units"] == {"attention heads": 4, "mlp neurons": 96}
+    assert cov.as_dict()["units"] == {"attention units": 4, "mlp neurons": 96}
 
 
 def test_a_block_found_but_not_decomposed_warns_and_its_layers_are_left_alone():

@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import PlanError
 
 KINDS = ("mlp", "attention", "experts")
-UNIT_NAMES = {"mlp": "neurons", "attention": "heads", "experts": "experts"}
+UNIT_NAMES = {"mlp": "neurons", "attention": "units", "experts": "experts"}
 logger = logging.getLogger("egg_optim")
 
 
@@ -114,7 +114,8 @@ class Discovery:
 # ---------------------------------------------------------------------------------------------- layers
 def _is_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D``: a Linear with a transposed ``[in, out]`` weight (GPT-2)."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    named = any(c.__name__ == "Conv1D" for c in type(m).__mro__)  # also under a rewrite's class swap
+    return named and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
 
 def _out(m: nn.Module) -> int:
@@ -244,8 +245,8 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Discovery]] = weakref.
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((n, type(m).__name__, tuple(p.shape)) for n, m in model.named_modules() for p in m._parameters.values()
-                 if p is not None)  # fmt: skip
+    """Names and shapes of every parameter (not module classes: a rewrite swaps them and changes nothing here)."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False))
 
 
 def discover(model: nn.Module, *, probe: bool = True) -> Discovery:

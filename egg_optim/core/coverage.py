@@ -39,14 +39,15 @@ class Coverage:
         blocks_found: transformer blocks found (attention, MLP, experts), decomposed or not.
         blocks: ``{block: kind}`` of the blocks decomposed into units (heads, neurons, experts).
         managed_blocks: ``{block: kind}`` of those that have roles.
-        units: ``{"attention heads": n, "mlp neurons": n, "experts": n, "rows": n}``: units with roles, by kind.
+        units: ``{"attention units": n, "mlp neurons": n, "experts": n, "rows": n}``: units with roles, by kind
+            (an attention unit is a key/value head with the query heads that share it).
         row_layers: the layers managed as output rows.
         not_decomposed: ``{block: why}`` for blocks found that could not be decomposed (their layers are left
             alone: neither block units nor rows, unless a plan names them).
         left_alone: ``{layer or block: why}`` for everything else that could have roles and has none.
         managed_params, total_params: parameter counts with roles, and of the model without embeddings.
-        modes: output mode only: ``{block: "shrink" | "expand" | "unchecked"}`` (all units computed or only the
-            active ones; "unchecked" until the block's first forward pass with clones).
+        modes: output mode only: ``{block: "shrink" | "expand" | "unchecked" | "no clones"}`` (only the active
+            units computed, or all of them; "unchecked" until the block's first forward pass with clones).
     """
 
     model: str
@@ -119,7 +120,7 @@ def _reasons(left: Mapping[str, str]) -> str:
 
 
 def _unit_label(kind: str) -> str:
-    return "experts" if kind == "experts" else f"{kind} {UNIT_NAMES[kind]}"
+    return f"{kind} {UNIT_NAMES[kind]}" if kind != "experts" else UNIT_NAMES[kind]
 
 
 def build(
@@ -165,8 +166,10 @@ def build(
     modes: dict[str, str] = {}
     if block_output is not None and not block_output.removed:
         for n in block_output.groups:
-            has_clones = block_output.roles[n].has_clones
-            modes[n] = block_output.modes[n] if n in block_output.verified or not has_clones else "unchecked"
+            if not block_output.roles[n].has_clones:
+                modes[n] = "no clones"
+            else:
+                modes[n] = block_output.modes[n] if n in block_output.verified else "unchecked"
     return Coverage(
         model=type(model).__name__,
         blocks_found=len(found.groups) + len(found.skipped),
