@@ -29,7 +29,8 @@ family has grouped-query attention), under `RolePlan(0.4, 0.1)` with `units="aut
 {transformers.__version__}; `tests/test_hf_coverage.py` trains each one in both clone modes, checks that the saved
 model computes what the live one does and that the optimizer state resumes exactly, and that this file is current.
 
-- **blocks**: transformer blocks found / decomposed into units (attention heads, MLP neurons, MoE experts). Found
+- **blocks**: transformer blocks found / decomposed into units (attention heads, MLP neurons, the neurons of each
+  MoE expert). Found
   by structure (`egg_optim.core.blocks`): no family is listed anywhere in the code.
 - **units with roles**: per kind, summed over the model's blocks (an attention unit is one key/value head with the
   query heads sharing it: one head without grouped-query attention).

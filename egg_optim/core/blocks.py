@@ -3,10 +3,11 @@
 An MLP neuron owns its rows in the up (and gate) projection and its column in the down projection; an attention
 head owns its ``head_dim`` rows in the query, key and value projections, its ``head_dim`` columns in the output
 projection and its column of a per-head bias table (T5's relative attention bias). With grouped-query attention a
-unit is one key/value head with the query heads that share it. A routed expert of a mixture of experts (the fused
-3-D ``gate_up_proj`` / ``down_proj`` of transformers 5) is one unit. Each owned tensor is described by its unit
-dimension and an index ``[num_units, k]`` of the positions each unit owns along it (see :meth:`Roles.expand`), so
-masking, cloning and compact storage treat these units exactly like rows.
+unit is one key/value head with the query heads that share it. In a mixture of experts (the fused 3-D
+``gate_up_proj`` / ``down_proj`` of transformers 5) a unit is one hidden neuron of one expert. Each owned tensor is
+described by its unit axis (a dimension, or two taken together: :mod:`egg_optim.core.axes`) and an index
+``[num_units, k]`` of the positions each unit owns along it (see :meth:`Roles.expand`), so masking, cloning and
+compact storage treat these units exactly like rows.
 
 Blocks are found by **structure**, never by child names, so a new architecture needs no table entry:
 
@@ -22,7 +23,7 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
 * routed experts are a module holding two 3-D parameters ``[experts, 2 x inner, hidden]`` and
-  ``[experts, hidden, inner]`` (or both transposed).
+  ``[experts, hidden, inner]`` (or both transposed); the router is no unit.
 
 Where shapes are ambiguous (a projection as wide as the hidden states), the projection registered last reads the
 units. Where a fused qkv projection could be laid out two ways (``[q | k | v]`` blocks, GPT-2 and Phi3, or per
@@ -45,9 +46,10 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from .axes import Axis
 
 KINDS = ("mlp", "attention", "experts")
-UNIT_NAMES = {"mlp": "neurons", "attention": "units", "experts": "experts"}
+UNIT_NAMES = {"mlp": "neurons", "attention": "units", "experts": "expert neurons"}
 logger = logging.getLogger("egg_optim")
 
 
@@ -56,7 +58,7 @@ class UnitSlice:
     """The positions of every unit in one parameter: along ``dim``, unit ``u`` owns ``index[u]``."""
 
     param: str  # qualified parameter name
-    dim: int
+    dim: Axis  # the unit axis: a dimension, or two taken together (:mod:`egg_optim.core.axes`)
     index: torch.Tensor  # [num_units, k]
     # "producer": the positions compute the unit (a clone takes its source's); "consumer": they read the unit (a
     # clone keeps its own, frozen)
@@ -454,8 +456,11 @@ def _mlp(
 
 # ---------------------------------------------------------------------------------------------- experts
 def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
-    """Routed experts stored as two 3-D parameters (transformers 5): ``[E, 2I, d]`` (gate and up) and ``[E, d, I]``
-    (down), or both transposed (``[E, d, 2I]``, ``[E, I, d]``); one expert is one unit."""
+    """Routed experts stored as two 3-D parameters (transformers 5): ``[E, 2I, d]`` (gate and up, ``[gate | up]``)
+    and ``[E, d, I]`` (down), or both transposed (``[E, d, 2I]``, ``[E, I, d]``); an ungated expert has ``I`` for
+    ``2I``. A unit is one hidden neuron of one expert, unit ``e * I + j``: it owns row ``j`` (and ``I + j``) of expert
+    ``e``'s gate/up slice and column ``j`` of its down slice (positions over the expert and neuron dimensions
+    together, :mod:`egg_optim.core.axes`)."""
     params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None and p.dim() == 3]
     if len(params) != 2:
         return
@@ -463,13 +468,23 @@ def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
     E = a.shape[0]
     if b.shape[0] != E or E < 2:
         return
-    standard = a.shape[2] == b.shape[1] and a.shape[1] in (b.shape[2], 2 * b.shape[2])
-    transposed = a.shape[1] == b.shape[2] and a.shape[2] in (b.shape[1], 2 * b.shape[1])
-    if not (standard or transposed):
+    if a.shape[2] == b.shape[1] and a.shape[1] in (b.shape[2], 2 * b.shape[2]):  # [E, 2I, d], [E, d, I]
+        inner, up_axis, down_axis, gated = b.shape[2], (0, 1), (0, 2), a.shape[1] == 2 * b.shape[2]
+    elif a.shape[1] == b.shape[2] and a.shape[2] in (b.shape[1], 2 * b.shape[1]):  # [E, d, 2I], [E, I, d]
+        inner, up_axis, down_axis, gated = b.shape[1], (0, 2), (0, 1), a.shape[2] == 2 * b.shape[1]
+    else:
         return
-    index = _rows(E, 1)
-    slices = [UnitSlice(_join(prefix, an), 0, index), UnitSlice(_join(prefix, bn), 0, index)]
-    yield UnitGroup(prefix, "experts", E, slices, [prefix], None)
+    e = torch.arange(E).repeat_interleave(inner)
+    j = torch.arange(inner).repeat(E)
+    width = 2 * inner if gated else inner
+    up = (e * width + j)[:, None]
+    if gated:
+        up = torch.cat([up, up + inner], dim=1)
+    slices = [
+        UnitSlice(_join(prefix, an), up_axis, up),
+        UnitSlice(_join(prefix, bn), down_axis, (e * inner + j)[:, None], "consumer"),
+    ]
+    yield UnitGroup(prefix, "experts", E * inner, slices, [prefix], None, layout=f"{E} experts x {inner} neurons")
 
 
 # ---------------------------------------------------------------------------------------------- layout probe

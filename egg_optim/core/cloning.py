@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ConfigError
+from . import axes
+from .axes import Axis
 from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
 from .roles import Roles
@@ -39,11 +41,11 @@ def check_clone_options(blend: float, noise: float, state: str) -> None:
         raise ConfigError(f"unknown clone state policy {state!r}; choose one of {CLONE_STATES}")
 
 
-def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: int) -> torch.Tensor:
-    src = t.index_select(dim, roles.sources.to(t.device))
+def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: Axis) -> torch.Tensor:
+    src = axes.select(t, dim, roles.sources)
     if blend == 1.0:
         return src
-    return torch.lerp(t.index_select(dim, roles.clones.to(t.device)), src, blend)
+    return torch.lerp(axes.select(t, dim, roles.clones), src, blend)
 
 
 @torch.no_grad()
@@ -71,15 +73,16 @@ def clone_layer(
         idx = roles.clones.to(whole.device)
         rows = _blended(whole, roles, blend, dim)
         if noise > 0:
-            moved = rows.movedim(dim, 0)
+            lead = dim if isinstance(dim, int) else 0  # selected slices of a pair axis lead with their positions
+            moved = rows.movedim(lead, 0)
             flat = moved.reshape(moved.shape[0], -1)
             rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
-            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, dim)
+            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, lead)
         if is_sharded(p):
             write_full_(p, whole.index_copy(dim, idx, rows))
         else:
-            p.index_copy_(dim, idx, rows)
+            axes.copy_(p, dim, idx, rows)
         if opt_state is not None and state != "keep":
             st = opt_state.get(p, {})
             for key in row_state_keys(p, st):
@@ -87,9 +90,8 @@ def clone_layer(
                     copy_positions_(st[key], dim, roles.clones, roles.sources)
                 else:
                     where = localize(st[key], dim, roles.clones)[1]
-                    value = local(st[key])
-                    value.index_fill_(dim, where.to(value.device), fresh(key, (groups or {}).get(p, {})))
+                    axes.fill_(local(st[key]), dim, where, fresh(key, (groups or {}).get(p, {})))
     for bname, b in layer.buffers:
         dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
-        b.index_copy_(dim, roles.clones.to(b.device), _blended(b, roles, blend, dim))
+        axes.copy_(b, dim, roles.clones, _blended(b, roles, blend, dim))
     return unit_roles.num_clones

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from . import axes
+from .axes import Axis
 from .blocks import UnitGroup, discover
 from .roles import Roles
 from .sharding import full
@@ -68,13 +70,13 @@ class ManagedLayer:
     norm: nn.Module | None = None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    # unit dimension of each owned tensor by qualified name; 0 (rows) unless listed
-    dims: dict[str, int] = field(default_factory=dict)
+    # unit axis of each owned tensor by qualified name (:mod:`egg_optim.core.axes`); 0 (rows) unless listed
+    dims: dict[str, Axis] = field(default_factory=dict)
     # positions [num_units, k] each unit owns along the unit dimension, for units of several positions
     index: dict[str, torch.Tensor] = field(default_factory=dict)
     group: UnitGroup | None = None
 
-    def dim_of(self, name: str) -> int:
+    def dim_of(self, name: str) -> Axis:
         return self.dims.get(name, 0)
 
     def roles_of(self, name: str, roles: Roles) -> Roles:
@@ -112,12 +114,12 @@ class ManagedLayer:
             return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
         parts = []
         for pname, p in self.params:
-            if not pname.endswith(".weight"):
+            if p.dim() < 2:  # weights only (of Linears, a per-head table, 3-D expert tensors), not biases
                 continue
             t = p.grad if grad else p
             if t is None:
                 return None
-            moved = full(t.detach()).movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
+            moved = axes.as_rows(full(t.detach()), self.dim_of(pname))  # [positions, rest]
             parts.append(moved[self.index[pname]].reshape(self.num_units, -1))
         return torch.cat(parts, dim=1)
 

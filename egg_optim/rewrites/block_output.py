@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import axes
 from ..core.blocks import UnitGroup, UnitSlice
 from ..core.roles import Roles
 from ..core.sharding import copied_positions, copy_positions_
@@ -171,9 +172,9 @@ class _TiedMember(_Member):
             p = getattr(self, key)
             clones = getattr(self, f"_egg_clones_{key}")
             if produces:
-                values[key] = p.index_copy(dim, clones, p.index_select(dim, getattr(self, f"_egg_sources_{key}")))
+                values[key] = axes.copied(p, dim, clones, axes.select(p, dim, getattr(self, f"_egg_sources_{key}")))
             else:
-                values[key] = p.index_copy(dim, clones, p.index_select(dim, clones).detach())
+                values[key] = axes.copied(p, dim, clones, axes.select(p, dim, clones).detach())
         with _substituted(self, values):
             self._egg_inside = True
             try:
