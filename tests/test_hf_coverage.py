@@ -94,3 +94,51 @@ def test_the_docs_table_is_what_coverage_reports():
     text = DOCS.read_text()
     for family in sorted(tiny.FAMILIES):
         assert table.row(family) in text, family
+
+
+@pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
+def test_units_are_found_by_dataflow(family):
+    """Each unit's slices partition their tensors, and the units are what the model computes: changing one unit's
+    producer slices (its q/k/v rows, whatever the fused layout, and its column of a per-head bias; its up/gate
+    rows) changes only that unit's inputs of the block's consumer (output or down projection)."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.rewrites.block_output import _fresh
+
+    model = tiny.make(family).eval()
+    found = discover(model)
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    for g in found.groups.values():
+        for s in g.slices:
+            size = params[s.param].shape[s.dim] if isinstance(s.dim, int) else s.index.numel()
+            assert torch.equal(torch.sort(s.index.flatten()).values, torch.arange(size)), s.param
+    blocks = [g for g in found.groups.values() if g.kind != "experts" and g.name in modules][:2]
+    calls, seen = {}, []
+    hooks = [modules[g.name].register_forward_pre_hook(
+        lambda m, a, k, n=g.name: calls.setdefault(n, (a, k)) and None, with_kwargs=True) for g in blocks]  # fmt: skip
+    with torch.no_grad():
+        model(**tiny.inputs(family, length=6, labels=False))
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(0)
+    for g in blocks:
+        consumer = modules[g.consumer]
+        hook = consumer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+        cols = next(s.index for s in g.slices if s.role == "consumer")
+        args, kwargs = calls[g.name]
+        with torch.no_grad():
+            modules[g.name].forward(*_fresh(args), **_fresh(kwargs))
+            base = seen[-1]
+            for unit in sorted({0, g.num_units - 1}):
+                saved = {}
+                for s in g.slices:
+                    if s.role == "producer":
+                        p = params[s.param]
+                        saved[s.param] = p.detach().clone()
+                        noise = torch.randn(p.shape, generator=gen) * (1 + p.abs().mean())
+                        p.index_add_(s.dim, s.index[unit], noise.index_select(s.dim, s.index[unit]))
+                modules[g.name].forward(*_fresh(args), **_fresh(kwargs))
+                for name, value in saved.items():
+                    params[name].copy_(value)
+                changed = ((seen[-1] - base).abs() > 1e-6).flatten(0, -2).any(0).nonzero().flatten()
+                assert changed.numel() and set(changed.tolist()) <= set(cols[unit].tolist()), (g.name, unit)
+        hook.remove()
