@@ -167,11 +167,17 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], str]] = {
             num_heads=HEADS,
             decoder_start_token_id=0,
             pad_token_id=0,
-            feed_forward_proj="gated-gelu",
         ),
         "seq2seq",
     ),
 }
+# T5 v1.1 / Flan-T5: the gated MLP (wi_0, wi_1, wo)
+FAMILIES["t5_gated"] = (
+    _causal("T5Config", "T5ForConditionalGeneration", d_model=HIDDEN, d_ff=INNER, d_kv=8, num_layers=1,
+            num_decoder_layers=1, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
+            feed_forward_proj="gated-gelu"),
+    "seq2seq",
+)  # fmt: skip
 
 
 def _vit() -> nn.Module:
