@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core import compact, sharding
+from ..core import axes, compact, sharding
 from ..core.roles import Roles
 from ..core.state_dict import STATE_KEY, check_base_state, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer
@@ -83,7 +83,7 @@ class StateDictMixin:
             if roles.has_clones:
                 er = layer.roles_of(qname, roles)
                 whole = sharding.full(t.detach())
-                out[qname] = whole.index_select(layer.dim_of(qname), er.clones.to(whole.device)).cpu().clone()
+                out[qname] = axes.select(whole, layer.dim_of(qname), er.clones).cpu().clone()
         return out
 
     def _check_clone_rows(self, rows: Any, roles: Mapping[str, Roles], layers: Mapping[str, ManagedLayer]) -> None:
@@ -91,9 +91,7 @@ class StateDictMixin:
         shapes = {}
         for name, qname, t in self._owned(layers):
             er = layers[name].roles_of(qname, roles[name])
-            shape = list(t.shape)
-            shape[layers[name].dim_of(qname)] = er.num_clones
-            shapes[qname] = tuple(shape)
+            shapes[qname] = axes.slice_shape(t.shape, layers[name].dim_of(qname), er.num_clones)
         check_clone_rows(rows, shapes)
 
     @torch.no_grad()
@@ -107,7 +105,7 @@ class StateDictMixin:
                     whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
                     sharding.write_full_(t, whole)
                 else:
-                    t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
+                    axes.copy_(t, layer.dim_of(qname), er.clones, rows[qname].to(t))
 
     def export_optimizer_state(self) -> dict[str, Any]:
         """A state dict for the bare base optimizer over the plain model (:meth:`export_model`)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import EggConfig
 from ..core import compact, masking, sharding
+from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
 from ..core.coupling import NormCoupling
@@ -124,6 +125,7 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
             model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
         )
         layer_plans, layers = self._trainable_only(role_plan, layer_plans, layers, optimizer)
+        _coverage.report(_coverage.build(model, role_plan, layers, optimizer), strict=config.strict_blocks)
         if config.clone_mode == "output" and isinstance(config.score, UnitGradScore):
             in_blocks = [n for n, lay in layers.items() if lay.group is not None]
             if in_blocks:  # the output-mode probe records plain layers only: blocks would score nothing
@@ -329,6 +331,10 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
         from ..rewrites.output_cloning import export_plain
 
         return restore_plain_blocks(export_plain(self.output_cloning))
+
+    def coverage(self) -> _coverage.Coverage:
+        """What this run manages in the model: blocks found and decomposed, units, rows, what is left alone and why."""
+        return _coverage.build(self.model, self.plan, self.layers, self.optimizer, self.block_output)
 
     # ------------------------------------------------------------------ Optimizer protocol (shared state)
     @property
