@@ -48,6 +48,11 @@ METHODS = ("bp", "lfnn", "lfnn_l")
 METHOD_LABEL = {"bp": "BP", "lfnn": "LFNN", "lfnn_l": "LFNN-l"}
 MODEL_LABEL = {"mlp": "MLP", "cnn": "CNN"}
 REDUCED = {"sum": "summed", "mean": "averaged"}
+#: named loss settings (``--presets``): the paper's Eq. 1/2 as written, and the module's defaults
+PRESETS = {
+    "paper": {"worker_reduction": "sum", "follower_target": "output"},
+    "default": {},
+}
 DATASET_LABEL = {"digits": "digits", "fashion_mnist": "Fashion-MNIST"}
 #: ablation variants of Eq. 1: (key, l1, l2, label)
 ABLATION = (
@@ -115,7 +120,10 @@ class Config:
     mlp_workers: int = 32
     cnn_workers: int = 5
     threads: int = 1
-    worker_reduction: str = "sum"
+    worker_reduction: str | None = None
+    follower_target: str | None = None
+    local_activation: str | None = None
+    presets: list[str] = field(default_factory=lambda: [""])
     log: str | None = None
     out: str | None = None
     png: str | None = None
@@ -143,6 +151,7 @@ class Run:
     fixed_leaders: float | None
     seconds: float
     leaders_per_layer: str = ""
+    preset: str = ""
 
 
 def _floats(text: str) -> list[float]:
@@ -197,8 +206,27 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument(
         "--worker-reduction",
         choices=("sum", "mean"),
-        default="sum",
-        help="leader / follower losses summed (default, every worker at full weight) or averaged over workers",
+        default=None,
+        help="leader / follower losses summed (the paper) or averaged over workers (default: the module's, mean)",
+    )
+    p.add_argument(
+        "--follower-target",
+        choices=("output", "logits", "probs", "centred"),
+        default=None,
+        help="what followers match to the best leader by MSE (default: the module's, probs; the paper: output)",
+    )
+    p.add_argument(
+        "--local-activation",
+        choices=("none", "relu"),
+        default=None,
+        help="apply a ReLU to a layer's output before its workers read it (default: none)",
+    )
+    p.add_argument(
+        "--presets",
+        default="",
+        help="comma list of named loss settings, each run for every LFNN cell: "
+        + ", ".join(f"{k} = {v or 'the module defaults'}" for k, v in PRESETS.items())
+        + " (the flags above apply on top; default: none, just the flags)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: keep 1 on a shared CPU)")
     p.add_argument(
@@ -246,6 +274,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         cnn_workers=a.cnn_workers,
         threads=a.threads,
         worker_reduction=a.worker_reduction,
+        follower_target=a.follower_target,
+        local_activation=a.local_activation,
+        presets=_names(a.presets, tuple(PRESETS), "presets") or [""],
         log=a.log or None,
         out=a.out,
         png=a.png,
@@ -294,6 +325,7 @@ def train_one(
     l1: float = 1.0,
     l2: float = 1.0,
     log: Logger | None = None,
+    preset: str = "",
 ) -> Run:
     spec, train_ds, test_loader = data["spec"], data["train"], data["test_loader"]
     torch.manual_seed(seed)
@@ -308,7 +340,7 @@ def train_one(
             mode=method,
             l1=l1,
             l2=l2,
-            worker_reduction=cfg.worker_reduction,
+            **loss_options(cfg, preset),
         )
     params = [*model.parameters(), *(lf.parameters() if lf is not None else [])]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -371,7 +403,20 @@ def train_one(
         fixed_leaders=fixed,
         seconds=seconds,
         leaders_per_layer=leaders,
+        preset=preset,
     )
+
+
+def loss_options(cfg: Config, preset: str = "") -> dict:
+    """``LeaderFollowerLoss`` keyword arguments of a run: the preset, then the explicit flags on top."""
+    kw = dict(PRESETS.get(preset, {}))
+    if cfg.worker_reduction is not None:
+        kw["worker_reduction"] = cfg.worker_reduction
+    if cfg.follower_target is not None:
+        kw["follower_target"] = cfg.follower_target
+    if cfg.local_activation not in (None, "none"):
+        kw["local_activation"] = cfg.local_activation
+    return kw
 
 
 def load(dataset: str, cfg: Config) -> dict:
@@ -409,18 +454,52 @@ def _group(runs: list[Run], **key) -> list[float]:
     return out
 
 
+def _rows(cfg: Config) -> list[tuple[str, str]]:
+    """``(method, preset)`` rows: BP once, every LFNN method once per preset."""
+    return [(m, p) for m in cfg.methods for p in (cfg.presets if m != "bp" else [""])]
+
+
+def _method_label(method: str, preset: str) -> str:
+    return METHOD_LABEL[method] + (f" [{preset}]" if preset else "")
+
+
+def spread_table(runs: list[Run], cfg: Config) -> list[str]:
+    """Per cell with more than one seed: every seed, and the largest distance of a seed from the seed mean
+    (the issue's collapse criterion: more than 2 points)."""
+    head = ["dataset", "model", "method", "δ", "seeds (test acc %)", "max |seed - mean| (pt)", "collapse"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds in cfg.datasets:
+        for m in cfg.models:
+            for meth, preset in _rows(cfg):
+                for d in [None] if meth == "bp" else cfg.deltas:
+                    key = {"dataset": ds, "model": m, "method": meth}
+                    if meth != "bp":
+                        key.update(delta=d, l1=1.0, l2=1.0, preset=preset)
+                    accs = [100 * a for a in _group(runs, **key)]
+                    if len(accs) < 2:
+                        continue
+                    mean = statistics.fmean(accs)
+                    worst = max(abs(a - mean) for a in accs)
+                    lines.append(
+                        f"| {DATASET_LABEL[ds]} | {MODEL_LABEL[m]} | {_method_label(meth, preset)} | "
+                        f"{'' if d is None else _delta_label(d)} | {', '.join(f'{a:.2f}' for a in accs)} | "
+                        f"{worst:.2f} | {'yes' if worst > 2.0 else 'no'} |"
+                    )
+    return lines
+
+
 def main_table(runs: list[Run], cfg: Config) -> list[str]:
     head = ["dataset", "model", "method", "no δ", *[_delta_label(d) for d in cfg.deltas]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in cfg.datasets:
         for m in cfg.models:
-            for meth in cfg.methods:
-                row = [DATASET_LABEL[ds], MODEL_LABEL[m], METHOD_LABEL[meth]]
+            for meth, preset in _rows(cfg):
+                row = [DATASET_LABEL[ds], MODEL_LABEL[m], _method_label(meth, preset)]
                 if meth == "bp":
                     row += [_cell(_group(runs, dataset=ds, model=m, method="bp"))] + [""] * len(cfg.deltas)
                 else:
                     row += [""] + [
-                        _cell(_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0))
+                        _cell(_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset))
                         for d in cfg.deltas
                     ]
                 lines.append("| " + " | ".join(row) + " |")
@@ -433,7 +512,9 @@ def ablation_table(runs: list[Run], cfg: Config) -> list[str]:
     for ds in cfg.datasets:
         for d in cfg.ablation_deltas:
             for key, l1, l2, label in ABLATION:
-                acc = _cell(_group(runs, dataset=ds, model="mlp", method="lfnn", delta=d, l1=l1, l2=l2))
+                acc = _cell(
+                    _group(runs, dataset=ds, model="mlp", method="lfnn", delta=d, l1=l1, l2=l2, preset=cfg.presets[0])
+                )
                 lines.append(
                     f"| {DATASET_LABEL[ds]} | {_delta_label(d)} | {label} | {l1:g} | {l2:g} | {acc} | "
                     f"{ABLATION_MEANING[key]} |"
@@ -470,7 +551,7 @@ def detail_table(runs: list[Run]) -> list[str]:
                 [
                     DATASET_LABEL[r.dataset],
                     MODEL_LABEL[r.model],
-                    METHOD_LABEL[r.method],
+                    _method_label(r.method, r.preset),
                     "" if r.delta is None else f"{r.delta:g}",
                     r.leaders_per_layer,
                     "" if r.method == "bp" else f"{r.l1:g}",
@@ -517,14 +598,19 @@ def report(runs: list[Run], cfg: Config, wall: float) -> str:
         "on 28x28 inputs), global-average-pool readout; both end in a Linear head",
         "- LFNN = Eq. 1 with l1 = l2 = 1; LFNN-l = Eq. 2 (hidden layers learn only from their local losses, the "
         "global loss trains only the head), lambda = 1; delta = fraction of workers per layer that lead "
-        f"(rounded half up); leader CE and follower MSE are {REDUCED[cfg.worker_reduction]} over the workers "
-        "of a layer (worker_reduction)",
+        "(rounded half up)",
+        "- local-loss options (`LeaderFollowerLoss` keywords; {} = the module defaults: worker_reduction "
+        "'mean', follower_target 'probs', no local_activation): "
+        + "; ".join(f"{p or 'runs'}: {loss_options(cfg, p)}" for p in cfg.presets),
         "",
         "## Test accuracy (%)",
         "",
         *main_table(runs, cfg),
         "",
     ]
+    spread = spread_table(runs, cfg)
+    if len(spread) > 2:
+        out += ["## Seeds and collapses", "", *spread, ""]
     if cfg.ablation_deltas and "mlp" in cfg.models:
         out += ["## Loss ablation (MLP, LFNN mode, Eq. 1 with terms switched off)", "", *ablation_table(runs, cfg), ""]
     out += [
@@ -551,12 +637,16 @@ def plot(runs: list[Run], cfg: Config, path: str) -> None:
         bp = _group(runs, dataset=ds, model=m, method="bp")
         if bp:
             ax.axhline(100 * statistics.fmean(bp), color="k", ls="--", label="BP")
-        for meth, color in (("lfnn", "C0"), ("lfnn_l", "C1")):
-            if meth not in cfg.methods:
-                continue
-            ys = [_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0) for d in cfg.deltas]
+        for (meth, preset), (color, style) in zip(
+            [r for r in _rows(cfg) if r[0] != "bp"], [(f"C{i}", "o-") for i in range(10)]
+        ):
+            ys = [
+                _group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset)
+                for d in cfg.deltas
+            ]
             xs = [100 * d for d, y in zip(cfg.deltas, ys) if y]
-            ax.plot(xs, [100 * statistics.fmean(y) for y in ys if y], "o-", color=color, label=METHOD_LABEL[meth])
+            label = _method_label(meth, preset)
+            ax.plot(xs, [100 * statistics.fmean(y) for y in ys if y], style, color=color, label=label)
             seeds = [(100 * d, 100 * a) for d, y in zip(cfg.deltas, ys) if len(y) > 1 for a in y]
             if seeds:  # every seed as a small cross, so a collapsed seed is visible behind the mean
                 ax.plot(*zip(*seeds), "x", color=color, ms=4, alpha=0.6)
@@ -573,7 +663,7 @@ def plot(runs: list[Run], cfg: Config, path: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def plan(cfg: Config) -> list[tuple]:
-    """Unique runs ``(dataset, model, method, delta, l1, l2, seed)`` in execution order."""
+    """Unique runs ``(dataset, model, method, delta, l1, l2, seed, preset)`` in execution order."""
     jobs: list[tuple] = []
     for ds in cfg.datasets:
         for m in cfg.models:
@@ -581,16 +671,16 @@ def plan(cfg: Config) -> list[tuple]:
             for seed in seeds:
                 for meth in cfg.methods:
                     if meth == "bp":
-                        jobs.append((ds, m, "bp", None, 1.0, 1.0, seed))
+                        jobs.append((ds, m, "bp", None, 1.0, 1.0, seed, ""))
                     else:
-                        jobs += [(ds, m, meth, d, 1.0, 1.0, seed) for d in cfg.deltas]
+                        jobs += [(ds, m, meth, d, 1.0, 1.0, seed, p) for p in cfg.presets for d in cfg.deltas]
         if "mlp" in cfg.models:
             for seed in cfg.seeds[ds]:
-                if cfg.ablation_deltas and (ds, "mlp", "bp", None, 1.0, 1.0, seed) not in jobs:
-                    jobs.append((ds, "mlp", "bp", None, 1.0, 1.0, seed))
+                if cfg.ablation_deltas and (ds, "mlp", "bp", None, 1.0, 1.0, seed, "") not in jobs:
+                    jobs.append((ds, "mlp", "bp", None, 1.0, 1.0, seed, ""))
                 for d in cfg.ablation_deltas:
                     for _, l1, l2, _ in ABLATION:
-                        job = (ds, "mlp", "lfnn", d, l1, l2, seed)
+                        job = (ds, "mlp", "lfnn", d, l1, l2, seed, cfg.presets[0])
                         if job not in jobs:
                             jobs.append(job)
     return jobs
@@ -614,11 +704,11 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Run], str]:
     runs: list[Run] = []
     data: dict[str, dict] = {}
     try:
-        for i, (ds, m, meth, d, l1, l2, seed) in enumerate(jobs, 1):
+        for i, (ds, m, meth, d, l1, l2, seed, preset) in enumerate(jobs, 1):
             if ds not in data:
                 data[ds] = load(ds, cfg)
-            log(f"[{i}/{len(jobs)}] {ds} {m} {meth} delta={d} l1={l1:g} l2={l2:g} seed={seed}")
-            r = train_one(cfg, data[ds], ds, m, meth, d, seed, l1, l2, log)
+            log(f"[{i}/{len(jobs)}] {ds} {m} {meth} {preset} delta={d} l1={l1:g} l2={l2:g} seed={seed}")
+            r = train_one(cfg, data[ds], ds, m, meth, d, seed, l1, l2, log, preset)
             runs.append(r)
             log(
                 f"[{i}/{len(jobs)}] done: test acc {r.test_acc:.4f} (train {r.train_acc:.4f}) in {r.seconds:.1f}s; "

@@ -72,6 +72,7 @@ from .sites import (
 )
 
 _INPUT_KWARGS = ("hidden_states", "input", "x")
+_RAW = {"output": "raw", "logits": "raw"}  # follower_target -> functional target
 
 
 # --------------------------------------------------------------------------- gradient routing (lfnn mode)
@@ -168,16 +169,26 @@ class LeaderFollowerLoss(nn.Module):
             (global average pool over space first; convolutions), ``"head"`` (a per-worker linear head
             ``S -> num_classes`` after pooling, created here), or ``"auto"`` (direct for Linear, gap for
             conv).
-        align: what followers align to the best leader: ``"output"`` (the worker's raw unit outputs, incl.
-            spatial maps; default, as in the paper) or ``"readout"`` (its class logits).
+        follower_target: what a follower matches to the best leader's, by MSE: ``"probs"`` (default: the
+            softmax of its class logits; bounded and blind to a shift of the logits, so it never pulls
+            outputs below a following ReLU), ``"centred"`` (logits minus their mean over classes),
+            ``"logits"`` (raw class logits) or ``"output"`` (the worker's raw unit outputs, incl. spatial
+            maps: the paper's Eq. 1/2 as written). Block workers compare their aux-head logits
+            (``"output"`` = ``"logits"``).
+        align: older spelling of ``follower_target``: ``"output"`` or ``"readout"`` (= ``"logits"``).
+        local_activation: ``None`` (default: workers read the layer's output as it is, i.e. before the
+            model's nonlinearity) or ``"relu"`` / a callable applied to it first, so the local losses see
+            what the next layer sees (the paper does not say which).
         blocks: ``{name: module_name | [consecutive module names]}``: each block is ONE worker with a
             DGL-style auxiliary head (pool to 2x2, MLP of width ``aux_hidden``); the blocks compete with each
             other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN losses).
             Block followers align their head logits to the best block's.
         block_group: name under which the block workers' statistics are reported.
         block_channels: ``{block: channels | (channels, spatial_dims)}`` where it cannot be inferred.
-        worker_reduction: ``"sum"`` (default: every worker gets its own loss at full weight) or ``"mean"``
-            over the leaders / followers of a layer.
+        worker_reduction: ``"mean"`` (default) averages the leader losses over the leaders and the follower
+            losses over the followers of a layer, so the local terms stay O(1) next to ``L_g`` whatever the
+            number of workers; ``"sum"`` gives every worker its own loss at full weight (the paper's sums:
+            with 32 workers the local gradient was 14-20x the global one, ``docs/results/lfnn_study.md``).
         score_momentum: momentum of the running mean of worker losses (``unit_scores(kind="ema")``).
         sync_selection: average worker losses over ranks before choosing leaders so all ranks choose the
             same leaders (``None``: whenever torch.distributed is initialised with more than one rank).
@@ -206,19 +217,21 @@ class LeaderFollowerLoss(nn.Module):
         l1: float = 1.0,
         l2: float = 1.0,
         readout: str = "auto",
-        align: str = "output",
+        follower_target: str | None = None,
+        align: str | None = None,
+        local_activation: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         blocks: Mapping[str, str | Sequence[str]] | None = None,
         block_group: str = "blocks",
         aux_hidden: int = 256,
         block_channels: Mapping[str, int | tuple[int, int]] | None = None,
-        worker_reduction: str = "sum",
+        worker_reduction: str = "mean",
         score_momentum: float = 0.9,
         sync_selection: bool | None = None,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        mode = check_options(
+        mode, follower_target = check_options(
             model,
             mode=mode,
             delta=delta,
@@ -227,6 +240,8 @@ class LeaderFollowerLoss(nn.Module):
             l2=l2,
             readout=readout,
             align=align,
+            follower_target=follower_target,
+            local_activation=local_activation,
             worker_reduction=worker_reduction,
             score_momentum=score_momentum,
             aux_hidden=aux_hidden,
@@ -243,7 +258,8 @@ class LeaderFollowerLoss(nn.Module):
         # ---- everything is valid: build state, heads, then hooks
         object.__setattr__(self, "_model", model)  # not a submodule: parameters() are the heads only
         self.mode, self.delta, self.l1, self.l2 = mode, float(delta), float(l1), float(l2)
-        self.num_classes, self.align, self.worker_reduction = num_classes, align, worker_reduction
+        self.num_classes, self.follower_target, self.worker_reduction = num_classes, follower_target, worker_reduction
+        self.local_activation = local_activation
         self.score_momentum, self.sync_selection, self.ignore_index = (
             float(score_momentum),
             sync_selection,
@@ -452,7 +468,8 @@ class LeaderFollowerLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, delta={self.delta}, l1={self.l1}, l2={self.l2}, layers={self.layer_names}, "
-            f"blocks={self.block_names}"
+            f"blocks={self.block_names}, worker_reduction={self.worker_reduction!r}, "
+            f"follower_target={self.follower_target!r}"
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -540,14 +557,18 @@ class LeaderFollowerLoss(nn.Module):
         return sel_losses, select_leaders(sel_losses, self.delta)
 
     def _layer_local(self, site: _Site, y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        act = self.local_activation
+        if act is not None:
+            y = F.relu(y) if act == "relu" else act(y)
         z = split_workers(y, site.worker_size, site.unit_dim)  # [N, W, S, *rest]
         ro: Any = self.heads[site.head_key] if site.readout == "head" else site.readout
         logits, tgt = readout_logits(z, targets, ro)
         wl = per_worker_cross_entropy(logits, tgt, self.ignore_index)  # [W], differentiable
         shown, sel = self._select(wl)
         lead = leader_loss(wl, sel.leaders, self.worker_reduction)
+        ft = self.follower_target
         fol = follower_alignment_loss(
-            z if self.align == "output" else logits, sel.followers, sel.best, self.worker_reduction
+            z if ft == "output" else logits, sel.followers, sel.best, self.worker_reduction, _RAW.get(ft, ft)
         )
         self._pending[site.name] = self.l1 * lead + self.l2 * fol
         self._record(site.name, shown, sel, lead, fol)
@@ -569,7 +590,8 @@ class LeaderFollowerLoss(nn.Module):
         shown, sel = self._select(wl)
         lead = leader_loss(wl, sel.leaders, self.worker_reduction)
         all_logits = torch.stack([e[1] for e in entries], dim=1)  # [N, K, C]
-        fol = follower_alignment_loss(all_logits, sel.followers, sel.best, self.worker_reduction)
+        ft = _RAW.get(self.follower_target, self.follower_target)
+        fol = follower_alignment_loss(all_logits, sel.followers, sel.best, self.worker_reduction, ft)
         self._pending[self.block_group] = self.l1 * lead + self.l2 * fol
         self._record(self.block_group, shown, sel, lead, fol)
         for k, (_, _, r) in enumerate(entries):

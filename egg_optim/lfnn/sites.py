@@ -18,6 +18,9 @@ from .heads import AuxHead, WorkerHeads
 MODES = ("lfnn", "lfnn_l")
 LAYER_READOUTS = ("auto", "direct", "gap", "head")
 ALIGNS = ("output", "readout")
+#: ``follower_target`` values: what a follower compares with the best leader, and how
+FOLLOWER_TARGETS = ("output", "logits", "probs", "centred")
+LOCAL_ACTIVATIONS = ("relu",)
 
 
 @dataclass
@@ -81,12 +84,15 @@ def check_options(
     l1: float,
     l2: float,
     readout: str,
-    align: str,
+    align: str | None,
+    follower_target: str | None,
+    local_activation: object,
     worker_reduction: str,
     score_momentum: float,
     aux_hidden: int,
-) -> str:
-    """Validate the scalar options; returns the normalised mode."""
+) -> tuple[str, str]:
+    """Validate the scalar options; returns the normalised mode and follower target (``align`` is the older
+    spelling: ``"output"`` = ``follower_target="output"``, ``"readout"`` = ``"logits"``)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     mode = str(mode).replace("-", "_").lower()
@@ -100,15 +106,28 @@ def check_options(
             raise ConfigError(f"{nm} must be a finite number >= 0, got {v!r}")
     if readout not in LAYER_READOUTS:
         raise ConfigError(f"unknown readout {readout!r}; choose one of {LAYER_READOUTS}")
-    if align not in ALIGNS:
-        raise ConfigError(f"unknown align {align!r}; choose one of {ALIGNS}")
+    if align is not None and align not in ALIGNS:
+        raise ConfigError(f"unknown align {align!r}; choose one of {ALIGNS} (or use follower_target=)")
+    if follower_target is not None and follower_target not in FOLLOWER_TARGETS:
+        raise ConfigError(f"unknown follower_target {follower_target!r}; choose one of {FOLLOWER_TARGETS}")
+    from_align = None if align is None else ("output" if align == "output" else "logits")
+    if from_align is not None and follower_target is not None and from_align != follower_target:
+        raise ConfigError(
+            f"align={align!r} (= follower_target={from_align!r}) contradicts follower_target={follower_target!r}; "
+            "give follower_target only"
+        )
+    target = follower_target or from_align or "probs"
+    if local_activation is not None and not callable(local_activation) and local_activation not in LOCAL_ACTIVATIONS:
+        raise ConfigError(
+            f"unknown local_activation {local_activation!r}; choose None, one of {LOCAL_ACTIVATIONS} or a callable"
+        )
     if worker_reduction not in REDUCTIONS:
         raise ConfigError(f"unknown worker_reduction {worker_reduction!r}; choose one of {REDUCTIONS}")
     if not (0.0 <= float(score_momentum) < 1.0):
         raise ConfigError(f"score_momentum must be in [0, 1), got {score_momentum!r}")
     if isinstance(aux_hidden, bool) or not isinstance(aux_hidden, int) or aux_hidden < 0:
         raise ConfigError(f"aux_hidden must be an int >= 0, got {aux_hidden!r}")
-    return mode
+    return mode, target
 
 
 class Claims:
