@@ -183,6 +183,12 @@ class LeaderFollowerLoss(nn.Module):
             DGL-style auxiliary head (pool to 2x2, MLP of width ``aux_hidden``); the blocks compete with each
             other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN losses).
             Block followers align their head logits to the best block's.
+        block_workers: block-wise LFNN(-l) as DGL runs it: ``int`` (every block) or ``{block: int}``. Each
+            block's output channels are split into that many workers of equal size, each with its own
+            DGL-style aux head (pool to 2x2, MLP of width ``aux_hidden``); leaders and followers are chosen
+            INSIDE each block (statistics under the block's name) instead of blocks competing as single
+            workers. In ``lfnn_l`` mode the blocks are gradient-isolated: a block learns only from its own
+            workers' losses and what follows the last block only from ``L_g``. ``1``: plain DGL.
         block_group: name under which the block workers' statistics are reported.
         block_channels: ``{block: channels | (channels, spatial_dims)}`` where it cannot be inferred.
         worker_reduction: ``"mean"`` (default) averages the leader losses over the leaders and the follower
@@ -224,6 +230,7 @@ class LeaderFollowerLoss(nn.Module):
         block_group: str = "blocks",
         aux_hidden: int = 256,
         block_channels: Mapping[str, int | tuple[int, int]] | None = None,
+        block_workers: int | Mapping[str, int] | None = None,
         worker_reduction: str = "mean",
         score_momentum: float = 0.9,
         sync_selection: bool | None = None,
@@ -253,7 +260,9 @@ class LeaderFollowerLoss(nn.Module):
         modules = dict(model.named_modules())
         claims = Claims(modules)
         sites = layer_sites(claims, layer_names, worker_size, num_classes, readout)
-        block_sites, block_shapes = block_worker_sites(claims, blocks, block_channels, block_group, layer_names)
+        block_sites, block_shapes = block_worker_sites(
+            claims, blocks, block_channels, block_group, layer_names, block_workers
+        )
 
         # ---- everything is valid: build state, heads, then hooks
         object.__setattr__(self, "_model", model)  # not a submodule: parameters() are the heads only
@@ -269,8 +278,9 @@ class LeaderFollowerLoss(nn.Module):
         self.criterion = criterion
         self.enabled = True
         self.heads = build_heads(sites, block_sites, block_shapes, num_classes, aux_hidden)
-        self._sites: list[_Site] = sites
-        self._block_sites: list[_Site] = block_sites
+        # sites with workers inside (layers, blocks with block_workers); blocks that are one worker each
+        self._sites: list[_Site] = [*sites, *(s for s in block_sites if s.readout == "aux_workers")]
+        self._block_sites: list[_Site] = [s for s in block_sites if s.readout == "aux"]
         self._block_current: dict[str, tuple] = {}
         self._targets: torch.Tensor | None = None
         self._recent_targets: torch.Tensor | None = None  # for loss() after a `with lf.targets(y)` block
@@ -279,10 +289,10 @@ class LeaderFollowerLoss(nn.Module):
         self._counts: dict[str, torch.Tensor] = {}
         self._ema: dict[str, torch.Tensor] = {}
         self._steps: dict[str, int] = {}
-        self._unit_modules = block_unit_modules(modules, block_sites)
+        self._unit_modules = block_unit_modules(modules, self._block_sites)
         self._removed = False
         try:
-            for site in [*sites, *block_sites]:
+            for site in [*self._sites, *self._block_sites]:
                 site.handles.append(site.first.register_forward_pre_hook(self._make_pre(site), with_kwargs=True))
                 site.handles.append(site.last.register_forward_hook(self._make_post(site)))
         except Exception:
@@ -296,14 +306,15 @@ class LeaderFollowerLoss(nn.Module):
 
     @property
     def layer_names(self) -> list[str]:
-        return [s.name for s in self._sites]
+        return [s.name for s in self._sites if s.kind == "layer"]
 
     @property
     def block_names(self) -> list[str]:
-        return [s.name for s in self._block_sites]
+        return [s.name for s in [*self._sites, *self._block_sites] if s.kind == "block"]
 
     def workers(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (num_workers, worker_size)}``; the block group reports ``(num_blocks, 1)``."""
+        """``{layer or block with workers: (num_workers, worker_size)}``; the group of single-worker blocks
+        reports ``(num_blocks, 1)``."""
         out = {s.name: (s.num_workers, s.worker_size) for s in self._sites}
         if self._block_sites:
             out[self.block_group] = (len(self._block_sites), 1)
@@ -433,13 +444,14 @@ class LeaderFollowerLoss(nn.Module):
         """Per-UNIT scores for the optimizer's ``"local_loss"`` election (higher = better): minus the loss
         of the unit's worker (``kind="last"``: last step; ``"ema"``: running mean). Keys are module names:
         managed layers give ``[num_units]``; block workers broadcast their score to every Linear / ConvNd
-        inside the block. Layers that have not run a training step yet are left out."""
+        inside the block. Layers that have not run a training step yet are left out, and so are blocks with
+        ``block_workers`` (their workers are channels of the block's output, not units of one layer)."""
         if kind not in ("last", "ema"):
             raise ConfigError(f"unit_scores kind must be 'last' or 'ema', got {kind!r}")
         src = {n: r["worker_losses"] for n, r in self._last.items()} if kind == "last" else self._ema
         out: dict[str, torch.Tensor] = {}
         for site in self._sites:
-            if site.name in src:
+            if site.kind == "layer" and site.name in src:
                 out[site.name] = -src[site.name].float().repeat_interleave(site.worker_size)
         if self.block_group in src:
             vals = src[self.block_group].float()
@@ -537,7 +549,7 @@ class LeaderFollowerLoss(nn.Module):
             else:
                 y_loc = y_out = y
             targets = self._targets.to(y.device, non_blocking=True)
-            if site.kind == "layer":
+            if site.readout != "aux":  # workers inside the site (a layer, or a block with block_workers)
                 mask = self._layer_local(site, y_loc, targets)
                 if route is not None:
                     shape = [1] * y.dim()
@@ -561,7 +573,7 @@ class LeaderFollowerLoss(nn.Module):
         if act is not None:
             y = F.relu(y) if act == "relu" else act(y)
         z = split_workers(y, site.worker_size, site.unit_dim)  # [N, W, S, *rest]
-        ro: Any = self.heads[site.head_key] if site.readout == "head" else site.readout
+        ro: Any = self.heads[site.head_key] if site.readout in ("head", "aux_workers") else site.readout
         logits, tgt = readout_logits(z, targets, ro)
         wl = per_worker_cross_entropy(logits, tgt, self.ignore_index)  # [W], differentiable
         shown, sel = self._select(wl)
