@@ -43,10 +43,12 @@ from torch import nn
 from egg_optim.lfnn import LeaderFollowerLoss, num_leaders
 
 DATASETS = ("digits", "fashion_mnist")
-MODELS = ("mlp", "cnn")
-METHODS = ("bp", "lfnn", "lfnn_l")
-METHOD_LABEL = {"bp": "BP", "lfnn": "LFNN", "lfnn_l": "LFNN-l"}
-MODEL_LABEL = {"mlp": "MLP", "cnn": "CNN"}
+MODELS = ("mlp", "cnn", "resnet")
+METHODS = ("bp", "dgl", "lfnn", "lfnn_l")
+#: methods without a leadership fraction (one run per seed); ``dgl`` only runs on the block-wise ResNet
+NO_DELTA = ("bp", "dgl")
+METHOD_LABEL = {"bp": "BP", "dgl": "DGL", "lfnn": "LFNN", "lfnn_l": "LFNN-l"}
+MODEL_LABEL = {"mlp": "MLP", "cnn": "CNN", "resnet": "ResNet"}
 REDUCED = {"sum": "summed", "mean": "averaged"}
 #: named loss settings (``--presets``): the paper's Eq. 1/2 as written, and the module's defaults
 PRESETS = {
@@ -148,6 +150,8 @@ def build(model: str, spec, cfg: Config) -> tuple[nn.Module, list[str]]:
     if model == "mlp":
         m = MLP(spec.channels * spec.height * spec.width, hidden=(cfg.mlp_workers * 10,) * 2, num_classes=10)
         return m, ["fc1", "fc2"]
+    if model == "resnet":
+        return BlockResNet(spec.channels, 10, widths=cfg.resnet_widths), []
     stride1 = 2 if spec.height >= 16 else 1
     m = WorkerCNN(spec.channels, 10, spec.height, channels=(cfg.cnn_workers * 10,) * 2, stride1=stride1)
     return m, ["conv1", "conv2"]
@@ -169,6 +173,9 @@ class Config:
     lr: float = 1e-3
     mlp_workers: int = 32
     cnn_workers: int = 5
+    resnet_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    resnet_workers: int = 4
+    aux_hidden: int = 64
     threads: int = 1
     worker_reduction: str | None = None
     follower_target: str | None = None
@@ -224,9 +231,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument(
         "--datasets", default=",".join(DATASETS), help="comma list of " + "/".join(DATASETS) + " (default: both)"
     )
-    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + "/".join(MODELS) + " (default: both)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma list of " + "/".join(METHODS) + " (default: all)"
+        "--models",
+        default="mlp,cnn",
+        help="comma list of " + "/".join(MODELS) + " (default: mlp,cnn; resnet: the block-wise BlockResNet)",
+    )
+    p.add_argument(
+        "--methods",
+        default="bp,lfnn,lfnn_l",
+        help="comma list of " + "/".join(METHODS) + " (default: bp,lfnn,lfnn_l; dgl: the ResNet's blocks with "
+        "one worker each, i.e. DGL; lfnn/lfnn_l on the ResNet: block-wise, --resnet-workers per block)",
     )
     p.add_argument(
         "--deltas", default=None, help="leadership fractions (default 0.1,0.3,0.5,0.7,1.0; quick: 0.1,0.5,1.0)"
@@ -253,6 +267,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--mlp-workers", type=int, default=32, help="workers (of 10 units) per hidden MLP layer (default 32)"
     )
     p.add_argument("--cnn-workers", type=int, default=5, help="workers (of 10 filters) per conv layer (default 5)")
+    p.add_argument(
+        "--resnet-widths", default="16,32,64", help="BlockResNet stage widths = its K blocks (default 16,32,64)"
+    )
+    p.add_argument("--resnet-workers", type=int, default=4, help="workers per ResNet block (default 4)")
+    p.add_argument("--aux-hidden", type=int, default=64, help="width of the ResNet blocks' aux heads (default 64)")
     p.add_argument(
         "--worker-reduction",
         choices=("sum", "mean"),
@@ -322,6 +341,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         lr=a.lr,
         mlp_workers=a.mlp_workers,
         cnn_workers=a.cnn_workers,
+        resnet_widths=[int(v) for v in a.resnet_widths.split(",")],
+        resnet_workers=a.resnet_workers,
+        aux_hidden=a.aux_hidden,
         threads=a.threads,
         worker_reduction=a.worker_reduction,
         follower_target=a.follower_target,
@@ -382,14 +404,22 @@ def train_one(
     model, layers = build(model_name, spec, cfg)
     lf = None
     if method != "bp":
+        blockwise = {}
+        if model_name == "resnet":
+            blockwise = {
+                "blocks": model.local_blocks(),
+                "block_workers": 1 if method == "dgl" else cfg.resnet_workers,
+                "aux_hidden": cfg.aux_hidden,
+            }
         lf = LeaderFollowerLoss(
             model,
             layers,
             num_classes=10,
-            delta=delta,
-            mode=method,
+            delta=1.0 if delta is None else delta,
+            mode="lfnn_l" if method == "dgl" else method,
             l1=l1,
             l2=l2,
+            **blockwise,
             **loss_options(cfg, preset),
         )
     params = [*model.parameters(), *(lf.parameters() if lf is not None else [])]
@@ -426,7 +456,7 @@ def train_one(
             counts = lf.leadership_counts()
             shares = []
             for name, (w, _) in lf.workers().items():
-                k = num_leaders(w, delta)
+                k = num_leaders(w, delta or 1.0)
                 c = counts[name].float()
                 shares.append(float((c >= 0.9 * steps).sum()) / k)
             fixed = sum(shares) / len(shares)
@@ -434,7 +464,7 @@ def train_one(
     seconds = time.perf_counter() - t0
     leaders = ""
     if lf is not None:
-        leaders = "/".join(f"{num_leaders(w, delta)} of {w}" for w, _ in lf.workers().values())
+        leaders = "/".join(f"{num_leaders(w, delta or 1.0)} of {w}" for w, _ in lf.workers().values())
         lf.remove()
     return Run(
         dataset=dataset,
@@ -506,7 +536,7 @@ def _group(runs: list[Run], **key) -> list[float]:
 
 def _rows(cfg: Config) -> list[tuple[str, str]]:
     """``(method, preset)`` rows: BP once, every LFNN method once per preset."""
-    return [(m, p) for m in cfg.methods for p in (cfg.presets if m != "bp" else [""])]
+    return [(m, p) for m in cfg.methods for p in (cfg.presets if m not in NO_DELTA else [""])]
 
 
 def _method_label(method: str, preset: str) -> str:
@@ -521,9 +551,9 @@ def spread_table(runs: list[Run], cfg: Config) -> list[str]:
     for ds in cfg.datasets:
         for m in cfg.models:
             for meth, preset in _rows(cfg):
-                for d in [None] if meth == "bp" else cfg.deltas:
+                for d in [None] if meth in NO_DELTA else cfg.deltas:
                     key = {"dataset": ds, "model": m, "method": meth}
-                    if meth != "bp":
+                    if meth not in NO_DELTA:
                         key.update(delta=d, l1=1.0, l2=1.0, preset=preset)
                     accs = [100 * a for a in _group(runs, **key)]
                     if len(accs) < 2:
@@ -545,8 +575,10 @@ def main_table(runs: list[Run], cfg: Config) -> list[str]:
         for m in cfg.models:
             for meth, preset in _rows(cfg):
                 row = [DATASET_LABEL[ds], MODEL_LABEL[m], _method_label(meth, preset)]
-                if meth == "bp":
-                    row += [_cell(_group(runs, dataset=ds, model=m, method="bp"))] + [""] * len(cfg.deltas)
+                if meth == "dgl" and m != "resnet":
+                    continue
+                if meth in NO_DELTA:
+                    row += [_cell(_group(runs, dataset=ds, model=m, method=meth))] + [""] * len(cfg.deltas)
                 else:
                     row += [""] + [
                         _cell(_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset))
@@ -604,8 +636,8 @@ def detail_table(runs: list[Run]) -> list[str]:
                     _method_label(r.method, r.preset),
                     "" if r.delta is None else f"{r.delta:g}",
                     r.leaders_per_layer,
-                    "" if r.method == "bp" else f"{r.l1:g}",
-                    "" if r.method == "bp" else f"{r.l2:g}",
+                    "" if r.method in NO_DELTA else f"{r.l1:g}",
+                    "" if r.method in NO_DELTA else f"{r.l2:g}",
                     str(r.seed),
                     str(r.epochs),
                     str(r.train_samples),
@@ -645,7 +677,14 @@ def report(runs: list[Run], cfg: Config, wall: float) -> str:
         f"batch {cfg.batch_size}; seeds {seeds} (cells: mean ± std over seeds when more than one)",
         f"- MLP: 2 hidden Linear layers of {cfg.mlp_workers} workers x 10 units (ReLU), direct readout; "
         f"CNN: 2 conv3x3 layers of {cfg.cnn_workers} workers x 10 filters (ReLU, max-pool 2, first conv stride 2 "
-        "on 28x28 inputs), global-average-pool readout; both end in a Linear head",
+        "on 28x28 inputs), global-average-pool readout; both end in a Linear head"
+        + (
+            f"; ResNet: BlockResNet widths {cfg.resnet_widths} = {len(cfg.resnet_widths)} blocks (stem + basic "
+            "blocks, BN), the last block and the Linear head trained by L_g alone, the others local with "
+            f"{cfg.resnet_workers} workers each (DGL: 1), aux heads pool 2x2 + MLP of width {cfg.aux_hidden}"
+            if "resnet" in cfg.models
+            else ""
+        ),
         "- LFNN = Eq. 1 with l1 = l2 = 1; LFNN-l = Eq. 2 (hidden layers learn only from their local losses, the "
         "global loss trains only the head), lambda = 1; delta = fraction of workers per layer that lead "
         "(rounded half up)",
@@ -688,7 +727,7 @@ def plot(runs: list[Run], cfg: Config, path: str) -> None:
         if bp:
             ax.axhline(100 * statistics.fmean(bp), color="k", ls="--", label="BP")
         for (meth, preset), (color, style) in zip(
-            [r for r in _rows(cfg) if r[0] != "bp"], [(f"C{i}", "o-") for i in range(10)]
+            [r for r in _rows(cfg) if r[0] not in NO_DELTA], [(f"C{i}", "o-") for i in range(10)]
         ):
             ys = [
                 _group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset)
@@ -720,8 +759,10 @@ def plan(cfg: Config) -> list[tuple]:
             seeds = cfg.seeds.get(f"{ds}/{m}", cfg.seeds[ds])
             for seed in seeds:
                 for meth in cfg.methods:
-                    if meth == "bp":
-                        jobs.append((ds, m, "bp", None, 1.0, 1.0, seed, ""))
+                    if meth == "dgl" and m != "resnet":
+                        continue
+                    if meth in NO_DELTA:
+                        jobs.append((ds, m, meth, None, 1.0, 1.0, seed, ""))
                     else:
                         jobs += [(ds, m, meth, d, 1.0, 1.0, seed, p) for p in cfg.presets for d in cfg.deltas]
         if "mlp" in cfg.models:
