@@ -9,6 +9,10 @@
   ``l2 = lambda`` in the paper. Managed layers/blocks are gradient-isolated: they learn only from their own
   local losses, and the global loss trains only what comes after the last managed site (the output layer).
 
+Defaults (``worker_reduction="mean"``, ``follower_target="probs"``) are not the paper's literal sums of
+raw-output MSEs, which collapsed in ``docs/results/lfnn_study.md``; ``worker_reduction="sum",
+follower_target="output"`` gives Eq. 1 / Eq. 2 as written.
+
 Everything happens inside the model's one forward and the user's one backward of the single tensor that
 :meth:`LeaderFollowerLoss.loss` returns (one backward, as DDP needs).
 
