@@ -76,6 +76,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             lf.set_targets(y)
         stage.step(x if rank == 0 else None, y)
     shard = stage.state_dict()
+    try:  # a shard resumes only the rank that saved it, and nothing changes on refusal
+        stage.load_state_dict({**shard, "rank": 1 - rank, "steps": 0})
+        raise AssertionError("a shard of another rank was accepted")
+    except ConfigError:
+        assert stage.steps == STEPS
     if rank == 0:
         shard["lf"] = lf.state_dict()
     torch.save(shard, os.path.join(tmp, f"r{rank}.pt"))
