@@ -75,7 +75,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         if rank == 0:
             lf.set_targets(y)
         stage.step(x if rank == 0 else None, y)
+    stage.block.eval()
+    logits = stage.forward_only(_batch(STEPS)[0] if rank == 0 else None)
+    assert (logits is None) == (rank == 0)
     shard = stage.state_dict()
+    shard["eval_logits"] = logits
     try:  # a shard resumes only the rank that saved it, and nothing changes on refusal
         stage.load_state_dict({**shard, "rank": 1 - rank, "steps": 0})
         raise AssertionError("a shard of another rank was accepted")
@@ -116,6 +120,9 @@ def test_two_process_pipeline_equals_the_one_process_blockwise_run(tmp_path):
             assert torch.allclose(r0["lf"][name], ref, atol=1e-6), name
     for name, ref in net.b2.state_dict().items():
         assert torch.allclose(r1["block"][name], ref, atol=1e-6), f"b2.{name}"
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(r1["eval_logits"], net(_batch(STEPS)[0]), atol=1e-6)  # evaluation through the pipe
     moved = (r1["block"]["4.weight"] - torch.load(tmp_path / "init.pt")["net"]["b2.4.weight"]).abs().max()
     assert moved > 1e-3  # the comparison is not between two untrained copies
 

@@ -186,7 +186,7 @@ class LeaderFollowerLoss(nn.Module):
         blocks: ``{name: module_name | [consecutive module names]}``: each block is ONE worker with a
             DGL-style auxiliary head (pool to 2x2, MLP of width ``aux_hidden``); the blocks compete with each
             other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN losses).
-            Block followers align their head logits to the best block's.
+            Block followers align their head logits (as ``follower_target`` says) to the best block's.
         block_workers: block-wise LFNN(-l) as DGL runs it: ``int`` (every block) or ``{block: int}``. Each
             block's output channels are split into that many workers of equal size, each with its own
             DGL-style aux head (pool to 2x2, MLP of width ``aux_hidden``); leaders and followers are chosen
