@@ -11,7 +11,12 @@ What runs (defaults; ``--quick`` shrinks everything to about a minute):
 - ablation (MLP, ``lfnn`` mode, each delta in ``--ablation-deltas``): global + leader + follower loss,
   global + leader, global + follower, global only (l1 / l2 set to 0; followers stay blocked from the global
   gradient), next to plain BP;
-- Adam, batch 128, test accuracy on the full test split, fixed seeds.
+- Adam, batch 128, test accuracy on the full test split, fixed seeds;
+- ``--presets paper,default``: every LFNN cell once with the paper's losses (summed over workers, followers
+  matched to raw outputs) and once with the module's defaults (averaged, softmax-probability targets), plus a
+  table of every seed and its distance from the seed mean (collapse: more than 2 points);
+- ``--models resnet``: a small ResNet cut into gradient-isolated blocks (``BlockResNet``), trained block-wise
+  (``--methods dgl``: one worker per block; ``lfnn_l``: ``--resnet-workers`` leader / follower workers per block).
 
 The report (markdown: command, machine, wall-clock, tables) goes to ``--out``; a plot to ``--png``.
 Progress, one line per epoch and per run, goes to ``--log`` (follow it with ``tail -f``).
