@@ -11,7 +11,12 @@ What runs (defaults; ``--quick`` shrinks everything to about a minute):
 - ablation (MLP, ``lfnn`` mode, each delta in ``--ablation-deltas``): global + leader + follower loss,
   global + leader, global + follower, global only (l1 / l2 set to 0; followers stay blocked from the global
   gradient), next to plain BP;
-- Adam, batch 128, test accuracy on the full test split, fixed seeds.
+- Adam, batch 128, test accuracy on the full test split, fixed seeds;
+- ``--presets paper,default``: every LFNN cell once with the paper's losses (summed over workers, followers
+  matched to raw outputs) and once with the module's defaults (averaged, softmax-probability targets), plus a
+  table of every seed and its distance from the seed mean (collapse: more than 2 points);
+- ``--models resnet``: a small ResNet cut into gradient-isolated blocks (``BlockResNet``), trained block-wise
+  (``--methods dgl``: one worker per block; ``lfnn_l``: ``--resnet-workers`` leader / follower workers per block).
 
 The report (markdown: command, machine, wall-clock, tables) goes to ``--out``; a plot to ``--png``.
 Progress, one line per epoch and per run, goes to ``--log`` (follow it with ``tail -f``).
@@ -43,11 +48,18 @@ from torch import nn
 from egg_optim.lfnn import LeaderFollowerLoss, num_leaders
 
 DATASETS = ("digits", "fashion_mnist")
-MODELS = ("mlp", "cnn")
-METHODS = ("bp", "lfnn", "lfnn_l")
-METHOD_LABEL = {"bp": "BP", "lfnn": "LFNN", "lfnn_l": "LFNN-l"}
-MODEL_LABEL = {"mlp": "MLP", "cnn": "CNN"}
+MODELS = ("mlp", "cnn", "resnet")
+METHODS = ("bp", "dgl", "lfnn", "lfnn_l")
+#: methods without a leadership fraction (one run per seed); ``dgl`` only runs on the block-wise ResNet
+NO_DELTA = ("bp", "dgl")
+METHOD_LABEL = {"bp": "BP", "dgl": "DGL", "lfnn": "LFNN", "lfnn_l": "LFNN-l"}
+MODEL_LABEL = {"mlp": "MLP", "cnn": "CNN", "resnet": "ResNet"}
 REDUCED = {"sum": "summed", "mean": "averaged"}
+#: named loss settings (``--presets``): the paper's Eq. 1/2 as written, and the module's defaults
+PRESETS = {
+    "paper": {"worker_reduction": "sum", "follower_target": "output"},
+    "default": {},
+}
 DATASET_LABEL = {"digits": "digits", "fashion_mnist": "Fashion-MNIST"}
 #: ablation variants of Eq. 1: (key, l1, l2, label)
 ABLATION = (
@@ -89,10 +101,62 @@ class WorkerCNN(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class BlockResNet(nn.Module):
+    """A small ResNet cut into ``K = len(widths)`` blocks for block-wise training (DGL, block-wise LFNN-l):
+    block 1 = ``stem`` (conv3x3-BN-ReLU) + ``stage1``; block k = ``stage{k}`` (a basic block, stride 2 from
+    the second on); the last block also holds ``head`` (global average pool + Linear).
+    :meth:`local_blocks` names the blocks the local losses manage: every block but the last, which the
+    global loss trains (with ``mode="lfnn_l"``, nothing else)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        self.stages = len(widths)
+        cin = widths[0]
+        for k, w in enumerate(widths, start=1):
+            setattr(self, f"stage{k}", BasicBlock(cin, w, stride=1 if k == 1 else 2))
+            cin = w
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for k in range(1, self.stages + 1):
+            x = getattr(self, f"stage{k}")(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def local_blocks(self) -> dict[str, list[str]]:
+        blocks = {"b1": ["stem", "stage1"]}
+        blocks.update({f"b{k}": [f"stage{k}"] for k in range(2, self.stages)})
+        return blocks
+
+
 def build(model: str, spec, cfg: Config) -> tuple[nn.Module, list[str]]:
     if model == "mlp":
         m = MLP(spec.channels * spec.height * spec.width, hidden=(cfg.mlp_workers * 10,) * 2, num_classes=10)
         return m, ["fc1", "fc2"]
+    if model == "resnet":
+        return BlockResNet(spec.channels, 10, widths=cfg.resnet_widths), []
     stride1 = 2 if spec.height >= 16 else 1
     m = WorkerCNN(spec.channels, 10, spec.height, channels=(cfg.cnn_workers * 10,) * 2, stride1=stride1)
     return m, ["conv1", "conv2"]
@@ -114,8 +178,14 @@ class Config:
     lr: float = 1e-3
     mlp_workers: int = 32
     cnn_workers: int = 5
+    resnet_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    resnet_workers: int = 4
+    aux_hidden: int = 64
     threads: int = 1
-    worker_reduction: str = "sum"
+    worker_reduction: str | None = None
+    follower_target: str | None = None
+    local_activation: str | None = None
+    presets: list[str] = field(default_factory=lambda: [""])
     log: str | None = None
     out: str | None = None
     png: str | None = None
@@ -143,6 +213,7 @@ class Run:
     fixed_leaders: float | None
     seconds: float
     leaders_per_layer: str = ""
+    preset: str = ""
 
 
 def _floats(text: str) -> list[float]:
@@ -165,9 +236,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument(
         "--datasets", default=",".join(DATASETS), help="comma list of " + "/".join(DATASETS) + " (default: both)"
     )
-    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + "/".join(MODELS) + " (default: both)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma list of " + "/".join(METHODS) + " (default: all)"
+        "--models",
+        default="mlp,cnn",
+        help="comma list of " + "/".join(MODELS) + " (default: mlp,cnn; resnet: the block-wise BlockResNet)",
+    )
+    p.add_argument(
+        "--methods",
+        default="bp,lfnn,lfnn_l",
+        help="comma list of " + "/".join(METHODS) + " (default: bp,lfnn,lfnn_l; dgl: the ResNet's blocks with "
+        "one worker each, i.e. DGL; lfnn/lfnn_l on the ResNet: block-wise, --resnet-workers per block)",
     )
     p.add_argument(
         "--deltas", default=None, help="leadership fractions (default 0.1,0.3,0.5,0.7,1.0; quick: 0.1,0.5,1.0)"
@@ -195,10 +273,34 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     p.add_argument("--cnn-workers", type=int, default=5, help="workers (of 10 filters) per conv layer (default 5)")
     p.add_argument(
+        "--resnet-widths", default="16,32,64", help="BlockResNet stage widths = its K blocks (default 16,32,64)"
+    )
+    p.add_argument("--resnet-workers", type=int, default=4, help="workers per ResNet block (default 4)")
+    p.add_argument("--aux-hidden", type=int, default=64, help="width of the ResNet blocks' aux heads (default 64)")
+    p.add_argument(
         "--worker-reduction",
         choices=("sum", "mean"),
-        default="sum",
-        help="leader / follower losses summed (default, every worker at full weight) or averaged over workers",
+        default=None,
+        help="leader / follower losses summed (the paper) or averaged over workers (default: the module's, mean)",
+    )
+    p.add_argument(
+        "--follower-target",
+        choices=("output", "logits", "probs", "centred"),
+        default=None,
+        help="what followers match to the best leader by MSE (default: the module's, probs; the paper: output)",
+    )
+    p.add_argument(
+        "--local-activation",
+        choices=("none", "relu"),
+        default=None,
+        help="apply a ReLU to a layer's output before its workers read it (default: none)",
+    )
+    p.add_argument(
+        "--presets",
+        default="",
+        help="comma list of named loss settings, each run for every LFNN cell: "
+        + ", ".join(f"{k} = {v or 'the module defaults'}" for k, v in PRESETS.items())
+        + " (the flags above apply on top; default: none, just the flags)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: keep 1 on a shared CPU)")
     p.add_argument(
@@ -244,8 +346,14 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         lr=a.lr,
         mlp_workers=a.mlp_workers,
         cnn_workers=a.cnn_workers,
+        resnet_widths=[int(v) for v in a.resnet_widths.split(",")],
+        resnet_workers=a.resnet_workers,
+        aux_hidden=a.aux_hidden,
         threads=a.threads,
         worker_reduction=a.worker_reduction,
+        follower_target=a.follower_target,
+        local_activation=a.local_activation,
+        presets=_names(a.presets, tuple(PRESETS), "presets") or [""],
         log=a.log or None,
         out=a.out,
         png=a.png,
@@ -294,21 +402,30 @@ def train_one(
     l1: float = 1.0,
     l2: float = 1.0,
     log: Logger | None = None,
+    preset: str = "",
 ) -> Run:
     spec, train_ds, test_loader = data["spec"], data["train"], data["test_loader"]
     torch.manual_seed(seed)
     model, layers = build(model_name, spec, cfg)
     lf = None
     if method != "bp":
+        blockwise = {}
+        if model_name == "resnet":
+            blockwise = {
+                "blocks": model.local_blocks(),
+                "block_workers": 1 if method == "dgl" else cfg.resnet_workers,
+                "aux_hidden": cfg.aux_hidden,
+            }
         lf = LeaderFollowerLoss(
             model,
             layers,
             num_classes=10,
-            delta=delta,
-            mode=method,
+            delta=1.0 if delta is None else delta,
+            mode="lfnn_l" if method == "dgl" else method,
             l1=l1,
             l2=l2,
-            worker_reduction=cfg.worker_reduction,
+            **blockwise,
+            **loss_options(cfg, preset),
         )
     params = [*model.parameters(), *(lf.parameters() if lf is not None else [])]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -344,7 +461,7 @@ def train_one(
             counts = lf.leadership_counts()
             shares = []
             for name, (w, _) in lf.workers().items():
-                k = num_leaders(w, delta)
+                k = num_leaders(w, delta or 1.0)
                 c = counts[name].float()
                 shares.append(float((c >= 0.9 * steps).sum()) / k)
             fixed = sum(shares) / len(shares)
@@ -352,7 +469,7 @@ def train_one(
     seconds = time.perf_counter() - t0
     leaders = ""
     if lf is not None:
-        leaders = "/".join(f"{num_leaders(w, delta)} of {w}" for w, _ in lf.workers().values())
+        leaders = "/".join(f"{num_leaders(w, delta or 1.0)} of {w}" for w, _ in lf.workers().values())
         lf.remove()
     return Run(
         dataset=dataset,
@@ -371,7 +488,20 @@ def train_one(
         fixed_leaders=fixed,
         seconds=seconds,
         leaders_per_layer=leaders,
+        preset=preset,
     )
+
+
+def loss_options(cfg: Config, preset: str = "") -> dict:
+    """``LeaderFollowerLoss`` keyword arguments of a run: the preset, then the explicit flags on top."""
+    kw = dict(PRESETS.get(preset, {}))
+    if cfg.worker_reduction is not None:
+        kw["worker_reduction"] = cfg.worker_reduction
+    if cfg.follower_target is not None:
+        kw["follower_target"] = cfg.follower_target
+    if cfg.local_activation not in (None, "none"):
+        kw["local_activation"] = cfg.local_activation
+    return kw
 
 
 def load(dataset: str, cfg: Config) -> dict:
@@ -409,18 +539,54 @@ def _group(runs: list[Run], **key) -> list[float]:
     return out
 
 
+def _rows(cfg: Config) -> list[tuple[str, str]]:
+    """``(method, preset)`` rows: BP once, every LFNN method once per preset."""
+    return [(m, p) for m in cfg.methods for p in (cfg.presets if m not in NO_DELTA else [""])]
+
+
+def _method_label(method: str, preset: str) -> str:
+    return METHOD_LABEL[method] + (f" [{preset}]" if preset else "")
+
+
+def spread_table(runs: list[Run], cfg: Config) -> list[str]:
+    """Per cell with more than one seed: every seed, and the largest distance of a seed from the seed mean
+    (the issue's collapse criterion: more than 2 points)."""
+    head = ["dataset", "model", "method", "δ", "seeds (test acc %)", "max |seed - mean| (pt)", "collapse"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds in cfg.datasets:
+        for m in cfg.models:
+            for meth, preset in _rows(cfg):
+                for d in [None] if meth in NO_DELTA else cfg.deltas:
+                    key = {"dataset": ds, "model": m, "method": meth}
+                    if meth not in NO_DELTA:
+                        key.update(delta=d, l1=1.0, l2=1.0, preset=preset)
+                    accs = [100 * a for a in _group(runs, **key)]
+                    if len(accs) < 2:
+                        continue
+                    mean = statistics.fmean(accs)
+                    worst = max(abs(a - mean) for a in accs)
+                    lines.append(
+                        f"| {DATASET_LABEL[ds]} | {MODEL_LABEL[m]} | {_method_label(meth, preset)} | "
+                        f"{'' if d is None else _delta_label(d)} | {', '.join(f'{a:.2f}' for a in accs)} | "
+                        f"{worst:.2f} | {'yes' if worst > 2.0 else 'no'} |"
+                    )
+    return lines
+
+
 def main_table(runs: list[Run], cfg: Config) -> list[str]:
     head = ["dataset", "model", "method", "no δ", *[_delta_label(d) for d in cfg.deltas]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in cfg.datasets:
         for m in cfg.models:
-            for meth in cfg.methods:
-                row = [DATASET_LABEL[ds], MODEL_LABEL[m], METHOD_LABEL[meth]]
-                if meth == "bp":
-                    row += [_cell(_group(runs, dataset=ds, model=m, method="bp"))] + [""] * len(cfg.deltas)
+            for meth, preset in _rows(cfg):
+                row = [DATASET_LABEL[ds], MODEL_LABEL[m], _method_label(meth, preset)]
+                if meth == "dgl" and m != "resnet":
+                    continue
+                if meth in NO_DELTA:
+                    row += [_cell(_group(runs, dataset=ds, model=m, method=meth))] + [""] * len(cfg.deltas)
                 else:
                     row += [""] + [
-                        _cell(_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0))
+                        _cell(_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset))
                         for d in cfg.deltas
                     ]
                 lines.append("| " + " | ".join(row) + " |")
@@ -433,7 +599,9 @@ def ablation_table(runs: list[Run], cfg: Config) -> list[str]:
     for ds in cfg.datasets:
         for d in cfg.ablation_deltas:
             for key, l1, l2, label in ABLATION:
-                acc = _cell(_group(runs, dataset=ds, model="mlp", method="lfnn", delta=d, l1=l1, l2=l2))
+                acc = _cell(
+                    _group(runs, dataset=ds, model="mlp", method="lfnn", delta=d, l1=l1, l2=l2, preset=cfg.presets[0])
+                )
                 lines.append(
                     f"| {DATASET_LABEL[ds]} | {_delta_label(d)} | {label} | {l1:g} | {l2:g} | {acc} | "
                     f"{ABLATION_MEANING[key]} |"
@@ -470,11 +638,11 @@ def detail_table(runs: list[Run]) -> list[str]:
                 [
                     DATASET_LABEL[r.dataset],
                     MODEL_LABEL[r.model],
-                    METHOD_LABEL[r.method],
+                    _method_label(r.method, r.preset),
                     "" if r.delta is None else f"{r.delta:g}",
                     r.leaders_per_layer,
-                    "" if r.method == "bp" else f"{r.l1:g}",
-                    "" if r.method == "bp" else f"{r.l2:g}",
+                    "" if r.method in NO_DELTA else f"{r.l1:g}",
+                    "" if r.method in NO_DELTA else f"{r.l2:g}",
                     str(r.seed),
                     str(r.epochs),
                     str(r.train_samples),
@@ -514,17 +682,29 @@ def report(runs: list[Run], cfg: Config, wall: float) -> str:
         f"batch {cfg.batch_size}; seeds {seeds} (cells: mean ± std over seeds when more than one)",
         f"- MLP: 2 hidden Linear layers of {cfg.mlp_workers} workers x 10 units (ReLU), direct readout; "
         f"CNN: 2 conv3x3 layers of {cfg.cnn_workers} workers x 10 filters (ReLU, max-pool 2, first conv stride 2 "
-        "on 28x28 inputs), global-average-pool readout; both end in a Linear head",
+        "on 28x28 inputs), global-average-pool readout; both end in a Linear head"
+        + (
+            f"; ResNet: BlockResNet widths {cfg.resnet_widths} = {len(cfg.resnet_widths)} blocks (stem + basic "
+            "blocks, BN), the last block and the Linear head trained by L_g alone, the others local with "
+            f"{cfg.resnet_workers} workers each (DGL: 1), aux heads pool 2x2 + MLP of width {cfg.aux_hidden}"
+            if "resnet" in cfg.models
+            else ""
+        ),
         "- LFNN = Eq. 1 with l1 = l2 = 1; LFNN-l = Eq. 2 (hidden layers learn only from their local losses, the "
         "global loss trains only the head), lambda = 1; delta = fraction of workers per layer that lead "
-        f"(rounded half up); leader CE and follower MSE are {REDUCED[cfg.worker_reduction]} over the workers "
-        "of a layer (worker_reduction)",
+        "(rounded half up)",
+        "- local-loss options (`LeaderFollowerLoss` keywords; {} = the module defaults: worker_reduction "
+        "'mean', follower_target 'probs', no local_activation): "
+        + "; ".join(f"{p or 'runs'}: {loss_options(cfg, p)}" for p in cfg.presets),
         "",
         "## Test accuracy (%)",
         "",
         *main_table(runs, cfg),
         "",
     ]
+    spread = spread_table(runs, cfg)
+    if len(spread) > 2:
+        out += ["## Seeds and collapses", "", *spread, ""]
     if cfg.ablation_deltas and "mlp" in cfg.models:
         out += ["## Loss ablation (MLP, LFNN mode, Eq. 1 with terms switched off)", "", *ablation_table(runs, cfg), ""]
     out += [
@@ -551,12 +731,16 @@ def plot(runs: list[Run], cfg: Config, path: str) -> None:
         bp = _group(runs, dataset=ds, model=m, method="bp")
         if bp:
             ax.axhline(100 * statistics.fmean(bp), color="k", ls="--", label="BP")
-        for meth, color in (("lfnn", "C0"), ("lfnn_l", "C1")):
-            if meth not in cfg.methods:
-                continue
-            ys = [_group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0) for d in cfg.deltas]
+        for (meth, preset), (color, style) in zip(
+            [r for r in _rows(cfg) if r[0] not in NO_DELTA], [(f"C{i}", "o-") for i in range(10)]
+        ):
+            ys = [
+                _group(runs, dataset=ds, model=m, method=meth, delta=d, l1=1.0, l2=1.0, preset=preset)
+                for d in cfg.deltas
+            ]
             xs = [100 * d for d, y in zip(cfg.deltas, ys) if y]
-            ax.plot(xs, [100 * statistics.fmean(y) for y in ys if y], "o-", color=color, label=METHOD_LABEL[meth])
+            label = _method_label(meth, preset)
+            ax.plot(xs, [100 * statistics.fmean(y) for y in ys if y], style, color=color, label=label)
             seeds = [(100 * d, 100 * a) for d, y in zip(cfg.deltas, ys) if len(y) > 1 for a in y]
             if seeds:  # every seed as a small cross, so a collapsed seed is visible behind the mean
                 ax.plot(*zip(*seeds), "x", color=color, ms=4, alpha=0.6)
@@ -573,24 +757,26 @@ def plot(runs: list[Run], cfg: Config, path: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def plan(cfg: Config) -> list[tuple]:
-    """Unique runs ``(dataset, model, method, delta, l1, l2, seed)`` in execution order."""
+    """Unique runs ``(dataset, model, method, delta, l1, l2, seed, preset)`` in execution order."""
     jobs: list[tuple] = []
     for ds in cfg.datasets:
         for m in cfg.models:
             seeds = cfg.seeds.get(f"{ds}/{m}", cfg.seeds[ds])
             for seed in seeds:
                 for meth in cfg.methods:
-                    if meth == "bp":
-                        jobs.append((ds, m, "bp", None, 1.0, 1.0, seed))
+                    if meth == "dgl" and m != "resnet":
+                        continue
+                    if meth in NO_DELTA:
+                        jobs.append((ds, m, meth, None, 1.0, 1.0, seed, ""))
                     else:
-                        jobs += [(ds, m, meth, d, 1.0, 1.0, seed) for d in cfg.deltas]
+                        jobs += [(ds, m, meth, d, 1.0, 1.0, seed, p) for p in cfg.presets for d in cfg.deltas]
         if "mlp" in cfg.models:
             for seed in cfg.seeds[ds]:
-                if cfg.ablation_deltas and (ds, "mlp", "bp", None, 1.0, 1.0, seed) not in jobs:
-                    jobs.append((ds, "mlp", "bp", None, 1.0, 1.0, seed))
+                if cfg.ablation_deltas and (ds, "mlp", "bp", None, 1.0, 1.0, seed, "") not in jobs:
+                    jobs.append((ds, "mlp", "bp", None, 1.0, 1.0, seed, ""))
                 for d in cfg.ablation_deltas:
                     for _, l1, l2, _ in ABLATION:
-                        job = (ds, "mlp", "lfnn", d, l1, l2, seed)
+                        job = (ds, "mlp", "lfnn", d, l1, l2, seed, cfg.presets[0])
                         if job not in jobs:
                             jobs.append(job)
     return jobs
@@ -614,11 +800,11 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Run], str]:
     runs: list[Run] = []
     data: dict[str, dict] = {}
     try:
-        for i, (ds, m, meth, d, l1, l2, seed) in enumerate(jobs, 1):
+        for i, (ds, m, meth, d, l1, l2, seed, preset) in enumerate(jobs, 1):
             if ds not in data:
                 data[ds] = load(ds, cfg)
-            log(f"[{i}/{len(jobs)}] {ds} {m} {meth} delta={d} l1={l1:g} l2={l2:g} seed={seed}")
-            r = train_one(cfg, data[ds], ds, m, meth, d, seed, l1, l2, log)
+            log(f"[{i}/{len(jobs)}] {ds} {m} {meth} {preset} delta={d} l1={l1:g} l2={l2:g} seed={seed}")
+            r = train_one(cfg, data[ds], ds, m, meth, d, seed, l1, l2, log, preset)
             runs.append(r)
             log(
                 f"[{i}/{len(jobs)}] done: test acc {r.test_acc:.4f} (train {r.train_acc:.4f}) in {r.seconds:.1f}s; "

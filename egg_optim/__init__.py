@@ -12,6 +12,7 @@ from .errors import (
     EggOptimError,
     ElectionError,
     PlanError,
+    RewriteCheckError,
     StateDictMismatchError,
     UnsupportedOptimizerError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "LeaderCloneOptimizer",
     "OptimizerInfo",
     "PlanError",
+    "RewriteCheckError",
     "RolePlan",
     "Roles",
     "SUPPORTED_OPTIMIZERS",

@@ -144,6 +144,11 @@ class EggConfig:
         metadata=_opt("with election=local_loss: score units by the last step's worker losses or their EMA",
                       choices=LOCAL_LOSS_SCORES),
     )  # fmt: skip
+    strict_blocks: bool = field(
+        default=False,
+        metadata=_opt("refuse (PlanError) a model with a transformer block found but not decomposed into units, "
+                      "instead of warning and leaving its layers alone", type=bool),
+    )  # fmt: skip
     log_roles: bool = field(default=True, metadata=_opt("add role metrics to the training logs", type=bool))
     log_per_layer: bool = field(default=False, metadata=_opt("role metrics per layer, not only totals", type=bool))
 
@@ -293,7 +298,7 @@ def _validate(cfg: EggConfig) -> None:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
         raise ConfigError(f"EggConfig: {exc}") from None
-    for name in ("log_roles", "log_per_layer"):
+    for name in ("log_roles", "log_per_layer", "strict_blocks"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name), "True or False")
     if (

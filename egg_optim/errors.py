@@ -29,3 +29,13 @@ class CheckpointError(EggOptimError, RuntimeError):
 
 class ElectionError(EggOptimError, ValueError):
     """An election could not be held (a score gave non-finite or wrongly sized values); roles are unchanged."""
+
+
+class RewriteCheckError(PlanError):
+    """Output mode would compute a block differently from the model it saves (found by the self-check at the
+    block's first forward pass, before anything trained). ``block`` names it; the message says why and what to do
+    instead (``clone_mode="weight"``, or leave the block out of the plan)."""
+
+    def __init__(self, block: str, message: str) -> None:
+        super().__init__(message)
+        self.block = block

@@ -131,15 +131,16 @@ def test_block_output_mode_computes_clones_as_their_sources_and_saves_a_plain_mo
     model, inputs = tiny(kind)
     model.eval()
     groups = find_unit_groups(model)
-    if kind == "gpt2":  # fused qkv: attention cannot shrink
-        with pytest.raises(ConfigError, match="fused qkv"):
-            BlockOutputCloning(model, groups, _roles(groups, torch.Generator().manual_seed(0)))
-        groups = {n: g for n, g in groups.items() if g.kind == "mlp"}
     roles = _roles(groups, torch.Generator().manual_seed(0))
     ref = _with_clones_as_sources(model, groups, roles)
     rewrite = BlockOutputCloning(model, groups, roles)
     out = model(**inputs).logits
     torch.testing.assert_close(out, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert rewrite.verified == {n for n, r in roles.items() if r.has_clones}  # checked at its first forward pass
+    # GPT-2 splits its fused qkv at fixed offsets: its attention computes every head (clones as their sources)
+    want = {n: "expand" if kind == "gpt2" and g.kind == "attention" and roles[n].has_clones else "shrink"
+            for n, g in groups.items()}  # fmt: skip
+    assert rewrite.modes == want
     # the producers compute active units only, and clone weights get no gradient
     out.square().sum().backward()
     for name, g in groups.items():
@@ -297,3 +298,43 @@ def test_clone_gradient_probe_scores_are_refused_for_blocks_in_output_mode():
                              elect_every="epoch")  # fmt: skip
     assert {n: type(m) for n, m in model.named_modules()} == types  # nothing rewritten
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_blocks_are_found_by_structure_whatever_their_children_are_called():
+    """A transformer layer with no name any family uses: attention (a head count, three projections from the
+    hidden states, one back), a fused-qkv attention and a gated MLP are found from shapes and the config alone."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self, fused: bool) -> None:
+            super().__init__()
+            self.n_heads = 4
+            if fused:
+                self.mix = nn.Linear(16, 48)
+            else:
+                self.alpha, self.beta, self.gamma = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.back = nn.Linear(16, 16)
+
+    class Ffn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left, self.right, self.merge = nn.Linear(16, 40), nn.Linear(16, 40), nn.Linear(40, 16)
+            self.nonlin = nn.GELU()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(hidden_size=16)
+            self.one, self.two, self.ffn = Attn(False), Attn(True), Ffn()
+            self.head = nn.Linear(16, 3)
+
+    found = find_unit_groups(Net())
+    assert {n: (g.kind, g.num_units, g.consumer) for n, g in found.items()} == {
+        "one": ("attention", 4, "one.back"),
+        "two": ("attention", 4, "two.back"),
+        "ffn": ("mlp", 40, "ffn.merge"),
+    }
+    assert found["ffn"].producers == ["ffn.left", "ffn.right"]
+    assert found["two"].layout == "blocked (assumed)"  # no dummy inputs to settle it: the common layout

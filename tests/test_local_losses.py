@@ -24,6 +24,8 @@ from egg_optim.lfnn import (
 )
 
 C = 3  # classes in the small synthetic tests
+#: the paper's Eq. 1 / Eq. 2 as written: local terms summed over workers, followers match raw outputs by MSE
+PAPER = {"worker_reduction": "sum", "follower_target": "output"}
 
 
 def mlp(inplace: bool = False) -> nn.Sequential:
@@ -150,7 +152,7 @@ def test_followers_align_inside_the_module():
     torch.manual_seed(0)
     net = mlp()
     x, y = data(64)
-    with LeaderFollowerLoss(net, ["0"], num_classes=C, delta=0.25, mode="lfnn_l", l1=0.0) as lf:
+    with LeaderFollowerLoss(net, ["0"], num_classes=C, delta=0.25, mode="lfnn_l", l1=0.0, **PAPER) as lf:
         opt = torch.optim.SGD(net[0].parameters(), lr=0.05)
         fol = []
         for _ in range(50):
@@ -174,7 +176,7 @@ def test_lfnn_gradients_match_eq1(inplace):
     x, yy = data()
     l1, l2 = 0.7, 1.3
     plain = net(x).detach()
-    lf = LeaderFollowerLoss(net, ["0", "2"], num_classes=C, delta=0.5, mode="lfnn", l1=l1, l2=l2)
+    lf = LeaderFollowerLoss(net, ["0", "2"], num_classes=C, delta=0.5, mode="lfnn", l1=l1, l2=l2, **PAPER)
     with lf.targets(yy):
         out = net(x)
     assert torch.allclose(out, plain)
@@ -215,7 +217,7 @@ def test_lfnn_l_gradients_match_eq2():
     torch.manual_seed(2)
     net = mlp()
     x, yy = data()
-    lf = LeaderFollowerLoss(net, ["0", "2"], num_classes=C, delta=0.5, mode="lfnn_l", l2=0.5)
+    lf = LeaderFollowerLoss(net, ["0", "2"], num_classes=C, delta=0.5, mode="lfnn_l", l2=0.5, **PAPER)
     with lf.targets(yy):
         out = net(x)
     terms = lf.local_terms()
@@ -250,7 +252,7 @@ def test_conv_layers_gap_readout_and_follower_filters():
     net1 = nn.Sequential(nn.Conv1d(2, 2 * C, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * C, C))
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     for net, x in ((net2, torch.randn(6, 1, 5, 5)), (net1, torch.randn(6, 2, 9))):
-        lf = LeaderFollowerLoss(net, ["0"], num_classes=C, delta=0.5, mode="lfnn", l2=2.0)
+        lf = LeaderFollowerLoss(net, ["0"], num_classes=C, delta=0.5, mode="lfnn", l2=2.0, **PAPER)
         with lf.targets(y):
             out = net(x)
         fol_term = lf.local_terms()["0"]
@@ -275,7 +277,7 @@ def test_block_workers_lfnn_l_each_block_learns_from_its_own_local_loss(seed_net
     x = torch.randn(8, 1, 8, 8)
     yy = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     blocks = {"b1": "layer1", "b2": "layer2", "b3": "layer3"}
-    lf = LeaderFollowerLoss(net, num_classes=4, blocks=blocks, mode="lfnn_l", delta=0.5, aux_hidden=16)
+    lf = LeaderFollowerLoss(net, num_classes=4, blocks=blocks, mode="lfnn_l", delta=0.5, aux_hidden=16, **PAPER)
     assert len(list(lf.parameters())) == 12 and not {id(p) for p in lf.parameters()} & {id(p) for p in net.parameters()}
     with lf.targets(yy):
         out = net(x)

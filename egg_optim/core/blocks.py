@@ -1,28 +1,56 @@
-"""Units that span several modules: the hidden neurons of a transformer MLP and the attention heads.
+"""Units that span several modules: the hidden neurons of a transformer MLP, attention heads, MoE experts.
 
 An MLP neuron owns its rows in the up (and gate) projection and its column in the down projection; an attention
-head owns its ``head_dim`` rows in the query, key and value projections and its ``head_dim`` columns in the output
-projection. With grouped-query attention a unit is one key/value head with the query heads that share it. Each
-owned tensor is described by its unit dimension and an index ``[num_units, k]`` of the positions each unit owns
-along it (see :meth:`Roles.expand`), so masking, cloning and compact storage treat these units exactly like rows.
+head owns its ``head_dim`` rows in the query, key and value projections, its ``head_dim`` columns in the output
+projection and its column of a per-head bias table (T5's relative attention bias). With grouped-query attention a
+unit is one key/value head with the query heads that share it. In a mixture of experts (the fused 3-D
+``gate_up_proj`` / ``down_proj`` of transformers 5) a unit is one hidden neuron of one expert. Each owned tensor is
+described by its unit axis (a dimension, or two taken together: :mod:`egg_optim.core.axes`) and an index
+``[num_units, k]`` of the positions each unit owns along it (see :meth:`Roles.expand`), so masking, cloning and
+compact storage treat these units exactly like rows.
 
-Detection is structural (child names, ``Linear`` shapes, head counts from the module or its ``config``), so it
-needs no ``transformers`` import and covers Llama / Mistral / Qwen (SwiGLU), GPT-2 (``Conv1D``, transposed
-weights, fused qkv), BERT and ViT, in the layouts of transformers 4.x and 5.x. A module that looks like one of
-these blocks but whose shapes do not add up raises :class:`PlanError` naming it, rather than managing nothing.
+Blocks are found by **structure**, never by child names, so a new architecture needs no table entry:
+
+* the numbers come from the module or its config: ``num_attention_heads`` / ``num_heads`` / ``n_head``,
+  ``num_key_value_heads`` (or ``num_key_value_groups``, ``multi_query``), ``head_dim``; the model's hidden size
+  (``hidden_size``, ``d_model``, ``n_embd``, ``dim``);
+* an attention block is a module whose Linear layers (its children, or its grandchildren through non-list
+  children: BERT's ``attention.self.query`` and ``attention.output.dense``) are projections reading the hidden
+  states into ``heads x head_dim`` query rows and ``kv_heads x head_dim`` key and value rows (three Linears, or one
+  fused Linear of ``(heads + 2 kv_heads) x head_dim`` rows), and one projection reading ``heads x head_dim`` back
+  into the hidden states;
+* an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
+  and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
+  ``gate_up_proj``), and one projection reading that width back into the hidden states;
+* routed experts are a module holding two 3-D parameters ``[experts, 2 x inner, hidden]`` and
+  ``[experts, hidden, inner]`` (or both transposed); the router is no unit.
+
+Where shapes are ambiguous (a projection as wide as the hidden states), the projection registered last reads the
+units. Where a fused qkv projection could be laid out two ways (``[q | k | v]`` blocks, GPT-2 and Phi3, or per
+head / key-value group interleaved, GPT-NeoX, BLOOM and Falcon), one forward pass of the model on its dummy inputs
+decides: changing one unit's rows under the right layout changes only that unit's columns of the output
+projection's input. Residual-stream projections (the attention output and MLP down projections) are part of their
+block; a module that looks like a block but cannot be decomposed is reported (:class:`Skipped`) and its layers are
+left alone rather than managed as rows, unless a plan names them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import PlanError
+from .axes import Axis
 
-KINDS = ("mlp", "attention")
+KINDS = ("mlp", "attention", "experts")
+UNIT_NAMES = {"mlp": "neurons", "attention": "units", "experts": "expert neurons"}
+logger = logging.getLogger("egg_optim")
 
 
 @dataclass(frozen=True)
@@ -30,31 +58,66 @@ class UnitSlice:
     """The positions of every unit in one parameter: along ``dim``, unit ``u`` owns ``index[u]``."""
 
     param: str  # qualified parameter name
-    dim: int
+    dim: Axis  # the unit axis: a dimension, or two taken together (:mod:`egg_optim.core.axes`)
     index: torch.Tensor  # [num_units, k]
+    # "producer": the positions compute the unit (a clone takes its source's); "consumer": they read the unit (a
+    # clone keeps its own, frozen)
+    role: str = "producer"
+
+    @property
+    def module(self) -> str:
+        return self.param.rpartition(".")[0]
+
+    @property
+    def key(self) -> str:
+        return self.param.rpartition(".")[2]
 
 
 @dataclass
 class UnitGroup:
-    """One MLP or attention block whose units span several modules."""
+    """One MLP, attention or experts block whose units span several modules (or several parameters)."""
 
     name: str  # the block's qualified name (a module, or ``<layer>.mlp`` where the MLP has no module of its own)
-    kind: str  # "mlp" | "attention"
+    kind: str  # "mlp" | "attention" | "experts"
     num_units: int
     slices: list[UnitSlice] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)  # modules whose outputs are the units (rows)
     consumer: str | None = None  # the module that reads the units (columns): down / output projection
     heads_per_unit: int = 1  # attention: query heads per unit (GQA group size)
     head_dim: int = 1
+    layout: str = ""  # how a fused projection holds its units ("blocked", "interleaved"; "(assumed)" if not probed)
 
     @property
     def modules(self) -> list[str]:
-        return [*self.producers, *([self.consumer] if self.consumer else [])]
+        out = [*self.producers, *([self.consumer] if self.consumer else [])]
+        extra = [s.module for s in self.slices if s.module not in out]
+        return out + list(dict.fromkeys(extra))
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A module that looks like a transformer block but could not be decomposed into units: why, and its layers
+    (left alone: neither block units nor rows, unless a plan names them)."""
+
+    name: str
+    kind: str
+    reason: str
+    members: tuple[str, ...]
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover` found: the blocks (by name) and the look-alikes it could not decompose."""
+
+    groups: dict[str, UnitGroup] = field(default_factory=dict)
+    skipped: dict[str, Skipped] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- layers
 def _is_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D``: a Linear with a transposed ``[in, out]`` weight (GPT-2)."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    named = any(c.__name__ == "Conv1D" for c in type(m).__mro__)  # also under a rewrite's class swap
+    return named and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
 
 def _out(m: nn.Module) -> int:
@@ -83,162 +146,441 @@ def _producer_slices(prefix: str, m: nn.Module, index: torch.Tensor) -> list[Uni
 
 def _consumer_slice(prefix: str, m: nn.Module, index: torch.Tensor) -> UnitSlice:
     """A module whose input positions are the units: columns of a Linear weight, rows of a Conv1D one."""
-    return UnitSlice(f"{prefix}.weight", 0 if _is_conv1d(m) else 1, index)
-
-
-def _mlp(name: str, producers: dict[str, nn.Module], consumer: tuple[str, nn.Module]) -> UnitGroup:
-    widths = {p: _out(m) for p, m in producers.items()}
-    cname, cmod = consumer
-    if len(set(widths.values())) != 1 or _in(cmod) != next(iter(widths.values())):
-        raise PlanError(
-            f"MLP {name!r}: hidden widths do not add up (outputs {widths}, {cname!r} takes {_in(cmod)}); "
-            "manage its layers one by one with units='layers'"
-        )
-    n = _in(cmod)
-    index = _rows(n, 1)
-    slices = [s for p, m in producers.items() for s in _producer_slices(p, m, index)]
-    slices.append(_consumer_slice(cname, cmod, index))
-    return UnitGroup(name, "mlp", n, slices, list(producers), cname)
-
-
-def _heads(module: nn.Module) -> tuple[int | None, int | None, int | None]:
-    """(query heads, key/value heads, head_dim) as the module or its config says."""
-    cfg = getattr(module, "config", None)
-
-    def first(*names: str) -> int | None:
-        for obj in (module, cfg):
-            for n in names:
-                v = getattr(obj, n, None) if obj is not None else None
-                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                    return v
-        return None
-
-    heads = first("num_heads", "num_attention_heads", "n_head")
-    kv = first("num_key_value_heads", "num_kv_heads")
-    groups = getattr(module, "num_key_value_groups", None)
-    if kv is None and isinstance(groups, int) and heads:
-        kv = heads // groups
-    head_dim = first("head_dim", "attention_head_size")
-    return heads, kv or heads, head_dim
-
-
-def _attention(
-    name: str, module: nn.Module, q: tuple[str, nn.Module], k: tuple[str, nn.Module], v: tuple[str, nn.Module],
-    o: tuple[str, nn.Module],
-) -> UnitGroup:  # fmt: skip
-    heads, kv, head_dim = _heads(module)
-    q_out, k_out, v_out = _out(q[1]), _out(k[1]), _out(v[1])
-    if heads is None:
-        raise PlanError(f"attention {name!r}: cannot tell its number of heads; manage it with units='layers'")
-    head_dim = head_dim or q_out // heads
-    ok = heads % kv == 0 and q_out == heads * head_dim and k_out == v_out == kv * head_dim and _in(o[1]) == q_out
-    if not ok:
-        raise PlanError(
-            f"attention {name!r}: {heads} heads / {kv} key-value heads of size {head_dim} do not match its "
-            f"projections (q {q_out}, k {k_out}, v {v_out}, output takes {_in(o[1])}); use units='layers'"
-        )
-    rep = heads // kv
-    q_index, kv_index = _rows(kv, rep * head_dim), _rows(kv, head_dim)
-    slices = [
-        *_producer_slices(q[0], q[1], q_index),
-        *_producer_slices(k[0], k[1], kv_index),
-        *_producer_slices(v[0], v[1], kv_index),
-        _consumer_slice(o[0], o[1], q_index),
-    ]
-    return UnitGroup(name, "attention", kv, slices, [q[0], k[0], v[0]], o[0], rep, head_dim)
-
-
-def _fused_attention(name: str, module: nn.Module, qkv: tuple[str, nn.Module], o: tuple[str, nn.Module]) -> UnitGroup:
-    """GPT-2: one Conv1D makes q, k and v side by side (``[h, 3h]``); a head owns one slice of each."""
-    heads, _, head_dim = _heads(module)
-    width = _in(o[1])
-    if heads is None or width % heads or _out(qkv[1]) != 3 * width:
-        raise PlanError(
-            f"attention {name!r}: cannot split its fused qkv projection ({_out(qkv[1])} outputs) into "
-            f"{heads} heads of a {width}-wide output; use units='layers'"
-        )
-    head_dim = head_dim or width // heads
-    per_head = _rows(heads, head_dim)
-    fused = torch.cat([per_head + j * width for j in range(3)], dim=1)
-    slices = [*_producer_slices(qkv[0], qkv[1], fused), _consumer_slice(o[0], o[1], per_head)]
-    return UnitGroup(name, "attention", heads, slices, [qkv[0]], o[0], 1, head_dim)
-
-
-def _mlp_like(children: dict[str, nn.Module], *projections: str) -> bool:
-    """A block of exactly these projections around an activation (``act``, ``act_fn``, ``activation_fn``): a
-    plain network that merely names two of its layers ``fc1`` and ``fc2`` is not taken for a transformer MLP."""
-    others = [n for n, m in children.items() if n not in projections and (_linear(m) or isinstance(m, nn.Conv2d))]
-    has_act = any("act" in n.lower() and not _linear(m) for n, m in children.items())
-    return not others and has_act
-
-
-def _children(module: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in module.named_children()}
+    return UnitSlice(f"{prefix}.weight", 0 if _is_conv1d(m) else 1, index, "consumer")
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def find_unit_groups(model: nn.Module) -> dict[str, UnitGroup]:
-    """Every transformer MLP and attention block of ``model`` whose units span several modules, by name."""
-    groups: dict[str, UnitGroup] = {}
-    for prefix, module in model.named_modules():
-        for group in _match(prefix, module):
-            groups[group.name] = group
+_ACTIVATIONS = ("act", "gelu", "relu", "silu", "swish", "tanh", "sigmoid", "mish", "glu")
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return type(m).__module__ == "torch.nn.modules.activation" or any(
+        a in type(m).__name__.lower() for a in _ACTIVATIONS
+    )
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv")
+_HEAD_DIM = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim", "d_kv")
+_HIDDEN = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+
+
+def _int(obj: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None) if obj is not None else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _configs(obj: Any) -> Iterator[Any]:
+    """A config and the configs inside it (``text_config``, ``encoder``, ``decoder``...)."""
+    if obj is None:
+        return
+    yield obj
+    for key, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
+        if key.endswith("config") and hasattr(value, "to_dict") and value is not obj:
+            yield from _configs(value)
+
+
+def _hidden_sizes(model: nn.Module) -> set[int]:
+    """Every hidden size any config in ``model`` declares (empty for a model without configs)."""
+    sizes: set[int] = set()
+    seen: set[int] = set()
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None or id(cfg) in seen or isinstance(cfg, (int, float, str, Mapping)):
+            continue
+        seen.add(id(cfg))
+        for c in _configs(cfg):
+            for key in _HIDDEN:
+                v = _int(c, (key,))
+                if v:
+                    sizes.add(v)
+    return sizes
+
+
+def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None, int | None]:
+    """(query heads, key/value heads, head_dim) as the module, its config, its children (BERT's ``attention.self``)
+    or the model's config say."""
+    children = [c for c in module.children() if not _linear(c)]
+    sources = [module, getattr(module, "config", None), *children]
+    sources += [getattr(c, "config", None) for c in children]
+    sources += list(_configs(root_config))
+    sources = [s for s in sources if s is not None]
+
+    def first(names: tuple[str, ...]) -> int | None:
+        return next((v for s in sources if (v := _int(s, names))), None)
+
+    heads, kv, head_dim = first(_HEADS), first(_KV_HEADS), first(_HEAD_DIM)
+    if kv is None and heads:
+        groups = first(("num_key_value_groups",))
+        if groups and heads % groups == 0:
+            kv = heads // groups
+        elif any(getattr(s, "multi_query", False) is True for s in sources[:2]):
+            kv = 1
+    return heads, kv or heads, head_dim
+
+
+_SIGNAL = _HEADS + _KV_HEADS + _HEAD_DIM + ("num_key_value_groups",)
+
+
+def _looks_like_attention(prefix: str, module: nn.Module, claimed: Mapping[str, str]) -> bool:
+    """Whether the module carries a head count or size, or a child of it that holds unclaimed projections does
+    (BERT's ``attention.self``; not a decoder layer whose attention is already a block)."""
+    if _int(module, _SIGNAL):
+        return True
+    return any(
+        _int(c, _SIGNAL)
+        and any(_linear(g) and _join(_join(prefix, n), gn) not in claimed for gn, g in c.named_children())
+        for n, c in module.named_children()
+        if not _linear(c)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Discovery]] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Names and shapes of every parameter (not module classes: a rewrite swaps them and changes nothing here)."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False))
+
+
+def discover(model: nn.Module, *, probe: bool = True) -> Discovery:
+    """Every transformer MLP, attention and experts block of ``model`` (by name), and the modules that look like one
+    but could not be decomposed. ``probe``: settle the layout of fused qkv projections with one forward pass on the
+    model's dummy inputs (otherwise ``[q | k | v]`` blocks are assumed). Cached per model until its structure
+    changes."""
+    key = _fingerprint(model)
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    found = Discovery()
     claimed: dict[str, str] = {}
-    for g in groups.values():
-        for m in g.modules:
-            if m in claimed:
-                raise PlanError(f"module {m!r} belongs to both {claimed[m]!r} and {g.name!r}")
-            claimed[m] = g.name
-    return groups
+    root_config = getattr(model, "config", None)
+    hidden = _hidden_sizes(model)
+    modules = list(model.named_modules())
+    by_depth = sorted(modules, key=lambda nm: -nm[0].count(".") if nm[0] else 1)
+    failed: dict[str, Skipped] = {}  # tentative: a module further up, or the MLP pass, may still claim them
+    for kind in ("attention", "experts", "mlp"):
+        for prefix, module in by_depth:
+            for item in _match(kind, prefix, module, claimed, root_config, hidden, bool(found.groups)):
+                if isinstance(item, Skipped):
+                    failed.setdefault(item.name, item)
+                    continue
+                found.groups[item.name] = item
+                for m in item.modules:
+                    claimed[m] = item.name
+    for item in failed.values():  # attention look-alikes first: they were tried first
+        members = tuple(m for m in item.members if m not in claimed)
+        if members:
+            found.skipped[item.name] = Skipped(item.name, item.kind, item.reason, members)
+            for m in members:
+                claimed[m] = item.name
+    if probe:
+        _settle_layouts(model, found)
+    order = {n: i for i, (n, _) in enumerate(modules)}
+    first = {g: min(order.get(m, len(order)) for m in g_.modules) for g, g_ in found.groups.items()}
+    found.groups = dict(sorted(found.groups.items(), key=lambda kv: first[kv[0]]))
+    _CACHE[model] = (key, found)
+    return found
 
 
-def _match(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
-    c = _children(module)
+def find_unit_groups(model: nn.Module) -> dict[str, UnitGroup]:
+    """Every transformer MLP, attention and experts block of ``model`` whose units span several modules, by name.
+    Raises :class:`PlanError` for a module that looks like a block but cannot be decomposed (see :func:`discover`
+    for the lenient form)."""
+    found = discover(model)
+    if found.skipped:
+        s = next(iter(found.skipped.values()))
+        raise PlanError(s.reason)
+    return dict(found.groups)
 
-    def lin(*names: str) -> bool:
-        return all(_linear(c.get(n)) for n in names)
 
-    def at(n: str) -> tuple[str, nn.Module]:
-        return _join(prefix, n), c[n]
+def _linears(prefix: str, module: nn.Module, claimed: Mapping[str, str]) -> list[tuple[str, nn.Module]]:
+    """The unclaimed Linear layers of ``module``: its children, and its grandchildren through children that are
+    neither layers nor lists of layers, in registration order."""
+    out = []
+    for n, c in module.named_children():
+        name = _join(prefix, n)
+        if _linear(c):
+            out.append((name, c))
+        elif not isinstance(c, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            out += [(_join(name, g), gc) for g, gc in c.named_children() if _linear(gc)]
+    return [(n, m) for n, m in out if n not in claimed]
 
-    if lin("gate_proj", "up_proj", "down_proj"):  # Llama, Mistral, Qwen (SwiGLU)
-        yield _mlp(prefix, {_join(prefix, "gate_proj"): c["gate_proj"], _join(prefix, "up_proj"): c["up_proj"]},
-                   at("down_proj"))  # fmt: skip
-    elif lin("fc1", "fc2") and _mlp_like(c, "fc1", "fc2"):  # ViT (transformers 5), CLIP, OPT-style MLPs
-        yield _mlp(prefix, {_join(prefix, "fc1"): c["fc1"]}, at("fc2"))
-    elif lin("c_fc", "c_proj") and _is_conv1d(c["c_fc"]):  # GPT-2
-        yield _mlp(prefix, {_join(prefix, "c_fc"): c["c_fc"]}, at("c_proj"))
-    if lin("q_proj", "k_proj", "v_proj") and (lin("o_proj") or lin("out_proj")):
-        o = "o_proj" if lin("o_proj") else "out_proj"
-        yield _attention(prefix, module, at("q_proj"), at("k_proj"), at("v_proj"), at(o))
-    elif lin("c_attn", "c_proj") and _is_conv1d(c["c_attn"]):  # GPT-2
-        yield _fused_attention(prefix, module, at("c_attn"), at("c_proj"))
-    # BERT / ViT (transformers 4): <layer>.attention.{self|attention}.{query,key,value} and
-    # <layer>.attention.output.dense; <layer>.intermediate.dense and <layer>.output.dense
-    att, inter, out = c.get("attention"), c.get("intermediate"), c.get("output")
-    if att is not None:
-        ac = _children(att)
-        inner_name = next((n for n in ("self", "attention") if n in ac), None)
-        inner = ac.get(inner_name) if inner_name else None
-        if inner is not None and all(_linear(getattr(inner, n, None)) for n in ("query", "key", "value")):
-            dense = getattr(ac.get("output"), "dense", None)
-            if not _linear(dense):
-                raise PlanError(f"attention {_join(prefix, 'attention')!r}: no output.dense projection found")
-            base = _join(_join(prefix, "attention"), inner_name)
-            yield _attention(
-                _join(prefix, "attention"),
-                inner,
-                (f"{base}.query", inner.query),
-                (f"{base}.key", inner.key),
-                (f"{base}.value", inner.value),
-                (_join(prefix, "attention.output.dense"), dense),
-            )
-    if _linear(getattr(inter, "dense", None)) and _linear(getattr(out, "dense", None)):
-        yield _mlp(
-            _join(prefix, "mlp"),
-            {_join(prefix, "intermediate.dense"): inter.dense},
-            (_join(prefix, "output.dense"), out.dense),
+
+def _has_activation(module: nn.Module) -> bool:
+    return any(_is_activation(c) for c in module.children()) or any(
+        _is_activation(g) for c in module.children() if not _linear(c) for g in c.children()
+    )
+
+
+def _match(
+    kind: str,
+    prefix: str,
+    module: nn.Module,
+    claimed: Mapping[str, str],
+    root_config: Any,
+    hidden: set[int],
+    transformer: bool,
+) -> Iterator[UnitGroup | Skipped]:
+    if kind == "experts":
+        yield from _experts(prefix, module)
+        return
+    lins = _linears(prefix, module, claimed)
+    if len(lins) < 2:
+        return
+    if kind == "attention":
+        yield from _attention(prefix, module, lins, root_config, claimed)
+    elif not _looks_like_attention(prefix, module, claimed):
+        yield from _mlp(prefix, module, lins, hidden, transformer)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _attention(
+    prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]], root_config: Any, claimed: Mapping[str, str]
+) -> Iterator[UnitGroup | Skipped]:
+    if not _looks_like_attention(prefix, module, claimed):
+        return  # no head count or size of its own: not an attention module
+    heads, kv, head_dim = _heads(module, root_config)
+    names = [n for n, _ in lins]
+
+    def skip(reason: str) -> Skipped:
+        why = f"attention {prefix!r}: {reason}; its projections are left alone (manage them with units='layers', or "
+        return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names))
+
+    if heads is None:
+        yield skip("cannot tell its number of heads")
+        return
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    # the output projection reads heads x head_dim and writes what the others read: the last such one
+    candidates = []
+    for n, m, i, o in widths:
+        readers = [x for x in widths if x[0] != n and x[2] == o]
+        if head_dim and i != heads * head_dim:
+            continue
+        if i % heads == 0 and readers:
+            candidates.append((n, m, i, o))
+    if not candidates:
+        yield skip(f"no projection reads its {heads} heads back into the hidden states")
+        return
+    o_name, o_mod, q_width, hidden = candidates[-1]
+    head_dim = head_dim or q_width // heads
+    if q_width != heads * head_dim or heads % kv:
+        yield skip(f"{heads} heads / {kv} key-value heads of size {head_dim} do not make its output projection's "
+                   f"{q_width} inputs")  # fmt: skip
+        return
+    rep = heads // kv
+    producers = [(n, m, o) for n, m, i, o in widths if n != o_name and i == hidden]
+    others = [n for n, _, i, _ in widths if n != o_name and i != hidden]
+    q_rows, kv_rows = heads * head_dim, kv * head_dim
+    q_index, kv_index = _rows(kv, rep * head_dim), _rows(kv, head_dim)
+    slices: list[UnitSlice] = []
+    layout = ""
+    if others:
+        yield skip(f"projections {others} read neither the hidden states nor its heads")
+        return
+    if len(producers) == 3 and sorted(o for *_, o in producers) == sorted([q_rows, kv_rows, kv_rows]):
+        q = next(p for p in producers if p[2] == q_rows)  # with as many key/value heads as heads, any order works
+        for n, m, _ in producers:
+            slices += _producer_slices(n, m, q_index if (n, m, _) == q else kv_index)
+    elif len(producers) == 1 and producers[0][2] == q_rows + 2 * kv_rows:
+        n, m, _ = producers[0]
+        slices += _producer_slices(n, m, _fused_index("blocked", kv, rep, head_dim))
+        layout = "blocked (assumed)"
+    else:
+        yield skip(f"its projections from the hidden states {[(n, o) for n, _, o in producers]} are not q/k/v of "
+                   f"{heads} heads / {kv} key-value heads of size {head_dim} (separate, or one fused)")  # fmt: skip
+        return
+    slices.append(_consumer_slice(o_name, o_mod, q_index))
+    # a per-head table (T5's relative attention bias: an Embedding with one column per head) goes with its head
+    for n, c in module.named_children():
+        if isinstance(c, nn.Embedding) and c.embedding_dim == heads and heads > 1:
+            head_index = torch.arange(heads).reshape(kv, rep)
+            slices.append(UnitSlice(f"{_join(prefix, n)}.weight", 1, head_index))
+    yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout)
+
+
+def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:
+    """Rows of a fused qkv projection each unit (key/value head with its ``rep`` query heads) owns:
+    ``"blocked"``: ``[q (heads x head_dim) | k | v]``; ``"interleaved"``: per key/value group ``[q_1 .. q_rep, k, v]``
+    (GPT-NeoX and BLOOM with ``rep = 1``: ``[q, k, v]`` per head; Falcon's grouped layout)."""
+    if layout == "interleaved":
+        return _rows(kv, (rep + 2) * head_dim)
+    q = _rows(kv, rep * head_dim)
+    k = _rows(kv, head_dim) + kv * rep * head_dim
+    v = k + kv * head_dim
+    return torch.cat([q, k, v], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+def _mlp(
+    prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]], hidden: set[int], transformer: bool
+) -> Iterator[UnitGroup | Skipped]:
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    # the down projection: reads the hidden units and writes the width the up projection(s) read; the last one
+    for n, m, i, o in reversed(widths):  # noqa: B007 - the match is used below
+        ups = [x for x in widths if x[0] != n and x[2] == o and x[3] in (i, 2 * i)]
+        if ups and len(ups) + 1 == len(widths):
+            break
+    else:
+        return
+    d = o
+    if not (d in hidden or (transformer and _has_activation(module))):
+        return  # a plain network's two layers, not a transformer MLP
+    direct = all(x[0].count(".") == prefix.count(".") + (1 if prefix else 0) for x in widths)
+    name = prefix if direct else _join(prefix, "mlp")
+    index = _rows(i, 1)
+    slices: list[UnitSlice] = []
+    if len(ups) == 1 and ups[0][3] == 2 * i:  # fused gate and up: [gate | up]
+        un, um, _, _ = ups[0]
+        slices += _producer_slices(un, um, torch.cat([index, index + i], dim=1))
+        layout = "blocked"
+    elif all(x[3] == i for x in ups) and len(ups) <= 2:
+        for un, um, _, _ in ups:
+            slices += _producer_slices(un, um, index)
+        layout = ""
+    else:
+        why = f"MLP {name!r}: its projections {[(x[0], x[3]) for x in ups]} are not one or two up projections of "
+        yield Skipped(name, "mlp", why + f"width {i}; its layers are left alone", tuple(x[0] for x in widths))
+        return
+    slices.append(_consumer_slice(n, m, index))
+    yield UnitGroup(name, "mlp", i, slices, [x[0] for x in ups], n, layout=layout)
+
+
+# ---------------------------------------------------------------------------------------------- experts
+def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
+    """Routed experts stored as two 3-D parameters (transformers 5): ``[E, 2I, d]`` (gate and up, ``[gate | up]``)
+    and ``[E, d, I]`` (down), or both transposed (``[E, d, 2I]``, ``[E, I, d]``); an ungated expert has ``I`` for
+    ``2I``. A unit is one hidden neuron of one expert, unit ``e * I + j``: it owns row ``j`` (and ``I + j``) of expert
+    ``e``'s gate/up slice and column ``j`` of its down slice (positions over the expert and neuron dimensions
+    together, :mod:`egg_optim.core.axes`)."""
+    params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None and p.dim() == 3]
+    if len(params) != 2:
+        return
+    (an, a), (bn, b) = params
+    E = a.shape[0]
+    if b.shape[0] != E or E < 2:
+        return
+    if a.shape[2] == b.shape[1] and a.shape[1] in (b.shape[2], 2 * b.shape[2]):  # [E, 2I, d], [E, d, I]
+        inner, up_axis, down_axis, gated = b.shape[2], (0, 1), (0, 2), a.shape[1] == 2 * b.shape[2]
+    elif a.shape[1] == b.shape[2] and a.shape[2] in (b.shape[1], 2 * b.shape[1]):  # [E, d, 2I], [E, I, d]
+        inner, up_axis, down_axis, gated = b.shape[1], (0, 2), (0, 1), a.shape[2] == 2 * b.shape[1]
+    else:
+        return
+    e = torch.arange(E).repeat_interleave(inner)
+    j = torch.arange(inner).repeat(E)
+    width = 2 * inner if gated else inner
+    up = (e * width + j)[:, None]
+    if gated:
+        up = torch.cat([up, up + inner], dim=1)
+    slices = [
+        UnitSlice(_join(prefix, an), up_axis, up),
+        UnitSlice(_join(prefix, bn), down_axis, (e * inner + j)[:, None], "consumer"),
+    ]
+    yield UnitGroup(prefix, "experts", E * inner, slices, [prefix], None, layout=f"{E} experts x {inner} neurons")
+
+
+# ---------------------------------------------------------------------------------------------- layout probe
+def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    inputs = getattr(model, "dummy_inputs", None)
+    if not isinstance(inputs, Mapping) or getattr(model, "main_input_name", "input_ids") not in inputs:
+        return None
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    if device.type == "meta":
+        return None
+    return {k: v.to(device) for k, v in inputs.items() if torch.is_tensor(v)}
+
+
+@torch.no_grad()
+def _settle_layouts(model: nn.Module, found: Discovery) -> None:
+    """For each attention block with a fused qkv projection, find by dataflow which layout its forward pass reads:
+    with the right one, changing one unit's rows changes only that unit's inputs of the output projection."""
+    fused = {n: g for n, g in found.groups.items() if g.kind == "attention" and len(g.producers) == 1}
+    if not fused:
+        return
+    inputs = _dummy_inputs(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = [
+        modules[n].register_forward_pre_hook(
+            lambda m, a, k, n=n: calls.setdefault(n, (a, k)) and None, with_kwargs=True
         )
+        for n in fused
+        if n in modules
+    ]
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        if inputs is not None:
+            model(**inputs)
+        for h in handles:
+            h.remove()
+        for name, g in fused.items():
+            if name not in calls:
+                continue
+            for layout in ("blocked", "interleaved"):
+                if _layout_fits(modules, g, layout, *calls[name]):
+                    _set_layout(g, layout)
+                    break
+            else:
+                g.layout = "blocked (no layout fits: assumed)"
+    except Exception as exc:  # noqa: BLE001 - a model the dummy inputs do not fit: layouts stay assumed
+        logger.debug("egg_optim: no dummy forward pass for %s (%s)", type(model).__name__, exc)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _set_layout(g: UnitGroup, layout: str) -> None:
+    index = _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim)
+    g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.module == g.producers[0] else s for s in g.slices]
+    g.layout = layout
+
+
+def _layout_fits(modules: Mapping[str, nn.Module], g: UnitGroup, layout: str, args: tuple, kwargs: dict) -> bool:
+    from ..rewrites.block_output import _fresh
+
+    attn, proj, out = modules[g.name], modules[g.producers[0]], modules[g.consumer]
+    index = _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim)
+    cols = next(s.index for s in g.slices if s.role == "consumer")
+    seen: list[torch.Tensor] = []
+    hook = out.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    dim = 1 if _is_conv1d(proj) else 0
+    weight = proj.weight
+    gen = torch.Generator().manual_seed(0)
+    try:
+        attn.forward(*_fresh(args), **_fresh(kwargs))
+        for u in sorted({0, g.num_units - 1}):
+            noise = torch.randn(weight.shape, generator=gen).to(weight) * (1 + weight.detach().abs().mean())
+            mask = torch.zeros(weight.shape[dim], dtype=torch.bool, device=weight.device)
+            mask[index[u].to(weight.device)] = True
+            shape = [1, 1]
+            shape[dim] = -1
+            changed = weight.detach() + noise * mask.reshape(shape)
+            proj._parameters["weight"] = changed
+            try:
+                attn.forward(*_fresh(args), **_fresh(kwargs))
+            finally:
+                proj._parameters["weight"] = weight
+            diff = (seen[-1] - seen[0]).abs().flatten(0, -2).amax(0) > 1e-6 * (1 + seen[0].abs().max())
+            inside = torch.zeros_like(diff)
+            inside[cols[u].to(diff.device)] = True
+            if not bool(diff.any()) or bool((diff & ~inside).any()):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - a layout the module cannot run with is not its layout
+        return False
+    finally:
+        hook.remove()

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ConfigError
+from . import axes
+from .axes import Axis
 from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
 from .roles import Roles
@@ -40,17 +42,22 @@ def check_clone_options(blend: float, noise: float, state: str) -> None:
         raise ConfigError(f"unknown clone state policy {state!r}; choose one of {CLONE_STATES}")
 
 
-def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: int) -> torch.Tensor:
-    src = t.index_select(dim, roles.sources.to(t.device))
+def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: Axis) -> torch.Tensor:
+    src = axes.select(t, dim, roles.sources)
     if blend == 1.0:
         return src
-    return torch.lerp(t.index_select(dim, roles.clones.to(t.device)), src, blend)
+    return torch.lerp(axes.select(t, dim, roles.clones), src, blend)
 
 
-def _bad_units(rows: torch.Tensor, dim: int, clone_units: int) -> torch.Tensor:
+def _lead(dim: Axis) -> int:
+    """Where the positions lie in slices taken along ``dim`` (:func:`axes.select`: a pair axis leads with them)."""
+    return dim if isinstance(dim, int) else 0
+
+
+def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
     """Per clone unit (in the order of ``roles.clones``): whether its new rows hold a NaN or inf. The rows of an
     expanded tensor list each clone unit's positions together (:meth:`Roles.expand`)."""
-    flat = rows.movedim(dim, 0).reshape(clone_units, -1)
+    flat = rows.movedim(_lead(dim), 0).reshape(clone_units, -1)
     return ~torch.isfinite(flat).all(dim=1)
 
 
@@ -77,7 +84,7 @@ def clone_layer(
     unit_roles = roles
     n = unit_roles.num_clones
     # every tensor's new rows first (nothing written yet), so a non-finite source is found before any write
-    writes: list[tuple[torch.Tensor, torch.Tensor, int, Roles, torch.Tensor, bool]] = []
+    writes: list[tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor, bool]] = []
     bad: torch.Tensor | None = None
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
@@ -86,11 +93,12 @@ def clone_layer(
         whole = full(p)  # p itself unless sharded
         rows = _blended(whole, roles, blend, dim)
         if noise > 0:
-            moved = rows.movedim(dim, 0)
+            lead = _lead(dim)
+            moved = rows.movedim(lead, 0)
             flat = moved.reshape(moved.shape[0], -1)
             rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
-            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, dim)
+            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, lead)
         writes.append((p, whole, dim, roles, rows, True))
         units_bad = _bad_units(rows, dim, n)
         bad = units_bad if bad is None else bad | units_bad.to(bad.device)
@@ -117,14 +125,14 @@ def clone_layer(
         if keep_units is not None:
             keep = keep_units.repeat_interleave(clones.numel() // n)
             clones, sources = clones[keep], sources[keep]
-            rows = rows.index_select(dim, keep.nonzero().flatten().to(rows.device))
+            rows = rows.index_select(_lead(dim), keep.nonzero().flatten().to(rows.device))
             if not clones.numel():
                 continue
         idx = clones.to(whole.device)
         if is_param and is_sharded(t):
             write_full_(t, whole.index_copy(dim, idx, rows))
         else:
-            t.index_copy_(dim, idx, rows)
+            axes.copy_(t, dim, idx, rows)
         if is_param and opt_state is not None and state != "keep":
             st = opt_state.get(t, {})
             for key in row_state_keys(t, st):
@@ -132,6 +140,5 @@ def clone_layer(
                     copy_positions_(st[key], dim, clones, sources)
                 else:
                     where = localize(st[key], dim, clones)[1]
-                    value = local(st[key])
-                    value.index_fill_(dim, where.to(value.device), fresh(key, (groups or {}).get(t, {})))
+                    axes.fill_(local(st[key]), dim, where, fresh(key, (groups or {}).get(t, {})))
     return n - skipped

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from . import axes
+from .axes import Axis
 from .roles import Roles
 
 STORAGES = ("compact", "full")
@@ -51,7 +53,7 @@ class CompactEntry:
     group: dict[str, Any]
     position: int  # index of ``param`` in ``group["params"]``
     active: torch.Tensor  # active units, on the parameter's device
-    dim: int = 0  # the parameter's unit dimension
+    dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
 
 
 @dataclass(frozen=True)
@@ -61,20 +63,16 @@ class UnitParam:
     param: torch.Tensor
     group: dict[str, Any]
     roles: Roles
-    dim: int = 0
+    dim: Axis = 0
 
 
-def units_of(param: torch.Tensor, value: Any, dim: int = 0) -> int | None:
+def units_of(param: torch.Tensor, value: Any, dim: Axis = 0) -> int | None:
     """Number of units of a per-unit state tensor of ``param`` (``None`` for scalar or foreign state): its
-    shape equals the parameter's except along the unit dimension ``dim``."""
-    if not torch.is_tensor(value) or value.dim() == 0 or value.dim() != param.dim():
-        return None
-    if any(a != b for i, (a, b) in enumerate(zip(value.shape, param.shape)) if i != dim):
-        return None
-    return int(value.shape[dim])
+    shape equals the parameter's except along the unit axis ``dim``."""
+    return axes.units_of(param.shape, value, dim)
 
 
-def layout_error(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> str | None:
+def layout_error(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: Axis = 0) -> str | None:
     """Why ``state`` fits neither the full nor the compact layout of ``param`` under ``roles`` (or ``None``)."""
     allowed = {roles.num_units, int(roles.active.numel())}
     for key, value in state.items():
@@ -97,7 +95,7 @@ def expand(
     from_sources: bool,
     parked: dict[str, torch.Tensor] | None = None,
     fresh: Fresh = zero_fresh,
-    dim: int = 0,
+    dim: Axis = 0,
 ) -> None:
     """Rewrite compact per-unit state of ``param`` (active units under ``roles``) to full size, in place.
 
@@ -110,38 +108,35 @@ def expand(
     for key, value in list(state.items()):
         if units_of(param, value, dim) != n_active:
             continue
-        shape = list(value.shape)
-        shape[dim] = roles.num_units
-        full = value.new_full(shape, fresh(key, group))
-        full.index_copy_(dim, roles.active.to(value.device), value)
-        clones = roles.clones.to(value.device)
+        full = value.new_full(param.shape, fresh(key, group))
+        axes.copy_(full, dim, roles.active, value)
         if parked is not None and key in parked:
-            full.index_copy_(dim, clones, parked[key])
+            axes.copy_(full, dim, roles.clones, parked[key])
         elif from_sources and roles.has_clones:
-            full.index_copy_(dim, clones, full.index_select(dim, roles.sources.to(value.device)))
+            axes.copy_(full, dim, roles.clones, axes.select(full, dim, roles.sources))
         state[key] = full
 
 
 @torch.no_grad()
-def park(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> dict[str, torch.Tensor]:
+def park(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: Axis = 0) -> dict[str, torch.Tensor]:
     """The clone slices of full-size per-unit state of ``param``, to give back when a clone becomes active."""
     if not roles.has_clones:
         return {}
     return {
-        key: value.index_select(dim, roles.clones.to(value.device))
+        key: axes.select(value, dim, roles.clones)
         for key, value in state.items()
         if units_of(param, value, dim) == roles.num_units
     }
 
 
 @torch.no_grad()
-def compact(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: int = 0) -> None:
+def compact(param: torch.Tensor, state: dict[str, Any], roles: Roles, dim: Axis = 0) -> None:
     """Keep only the active units of full-size per-unit state of ``param``, in place."""
     if not roles.has_clones:
         return
     for key, value in list(state.items()):
         if units_of(param, value, dim) == roles.num_units:
-            state[key] = value.index_select(dim, roles.active.to(value.device))
+            state[key] = axes.select(value, dim, roles.active)
 
 
 def relayout(
@@ -196,9 +191,9 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 pos = e.position
                 if e.group["params"][pos] is not p:  # the group was edited since the entry was built
                     pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
-                stand_in = p.index_select(e.dim, e.active)
+                stand_in = axes.select(p, e.dim, e.active)
                 if p.grad is not None:
-                    stand_in.grad = p.grad.index_select(e.dim, e.active)
+                    stand_in.grad = axes.select(p.grad, e.dim, e.active)
                 e.group["params"][pos] = stand_in
                 swapped.append((e, pos, stand_in))
                 if p in opt_state:
@@ -210,4 +205,4 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 e.group["params"][pos] = e.param
                 if stand_in in opt_state:
                     opt_state[e.param] = opt_state.pop(stand_in)
-                e.param.index_copy_(e.dim, e.active, stand_in)
+                axes.copy_(e.param, e.dim, e.active, stand_in)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import axes
+from .axes import Axis
 from .sharding import local
 
 
@@ -30,7 +32,7 @@ from .sharding import local
 class MaskEntry:
     param: torch.Tensor
     index: torch.Tensor  # clone positions (in this rank's slice, for a sharded parameter), on its device
-    dim: int = 0  # the parameter's unit dimension
+    dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
 
 
 Saved = list[tuple[MaskEntry, torch.Tensor, dict[str, torch.Tensor]]]
@@ -46,17 +48,17 @@ def snapshot(entries: list[MaskEntry], opt_state: Mapping[torch.Tensor, dict]) -
     saved: Saved = []
     for e in entries:
         st = opt_state.get(e.param, {})
-        rows = {k: local(st[k]).index_select(e.dim, e.index) for k in row_state_keys(e.param, st)}
-        saved.append((e, local(e.param).index_select(e.dim, e.index), rows))
+        rows = {k: axes.select(local(st[k]), e.dim, e.index) for k in row_state_keys(e.param, st)}
+        saved.append((e, axes.select(local(e.param), e.dim, e.index), rows))
         if e.param.grad is not None:
-            local(e.param.grad).index_fill_(e.dim, e.index, 0)
+            axes.fill_(local(e.param.grad), e.dim, e.index, 0)
     return saved
 
 
 @torch.no_grad()
 def restore(saved: Saved, opt_state: Mapping[torch.Tensor, dict]) -> None:
     for e, p_rows, rows in saved:
-        local(e.param).index_copy_(e.dim, e.index, p_rows)
+        axes.copy_(local(e.param), e.dim, e.index, p_rows)
         st = opt_state.get(e.param, {})
         for k, v in rows.items():
-            local(st[k]).index_copy_(e.dim, e.index, v)
+            axes.copy_(local(st[k]), e.dim, e.index, v)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import PlanError
 from .blocks import UnitGroup
-from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, name_matches
+from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, left_alone, name_matches
 
 Fractions = tuple[float, float]
 
@@ -181,28 +181,47 @@ class RolePlan:
         """What in ``model`` can have roles under this plan's ``units``: Linear/ConvNd layers and blocks."""
         return dict(candidate_layers(model, self.units))
 
-    def resolve(self, model: nn.Module) -> dict[str, LayerPlan]:
-        """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
+    def selection(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
+        """The candidates this plan gives roles (validated, in registration order) and ``{candidate: why not}``
+        for the others."""
         candidates = list(self.candidates(model).items())
         if not candidates:
             raise PlanError(
                 f"{type(model).__name__} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
             )
         names = [n for n, _ in candidates]
-        modules = dict(candidates)
         for pattern in list(self.per_layer) + list(self.layers or []) + list(self.exclude):
             if not any(name_matches(n, pattern) for n in names):
                 raise PlanError(f"pattern {pattern!r} matches no Linear/ConvNd layer; layers are {names}")
+        why: dict[str, str] = {}
         if self.only_listed:
             chosen = [n for n in names if any(name_matches(n, p) for p in self.per_layer)]
+            why.update({n: "not listed in the plan's per_layer table" for n in names if n not in chosen})
         elif self.layers is not None:
             chosen = [n for n in names if any(name_matches(n, p) for p in self.layers)]
+            why.update({n: "not selected by the plan's layers patterns" for n in names if n not in chosen})
         else:
             chosen = names[:-1]
-        chosen = [n for n in chosen if not any(name_matches(n, p) for p in self.exclude)]
+            why[names[-1]] = "the last layer, kept as the output head (name it in RolePlan(layers=[...]) to manage it)"
+            # layers of a block found but not decomposed: never rows by default (they read or write the residual
+            # stream); a plan naming them manages them
+            undecomposed = left_alone(model, self.units)
+            why.update({n: undecomposed[n] for n in chosen if n in undecomposed})
+            chosen = [n for n in chosen if n not in undecomposed]
+        excluded = [n for n in chosen if any(name_matches(n, p) for p in self.exclude)]
+        why.update({n: "excluded by the plan" for n in excluded})
+        return [n for n in chosen if n not in excluded], why
+
+    def resolve(self, model: nn.Module) -> dict[str, LayerPlan]:
+        """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
+        chosen, _ = self.selection(model)
+        modules = self.candidates(model)
+        names = list(modules)
         if not chosen:
             if self.only_listed or self.layers is not None:
                 why = "every layer the plan selects is excluded"
+            elif any(left_alone(model, self.units).get(n) for n in names[:-1]):
+                why = "the others belong to transformer blocks that could not be decomposed; name them in layers=[...]"
             else:
                 why = (
                     "by default every Linear/ConvNd except the last one registered (the classifier) is managed, "

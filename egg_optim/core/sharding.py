@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import PlanError, StateDictMismatchError
+from . import axes
+from .axes import Axis
 
 _TENSOR = "torch.distributed.tensor"
 _FSDP = "torch.distributed.fsdp"
@@ -78,25 +80,30 @@ def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
 
 
-def span(t: torch.Tensor, dim: int) -> tuple[int, int]:
+def span(t: torch.Tensor, dim: Axis) -> tuple[int, int]:
     """``(first, count)``: the global positions ``[first, first + count)`` along ``dim`` this rank holds."""
     if not is_sharded(t):
-        return 0, int(t.shape[dim])
+        return 0, axes.positions(t.shape, dim)
+    if not isinstance(dim, int):
+        raise PlanError(
+            "a parameter sharded by FSDP2 whose units span two dimensions (the neurons of fused 3-D MoE expert "
+            "weights) is not supported; leave the experts out of the plan (RolePlan(exclude=['*.experts']))"
+        )
     shape, offset = _box(t)
     return int(offset[dim]), int(shape[dim])
 
 
-def splits(t: torch.Tensor, dim: int) -> bool:
+def splits(t: torch.Tensor, dim: Axis) -> bool:
     """Whether ranks hold different positions of ``t`` along ``dim`` (``False`` for ordinary tensors)."""
-    return span(t, dim)[1] != int(t.shape[dim])
+    return span(t, dim)[1] != axes.positions(t.shape, dim)
 
 
-def localize(t: torch.Tensor, dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def localize(t: torch.Tensor, dim: Axis, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the global ``positions`` along ``dim`` lie in this rank's slice of ``t``: ``(which, where)``, their
     indices into ``positions`` and their local positions (every one of them, unchanged, for ordinary tensors)."""
     positions = positions.cpu()
     first, count = span(t, dim)
-    if not is_sharded(t) or count == int(t.shape[dim]):
+    if not is_sharded(t) or count == axes.positions(t.shape, dim):
         return torch.arange(positions.numel()), positions
     which = ((positions >= first) & (positions < first + count)).nonzero().flatten()
     return which, positions[which] - first
@@ -133,12 +140,12 @@ def like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def copy_positions_(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: torch.Tensor) -> None:
+def copy_positions_(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: torch.Tensor) -> None:
     """``t[clones] = t[sources]`` along ``dim``, in place, wherever the positions live (one all-gather when ranks
     split ``dim``, none otherwise)."""
     if not splits(t, dim):
         x = local(t)
-        x.index_copy_(dim, clones.to(x.device), x.index_select(dim, sources.to(x.device)))
+        axes.copy_(x, dim, clones, axes.select(x, dim, sources))
         return
     which, where = localize(t, dim, clones)
     whole = full(t)
@@ -147,10 +154,10 @@ def copy_positions_(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: to
 
 
 @torch.no_grad()
-def copied_positions(t: torch.Tensor, dim: int, clones: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+def copied_positions(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` (same kind: a DTensor stays one) with ``[clones]`` along ``dim`` taken from ``[sources]``."""
     if not is_sharded(t):
-        return t.index_copy(dim, clones.to(t.device), t.index_select(dim, sources.to(t.device)))
+        return axes.copied(t, dim, clones, axes.select(t, dim, sources))
     whole = full(t).clone()
     whole.index_copy_(dim, clones.to(whole.device), whole.index_select(dim, sources.to(whole.device)))
     return like(t, whole)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from .blocks import UnitGroup, find_unit_groups
+from . import axes
+from .axes import Axis
+from .blocks import UnitGroup, discover
 from .roles import Roles
 from .sharding import full
 
@@ -69,13 +71,13 @@ class ManagedLayer:
     norm: nn.Module | None = None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    # unit dimension of each owned tensor by qualified name; 0 (rows) unless listed
-    dims: dict[str, int] = field(default_factory=dict)
+    # unit axis of each owned tensor by qualified name (:mod:`egg_optim.core.axes`); 0 (rows) unless listed
+    dims: dict[str, Axis] = field(default_factory=dict)
     # positions [num_units, k] each unit owns along the unit dimension, for units of several positions
     index: dict[str, torch.Tensor] = field(default_factory=dict)
     group: UnitGroup | None = None
 
-    def dim_of(self, name: str) -> int:
+    def dim_of(self, name: str) -> Axis:
         return self.dims.get(name, 0)
 
     def roles_of(self, name: str, roles: Roles) -> Roles:
@@ -88,8 +90,9 @@ class ManagedLayer:
         bias, norm entries; a block's producer rows), not the columns through which a block's consumer reads it.
         With its source's producer rows a clone neuron or head computes its source's activation and passes it on
         through its own frozen column, as in output mode; copying the column too would double the source's share."""
-        consumer = self.group.consumer if self.group is not None else None
-        return consumer is None or not name.startswith(consumer + ".")
+        if self.group is None:
+            return True
+        return all(s.role != "consumer" for s in self.group.slices if s.param == name)
 
     @property
     def num_units(self) -> int:
@@ -112,12 +115,12 @@ class ManagedLayer:
             return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
         parts = []
         for pname, p in self.params:
-            if not pname.endswith(".weight"):
+            if p.dim() < 2:  # weights only (of Linears, a per-head table, 3-D expert tensors), not biases
                 continue
             t = p.grad if grad else p
             if t is None:
                 return None
-            moved = full(t.detach()).movedim(self.dim_of(pname), 0).flatten(1)  # [positions, rest]
+            moved = axes.as_rows(full(t.detach()), self.dim_of(pname))  # [positions, rest]
             parts.append(moved[self.index[pname]].reshape(self.num_units, -1))
         return torch.cat(parts, dim=1)
 
@@ -137,10 +140,11 @@ def _unit_tensors(name: str, module: nn.Module, norm_name: str | None, norm: nn.
 
 def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str, nn.Module | UnitGroup]]:
     """What can have roles, in registration order: every Linear/ConvNd (``units="layers"``); with
-    ``units="auto"``, transformer MLP and attention blocks replace the projections they are made of."""
+    ``units="auto"``, transformer MLP, attention and experts blocks replace the projections they are made of (the
+    layers of a block found but not decomposed stay listed: :func:`left_alone` says which)."""
     if units not in UNIT_KINDS:
         raise PlanError(f"unknown unit kind {units!r}; choose one of {UNIT_KINDS}")
-    groups = find_unit_groups(model) if units == "auto" else {}
+    groups = discover(model).groups if units == "auto" else {}
     first = {g.modules[0]: g for g in groups.values()}
     members = {m for g in groups.values() for m in g.modules}
     out: list[tuple[str, nn.Module | UnitGroup]] = []
@@ -150,6 +154,14 @@ def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str,
         if isinstance(m, MANAGED_TYPES) and n not in members:
             out.append((n, m))
     return out
+
+
+def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
+    """``{layer: why}`` for the layers of blocks found but not decomposed (``units="auto"``): a default plan leaves
+    them alone (residual-stream projections must not become rows by accident); a plan naming them manages them."""
+    if units != "auto":
+        return {}
+    return {m: s.reason for s in discover(model).skipped.values() for m in s.members}
 
 
 def candidate_units(candidate: nn.Module | UnitGroup) -> int:
@@ -241,7 +253,7 @@ def _group_layer(model: nn.Module, group: UnitGroup, holders: dict) -> ManagedLa
     check_not_shared(group.name, owned, tuple(modules[m] for m in group.modules), holders)
     return ManagedLayer(
         group.name,
-        modules[group.consumer],
+        modules[group.consumer or group.modules[0]],
         params=owned,
         dims={s.param: s.dim for s in group.slices},
         index={s.param: s.index for s in group.slices},

@@ -3,6 +3,7 @@
 - :class:`LeaderFollowerLoss`: hooks a model's hidden layers (or blocks), picks leader workers every step and
   returns ONE loss tensor (Eq. 1 or Eq. 2 of the seed paper) to backward once.
 - functional core: :func:`worker_losses`, :func:`select_leaders`, :func:`follower_alignment_loss`, ...
+- :class:`PipelineStage`: block-parallel training of gradient-isolated blocks, block k on rank k.
 """
 
 from .functional import (
@@ -16,12 +17,15 @@ from .functional import (
     split_workers,
     worker_losses,
 )
-from .heads import AuxHead, WorkerHeads
+from .heads import AuxHead, AuxWorkerHeads, WorkerHeads
 from .module import LeaderFollowerLoss
+from .pipeline import PipelineStage
 
 __all__ = [
     "AuxHead",
+    "AuxWorkerHeads",
     "LeaderFollowerLoss",
+    "PipelineStage",
     "Selection",
     "WorkerHeads",
     "follower_alignment_loss",

@@ -19,6 +19,8 @@ from ..errors import ConfigError
 
 READOUTS = ("direct", "gap")
 REDUCTIONS = ("sum", "mean")
+#: how a follower's values are compared with the best leader's (see :func:`follower_alignment_loss`)
+FOLLOWER_TARGETS = ("raw", "probs", "centred")
 
 
 def num_leaders(num_workers: int, delta: float) -> int:
@@ -164,16 +166,34 @@ def follower_alignment_loss(
     followers: torch.Tensor,
     best: torch.Tensor | int,
     reduction: str = "sum",
+    target: str = "raw",
 ) -> torch.Tensor:
-    """``L_l^{bar delta}``: per follower, MSE between its output and the best leader's output (a constant:
+    """``L_l^{bar delta}``: per follower, MSE between its values and the best leader's (a constant:
     detached), averaged over samples and the worker's elements; then summed (default) or averaged over
-    followers. ``outputs`` is ``[N, W, ...]`` (raw unit outputs or readout logits).
+    followers. ``outputs`` is ``[N, W, ...]`` (raw unit outputs, or readout logits ``[N, W, C]``).
+
+    ``target`` says what is compared (the transform is applied to follower and leader alike):
+
+    - ``"raw"``: the values as given (the paper's Eq. 1/2). Unbounded, and not shift-invariant while the
+      workers' own cross-entropy is: a best leader whose logits all drifted negative pulls every follower
+      negative, and the ReLU after the layer then outputs zeros (the Fashion-MNIST collapses of the study).
+    - ``"probs"``: softmax over dim 2 (the class dimension of logits) first: bounded in ``[0, 1]`` and
+      blind to a shift of a worker's logits, so it can neither spike nor push outputs below zero.
+    - ``"centred"``: subtract the mean over dim 2 first: shift-invariant but unbounded.
 
     Only follower outputs receive gradient; with no followers the loss is an exact zero."""
-    best_t = torch.as_tensor(best, device=outputs.device).reshape(1)
-    target = outputs.index_select(1, best_t).detach()
+    if target not in FOLLOWER_TARGETS:
+        raise ConfigError(f"unknown follower target {target!r}; choose one of {FOLLOWER_TARGETS}")
+    if target != "raw" and outputs.dim() < 3:
+        raise ConfigError(f"follower target {target!r} needs logits of shape [N, W, C], got {tuple(outputs.shape)}")
     if followers.numel() == 0:
         return (outputs.sum() * 0.0) if outputs.requires_grad else outputs.new_zeros(())
+    if target == "probs":
+        outputs = outputs.softmax(dim=2, dtype=torch.promote_types(outputs.dtype, torch.float32))
+    elif target == "centred":
+        outputs = outputs - outputs.mean(dim=2, keepdim=True)
+    best_t = torch.as_tensor(best, device=outputs.device).reshape(1)
+    ref = outputs.index_select(1, best_t).detach()
     f = outputs.index_select(1, followers)
-    per = (f - target).pow(2).movedim(1, 0).reshape(followers.numel(), -1).mean(dim=1)
+    per = (f - ref).pow(2).movedim(1, 0).reshape(followers.numel(), -1).mean(dim=1)
     return reduce_workers(per, reduction)

@@ -9,6 +9,10 @@
   ``l2 = lambda`` in the paper. Managed layers/blocks are gradient-isolated: they learn only from their own
   local losses, and the global loss trains only what comes after the last managed site (the output layer).
 
+Defaults (``worker_reduction="mean"``, ``follower_target="probs"``) are not the paper's literal sums of
+raw-output MSEs, which collapsed in ``docs/results/lfnn_study.md``; ``worker_reduction="sum",
+follower_target="output"`` gives Eq. 1 / Eq. 2 as written.
+
 Everything happens inside the model's one forward and the user's one backward of the single tensor that
 :meth:`LeaderFollowerLoss.loss` returns (one backward, as DDP needs).
 
@@ -72,6 +76,7 @@ from .sites import (
 )
 
 _INPUT_KWARGS = ("hidden_states", "input", "x")
+_RAW = {"output": "raw", "logits": "raw"}  # follower_target -> functional target
 
 
 # --------------------------------------------------------------------------- gradient routing (lfnn mode)
@@ -168,16 +173,32 @@ class LeaderFollowerLoss(nn.Module):
             (global average pool over space first; convolutions), ``"head"`` (a per-worker linear head
             ``S -> num_classes`` after pooling, created here), or ``"auto"`` (direct for Linear, gap for
             conv).
-        align: what followers align to the best leader: ``"output"`` (the worker's raw unit outputs, incl.
-            spatial maps; default, as in the paper) or ``"readout"`` (its class logits).
+        follower_target: what a follower matches to the best leader's, by MSE: ``"probs"`` (default: the
+            softmax of its class logits; bounded and blind to a shift of the logits, so it never pulls
+            outputs below a following ReLU), ``"centred"`` (logits minus their mean over classes),
+            ``"logits"`` (raw class logits) or ``"output"`` (the worker's raw unit outputs, incl. spatial
+            maps: the paper's Eq. 1/2 as written). Block workers compare their aux-head logits
+            (``"output"`` = ``"logits"``).
+        align: older spelling of ``follower_target``: ``"output"`` or ``"readout"`` (= ``"logits"``).
+        local_activation: ``None`` (default: workers read the layer's output as it is, i.e. before the
+            model's nonlinearity) or ``"relu"`` / a callable applied to it first, so the local losses see
+            what the next layer sees (the paper does not say which).
         blocks: ``{name: module_name | [consecutive module names]}``: each block is ONE worker with a
             DGL-style auxiliary head (pool to 2x2, MLP of width ``aux_hidden``); the blocks compete with each
             other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN losses).
-            Block followers align their head logits to the best block's.
+            Block followers align their head logits (as ``follower_target`` says) to the best block's.
+        block_workers: block-wise LFNN(-l) as DGL runs it: ``int`` (every block) or ``{block: int}``. Each
+            block's output channels are split into that many workers of equal size, each with its own
+            DGL-style aux head (pool to 2x2, MLP of width ``aux_hidden``); leaders and followers are chosen
+            INSIDE each block (statistics under the block's name) instead of blocks competing as single
+            workers. In ``lfnn_l`` mode the blocks are gradient-isolated: a block learns only from its own
+            workers' losses and what follows the last block only from ``L_g``. ``1``: plain DGL.
         block_group: name under which the block workers' statistics are reported.
         block_channels: ``{block: channels | (channels, spatial_dims)}`` where it cannot be inferred.
-        worker_reduction: ``"sum"`` (default: every worker gets its own loss at full weight) or ``"mean"``
-            over the leaders / followers of a layer.
+        worker_reduction: ``"mean"`` (default) averages the leader losses over the leaders and the follower
+            losses over the followers of a layer, so the local terms stay O(1) next to ``L_g`` whatever the
+            number of workers; ``"sum"`` gives every worker its own loss at full weight (the paper's sums:
+            with 32 workers the local gradient was 14-20x the global one, ``docs/results/lfnn_study.md``).
         score_momentum: momentum of the running mean of worker losses (``unit_scores(kind="ema")``).
         sync_selection: average worker losses over ranks before choosing leaders so all ranks choose the
             same leaders (``None``: whenever torch.distributed is initialised with more than one rank).
@@ -206,19 +227,22 @@ class LeaderFollowerLoss(nn.Module):
         l1: float = 1.0,
         l2: float = 1.0,
         readout: str = "auto",
-        align: str = "output",
+        follower_target: str | None = None,
+        align: str | None = None,
+        local_activation: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         blocks: Mapping[str, str | Sequence[str]] | None = None,
         block_group: str = "blocks",
         aux_hidden: int = 256,
         block_channels: Mapping[str, int | tuple[int, int]] | None = None,
-        worker_reduction: str = "sum",
+        block_workers: int | Mapping[str, int] | None = None,
+        worker_reduction: str = "mean",
         score_momentum: float = 0.9,
         sync_selection: bool | None = None,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        mode = check_options(
+        mode, follower_target = check_options(
             model,
             mode=mode,
             delta=delta,
@@ -227,6 +251,8 @@ class LeaderFollowerLoss(nn.Module):
             l2=l2,
             readout=readout,
             align=align,
+            follower_target=follower_target,
+            local_activation=local_activation,
             worker_reduction=worker_reduction,
             score_momentum=score_momentum,
             aux_hidden=aux_hidden,
@@ -238,12 +264,15 @@ class LeaderFollowerLoss(nn.Module):
         modules = dict(model.named_modules())
         claims = Claims(modules)
         sites = layer_sites(claims, layer_names, worker_size, num_classes, readout)
-        block_sites, block_shapes = block_worker_sites(claims, blocks, block_channels, block_group, layer_names)
+        block_sites, block_shapes = block_worker_sites(
+            claims, blocks, block_channels, block_group, layer_names, block_workers
+        )
 
         # ---- everything is valid: build state, heads, then hooks
         object.__setattr__(self, "_model", model)  # not a submodule: parameters() are the heads only
         self.mode, self.delta, self.l1, self.l2 = mode, float(delta), float(l1), float(l2)
-        self.num_classes, self.align, self.worker_reduction = num_classes, align, worker_reduction
+        self.num_classes, self.follower_target, self.worker_reduction = num_classes, follower_target, worker_reduction
+        self.local_activation = local_activation
         self.score_momentum, self.sync_selection, self.ignore_index = (
             float(score_momentum),
             sync_selection,
@@ -253,8 +282,9 @@ class LeaderFollowerLoss(nn.Module):
         self.criterion = criterion
         self.enabled = True
         self.heads = build_heads(sites, block_sites, block_shapes, num_classes, aux_hidden)
-        self._sites: list[_Site] = sites
-        self._block_sites: list[_Site] = block_sites
+        # sites with workers inside (layers, blocks with block_workers); blocks that are one worker each
+        self._sites: list[_Site] = [*sites, *(s for s in block_sites if s.readout == "aux_workers")]
+        self._block_sites: list[_Site] = [s for s in block_sites if s.readout == "aux"]
         self._block_current: dict[str, tuple] = {}
         self._targets: torch.Tensor | None = None
         self._recent_targets: torch.Tensor | None = None  # for loss() after a `with lf.targets(y)` block
@@ -263,10 +293,10 @@ class LeaderFollowerLoss(nn.Module):
         self._counts: dict[str, torch.Tensor] = {}
         self._ema: dict[str, torch.Tensor] = {}
         self._steps: dict[str, int] = {}
-        self._unit_modules = block_unit_modules(modules, block_sites)
+        self._unit_modules = block_unit_modules(modules, self._block_sites)
         self._removed = False
         try:
-            for site in [*sites, *block_sites]:
+            for site in [*self._sites, *self._block_sites]:
                 site.handles.append(site.first.register_forward_pre_hook(self._make_pre(site), with_kwargs=True))
                 site.handles.append(site.last.register_forward_hook(self._make_post(site)))
         except Exception:
@@ -280,14 +310,15 @@ class LeaderFollowerLoss(nn.Module):
 
     @property
     def layer_names(self) -> list[str]:
-        return [s.name for s in self._sites]
+        return [s.name for s in self._sites if s.kind == "layer"]
 
     @property
     def block_names(self) -> list[str]:
-        return [s.name for s in self._block_sites]
+        return [s.name for s in [*self._sites, *self._block_sites] if s.kind == "block"]
 
     def workers(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (num_workers, worker_size)}``; the block group reports ``(num_blocks, 1)``."""
+        """``{layer or block with workers: (num_workers, worker_size)}``; the group of single-worker blocks
+        reports ``(num_blocks, 1)``."""
         out = {s.name: (s.num_workers, s.worker_size) for s in self._sites}
         if self._block_sites:
             out[self.block_group] = (len(self._block_sites), 1)
@@ -417,13 +448,14 @@ class LeaderFollowerLoss(nn.Module):
         """Per-UNIT scores for the optimizer's ``"local_loss"`` election (higher = better): minus the loss
         of the unit's worker (``kind="last"``: last step; ``"ema"``: running mean). Keys are module names:
         managed layers give ``[num_units]``; block workers broadcast their score to every Linear / ConvNd
-        inside the block. Layers that have not run a training step yet are left out."""
+        inside the block. Layers that have not run a training step yet are left out, and so are blocks with
+        ``block_workers`` (their workers are channels of the block's output, not units of one layer)."""
         if kind not in ("last", "ema"):
             raise ConfigError(f"unit_scores kind must be 'last' or 'ema', got {kind!r}")
         src = {n: r["worker_losses"] for n, r in self._last.items()} if kind == "last" else self._ema
         out: dict[str, torch.Tensor] = {}
         for site in self._sites:
-            if site.name in src:
+            if site.kind == "layer" and site.name in src:
                 out[site.name] = -src[site.name].float().repeat_interleave(site.worker_size)
         if self.block_group in src:
             vals = src[self.block_group].float()
@@ -452,7 +484,8 @@ class LeaderFollowerLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, delta={self.delta}, l1={self.l1}, l2={self.l2}, layers={self.layer_names}, "
-            f"blocks={self.block_names}"
+            f"blocks={self.block_names}, worker_reduction={self.worker_reduction!r}, "
+            f"follower_target={self.follower_target!r}"
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -520,7 +553,7 @@ class LeaderFollowerLoss(nn.Module):
             else:
                 y_loc = y_out = y
             targets = self._targets.to(y.device, non_blocking=True)
-            if site.kind == "layer":
+            if site.readout != "aux":  # workers inside the site (a layer, or a block with block_workers)
                 mask = self._layer_local(site, y_loc, targets)
                 if route is not None:
                     shape = [1] * y.dim()
@@ -540,14 +573,18 @@ class LeaderFollowerLoss(nn.Module):
         return sel_losses, select_leaders(sel_losses, self.delta)
 
     def _layer_local(self, site: _Site, y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        act = self.local_activation
+        if act is not None:
+            y = F.relu(y) if act == "relu" else act(y)
         z = split_workers(y, site.worker_size, site.unit_dim)  # [N, W, S, *rest]
-        ro: Any = self.heads[site.head_key] if site.readout == "head" else site.readout
+        ro: Any = self.heads[site.head_key] if site.readout in ("head", "aux_workers") else site.readout
         logits, tgt = readout_logits(z, targets, ro)
         wl = per_worker_cross_entropy(logits, tgt, self.ignore_index)  # [W], differentiable
         shown, sel = self._select(wl)
         lead = leader_loss(wl, sel.leaders, self.worker_reduction)
+        ft = self.follower_target
         fol = follower_alignment_loss(
-            z if self.align == "output" else logits, sel.followers, sel.best, self.worker_reduction
+            z if ft == "output" else logits, sel.followers, sel.best, self.worker_reduction, _RAW.get(ft, ft)
         )
         self._pending[site.name] = self.l1 * lead + self.l2 * fol
         self._record(site.name, shown, sel, lead, fol)
@@ -569,7 +606,8 @@ class LeaderFollowerLoss(nn.Module):
         shown, sel = self._select(wl)
         lead = leader_loss(wl, sel.leaders, self.worker_reduction)
         all_logits = torch.stack([e[1] for e in entries], dim=1)  # [N, K, C]
-        fol = follower_alignment_loss(all_logits, sel.followers, sel.best, self.worker_reduction)
+        ft = _RAW.get(self.follower_target, self.follower_target)
+        fol = follower_alignment_loss(all_logits, sel.followers, sel.best, self.worker_reduction, ft)
         self._pending[self.block_group] = self.l1 * lead + self.l2 * fol
         self._record(self.block_group, shown, sel, lead, fol)
         for k, (_, _, r) in enumerate(entries):

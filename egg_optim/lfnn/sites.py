@@ -13,11 +13,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .functional import REDUCTIONS, check_delta
-from .heads import AuxHead, WorkerHeads
+from .heads import AuxHead, AuxWorkerHeads, WorkerHeads
 
 MODES = ("lfnn", "lfnn_l")
 LAYER_READOUTS = ("auto", "direct", "gap", "head")
 ALIGNS = ("output", "readout")
+#: ``follower_target`` values: what a follower compares with the best leader, and how
+FOLLOWER_TARGETS = ("output", "logits", "probs", "centred")
+LOCAL_ACTIVATIONS = ("relu",)
 
 
 @dataclass
@@ -25,7 +28,7 @@ class _Site:
     """A managed layer (workers = groups of its units) or one block worker."""
 
     name: str
-    kind: str  # "layer" | "block"
+    kind: str  # "layer" | "block" (a block worker, or a block with workers inside: readout "aux_workers")
     module_names: list[str]
     first: nn.Module
     last: nn.Module
@@ -81,12 +84,15 @@ def check_options(
     l1: float,
     l2: float,
     readout: str,
-    align: str,
+    align: str | None,
+    follower_target: str | None,
+    local_activation: object,
     worker_reduction: str,
     score_momentum: float,
     aux_hidden: int,
-) -> str:
-    """Validate the scalar options; returns the normalised mode."""
+) -> tuple[str, str]:
+    """Validate the scalar options; returns the normalised mode and follower target (``align`` is the older
+    spelling: ``"output"`` = ``follower_target="output"``, ``"readout"`` = ``"logits"``)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     mode = str(mode).replace("-", "_").lower()
@@ -100,15 +106,28 @@ def check_options(
             raise ConfigError(f"{nm} must be a finite number >= 0, got {v!r}")
     if readout not in LAYER_READOUTS:
         raise ConfigError(f"unknown readout {readout!r}; choose one of {LAYER_READOUTS}")
-    if align not in ALIGNS:
-        raise ConfigError(f"unknown align {align!r}; choose one of {ALIGNS}")
+    if align is not None and align not in ALIGNS:
+        raise ConfigError(f"unknown align {align!r}; choose one of {ALIGNS} (or use follower_target=)")
+    if follower_target is not None and follower_target not in FOLLOWER_TARGETS:
+        raise ConfigError(f"unknown follower_target {follower_target!r}; choose one of {FOLLOWER_TARGETS}")
+    from_align = None if align is None else ("output" if align == "output" else "logits")
+    if from_align is not None and follower_target is not None and from_align != follower_target:
+        raise ConfigError(
+            f"align={align!r} (= follower_target={from_align!r}) contradicts follower_target={follower_target!r}; "
+            "give follower_target only"
+        )
+    target = follower_target or from_align or "probs"
+    if local_activation is not None and not callable(local_activation) and local_activation not in LOCAL_ACTIVATIONS:
+        raise ConfigError(
+            f"unknown local_activation {local_activation!r}; choose None, one of {LOCAL_ACTIVATIONS} or a callable"
+        )
     if worker_reduction not in REDUCTIONS:
         raise ConfigError(f"unknown worker_reduction {worker_reduction!r}; choose one of {REDUCTIONS}")
     if not (0.0 <= float(score_momentum) < 1.0):
         raise ConfigError(f"score_momentum must be in [0, 1), got {score_momentum!r}")
     if isinstance(aux_hidden, bool) or not isinstance(aux_hidden, int) or aux_hidden < 0:
         raise ConfigError(f"aux_hidden must be an int >= 0, got {aux_hidden!r}")
-    return mode
+    return mode, target
 
 
 class Claims:
@@ -189,9 +208,27 @@ def block_worker_sites(
     block_channels: Mapping[str, int | tuple[int, int]] | None,
     block_group: str,
     layer_names: Sequence[str],
+    block_workers: int | Mapping[str, int] | None = None,
 ) -> tuple[list[_Site], dict[str, tuple[int, int]]]:
-    """One site per block worker, and each block's output ``(channels, spatial_dims)`` for its aux head."""
+    """One site per block, and each block's output ``(channels, spatial_dims)`` for its aux head(s).
+
+    Without ``block_workers`` a block is ONE worker (they compete across blocks). With it, block ``b``'s
+    output channels form ``block_workers[b]`` workers of equal size that compete inside the block, each read
+    out by its own aux head (readout ``"aux_workers"``)."""
     block_channels = dict(block_channels or {})
+    if block_workers is not None:
+        if not blocks:
+            raise ConfigError("block_workers needs blocks={...}")
+        bw = dict(block_workers) if isinstance(block_workers, Mapping) else {b: block_workers for b in blocks}
+        unknown = set(bw) - set(blocks)
+        if unknown or set(bw) != set(blocks):
+            raise ConfigError(
+                f"block_workers must give every block a worker count; unknown {sorted(unknown)}, "
+                f"missing {sorted(set(blocks) - set(bw))}"
+            )
+        for b, w in bw.items():
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ConfigError(f"block {b!r}: block_workers must be a positive int, got {w!r}")
     unknown = set(block_channels) - set(blocks)
     if unknown:
         raise ConfigError(f"block_channels given for unknown blocks: {sorted(unknown)}")
@@ -218,6 +255,15 @@ def block_worker_sites(
             raise ConfigError(f"block {bname!r}: block_channels must be an int or (channels, spatial_dims)")
         shapes[bname] = shape
         params = list({id(p): p for m in mods for p in m.parameters()}.values())
+        workers, readout = 1, "aux"
+        if block_workers is not None:
+            workers, readout = bw[bname], "aux_workers"
+            if shape[0] % workers:
+                raise ConfigError(
+                    f"block {bname!r}: its {shape[0]} output channels do not split into {workers} equal workers"
+                )
+            if shape[1] == 0:
+                raise ConfigError(f"block {bname!r}: block_workers needs a block with spatial output (conv)")
         sites.append(
             _Site(
                 name=bname,
@@ -226,10 +272,11 @@ def block_worker_sites(
                 first=mods[0],
                 last=mods[-1],
                 params=params,
+                unit_dim=1,
                 num_units=shape[0],
-                worker_size=shape[0],
-                num_workers=1,
-                readout="aux",
+                worker_size=shape[0] // workers,
+                num_workers=workers,
+                readout=readout,
             )
         )
     clash = {s.name for s in sites} & set(layer_names)
@@ -255,7 +302,12 @@ def build_heads(
     for site in block_sites:
         ch, sd = block_shapes[site.name]
         site.head_key = "block__" + head_key(site.name)
-        heads[site.head_key] = AuxHead(ch, sd, num_classes, hidden=aux_hidden, **_placement(site))
+        if site.readout == "aux_workers":
+            heads[site.head_key] = AuxWorkerHeads(
+                site.num_workers, site.worker_size, sd, num_classes, hidden=aux_hidden, **_placement(site)
+            )
+        else:
+            heads[site.head_key] = AuxHead(ch, sd, num_classes, hidden=aux_hidden, **_placement(site))
     return heads
 
 

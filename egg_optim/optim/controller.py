@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..config import EggConfig
-from ..core import compact, sharding
+from ..core import axes, compact, sharding
+from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layer
 from ..core.coupling import Coupling, NormCoupling
@@ -111,6 +112,7 @@ class RoleController:
             model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
+        _coverage.report(_coverage.build(model, role_plan, layers, masked.optimizer), strict=config.strict_blocks)
         # the counts of every role draw a leader_scales schedule asks for, checked now
         plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
 
@@ -184,6 +186,12 @@ class RoleController:
         for rw in self.rewrites:
             rw.export(model)
         return model
+
+    def coverage(self) -> _coverage.Coverage:
+        """What this run manages in the model: blocks found and decomposed, units, rows, what is left alone and
+        why (the output-mode rewrite of blocks, if any, says which blocks it verified)."""
+        blocks = next((rw for rw in self.rewrites if hasattr(rw, "verified")), None)
+        return _coverage.build(self.model, self.plan, self.layers, self.masked.optimizer, blocks)
 
     # ------------------------------------------------------------------ roles
     @property
@@ -619,7 +627,7 @@ class RoleController:
             if roles.has_clones:
                 er = layer.roles_of(qname, roles)
                 whole = sharding.full(t.detach())
-                out[qname] = whole.index_select(layer.dim_of(qname), er.clones.to(whole.device)).cpu().clone()
+                out[qname] = axes.select(whole, layer.dim_of(qname), er.clones).cpu().clone()
         return out
 
     def state_entry(self) -> dict[str, Any]:
@@ -657,9 +665,7 @@ class RoleController:
         shapes = {}
         for name, qname, t in self.owned(layers):
             er = layers[name].roles_of(qname, roles[name])
-            shape = list(t.shape)
-            shape[layers[name].dim_of(qname)] = er.num_clones
-            shapes[qname] = tuple(shape)
+            shapes[qname] = axes.slice_shape(t.shape, layers[name].dim_of(qname), er.num_clones)
         check_clone_rows(loaded.clone_rows, shapes)
 
     def adopt(self, loaded: LoadedState) -> None:
@@ -691,4 +697,4 @@ class RoleController:
                     whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
                     sharding.write_full_(t, whole)
                 else:
-                    t.index_copy_(layer.dim_of(qname), er.clones.to(t.device), rows[qname].to(t))
+                    axes.copy_(t, layer.dim_of(qname), er.clones, rows[qname].to(t))

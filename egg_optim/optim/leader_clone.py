@@ -206,6 +206,11 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         norm statistics; in weight mode a plain copy."""
         return self.controller.export_model()
 
+    def coverage(self) -> Any:
+        """What this run manages in the model: blocks found and decomposed, units, rows, what is left alone and
+        why (a :class:`~egg_optim.core.coverage.Coverage`)."""
+        return self.controller.coverage()
+
     # ------------------------------------------------------------------ norm coupling
     @property
     def coupled_norms(self) -> dict[str, str]:

@@ -1,62 +1,129 @@
-"""Output cloning for units that span modules: transformer MLP neurons and attention heads.
+"""Output cloning for units that span modules: transformer MLP neurons, attention heads, MoE experts.
 
-A clone neuron (head) carries its source's activation (attention output). The producers (up/gate, or q/k/v
-projections) then compute only the active units' rows, and the consumer (down or output projection) folds each
-clone's input columns into its source's::
+A clone neuron (head) carries its source's activation (attention output). Each block computes in one of two ways:
+
+``"shrink"``: the producers (up/gate, or q/k/v projections) compute only the active units' rows, and the
+consumer (down or output projection) folds each clone's input columns into its source's::
 
     h_active = act(x @ W_up[active].T)                      # the producers: active rows only
     y = h_active @ (W_down[:, active] + fold(W_down[:, clones] -> their sources)).T
 
 which equals the full computation with every clone's activation set to its source's, so both matmuls shrink
-with the number of clones. Attention code that reshapes with ``view(..., -1, head_dim)`` (transformers' Llama,
-Mistral, Qwen, BERT, ViT) then simply runs on the active heads. GPT-2's fused qkv projection splits its output
-at fixed offsets, so its attention cannot shrink (refused); its MLP can.
+with the number of clones. This needs the code between producers and consumer to work on fewer units: an MLP's
+elementwise activation does; attention that reshapes with ``view(..., -1, head_dim)`` (Llama, Mistral, Qwen, BERT,
+ViT, GPT-NeoX) does too.
+
+``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so
+the code between them runs at full width (all heads) and the consumer reads every unit through its own columns
+(clone columns frozen). Exact for any code in between: attention that reshapes with a stored head count (OPT,
+GPT-Neo, StableLM, XGLM), splits a fused qkv at fixed offsets (GPT-2, Phi3), adds a per-head bias (T5, ALiBi in
+BLOOM and Falcon). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of MoE experts)
+always compute this way: clone positions take their source's values.
+
+Every block starts in ``"shrink"`` where its producers are Linear layers. **Self-check**: at the first forward pass
+through each block with clones, the block is run (on that batch, in eval semantics, without gradients) as the
+plain module with every clone's producer slices filled from its source (what a saved model computes), then
+rewritten, and compared within the tolerance of the output's dtype; once more with random weights in its slices,
+so that a coincidence of the current weights (zero-initialised projections) cannot hide a wrong reshape. A block
+whose ``"shrink"`` result differs switches to ``"expand"`` (logged once); one whose ``"expand"`` result differs
+raises :class:`~egg_optim.errors.RewriteCheckError` naming it, before anything trains. The cost is five to ten
+extra forward passes of each block, once.
 
 The rewrite swaps the classes of the member modules in place (parameters, names and ``state_dict`` keys stay)
 and is undone by :meth:`BlockOutputCloning.remove`. Clones' own weights are not used and get no gradient. Saving
-(``state_dict()`` of any module above them) writes each clone's producer rows as its source's, so a plain model
+(``state_dict()`` of any module above them) writes each clone's producer slices as its source's, so a plain model
 loaded from it computes what the rewritten one did.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import logging
+import warnings
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import axes
 from ..core.blocks import UnitGroup, UnitSlice
 from ..core.roles import Roles
 from ..core.sharding import copied_positions, copy_positions_
-from ..errors import ConfigError, PlanError
+from ..errors import PlanError, RewriteCheckError
 from . import base
 from .base import check_eval_mode
 
 OWNER = "block output cloning"
-_ATTRS = ("_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights")
-_BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources")
+_ATTRS = (
+    "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
+    "_egg_inside",
+)  # fmt: skip
+_BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
+MODES = ("shrink", "expand")
+logger = logging.getLogger("egg_optim")
 
 
-class _BlockMember:
-    """Mixin before the member's class: a producer selects active units' outputs, a consumer folds clones."""
+class _Check:
+    """Module-wide state of the self-check: set while a check runs (rewritten modules then ignore
+    ``eval_mode="own_weights"``, and the hooks of other blocks stay quiet)."""
+
+    running = False
+
+
+def _plain_eval(m: nn.Module) -> bool:
+    return bool(m._egg_own_weights) and not m.training and not _Check.running
+
+
+class _Member:
+    """What every rewritten member shares: saving clone slices as their sources', the self-check's flag."""
+
+    _egg_own_weights: bool  # eval_mode="own_weights": evaluation runs the plain module
+    _egg_reference = False  # set by the self-check: compute as the plain module
+
+    def _egg_keys(self) -> tuple[str, ...]:
+        return ("weight", "bias")
+
+    def _clone_positions(self, key: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A producer's clone slices are saved as their source's: what output mode computed, for a plain model.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars or (self._egg_own_weights and not self.training):
+            return
+        for key in self._egg_keys():
+            found = self._clone_positions(key)
+            if found is not None and prefix + key in destination:
+                dim, clones, sources = found
+                destination[prefix + key] = copied_positions(destination[prefix + key], dim, clones, sources)
+
+
+class _BlockMember(_Member):
+    """Mixin before a Linear's (or transformers Conv1D's) class: a producer computes active units' outputs, a
+    consumer folds clones (``"shrink"``) or reads all units with clone columns frozen (``"expand"``)."""
 
     _egg_has_clones: bool
     _egg_dim: int  # the unit dimension of the weight
     _egg_produces: bool
-    _egg_own_weights: bool  # eval_mode="own_weights": evaluation runs the plain module
+    _egg_expand: bool  # the block computes all units ("expand")
     _egg_active: torch.Tensor  # active positions along the unit dimension
     _egg_fold_pos: torch.Tensor  # for each clone position, where its source sits among the active ones
     _egg_fold_src: torch.Tensor  # clone positions
     _egg_sources: torch.Tensor  # each clone position's source position
+    _egg_gather: torch.Tensor  # for every position, where its source (itself if active) sits among the active ones
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self._egg_has_clones or (self._egg_own_weights and not self.training):
+        if not self._egg_has_clones or self._egg_reference or _plain_eval(self):
             return super().forward(input)
         w, dim = self.weight, self._egg_dim
         if self._egg_produces:
             weight = w.index_select(dim, self._egg_active)
             bias = None if self.bias is None else self.bias.index_select(0, self._egg_active)
+        elif self._egg_expand:  # every unit read through its own column; clone columns frozen
+            weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
+            bias = self.bias
         else:
             clones = w.index_select(dim, self._egg_fold_src).detach()  # clones are not trained
             weight = w.index_select(dim, self._egg_active).index_add(dim, self._egg_fold_pos, clones)
@@ -65,8 +132,12 @@ class _BlockMember:
             y = input.reshape(-1, input.shape[-1]) @ weight
             if bias is not None:
                 y = y + bias
-            return y.reshape(*input.shape[:-1], weight.shape[1])
-        return F.linear(input, weight, bias)
+            y = y.reshape(*input.shape[:-1], weight.shape[1])
+        else:
+            y = F.linear(input, weight, bias)
+        if self._egg_produces and self._egg_expand:
+            y = y.index_select(-1, self._egg_gather)  # clones carry their source's output
+        return y
 
     def _clone_positions(self, key: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(dim, clone positions, their sources) of a producer's ``weight`` / ``bias``, or ``None``."""
@@ -74,30 +145,124 @@ class _BlockMember:
             return None
         return (self._egg_dim if key == "weight" else 0), self._egg_fold_src, self._egg_sources
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # A producer's clone slices are saved as their source's: what output mode computed, for a plain model.
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if keep_vars or (self._egg_own_weights and not self.training):
-            return
-        for key in ("weight", "bias"):
-            found = self._clone_positions(key)
-            if found is not None and prefix + key in destination:
-                dim, clones, sources = found
-                destination[prefix + key] = copied_positions(destination[prefix + key], dim, clones, sources)
+
+class _TiedMember(_Member):
+    """Mixin for any other module holding unit slices (T5's relative attention bias, MoE experts' 3-D weights):
+    its forward runs with every clone position of a producer slice taken from its source (gradients reach the
+    source) and every clone position of a consumer slice frozen; always at full width."""
+
+    _egg_has_clones: bool
+    _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
+    _egg_inside = False
+
+    def _egg_keys(self) -> tuple[str, ...]:
+        return tuple(self._egg_slices)
+
+    def _clone_positions(self, key: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        entry = self._egg_slices.get(key)
+        if entry is None or not entry[1] or not self._egg_has_clones:
+            return None
+        return entry[0], getattr(self, f"_egg_clones_{key}"), getattr(self, f"_egg_sources_{key}")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._egg_inside or not self._egg_has_clones or self._egg_reference or _plain_eval(self):
+            return super().forward(*args, **kwargs)
+        values = {}
+        for key, (dim, produces) in self._egg_slices.items():
+            p = getattr(self, key)
+            clones = getattr(self, f"_egg_clones_{key}")
+            if produces:
+                values[key] = axes.copied(p, dim, clones, axes.select(p, dim, getattr(self, f"_egg_sources_{key}")))
+            else:
+                values[key] = axes.copied(p, dim, clones, axes.select(p, dim, clones).detach())
+        with _substituted(self, values):
+            self._egg_inside = True
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self._egg_inside = False
+
+
+@contextmanager
+def _substituted(module: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Run with ``module``'s parameters ``values`` replaced by plain tensors (restored after)."""
+    saved = {k: module._parameters[k] for k in values}
+    try:
+        for k, v in values.items():
+            module._parameters[k] = v
+        yield
+    finally:
+        module._parameters.update(saved)
 
 
 _CLASSES: dict[type, type] = {}
 
 
-def _rewritten_class(cls: type) -> type:
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+
+
+def _rewritten_class(cls: type, linear: bool) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"_BlockOutput{cls.__name__}", (_BlockMember, cls), {})
+        mixin = _BlockMember if linear else _TiedMember
+        _CLASSES[cls] = type(f"_BlockOutput{cls.__name__}", (mixin, cls), {})
         base.register(OWNER, {cls: _CLASSES[cls]})
     return _CLASSES[cls]
 
 
 def _weight_slice(group: UnitGroup, module: str) -> UnitSlice:
     return next(s for s in group.slices if s.param == f"{module}.weight")
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a module's output (its hidden states, in transformers' conventions)."""
+    if torch.is_tensor(out):
+        return out if out.is_floating_point() else None
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _is_cache(x: Any) -> bool:
+    return any(c.__name__ == "Cache" for c in type(x).__mro__)
+
+
+def _fresh(x: Any) -> Any:
+    """Inputs for one check run: tensors copied (a block may write its input in place), key/value caches
+    dropped (a run must not append to the cache the real forward pass uses)."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if _is_cache(x):
+        return None
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_fresh(v) for v in x)
+    if isinstance(x, list):
+        return [_fresh(v) for v in x]
+    if type(x) is dict:
+        return {k: _fresh(v) for k, v in x.items()}
+    return x
+
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _difference(ref: torch.Tensor | None, out: torch.Tensor | None) -> str | None:
+    """Why ``out`` is not ``ref`` within the dtype's tolerance (relative to ``ref``'s largest entry), or ``None``."""
+    if ref is None or out is None:
+        return "the block returned no floating-point tensor" if (ref is None) != (out is None) else None
+    if out.shape != ref.shape:
+        return f"its output has shape {tuple(out.shape)}, the plain block's {tuple(ref.shape)}"
+    tol = _TOLERANCE.get(ref.dtype, 1e-4)
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+    err = float((out.detach().float() - ref.detach().float()).abs().max()) if ref.numel() else 0.0
+    if not err <= tol * max(scale, 1e-3):  # also catches NaN
+        return f"its output differs from the plain block's by {err:.3g} (largest entry {scale:.3g}, tolerance {tol:g})"
+    return None
 
 
 class BlockOutputCloning(base.LayerRewrite):
@@ -107,6 +272,8 @@ class BlockOutputCloning(base.LayerRewrite):
         model: the model; its member modules are rewritten in place.
         groups: ``{name: UnitGroup}`` (:func:`~egg_optim.core.blocks.find_unit_groups`).
         roles: ``{group name: Roles}`` over each group's units.
+        eval_mode: ``"as_trained"`` or ``"own_weights"`` (evaluation runs the plain modules).
+        verify: run the self-check at each block's first forward pass with clones (see the module docs).
     """
 
     owner = OWNER
@@ -120,39 +287,58 @@ class BlockOutputCloning(base.LayerRewrite):
         roles: Mapping[str, Roles],
         *,
         eval_mode: str = "as_trained",
+        verify: bool = True,
     ) -> None:
         check_eval_mode(eval_mode)
         modules = dict(model.named_modules())
         for name, r in roles.items():
             g = groups.get(name)
             if g is None:
-                raise PlanError(f"{OWNER}: {name!r} is not a transformer MLP or attention block")
+                raise PlanError(f"{OWNER}: {name!r} is not a transformer MLP, attention or experts block")
             if not isinstance(r, Roles) or r.num_units != g.num_units:
                 raise PlanError(f"{OWNER}: roles for {name!r} must be Roles over its {g.num_units} units")
-            if len(g.producers) == 1 and g.kind == "attention":
-                raise ConfigError(
-                    f"output mode cannot shrink attention {name!r}: its fused qkv projection ({g.producers[0]!r}) "
-                    "is split at fixed offsets; use clone_mode='weight' for it (exclude it from the plan)"
-                )
             for m in g.modules:
                 problem = base.owner_of(modules[m])
                 if problem is not None:
                     raise PlanError(f"{OWNER}: module {m!r} is already under {problem}")
         self.model = model
         self.groups = {n: groups[n] for n in roles}
-        self._layers = {n: modules[self.groups[n].consumer] for n in roles}  # LayerRewrite bookkeeping
+        self._layers = {n: modules[self.groups[n].consumer or self.groups[n].modules[0]] for n in roles}
         self._roles = dict(roles)
         self._removed = False
         self._members: dict[str, list[tuple[str, nn.Module, bool]]] = {}
+        self.modes: dict[str, str] = {}
         for name, g in self.groups.items():
-            members = [(p, modules[p], True) for p in g.producers] + [(g.consumer, modules[g.consumer], False)]
-            self._members[name] = members
-            for mname, m, produces in members:
-                m.__class__ = _rewritten_class(type(m))
+            members = []
+            for mname in g.modules:
+                m = modules[mname]
+                slices = [s for s in g.slices if s.module == mname]
+                linear = _is_linear(m) and {s.key for s in slices} <= {"weight", "bias"}
+                produces = all(s.role == "producer" for s in slices)
+                members.append((mname, m, produces))
+                m.__class__ = _rewritten_class(type(m), linear)
                 m._egg_produces = produces
                 m._egg_own_weights = eval_mode == "own_weights"
-                m._egg_dim = _weight_slice(g, mname).dim
+                if linear:
+                    m._egg_dim = _weight_slice(g, mname).dim
+                else:
+                    m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
+            self._members[name] = members
+            linear_only = all(isinstance(m, _BlockMember) for _, m, _ in members)
+            self._set_mode(name, "shrink" if linear_only else "expand")
             self._apply_roles(name, roles[name])
+        self._verified: set[str] = set()
+        self._warned: set[str] = set()
+        self._hooks: dict[str, Any] = {}
+        self.verify = verify
+        self._scopes = {n: _scope(model, g, modules) for n, g in self.groups.items()}
+        self._arm()
+
+    # ------------------------------------------------------------------ modes
+    def _set_mode(self, name: str, mode: str) -> None:
+        self.modes[name] = mode
+        for _, m, _ in self._members[name]:
+            m._egg_expand = mode == "expand"
 
     def _check_roles(self, name: str, roles: Roles) -> None:
         if roles.num_units != self.groups[name].num_units:
@@ -168,19 +354,29 @@ class BlockOutputCloning(base.LayerRewrite):
             if not r.same_as(self._roles[name]):
                 self._roles[name] = r
                 self._apply_roles(name, r)
+        self._arm()
 
     def _apply_roles(self, name: str, roles: Roles) -> None:
         g = self.groups[name]
         for mname, m, _ in self._members[name]:
+            m._egg_has_clones = roles.has_clones
+            if isinstance(m, _TiedMember):
+                device = next(iter(m.parameters())).device
+                for s in g.slices:
+                    if s.module == mname:
+                        er = roles.expand(s.index)
+                        base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device))
+                        base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device))
+                continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
-            m._egg_has_clones = roles.has_clones
             pos = torch.full((er.num_units,), -1, dtype=torch.long)
             pos[er.active] = torch.arange(er.active.numel())
             base.set_buffer(m, "_egg_active", er.active.to(device))
             base.set_buffer(m, "_egg_fold_src", er.clones.to(device))
             base.set_buffer(m, "_egg_sources", er.sources.to(device))
             base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
+            base.set_buffer(m, "_egg_gather", er.gather_index.to(device))
 
     @torch.no_grad()
     def fill_clones(self, skip: Collection[str] = ()) -> None:
@@ -205,9 +401,187 @@ class BlockOutputCloning(base.LayerRewrite):
         return restore_plain_blocks(model)
 
     def _restore_all(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
         for members in self._members.values():
             for _, m, _ in members:
-                base.restore(m, _ATTRS, _BUFFERS)
+                _restore(m)
+
+    # ------------------------------------------------------------------ self-check
+    @property
+    def verified(self) -> frozenset[str]:
+        """The blocks whose rewritten computation was checked against the plain one (with clones)."""
+        return frozenset(self._verified)
+
+    def _pending(self, scope: str) -> list[str]:
+        return [
+            n for n, s in self._scopes.items()
+            if s == scope and n not in self._verified and self._roles[n].has_clones
+        ]  # fmt: skip
+
+    def _arm(self) -> None:
+        """A forward pre-hook on the module of every block with clones not yet checked."""
+        if not self.verify or self._removed:
+            return
+        modules = dict(self.model.named_modules())
+        for scope in set(self._scopes.values()):
+            if scope not in self._hooks and self._pending(scope):
+                self._hooks[scope] = modules[scope].register_forward_pre_hook(
+                    lambda mod, args, kwargs, scope=scope: self._on_forward(scope, mod, args, kwargs),
+                    with_kwargs=True,
+                )
+
+    def _on_forward(self, scope: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _Check.running or torch._C._current_graph_task_id() != -1:  # a check's own run; a recomputation
+            return
+        pending = self._pending(scope)
+        if pending and torch.compiler.is_compiling():
+            for name in pending:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(
+                        f"egg_optim: output mode of block {name!r} is not verified: its first forward pass is "
+                        "compiled; run one eager forward pass before torch.compile",
+                        stacklevel=2,
+                    )
+            return
+        for name in pending:
+            self._verify(name, module, args, kwargs)
+        if not self._pending(scope) and scope in self._hooks:
+            self._hooks.pop(scope).remove()
+
+    def _members_in(self, scope_module: nn.Module) -> list[nn.Module]:
+        inside = {id(m) for m in scope_module.modules()}
+        return [m for members in self._members.values() for _, m, _ in members if id(m) in inside]
+
+    def _verify(self, name: str, scope_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Check block ``name`` on this batch: its rewritten computation against the plain one with clones filled,
+        switching from "shrink" to "expand" when only the latter matches; raise when neither does."""
+        members = [m for _, m, _ in self._members[name]]
+        everyone = self._members_in(scope_module)
+        others = [m for m in everyone if all(m is not x for x in members)]
+        training = {m: m.training for m in scope_module.modules()}
+
+        def run(reference: bool, weights: Mapping[nn.Module, dict[str, torch.Tensor]]) -> Any:
+            # the plain model with clones filled: every member in the scope plain, its producer slices filled
+            # (other blocks always: only this one is tested)
+            plain = everyone if reference else others
+            values = {m: dict(weights.get(m, {})) for m in everyone}
+            for m in plain:
+                m._egg_reference = True
+                for key in m._egg_keys():
+                    found = m._clone_positions(key)
+                    current = values[m].get(key, m._parameters.get(key))
+                    if found is not None and current is not None:
+                        values[m][key] = copied_positions(current, *found)
+            for m in members if not reference else ():
+                m._egg_reference = False
+            with _random_weights(values):
+                return _first_tensor(scope_module.forward(*_fresh(args), **_fresh(kwargs)))
+
+        problem = None
+        _Check.running = True
+        try:
+            scope_module.train(False)
+            with torch.no_grad():
+                probes = [{}, _random_for(self.groups[name], members)]
+                try:
+                    refs = [run(True, w) for w in probes]
+                except Exception as exc:  # noqa: BLE001 - the plain computation itself failed: nothing to check
+                    if name not in self._warned:
+                        self._warned.add(name)
+                        warnings.warn(
+                            f"egg_optim: could not check output mode of block {name!r} on this batch (the plain "
+                            f"block raised {type(exc).__name__}: {exc}); checking again at the next forward pass",
+                            stacklevel=3,
+                        )
+                    return
+                for mode in MODES[MODES.index(self.modes[name]) :]:
+                    self._set_mode(name, mode)
+                    problem = None
+                    for ref, w in zip(refs, probes):
+                        try:
+                            problem = _difference(ref, run(False, w))
+                        except Exception as exc:  # noqa: BLE001 - a wrong reshape raises; that is the finding
+                            problem = f"it raised {type(exc).__name__}: {exc}"
+                        if problem is not None:
+                            problem = ("with random weights, " if w else "") + problem
+                            break
+                    if problem is None:
+                        break
+                    if mode == "shrink":
+                        logger.info(
+                            "egg_optim: block %r cannot compute with only its active units (%s); it computes all "
+                            "of them in output mode, its producers still only the active ones",
+                            name,
+                            problem,
+                        )
+        finally:
+            _Check.running = False
+            for m in everyone:
+                m._egg_reference = False
+            for m, flag in training.items():
+                m.training = flag
+        if problem is not None:
+            raise RewriteCheckError(
+                name,
+                f"output mode computes block {name!r} ({self.groups[name].kind}) differently from the plain "
+                f"model with clones filled, which is what its state_dict() saves: {problem}. Use "
+                f"clone_mode='weight', or leave the block out of the plan: RolePlan(exclude=[{name!r}])",
+            )
+        self._verified.add(name)
+
+
+def _random_for(group: UnitGroup, members: list[nn.Module]) -> dict[nn.Module, dict[str, torch.Tensor]]:
+    """Random values for every unit slice of ``group`` (fixed seed, unit-scale outputs): the check then does not
+    depend on the current weights (a zero-initialised projection would hide a wrong reshape)."""
+    gen = torch.Generator().manual_seed(0)
+    out: dict[nn.Module, dict[str, torch.Tensor]] = {}
+    by_name = dict(zip(group.modules, members))
+    for s in group.slices:
+        m = by_name[s.module]
+        p = m._parameters[s.key]
+        fan_in = p.shape[0] if type(m).__name__ == "Conv1D" and p.dim() == 2 else p.shape[-1]
+        std = 1.0 / max(fan_in, 1) ** 0.5 if p.dim() > 1 else 0.1
+        if isinstance(m, nn.Embedding):
+            std = 1.0
+        value = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+        out.setdefault(m, {})[s.key] = value.to(device=p.device, dtype=p.dtype)
+    return out
+
+
+@contextmanager
+def _random_weights(values: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> Iterator[None]:
+    """Run with the parameters named in ``values`` (``{module: {key: tensor}}``) replaced by those tensors."""
+    saved = {m: {k: m._parameters[k] for k in v} for m, v in values.items()}
+    try:
+        for m, v in values.items():
+            for k, t in v.items():
+                m._parameters[k] = t
+        yield
+    finally:
+        for m, v in saved.items():
+            m._parameters.update(v)
+
+
+def _scope(model: nn.Module, group: UnitGroup, modules: Mapping[str, nn.Module]) -> str:
+    """The module whose forward pass the self-check reruns: the block's own module, or (a block named after no
+    module, BERT's ``<layer>.mlp``) the innermost module holding all its members."""
+    if group.name in modules:
+        return group.name
+    parts = [m.split(".") for m in group.modules]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _restore(m: nn.Module) -> None:
+    extra = tuple(b for b in m._buffers if b.startswith("_egg_"))
+    base.restore(m, _ATTRS, _BUFFERS + extra)
 
 
 @torch.no_grad()
@@ -215,14 +589,14 @@ def restore_plain_blocks(model: nn.Module) -> nn.Module:
     """Give every block member in ``model`` (typically a copy) its original class, with each clone's producer
     slices filled from its source, so the plain modules compute what output mode computed. Returns ``model``."""
     for m in model.modules():
-        if isinstance(m, _BlockMember):
+        if isinstance(m, _Member):
             _fill(m)
-            base.restore(m, _ATTRS, _BUFFERS)
+            _restore(m)
     return model
 
 
-def _fill(m: _BlockMember) -> None:
-    for key in ("weight", "bias"):
+def _fill(m: _Member) -> None:
+    for key in m._egg_keys():
         found = m._clone_positions(key)
         if found is not None:
             dim, clones, sources = found

@@ -225,7 +225,7 @@ def egg_config(args: argparse.Namespace, plan: RolePlan) -> EggConfig:
 
 def resume_config_signature(config: EggConfig) -> dict[str, Any]:
     """The config options a resume must match: all but the logging ones (the plan as its signature)."""
-    return {k: v for k, v in config.signature().items() if k not in ("log_roles", "log_per_layer")}
+    return {k: v for k, v in config.signature().items() if k not in ("log_roles", "log_per_layer", "strict_blocks")}
 
 
 # ============================================================================ determinism and digests

@@ -1,0 +1,102 @@
+"""Unit axes: where along a tensor its units' positions lie.
+
+An ``int`` is one dimension (rows of a Linear weight: 0; its columns: 1). A pair ``(a, b)`` is two dimensions taken
+together, position ``p = i_a * shape[b] + i_b``: the hidden neurons of each expert in transformers' fused 3-D MoE
+weights (``[experts, 2 x inner, hidden]``: ``(0, 1)``; ``[experts, hidden, inner]``: ``(0, 2)``), where one dimension
+alone would select a neuron of every expert. On a pair the operations index both dimensions of a view with
+advanced indexing, so in-place writes reach the tensor; the slices they take (and compact optimizer state) are laid
+out ``[positions, rest...]``.
+
+Every function is the plain ``index_select`` / ``index_copy_`` / ``index_fill_`` for an ``int`` axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Axis = int | tuple[int, int]
+
+
+def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if type(t).__name__ == "DTensor":
+        from ..errors import PlanError
+
+        raise PlanError(
+            "a tensor sharded by FSDP2 whose units span two dimensions (the neurons of fused 3-D MoE expert weights) "
+            "is not supported; leave the experts out of the plan (RolePlan(exclude=['*.experts']))"
+        )
+    a, b = axis
+    index = index.to(t.device)
+    return t.movedim((a, b), (0, 1)), torch.div(index, t.shape[b], rounding_mode="floor"), index % t.shape[b]
+
+
+def positions(shape: torch.Size | tuple[int, ...], axis: Axis) -> int:
+    """How many positions ``shape`` has along ``axis``."""
+    return int(shape[axis]) if isinstance(axis, int) else int(shape[axis[0]]) * int(shape[axis[1]])
+
+
+def slice_shape(shape: torch.Size | tuple[int, ...], axis: Axis, n: int) -> tuple[int, ...]:
+    """The shape of ``n`` positions' slices of a tensor of ``shape`` (what :func:`select` returns)."""
+    if isinstance(axis, int):
+        return tuple(n if k == axis else size for k, size in enumerate(shape))
+    return (n, *(size for k, size in enumerate(shape) if k not in axis))
+
+
+def select(t: torch.Tensor, axis: Axis, index: torch.Tensor) -> torch.Tensor:
+    """The slices of ``t`` at ``index`` along ``axis`` (a new tensor)."""
+    if isinstance(axis, int):
+        return t.index_select(axis, index.to(t.device))
+    view, i, j = _pair(t, axis, index)
+    return view[i, j]
+
+
+def copy_(t: torch.Tensor, axis: Axis, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t[index] = source`` along ``axis``, in place (``source`` laid out as :func:`select` returns it)."""
+    if isinstance(axis, int):
+        return t.index_copy_(axis, index.to(t.device), source)
+    view, i, j = _pair(t, axis, index)
+    view[i, j] = source.to(view.dtype)
+    return t
+
+
+def copied(t: torch.Tensor, axis: Axis, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with ``[index]`` along ``axis`` replaced by ``source`` (differentiable: gradients reach
+    ``t``'s other positions and ``source``)."""
+    if isinstance(axis, int):
+        return t.index_copy(axis, index.to(t.device), source)
+    a, b = axis
+    view, i, j = _pair(t, axis, index)
+    return view.index_put((i, j), source).movedim((0, 1), (a, b))
+
+
+def fill_(t: torch.Tensor, axis: Axis, index: torch.Tensor, value: float) -> torch.Tensor:
+    """``t[index] = value`` along ``axis``, in place."""
+    if isinstance(axis, int):
+        return t.index_fill_(axis, index.to(t.device), value)
+    view, i, j = _pair(t, axis, index)
+    view[i, j] = value
+    return t
+
+
+def units_of(param_shape: torch.Size | tuple[int, ...], value: object, axis: Axis) -> int | None:
+    """Number of positions of a per-unit tensor shaped like a parameter of ``param_shape`` except along ``axis``
+    (``None`` for a scalar or a foreign shape): full size, or compact (active positions only)."""
+    if not torch.is_tensor(value) or value.dim() == 0:
+        return None
+    shape = tuple(value.shape)
+    if isinstance(axis, int):
+        others = (x != y for k, (x, y) in enumerate(zip(shape, param_shape)) if k != axis)
+        if len(shape) != len(param_shape) or any(others):
+            return None
+        return int(shape[axis])
+    if shape == tuple(param_shape):
+        return positions(param_shape, axis)
+    rest = tuple(n for k, n in enumerate(param_shape) if k not in axis)
+    return int(shape[0]) if shape[1:] == rest else None
+
+
+def as_rows(t: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """``t`` as ``[positions, rest]``: each position's entries in one row (a copy where it must be)."""
+    if isinstance(axis, int):
+        return t.movedim(axis, 0).flatten(1) if t.dim() > 1 else t.unsqueeze(1)
+    return t.movedim(axis, (0, 1)).flatten(0, 1).flatten(1)

@@ -1,0 +1,215 @@
+"""Tiny random-init models of the transformers architectures egg_optim is tested on, and inputs for them.
+
+One config per family (hidden size 32, four heads, two key/value heads where the family has grouped-query
+attention, one layer where one shows everything, vocabulary 100): enough to exercise each family's attention, MLP
+and expert code in milliseconds. Used by the coverage matrix test (``tests/test_hf_coverage.py``) and the table of
+architectures (``scripts/architectures_table.py`` -> ``docs/architectures.md``). Needs ``transformers``; no
+download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+VOCAB, HIDDEN, INNER, HEADS = 100, 32, 48, 4
+
+
+def _t():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _causal(config_cls: str, model_cls: str, **kw) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        t = _t()
+        cfg = getattr(t, config_cls)(vocab_size=VOCAB, **kw)
+        return getattr(t, model_cls)(cfg)
+
+    return make
+
+
+_GQA = {"hidden_size": HIDDEN, "intermediate_size": INNER, "num_hidden_layers": 1, "num_attention_heads": HEADS,
+        "num_key_value_heads": 2}  # fmt: skip
+_MOE = {**_GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+_ENCODER = {"hidden_size": HIDDEN, "intermediate_size": INNER, "num_hidden_layers": 1, "num_attention_heads": HEADS}
+
+# family -> (builder, kind of inputs: "causal", "classify", "image", "seq2seq")
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "llama": (_causal("LlamaConfig", "LlamaForCausalLM", **_GQA), "causal"),
+    "mistral": (_causal("MistralConfig", "MistralForCausalLM", **_GQA), "causal"),
+    "qwen2": (_causal("Qwen2Config", "Qwen2ForCausalLM", **_GQA), "causal"),
+    "qwen3": (_causal("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **_GQA), "causal"),
+    "gemma": (_causal("GemmaConfig", "GemmaForCausalLM", head_dim=8, **_GQA), "causal"),
+    "gemma2": (
+        _causal("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, **{**_GQA, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "gemma3": (
+        _causal("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **{**_GQA, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "stablelm": (_causal("StableLmConfig", "StableLmForCausalLM", **_GQA), "causal"),
+    "phi3": (_causal("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_GQA), "causal"),
+    "opt": (
+        _causal(
+            "OPTConfig",
+            "OPTForCausalLM",
+            hidden_size=HIDDEN,
+            ffn_dim=INNER,
+            num_hidden_layers=1,
+            num_attention_heads=HEADS,
+            word_embed_proj_dim=HIDDEN,
+        ),
+        "causal",
+    ),
+    "xglm": (
+        _causal("XGLMConfig", "XGLMForCausalLM", d_model=HIDDEN, ffn_dim=INNER, num_layers=1, attention_heads=HEADS),
+        "causal",
+    ),
+    "gpt2": (
+        _causal("GPT2Config", "GPT2LMHeadModel", n_embd=HIDDEN, n_inner=INNER, n_layer=1, n_head=HEADS),
+        "causal",
+    ),
+    "gpt_neo": (
+        _causal(
+            "GPTNeoConfig",
+            "GPTNeoForCausalLM",
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_layers=2,
+            num_heads=HEADS,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+        ),
+        "causal",
+    ),
+    "gpt_neox": (
+        _causal(
+            "GPTNeoXConfig",
+            "GPTNeoXForCausalLM",
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_hidden_layers=1,
+            num_attention_heads=HEADS,
+        ),
+        "causal",
+    ),
+    "falcon": (
+        _causal(
+            "FalconConfig",
+            "FalconForCausalLM",
+            hidden_size=HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=HEADS,
+            ffn_hidden_size=INNER,
+            new_decoder_architecture=True,  # Falcon-40B's grouped layout (Falcon-7B: one key/value head, one unit)
+            num_kv_heads=2,
+        ),
+        "causal",
+    ),
+    "bloom": (_causal("BloomConfig", "BloomForCausalLM", hidden_size=HIDDEN, n_layer=1, n_head=HEADS), "causal"),
+    "mixtral": (
+        _causal(
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **{**_GQA, "intermediate_size": 16},
+        ),
+        "causal",
+    ),
+    "qwen2_moe": (
+        _causal("Qwen2MoeConfig", "Qwen2MoeForCausalLM", shared_expert_intermediate_size=24, **_MOE),
+        "causal",
+    ),
+    "qwen3_moe": (_causal("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=8, **_MOE), "causal"),
+    "bert": (_causal("BertConfig", "BertForSequenceClassification", **_ENCODER), "classify"),
+    "roberta": (_causal("RobertaConfig", "RobertaForSequenceClassification", pad_token_id=0, **_ENCODER), "classify"),
+    "distilbert": (
+        _causal(
+            "DistilBertConfig",
+            "DistilBertForSequenceClassification",
+            dim=HIDDEN,
+            hidden_dim=INNER,
+            n_layers=1,
+            n_heads=HEADS,
+        ),
+        "classify",
+    ),
+    "bart": (
+        _causal(
+            "BartConfig",
+            "BartForConditionalGeneration",
+            d_model=HIDDEN,
+            encoder_ffn_dim=INNER,
+            decoder_ffn_dim=INNER,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=HEADS,
+            decoder_attention_heads=HEADS,
+        ),
+        "seq2seq",
+    ),
+    "t5": (
+        _causal(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            d_model=HIDDEN,
+            d_ff=INNER,
+            d_kv=8,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=HEADS,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        ),
+        "seq2seq",
+    ),
+}
+# T5 v1.1 / Flan-T5: the gated MLP (wi_0, wi_1, wo)
+FAMILIES["t5_gated"] = (
+    _causal("T5Config", "T5ForConditionalGeneration", d_model=HIDDEN, d_ff=INNER, d_kv=8, num_layers=1,
+            num_decoder_layers=1, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
+            feed_forward_proj="gated-gelu"),
+    "seq2seq",
+)  # fmt: skip
+
+
+def _vit() -> nn.Module:
+    t = _t()
+    return t.ViTForImageClassification(t.ViTConfig(image_size=8, patch_size=4, **_ENCODER))
+
+
+FAMILIES["vit"] = (_vit, "image")
+
+
+def make(family: str, seed: int = 0) -> nn.Module:
+    """A fresh tiny model of ``family`` (one of :data:`FAMILIES`), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return FAMILIES[family][0]()
+
+
+def inputs(
+    family: str, batch: int = 2, length: int = 15, seed: int = 0, labels: bool = True
+) -> dict[str, torch.Tensor]:
+    """Model inputs, with labels (the loss is ``model(**inputs).loss``) or without (for logits only)."""
+    gen = torch.Generator().manual_seed(seed)
+    kind = FAMILIES[family][1]
+    if kind == "image":
+        out = {"pixel_values": torch.randn(batch, 3, 8, 8, generator=gen), "labels": torch.randint(0, 2, (batch,))}
+    else:
+        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+        if kind == "classify":
+            out = {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=gen)}
+        else:
+            out = {"input_ids": ids, "labels": ids}
+            if not labels and kind == "seq2seq":
+                out["decoder_input_ids"] = ids
+    if not labels:
+        out.pop("labels")
+    return out

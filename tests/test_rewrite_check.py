@@ -1,0 +1,184 @@
+"""Output mode is never silently wrong: the self-check at each block's first forward pass (issue 20).
+
+Attention code that reshapes with a stored head count (OPT's ``view(bsz, -1, self.num_heads, ...)``, GPT-Neo's and
+StableLM's explicit head counts) cannot run on the active heads only: such a block computes all heads instead
+("expand"), which the check finds and logs. A block that no rewrite can compute exactly is refused with a typed
+error before anything trains.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from egg_optim import LeaderCloneOptimizer, PlanError, RewriteCheckError, RolePlan
+from egg_optim.rewrites import block_output
+
+
+class ToyAttention(nn.Module):
+    """Attention over ``num_heads`` heads; ``reshape`` says how it splits them: ``"minus_one"`` (``view(b, -1,
+    heads, head_dim)``: folds tokens into heads when fewer heads come in), ``"stored"`` (``view(b, t, heads,
+    head_dim)``: fails), ``"head_dim"`` (``view(b, t, -1, head_dim)``: works on any number of heads), ``"direct"``
+    (reads ``q_proj.weight`` itself, bypassing the module: no rewrite can be exact)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, reshape: str = "stored") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.reshape = heads, dim // heads, reshape
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.o_proj = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = {
+            "minus_one": (b, -1, self.num_heads, self.head_dim),
+            "stored": (b, t, self.num_heads, self.head_dim),
+        }.get(self.reshape, (b, t, -1, self.head_dim))
+        return x.reshape(shape).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = F.linear(x, self.q_proj.weight, self.q_proj.bias) if self.reshape == "direct" else self.q_proj(x)
+        q, k, v = self._split(q), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class ToyLM(nn.Module):
+    def __init__(self, reshape: str = "stored", vocab: int = 20, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = ToyAttention(dim, reshape=reshape)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.head(h + self.attn(h))
+
+
+def _ids(n: int = 2, t: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 20, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _opt(model: nn.Module, **kw) -> LeaderCloneOptimizer:
+    plan = RolePlan(0.25, 0.0, layers=["attn"])  # 4 heads: 1 leader, 3 clones
+    return LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), plan, clone_mode="output", **kw)
+
+
+def _step(model: nn.Module, opt: LeaderCloneOptimizer, ids: torch.Tensor) -> None:
+    model(ids).logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _saved_equals_live(model: nn.Module, ids: torch.Tensor) -> None:
+    plain = copy.deepcopy(model)
+    for m in plain.modules():  # a plain instance of the same classes, loaded from what the live model saves
+        block_output._restore(m)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(ids), model.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reshape", ["minus_one", "stored"])
+@pytest.mark.parametrize("length", [8, 7])  # 8 tokens: "minus_one" folds tokens into heads silently; 7: it raises
+def test_attention_reshaping_with_a_stored_head_count_computes_every_head(reshape, length, caplog):
+    torch.manual_seed(0)
+    model = ToyLM(reshape)
+    opt = _opt(model)
+    assert opt.block_output.modes == {"attn": "shrink"}
+    with caplog.at_level("INFO", logger="egg_optim"):
+        for seed in range(3):
+            _step(model, opt, _ids(t=length, seed=seed))
+    assert opt.block_output.modes == {"attn": "expand"} and opt.block_output.verified == {"attn"}
+    assert sum("cannot compute with only its active units" in r.getMessage() for r in caplog.records) == 1
+    _saved_equals_live(model, _ids(t=length, seed=9))
+    assert opt.block_output._hooks == {}  # checked once: no hook left on the hot path
+
+
+def test_attention_that_splits_heads_by_head_dim_keeps_computing_active_heads_only():
+    model = ToyLM("head_dim")
+    opt = _opt(model)
+    _step(model, opt, _ids())
+    assert opt.block_output.modes == {"attn": "shrink"} and opt.block_output.verified == {"attn"}
+    _saved_equals_live(model, _ids(seed=3))
+
+
+@pytest.mark.parametrize("reshape", ["minus_one", "stored"])
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_without_the_fix_the_mismatch_is_refused_before_anything_trains(reshape, zero_init, monkeypatch):
+    """With the full-head fallback bypassed, the check refuses the block with a typed error naming it, the reason
+    and the workarounds; the optimizer never steps. Zero-initialised projections (every head computes zeros, so
+    the batch at hand cannot show the wrong reshape) are caught by the check's run with random weights."""
+    monkeypatch.setattr(block_output, "MODES", ("shrink",))
+    torch.manual_seed(0)
+    model = ToyLM(reshape)
+    if zero_init:
+        with torch.no_grad():
+            for proj in (model.attn.q_proj, model.attn.k_proj, model.attn.v_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    opt = _opt(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RewriteCheckError, match=r"block 'attn'") as err:
+        _step(model, opt, _ids())
+    assert isinstance(err.value, PlanError) and err.value.block == "attn"
+    assert "clone_mode='weight'" in str(err.value) and "RolePlan(exclude=['attn'])" in str(err.value)
+    assert ("with random weights" in str(err.value)) == (zero_init and reshape == "minus_one")
+    assert opt.steps == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and all(m.training for m in model.modules())  # the check's eval mode is undone
+
+
+def test_a_block_no_rewrite_computes_exactly_is_refused():
+    """An attention that reads its projection's weight itself bypasses the rewritten module: neither way of
+    computing matches what its saved model computes, so it is refused."""
+    model = ToyLM("direct")
+    opt = _opt(model)
+    with pytest.raises(RewriteCheckError, match=r"block 'attn' \(attention\).*clone_mode='weight'"):
+        _step(model, opt, _ids())
+    assert opt.steps == 0
+
+
+def test_the_check_waits_for_clones_and_follows_role_changes():
+    model = ToyLM("stored")
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(1.0, layers=["attn"]),
+                               clone_mode="output")  # fmt: skip
+    _step(model, opt, _ids())  # no clones: nothing to check yet
+    assert opt.block_output.verified == set() and not opt.block_output._hooks  # armed once roles have clones
+    from egg_optim import Roles
+
+    opt._set_roles({"attn": Roles(4, [0], [], [1, 2, 3], [0, 0, 0])})
+    _step(model, opt, _ids())
+    assert opt.block_output.verified == {"attn"} and opt.block_output.modes == {"attn": "expand"}
+
+
+def test_eval_mode_own_weights_is_checked_as_trained():
+    model = ToyLM("stored")
+    opt = _opt(model, eval_mode="own_weights")
+    model.eval()
+    with torch.no_grad():
+        model(_ids())
+    assert opt.block_output.verified == {"attn"} and opt.block_output.modes == {"attn": "expand"}
+
+
+def test_the_check_does_not_touch_the_key_value_cache():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=24, num_hidden_layers=1,
+                                 num_attention_heads=4, word_embed_proj_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25),
+                               clone_mode="output")  # fmt: skip
+    ids = _ids(t=6)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    assert out.past_key_values.get_seq_length() == 6
+    assert opt.block_output.modes["model.decoder.layers.0.self_attn"] == "expand"
+    plain = transformers.OPTForCausalLM(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, out.logits, rtol=1e-5, atol=1e-5)
