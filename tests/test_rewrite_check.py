@@ -150,7 +150,7 @@ def test_the_check_waits_for_clones_and_follows_role_changes():
     assert opt.block_output.verified == set() and not opt.block_output._hooks  # armed once roles have clones
     from egg_optim import Roles
 
-    opt._set_roles({"attn": Roles(4, [0], [], [1, 2, 3], [0, 0, 0])})
+    opt.controller._set_roles({"attn": Roles(4, [0], [], [1, 2, 3], [0, 0, 0])})
     _step(model, opt, _ids())
     assert opt.block_output.verified == {"attn"} and opt.block_output.modes == {"attn": "expand"}
 
