@@ -21,14 +21,18 @@ class StatsMixin:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Role counts, fraction of units updated, units cloned so far, elections and churn."""
+        """Role counts, fraction of units updated, units cloned so far, elections and churn; ``align``: the
+        multiple each layer's counts were rounded to (1: not rounded, see :class:`~egg_optim.RolePlan`) and, at
+        the top, the plan's ``align`` setting."""
         layers = {}
         for name, lb in self.book.layers.items():
             roles = lb.roles
             c = roles.counts()
+            lp = self.layer_plans.get(name)
             layers[name] = {
                 "units": roles.num_units,
                 **c,
+                "align": lp.align if lp is not None else 1,
                 "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
                 "cloned_units": lb.cloned_units,
                 "churn": lb.churn,
@@ -47,6 +51,7 @@ class StatsMixin:
             "steps": self.steps,
             "elections": self.elections,
             "clone_events": self.clone_events,
+            "align": self.plan.align,
         }
 
     def role_metrics(self, prefix: str = "roles", *, per_layer: bool = True) -> dict[str, float]:

@@ -13,6 +13,7 @@ of their own.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +30,7 @@ from ..core.cloning import clone_layer
 from ..core.coupling import NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
-from ..core.plan import LayerPlan, RolePlan
+from ..core.plan import LayerPlan, RolePlan, describe_alignment
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
@@ -42,6 +43,8 @@ from ._sharding import ShardingMixin
 from ._state import StateDictMixin
 from ._stats import StatsMixin
 from .registry import optimizer_info
+
+logger = logging.getLogger("egg_optim")
 
 
 def find_leader_clone_optimizer(optimizer: Any) -> LeaderCloneOptimizer | None:
@@ -132,7 +135,9 @@ class LeaderCloneOptimizer(NormCouplingMixin, ShardingMixin, StateDictMixin, Sta
                     "RolePlan(units='layers') or another score"
                 )
         # the counts of every role draw a leader_scales schedule asks for, checked now
-        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
+        multiples = role_plan.multiples(model, list(layer_plans)) if config.scales else None
+        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale, multiples) for scale in config.scales]
+        logger.info("egg_optim: %s", describe_alignment(layer_plans, role_plan.align))
 
         # --- the Optimizer protocol, sharing the base optimizer's containers
         self.optimizer = optimizer
