@@ -18,7 +18,7 @@ from typing import Any
 from .core.cloning import check_clone_options
 from .core.compact import CLONE_STATES, STORAGES
 from .core.election import ASSIGN_STRATEGIES
-from .core.plan import PRESET_TABLES, PRESETS, RolePlan
+from .core.plan import AUTO, PRESET_TABLES, PRESETS, RolePlan, check_align
 from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
 from .core.scores import SCORES, Score, is_election, resolve_score
@@ -53,6 +53,13 @@ class EggConfig:
         metadata=_opt("table for a preset plan: uniform (one pair for every managed layer: mild 0.40/0.10, "
                       "aggressive 0.25/0.10) or the seed's per-layer tables for its CNNs (mnist, cifar)",
                       choices=PRESET_TABLES),
+    )  # fmt: skip
+    align: str | int | None = field(
+        default=AUTO,
+        metadata=_opt("round each managed layer's active and leader counts to a hardware multiple: auto (by the "
+                      "weight's device and dtype: unchanged on CPU; on CUDA 64 neurons/rows for 16-bit weights, 8 "
+                      "for float32, 8 conv channels), N (that multiple), none (off). A RolePlan's own align must "
+                      "agree with a non-auto value here", type="align"),
     )  # fmt: skip
     clone_mode: str = field(
         default="weight",
@@ -211,7 +218,14 @@ class EggConfig:
         return dataclasses.replace(self, **changes)
 
     def role_plan(self) -> RolePlan:
-        return RolePlan.preset(self.plan, self.plan_table) if isinstance(self.plan, str) else self.plan
+        """The plan: a preset built with ``align``, or the given :class:`RolePlan` (with ``align`` when this
+        config sets one and the plan's is ``"auto"``)."""
+        align = check_align(self.align, "EggConfig.align", ConfigError)
+        if isinstance(self.plan, str):
+            return RolePlan.preset(self.plan, self.plan_table, align=align)
+        if align != AUTO and self.plan.align == AUTO:
+            return dataclasses.replace(self.plan, align=align)
+        return self.plan
 
     @property
     def clone_schedule(self) -> Schedule:
@@ -241,6 +255,8 @@ class EggConfig:
             value = getattr(self, f.name)
             if f.name == "plan":
                 value = value if isinstance(value, str) else value.signature()
+            elif f.name == "align":
+                value = check_align(value, "EggConfig.align", ConfigError)
             elif f.name == "election":
                 value = self.score.name
             elif f.name in ("clone_every", "elect_every") and value != "auto":
@@ -270,6 +286,11 @@ def _validate(cfg: EggConfig) -> None:
             raise PlanError(f"EggConfig.plan: unknown preset {cfg.plan!r}; choose one of {PRESETS}")
     elif not isinstance(cfg.plan, RolePlan):
         raise PlanError(f"EggConfig.plan must be a RolePlan or a preset name, got {type(cfg.plan).__name__}")
+    align = check_align(cfg.align, "EggConfig.align", ConfigError)
+    if isinstance(cfg.plan, RolePlan) and align != AUTO and cfg.plan.align not in (AUTO, align):
+        raise ConfigError(
+            f"EggConfig.align {cfg.align!r} disagrees with the plan's align {cfg.plan.align!r}; set one of them"
+        )
     for name, choices in (
         ("plan_table", PRESET_TABLES),
         ("clone_mode", CLONE_MODES),
@@ -334,6 +355,8 @@ def _argparse_type(f: dataclasses.Field, cli: Mapping[str, Any]) -> Callable[[st
                 value: Any = str(Schedule.parse(text, what=_flag(f.name)))
             elif kind == "auto_bool":
                 value = {"auto": None, "on": True, "off": False}[text.strip().lower()]
+            elif kind == "align":
+                value = check_align(text, _flag(f.name), ConfigError)
             elif kind == "scales":  # needs an election schedule too: checked with the whole config
                 parse_leader_scales(text, what=_flag(f.name))
                 return text.strip()
@@ -376,6 +399,8 @@ def add_config_arguments(
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         elif cli.get("type") == "auto_bool":
             kwargs.update(type=_argparse_type(f, cli), default=default, metavar="{auto,on,off}")
+        elif cli.get("type") == "align":
+            kwargs.update(type=_argparse_type(f, cli), default=default, metavar="{auto,none,N}")
         else:
             if isinstance(default, Schedule):
                 default = str(default)

@@ -4,6 +4,7 @@ results docs say (timings themselves are not asserted: the machine is noisy)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -114,3 +115,60 @@ def test_demotion_screen_costs_are_the_loss_change_of_the_demotion_and_its_deriv
     model.eval()
     assert screen._loss(model, x, y) - base == pytest.approx(exact, rel=1e-3, abs=1e-5)
     assert abs(exact) > 1e-4  # the check above is not vacuous
+
+
+def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
+    """The GPU benchmark's CPU smoke mode: the device checks pass, each group measures its cases against the bare
+    step of the same group, and the report is written."""
+    pytest.importorskip("transformers")
+    bench = _load("bench_gpu")
+    groups = ["tiny CNN b4 fp32", "tiny Llama bf16"]  # the fp32 CNN also matches its compiled group
+    result = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--groups", *groups])
+    assert [c["check"] for c in result["checks"]] == list(bench.CHECKS)
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+    rows = {(r["group"], r["case"]): r for r in result["rows"]}
+    assert not result["skipped"], result["skipped"]
+    cnn = "tiny CNN b4 fp32"
+    assert {c for g, c in rows if g == cnn} == set(bench._CNN_SCENARIOS)
+    assert rows[cnn, "bare"]["vs_bare"] == 1.0 and rows[cnn, "bare"]["param_index_ops"] == 0
+    for case in ("output/mild", "output/aggressive", "dense@mild", "dense@aggressive"):
+        assert 0 < rows[cnn, case]["flop_ratio"] < 1, case
+        assert math.isfinite(rows[cnn, case]["vs_bare"]) and rows[cnn, case]["step_ms"] > 0
+    assert rows[cnn, "dense@aggressive"]["flop_ratio"] < rows[cnn, "output/aggressive"]["flop_ratio"]
+    assert rows[cnn, "output/mild"]["param_index_ops"] > 0  # today's index traffic (issue 19 item 2)
+    assert rows[cnn, "output/mild"]["state_mb"] < rows[cnn, "bare"]["state_mb"]
+    assert ("tiny CNN b4 fp32 compiled", "output/mild/compiled") in rows
+    llama = "tiny Llama bf16"
+    assert {c for g, c in rows if g == llama} == {"bare", "output/aggressive", "output/aggressive-align1"}
+    assert "mlp 62/176" in rows[llama, "output/aggressive"]["widths"]  # CPU: the seed's counts (align 1)
+    text = (tmp_path / "bench_gpu.md").read_text()
+    assert "| no-clone plan bit-exact to the bare optimizer | PASS |" in text and "## tiny Llama bf16" in text
+    assert json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+
+
+def test_bench_gpu_seed_nets_are_the_kits():
+    models = pytest.importorskip("egg_recipes.models")
+    bench = _load("bench_gpu")
+    import torch
+
+    for mine, theirs in ((bench.seed_cifar(), models.SeedCIFARNet()), (bench.seed_mnist(), models.SeedMNISTNet())):
+        a = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
+        b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        assert a == b
+    widths = {"layer1.conv1": 48, "layer3.conv3": 16}
+    a = {k: tuple(v.shape) for k, v in bench.seed_cifar(widths).state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in models.SeedCIFARNet(widths=widths).state_dict().items()}
+    assert a == b
+    assert torch.is_tensor(bench.seed_cifar()(torch.zeros(2, 3, 32, 32)))
+
+
+def test_bench_dispatch_counts_and_memory(capsys):
+    pytest.importorskip("transformers")
+    bench = _load("bench_dispatch")
+    result = bench.main(["--steps", "1", "--cnn-batch", "2", "--models", "cnn"])
+    bare, none = result["cnn/bare"], result["cnn/output/no clones"]
+    assert bare["param_index_ops"] == 0 and none["param_index_ops"] == 0
+    assert none["launches"] <= bare["launches"] + 2
+    mild = result["cnn/output/mild"]
+    assert mild["param_index_ops"] > 0 and mild["state_mb"] < bare["state_mb"]
+    assert "| cnn/output/aggressive |" in capsys.readouterr().out

@@ -85,7 +85,6 @@ def clone_layer(
     n = unit_roles.num_clones
     # every tensor's new rows first (nothing written yet), so a non-finite source is found before any write
     writes: list[tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor, bool]] = []
-    bad: torch.Tensor | None = None
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
             continue
@@ -100,18 +99,21 @@ def clone_layer(
             eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
             rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, lead)
         writes.append((p, whole, dim, roles, rows, True))
-        units_bad = _bad_units(rows, dim, n)
-        bad = units_bad if bad is None else bad | units_bad.to(bad.device)
     for bname, b in layer.buffers:
         dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
         rows = _blended(b, roles, blend, dim)
         writes.append((b, b, dim, roles, rows, False))
-        units_bad = _bad_units(rows, dim, n)
-        bad = units_bad if bad is None else bad | units_bad.to(bad.device)
     skipped = 0
     keep_units = None
-    if bad is not None and bool(bad.any()):  # one host sync per layer and clone event
-        keep_units = ~bad.cpu()
+    # fast path: one sum per tensor (NaN and inf survive a sum) and one host sync per layer and clone event;
+    # only a non-finite (or overflowing) sum looks at the units one by one
+    sums = [rows.sum(dtype=torch.float32) for *_, rows, _ in writes]
+    total = sum(s.to(sums[0].device) for s in sums[1:]) + sums[0] if sums else None
+    bad = None
+    if total is not None and not bool(torch.isfinite(total)):
+        bad = torch.stack([_bad_units(rows, dim, n).cpu() for _, _, dim, _, rows, _ in writes]).any(dim=0)
+    if bad is not None and bool(bad.any()):
+        keep_units = ~bad
         skipped = n - int(keep_units.sum())
         warnings.warn(
             f"egg_optim: clone event in layer {layer.name!r}: {skipped} of {n} clone(s) keep their rows because "

@@ -5,6 +5,12 @@ layers are managed. Resolving a plan against a model validates everything before
 Counts follow the seed: ``leaders = round(pL * units)``, ``independents = round(pI * units)``, clones are
 the rest (Python's ``round``, i.e. half to even); a positive leader fraction that rounds to no leader while
 clones remain gives one leader (small blocks: two attention heads at ``pL = 0.25``).
+
+Hardware alignment (``RolePlan(align=...)``, :func:`align_counts`): a GPU computes a layer of 1,971 active
+neurons much slower than one of 1,984 (odd widths miss the tensor cores' aligned kernels), so the counts can be
+rounded so that each layer's active width (leaders + independents) and its leader count are multiples of a
+hardware-friendly number. ``"auto"`` (the default) picks it per layer from the device and dtype of the layer's
+weight when the plan is resolved (:func:`hardware_alignment`): on CPU it is 1, i.e. the seed's counts unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import PlanError
@@ -51,6 +58,89 @@ _CIFAR = {
 _UNIFORM = {"mild": (0.40, 0.10), "aggressive": (0.25, 0.10)}
 PRESETS = ("baseline", "mild", "aggressive")
 PRESET_TABLES = ("mnist", "cifar", "uniform")
+AUTO = "auto"
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+def check_align(value: object, what: str = "RolePlan.align", error: type[Exception] = PlanError) -> str | int:
+    """``value`` as ``"auto"`` or an int multiple >= 1; ``None``, ``"none"``, ``"off"`` and ``1`` mean off (1).
+    Anything else raises ``error`` naming ``what`` and the value."""
+    if value is None:
+        return 1
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text in ("none", "off"):
+            return 1
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
+        return int(value)
+    raise error(f"{what} must be 'auto', None (off) or an int multiple >= 1, got {value!r}")
+
+
+def hardware_alignment(kind: str, device: torch.device, dtype: torch.dtype) -> int:
+    """The multiple ``align="auto"`` rounds a layer's active and leader counts to, by what a unit is (``kind``:
+    ``"linear"`` rows, transformer ``"mlp"`` neurons, ``"conv"`` channels, ``"attention"`` heads) and where the
+    layer's weight lives.
+
+    - not CUDA (CPU, MPS, meta, ...): 1, the plan's counts unchanged;
+    - CUDA, Linear rows and MLP neurons: 64 for 16-bit (and narrower) float weights, the tensor-core tile;
+      8 for float32 (TF32 tensor cores; under autocast, float32 weights multiply in bf16/fp16, where 8 elements
+      are the 16-byte row alignment the fast kernels need: pass ``align=64`` to get the 16-bit tile there);
+    - CUDA, conv channels: 8 (cuDNN's tensor-core channel multiple, bf16/fp16 and TF32);
+    - attention heads: 1, a unit is already a whole key/value group of ``head_dim``-row heads;
+    - float64 and integer weights: 1.
+    """
+    if device.type != "cuda" or kind == "attention" or not dtype.is_floating_point or dtype == torch.float64:
+        return 1
+    if kind == "conv":
+        return 8
+    return 64 if dtype.itemsize <= 2 else 8
+
+
+def align_counts(units: int, leaders: int, independents: int, multiple: int) -> tuple[int, int, int]:
+    """``(leaders, independents, align)``: the counts rounded to ``multiple`` and the multiple they now follow
+    (1 when unchanged).
+
+    - the active count ``a = leaders + independents`` goes to the nearest of ``multiple, 2 * multiple, ...``
+      (at most ``units``) and ``units`` itself (ties go up); it never exceeds ``units`` and, when clones remain,
+      is a multiple of ``multiple``;
+    - when clones remain, the leader count goes to the nearest multiple (halves up) within ``[multiple, a]``, so
+      it is never 0; with no independents in the plan all of ``a`` are leaders; independents are the rest (a
+      multiple too, possibly 0);
+    - when ``a`` reaches ``units`` (no clones left), the leaders stay and independents fill the layer;
+    - unchanged: ``multiple <= 1``, a layer without clones, or one with fewer units than ``multiple`` (a single
+      tile either way).
+    """
+    m = int(multiple)
+    active = leaders + independents
+    if m <= 1 or active >= units or units < m:
+        return leaders, independents, 1
+    top = (units // m) * m
+    lo = min(top, max(m, (active // m) * m))
+    hi = min(top, lo + m)
+    a = min({lo, hi, units}, key=lambda c: (abs(c - active), -c))
+    if a == units:
+        return leaders, units - leaders, m
+    if independents == 0:
+        return a, 0, m
+    lead = min(a, max(m, ((2 * leaders + m) // (2 * m)) * m))
+    return lead, a - lead, m
+
+
+def _kind(candidate: nn.Module | UnitGroup) -> str:
+    if isinstance(candidate, UnitGroup):
+        return candidate.kind
+    return "linear" if isinstance(candidate, nn.Linear) else "conv"
+
+
+def _placement(model: nn.Module, candidate: nn.Module | UnitGroup) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the weight that computes ``candidate``'s units (a block's first producer)."""
+    module = model.get_submodule(candidate.producers[0]) if isinstance(candidate, UnitGroup) else candidate
+    weight = module.weight
+    return weight.device, weight.dtype
 
 
 def _short_list(names: list[str], limit: int = 6) -> str:
@@ -102,10 +192,16 @@ class LayerPlan:
     units: int
     leaders: int
     independents: int
+    align: int = 1  # the multiple the counts were rounded to (1: not rounded)
+    unaligned: tuple[int, int] | None = None  # (leaders, independents) before rounding, when it changed them
 
     @property
     def clones(self) -> int:
         return self.units - self.leaders - self.independents
+
+    @property
+    def active(self) -> int:
+        return self.leaders + self.independents
 
 
 @dataclass(frozen=True)
@@ -125,6 +221,11 @@ class RolePlan:
             attention head spanning the block's projections (:mod:`egg_optim.core.blocks`), named by the block
             (``model.layers.0.mlp``, ``model.layers.0.self_attn``); elsewhere a Linear/ConvNd output row.
             ``"layers"``: every Linear/ConvNd output row is a unit, blocks included.
+        align: round each managed layer's active count (leaders + independents) and leader count to a multiple
+            (:func:`align_counts`). ``"auto"`` (default): by device and dtype of the layer's weight when the plan
+            is resolved (:func:`hardware_alignment`: 1, i.e. unchanged, on CPU; 64 neurons / rows for 16-bit
+            weights on CUDA, 8 for float32, 8 conv channels); an int: that multiple for every layer; ``None``
+            or 1: off.
     """
 
     leaders: float = 1.0
@@ -134,8 +235,10 @@ class RolePlan:
     exclude: Sequence[str] = ()
     only_listed: bool = False
     units: str = "auto"
+    align: str | int | None = AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "align", check_align(self.align))
         _check_fractions("RolePlan", (self.leaders, self.independents))
         checked = {str(k): _check_fractions(f"RolePlan.per_layer[{k!r}]", v) for k, v in self.per_layer.items()}
         object.__setattr__(self, "per_layer", checked)
@@ -145,22 +248,22 @@ class RolePlan:
             raise PlanError(f"RolePlan.units must be one of {UNIT_KINDS}, got {self.units!r}")
 
     @classmethod
-    def preset(cls, name: str, table: str = "uniform") -> RolePlan:
+    def preset(cls, name: str, table: str = "uniform", *, align: str | int | None = AUTO) -> RolePlan:
         """The seed's scenarios: ``"baseline"`` (no roles), ``"mild"``, ``"aggressive"``.
 
         ``table="uniform"`` (default, works on any model) applies one pair to every managed layer (mild 0.40 /
         0.10, aggressive 0.25 / 0.10); ``"mnist"`` / ``"cifar"`` are the seed's per-layer tables for its
-        Bottleneck CNNs (layers ``layer{1,2,3}.conv{1,2,3}`` only).
+        Bottleneck CNNs (layers ``layer{1,2,3}.conv{1,2,3}`` only). ``align``: as :class:`RolePlan`'s.
         """
         if name not in PRESETS:
             raise PlanError(f"unknown preset {name!r}; choose one of {PRESETS}")
         if table not in PRESET_TABLES:
             raise PlanError(f"unknown preset table {table!r}; choose one of {PRESET_TABLES}")
         if name == "baseline":
-            return cls()
+            return cls(align=align)
         if table == "uniform":
-            return cls(*_UNIFORM[name])
-        return cls(per_layer=dict((_MNIST if table == "mnist" else _CIFAR)[name]), only_listed=True)
+            return cls(*_UNIFORM[name], align=align)
+        return cls(per_layer=dict((_MNIST if table == "mnist" else _CIFAR)[name]), only_listed=True, align=align)
 
     def signature(self) -> str:
         """A stable string stored in checkpoints to detect a different plan."""
@@ -169,6 +272,7 @@ class RolePlan:
             f"L={self.leaders:g};I={self.independents:g};per=[{per}];layers={list(self.layers or [])};"
             f"exclude={list(self.exclude)};only={self.only_listed}"
             + (f";units={self.units}" if self.units != "auto" else "")
+            + (f";align={self.align}" if self.align != AUTO else "")
         )
 
     def fractions_for(self, name: str) -> Fractions:
@@ -176,6 +280,17 @@ class RolePlan:
             if name_matches(name, pattern):
                 return pair
         return self.leaders, self.independents
+
+    def multiple_for(self, model: nn.Module, candidate: nn.Module | UnitGroup) -> int:
+        """The multiple this plan rounds ``candidate``'s counts to (``align``, resolved for ``"auto"``)."""
+        if self.align != AUTO:
+            return int(self.align)
+        return hardware_alignment(_kind(candidate), *_placement(model, candidate))
+
+    def multiples(self, model: nn.Module, names: Sequence[str] | None = None) -> dict[str, int]:
+        """:meth:`multiple_for` of every candidate named in ``names`` (default: every candidate)."""
+        candidates = self.candidates(model)
+        return {n: self.multiple_for(model, candidates[n]) for n in (candidates if names is None else names)}
 
     def candidates(self, model: nn.Module) -> dict[str, nn.Module | UnitGroup]:
         """What in ``model`` can have roles under this plan's ``units``: Linear/ConvNd layers and blocks."""
@@ -213,7 +328,8 @@ class RolePlan:
         return [n for n in chosen if n not in excluded], why
 
     def resolve(self, model: nn.Module) -> dict[str, LayerPlan]:
-        """Validate the plan against ``model`` and return per-layer counts (layers with no clones included)."""
+        """Validate the plan against ``model`` and return per-layer counts (layers with no clones included),
+        rounded as ``align`` says (see :func:`align_counts`; on CPU ``"auto"`` leaves them as they are)."""
         chosen, _ = self.selection(model)
         modules = self.candidates(model)
         names = list(modules)
@@ -248,5 +364,34 @@ class RolePlan:
                     f"layer {name!r}: leaders {p_lead:g} x {units} units rounds to 0 leaders but "
                     f"{units - k_ind} clones need a source; raise the leader fraction"
                 )
-            out[name] = LayerPlan(name, units, k_lead, k_ind)
+            out[name] = aligned_plan(name, units, k_lead, k_ind, self.multiple_for(model, modules[name]))
         return out
+
+
+def aligned_plan(name: str, units: int, leaders: int, independents: int, multiple: int) -> LayerPlan:
+    """The :class:`LayerPlan` of these counts rounded to ``multiple`` (:func:`align_counts`)."""
+    lead, ind, align = align_counts(units, leaders, independents, multiple)
+    changed = (lead, ind) != (leaders, independents)
+    return LayerPlan(name, units, lead, ind, align, (leaders, independents) if changed else None)
+
+
+def describe_alignment(plans: Mapping[str, LayerPlan], setting: str | int) -> str:
+    """One line on what alignment did to ``plans`` (for the log)."""
+    rounded = [lp for lp in plans.values() if lp.align > 1]
+    if not rounded:
+        why = "align=1 (off)" if setting == 1 else f"align={setting!r}: multiple 1 on this device"
+        return f"plan counts not rounded ({why})"
+    multiples = sorted({lp.align for lp in rounded})
+    before = sum(sum(lp.unaligned) if lp.unaligned else lp.active for lp in plans.values())
+    after = sum(lp.active for lp in plans.values())
+    units = sum(lp.units for lp in plans.values())
+    changed = [lp for lp in rounded if lp.unaligned]
+    example = ""
+    if changed:
+        lp = max(changed, key=lambda p: p.units)
+        example = f", e.g. {lp.name!r} {sum(lp.unaligned)} -> {lp.active} of {lp.units}"
+    return (
+        f"plan counts rounded (align={setting!r}) to multiples of {'/'.join(map(str, multiples))} in "
+        f"{len(rounded)} of {len(plans)} layers ({len(changed)} changed{example}); active units {before} -> "
+        f"{after} of {units}"
+    )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, PlanError
 from .election import bully_ranking
-from .plan import LayerPlan, RolePlan
+from .plan import LayerPlan, RolePlan, aligned_plan
 from .roles import CLONE, INDEPENDENT, LEADER, Roles
 
 ELECTION_POLICIES = ("rank", "stable")
@@ -78,24 +78,31 @@ def parse_leader_scales(spec: str | Sequence[float] | None, *, what: str = "lead
     return tuple(out)
 
 
-def scaled_counts(plan: RolePlan, layer_plans: Mapping[str, LayerPlan], scale: float) -> dict[str, LayerPlan]:
+def scaled_counts(
+    plan: RolePlan,
+    layer_plans: Mapping[str, LayerPlan],
+    scale: float,
+    multiples: Mapping[str, int] | None = None,
+) -> dict[str, LayerPlan]:
     """Layer counts with every layer's leader fraction multiplied by ``scale`` (``round(scale * pL * units)``
-    leaders, independents unchanged). Raises :class:`PlanError` naming the layer when the scaled plan is
-    impossible (more active units than units, or clones without a leader)."""
+    leaders, independents as the plan rounds them), then rounded to ``multiples[name]`` (the plan's alignment,
+    :func:`~egg_optim.core.plan.align_counts`; none when not given). Raises :class:`PlanError` naming the layer
+    when the scaled plan is impossible (more active units than units, or clones without a leader)."""
     if scale == 1.0:
         return dict(layer_plans)
     out = {}
     for name, lp in layer_plans.items():
         p_lead, _ = plan.fractions_for(name)
         leaders = round(scale * p_lead * lp.units)
-        if leaders + lp.independents > lp.units:
+        independents = lp.unaligned[1] if lp.unaligned else lp.independents
+        if leaders + independents > lp.units:
             raise PlanError(
-                f"leader scale {scale:g} gives layer {name!r} {leaders} leaders + {lp.independents} independents "
+                f"leader scale {scale:g} gives layer {name!r} {leaders} leaders + {independents} independents "
                 f"> {lp.units} units; lower the scale"
             )
-        if leaders == 0 and lp.units - lp.independents > 0:
+        if leaders == 0 and lp.units - independents > 0:
             raise PlanError(f"leader scale {scale:g} rounds layer {name!r} to 0 leaders; raise the scale")
-        out[name] = LayerPlan(name, lp.units, leaders, lp.independents)
+        out[name] = aligned_plan(name, lp.units, leaders, independents, (multiples or {}).get(name, 1))
     return out
 
 

@@ -247,7 +247,8 @@ def parse_book(
         if (c["leaders"], c["independents"]) != tuple(counts[name]):
             raise StateDictMismatchError(
                 f"layer {name!r}: state dict has {c['leaders']} leaders / {c['independents']} independents, "
-                f"the plan asks for {counts[name][0]} / {counts[name][1]}"
+                f"the plan asks for {counts[name][0]} / {counts[name][1]} (RolePlan align='auto' rounds counts by "
+                "the weights' device and dtype: load with the saving run's align, e.g. align=None or 64)"
             )
         score_sum = _tensor(f"{where}.score_sum", entry["score_sum"], (0, n), integer=False)
         score_count = _int(f"{where}.score_count", entry["score_count"])

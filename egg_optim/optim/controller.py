@@ -19,6 +19,7 @@ dict (the ``egg_optim`` entry). Whenever roles change it tells the :class:`~egg_
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.guards import frozen_layers, keep_frozen_roles, outside_inference_mode
-from ..core.plan import LayerPlan, RolePlan
+from ..core.plan import LayerPlan, RolePlan, describe_alignment
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
@@ -49,6 +50,8 @@ from ..rewrites.base import LayerRewrite
 from ..rewrites.factory import build_rewrites
 from . import stats as role_stats
 from .masked import MaskedOptimizer
+
+logger = logging.getLogger("egg_optim")
 
 
 def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
@@ -113,8 +116,10 @@ class RoleController:
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
         _coverage.report(_coverage.build(model, role_plan, layers, masked.optimizer), strict=config.strict_blocks)
-        # the counts of every role draw a leader_scales schedule asks for, checked now
-        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale) for scale in config.scales]
+        # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now
+        multiples = role_plan.multiples(model, list(layer_plans)) if config.scales else None
+        plans_by_draw = [scaled_counts(role_plan, layer_plans, scale, multiples) for scale in config.scales]
+        logger.info("egg_optim: %s", describe_alignment(layer_plans, role_plan.align))
 
         self.model = model
         self.masked = masked
@@ -451,7 +456,7 @@ class RoleController:
         return role_stats.leadership_counts(self.book)
 
     def stats(self) -> dict[str, Any]:
-        return role_stats.stats(self.book)
+        return role_stats.stats(self.book, self.layer_plans, self.plan.align)
 
     # ------------------------------------------------------------------ norm coupling
     @property

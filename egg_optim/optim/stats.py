@@ -3,10 +3,12 @@ the leadership heat map, for logs and trackers."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..core.plan import LayerPlan
 from ..core.state_dict import Book
 
 
@@ -20,16 +22,20 @@ def leadership_counts(book: Book) -> dict[str, torch.Tensor]:
     return out
 
 
-def stats(book: Book) -> dict[str, Any]:
-    """Role counts, fraction of units updated, units cloned so far, elections and churn."""
+def stats(book: Book, plans: Mapping[str, LayerPlan] | None = None, align: str | int = 1) -> dict[str, Any]:
+    """Role counts, fraction of units updated, units cloned so far, elections and churn; ``align``: the
+    multiple each layer's counts were rounded to (1: not rounded, see :class:`~egg_optim.RolePlan`) and, at
+    the top, the plan's ``align`` setting."""
     steps = book.steps
     layers = {}
     for name, lb in book.layers.items():
         roles = lb.roles
         c = roles.counts()
+        lp = (plans or {}).get(name)
         layers[name] = {
             "units": roles.num_units,
             **c,
+            "align": lp.align if lp is not None else 1,
             "updated_fraction": (c["leaders"] + c["independents"]) / roles.num_units,
             "cloned_units": lb.cloned_units,
             "churn": lb.churn,
@@ -46,6 +52,7 @@ def stats(book: Book) -> dict[str, Any]:
         "steps": steps,
         "elections": book.elections,
         "clone_events": book.clone_events,
+        "align": align,
     }
 
 

@@ -1,0 +1,227 @@
+"""CPU proxies of what a training step costs on a GPU (issue 19), and the memory a step holds.
+
+For each case (bare model + bare optimizer; weight and output mode without clones; weight mode mild; output mode
+mild and aggressive) on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets):
+
+- **aten ops per step** (forward + backward + optimizer step; views not counted): on a GPU each is about one
+  kernel launch, and small models are launch-bound;
+- **index ops over parameter-sized tensors** (gather / index_select / index_add / index_copy / ... on weights,
+  gradients, optimizer state and what is built from them) and the bytes they write: traffic the bare step does
+  not have (see :class:`egg_optim.utils.DispatchCounter` for the exact rule);
+- **the optimizer step alone**: its aten ops (and how many are parameter-sized index ops), a measure of its
+  Python and dispatch work that machine load does not blur, and its host time (median of timed steps, no
+  counter attached), with the whole step's;
+- **memory**: bytes autograd saves for backward (:func:`egg_optim.utils.saved_tensor_bytes`, parameters not
+  counted), optimizer state (clones' parked rows included), gradients, their sum with the parameters and
+  buffers ("held"), and the peak of one step (:func:`egg_optim.utils.peak_bytes_above`, from the profiler's
+  memory events, plus the resident parameters, buffers and state) which includes every temporary: weight
+  slices, the optimizer's stand-in copies, gradients.
+
+Fused BatchNorms run their torch-ops path (what CUDA runs), except the ``native norms`` row (egg_optim's CPU
+kernels). Run::
+
+    python benchmarks/bench_dispatch.py            # both models, 10 timed steps per case
+    python benchmarks/bench_dispatch.py --quick    # 4 timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
+from egg_optim.utils import DispatchCounter, peak_bytes_above, saved_tensor_bytes  # noqa: E402
+
+
+def _bench_gpu():
+    """The model builders of bench_gpu.py (this folder), loaded by path."""
+    path = Path(__file__).with_name("bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_gpu", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL_LLAMA = {"hidden": 256, "layers": 4, "heads": 8, "kv": 2, "inter": 688, "seq": 128, "batch": 4, "vocab": 1000}
+CASES = [
+    ("bare", None, None),
+    ("weight/no clones", "weight", "baseline"),
+    ("output/no clones", "output", "baseline"),
+    ("weight/mild", "weight", "mild"),
+    ("output/mild", "output", "mild"),
+    ("output/aggressive", "output", "aggressive"),
+    ("output/mild, native norms", "output", "mild"),
+]
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    fwd_bwd: Callable[[], None]
+    layers: int
+    times: list[float] = field(default_factory=list)
+    host: list[float] = field(default_factory=list)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self.fwd_bwd()
+        t1 = time.perf_counter()
+        self.opt.step()
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+        self.host.append(t2 - t1)
+
+
+def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: int) -> Case:
+    bg = _bench_gpu()
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "cnn":
+        model = bg.seed_cifar()
+        x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+        base = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def fwd_bwd() -> None:
+            F.cross_entropy(model(x), y).backward()
+
+        table = "cifar"
+    else:
+        model = bg.llama(SMALL_LLAMA)
+        ids = torch.randint(0, SMALL_LLAMA["vocab"], (SMALL_LLAMA["batch"], SMALL_LLAMA["seq"]), generator=gen)
+        base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def fwd_bwd() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        table = "uniform"
+    model.train()
+    opt: torch.optim.Optimizer = base
+    layers = 0
+    if mode is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = LeaderCloneOptimizer(model, base, RolePlan.preset(preset, table), clone_mode=mode, seed=0)
+        layers = len(opt.layers)
+    case = Case(f"{kind}/{name}", model, opt, fwd_bwd, layers)
+    case.step()  # norm coupling is decided (and norms fused) in the first step
+    if "native" not in name:
+        for m in model.modules():
+            if hasattr(m, "_egg_kernel"):
+                m._egg_kernel = False  # the torch-ops path, as on CUDA
+    return case
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    if isinstance(opt, LeaderCloneOptimizer):
+        return opt.state_bytes()
+    return _bytes(v for st in opt.state.values() for v in st.values())
+
+
+def measure(case: Case) -> dict[str, float]:
+    with DispatchCounter(case.model, case.opt) as count:
+        case.step()
+    case.fwd_bwd()
+    with DispatchCounter(case.model, case.opt) as in_step:  # the optimizer step alone
+        case.opt.step()
+    case.opt.zero_grad(set_to_none=True)
+    saved, _ = saved_tensor_bytes(case.fwd_bwd, exclude=case.model.parameters())
+    grads = _bytes(p.grad for p in case.model.parameters())
+    case.opt.zero_grad(set_to_none=True)
+    params = _bytes(case.model.parameters()) + _bytes(case.model.buffers())
+    state = _state_bytes(case.opt)
+    transient, _ = peak_bytes_above(case.step)
+    return {
+        "layers": case.layers,
+        "launches": count.launches,
+        "step_launches": in_step.launches,
+        "step_param_index_ops": in_step.param_index_total,
+        "index_ops": sum(count.index_ops.values()),
+        "param_index_ops": count.param_index_total,
+        "param_index_mb": count.param_index_bytes / 2**20,
+        "by_op": dict(count.param_index_ops),
+        "saved_mb": saved / 2**20,
+        "state_mb": state / 2**20,
+        "grad_mb": grads / 2**20,
+        "held_mb": (params + grads + state + saved) / 2**20,
+        "peak_mb": (params + state + transient) / 2**20,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 10, quick 4)")
+    parser.add_argument("--cnn-batch", type=int, default=32)
+    parser.add_argument("--models", nargs="+", default=["cnn", "llama"], choices=["cnn", "llama"])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (4 if args.quick else 10)
+    results: dict[str, dict[str, float]] = {}
+    for kind in args.models:
+        cases = [_build(kind, name, mode, preset, args.cnn_batch) for name, mode, preset in CASES]
+        for case in cases:
+            case.step()
+        for case in cases:
+            case.times.clear()
+            case.host.clear()
+        for _ in range(steps):  # round-robin: machine noise hits every case alike
+            for case in cases:
+                case.step()
+        bare = cases[0]
+        for case in cases:
+            row = measure(case)
+            row["step_ms"] = statistics.median(case.times) * 1e3
+            row["host_step_ms"] = statistics.median(case.host) * 1e3
+            row["vs_bare"] = statistics.median(a / b for a, b in zip(case.times, bare.times))
+            results[case.name] = row
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {steps} timed rounds, medians")
+    print(
+        "| case | managed layers | aten ops / step | extra per layer | index ops | parameter-sized index ops "
+        "| their MB | aten ops in step() (index) | step() host ms | step ms | vs bare | saved for backward MB "
+        "| optimizer state MB | grads MB | held MB (vs bare) | step peak MB (vs bare) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        bare = results[name.split("/")[0] + "/bare"]
+        extra = (r["launches"] - bare["launches"]) / r["layers"] if r["layers"] else 0.0
+        print(
+            f"| {name} | {r['layers']} | {r['launches']} | {extra:.1f} | {r['index_ops']} | {r['param_index_ops']} | "
+            f"{r['param_index_mb']:.2f} | {r['step_launches']} ({r['step_param_index_ops']}) | "
+            f"{r['host_step_ms']:.2f} | {r['step_ms']:.1f} | {r['vs_bare']:.3f} | "
+            f"{r['saved_mb']:.1f} ({r['saved_mb'] / bare['saved_mb']:.3f}) | "
+            f"{r['state_mb']:.2f} ({r['state_mb'] / bare['state_mb']:.3f}) | {r['grad_mb']:.2f} | "
+            f"{r['held_mb']:.1f} ({r['held_mb'] / bare['held_mb']:.3f}) | "
+            f"{r['peak_mb']:.1f} ({r['peak_mb'] / bare['peak_mb']:.3f}) |"
+        )
+    print()
+    for name, r in results.items():
+        if r["by_op"]:
+            print(f"{name}: parameter-sized index ops by op: {r['by_op']}")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "by_op"} for k, v in results.items()}))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,223 @@
+"""Step profiling that needs no GPU: aten ops dispatched, index traffic over parameter-sized tensors, and the
+bytes autograd saves for backward.
+
+On a GPU a small model's training step is bound by how many kernels the host launches, and index ops
+(``gather``, ``index_select``, ``index_add``, ...) over weights, gradients and optimizer state are memory
+traffic the bare step does not have. Both show on a CPU as *dispatched aten ops*, which :class:`DispatchCounter`
+counts (a :class:`~torch.utils._python_dispatch.TorchDispatchMode`; forward, backward and optimizer step alike)::
+
+    with DispatchCounter(model, optimizer) as count:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    count.total, count.launches, count.param_index_ops, count.param_index_bytes
+
+An index op counts as **over a parameter-sized tensor** when one of its floating-point inputs or outputs
+
+- shares storage with a parameter or floating-point buffer of ``model`` (views and ``.detach()`` included), a
+  tensor of the optimizer's state, or a gradient (known from the moment autograd accumulates it);
+- has two or more dimensions and exactly the shape and dtype of a parameter (a weight gradient being formed);
+- is the output of an earlier parameter-sized index op (a weight's active rows, and what is built from them);
+- is a one-dimensional output that becomes a parameter's gradient (a bias gradient formed by ``index_add``).
+
+Index tensors themselves (integers) are ignored. An activation could pass for a weight only by having exactly
+its shape: size the inputs so that it does not (``batch * tokens`` different from every weight dimension).
+Work done in opaque kernels (egg_optim's native CPU norm kernels, fused optimizer kernels) is one
+op, as it is one launch. Counting costs time: measure time without the counter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["INDEX_OPS", "DispatchCounter", "peak_bytes_above", "saved_tensor_bytes"]
+
+# aten op names (overload packets, without a trailing "_") that move data by index
+INDEX_OPS = frozenset(
+    {
+        "gather", "scatter", "scatter_add", "scatter_reduce", "index_select", "index_add", "index_copy",
+        "index_put", "_index_put_impl", "index", "index_fill", "index_reduce", "take", "put", "masked_select",
+        "masked_scatter",
+    }
+)  # fmt: skip
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+
+
+def _state_tensors(optimizer: Any) -> list[torch.Tensor]:
+    state = getattr(optimizer, "state", None) or {}
+    out = [v for st in state.values() if isinstance(st, dict) for v in st.values() if torch.is_tensor(v)]
+    parked = getattr(optimizer, "_parked", None) or {}  # a LeaderCloneOptimizer's clones' parked state
+    out += [v for rows in parked.values() for v in rows.values() if torch.is_tensor(v)]
+    return out
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Count the aten ops dispatched inside the ``with`` block (see the module docstring).
+
+    Args:
+        model: its parameters are the parameter-sized tensors (with ``params``, any tensors).
+        optimizer: its state tensors (read when the block is entered) count as parameter-sized too.
+        params: more tensors to treat as parameters.
+
+    After the block: ``ops`` (a :class:`~collections.Counter` by op name), ``total``, ``launches`` (ops that
+    are not views: what would launch a kernel), ``index_ops`` and ``param_index_ops`` (by name), and
+    ``param_index_bytes`` (bytes written by the parameter-sized index ops).
+    """
+
+    def __init__(self, model: nn.Module | None = None, optimizer: Any = None, params: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self._model, self._optimizer, self._extra = model, optimizer, list(params)
+        self.ops: Counter[str] = Counter()
+        self.views = 0
+        self.index_ops: Counter[str] = Counter()
+        self.param_index_ops: Counter[str] = Counter()
+        self.param_index_bytes = 0
+        self._known: set[int] = set()
+        self._grads: set[int] = set()
+        self._shapes: set[tuple[tuple[int, ...], torch.dtype]] = set()
+        # storages of tainted outputs and of 1-d outputs that may become gradients, kept alive so that no new
+        # tensor reuses their memory (the storages, not the tensors: autograd steals a gradient only when no one
+        # else holds the tensor, and a counter must not change what it counts)
+        self._keep: list[Any] = []
+        self._pending: list[tuple[str, int, list[int]]] = []
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> DispatchCounter:
+        params = list(self._model.parameters()) if self._model is not None else []
+        params += self._extra
+        buffers = [b for b in self._model.buffers() if b.is_floating_point()] if self._model is not None else []
+        self._shapes = {(tuple(t.shape), t.dtype) for t in params if t.dim() >= 2}
+        tensors = params + buffers + _state_tensors(self._optimizer)
+        tensors += [p.grad for p in params if p.grad is not None]
+        self._known = {p for p in map(_storage, tensors) if p is not None}
+        for p in params:
+            if p.requires_grad and p.is_leaf:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_seen))
+        return super().__enter__()
+
+    def _grad_seen(self, p: torch.Tensor) -> None:
+        ptr = _storage(p.grad)
+        if ptr is not None:
+            self._grads.add(ptr)
+            self._known.add(ptr)
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+        for name, written, ptrs in self._pending:
+            if any(p in self._grads for p in ptrs):
+                self.param_index_ops[name] += 1
+                self.param_index_bytes += written
+        self._hooks, self._keep, self._pending = [], [], []
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def launches(self) -> int:
+        return self.total - self.views
+
+    @property
+    def param_index_total(self) -> int:
+        return sum(self.param_index_ops.values())
+
+    def _param_sized(self, t: torch.Tensor) -> bool:
+        return (t.dim() >= 2 and (tuple(t.shape), t.dtype) in self._shapes) or _storage(t) in self._known
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if func.is_view:
+            self.views += 1
+        if name.rstrip("_") not in INDEX_OPS:
+            return out
+        self.index_ops[name] += 1
+        leaves = pytree.tree_leaves((args, kwargs, out))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # bytes written: the result, or for an in-place op the values written into its first argument
+        written_tensors = tensors[1 : len(tensors) - len(outs)] if func._schema.is_mutable else outs
+        written = sum(t.numel() * t.element_size() for t in written_tensors)
+        if any(self._param_sized(t) for t in tensors):
+            self.param_index_ops[name] += 1
+            self.param_index_bytes += written
+            for t in outs:
+                ptr = _storage(t)
+                if ptr is not None:
+                    self._known.add(ptr)
+                    self._keep.append(t.untyped_storage())
+        elif any(t.dim() == 1 and t.is_floating_point() for t in outs):
+            self._keep += [t.untyped_storage() for t in outs]
+            self._pending.append((name, written, [p for p in map(_storage, outs) if p is not None]))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The counts as plain values."""
+        return {
+            "total": self.total,
+            "launches": self.launches,
+            "index_ops": dict(self.index_ops),
+            "param_index_ops": dict(self.param_index_ops),
+            "param_index_bytes": self.param_index_bytes,
+        }
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
+    """``(bytes, fn())``: the bytes of the distinct storages autograd saves for backward while ``fn`` runs
+    (a forward pass; call backward inside ``fn`` or after), storages of ``exclude`` (e.g. the parameters,
+    which exist anyway) not counted. Saved views of one storage count once, at the storage's size."""
+    skip = {p for p in map(_storage, exclude) if p is not None}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = _storage(t)
+        if ptr is not None and ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def peak_bytes_above(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, Any]:
+    """``(bytes, fn())``: the most memory allocated on ``device`` while ``fn`` runs, above what was allocated
+    when it started (add the resident parameters, buffers and optimizer state for a step's peak).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: from ``torch.profiler`` with ``profile_memory=True``, the
+    running sum of each op's net allocation and of the frees between ops, in time order; memory an op allocates
+    and frees before it returns is not seen, so this is a lower bound of the true peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    current = peak = 0
+    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += ev.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak, result
