@@ -114,6 +114,16 @@ def _step(model, opt, x, y) -> None:
     opt.zero_grad()
 
 
+_NEW_STATS = {"align"}  # stats() keys added after the fixtures were written (issue 19's plan alignment)
+
+
+def _without(stats: dict, keys: set[str]) -> dict:
+    """``stats`` without ``keys``, at the top and in every layer's entry: what the fixtures' version reported."""
+    out = {k: v for k, v in stats.items() if k not in keys}
+    out["layers"] = {n: {k: v for k, v in e.items() if k not in keys} for n, e in stats["layers"].items()}
+    return out
+
+
 def _snapshot(model, opt) -> dict:
     return {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -153,7 +163,7 @@ def test_state_dict_of_previous_main_resumes_exactly(case):
         for n, r in expected["roles"].items():
             assert r.keys() == got["roles"][n].keys()
             assert all(torch.equal(torch.as_tensor(got["roles"][n][k]), torch.as_tensor(v)) for k, v in r.items()), n
-        assert got["stats"] == expected["stats"]
+        assert _without(got["stats"], _NEW_STATS) == expected["stats"]
     # and the state dict it writes now is the format it read: it loads into a third optimizer
     model2, opt2 = _make(case, seed=3)
     model2.load_state_dict(model.state_dict())

@@ -91,9 +91,11 @@ def hardware_alignment(kind: str, device: torch.device, dtype: torch.dtype) -> i
       are the 16-byte row alignment the fast kernels need: pass ``align=64`` to get the 16-bit tile there);
     - CUDA, conv channels: 8 (cuDNN's tensor-core channel multiple, bf16/fp16 and TF32);
     - attention heads: 1, a unit is already a whole key/value group of ``head_dim``-row heads;
+    - MoE expert neurons: 1, their units span experts and output mode computes experts at full width;
     - float64 and integer weights: 1.
     """
-    if device.type != "cuda" or kind == "attention" or not dtype.is_floating_point or dtype == torch.float64:
+    whole_units = kind in ("attention", "experts")
+    if device.type != "cuda" or whole_units or not dtype.is_floating_point or dtype == torch.float64:
         return 1
     if kind == "conv":
         return 8
@@ -138,8 +140,9 @@ def _kind(candidate: nn.Module | UnitGroup) -> str:
 
 def _placement(model: nn.Module, candidate: nn.Module | UnitGroup) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of the weight that computes ``candidate``'s units (a block's first producer)."""
-    module = model.get_submodule(candidate.producers[0]) if isinstance(candidate, UnitGroup) else candidate
-    weight = module.weight
+    # a block: its first slice's tensor (MoE experts hold no `weight`)
+    grouped = isinstance(candidate, UnitGroup)
+    weight = model.get_parameter(candidate.slices[0].param) if grouped else candidate.weight
     return weight.device, weight.dtype
 
 
