@@ -13,43 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 from _digests import state_digest
-from conftest import TinySeedNet
 
 pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
 
-from accelerate import Accelerator  # noqa: E402
 from egg_recipes import checkpoint as ckpt  # noqa: E402
 from egg_recipes import storage  # noqa: E402
+from test_checkpoint import _setup, _train  # noqa: E402  (the same run as the checkpoint tests)
 
 from egg_optim import CheckpointError, EggOptimError, LeaderCloneOptimizer, RolePlan  # noqa: E402
-
-PLAN = RolePlan(per_layer={"layer*.conv*": (0.4, 0.2)}, only_listed=True)
 
 
 @pytest.fixture(autouse=True)
 def _reset(reset_accelerate):
     yield
-
-
-def _setup(seed: int = 0):
-    torch.manual_seed(seed)
-    acc = Accelerator(cpu=True)
-    model = TinySeedNet()
-    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), PLAN, clone_every=1, seed=seed)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
-    model, opt, sched = acc.prepare(model, opt, sched)
-    return acc, model, opt, sched
-
-
-def _train(model, opt, sched, steps: int, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 6, 6, generator=g)),
-                                          torch.randint(0, 4, (8,), generator=g)).backward()  # fmt: skip
-        opt.step()
-        sched.step()
-        opt.zero_grad()
 
 
 def _files(folder: Path) -> dict[str, str]:
