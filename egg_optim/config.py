@@ -18,6 +18,7 @@ from typing import Any
 from .core.cloning import check_clone_options
 from .core.compact import CLONE_STATES, STORAGES
 from .core.election import ASSIGN_STRATEGIES
+from .core.graduation import Graduation
 from .core.plan import AUTO, PRESET_TABLES, PRESETS, RolePlan, check_align
 from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
@@ -109,6 +110,24 @@ class EggConfig:
                       "'0.5,1,1.5' or 'ramp:START:END:N' (N equal pieces at their midpoints, mean (START+END)/2); "
                       "empty: the plan as is", type="scales"),
     )  # fmt: skip
+    graduate: Graduation | str | Sequence[tuple[int, float]] | None = field(
+        default="",
+        metadata=_opt("graduation: clones become trained units (independents) at these points, each promotion "
+                      "keeping what the model computes, e.g. '600:0.75,1200:1' (from step 600 at least 75 percent of "
+                      "every layer's units compute and train; from 1200 all: dense) or 'epoch2:0.75,epoch4:1' "
+                      "(at those epoch starts); empty: never", type="graduation"),
+    )  # fmt: skip
+    graduate_state: str = field(
+        default="copy",
+        metadata=_opt("optimizer state of a graduated unit: copy (its source's: Adam's step size stays what the "
+                      "source's was), reset (fresh: Adam's first steps of a long-running tensor are large), keep",
+                      choices=CLONE_STATES),
+    )  # fmt: skip
+    graduate_noise: float = field(
+        default=0.0,
+        metadata=_opt("Gaussian noise relative to each row's RMS added to a graduated unit (symmetry breaking on "
+                      "top of the consumer columns, which were trained apart; changes the function by that much)"),
+    )  # fmt: skip
     clone_blend: float = field(default=1.0, metadata=_opt("weight cloning: 1 copies the leader, less blends"))
     clone_noise: float = field(
         default=0.0, metadata=_opt("weight cloning: Gaussian noise relative to the leader row's RMS")
@@ -185,6 +204,12 @@ class EggConfig:
                 f"EggConfig.leader_scales {self.leader_scales!r} changes the plan at elections, but elect_every is "
                 "'never'; give an election schedule (e.g. 'epoch')"
             )
+        if not self.graduation.never and not Schedule.parse(self.elect_every).never:
+            raise ConfigError(
+                f"EggConfig.graduate {str(self.graduation)!r} works with fixed roles, but elect_every is "
+                f"{str(Schedule.parse(self.elect_every))!r}: an election would re-rank graduated units; set "
+                "elect_every='never'"
+            )
         if Schedule.parse(self.elect_every).at_train_end:
             raise ConfigError("EggConfig.elect_every: an election when training ends would change the trained model")
         if score.policies is not None and self.election_policy not in score.policies:
@@ -240,6 +265,10 @@ class EggConfig:
         return Schedule.parse(self.elect_every, what="elect_every")
 
     @property
+    def graduation(self) -> Graduation:
+        return Graduation.parse(self.graduate, what="EggConfig.graduate")
+
+    @property
     def score(self) -> Score:
         return resolve_score(self.election)
 
@@ -263,6 +292,8 @@ class EggConfig:
                 value = str(Schedule.parse(value))
             elif f.name == "leader_scales":
                 value = ",".join(f"{v:g}" for v in self.scales)
+            elif f.name == "graduate":
+                value = "" if self.graduation.never else str(self.graduation)
             elif isinstance(value, Mapping):
                 value = dict(value)
             out[f.name] = value
@@ -296,6 +327,7 @@ def _validate(cfg: EggConfig) -> None:
         ("clone_mode", CLONE_MODES),
         ("assign", ASSIGN_STRATEGIES),
         ("clone_state", CLONE_STATES),
+        ("graduate_state", CLONE_STATES),
         ("state_storage", STORAGES),
         ("eval_mode", EVAL_MODES),
         ("local_loss_scores", LOCAL_LOSS_SCORES),
@@ -315,6 +347,10 @@ def _validate(cfg: EggConfig) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1):
         raise _fail("max_churn", value, "a number in [0, 1]")
     cfg.scales  # noqa: B018 - parsed: leader_scales alone is valid
+    cfg.graduation  # noqa: B018
+    value = cfg.graduate_noise
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise _fail("graduate_noise", value, "a finite number >= 0")
     try:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
@@ -353,6 +389,9 @@ def _argparse_type(f: dataclasses.Field, cli: Mapping[str, Any]) -> Callable[[st
                 if f.name == "clone_every" and text.strip().lower() == "auto":
                     return "auto"
                 value: Any = str(Schedule.parse(text, what=_flag(f.name)))
+            elif kind == "graduation":
+                value = str(Graduation.parse(text, what=_flag(f.name)))
+                value = "" if value == "never" else value
             elif kind == "auto_bool":
                 value = {"auto": None, "on": True, "off": False}[text.strip().lower()]
             elif kind == "align":

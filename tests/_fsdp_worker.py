@@ -33,6 +33,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "mlp_frozen": dict(kind="mlp", order="after", clone_mode="weight", election="random", clone_every=4,
                        elect_every="never"),
     "mlp_rank_data": dict(kind="mlp", order="after", clone_mode="weight", election="random", rank_data=True),
+    "llama_output_graduate": dict(kind="llama", order="nested", clone_mode="output", elect_every="never",
+                                  graduate="3:0.7,6:1", graduate_noise=0.05),
+    "seed_weight_graduate": dict(kind="seed", order="after", clone_mode="weight", elect_every="never",
+                                 graduate="4:1", graduate_state="reset"),
 }  # fmt: skip
 # checkpoint round trips: name -> (scenario options, how the checkpoint is written and read)
 CHECKPOINTS: dict[str, tuple[dict[str, Any], str]] = {

@@ -73,7 +73,9 @@ def assert_same_roles(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[n][k], b[n][k]), f"{what}: roles of {n} ({k}) differ"
 
 
-@pytest.mark.parametrize("name", [n for n in w.SCENARIOS if n not in ("mlp_frozen", "mlp_rank_data")])
+@pytest.mark.parametrize(
+    "name", [n for n in w.SCENARIOS if n not in ("mlp_frozen", "mlp_rank_data") and "graduate" not in w.SCENARIOS[n]]
+)
 def test_sharded_training_is_bit_identical_to_one_process(ranks, name):
     """Same data on both ranks: gathered weights (as saved: clone rows filled) and roles equal a one-process run
     without FSDP, bit for bit, on both ranks. FSDP2 uses full storage; the reference uses the default compact
@@ -91,6 +93,19 @@ def test_sharded_training_is_bit_identical_to_one_process(ranks, name):
         assert r0["fused"] and r0["fused"] == ref["fused"]
     if name == "seed_weight_grad_skip":
         assert r0["grad_skip"] and ref["grad_skip"]
+
+
+@pytest.mark.parametrize("name", [n for n in w.SCENARIOS if "graduate" in w.SCENARIOS[n]])
+def test_graduation_under_fsdp2_is_bit_identical_to_one_process(ranks, name):
+    """Graduating sharded units (noise and state policies included) gives, on both ranks, the weights and roles of
+    one process without FSDP (full storage, where the state policy acts alike), ending dense."""
+    r0, r1 = part(ranks, name)
+    ref = w.train({**w.SCENARIOS[name], "state_storage": "full"}, False)
+    assert r0["sharded"] and r0["elections"] == ref["elections"] == 0
+    for r in (r0, r1):
+        assert_same_roles(r["roles"], ref["roles"], name)
+        assert_same(r["state"], ref["state"], name)
+        assert all(not bool((roles["codes"] == 2).any()) for roles in r["roles"].values()), "clones left"
 
 
 def test_clone_rows_stay_frozen_between_clone_events(ranks):

@@ -54,6 +54,58 @@ def _lead(dim: Axis) -> int:
     return dim if isinstance(dim, int) else 0
 
 
+def _noisy(rows: torch.Tensor, dim: Axis, noise: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``rows`` plus Gaussian noise of ``noise`` times each row's RMS (drawn on the CPU: every rank and device
+    draws the same numbers from the same generator)."""
+    lead = _lead(dim)
+    moved = rows.movedim(lead, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
+    eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
+    return (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, lead)
+
+
+def set_row_state(
+    t: torch.Tensor,
+    st: Mapping[str, torch.Tensor],
+    dim: Axis,
+    clones: torch.Tensor,
+    sources: torch.Tensor,
+    state: str,
+    *,
+    group: Mapping | None = None,
+    fresh: Fresh = zero_fresh,
+) -> None:
+    """Full-size optimizer state ``st`` of ``t``: the ``clones`` positions take their ``sources``' rows
+    (``"copy"``) or a fresh value (``"reset"``); ``"keep"`` leaves them."""
+    if state == "keep":
+        return
+    for key in row_state_keys(t, st):
+        if state == "copy":
+            copy_positions_(st[key], dim, clones, sources)
+        else:
+            where = localize(st[key], dim, clones)[1]
+            axes.fill_(local(st[key]), dim, where, fresh(key, group or {}))
+
+
+@torch.no_grad()
+def perturb_units(layer: ManagedLayer, units: Roles, noise: float, generator: torch.Generator | None = None) -> None:
+    """Add Gaussian noise (``noise`` times each row's RMS) to the rows the ``units.clones`` own in the tensors
+    clones copy (:meth:`ManagedLayer.copied_by_clones`), computed from the whole tensor as one process would."""
+    if noise <= 0 or not units.has_clones:
+        return
+    for pname, p in layer.params:
+        if not layer.copied_by_clones(pname):
+            continue
+        dim, roles = layer.dim_of(pname), layer.roles_of(pname, units)
+        whole = full(p)
+        rows = _noisy(axes.select(whole, dim, roles.clones), dim, noise, generator)
+        if is_sharded(p):
+            write_full_(p, whole.index_copy(dim, roles.clones.to(whole.device), rows))
+        else:
+            axes.copy_(p, dim, roles.clones, rows)
+
+
 def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
     """Per clone unit (in the order of ``roles.clones``): whether its new rows hold a NaN or inf. The rows of an
     expanded tensor list each clone unit's positions together (:meth:`Roles.expand`)."""
@@ -92,12 +144,7 @@ def clone_layer(
         whole = full(p)  # p itself unless sharded
         rows = _blended(whole, roles, blend, dim)
         if noise > 0:
-            lead = _lead(dim)
-            moved = rows.movedim(lead, 0)
-            flat = moved.reshape(moved.shape[0], -1)
-            rms = flat.float().pow(2).mean(dim=1).sqrt().to(rows.dtype)
-            eps = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(rows)
-            rows = (flat + noise * rms[:, None] * eps).reshape(moved.shape).movedim(0, lead)
+            rows = _noisy(rows, dim, noise, generator)
         writes.append((p, whole, dim, roles, rows, True))
     for bname, b in layer.buffers:
         dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
@@ -135,12 +182,7 @@ def clone_layer(
             write_full_(t, whole.index_copy(dim, idx, rows))
         else:
             axes.copy_(t, dim, idx, rows)
-        if is_param and opt_state is not None and state != "keep":
-            st = opt_state.get(t, {})
-            for key in row_state_keys(t, st):
-                if state == "copy":
-                    copy_positions_(st[key], dim, clones, sources)
-                else:
-                    where = localize(st[key], dim, clones)[1]
-                    axes.fill_(local(st[key]), dim, where, fresh(key, (groups or {}).get(t, {})))
+        if is_param and opt_state is not None:
+            group = (groups or {}).get(t)
+            set_row_state(t, opt_state.get(t, {}), dim, clones, sources, state, group=group, fresh=fresh)
     return n - skipped

@@ -65,6 +65,7 @@ class Book:
     last_election_step: int = -1
     last_clone_key: tuple[int, int] | None = None  # (steps, elections) at the last clone event
     seed: int | None = None  # the seed the saved run drew its roles from (None: this optimizer's)
+    graduated_to: float = 0.0  # the active fraction graduation last raised every layer to (0: none)
 
 
 # The options whose change makes saved roles, running scores and clone rows mean something else (or makes the
@@ -82,6 +83,9 @@ DEPENDS_ON = (
     "clone_blend",
     "clone_noise",
     "clone_state",
+    "graduate",
+    "graduate_state",
+    "graduate_noise",
 )
 
 
@@ -112,6 +116,7 @@ def pack_book(
         "epoch_ended": book.epoch_ended,
         "last_election_step": book.last_election_step,
         "last_clone_key": list(book.last_clone_key) if book.last_clone_key is not None else [],
+        "graduated_to": book.graduated_to,
         "layers": {
             name: {
                 "units": lb.roles.num_units,
@@ -173,14 +178,14 @@ def parse_book(
     *,
     plan: str,
     units: Mapping[str, int],
-    counts: Mapping[str, tuple[int, int]] | Callable[[int], Mapping[str, tuple[int, int]]],
+    counts: Mapping[str, tuple[int, int]] | Callable[[int, float], Mapping[str, tuple[int, int]]],
     device_of: Any,
     depends: Mapping[str, Any] | None = None,
 ) -> Book:
     """Validate the ``egg_optim`` entry against this optimizer (plan signature, the options the state depends on
     (:func:`check_dependencies`, when ``depends`` is given), managed layers and their unit counts, per-layer
-    ``(leaders, independents)`` counts, or a function of the number of elections held when the plan changes over
-    training) and return its :class:`Book`. Changes nothing."""
+    ``(leaders, independents)`` counts, or a function of the number of elections held and the graduated fraction
+    when the plan changes over training) and return its :class:`Book`. Changes nothing."""
     if not isinstance(extra, Mapping):
         raise StateDictMismatchError(
             f"state dict has no {STATE_KEY!r} entry: it was not saved by a LeaderCloneOptimizer "
@@ -205,8 +210,13 @@ def parse_book(
         clone_events=_int(f"{STATE_KEY}.clone_events", extra["clone_events"]),
         roles_since=_int(f"{STATE_KEY}.roles_since", extra["roles_since"]),
     )
+    if "graduated_to" in extra:  # (absent before graduation existed: none)
+        value = extra["graduated_to"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise StateDictMismatchError(f"{STATE_KEY}.graduated_to must be a number in [0, 1], got {value!r}")
+        book.graduated_to = float(value)
     if callable(counts):
-        counts = counts(book.elections)
+        counts = counts(book.elections, book.graduated_to)
     if book.roles_since > book.steps:
         raise StateDictMismatchError(f"{STATE_KEY}.roles_since {book.roles_since} is after steps {book.steps}")
     if version >= 2:

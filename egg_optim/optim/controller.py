@@ -33,10 +33,11 @@ from ..config import EggConfig
 from ..core import axes, compact, sharding
 from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
-from ..core.cloning import clone_layer
+from ..core.cloning import clone_layer, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
+from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan, describe_alignment
 from ..core.policies import scaled_counts, stable_elect
@@ -86,6 +87,14 @@ def _trainable_only(plan: RolePlan, layer_plans, layers, in_optimizer: set[int])
     return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
 
 
+def _only_clones(roles: Roles, units: torch.Tensor) -> Roles:
+    """Roles whose clones are just ``units`` (with their sources under ``roles``): what graduation writes to."""
+    rest = torch.ones(roles.num_units, dtype=torch.bool)
+    rest[roles.leaders] = False
+    rest[units] = False
+    return Roles(roles.num_units, roles.leaders, rest.nonzero().flatten(), units, roles.source_map[units])
+
+
 @dataclass
 class LoadedState:
     """A validated ``egg_optim`` entry (:meth:`RoleController.read_state`), not applied yet."""
@@ -116,8 +125,11 @@ class RoleController:
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
         _coverage.report(_coverage.build(model, role_plan, layers, masked.optimizer), strict=config.strict_blocks)
-        # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now
-        multiples = role_plan.multiples(model, list(layer_plans)) if config.scales else None
+        # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now;
+        # graduation rounds its counts to the same multiples
+        graduation = config.graduation
+        changing = config.scales or not graduation.never
+        multiples = role_plan.multiples(model, list(layer_plans)) if changing else None
         plans_by_draw = [scaled_counts(role_plan, layer_plans, scale, multiples) for scale in config.scales]
         logger.info("egg_optim: %s", describe_alignment(layer_plans, role_plan.align))
 
@@ -126,6 +138,8 @@ class RoleController:
         self.config = config
         self.plan = role_plan
         self._plans_by_draw = plans_by_draw or [layer_plans]
+        self._multiples = multiples
+        self.graduation: Graduation = graduation
         self.layer_plans: dict[str, LayerPlan] = self.counts(0)  # the counts in force now
         self.layers: dict[str, ManagedLayer] = layers
         self.score: Score = config.score
@@ -163,9 +177,11 @@ class RoleController:
         # compute both in each, so its saving turns into extra work
         return not self.score.requires("grads") and config.local_losses is None
 
-    def counts(self, draw: int) -> dict[str, LayerPlan]:
-        """Per-layer counts of role draw ``draw`` (0: the initial draw, k: the k-th election)."""
-        return self._plans_by_draw[min(draw, len(self._plans_by_draw) - 1)]
+    def counts(self, draw: int, graduated: float = 0.0) -> dict[str, LayerPlan]:
+        """Per-layer counts of role draw ``draw`` (0: the initial draw, k: the k-th election), with at least a
+        ``graduated`` fraction of every layer's units active."""
+        plans = self._plans_by_draw[min(draw, len(self._plans_by_draw) - 1)]
+        return graduated_counts(plans, graduated, self._multiples) if graduated > 0 else plans
 
     # ------------------------------------------------------------------ rewrites
     def _clones_follow_sources(self) -> bool:
@@ -225,13 +241,15 @@ class RoleController:
     ) -> dict[torch.Tensor, compact.UnitParam]:
         return self.masked.unit_params(self.managed_params(roles, layers))
 
-    def _roles_changed(self, old: Mapping[str, Roles], new: Mapping[str, Roles]) -> None:
+    def _roles_changed(
+        self, old: Mapping[str, Roles], new: Mapping[str, Roles], clone_state: str | None = None
+    ) -> None:
         """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
         size), rebuild the step's indices and tell the rewrites and the listeners."""
         if self.masked.storage == "compact":
             before = self.unit_params(old) if old else {}
             after = self.unit_params(new)
-            self.masked.relayout((before.get(p), e) for p, e in after.items())
+            self.masked.relayout(((before.get(p), e) for p, e in after.items()), clone_state)
         self.rebuild_masks()
         roles = self.roles
         for rw in self.rewrites:
@@ -239,8 +257,9 @@ class RoleController:
         for fn in self._listeners:
             fn(roles)
 
-    def _set_roles(self, roles: Mapping[str, Roles]) -> None:
-        """Hand over to ``roles`` (an election): update tenure and leadership history, then lay out state."""
+    def _set_roles(self, roles: Mapping[str, Roles], clone_state: str | None = None) -> None:
+        """Hand over to ``roles`` (an election, a graduation): update tenure and leadership history, then lay out
+        state (``clone_state``: the policy for units that become active, default the run's)."""
         old = dict(self.roles)
         for name, new in roles.items():
             lb = self.book.layers[name]
@@ -249,7 +268,7 @@ class RoleController:
             lb.seated_at[newcomers] = self.book.steps
             lb.roles = new
         self.book.roles_since = self.book.steps
-        self._roles_changed(old, roles)
+        self._roles_changed(old, roles, clone_state)
 
     def rebuild_masks(self) -> None:
         self.masked.rebuild(self.managed_params(self.roles))
@@ -310,6 +329,8 @@ class RoleController:
             self.elect_now()
         if self.clone_every.after_step(self.book.steps):
             self._scheduled_clone()
+        if self.graduation.unit == "steps":
+            self._graduate_due(self.book.steps)
         self._arm_probe()
 
     def _new_epoch(self, epoch: Any, mark: str) -> bool:
@@ -323,13 +344,17 @@ class RoleController:
         return True
 
     def epoch_begin(self, epoch: int) -> bool:
+        """Elections and graduations due at the start of ``epoch``; whether roles changed."""
         if not self._new_epoch(epoch, "epoch_begun"):
             return False
+        changed = False
         due = self.elect_every.at_epoch_begin(epoch) and self.book.steps > 0
         if due and self.book.last_election_step != self.book.steps:
             self.elect_now()
-            return True
-        return False
+            changed = True
+        if self.graduation.unit == "epochs":
+            changed = self._graduate_due(epoch) or changed
+        return changed
 
     def epoch_end(self, epoch: int) -> bool:
         if not self._new_epoch(epoch, "epoch_ended"):
@@ -362,7 +387,7 @@ class RoleController:
         bad = [n for n, s in scores.items() if not bool(torch.isfinite(s).all())]
         if bad:
             raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
-        counts = self.counts(0 if initial else self.book.elections + 1)
+        counts = self.counts(0, 0.0) if initial else self.counts(self.book.elections + 1, self.book.graduated_to)
         cfg = self.config
         if not initial and cfg.election_policy == "stable":
             follow = self._clones_follow_sources()
@@ -409,7 +434,7 @@ class RoleController:
             lb.churn = int((~torch.isin(roles.leaders, lb.roles.leaders)).sum())
             lb.score_sum, lb.score_count = None, 0
         self.book.elections += 1
-        self.layer_plans = self.counts(self.book.elections)
+        self.layer_plans = self.counts(self.book.elections, self.book.graduated_to)
         self.book.last_election_step = self.book.steps
         # A clone has been computing its source's output; giving it the source's rows (conv rows and norm
         # statistics; a block's producer slices) before it may become active again keeps that output
@@ -418,6 +443,67 @@ class RoleController:
             rw.fill_clones(skip=frozen)
         self._set_roles(new)
         return {n: lb.churn for n, lb in self.book.layers.items()}
+
+    def _graduate_due(self, position: int) -> bool:
+        target = self.graduation.target(position)
+        if target > self.book.graduated_to:
+            self.graduate_now(target)
+            return True
+        return False
+
+    @outside_inference_mode()
+    def graduate_now(self, fraction: float) -> dict[str, int]:
+        """Graduate clones until at least ``fraction`` of every layer's units compute and train (rounded up to the
+        plan's multiple; a layer already there keeps its roles); returns the units graduated per layer.
+
+        Promoted clones become independents, spread over their sources (:func:`~egg_optim.core.graduation.
+        graduate_roles`). What the model computes is kept: in output mode every clone first takes its source's
+        rows (as at an election), in weight mode a clone already computes with its own. Their optimizer state
+        follows ``graduate_state``; ``graduate_noise`` perturbs their rows. Every rank draws the same units."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"graduate_now: fraction must be a number in (0, 1], got {fraction!r}")
+        fraction = max(float(fraction), self.book.graduated_to)
+        self.sync_params()
+        frozen = frozen_layers(self.layers)
+        counts = self.counts(self.book.elections, fraction)
+        gen = derived_generator(self.config.seed, "graduate", round(fraction * 1_000_000))
+        new, promoted = {}, {}
+        for name in self.layers:
+            roles = self.roles[name]
+            extra = counts[name].independents - roles.counts()["independents"]
+            new[name] = graduate_roles(roles, extra, gen)
+            moved = new[name].independents[~torch.isin(new[name].independents, roles.independents)]
+            promoted[name] = _only_clones(roles, moved)
+        new = keep_frozen_roles(new, self.roles, frozen)
+        for rw in self.rewrites:
+            rw.fill_clones(skip=frozen)
+        cfg = self.config
+        noise_gen = derived_generator(cfg.seed, "graduate-noise", round(fraction * 1_000_000))
+        groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+        for name, layer in self.layers.items():
+            units = promoted[name]
+            if name in frozen or not units.has_clones:
+                continue
+            perturb_units(layer, units, float(cfg.graduate_noise), noise_gen)
+            if self.masked.storage == "full":
+                for pname, p in layer.params:
+                    er = layer.roles_of(pname, units)
+                    st = self.masked.state.get(p, {})
+                    set_row_state(
+                        p,
+                        st,
+                        layer.dim_of(pname),
+                        er.clones,
+                        er.sources,
+                        cfg.graduate_state,
+                        group=groups.get(p),
+                        fresh=self.masked.info.fresh_value,
+                    )
+        self.book.graduated_to = fraction
+        self.layer_plans = self.counts(self.book.elections, fraction)
+        before = {n: self.roles[n].counts()["independents"] for n in self.layers}
+        self._set_roles(new, clone_state=cfg.graduate_state)
+        return {n: self.roles[n].counts()["independents"] - before[n] for n in self.layers}
 
     @outside_inference_mode()
     def clone_now(self) -> int:
@@ -654,7 +740,9 @@ class RoleController:
             extra,
             plan=self.plan.signature(),
             units={n: lay.num_units for n, lay in self.layers.items()},
-            counts=lambda draw: {n: (lp.leaders, lp.independents) for n, lp in self.counts(draw).items()},
+            counts=lambda draw, graduated: {
+                n: (lp.leaders, lp.independents) for n, lp in self.counts(draw, graduated).items()
+            },
             device_of=lambda n: self.layers[n].weight.device,
             depends=dependencies(self.config),
         )
@@ -686,7 +774,7 @@ class RoleController:
             self._apply_coupling(loaded.coupling[0], loaded.coupling[1].fused, relayout=False)
             self._norm_coupling.adopt(loaded.coupling[1])
         self.book = book
-        self.layer_plans = self.counts(book.elections)
+        self.layer_plans = self.counts(book.elections, book.graduated_to)
         self._roles_changed({}, loaded.roles)
         self._restore_clone_rows(loaded.clone_rows)
         self.book.roles_since = roles_since

@@ -336,6 +336,12 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         """Copy every clone's source leader into it now; returns the number of clone units written."""
         return self.controller.clone_now()
 
+    def graduate(self, fraction: float) -> dict[str, int]:
+        """Graduate clones now until at least ``fraction`` of every managed layer's units compute and train
+        (``1``: dense), keeping what the model computes; returns the units graduated per layer. The ``graduate``
+        option schedules this by steps or epochs."""
+        return self.controller.graduate_now(fraction)
+
     # ------------------------------------------------------------------ statistics
     def leadership_counts(self) -> dict[str, torch.Tensor]:
         """Optimizer steps each unit has spent as a leader (the paper's Figure 4 heat map, per layer)."""

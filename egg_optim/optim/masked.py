@@ -74,11 +74,15 @@ class MaskedOptimizer:
         return {p: compact.UnitParam(p, groups[id(p)][0], r, dim) for p, _, r, dim in managed}
 
     # ------------------------------------------------------------------ roles
-    def relayout(self, params: Iterable[tuple[compact.UnitParam | None, compact.UnitParam]]) -> None:
+    def relayout(
+        self, params: Iterable[tuple[compact.UnitParam | None, compact.UnitParam]], clone_state: str | None = None
+    ) -> None:
         """Compact storage: move state from the old roles' active units to the new ones' (see
-        :func:`~egg_optim.core.compact.relayout`); nothing with full storage."""
+        :func:`~egg_optim.core.compact.relayout`; ``clone_state``: another policy than the run's for units that
+        become active, as graduation's); nothing with full storage."""
         if self.storage == "compact":
-            compact.relayout(params, self.state, self.parked, clone_state=self.clone_state, fresh=self.info.fresh_value)
+            policy = clone_state or self.clone_state
+            compact.relayout(params, self.state, self.parked, clone_state=policy, fresh=self.info.fresh_value)
 
     def rebuild(self, managed: Managed) -> None:
         """The step's entries for the parameters with clones under the current roles."""

@@ -23,7 +23,8 @@ def leadership_counts(book: Book) -> dict[str, torch.Tensor]:
 
 
 def stats(book: Book, plans: Mapping[str, LayerPlan] | None = None, align: str | int = 1) -> dict[str, Any]:
-    """Role counts, fraction of units updated, units cloned so far, elections and churn; ``align``: the
+    """Role counts, fraction of units updated, units cloned so far, elections and churn, the fraction graduation
+    raised every layer to (``graduated_to``, 0: none); ``align``: the
     multiple each layer's counts were rounded to (1: not rounded, see :class:`~egg_optim.RolePlan`) and, at
     the top, the plan's ``align`` setting."""
     steps = book.steps
@@ -52,6 +53,7 @@ def stats(book: Book, plans: Mapping[str, LayerPlan] | None = None, align: str |
         "steps": steps,
         "elections": book.elections,
         "clone_events": book.clone_events,
+        "graduated_to": book.graduated_to,
         "align": align,
     }
 
