@@ -103,6 +103,24 @@ POLICIES: dict[str, tuple[str, str]] = {
         "as swap-conflict, hysteresis 1 (a clone must beat the leader's score by |score|)",
         _STABLE + "clone_conflict --max-churn 0.1 --hysteresis 1",
     ),
+    "graduate": (
+        "output cloning, then graduation (clones become independents, function kept): every layer 0.75 active "
+        "from a third of the epochs, dense from two thirds",
+        "--elect-every never --graduate {GRAD}",
+    ),
+    "graduate-late": (
+        "output cloning for two thirds of the epochs, then every clone graduates (dense for the last third)",
+        "--elect-every never --graduate {GRADLATE}",
+    ),
+    "net2net": (
+        "growth baseline, no clones: the width-matched dense net widened by Net2Net at graduate's points to "
+        "graduate's active widths",
+        "--scenario narrow-{S} --grow-net2net {GRAD}",
+    ),
+    "net2net-late": (
+        "as net2net at graduate-late's point",
+        "--scenario narrow-{S} --grow-net2net {GRADLATE}",
+    ),
 }
 CONTROLS = ("baseline", "narrow", "narrow-flops")
 
@@ -154,9 +172,20 @@ def early_scales(epochs: int) -> str:
     return ",".join(["0.5"] * k + [f"{rest:.6g}"])
 
 
+def graduation_points(epochs: int) -> tuple[str, str]:
+    """``graduate``'s schedule (0.75 active from a third of the epochs, dense from two thirds) and
+    ``graduate-late``'s (dense from two thirds)."""
+    third, two_thirds = max(1, round(epochs / 3)), max(1, round(2 * epochs / 3))
+    early = f"epoch{third}:0.75,epoch{two_thirds}:1" if two_thirds > third else f"epoch{third}:1"
+    return early, f"epoch{two_thirds}:1"
+
+
 def _fill(flag: str, args: argparse.Namespace) -> str:
+    grad, grad_late = graduation_points(args.epochs)
     return (
-        flag.replace("{E}", str(args.epochs))
+        flag.replace("{GRAD}", grad)
+        .replace("{GRADLATE}", grad_late)
+        .replace("{E}", str(args.epochs))
         .replace("{S}", args.scenario)
         .replace("{EARLY}", early_scales(args.epochs))
     )
@@ -216,6 +245,14 @@ def epoch_configs(args: argparse.Namespace, policy: str) -> list[str]:
     flags = [_fill(f, args) for f in POLICIES[policy][1].split()]
     if policy in CONTROLS:
         return [policy] * args.epochs
+    from egg_optim.core.graduation import Graduation
+
+    for flag, name in (("--graduate", f"{args.scenario}+grad"), ("--grow-net2net", "narrow+grow")):
+        if flag in flags:
+            schedule = Graduation.parse(_flag_value(flags, flag))
+            fractions = [schedule.target(e) for e in range(args.epochs)]
+            start = "narrow" if flag == "--grow-net2net" else f"{args.scenario}@1"
+            return [f"{name}{f:g}" if f > 0 else start for f in fractions]
     from egg_optim.core.policies import parse_leader_scales
 
     scales = parse_leader_scales(_flag_value(flags, "--leader-scales") or "") or (1.0,)
@@ -238,14 +275,26 @@ def _timing_case(args: argparse.Namespace, config: str, spec):
     probe = config.endswith("+probe")
     if config == "baseline":
         model, plan = build_model(args.model, **shape), RolePlan()
+    elif "+grow" in config:  # the Net2Net-grown dense net: graduation's active widths at that fraction
+        from egg_optim.core.graduation import graduated_counts
+
+        fraction = float(config.split("+grow")[1])
+        with torch.device("meta"):
+            layer_plans = plan.resolve(build_model(args.model, **shape))
+        widths = {n: lp.leaders + lp.independents for n, lp in graduated_counts(layer_plans, fraction).items()}
+        model, plan = build_model(args.model, widths=widths, **shape), RolePlan()
     elif config.startswith("narrow"):
         match = "flops" if config == "narrow-flops" else "widths"
         model, plan = narrow_model(args.model, plan, match=match, **shape), RolePlan()
+    elif "+grad" in config:
+        model = build_model(args.model, **shape)
     else:
         scale = float(config.split("@")[1].removesuffix("+probe"))
         model = build_model(args.model, **shape)
         plan = RolePlan(per_layer={k: (v[0] * scale, v[1]) for k, v in plan.per_layer.items()}, only_listed=True)
     opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-4), plan, clone_mode="output")
+    if "+grad" in config:
+        opt.graduate(float(config.split("+grad")[1]))
     size = spec.image_size if isinstance(spec.image_size, int) else spec.image_size[0]
     x = torch.randn(args.batch_size, spec.channels, size, size)
     y = torch.randint(0, spec.num_classes, (args.batch_size,))

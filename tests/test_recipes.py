@@ -465,3 +465,14 @@ def test_trainer_route_logs_roles_and_resumes_exactly(tmp_path):
     )
     with pytest.raises(EggOptimError, match="no checkpoint-N folder"):
         train_trainer.train(parse([*common, "--output-dir", str(tmp_path / "d"), "--resume-from", "latest"]))
+
+
+def test_graduation_by_steps_recounts_flops_and_updates_inside_the_epoch(tmp_path):
+    """Graduation at step 2 of 4 in one epoch: the last two batches are priced at full width, not the plan's."""
+    m, _ = _run(["--scenario", "mild", "--clone-mode", "output", "--graduate", "2:1", "--max-steps", "4"], tmp_path)
+    full, _ = _run(["--scenario", "baseline", "--max-steps", "1"], tmp_path, "full")
+    fixed, _ = _run(["--scenario", "mild", "--clone-mode", "output", "--max-steps", "1"], tmp_path, "fixed")
+    per_batch = 64 * fixed["forward_flops_per_sample"], 64 * full["forward_flops_per_sample"]
+    assert per_batch[0] < per_batch[1]
+    assert m["train_flops"] == 2 * per_batch[0] + 2 * per_batch[1]
+    assert m["updates_per_batch"] == full["updates_per_batch"] and m["roles"]["clones"] == 0

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments
+from egg_optim.core.graduation import Graduation, graduated_counts
+from egg_optim.errors import ConfigError
 
 # shared recipe pieces (egg_recipes.common), also read from here by train_trainer.py, sweep.py and the tests
 from egg_recipes.common import (
@@ -185,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the forward FLOPs match output cloning's (the equal-compute control)",
     )
     g.add_argument(
+        "--grow-net2net",
+        default=None,
+        metavar="SCHEDULE",
+        help="narrow-* scenarios: the growth baseline, no clones: at each point of a graduation schedule "
+        "(--graduate syntax, e.g. epoch1:0.75,epoch2:1) the dense net is widened by Net2Net (copied units, the "
+        "consumer's columns split among the copies, optimizer state carried alike) to the widths graduation "
+        "would have active; one process, no resume",
+    )
+    g.add_argument(
+        "--grow-noise",
+        type=float,
+        default=0.01,
+        help="--grow-net2net: Gaussian noise on a copied unit's input weights, relative to the row's RMS (split "
+        "copies get identical gradients and would stay identical without it)",
+    )
+    g.add_argument(
         "--leaders",
         type=_fraction,
         default=None,
@@ -227,6 +245,19 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     ``narrow-*`` scenario, and options of the other clone mode (``--eval-mode`` in weight mode,
     ``--skip-clone-grads`` in output mode)."""
     scenario = args.scenario
+    grow = changed_flags(parser, args, ("grow_net2net", "grow_noise")) if hasattr(args, "grow_net2net") else []
+    if grow and not scenario.startswith(NARROW):
+        parser.error(f"{', '.join(grow)}: grows a narrow-* dense control; use it with --scenario narrow-mild")
+    if getattr(args, "grow_net2net", None) is not None:
+        try:
+            if Graduation.parse(args.grow_net2net, what="--grow-net2net").never:
+                parser.error("--grow-net2net: give at least one point, e.g. epoch1:0.75,epoch2:1")
+        except ConfigError as e:
+            parser.error(str(e))
+        if not args.grow_noise >= 0:
+            parser.error(f"argument --grow-noise: must be >= 0, got {args.grow_noise}")
+        if args.resume_from or args.save_every:
+            parser.error("--grow-net2net changes parameter shapes mid-run; it takes no --resume-from/--save-every")
     if scenario == "baseline":
         fractions = changed_flags(parser, args, ("leaders", "independents"))
         if fractions:
@@ -513,12 +544,48 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.log({"eval/accuracy": result["accuracy"], "eval/loss": result["loss"]}, step=step)
         return result
 
+    # ---------------------------------------------------------------- Net2Net growth (the no-clone control)
+    from egg_recipes.net2net import seed_net_widths
+
+    growth = Graduation.parse(args.grow_net2net) if args.grow_net2net else Graduation()
+    grown_to = 0.0
+    if not growth.never and world > 1:
+        raise ConfigError("--grow-net2net runs in one process (it rebuilds the model); launch without accelerate")
+
+    def grow(fraction: float):
+        """Widen the net to graduation's widths at ``fraction`` (Net2Net); a fresh optimizer and scheduler carry
+        the old ones' state."""
+        from egg_recipes.models import build_model
+        from egg_recipes.net2net import carry_optimizer_state, widen_seed_net
+
+        shape = {"in_channels": spec.channels, "num_classes": spec.num_classes, "image_size": spec.image_size}
+        with torch.device("meta"):
+            full = build_model(args.model, **shape)
+        layer_plans = make_plan(args, full).resolve(full)
+        widths = {n: lp.leaders + lp.independents for n, lp in graduated_counts(layer_plans, fraction).items()}
+        gen = torch.Generator().manual_seed(derived_seed(args.seed, "net2net", round(fraction * 1_000_000)))
+        new_model, mapping = widen_seed_net(
+            unwrapped, args.model, widths, generator=gen, noise=args.grow_noise, **shape
+        )
+        # counted before the optimizer exists: its first forward pass observes how the model uses each layer
+        new_flops = count_conv_linear_flops(new_model, (1, spec.channels, *_pair(spec.image_size)))
+        new_base = make_optimizer(args, new_model.parameters())
+        carry_optimizer_state(unwrapped, new_model, mapping, lco.optimizer, new_base)  # and the current lr
+        new_lco = LeaderCloneOptimizer(new_model, new_base, config=config)
+        new_scheduler = make_scheduler(args, new_lco, planned_raw)
+        new_scheduler.load_state_dict(scheduler.scheduler.state_dict())  # the group lr came with the state
+        return new_model, new_flops, new_lco, *accelerator.prepare(new_model, new_lco, new_scheduler)
+
     # ---------------------------------------------------------------- loop
     model.train()
     updates_per_batch = tracking.active_units(lco, counted, unwrapped)
     flops_per_sample = tracking.forward_flops(lco, layer_flops)
     global_step = progress["global_step"]
     start_epoch = progress["epoch"]
+    # elections or graduations by steps change roles inside an epoch: recount what a batch updates and computes
+    roles_move_by_step = lco.elect_every.steps is not None or (
+        not config.graduation.never and config.graduation.unit == "steps"
+    )
     started = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         if global_step >= max_steps:
@@ -527,6 +594,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if skip == 0:
             progress["epoch_updates"], progress["epoch_flops"], progress["epoch_train_time"] = 0, 0, 0.0
         lco.epoch_begin(epoch)  # a resumed epoch is not re-elected: the optimizer state remembers it began
+        if growth.target(epoch) > grown_to:
+            grown_to = growth.target(epoch)
+            unwrapped, layer_flops, lco, model, opt, scheduler = grow(grown_to)
+            accelerator.print(f"epoch {epoch + 1}: grown by Net2Net to widths {seed_net_widths(unwrapped)}")
         updates_per_batch = tracking.active_units(lco, counted, unwrapped)
         flops_per_sample = tracking.forward_flops(lco, layer_flops)
         progress["epoch"], progress["batch_in_epoch"] = epoch, skip
@@ -558,7 +629,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             batch_flops = flops_per_sample * int(x.shape[0]) * world  # forward Conv/Linear FLOPs, all processes
             progress["epoch_flops"] = progress.get("epoch_flops", 0) + batch_flops
             progress["train_flops"] = progress.get("train_flops", 0) + batch_flops
-            if lco.elect_every.steps is not None:  # roles may change inside the epoch
+            if roles_move_by_step:
                 updates_per_batch = tracking.active_units(lco, counted, unwrapped)
                 flops_per_sample = tracking.forward_flops(lco, layer_flops)
             bar.update(1)
