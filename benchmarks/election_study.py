@@ -313,6 +313,7 @@ def _timing_case(args: argparse.Namespace, config: str, spec):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt  # what is timed, for a look from outside
     return step
 
 

@@ -168,6 +168,29 @@ def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
     return "\n".join(lines) + "\n"
 
 
+def plot(path: Path, results: dict[str, list[dict[str, Any]]], title: str) -> None:
+    """Validation perplexity against training wall-clock, mean over seeds at each evaluation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    base = results.get("baseline")
+    for policy, rows in results.items():
+        n = min(len(r["history"]) for r in rows)
+        secs = [statistics.fmean(r["history"][i]["train_time"] for r in rows) for i in range(n)]
+        ppl = [statistics.fmean(r["history"][i]["perplexity"] for r in rows) for i in range(n)]
+        ax.plot(secs, ppl, "--" if policy == "half-width" else "-", marker="o", markersize=3, label=policy)
+    if base:
+        ax.axhline(statistics.fmean(r["perplexity"] for r in base), color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("validation perplexity (mean over seeds)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.savefig(path, dpi=110)
+
+
 def _torch_version() -> str:
     import torch
 
@@ -196,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=1,
         )  # fmt: skip
     )
+    plot(out / f"{args.name}.png", results, f"LM on {Path(args.dataset).name}: perplexity vs wall-clock")
     print(text)
     return 0
 

@@ -49,3 +49,26 @@ def test_study_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     capsys.readouterr()
     assert study.main(argv) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+def test_graduation_and_growth_policies_time_the_network_each_epoch_trains():
+    """graduate trains the plan, then 0.75 active, then dense; net2net the narrow net grown to the same widths:
+    each epoch's configuration is timed as built (a graduated LCO, a wider dense net)."""
+    study = _load_study()
+    args = study.build_parser().parse_args(["--dataset", "digits", "--epochs", "3", "--batch-size", "8"])
+    assert study.graduation_points(3) == ("epoch1:0.75,epoch2:1", "epoch2:1")
+    assert study.epoch_configs(args, "graduate") == ["mild@1", "mild+grad0.75", "mild+grad1"]
+    assert study.epoch_configs(args, "graduate-late") == ["mild@1", "mild@1", "mild+grad1"]
+    assert study.epoch_configs(args, "net2net") == ["narrow", "narrow+grow0.75", "narrow+grow1"]
+    assert "--grow-net2net epoch1:0.75,epoch2:1" in " ".join(study.run_argv(args, "net2net", 0, Path("x")))
+    from egg_recipes.data import dataset_spec, load_image_dataset
+
+    spec = dataset_spec(load_image_dataset("digits", split="train", max_samples=16, seed=0))
+    params, clones = {}, {}
+    for config in ("narrow", "narrow+grow0.75", "narrow+grow1", "baseline", "mild@1", "mild+grad1"):
+        case = study._timing_case(args, config, spec)
+        case(0)  # one training step of that network
+        params[config] = sum(p.numel() for p in case.optimizer.model.parameters())
+        clones[config] = sum(r.counts()["clones"] for r in case.optimizer.roles.values())
+    assert params["narrow"] < params["narrow+grow0.75"] < params["narrow+grow1"] == params["baseline"]
+    assert clones["mild@1"] > 0 and clones["mild+grad1"] == 0 and params["mild+grad1"] == params["baseline"]
