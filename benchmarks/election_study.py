@@ -112,6 +112,14 @@ POLICIES: dict[str, tuple[str, str]] = {
         "output cloning for two thirds of the epochs, then every clone graduates (dense for the last third)",
         "--elect-every never --graduate {GRADLATE}",
     ),
+    "graduate-late-reset": (
+        "as graduate-late, graduated units start with fresh optimizer state instead of their source's",
+        "--elect-every never --graduate {GRADLATE} --graduate-state reset",
+    ),
+    "graduate-late-noise": (
+        "as graduate-late, graduated units' rows perturbed by noise of 0.1x their RMS (symmetry breaking)",
+        "--elect-every never --graduate {GRADLATE} --graduate-noise 0.1",
+    ),
     "net2net": (
         "growth baseline, no clones: the width-matched dense net widened by Net2Net at graduate's points to "
         "graduate's active widths",
