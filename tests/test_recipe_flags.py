@@ -46,6 +46,8 @@ def test_train_image_refuses_flags_it_would_ignore(argv, fragment, capsys):
     "argv",
     [
         ["--scenario", "baseline"],
+        ["--scenario", "baseline", "--seed", "3"],  # seeds the init and the data order: never a role flag
+        ["--scenario", "narrow-mild", "--seed", "3"],
         ["--scenario", "baseline", "--clone-mode", "output", "--assign", "round_robin"],  # the defaults, spelled out
         ["--scenario", "baseline", "--clone-mode", "weight", "--skip-clone-grads", "off"],  # how it is computed
         ["--scenario", "narrow-mild", "--clone-mode", "weight"],
@@ -69,6 +71,8 @@ def test_trainer_recipe_refuses_the_same(capsys):
 def test_lm_recipe_refuses_role_flags_with_the_baseline(capsys):
     pytest.importorskip("transformers")
     from egg_recipes import train_lm
+
+    assert train_lm.parse_args(["--scenario", "baseline", "--seed", "3"]).seed == 3  # a run flag, not a role flag
 
     err = _refused(train_lm.main, ["--scenario", "baseline", "--election", "weight_norm"], capsys)
     assert "--election weight_norm: no effect with --scenario baseline" in err

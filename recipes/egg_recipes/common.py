@@ -171,8 +171,9 @@ def changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, des
 
 def role_dests(parser: argparse.ArgumentParser) -> list[str]:
     """The :class:`EggConfig` options this parser has flags for that act on clones and roles only (all but
-    :data:`HOW_COMPUTED`, which also choose how a run without clones is computed)."""
-    fields = {f.name for f in dataclasses.fields(EggConfig)} - set(HOW_COMPUTED)
+    :data:`HOW_COMPUTED`, which also choose how a run without clones is computed, and ``seed``: a recipe's
+    ``--seed`` also seeds the model's initialisation and the data order)."""
+    fields = {f.name for f in dataclasses.fields(EggConfig)} - set(HOW_COMPUTED) - {"seed"}
     return [a.dest for a in parser._actions if a.dest in fields]
 
 
