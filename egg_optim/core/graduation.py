@@ -12,9 +12,10 @@ trains at full width.
   promote (spread over their sources, then at random by a generator every rank draws alike).
 
 Symmetry: a promoted clone starts equal to its source (output mode: the source's rows; weight mode: its own
-rows, which it computed with), but the consumer's columns that read the two were trained apart, so their
-gradients differ from the first step; ``graduate_noise`` adds Gaussian noise relative to each row's RMS on top
-(and then the promotion changes the function by that much).
+rows, which it computed with). The consumer's columns that read the two were trained apart, so their gradients
+differ from the first step, but late in a decaying schedule the pair hardly drifts apart (docs/results/
+graduation.md); ``graduate_noise`` adds Gaussian noise relative to each row's RMS (and then the promotion changes
+the function by that much).
 """
 
 from __future__ import annotations
