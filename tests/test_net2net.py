@@ -128,7 +128,9 @@ def test_train_image_grows_at_its_points_and_counts_the_wider_flops(tmp_path):
     [
         (["--scenario", "mild", "--grow-net2net", "epoch1:1"], "grows a narrow-* dense control"),
         (["--grow-net2net", "epoch2:0.5,epoch1:1"], "cannot read 'epoch2:0.5,epoch1:1' (graduation points must have"),
-        (["--grow-net2net", "never"], "give at least one point"),
+        (["--grow-net2net", "never"], "give epoch points"),
+        (["--grow-net2net", "600:1"], "--grow-net2net 600:1: give epoch points"),
+        (["--grow-net2net", "epoch1:1", "--model", "mlp"], "handles the seed nets (seed_mnist, seed_cifar), not"),
         (["--grow-net2net", "epoch1:1", "--save-every", "5"], "no --resume-from/--save-every"),
         (["--grow-net2net", "epoch1:1", "--grow-noise", "-1"], "--grow-noise: must be >= 0"),
     ],

@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grow-net2net",
         default=None,
         metavar="SCHEDULE",
-        help="narrow-* scenarios: the growth baseline, no clones: at each point of a graduation schedule "
-        "(--graduate syntax, e.g. epoch1:0.75,epoch2:1) the dense net is widened by Net2Net (copied units, the "
+        help="narrow-* scenarios on the seed nets: the growth baseline, no clones: at each epoch point of a "
+        "graduation schedule (e.g. epoch1:0.75,epoch2:1) the dense net is widened by Net2Net (copied units, the "
         "consumer's columns split among the copies, optimizer state carried alike) to the widths graduation "
         "would have active; one process, no resume",
     )
@@ -250,10 +250,15 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{', '.join(grow)}: grows a narrow-* dense control; use it with --scenario narrow-mild")
     if getattr(args, "grow_net2net", None) is not None:
         try:
-            if Graduation.parse(args.grow_net2net, what="--grow-net2net").never:
-                parser.error("--grow-net2net: give at least one point, e.g. epoch1:0.75,epoch2:1")
+            schedule = Graduation.parse(args.grow_net2net, what="--grow-net2net")
         except ConfigError as e:
             parser.error(str(e))
+        if schedule.never or schedule.unit != "epochs":
+            parser.error(f"--grow-net2net {args.grow_net2net}: give epoch points, e.g. epoch1:0.75,epoch2:1 (the net "
+                         "is rebuilt at epoch starts)")  # fmt: skip
+        if args.model not in SEED_TABLES:
+            parser.error(f"--grow-net2net: Net2Net widening handles the seed nets ({', '.join(SEED_TABLES)}), "
+                         f"not --model {args.model}")  # fmt: skip
         if not args.grow_noise >= 0:
             parser.error(f"argument --grow-noise: must be >= 0, got {args.grow_noise}")
         if args.resume_from or args.save_every:
