@@ -284,12 +284,11 @@ def _timing_case(args: argparse.Namespace, config: str, spec):
     if config == "baseline":
         model, plan = build_model(args.model, **shape), RolePlan()
     elif "+grow" in config:  # the Net2Net-grown dense net: graduation's active widths at that fraction
-        from egg_optim.core.graduation import graduated_counts
+        from egg_recipes.net2net import graduated_widths
 
-        fraction = float(config.split("+grow")[1])
         with torch.device("meta"):
             layer_plans = plan.resolve(build_model(args.model, **shape))
-        widths = {n: lp.leaders + lp.independents for n, lp in graduated_counts(layer_plans, fraction).items()}
+        widths = graduated_widths(layer_plans, float(config.split("+grow")[1]))
         model, plan = build_model(args.model, widths=widths, **shape), RolePlan()
     elif config.startswith("narrow"):
         match = "flops" if config == "narrow-flops" else "widths"

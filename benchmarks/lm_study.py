@@ -129,13 +129,15 @@ def time_to(history: Sequence[dict[str, Any]], target: float) -> float | None:
 
 
 def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], command: str) -> str:
+    import torch
+
     base = results.get("baseline")
     target = statistics.fmean(r["perplexity"] for r in base) if base else None
     base_time = statistics.fmean(r["train_time_s"] for r in base) if base else None
     lines = [
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.machine()} CPU x{os.cpu_count()}, torch {_torch_version()}; {args.max_steps} steps, "
+        f"Machine: {platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}; {args.max_steps} steps, "
         f"evaluation every {args.eval_every}, seeds {' '.join(map(str, args.seeds))}.",
         "",
         "| policy | val. perplexity, mean ± sd | per seed | train time (s) | time vs baseline | "
@@ -189,12 +191,6 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], title: str) -> No
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.savefig(path, dpi=110)
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

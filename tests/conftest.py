@@ -77,6 +77,19 @@ def seed_net():
     return TinySeedNet()
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as module ``name`` (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A local TCP port free right now (every multi-process test rendezvous on its own)."""
     with socket.socket() as s:

@@ -3,28 +3,16 @@ results docs say (timings themselves are not asserted: the machine is noisy)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_bench_transformers_counts_fewer_flops_and_activations_in_output_mode(capsys):
     pytest.importorskip("transformers")
-    bench = _load("bench_transformers")
+    bench = load_benchmark("bench_transformers")
     argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--models", "llama"]
     result = bench.main([*argv, "--scenarios", "mild", "aggressive"])
     assert all(math.isfinite(v) and v > 0 for v in result.values()), result
@@ -39,7 +27,7 @@ def test_bench_transformers_counts_fewer_flops_and_activations_in_output_mode(ca
 
 
 def test_bench_compile_runs_without_graph_breaks():
-    bench = _load("bench_compile")
+    bench = load_benchmark("bench_compile")
     argv = ["--steps", "1", "--warmup", "0", "--batch", "4", "--backend", "aot_eager", "--variants", "output", "weight"]
     result = bench.main(argv)
     assert result["output_graph_breaks"] == 0 and result["weight_graph_breaks"] == 0
@@ -55,7 +43,7 @@ def test_demotion_screen_costs_are_the_loss_change_of_the_demotion_and_its_deriv
 
     from egg_optim import LeaderCloneOptimizer, RolePlan
 
-    screen = _load("demotion_screen")
+    screen = load_benchmark("demotion_screen")
     torch.manual_seed(0)
     x, y, _, _ = screen.load("digits", 256, 64, 0)
     model = build_model("seed_mnist", in_channels=1, num_classes=10, image_size=x.shape[-2:])
@@ -121,7 +109,7 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     """The GPU benchmark's CPU smoke mode: the device checks pass, each group measures its cases against the bare
     step of the same group, and the report is written."""
     pytest.importorskip("transformers")
-    bench = _load("bench_gpu")
+    bench = load_benchmark("bench_gpu")
     groups = ["tiny CNN b4 fp32", "tiny Llama bf16"]  # the fp32 CNN also matches its compiled group
     result = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--groups", *groups])
     assert [c["check"] for c in result["checks"]] == list(bench.CHECKS)
@@ -148,7 +136,7 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
 
 def test_bench_gpu_seed_nets_are_the_kits():
     models = pytest.importorskip("egg_recipes.models")
-    bench = _load("bench_gpu")
+    bench = load_benchmark("bench_gpu")
     import torch
 
     for mine, theirs in ((bench.seed_cifar(), models.SeedCIFARNet()), (bench.seed_mnist(), models.SeedMNISTNet())):
@@ -164,7 +152,7 @@ def test_bench_gpu_seed_nets_are_the_kits():
 
 def test_bench_dispatch_counts_and_memory(capsys):
     pytest.importorskip("transformers")
-    bench = _load("bench_dispatch")
+    bench = load_benchmark("bench_dispatch")
     result = bench.main(["--steps", "1", "--cnn-batch", "2", "--models", "cnn"])
     bare, none = result["cnn/bare"], result["cnn/output/no clones"]
     assert bare["param_index_ops"] == 0 and none["param_index_ops"] == 0

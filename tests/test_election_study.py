@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("election_study", ROOT / "benchmarks" / "election_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_study_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
-    study = _load_study()
+    study = load_benchmark("election_study")
     argv = [
         "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--max-train-samples", "128",
         "--max-eval-samples", "64", "--seeds", "0", "--policies", "fixed", "grow-random",
@@ -54,7 +43,7 @@ def test_study_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
 def test_graduation_and_growth_policies_time_the_network_each_epoch_trains():
     """graduate trains the plan, then 0.75 active, then dense; net2net the narrow net grown to the same widths:
     each epoch's configuration is timed as built (a graduated LCO, a wider dense net)."""
-    study = _load_study()
+    study = load_benchmark("election_study")
     args = study.build_parser().parse_args(["--dataset", "digits", "--epochs", "3", "--batch-size", "8"])
     assert study.graduation_points(3) == ("epoch1:0.75,epoch2:1", "epoch2:1")
     assert study.epoch_configs(args, "graduate") == ["mild@1", "mild+grad0.75", "mild+grad1"]

@@ -3,34 +3,22 @@ bit-for-bit copies (cosine 1), one graduated early with noise does not."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
 
 from egg_recipes import train_image  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "--dataset", "digits", "--batch-size", "64", "--max-train-samples", "256", "--max-eval-samples", "64",
     "--report-to", "none", "--no-progress", "--scenario", "mild", "--clone-mode", "output", "--epochs", "2",
 ]  # fmt: skip
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("graduation_symmetry", ROOT / "benchmarks" / "graduation_symmetry.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_symmetry_report_tells_copies_from_units_that_left_their_source(tmp_path, capsys):
-    study = _load()
+    study = load_benchmark("graduation_symmetry")
     fixed, grown = tmp_path / "fixed", tmp_path / "grown"
     train_image.train(train_image.parse_args([*FAST, "--output-dir", str(fixed)]))
     train_image.train(

@@ -4,27 +4,15 @@ head); the global loss trains only what follows the last managed block."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 
 from egg_optim.errors import ConfigError
 from egg_optim.lfnn import LeaderFollowerLoss
 
-ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = {"b1": "layer1", "b2": "layer2", "b3": "layer3"}
-
-
-def _study():
-    spec = importlib.util.spec_from_file_location("lfnn_study", ROOT / "benchmarks" / "lfnn_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _worker_logits(head, h: torch.Tensor, workers: int) -> torch.Tensor:
@@ -135,7 +123,7 @@ def test_blockwise_lfnn_l_trains_a_small_resnet_on_digits():
     read the classes far above chance (0.1)."""
     from sklearn.datasets import load_digits
 
-    study = _study()
+    study = load_benchmark("lfnn_study")
     xs, ys = load_digits(return_X_y=True)
     xs = torch.tensor(xs / 8.0 - 1.0, dtype=torch.float32).view(-1, 1, 8, 8)
     ys = torch.tensor(ys)

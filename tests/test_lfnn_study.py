@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("lfnn_study", ROOT / "benchmarks" / "lfnn_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def _table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
@@ -48,7 +36,7 @@ def one_thread():
 
 
 def test_quick_digits_report(tmp_path, one_thread):
-    study = _load_study()
+    study = load_benchmark("lfnn_study")
     out = tmp_path / "report.md"
     runs, text = study.main(
         [

@@ -3,29 +3,17 @@ against the baseline and skips finished runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lm_study", ROOT / "benchmarks" / "lm_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_lm_study_runs_summarises_and_skips(tmp_path, capsys):
-    study = _load()
+    study = load_benchmark("lm_study")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}." for i in range(400)]

@@ -21,11 +21,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from egg_optim.core.graduation import graduated_counts
+from egg_optim.core.plan import LayerPlan
 from egg_optim.errors import ConfigError
 
 from .models import _SeedNet, build_model
 
-__all__ = ["seed_net_widths", "widen_seed_net", "carry_optimizer_state"]
+__all__ = ["seed_net_widths", "graduated_widths", "widen_seed_net", "carry_optimizer_state"]
+
+
+def graduated_widths(layer_plans: Mapping[str, LayerPlan], fraction: float) -> dict[str, int]:
+    """The widths at which graduation to ``fraction`` computes each layer (leaders + independents): what the
+    growth control widens to at the same point."""
+    return {n: lp.leaders + lp.independents for n, lp in graduated_counts(layer_plans, fraction).items()}
 
 
 def seed_net_widths(model: nn.Module) -> dict[str, int]:
@@ -58,17 +66,12 @@ class _Map:
         self.count = torch.bincount(self.index, minlength=old).to(torch.float32)
         self.old, self.new = old, new
 
-    @classmethod
-    def identity(cls, width: int) -> _Map:
-        m = cls.__new__(cls)
-        m.index, m.count, m.old, m.new = torch.arange(width), torch.ones(width), width, width
-        return m
-
 
 def _spaces(old: _SeedNet, widths: Mapping[str, int], generator: torch.Generator) -> dict[str, _Map]:
     """A map per channel space, tied where the net adds or reuses channels (identity shortcuts)."""
     cur = seed_net_widths(old)
-    maps: dict[str, _Map] = {"input": _Map.identity(old.layer1.conv1.in_channels)}
+    channels = old.layer1.conv1.in_channels
+    maps: dict[str, _Map] = {"input": _Map(channels, channels, generator)}  # no copies: draws nothing
     prev = "input"
     for b in (1, 2, 3):
         block = getattr(old, f"layer{b}")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan, add_config_arguments
-from egg_optim.core.graduation import Graduation, graduated_counts
+from egg_optim.core.graduation import Graduation
 from egg_optim.errors import ConfigError
 
 # shared recipe pieces (egg_recipes.common), also read from here by train_trainer.py, sweep.py and the tests
@@ -65,6 +65,7 @@ from egg_recipes.common import positive_float as _positive_float
 from egg_recipes.common import positive_int as _positive_int
 from egg_recipes.common import seed_value as _seed
 from egg_recipes.common import wandb_installed as _wandb_installed
+from egg_recipes.net2net import carry_optimizer_state, graduated_widths, seed_net_widths, widen_seed_net
 
 __all__ = [  # the names other recipes and the tests read from this module
     "EggConfig",
@@ -550,8 +551,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return result
 
     # ---------------------------------------------------------------- Net2Net growth (the no-clone control)
-    from egg_recipes.net2net import seed_net_widths
-
     growth = Graduation.parse(args.grow_net2net) if args.grow_net2net else Graduation()
     grown_to = 0.0
     if not growth.never and world > 1:
@@ -561,13 +560,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         """Widen the net to graduation's widths at ``fraction`` (Net2Net); a fresh optimizer and scheduler carry
         the old ones' state."""
         from egg_recipes.models import build_model
-        from egg_recipes.net2net import carry_optimizer_state, widen_seed_net
 
         shape = {"in_channels": spec.channels, "num_classes": spec.num_classes, "image_size": spec.image_size}
         with torch.device("meta"):
             full = build_model(args.model, **shape)
-        layer_plans = make_plan(args, full).resolve(full)
-        widths = {n: lp.leaders + lp.independents for n, lp in graduated_counts(layer_plans, fraction).items()}
+        widths = graduated_widths(make_plan(args, full).resolve(full), fraction)
         gen = torch.Generator().manual_seed(derived_seed(args.seed, "net2net", round(fraction * 1_000_000)))
         new_model, mapping = widen_seed_net(
             unwrapped, args.model, widths, generator=gen, noise=args.grow_noise, **shape
@@ -587,10 +584,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     flops_per_sample = tracking.forward_flops(lco, layer_flops)
     global_step = progress["global_step"]
     start_epoch = progress["epoch"]
-    # elections or graduations by steps change roles inside an epoch: recount what a batch updates and computes
-    roles_move_by_step = lco.elect_every.steps is not None or (
-        not config.graduation.never and config.graduation.unit == "steps"
-    )
+    # told by the optimizer whenever roles change (an election or graduation inside an epoch): recount then
+    roles_changed: list[bool] = []
+    lco.add_roles_listener(lambda roles: roles_changed.append(True))
     started = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         if global_step >= max_steps:
@@ -605,6 +601,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             accelerator.print(f"epoch {epoch + 1}: grown by Net2Net to widths {seed_net_widths(unwrapped)}")
         updates_per_batch = tracking.active_units(lco, counted, unwrapped)
         flops_per_sample = tracking.forward_flops(lco, layer_flops)
+        roles_changed.clear()  # counted just now
         progress["epoch"], progress["batch_in_epoch"] = epoch, skip
         sampler.generator.manual_seed(derived_seed(args.seed, "order", epoch))
         collate.start(epoch, skip)
@@ -634,7 +631,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             batch_flops = flops_per_sample * int(x.shape[0]) * world  # forward Conv/Linear FLOPs, all processes
             progress["epoch_flops"] = progress.get("epoch_flops", 0) + batch_flops
             progress["train_flops"] = progress.get("train_flops", 0) + batch_flops
-            if roles_move_by_step:
+            if roles_changed:
+                roles_changed.clear()
                 updates_per_batch = tracking.active_units(lco, counted, unwrapped)
                 flops_per_sample = tracking.forward_flops(lco, layer_flops)
             bar.update(1)
