@@ -10,7 +10,7 @@ the start are rebuilt from the run's flags and seed. Per managed layer this prin
 * ``columns``: for the layer's consumer (the next conv of its block), the mean cosine between the columns that
   read a clone and those that read its source, at the end and at initialisation.
 
-    python benchmarks/graduation_symmetry.py runs/graduation_fm/graduate-late-s0
+    python benchmarks/graduation_symmetry.py runs/graduation_fm/graduate-late-s0 --against runs/graduation_fm/fixed-s0
 """
 
 from __future__ import annotations
@@ -71,11 +71,23 @@ def analyse(run: Path) -> dict[str, dict[str, float]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="train_image output folders")
+    p.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another run of the same net (e.g. the fixed-roles run a graduated one branched from): also print "
+        "each layer's |W - W_against| / |W_against| at the end",
+    )
     args = p.parse_args(argv)
+    other = load_file(str(args.against / "model.safetensors")) if args.against else None
     for run in args.runs:
         result = analyse(run)
+        final = load_file(str(run / "model.safetensors")) if other is not None else None
         print(f"## {run}")
         for name, row in result.items():
+            if final is not None:
+                key = f"{name}.weight"
+                row["vs_against"] = ((final[key] - other[key]).norm() / other[key].norm()).item()
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
         print(f"mean unit cosine to source: {statistics.fmean(r['unit'] for r in result.values()):.4f}")
     return 0

@@ -30,3 +30,5 @@ def test_symmetry_report_tells_copies_from_units_that_left_their_source(tmp_path
     assert all(row["unit"] < 0.99 for name, row in left.items() if name != "layer1.conv1")  # 1 input: 1 weight
     assert all(-1.0 <= row["columns"] <= 1.0 for row in kept.values() if "columns" in row)
     assert study.main([str(fixed)]) == 0 and "mean unit cosine to source: 1.0000" in capsys.readouterr().out
+    assert study.main([str(fixed), "--against", str(fixed)]) == 0
+    assert "vs_against 0.0000" in capsys.readouterr().out  # a run against itself
