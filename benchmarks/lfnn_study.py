@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from egg_recipes.data import dataset_spec, load_image_dataset, make_dataloader
-from egg_recipes.models import MLP
+from egg_recipes.models import MLP, BlockResNet
 from torch import nn
 
 from egg_optim.lfnn import LeaderFollowerLoss, num_leaders
@@ -99,56 +99,6 @@ class WorkerCNN(nn.Module):
         x = self.pool(F.relu(self.conv1(x)))
         x = self.pool(F.relu(self.conv2(x)))
         return self.head(torch.flatten(x, 1))
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 conv-BN when the shape changes), ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class BlockResNet(nn.Module):
-    """A small ResNet cut into ``K = len(widths)`` blocks for block-wise training (DGL, block-wise LFNN-l):
-    block 1 = ``stem`` (conv3x3-BN-ReLU) + ``stage1``; block k = ``stage{k}`` (a basic block, stride 2 from
-    the second on); the last block also holds ``head`` (global average pool + Linear).
-    :meth:`local_blocks` names the blocks the local losses manage: every block but the last, which the
-    global loss trains (with ``mode="lfnn_l"``, nothing else)."""
-
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
-        )
-        self.stages = len(widths)
-        cin = widths[0]
-        for k, w in enumerate(widths, start=1):
-            setattr(self, f"stage{k}", BasicBlock(cin, w, stride=1 if k == 1 else 2))
-            cin = w
-        self.head = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for k in range(1, self.stages + 1):
-            x = getattr(self, f"stage{k}")(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-    def local_blocks(self) -> dict[str, list[str]]:
-        blocks = {"b1": ["stem", "stage1"]}
-        blocks.update({f"b{k}": [f"stage{k}"] for k in range(2, self.stages)})
-        return blocks
 
 
 def build(model: str, spec, cfg: Config) -> tuple[nn.Module, list[str]]:

@@ -113,10 +113,45 @@ def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
     return ~torch.isfinite(flat).all(dim=1)
 
 
+_Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor, bool]
+
+
+def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, generator) -> list[_Write]:
+    """Every tensor's new clone rows of one layer, computed before anything is written."""
+    writes: list[_Write] = []
+    for pname, p in layer.params:
+        if not layer.copied_by_clones(pname):
+            continue
+        dim, rs = layer.dim_of(pname), layer.roles_of(pname, roles)
+        whole = full(p)  # p itself unless sharded
+        rows = _blended(whole, rs, blend, dim)
+        if noise > 0:
+            rows = _noisy(rows, dim, noise, generator)
+        writes.append((p, whole, dim, rs, rows, True))
+    for bname, b in layer.buffers:
+        dim, rs = layer.dim_of(bname), layer.roles_of(bname, roles)
+        writes.append((b, b, dim, rs, _blended(b, rs, blend, dim), False))
+    return writes
+
+
+def _keep_units(layer: ManagedLayer, writes: list[_Write], n: int) -> torch.Tensor | None:
+    """Which of the layer's ``n`` clone units may be written (``None``: all); warns about the others."""
+    bad = torch.stack([_bad_units(rows, dim, n).cpu() for _, _, dim, _, rows, _ in writes]).any(dim=0)
+    if not bool(bad.any()):
+        return None
+    warnings.warn(
+        f"egg_optim: clone event in layer {layer.name!r}: {int(bad.sum())} of {n} clone(s) keep their rows because "
+        "their source leader's rows hold NaN or inf (a non-finite gradient or update); clone events never "
+        "copy non-finite values",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return ~bad
+
+
 @torch.no_grad()
-def clone_layer(
-    layer: ManagedLayer,
-    roles: Roles,
+def clone_layers(
+    items: list[tuple[ManagedLayer, Roles]],
     *,
     blend: float = 1.0,
     noise: float = 0.0,
@@ -125,64 +160,37 @@ def clone_layer(
     groups: Mapping[torch.Tensor, dict] | None = None,
     generator: torch.Generator | None = None,
     fresh: Fresh = zero_fresh,
-) -> int:
-    """Copy source units into clone units in place; returns the number of clone units written.
+) -> list[int]:
+    """One clone event over several layers: copy source units into clone units in place; returns, per layer,
+    the number of clone units written.
 
     A clone event never writes NaN or inf: a clone whose new rows would hold one (its source leader diverged,
     e.g. after a non-finite gradient) keeps its rows and its optimizer state, and a warning names the layer and
-    the count; the other clones are written as usual."""
-    if not roles.has_clones:
-        return 0
-    unit_roles = roles
-    n = unit_roles.num_clones
-    # every tensor's new rows first (nothing written yet), so a non-finite source is found before any write
-    writes: list[tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor, bool]] = []
-    for pname, p in layer.params:
-        if not layer.copied_by_clones(pname):
-            continue
-        dim, roles = layer.dim_of(pname), layer.roles_of(pname, unit_roles)
-        whole = full(p)  # p itself unless sharded
-        rows = _blended(whole, roles, blend, dim)
-        if noise > 0:
-            rows = _noisy(rows, dim, noise, generator)
-        writes.append((p, whole, dim, roles, rows, True))
-    for bname, b in layer.buffers:
-        dim, roles = layer.dim_of(bname), layer.roles_of(bname, unit_roles)
-        rows = _blended(b, roles, blend, dim)
-        writes.append((b, b, dim, roles, rows, False))
-    skipped = 0
-    keep_units = None
-    # fast path: one sum per tensor (NaN and inf survive a sum) and one host sync per layer and clone event;
-    # only a non-finite (or overflowing) sum looks at the units one by one
-    sums = [rows.sum(dtype=torch.float32) for *_, rows, _ in writes]
-    total = sum(s.to(sums[0].device) for s in sums[1:]) + sums[0] if sums else None
-    bad = None
-    if total is not None and not bool(torch.isfinite(total)):
-        bad = torch.stack([_bad_units(rows, dim, n).cpu() for _, _, dim, _, rows, _ in writes]).any(dim=0)
-    if bad is not None and bool(bad.any()):
-        keep_units = ~bad
-        skipped = n - int(keep_units.sum())
-        warnings.warn(
-            f"egg_optim: clone event in layer {layer.name!r}: {skipped} of {n} clone(s) keep their rows because "
-            "their source leader's rows hold NaN or inf (a non-finite gradient or update); clone events never "
-            "copy non-finite values",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    for t, whole, dim, roles, rows, is_param in writes:
-        clones, sources = roles.clones, roles.sources
-        if keep_units is not None:
-            keep = keep_units.repeat_interleave(clones.numel() // n)
-            clones, sources = clones[keep], sources[keep]
-            rows = rows.index_select(_lead(dim), keep.nonzero().flatten().to(rows.device))
-            if not clones.numel():
-                continue
-        idx = clones.to(whole.device)
-        if is_param and is_sharded(t):
-            write_full_(t, whole.index_copy(dim, idx, rows))
-        else:
-            axes.copy_(t, dim, idx, rows)
-        if is_param and opt_state is not None:
-            group = (groups or {}).get(t)
-            set_row_state(t, opt_state.get(t, {}), dim, clones, sources, state, group=group, fresh=fresh)
-    return n - skipped
+    the count; the other clones are written as usual. The check costs one sum per tensor and ONE host read per
+    event, whatever the number of layers (a host read is a device synchronisation on a GPU); only a non-finite
+    (or overflowing) sum looks at the units one by one."""
+    news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
+    sums = [rows.sum(dtype=torch.float32) for writes in news for *_, rows, _ in writes]  # nothing written yet
+    finite = not sums or bool(torch.isfinite(torch.stack([t.to(sums[0].device) for t in sums]).sum()))
+    written = []
+    for (layer, roles), writes in zip(items, news):
+        n = roles.num_clones if roles.has_clones else 0
+        keep_units = None if finite or not writes else _keep_units(layer, writes, n)
+        written.append(n if keep_units is None else int(keep_units.sum()))
+        for t, whole, dim, rs, rows, is_param in writes:
+            clones, sources = rs.clones, rs.sources
+            if keep_units is not None:
+                keep = keep_units.repeat_interleave(clones.numel() // n)
+                clones, sources = clones[keep], sources[keep]
+                rows = rows.index_select(_lead(dim), keep.nonzero().flatten().to(rows.device))
+                if not clones.numel():
+                    continue
+            idx = clones.to(whole.device)
+            if is_param and is_sharded(t):
+                write_full_(t, whole.index_copy(dim, idx, rows))
+            else:
+                axes.copy_(t, dim, idx, rows)
+            if is_param and opt_state is not None:
+                group = (groups or {}).get(t)
+                set_row_state(t, opt_state.get(t, {}), dim, clones, sources, state, group=group, fresh=fresh)
+    return written

@@ -76,6 +76,9 @@ class ManagedLayer:
     # positions [num_units, k] each unit owns along the unit dimension, for units of several positions
     index: dict[str, torch.Tensor] = field(default_factory=dict)
     group: UnitGroup | None = None
+    # the last expansion per tensor name: (the unit roles, their positions' roles); roles change only at role
+    # changes, so steps between them reuse it instead of rebuilding and re-validating it every step
+    _expanded: dict[str, tuple[Roles, torch.Tensor, Roles]] = field(default_factory=dict, repr=False, compare=False)
 
     def dim_of(self, name: str) -> Axis:
         return self.dims.get(name, 0)
@@ -83,7 +86,12 @@ class ManagedLayer:
     def roles_of(self, name: str, roles: Roles) -> Roles:
         """The roles of the positions of owned tensor ``name`` (the unit roles themselves for rows)."""
         index = self.index.get(name)
-        return roles if index is None else roles.expand(index)
+        if index is None:
+            return roles
+        cached = self._expanded.get(name)
+        if cached is None or cached[0] is not roles or cached[1] is not index:  # Roles are immutable
+            cached = self._expanded[name] = (roles, index, roles.expand(index))
+        return cached[2]
 
     def copied_by_clones(self, name: str) -> bool:
         """Whether a weight clone takes owned tensor ``name`` from its source: what computes a unit (weight rows,

@@ -16,6 +16,7 @@ Design, checkpoints and resume: ``docs/lfnn_block_parallel.md``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,22 @@ from ..errors import ConfigError
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HEADER = 10  # dtype index, ndim, up to 8 dims
+
+
+def update_block(
+    out: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> torch.Tensor:
+    """One block's update from its own loss on its output ``out``: zero the gradients, backward, step; returns
+    the detached loss. The pipeline and a one-process run of the same blocks both use it, so they compute the
+    same thing."""
+    loss = loss_fn(out, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 class PipelineStage:
@@ -56,6 +73,8 @@ class PipelineStage:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.steps = 0
+        #: seconds spent waiting for the previous rank's activations (how unbalanced the blocks are)
+        self.wait_seconds = 0.0
         self._inflight: list = []  # (work handles, tensors kept alive until sent)
 
     @property
@@ -93,6 +112,13 @@ class PipelineStage:
         self._inflight = []
 
     def _recv(self, device: torch.device) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self._recv_tensor(device)
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+    def _recv_tensor(self, device: torch.device) -> torch.Tensor:
         src = self._peer(self.rank - 1)
         header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
         dist.recv(header, src, group=self.group)
@@ -115,12 +141,9 @@ class PipelineStage:
         out = self.block(x)
         if not self.last:
             self._send(out.detach())
-        loss = self.loss_fn(out, targets.to(device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        loss = update_block(out, targets.to(device), self.loss_fn, self.optimizer)
         self.steps += 1
-        return float(loss.detach())
+        return float(loss)
 
     @torch.no_grad()
     def forward_only(self, inputs: torch.Tensor | None) -> torch.Tensor | None:

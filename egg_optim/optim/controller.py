@@ -33,7 +33,7 @@ from ..config import EggConfig
 from ..core import axes, compact, sharding
 from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
-from ..core.cloning import clone_layer, perturb_units, set_row_state
+from ..core.cloning import clone_layers, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
@@ -515,24 +515,20 @@ class RoleController:
         cfg = self.config
         gen = derived_generator(self.config.seed, "clone", self.book.clone_events) if cfg.clone_noise > 0 else None
         groups = {p: g for g in self.masked.param_groups for p in g["params"]}
-        written = 0
-        for name, layer in self.layers.items():
-            if name in frozen:
-                continue
-            lb = self.book.layers[name]
-            n = clone_layer(
-                layer,
-                lb.roles,
-                blend=float(cfg.clone_blend),
-                noise=float(cfg.clone_noise),
-                state=cfg.clone_state,
-                opt_state=self.masked.state,
-                groups=groups,
-                generator=gen,
-                fresh=self.masked.info.fresh_value,
-            )
-            lb.cloned_units += n
-            written += n
+        names = [name for name in self.layers if name not in frozen]
+        counts = clone_layers(
+            [(self.layers[name], self.book.layers[name].roles) for name in names],
+            blend=float(cfg.clone_blend),
+            noise=float(cfg.clone_noise),
+            state=cfg.clone_state,
+            opt_state=self.masked.state,
+            groups=groups,
+            generator=gen,
+            fresh=self.masked.info.fresh_value,
+        )
+        for name, n in zip(names, counts):
+            self.book.layers[name].cloned_units += n
+        written = sum(counts)
         self.book.clone_events += 1
         self.book.last_clone_key = (self.book.steps, self.book.elections)
         return written

@@ -18,6 +18,7 @@ plan's rounding), the comparison a reviewer asks of any cloning result.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -38,6 +39,9 @@ __all__ = [
     "narrow_model",
     "NARROW_MATCHES",
     "count_conv_linear_flops",
+    "BasicBlock",
+    "BlockResNet",
+    "GlobalAvgPool",
 ]
 
 ImageSize = int | Sequence[int]
@@ -251,6 +255,81 @@ class SmallCNN(nn.Module):
         for i in range(1, self.num_blocks + 1):
             x = self.pool(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))))
         return self.head(torch.flatten(x, 1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions: ``[N, C, H, W] -> [N, C]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class BlockResNet(nn.Module):
+    """A small ResNet for block-wise training (DGL, block-wise LFNN-l): ``stem`` (conv3x3-BN-ReLU), one basic
+    block ``stage{k}`` per width (stride 2 from the second on), ``pool`` (global average) and ``head``
+    (Linear). :meth:`blocks` cuts it into gradient-isolated blocks; :meth:`local_blocks` names the K = stages
+    blocks of the LFNN study (every stage its own block, the stem with the first)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        if not widths or any(int(w) < 1 for w in widths):
+            raise ConfigError(f"BlockResNet widths must be positive, got {tuple(widths)}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        self.stages = len(widths)
+        cin = widths[0]
+        for k, w in enumerate(widths, start=1):
+            setattr(self, f"stage{k}", BasicBlock(cin, w, stride=1 if k == 1 else 2))
+            cin = w
+        self.pool = GlobalAvgPool()
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for k in range(1, self.stages + 1):
+            x = getattr(self, f"stage{k}")(x)
+        return self.head(self.pool(x))
+
+    def local_blocks(self) -> dict[str, list[str]]:
+        blocks = {"b1": ["stem", "stage1"]}
+        blocks.update({f"b{k}": [f"stage{k}"] for k in range(2, self.stages)})
+        return blocks
+
+    def blocks(self, cuts: Sequence[int]) -> list[nn.Sequential]:
+        """The network as ``len(cuts) + 1`` consecutive blocks sharing this model's modules (same names):
+        a new block starts after ``stage{c}`` for each ``c`` in ``cuts``; the last block ends with ``head``.
+        Chained, the blocks compute :meth:`forward`."""
+        cuts = [int(c) for c in cuts]
+        if any(not 1 <= c < self.stages for c in cuts) or cuts != sorted(set(cuts)):
+            raise ConfigError(
+                f"cuts {cuts} must be increasing stage indices in 1..{self.stages - 1} (a block starts after "
+                f"stage c); this BlockResNet has {self.stages} stages"
+            )
+        names = ["stem", *(f"stage{k}" for k in range(1, self.stages + 1)), "pool", "head"]
+        bounds = [0, *(c + 1 for c in cuts), len(names)]  # names[c + 1] is stage{c + 1}
+        return [
+            nn.Sequential(OrderedDict((n, getattr(self, n)) for n in names[a:b])) for a, b in zip(bounds, bounds[1:])
+        ]
 
 
 MODEL_NAMES = ("seed_mnist", "seed_cifar", "mlp", "small_cnn")
