@@ -1,7 +1,8 @@
 """CPU proxies of what a training step costs on a GPU (issue 19), and the memory a step holds.
 
 For each case (bare model + bare optimizer; weight and output mode without clones; weight mode mild; output mode
-mild and aggressive) on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets):
+mild and aggressive; with the default packed first roles, and mild again with the seed's drawn, scattered roles)
+on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets):
 
 - **aten ops per step** (forward + backward + optimizer step; views not counted): on a GPU each is about one
   kernel launch, and small models are launch-bound;
@@ -64,6 +65,8 @@ CASES = [
     ("output/mild", "output", "mild"),
     ("output/aggressive", "output", "aggressive"),
     ("output/mild, native norms", "output", "mild"),
+    ("weight/mild, drawn roles", "weight", "mild"),
+    ("output/mild, drawn roles", "output", "mild"),
 ]
 
 
@@ -116,7 +119,9 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
     if mode is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = LeaderCloneOptimizer(model, base, RolePlan.preset(preset, table), clone_mode=mode, seed=0)
+            first_roles = "drawn" if "drawn" in name else "packed"
+            plan = RolePlan.preset(preset, table)
+            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, first_roles=first_roles)
         layers = len(opt.layers)
     case = Case(f"{kind}/{name}", model, opt, fwd_bwd, layers)
     case.step()  # norm coupling is decided (and norms fused) in the first step

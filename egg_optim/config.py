@@ -22,7 +22,7 @@ from .core.graduation import Graduation
 from .core.plan import AUTO, PRESET_TABLES, PRESETS, RolePlan, check_align
 from .core.policies import ELECTION_POLICIES, parse_leader_scales
 from .core.schedule import Schedule
-from .core.scores import SCORES, Score, is_election, resolve_score
+from .core.scores import FIRST_ROLES, SCORES, Score, is_election, resolve_score
 from .errors import ConfigError, PlanError
 from .rewrites.base import EVAL_MODES
 
@@ -87,6 +87,13 @@ class EggConfig:
         default="first",
         metadata=_opt("how each clone picks its source leader: first (all follow the top leader, the seed), random, "
                       "round_robin, nearest (most similar weights)", choices=ASSIGN_STRATEGIES),
+    )  # fmt: skip
+    first_roles: str = field(
+        default="packed",
+        metadata=_opt("the first roles when the election score has nothing to go on (random, or a running score): "
+                      "packed (each layer's first units are the active ones, leaders first, the rest clones: one "
+                      "contiguous block the step takes as views, with no index traffic), drawn (the seed's seeded "
+                      "random draw)", choices=FIRST_ROLES),
     )  # fmt: skip
     hysteresis: float = field(default=0.0, metadata=_opt("relative margin a challenger needs to unseat a leader"))
     election_policy: str = field(
@@ -331,6 +338,7 @@ def _validate(cfg: EggConfig) -> None:
         ("state_storage", STORAGES),
         ("eval_mode", EVAL_MODES),
         ("local_loss_scores", LOCAL_LOSS_SCORES),
+        ("first_roles", FIRST_ROLES),
     ):
         _choice(cfg, name, choices)
     if cfg.clone_every != "auto":

@@ -82,10 +82,11 @@ def test_demotion_screen_costs_are_the_loss_change_of_the_demotion_and_its_deriv
 
     model.eval()
     # in float64 and with a step small enough to cross no ReLU kink: in float32 the difference quotient is
-    # rounding noise of ~1 % (and which side of it a platform lands on varies)
+    # rounding noise of ~1 % (and which side of it a platform lands on varies); a step of 1e-4 crossed one on an
+    # AVX-512 machine (the weights after training differ in the last bits), 1e-7 leaves float64 ample precision
     model.double()
     x = x.double()
-    derivative = (loss_at(1e-4) - loss_at(-1e-4)) / 2e-4
+    derivative = (loss_at(1e-7) - loss_at(-1e-7)) / 2e-7
     model.float()
     x = x.float()
     base = loss_at(0.0)
@@ -123,7 +124,7 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
         assert 0 < rows[cnn, case]["flop_ratio"] < 1, case
         assert math.isfinite(rows[cnn, case]["vs_bare"]) and rows[cnn, case]["step_ms"] > 0
     assert rows[cnn, "dense@aggressive"]["flop_ratio"] < rows[cnn, "output/aggressive"]["flop_ratio"]
-    assert rows[cnn, "output/mild"]["param_index_ops"] > 0  # today's index traffic (issue 19 item 2)
+    assert rows[cnn, "output/mild"]["param_index_ops"] == 0  # packed roles: views, no index traffic (issue 19)
     assert rows[cnn, "output/mild"]["state_mb"] < rows[cnn, "bare"]["state_mb"]
     assert ("tiny CNN b4 fp32 compiled", "output/mild/compiled") in rows
     llama = "tiny Llama bf16"
@@ -158,5 +159,5 @@ def test_bench_dispatch_counts_and_memory(capsys):
     assert bare["param_index_ops"] == 0 and none["param_index_ops"] == 0
     assert none["launches"] <= bare["launches"] + 2
     mild = result["cnn/output/mild"]
-    assert mild["param_index_ops"] > 0 and mild["state_mb"] < bare["state_mb"]
+    assert mild["param_index_ops"] == 0 and mild["state_mb"] < bare["state_mb"]
     assert "| cnn/output/aggressive |" in capsys.readouterr().out

@@ -170,6 +170,10 @@ def test_different_seeds_give_different_random_roles():
     model = mlp((5, 32, 3))
     a = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25), seed=1)
     b = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25), seed=2)
+    assert a.roles["0"].same_as(b.roles["0"])  # packed first roles: the seed draws nothing
+    opts = dict(first_roles="drawn")
+    a = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25), seed=1, **opts)
+    b = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25), seed=2, **opts)
     assert not a.roles["0"].same_as(b.roles["0"])
 
 

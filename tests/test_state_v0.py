@@ -5,7 +5,8 @@
 output mode, trained 4 steps with an election at step 3. Each file holds the model and optimizer state dicts
 after step 4, the batches of steps 5 and 6 (an election at 6), and the model state, roles and statistics
 after each. The test rebuilds model and optimizer with today's code, loads both state dicts (as Accelerate and
-the Trainer do: model first) and checks that the next two steps give the same bits.
+the Trainer do: model first) and checks that the next two steps give the same roles and statistics, and the same
+bits for the MLPs; the conv nets' bits depend on the CPU's conv kernels (see :func:`_conv_atol`).
 
 Do not regenerate the files: they pin the old format. ``python tests/test_state_v0.py OUT_DIR`` writes them
 again (e.g. to compare a new format against them).
@@ -146,6 +147,20 @@ def write(case: str, out: Path) -> None:
     torch.save(saved, out / f"state_v0_{case}.pt")
 
 
+def _conv_atol(case: str, key: str, steps: int) -> float:
+    """How far the conv cases may drift from the fixtures' bits on another CPU: a conv bias followed by a
+    BatchNorm has a gradient that is zero up to rounding, and the rounding of the conv's bias gradient depends on
+    the CPU's kernels (oneDNN). Adam(W) steps such noise by about +-lr whatever its size, so those biases may
+    differ by up to 2 lr a step, and the running means that see them by the norm's momentum times that. Every
+    other tensor agrees to rounding (the MLP cases, without convs, stay bit for bit)."""
+    bound = 2 * 1e-2 * steps if case == "conv_output" else 0.0  # AdamW, lr 1e-2; SGD moves noise by ~lr * noise
+    if key.startswith("conv") and key.endswith(".bias"):
+        return bound + 1e-7
+    if key.endswith("running_mean"):
+        return 0.1 * bound + 1e-7
+    return 1e-7
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_state_dict_of_previous_main_resumes_exactly(case):
     saved = torch.load(DATA / f"state_v0_{case}.pt", weights_only=True)
@@ -153,12 +168,15 @@ def test_state_dict_of_previous_main_resumes_exactly(case):
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     assert opt.steps == 4 and opt.elections == 1
-    for expected in saved["next"]:
+    for k_step, expected in enumerate(saved["next"], 1):
         _step(model, opt, expected["x"], expected["y"])
         got = _snapshot(model, opt)
         assert got["model"].keys() == expected["model"].keys()
         for k, v in expected["model"].items():
-            assert torch.equal(got["model"][k], v), k
+            if case.startswith("mlp"):
+                assert torch.equal(got["model"][k], v), k
+            else:
+                torch.testing.assert_close(got["model"][k], v, rtol=1e-5, atol=_conv_atol(case, k, k_step), msg=k)
         assert got["roles"].keys() == expected["roles"].keys()
         for n, r in expected["roles"].items():
             assert r.keys() == got["roles"][n].keys()

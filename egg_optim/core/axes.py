@@ -8,6 +8,9 @@ advanced indexing, so in-place writes reach the tensor; the slices they take (an
 out ``[positions, rest...]``.
 
 Every function is the plain ``index_select`` / ``index_copy_`` / ``index_fill_`` for an ``int`` axis.
+
+A :data:`Span` ``(start, length)`` is an index that is one ascending run of positions (:func:`span`, found once
+when roles change): on an ``int`` axis its slices are ``narrow`` views, which cost no index op at all.
 """
 
 from __future__ import annotations
@@ -15,6 +18,61 @@ from __future__ import annotations
 import torch
 
 Axis = int | tuple[int, int]
+Span = tuple[int, int]
+
+
+def span(index: torch.Tensor) -> Span | None:
+    """``(start, length)`` when ``index`` (ascending, no repeats, as :class:`~egg_optim.core.roles.Roles` keeps
+    them) is one run ``start, start + 1, ...``; else ``None``. Reads the index on the host: call it when roles
+    change, not per step."""
+    n = int(index.numel())
+    if n == 0:
+        return None
+    first, last = int(index[0]), int(index[-1])
+    return (first, n) if last - first + 1 == n else None
+
+
+def cycle(index: torch.Tensor) -> Span | None:
+    """``(q, m)`` when ``index[k] == q + k % m`` for every ``k``: every entry the same position (``m = 1``), or
+    cycling over one run of positions (the last period may stop short). Clone sources with packed roles follow it
+    (``assign="first"``: one leader; ``"round_robin"``: all leaders in turn), so a clone event, or folding clone
+    columns into their sources, works on reshaped views. Host reads: call it when roles change."""
+    n = int(index.numel())
+    if n == 0:
+        return None
+    q, m = int(index[0]), 1
+    while m < n and int(index[m]) == q + m:
+        m += 1
+    if not torch.equal(index, q + torch.arange(n, device=index.device) % m):
+        return None
+    return q, m
+
+
+def narrow(t: torch.Tensor, axis: int, where: Span) -> torch.Tensor:
+    """The view of ``t``'s positions ``where`` along ``axis``: what :func:`select` copies for that span."""
+    return t.narrow(axis, where[0], where[1])
+
+
+def tiled(t: torch.Tensor, axis: int, where: Span, n: int) -> torch.Tensor:
+    """``n`` positions cycling over ``where``'s (``(q, m)`` of :func:`cycle`), as a new tensor: what :func:`select`
+    gives for that index, by a broadcast copy instead of a gather."""
+    block = narrow(t, axis, where).unsqueeze(axis)
+    sizes = list(block.shape)
+    sizes[axis] = -(-n // where[1])  # whole periods, the last one cut below
+    return block.expand(sizes).flatten(axis, axis + 1).narrow(axis, 0, n)
+
+
+def fold(t: torch.Tensor, axis: int, m: int) -> torch.Tensor:
+    """Sum ``t``'s positions ``k`` into ``k % m`` along ``axis`` (``m`` positions out): the inverse pattern of
+    :func:`tiled`, by reshaped sums instead of an ``index_add``."""
+    n = t.shape[axis]
+    whole = n // m * m
+    out = narrow(t, axis, (0, whole)).unflatten(axis, (n // m, m)).sum(axis)
+    if whole == n:
+        return out
+    r = n - whole
+    tail = narrow(out, axis, (0, r)) + narrow(t, axis, (whole, r))
+    return torch.cat([tail, narrow(out, axis, (r, m - r))], axis)
 
 
 def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[torch.Tensor, ...]:

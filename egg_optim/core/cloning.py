@@ -42,11 +42,19 @@ def check_clone_options(blend: float, noise: float, state: str) -> None:
         raise ConfigError(f"unknown clone state policy {state!r}; choose one of {CLONE_STATES}")
 
 
+def _packed(roles: Roles, dim: Axis) -> bool:
+    """Whether the clones are one run and their sources cycle over one (packed roles): rows are then read by
+    broadcast copies and written through a view, with no index op."""
+    return isinstance(dim, int) and roles.clone_span is not None and roles.source_cycle is not None
+
+
 def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: Axis) -> torch.Tensor:
-    src = axes.select(t, dim, roles.sources)
+    packed = _packed(roles, dim)
+    src = axes.tiled(t, dim, roles.source_cycle, roles.num_clones) if packed else axes.select(t, dim, roles.sources)
     if blend == 1.0:
         return src
-    return torch.lerp(axes.select(t, dim, roles.clones), src, blend)
+    own = axes.narrow(t, dim, roles.clone_span) if packed else axes.select(t, dim, roles.clones)
+    return torch.lerp(own, src, blend)
 
 
 def _lead(dim: Axis) -> int:
@@ -188,6 +196,8 @@ def clone_layers(
             idx = clones.to(whole.device)
             if is_param and is_sharded(t):
                 write_full_(t, whole.index_copy(dim, idx, rows))
+            elif keep_units is None and _packed(rs, dim):
+                axes.narrow(t, dim, rs.clone_span).copy_(rows)
             else:
                 axes.copy_(t, dim, idx, rows)
             if is_param and opt_state is not None:

@@ -11,6 +11,12 @@ Compared with full storage (:mod:`egg_optim.core.masking`) this skips the optimi
 snapshot/restore copies, and drops the clones' share of the optimizer state. Outside ``step()`` the base
 optimizer's ``param_groups`` hold the real parameters (GradScaler, gradient clipping and Accelerate see them).
 
+When a parameter's active units are one run of positions along an ``int`` axis (the default packed first roles,
+:data:`~egg_optim.core.scores.FIRST_ROLES`) the stand-in is a ``narrow`` view of the parameter and its gradient
+where both are contiguous (rows): the base optimizer updates the active rows in place and nothing is gathered or
+written back. A strided run (a block of columns) is stepped on a plain contiguous copy (a fused optimizer reads
+dense memory), written back with a plain copy. Either way no index op runs.
+
 When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
 follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
 (parked when it became a clone: they take memory, but no step time), ``"copy"``: its former source's rows (it
@@ -31,7 +37,7 @@ from typing import Any
 import torch
 
 from . import axes
-from .axes import Axis
+from .axes import Axis, Span
 from .roles import Roles
 
 STORAGES = ("compact", "full")
@@ -54,6 +60,25 @@ class CompactEntry:
     position: int  # index of ``param`` in ``group["params"]``
     active: torch.Tensor  # active units, on the parameter's device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
+    span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s active slices: a view for a span, else a gathered copy."""
+        if self.span is not None:
+            return axes.narrow(t, self.dim, self.span)
+        return axes.select(t, self.dim, self.active)
+
+    def write_back(self, stand_in: torch.Tensor) -> None:
+        if self.span is not None:
+            axes.narrow(self.param, self.dim, self.span).copy_(stand_in)
+        else:
+            axes.copy_(self.param, self.dim, self.active, stand_in)
+
+
+def compact_entry(param: torch.Tensor, group: dict[str, Any], position: int, roles: Roles, dim: Axis) -> CompactEntry:
+    """The step's entry for ``param`` under ``roles`` (of its positions along ``dim``)."""
+    where = roles.active_span if isinstance(dim, int) else None
+    return CompactEntry(param, group, position, roles.active.to(param.device), dim, where)
 
 
 @dataclass(frozen=True)
@@ -181,9 +206,9 @@ def relayout(
 @contextmanager
 def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tensor, dict]) -> Iterator[None]:
     """Within the block, each entry's parameter is replaced in its param group and in the optimizer state by a
-    tensor holding its active units (and their gradient); on exit they are written back and the real
-    parameters put back, even if the block raised."""
-    swapped: list[tuple[CompactEntry, int, torch.Tensor]] = []
+    tensor holding its active units (and their gradient): a view where it can be, else a copy that is written
+    back on exit; the real parameters are put back, even if the block raised."""
+    swapped: list[tuple[CompactEntry, int, torch.Tensor, bool]] = []
     try:
         with torch.no_grad():
             for e in entries:
@@ -191,18 +216,22 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 pos = e.position
                 if e.group["params"][pos] is not p:  # the group was edited since the entry was built
                     pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
-                stand_in = axes.select(p, e.dim, e.active)
-                if p.grad is not None:
-                    stand_in.grad = axes.select(p.grad, e.dim, e.active)
+                stand_in = e.select(p)
+                grad = None if p.grad is None else e.select(p.grad)
+                copied = e.span is None
+                if not copied and not (stand_in.is_contiguous() and (grad is None or grad.is_contiguous())):
+                    stand_in, grad, copied = stand_in.contiguous(), None if grad is None else grad.contiguous(), True
+                stand_in.grad = grad
                 e.group["params"][pos] = stand_in
-                swapped.append((e, pos, stand_in))
+                swapped.append((e, pos, stand_in, copied))
                 if p in opt_state:
                     opt_state[stand_in] = opt_state.pop(p)
         yield
     finally:
         with torch.no_grad():
-            for e, pos, stand_in in swapped:
+            for e, pos, stand_in, copied in swapped:
                 e.group["params"][pos] = e.param
                 if stand_in in opt_state:
                     opt_state[e.param] = opt_state.pop(stand_in)
-                axes.copy_(e.param, e.dim, e.active, stand_in)
+                if copied:
+                    e.write_back(stand_in)

@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from ..errors import PlanError
+from .axes import Span, cycle, span
 
 LEADER, INDEPENDENT, CLONE = 0, 1, 2
 ROLE_NAMES = {LEADER: "leader", INDEPENDENT: "independent", CLONE: "clone"}
@@ -116,6 +117,22 @@ class Roles:
         pos = torch.full((self.num_units,), -1, dtype=torch.long)
         pos[self.active] = torch.arange(self.active.numel())
         return pos[self.source_map]
+
+    # one run of positions each, when they are (the default packed roles): the step then takes views, not gathers
+    @cached_property
+    def active_span(self) -> Span | None:
+        """``(start, length)`` of :attr:`active` when it is one run of units, else ``None``."""
+        return span(self.active)
+
+    @cached_property
+    def clone_span(self) -> Span | None:
+        """``(start, length)`` of :attr:`clones` when it is one run of units, else ``None``."""
+        return span(self.clones)
+
+    @cached_property
+    def source_cycle(self) -> Span | None:
+        """``(q, m)`` when clone ``k``'s source is ``q + k % m`` (:func:`~egg_optim.core.axes.cycle`)."""
+        return cycle(self.sources)
 
     def counts(self) -> dict[str, int]:
         return {

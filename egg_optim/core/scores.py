@@ -140,6 +140,31 @@ class RandomScore(Score):
         return torch.rand(layer.num_units, generator=generator)
 
 
+class PackedScore(Score):
+    """Units in order, the lowest index best: the first ``A`` units are the active ones (leaders first) and the
+    rest clones. Not an election score: what the first draw uses instead of a random one with
+    ``EggConfig(first_roles="packed")`` (see :data:`FIRST_ROLES`)."""
+
+    name = "packed"
+    needs = frozenset()
+
+    def __call__(self, layer: ManagedLayer, generator: torch.Generator) -> torch.Tensor:
+        return -torch.arange(layer.num_units, dtype=torch.float32)
+
+
+# How the first roles are drawn when the election score has nothing to go on (a random score, or a running one
+# that has observed nothing yet). "packed": active units are each layer's first units, one contiguous block, so
+# the step takes their rows as views with no index traffic (units are exchangeable at random initialisation, so
+# the choice does not matter statistically); "drawn": the seed's seeded random draw.
+FIRST_ROLES = ("packed", "drawn")
+
+
+def first_draw(score: Score, first_roles: str) -> Score:
+    """The score that draws the first roles under ``first_roles`` (:data:`FIRST_ROLES`)."""
+    initial = score.initial()
+    return PackedScore() if first_roles == "packed" and isinstance(initial, RandomScore) else initial
+
+
 class WeightNormScore(Score):
     """L2 norm of each unit's weights (its row; for a transformer block, all its slices)."""
 

@@ -43,7 +43,7 @@ from ..core.plan import LayerPlan, RolePlan, describe_alignment
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
-from ..core.scores import Score, StepData, check_observed_scores, unit_scores
+from ..core.scores import Score, StepData, check_observed_scores, first_draw, unit_scores
 from ..core.state_dict import Book, LayerBook, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers, check_single_owners, couple_norm, parameter_holders
 from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError
@@ -152,7 +152,7 @@ class RoleController:
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
         masked.sharded = self._check_sharding()
-        initial = self._elect_all(self.score.initial(), True)
+        initial = self._elect_all(first_draw(self.score, config.first_roles), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         self.rewrites = build_rewrites(
             model,

@@ -94,7 +94,7 @@ class MaskedOptimizer:
                 continue
             if self.storage == "compact":
                 group, position = groups[id(p)]
-                self._compact.append(compact.CompactEntry(p, group, position, roles.active.to(p.device), dim))
+                self._compact.append(compact.compact_entry(p, group, position, roles, dim))
             else:  # a sharded parameter is masked on this rank's slice: the clones it holds, local positions
                 where = sharding.localize(p, dim, roles.clones)[1]
                 if where.numel():

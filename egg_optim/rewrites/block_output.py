@@ -58,7 +58,7 @@ from .base import check_eval_mode
 OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
-    "_egg_inside",
+    "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -113,16 +113,42 @@ class _BlockMember(_Member):
     _egg_fold_src: torch.Tensor  # clone positions
     _egg_sources: torch.Tensor  # each clone position's source position
     _egg_gather: torch.Tensor  # for every position, where its source (itself if active) sits among the active ones
+    # when the active and the clone positions are each one run (packed roles): the weight is used through views
+    _egg_span: axes.Span | None
+    _egg_clone_span: axes.Span | None
+    _egg_fold: tuple[int, int] | None  # (q, m): clone k folds into active position q + k % m (axes.cycle)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or self._egg_reference or _plain_eval(self):
             return super().forward(input)
         w, dim = self.weight, self._egg_dim
+        spans = self._egg_span is not None and self._egg_clone_span is not None
         if self._egg_produces:
-            weight = w.index_select(dim, self._egg_active)
-            bias = None if self.bias is None else self.bias.index_select(0, self._egg_active)
+            if self._egg_span is not None:
+                weight = axes.narrow(w, dim, self._egg_span)
+                bias = None if self.bias is None else axes.narrow(self.bias, 0, self._egg_span)
+            else:
+                weight = w.index_select(dim, self._egg_active)
+                bias = None if self.bias is None else self.bias.index_select(0, self._egg_active)
         elif self._egg_expand:  # every unit read through its own column; clone columns frozen
-            weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
+            if spans:
+                parts = [(self._egg_span, False), (self._egg_clone_span, True)]
+                views = [
+                    axes.narrow(w, dim, sp).detach() if frozen else axes.narrow(w, dim, sp)
+                    for sp, frozen in sorted(parts)
+                ]
+                weight = torch.cat(views, dim)
+            else:
+                weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
+            bias = self.bias
+        elif spans and self._egg_fold is not None:  # clones summed into a run of active columns: no index op
+            q, m = self._egg_fold
+            active = axes.narrow(w, dim, self._egg_span)
+            folded = axes.fold(axes.narrow(w, dim, self._egg_clone_span).detach(), dim, m)
+            rest = active.shape[dim] - q - m
+            weight = torch.cat(
+                [active.narrow(dim, 0, q), active.narrow(dim, q, m) + folded, active.narrow(dim, q + m, rest)], dim
+            )
             bias = self.bias
         else:
             clones = w.index_select(dim, self._egg_fold_src).detach()  # clones are not trained
@@ -377,6 +403,9 @@ class BlockOutputCloning(base.LayerRewrite):
             base.set_buffer(m, "_egg_sources", er.sources.to(device))
             base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
             base.set_buffer(m, "_egg_gather", er.gather_index.to(device))
+            m._egg_span, m._egg_clone_span = er.active_span, er.clone_span
+            cyc = er.source_cycle  # in positions; the fold is in positions among the active ones
+            m._egg_fold = None if cyc is None or er.active_span is None else (cyc[0] - er.active_span[0], cyc[1])
 
     @torch.no_grad()
     def fill_clones(self, skip: Collection[str] = ()) -> None:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.axes import Span, narrow
 from ..core.roles import Roles
 from ..errors import ConfigError
 from . import base as rewrite
@@ -52,15 +53,26 @@ _ATTRS = (
     "_egg_gs_prepad",
     "_egg_gs_prepad_mode",
     "_egg_gs_pointwise",
+    "_egg_gs_spans",
 )
 _BUFFERS = ("_egg_gs_active", "_egg_gs_clones")
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-def _scatter_rows(like: torch.Tensor, active: torch.Tensor, clones: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+Spans = tuple[Span, Span] | None  # (active, clones) as runs of rows, when both are (packed roles)
+
+
+def _scatter_rows(
+    like: torch.Tensor, active: torch.Tensor, clones: torch.Tensor, rows: torch.Tensor, spans: Spans
+) -> torch.Tensor:
     """A full-size gradient (rows, dtype, device of ``like``) holding ``rows`` at ``active`` and exact zeros at
-    ``clones`` (the two partition the rows, so every element is written: no separate zero fill)."""
+    ``clones`` (the two partition the rows, so every element is written: no separate zero fill); through views
+    when both are runs of rows."""
     out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
+    if spans is not None:
+        narrow(out, 0, spans[0]).copy_(rows)
+        narrow(out, 0, spans[1]).zero_()
+        return out
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
 
@@ -78,9 +90,10 @@ class _LinearFn(torch.autograd.Function):
     """``F.linear`` whose weight/bias gradients are computed for the ``active`` rows only."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, active, clones):
+    def forward(ctx, input, weight, bias, active, clones, spans):
         ctx.save_for_backward(input, weight, active, clones)
         ctx.has_bias = bias is not None
+        ctx.spans = spans
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -104,10 +117,10 @@ class _LinearFn(torch.autograd.Function):
             g = grad_out.reshape(-1, grad_out.shape[-1]).index_select(1, active)
             if need_w:
                 x = input_c.reshape(-1, input_c.shape[-1])
-                grad_w = _scatter_rows(weight, active, clones, g.t().mm(x))
+                grad_w = _scatter_rows(weight, active, clones, g.t().mm(x), ctx.spans)
             if need_b and ctx.has_bias:
-                grad_b = _scatter_rows(weight, active, clones, g.sum(0))
-        return grad_x, grad_w, grad_b, None, None
+                grad_b = _scatter_rows(weight, active, clones, g.sum(0), ctx.spans)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _pointwise_weight_grad(
@@ -137,9 +150,10 @@ class _ConvFn(torch.autograd.Function):
     """A ConvNd (``groups=1``, numeric padding) whose weight/bias gradients are computed for ``active`` rows only."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, active, clones, conv, stride, padding, dilation, pointwise):
+    def forward(ctx, input, weight, bias, active, clones, spans, conv, stride, padding, dilation, pointwise):
         ctx.save_for_backward(input, weight, active, clones)
         ctx.has_bias = bias is not None
+        ctx.spans = spans
         ctx.geometry = (stride, padding, dilation, pointwise)
         return conv(input, weight, bias, stride, padding, dilation, 1)
 
@@ -182,10 +196,10 @@ class _ConvFn(torch.autograd.Function):
                     [False, need_w, need_b],
                 )
             if need_w:
-                grad_w = _scatter_rows(weight, active, clones, gw)
+                grad_w = _scatter_rows(weight, active, clones, gw, ctx.spans)
             if need_b:
-                grad_b = _scatter_rows(weight, active, clones, gb)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+                grad_b = _scatter_rows(weight, active, clones, gb, ctx.spans)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -196,6 +210,7 @@ class _GradSkipLayer:
     _egg_gs_skip: bool
     _egg_gs_active: torch.Tensor
     _egg_gs_clones: torch.Tensor
+    _egg_gs_spans: Spans
 
     def _egg_gs_use_fn(self) -> bool:
         return self._egg_gs_skip and self.training and torch.is_grad_enabled() and self.weight.requires_grad
@@ -205,7 +220,9 @@ class _GSLinear(_GradSkipLayer, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_gs_use_fn():
             return super().forward(input)
-        return _LinearFn.apply(input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones)
+        return _LinearFn.apply(
+            input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans
+        )
 
 
 class _GSConvMixin(_GradSkipLayer):
@@ -228,6 +245,7 @@ class _GSConvMixin(_GradSkipLayer):
             self.bias,
             self._egg_gs_active,
             self._egg_gs_clones,
+            self._egg_gs_spans,
             type(self)._egg_gs_conv,
             self.stride,
             self._egg_gs_padding,
@@ -308,6 +326,8 @@ def _set_roles(layer: nn.Module, roles: Roles, min_clone_fraction: float) -> Non
     device = layer.weight.device
     rewrite.set_buffer(layer, "_egg_gs_active", roles.active.to(device, copy=True))
     rewrite.set_buffer(layer, "_egg_gs_clones", roles.clones.to(device, copy=True))
+    spans = roles.active_span, roles.clone_span
+    layer._egg_gs_spans = spans if None not in spans else None
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.axes import Span, narrow
 from ...core.roles import Roles
 from ...core.sharding import copied_positions, copy_positions_
 from ...errors import PlanError
@@ -30,10 +31,10 @@ __all__ = [
 
 _LAYER_ATTRS = (
     "_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise",
-    "_egg_probe", "_egg_probe_data",
+    "_egg_probe", "_egg_probe_data", "_egg_span",
 )  # fmt: skip
 _LAYER_BUFFERS = ("_egg_active", "_egg_gather")
-_NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel", "_egg_own_weights")
+_NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel", "_egg_own_weights", "_egg_span")
 _NORM_BUFFERS = ("_egg_active", "_egg_gather", "_egg_zero", "_egg_one")
 
 
@@ -48,14 +49,13 @@ class _OutputClonedLayer:
     _egg_dim: int
     _egg_active: torch.Tensor
     _egg_gather: torch.Tensor
+    _egg_span: Span | None  # the active units as one run of rows: weights taken as views
     _egg_probe: bool = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or (self._egg_own_weights and not self.training):
             return super().forward(input)  # plain op, the unit's own weights
-        active = self._egg_active
-        weight = self.weight.index_select(0, active)
-        bias = None if self.bias is None else self.bias.index_select(0, active)
+        weight, bias = active_rows(self, self.weight), active_rows(self, self.bias)
         y = self._egg_compute(input, weight, bias)
         if self._egg_probe and self.training and torch.is_grad_enabled():
             # one probed forward: full width (a fused norm then runs as the plain norm, the same function), and
@@ -136,6 +136,7 @@ class _FusedNorm:
     _egg_gather: torch.Tensor
     _egg_zero: torch.Tensor
     _egg_one: torch.Tensor
+    _egg_span: Span | None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or input.dim() < 2 or input.shape[1] != self._egg_num_active:
@@ -193,6 +194,16 @@ def _save_filled(module: nn.Module, destination, prefix: str, keep_vars: bool, a
         destination[prefix + attr] = copied_positions(t, 0, roles.clones, roles.sources)  # DTensors stay sharded
 
 
+def active_rows(module: nn.Module, t: torch.Tensor | None) -> torch.Tensor | None:
+    """The active units' rows of ``t`` (a weight, bias or norm statistic of an output-cloned ``module``): a view
+    when they are one run (no index op, and autograd's backward is a plain slice), else gathered."""
+    if t is None:
+        return None
+    if module._egg_span is not None:
+        return narrow(t, 0, module._egg_span)
+    return t.index_select(0, module._egg_active)
+
+
 def can_fuse(layer: nn.Module, norm: nn.Module) -> bool:
     """Whether output cloning can fuse ``norm`` into ``layer`` (types and sizes; not whether ``norm`` does take
     ``layer``'s output alone, which :mod:`egg_optim.core.coupling` establishes)."""
@@ -221,6 +232,7 @@ def _set_layer_roles(layer: nn.Module, roles: Roles) -> None:
     device = layer.weight.device
     layer._egg_roles = roles
     layer._egg_has_clones = roles.has_clones
+    layer._egg_span = roles.active_span
     set_buffer(layer, "_egg_active", roles.active.to(device, copy=True))
     set_buffer(layer, "_egg_gather", roles.gather_index.to(device, copy=True))
 
@@ -232,6 +244,7 @@ def _set_norm_roles(norm: nn.Module, roles: Roles) -> None:
     norm._egg_roles = roles
     norm._egg_has_clones = roles.has_clones
     norm._egg_num_active = int(roles.active.numel())
+    norm._egg_span = roles.active_span
     set_buffer(norm, "_egg_active", roles.active.to(device, copy=True))
     set_buffer(norm, "_egg_gather", roles.gather_index.to(device, copy=True))
     n = roles.num_units

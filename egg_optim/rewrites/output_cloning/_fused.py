@@ -252,13 +252,28 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     use_batch = norm.training or (norm.running_mean is None and norm.running_var is None)
     running = norm.running_mean is not None and (not norm.training or norm.track_running_stats)
-    active = norm._egg_active
     if norm._egg_kernel and _kernel_ok(x, norm):
-        return _kernel_path(norm, x, use_batch, running, factor, active)
-    return _torch_path(norm, x, use_batch, running, factor, active)
+        return _kernel_path(norm, x, use_batch, running, factor)
+    return _torch_path(norm, x, use_batch, running, factor)
 
 
-def _kernel_path(norm, x, use_batch, running, factor, active):
+def _active_stats(norm) -> tuple[Tensor, Tensor]:
+    """The active channels' running mean and variance: views when they are one run (updated in place, nothing to
+    write back), else gathered copies."""
+    span = norm._egg_span
+    if span is not None:
+        return norm.running_mean.narrow(0, *span), norm.running_var.narrow(0, *span)
+    return norm.running_mean.index_select(0, norm._egg_active), norm.running_var.index_select(0, norm._egg_active)
+
+
+def _write_stats(norm, mean: Tensor, var: Tensor) -> None:
+    """Store updated active running statistics (nothing to do for views)."""
+    if norm._egg_span is None:
+        norm.running_mean.index_copy_(0, norm._egg_active, mean)
+        norm.running_var.index_copy_(0, norm._egg_active, var)
+
+
+def _kernel_path(norm, x, use_batch, running, factor):
     compiling = torch.compiler.is_compiling()
     x = _kernel_layout(x)[0]
     gather = norm._egg_gather
@@ -269,29 +284,24 @@ def _kernel_path(norm, x, use_batch, running, factor, active):
         if running:
             m = x.numel() // A
             with torch.no_grad():
-                rm, rv = norm.running_mean, norm.running_var
-                new_m = rm.index_select(0, active).mul_(1 - factor).add_(mean.to(rm.dtype), alpha=factor)
-                unbiased = (var * (m / max(m - 1, 1))).to(rv.dtype)
-                new_v = rv.index_select(0, active).mul_(1 - factor).add_(unbiased, alpha=factor)
-                rm.index_copy_(0, active, new_m)
-                rv.index_copy_(0, active, new_v)
+                rm, rv = _active_stats(norm)
+                rm.mul_(1 - factor).add_(mean.to(rm.dtype), alpha=factor)
+                rv.mul_(1 - factor).add_((var * (m / max(m - 1, 1))).to(rv.dtype), alpha=factor)
+                _write_stats(norm, rm, rv)
     else:
-        mean = norm.running_mean.index_select(0, active).double()
-        var = norm.running_var.index_select(0, active).double()
+        mean, var = (t.double() for t in _active_stats(norm))
     invstd = (var + norm.eps).rsqrt_()
     expand = _expand_norm_op if compiling else _ExpandNorm.apply
     return expand(x, norm.weight, norm.bias, gather, mean, invstd, use_batch)
 
 
-def _torch_path(norm, x, use_batch, running, factor, active):
+def _torch_path(norm, x, use_batch, running, factor):
     if running:
-        mean = norm.running_mean.index_select(0, active)
-        var = norm.running_var.index_select(0, active)
+        mean, var = _active_stats(norm)
         y = F.batch_norm(x, mean, var, None, None, use_batch, factor, norm.eps)
         if use_batch:
             with torch.no_grad():
-                norm.running_mean.index_copy_(0, active, mean)
-                norm.running_var.index_copy_(0, active, var)
+                _write_stats(norm, mean, var)
     else:
         y = F.batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
     y = y.index_select(1, norm._egg_gather)

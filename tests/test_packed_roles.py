@@ -1,0 +1,260 @@
+"""Packed first roles (issue 19, item 2): each layer's active units are its first ones, so between role changes
+the step reads and writes parameters, gradients, optimizer state and norm statistics through views and reshaped
+broadcasts, with no index op over them, and computes exactly what the gather/scatter path computes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import TinySeedNet, mlp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan
+from egg_optim.core import axes
+from egg_optim.core.roles import Roles
+from egg_optim.utils import DispatchCounter
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _cnn_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+CASES = {
+    "cnn": (TinySeedNet, lambda: (torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))), _cnn_loss),
+    "llama": (_llama, lambda: torch.randint(0, 96, (2, 12)), _lm_loss),
+}
+
+
+def _run(kind, mode, *, preset="mild", first_roles="packed", assign="first", steps=3, fused=False, count=False):
+    """Train ``steps`` steps; the last one under a :class:`DispatchCounter` when ``count``."""
+    build, batch, loss_fn = CASES[kind]
+    torch.manual_seed(0)
+    model = build()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
+    cfg = EggConfig(clone_mode=mode, first_roles=first_roles, assign=assign)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = LeaderCloneOptimizer(model, base, RolePlan.preset(preset), config=cfg)
+    torch.manual_seed(1)
+    batches = [batch() for _ in range(steps)]
+    counter = None
+    for i, b in enumerate(batches):
+        counter = DispatchCounter(model, opt) if count and i == steps - 1 else None
+        with counter or _null():
+            loss_fn(model, b).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return model, opt, counter
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_default_first_roles_are_packed_and_drawn_keeps_the_seed_draw():
+    _, packed, _ = _run("cnn", "output", steps=1)
+    _, drawn, _ = _run("cnn", "output", steps=1, first_roles="drawn")
+    scattered = 0
+    for name, roles in packed.roles.items():
+        n_active = int(roles.active.numel())
+        assert torch.equal(roles.active, torch.arange(n_active)), name
+        assert torch.equal(roles.leaders, torch.arange(int(roles.leaders.numel()))), name  # leaders first
+        assert roles.active_span == (0, n_active) and (not roles.has_clones or roles.clone_span is not None)
+        scattered += drawn.roles[name].has_clones and drawn.roles[name].active_span is None
+    assert scattered > 0  # the seed's draw scatters active units
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_round_robin_sources_need_no_index_traffic_either(kind, mode):
+    """Clones cycling over the leaders (the last cycle cut short) fold and copy by reshaped views too
+    (``assign="first"``: tests/test_dispatch.py)."""
+    assign = "round_robin"
+    _, opt, count = _run(kind, mode, assign=assign, count=True)
+    assert sum(r.has_clones for r in opt.roles.values()) > 1
+    assert count.param_index_total == 0, dict(count.param_index_ops)
+    _, _, drawn = _run(kind, mode, assign=assign, first_roles="drawn", count=True)
+    assert drawn.param_index_total > 0  # not vacuous: scattered roles still gather
+    assert count.launches < drawn.launches
+
+
+def _patch_scattered(mp: pytest.MonkeyPatch) -> None:
+    """Every role looks scattered: the gather/scatter path runs, with the same (packed) roles."""
+    for name in ("active_span", "clone_span", "source_cycle"):
+        mp.setattr(Roles, name, property(lambda self: None))
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("cnn", "output"), ("cnn", "weight"), ("llama", "weight")])
+@pytest.mark.parametrize("assign", ["first", "round_robin"])
+def test_views_compute_what_the_gather_path_computes(kind, mode, assign, monkeypatch):
+    fast, _, _ = _run(kind, mode, assign=assign)
+    _patch_scattered(monkeypatch)
+    slow, _, _ = _run(kind, mode, assign=assign)
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("assign", ["first", "round_robin"])
+def test_folded_consumers_match_the_gather_path_to_rounding(assign, monkeypatch):
+    """Output mode on a transformer folds clone columns of o_proj / down_proj into their sources by a reshaped sum
+    instead of an index_add: the same terms added in another order, so the loss and every gradient agree to
+    float32 rounding (not bit for bit; Adam would then amplify signs of near-zero gradients, so grads are compared)."""
+
+    def grads():
+        model, _, _ = _run("llama", "output", assign=assign, steps=0)
+        ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+        loss = _lm_loss(model, ids)
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    loss, fast = grads()
+    _patch_scattered(monkeypatch)
+    loss_slow, slow = grads()
+    torch.testing.assert_close(loss, loss_slow, rtol=1e-6, atol=0)
+    assert fast.keys() == slow.keys() and len(fast) > 10
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_strided_column_blocks_step_on_copies_so_a_fused_optimizer_stays_exact(monkeypatch):
+    """o_proj / down_proj units are columns: a narrowed column block is strided, which a fused optimizer would
+    misread as dense memory; the step then uses a contiguous copy. Compared with the gather path."""
+    fast, _, _ = _run("llama", "weight", fused=True)
+    _patch_scattered(monkeypatch)
+    slow, _, _ = _run("llama", "weight", fused=True)
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    widths=st.lists(st.integers(4, 24), min_size=1, max_size=3),
+    leaders=st.floats(0.1, 0.5),
+    independents=st.floats(0.0, 0.3),
+    mode=st.sampled_from(["output", "weight"]),
+    assign=st.sampled_from(["first", "round_robin", "random"]),
+)
+def test_clone_rows_stay_their_sources_and_views_match_the_gather_path(widths, leaders, independents, mode, assign):
+    """A conv/BN/linear net of random widths: after steps on packed roles every clone row equals its source in
+    weight mode (clone rows untouched in output mode), and the parameters equal the gather path's bit for bit."""
+
+    def train(spans: bool):
+        model = _conv_net(widths)
+        cfg = EggConfig(clone_mode=mode, assign=assign)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = LeaderCloneOptimizer(
+                model, torch.optim.Adam(model.parameters(), lr=1e-2), RolePlan(leaders, independents), config=cfg
+            )
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.manual_seed(1)
+        for _ in range(2):
+            x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt, before
+
+    fast, opt, before = train(True)
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_scattered(mp)
+        slow, _, _ = train(False)
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        assert torch.equal(a, b), k
+    for name, roles in opt.roles.items():
+        if not roles.has_clones:
+            continue
+        w = fast.get_submodule(name).weight.detach()
+        if mode == "weight":
+            assert torch.equal(w[roles.clones], w[roles.sources]), name
+        else:
+            assert torch.equal(w[roles.clones], before[f"{name}.weight"][roles.clones]), name
+
+
+def _conv_net(widths, channels_last=False) -> nn.Module:
+    torch.manual_seed(0)
+    layers, cin = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        cin = w
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 12), nn.ReLU(), nn.Linear(12, 3))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, monkeypatch):
+    """A channels-last conv weight's active rows are a channels-last view (what cuDNN wants), not the contiguous
+    copy a gather makes; the optimizer steps them on a contiguous copy (a narrowed channels-last block is not
+    contiguous). The conv then picks its channels-last kernel, so gradients match the gather path to rounding."""
+
+    def grads():
+        model = _conv_net((8, 16), channels_last=True)
+        opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), "mild", clone_mode=mode)
+        x, y = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last), torch.randint(0, 3, (4,))
+        step = lambda: (nn.functional.cross_entropy(model(x), y).backward(), opt.step(), opt.zero_grad())  # noqa: E731
+        step()
+        with DispatchCounter(model, opt) as count:
+            nn.functional.cross_entropy(model(x), y).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        return count, grads
+
+    count, fast = grads()
+    assert count.param_index_total == 0, dict(count.param_index_ops)
+    _patch_scattered(monkeypatch)
+    count_slow, slow = grads()
+    assert count_slow.param_index_total > 0
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_span_and_cycle_read_runs_and_cycles():
+    assert axes.span(torch.tensor([3, 4, 5])) == (3, 3)
+    assert axes.span(torch.tensor([0, 2])) is None and axes.span(torch.tensor([], dtype=torch.long)) is None
+    assert axes.cycle(torch.tensor([2, 2, 2])) == (2, 1)
+    assert axes.cycle(torch.tensor([0, 1, 2, 0, 1, 2])) == (0, 3)
+    assert axes.cycle(torch.tensor([0, 1, 2, 0])) == (0, 3)  # the last period may stop short
+    assert axes.cycle(torch.tensor([0, 1, 1])) is None and axes.cycle(torch.tensor([1, 0])) is None
+    t = torch.arange(35.0).view(7, 5)
+    for n, (q, m) in ((6, (1, 2)), (5, (1, 2)), (4, (2, 1)), (3, (0, 3))):
+        idx = q + torch.arange(n) % m
+        assert torch.equal(axes.tiled(t, 0, (q, m), n), t.index_select(0, idx))
+        assert torch.equal(
+            axes.tiled(t, 1, (q, m), n),
+            t[:, :5].index_select(1, idx.clamp(max=4)) if q + m > 5 else t.index_select(1, idx),
+        )
+        block = t[:n]
+        folded = torch.zeros(m, 5).index_add_(0, torch.arange(n) % m, block)
+        assert torch.equal(axes.fold(block, 0, m), folded)
+        assert torch.equal(axes.fold(block.T, 1, m), folded.T)
+
+
+def test_mlp_without_norms_packs_too():
+    torch.manual_seed(0)
+    model = mlp((6, 20, 20, 3))
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", clone_mode="output")
+    assert all(r.active_span is not None for r in opt.roles.values())
