@@ -69,7 +69,7 @@ VARIANTS = {
 }
 
 
-def _make_case(kind: str, scenario: str | None, variant: str) -> Case:
+def _make_case(kind: str, scenario: str | None, variant: str, first_roles: str = "packed") -> Case:
     """``scenario=None``: the bare optimizer, no wrapper."""
     model, x, y = _make_model(kind)
     base = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -79,7 +79,7 @@ def _make_case(kind: str, scenario: str | None, variant: str) -> Case:
         name = f"{kind}/bare"
     else:
         plan = _plan(kind, scenario)
-        opt = LeaderCloneOptimizer(model, base, plan, seed=0, **VARIANTS[variant])
+        opt = LeaderCloneOptimizer(model, base, plan, seed=0, first_roles=first_roles, **VARIANTS[variant])
         name = f"{kind}/{variant}/{scenario}"
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 40, quick 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case first (default 3, quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--first-roles",
+        default="packed",
+        choices=("packed", "drawn"),
+        help="EggConfig.first_roles: packed (views, the default) or drawn (the seed's scattered draw: gathers)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for variant in (None, *VARIANTS)
             for scenario in ((None,) if variant is None else SCENARIOS[variant == "weight-full" :])
         ]
-    cases = [_make_case(kind, scenario, variant or "weight") for kind, scenario, variant in specs]
+    cases = [_make_case(kind, scenario, variant or "weight", args.first_roles) for kind, scenario, variant in specs]
     for case in cases:
         for _ in range(warmup):
             case.step()

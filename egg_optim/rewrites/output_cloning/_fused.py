@@ -11,8 +11,10 @@ module computes that without ever materialising ``x_full``:
 * :class:`_ExpandNorm` (CPU, float32/float64, when the native kernels in :mod:`._kernel` are available): one
   statistics pass over ``x_a``, one pass writing ``y``; backward: one reduction pass (weight/bias gradients) and
   one pass writing ``grad x_a`` (the gather's backward and the batch-statistics terms folded in).
-* :func:`_torch_path` otherwise (GPU, other dtypes, no compiler): batch_norm on ``x_a`` without affine,
-  ``index_select``, then the per-channel affine as an eval-mode batch_norm (one native kernel each way).
+* the torch path otherwise (GPU, other dtypes, no compiler): ``batch_norm`` on ``x_a`` without affine (one
+  native kernel each way, running statistics updated in place), then :class:`_GatherAffine`, the expansion
+  and every channel's affine in one autograd function that saves nothing but the input the batch norm saved
+  (``A`` channels in all, against ``A + C`` through plain autograd and ``C`` for the plain norm).
 
 Under ``torch.compile`` the kernels run as the custom ops ``torch.ops.egg_optim.oc_*`` (shape-only fake
 implementations, the same autograd formula), so the model traces as one graph; eager mode calls them directly.
@@ -30,9 +32,9 @@ from torch import Tensor
 
 from . import _kernel
 
-# Per-channel affine ``y = x * w + b`` as an eval-mode batch_norm with mean 0 and ``var + eps == 1`` exactly.
+# Per-channel affine ``y = x * w + b`` as an eval-mode batch norm with mean 0 and ``var + eps == 1`` exactly (its
+# backward gives the input, weight and bias gradients in one kernel).
 AFFINE_EPS = 2.0**-20
-
 
 # ---------------------------------------------------------------------------------------------- kernels
 # Plain functions around the native kernels. Eager mode calls them directly (from _ExpandNorm); under
@@ -144,7 +146,7 @@ def _expand_norm_backward(ctx, gy: Tensor, reduce, grad_input) -> tuple:
     ig = invstd.index_select(0, gather)
     mg = mean.index_select(0, gather)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    w = None if weight is None else weight.detach().double()
+    w = None if weight is None else weight.detach().to(mean.dtype)
     gsum = gdot = None
     if need_w or need_b or (need_x and ctx.batch_stats):
         gsum, gdot = reduce(x, gy, gather, mg)
@@ -156,23 +158,23 @@ def _expand_norm_backward(ctx, gy: Tensor, reduce, grad_input) -> tuple:
             # grad x_a = invstd * (H - mean(H) - xhat * mean(H * xhat)),  H_a = sum_{c->a} w_c gy_c
             wsum = gsum if w is None else w * gsum
             wdot = gdot if w is None else w * gdot
-            dsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wsum)
-            dxsum = torch.zeros(A, dtype=torch.float64).index_add_(0, gather, wdot)
+            dsum = mean.new_zeros(A).index_add_(0, gather, wsum)
+            dxsum = mean.new_zeros(A).index_add_(0, gather, wdot)
             p = -invstd * invstd * dxsum / M
             q = -invstd * dsum / M - p * mean
         else:
-            p = torch.zeros(A, dtype=torch.float64)
+            p = mean.new_zeros(A)
             q = p
         gx = grad_input(x, gy, gather, coef, p, q)
     gw = gdot.to(weight.dtype) if need_w and weight is not None else None
-    gb = gsum.to(gy.dtype) if need_b and ctx.has_bias else None
+    gb = gsum.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
     return gx, gw, gb, None, None, None, None
 
 
 def _save(ctx, x, weight, bias, gather, mean, invstd, batch_stats) -> None:
     ctx.save_for_backward(x, weight, gather, mean, invstd)
     ctx.batch_stats = batch_stats
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 class _ExpandNorm(torch.autograd.Function):
@@ -187,6 +189,42 @@ class _ExpandNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         return _expand_norm_backward(ctx, gy, _reduce_impl, _grad_input_impl)
+
+
+# ---------------------------------------------------------------------------------------------- torch ops
+class _GatherAffine(torch.autograd.Function):
+    """``y[:, c] = xhat[:, g[c]] * weight[c] + bias[c]`` for ``xhat = batch_norm(x)`` (no affine): the torch path's
+    expand and per-channel affine. Autograd through ``index_select`` and an affine op would keep the expanded
+    tensor (all channels) until backward; this keeps nothing but ``x``, which the batch norm before it saves
+    anyway, and normalises it again in backward (one more batch-norm launch, the same kernel on the same input).
+    ``mean`` / ``var``: the statistics used (``None`` for the batch's own); ``zero`` / ``one``: (C,) buffers that
+    make an eval-mode batch norm the affine map."""
+
+    @staticmethod
+    def forward(ctx, xhat, x, mean, var, eps, weight, bias, gather, zero, one):
+        ctx.save_for_backward(x, mean, var, weight, gather, zero, one)
+        ctx.eps = eps
+        y = xhat.index_select(1, gather)
+        if weight is None and bias is None:
+            return y
+        return F.batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, mean, var, weight, gather, zero, one = ctx.saved_tensors
+        need_xhat, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        if need_w:  # the expanded normalised input, taken again
+            xg = F.batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
+        else:  # an eval-mode batch norm's input gradient does not read the input
+            xg = gy
+        gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, xg, weight, zero, one, None, None, False, AFFINE_EPS, [need_xhat, need_w, need_b]
+        )
+        gxhat = None
+        if need_xhat:
+            gxhat = gi.new_zeros(x.shape).index_add_(1, gather, gi)
+        return gxhat, None, None, None, None, gw, gb, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -252,9 +290,42 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     use_batch = norm.training or (norm.running_mean is None and norm.running_var is None)
     running = norm.running_mean is not None and (not norm.training or norm.track_running_stats)
-    if norm._egg_kernel and _kernel_ok(x, norm):
-        return _kernel_path(norm, x, use_batch, running, factor)
-    return _torch_path(norm, x, use_batch, running, factor)
+    if not (norm._egg_kernel and _kernel_ok(x, norm)):
+        return _torch_path(norm, x, use_batch, running, factor)
+    x = _kernel_layout(x)[0]
+    compiling = torch.compiler.is_compiling()
+    if use_batch:
+        _verify_batch_size(x)
+        mean, var = (_batch_stats_op if compiling else _batch_stats_impl)(x.detach())
+        if running:
+            m = x.numel() // x.shape[1]
+            with torch.no_grad():
+                rm, rv = _active_stats(norm)
+                rm.mul_(1 - factor).add_(mean.to(rm.dtype), alpha=factor)
+                rv.mul_(1 - factor).add_((var * (m / max(m - 1, 1))).to(rv.dtype), alpha=factor)
+                _write_stats(norm, rm, rv)
+    else:
+        mean, var = (t.to(torch.float64, copy=True) for t in _active_stats(norm))  # the kernels take float64
+    invstd = (var + norm.eps).rsqrt_()
+    expand = _expand_norm_op if compiling else _ExpandNorm.apply
+    return expand(x, norm.weight, norm.bias, norm._egg_gather, mean, invstd, use_batch)
+
+
+def _torch_path(norm, x, use_batch, running, factor):
+    mean = var = None  # the batch's own statistics
+    if running:
+        rm, rv = _active_stats(norm)
+        xhat = F.batch_norm(x, rm, rv, None, None, use_batch, factor, norm.eps)
+        if use_batch:
+            with torch.no_grad():
+                _write_stats(norm, rm, rv)
+        else:  # copies: backward must see the statistics this forward used
+            mean, var = rm.clone(), rv.clone()
+    else:
+        xhat = F.batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
+    return _GatherAffine.apply(
+        xhat, x.detach(), mean, var, norm.eps, norm.weight, norm.bias, norm._egg_gather, norm._egg_zero, norm._egg_one
+    )
 
 
 def _active_stats(norm) -> tuple[Tensor, Tensor]:
@@ -271,40 +342,3 @@ def _write_stats(norm, mean: Tensor, var: Tensor) -> None:
     if norm._egg_span is None:
         norm.running_mean.index_copy_(0, norm._egg_active, mean)
         norm.running_var.index_copy_(0, norm._egg_active, var)
-
-
-def _kernel_path(norm, x, use_batch, running, factor):
-    compiling = torch.compiler.is_compiling()
-    x = _kernel_layout(x)[0]
-    gather = norm._egg_gather
-    if use_batch:
-        _verify_batch_size(x)
-        A = x.shape[1]
-        mean, var = (_batch_stats_op if compiling else _batch_stats_impl)(x.detach())
-        if running:
-            m = x.numel() // A
-            with torch.no_grad():
-                rm, rv = _active_stats(norm)
-                rm.mul_(1 - factor).add_(mean.to(rm.dtype), alpha=factor)
-                rv.mul_(1 - factor).add_((var * (m / max(m - 1, 1))).to(rv.dtype), alpha=factor)
-                _write_stats(norm, rm, rv)
-    else:
-        mean, var = (t.double() for t in _active_stats(norm))
-    invstd = (var + norm.eps).rsqrt_()
-    expand = _expand_norm_op if compiling else _ExpandNorm.apply
-    return expand(x, norm.weight, norm.bias, gather, mean, invstd, use_batch)
-
-
-def _torch_path(norm, x, use_batch, running, factor):
-    if running:
-        mean, var = _active_stats(norm)
-        y = F.batch_norm(x, mean, var, None, None, use_batch, factor, norm.eps)
-        if use_batch:
-            with torch.no_grad():
-                _write_stats(norm, mean, var)
-    else:
-        y = F.batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
-    y = y.index_select(1, norm._egg_gather)
-    if norm.weight is None:
-        return y if norm.bias is None else y + norm.bias.view((1, -1) + (1,) * (y.dim() - 2))
-    return F.batch_norm(y, norm._egg_zero, norm._egg_one, norm.weight, norm.bias, False, 0.0, AFFINE_EPS)
