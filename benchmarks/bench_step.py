@@ -62,14 +62,17 @@ def _make_model(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 # clone-mode variants: wrapper keyword arguments. "weight-full" is weight cloning without the savings (whole
 # tensors stepped and clone rows restored, clone weight gradients computed): what weight mode cost before.
+# "output-drawn": output mode on the seed's drawn (scattered) first roles, which gather and scatter every step,
+# against the default packed roles, which take views (issue 19 item 2).
 VARIANTS = {
     "output": {"clone_mode": "output"},
+    "output-drawn": {"clone_mode": "output", "first_roles": "drawn"},
     "weight": {"clone_mode": "weight"},
     "weight-full": {"clone_mode": "weight", "state_storage": "full", "skip_clone_grads": False},
 }
 
 
-def _make_case(kind: str, scenario: str | None, variant: str, first_roles: str = "packed") -> Case:
+def _make_case(kind: str, scenario: str | None, variant: str) -> Case:
     """``scenario=None``: the bare optimizer, no wrapper."""
     model, x, y = _make_model(kind)
     base = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -79,7 +82,7 @@ def _make_case(kind: str, scenario: str | None, variant: str, first_roles: str =
         name = f"{kind}/bare"
     else:
         plan = _plan(kind, scenario)
-        opt = LeaderCloneOptimizer(model, base, plan, seed=0, first_roles=first_roles, **VARIANTS[variant])
+        opt = LeaderCloneOptimizer(model, base, plan, seed=0, **VARIANTS[variant])
         name = f"{kind}/{variant}/{scenario}"
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -124,12 +127,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 40, quick 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case first (default 3, quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument(
-        "--first-roles",
-        default="packed",
-        choices=("packed", "drawn"),
-        help="EggConfig.first_roles: packed (views, the default) or drawn (the seed's scattered draw: gathers)",
-    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,15 +137,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # MLP, whose steps are ~30x cheaper, to stay under a minute.
     overhead_kind = "mlp" if args.quick else "cnn"
     if args.quick:
-        specs = [("cnn", sc, "output") for sc in SCENARIOS] + [("mlp", None, "weight"), ("mlp", "baseline", "output")]
+        specs = [("cnn", sc, "output") for sc in SCENARIOS] + [("cnn", sc, "output-drawn") for sc in SCENARIOS[1:]]
+        specs += [("mlp", None, "weight"), ("mlp", "baseline", "output")]
     else:
         specs = [
             (kind, scenario, variant)
             for kind in kinds
             for variant in (None, *VARIANTS)
-            for scenario in ((None,) if variant is None else SCENARIOS[variant == "weight-full" :])
+            for scenario in ((None,) if variant is None else SCENARIOS[variant in ("weight-full", "output-drawn") :])
         ]
-    cases = [_make_case(kind, scenario, variant or "weight", args.first_roles) for kind, scenario, variant in specs]
+    cases = [_make_case(kind, scenario, variant or "weight") for kind, scenario, variant in specs]
     for case in cases:
         for _ in range(warmup):
             case.step()
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for case in cases:
         kind, *_, scenario = case.name.split("/")
         variant = case.name.split("/")[1] if scenario != "bare" else None
-        own_base = {"weight-full": "weight"}.get(variant, variant)
+        own_base = {"weight-full": "weight", "output-drawn": "output"}.get(variant, variant)
         ratio = med[case.name] / med[f"{kind}/{own_base}/baseline"] if variant else None
         bare = med.get(f"{kind}/bare")
         print(
@@ -188,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "baseline_step_ms": med["cnn/output/baseline"] * 1e3,
         "state_bytes_ratio_mild": state["cnn/output/mild"] / state["cnn/output/baseline"],
         "state_bytes_ratio_aggressive": state["cnn/output/aggressive"] / state["cnn/output/baseline"],
+        "step_time_ratio_mild_drawn": med["cnn/output-drawn/mild"] / med["cnn/output/baseline"],
+        "step_time_ratio_aggressive_drawn": med["cnn/output-drawn/aggressive"] / med["cnn/output/baseline"],
     }
     if not args.quick:
         for kind in kinds:
