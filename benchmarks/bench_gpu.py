@@ -202,8 +202,9 @@ class Group:
 
 
 def _plan(group: Group, scenario: str) -> RolePlan:
-    """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama)."""
-    preset = scenario.split("/")[1]
+    """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama);
+    ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path."""
+    preset = scenario.split("/")[1].removesuffix("-drawn")
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
         return RolePlan.preset("aggressive", table, align=None)
@@ -299,7 +300,8 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
     if scenario.startswith(("output/", "weight/")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = LeaderCloneOptimizer(model, base, _plan(group, scenario), clone_mode=scenario.split("/")[0], seed=0)
+            mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
+            opt = LeaderCloneOptimizer(model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first)
         widths = _active_widths(opt)
     elif dense_widths is not None:
         widths = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in list(dense_widths.items())[:3]) + ", ..."
@@ -695,6 +697,7 @@ def run_checks(device: torch.device, log) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- plan of runs
 _CNN_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _LLAMA_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
+_DRAWN = "output/mild-drawn"  # the control of packed roles (views) against drawn ones (gathers): issue 19 item 2
 
 
 def groups_for(args: argparse.Namespace) -> list[Group]:
@@ -702,7 +705,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
     r = args.rounds
     if args.smoke:
         return [
-            Group("tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS, rounds=r),
+            Group("tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN], rounds=r),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
             Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS, rounds=r),
             Group(
@@ -735,10 +738,10 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "h1024",
             LLAMAS["h1024"]["batch"],
             "autocast",
-            _LLAMA_SCENARIOS,
+            _LLAMA_SCENARIOS + [_DRAWN],
             rounds=r,
         ),  # fmt: skip
-        Group("seed CIFAR CNN b128 fp32", "cnn", "seed_cifar", 128, "fp32", _CNN_SCENARIOS, rounds=r),
+        Group("seed CIFAR CNN b128 fp32", "cnn", "seed_cifar", 128, "fp32", _CNN_SCENARIOS + [_DRAWN], rounds=r),
         Group("seed CIFAR CNN b1024 bf16 channels-last", "cnn", "seed_cifar", 1024, "bf16cl", _CNN_SCENARIOS, rounds=r),
         Group(
             "Llama h1024 bf16 autocast, compiled",

@@ -118,7 +118,8 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     rows = {(r["group"], r["case"]): r for r in result["rows"]}
     assert not result["skipped"], result["skipped"]
     cnn = "tiny CNN b4 fp32"
-    assert {c for g, c in rows if g == cnn} == set(bench._CNN_SCENARIOS)
+    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN}
+    assert rows[cnn, bench._DRAWN]["param_index_ops"] > 0  # the gather path, against packed roles' none
     assert rows[cnn, "bare"]["vs_bare"] == 1.0 and rows[cnn, "bare"]["param_index_ops"] == 0
     for case in ("output/mild", "output/aggressive", "dense@mild", "dense@aggressive"):
         assert 0 < rows[cnn, case]["flop_ratio"] < 1, case
