@@ -5,11 +5,12 @@ broadcasts, with no index op over them, and computes exactly what the gather/sca
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import TinySeedNet, mlp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -59,19 +60,11 @@ def _run(kind, mode, *, preset="mild", first_roles="packed", assign="first", ste
     counter = None
     for i, b in enumerate(batches):
         counter = DispatchCounter(model, opt) if count and i == steps - 1 else None
-        with counter or _null():
+        with counter or nullcontext():
             loss_fn(model, b).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return model, opt, counter
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_the_default_first_roles_are_packed_and_drawn_keeps_the_seed_draw():
@@ -149,7 +142,7 @@ def test_strided_column_blocks_step_on_copies_so_a_fused_optimizer_stays_exact(m
         assert torch.equal(a, b), k
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(
     widths=st.lists(st.integers(4, 24), min_size=1, max_size=3),
     leaders=st.floats(0.1, 0.5),
@@ -161,7 +154,7 @@ def test_clone_rows_stay_their_sources_and_views_match_the_gather_path(widths, l
     """A conv/BN/linear net of random widths: after steps on packed roles every clone row equals its source in
     weight mode (clone rows untouched in output mode), and the parameters equal the gather path's bit for bit."""
 
-    def train(spans: bool):
+    def train():
         model = _conv_net(widths)
         cfg = EggConfig(clone_mode=mode, assign=assign)
         with warnings.catch_warnings():
@@ -178,10 +171,10 @@ def test_clone_rows_stay_their_sources_and_views_match_the_gather_path(widths, l
             opt.zero_grad()
         return model, opt, before
 
-    fast, opt, before = train(True)
+    fast, opt, before = train()
     with pytest.MonkeyPatch.context() as mp:
         _patch_scattered(mp)
-        slow, _, _ = train(False)
+        slow, _, _ = train()
     for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
         assert torch.equal(a, b), k
     for name, roles in opt.roles.items():

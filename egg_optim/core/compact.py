@@ -51,7 +51,7 @@ def zero_fresh(key: str, group: dict[str, Any]) -> float:
     return 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class CompactEntry:
     """One parameter with clone units, as the step sees it."""
 
@@ -61,12 +61,28 @@ class CompactEntry:
     active: torch.Tensor  # active units, on the parameter's device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
     span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
+    _view: torch.Tensor | None = None  # the stand-in view, kept from step to step (see :meth:`row_view`)
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s active slices: a view for a span, else a gathered copy."""
         if self.span is not None:
             return axes.narrow(t, self.dim, self.span)
         return axes.select(t, self.dim, self.active)
+
+    def row_view(self) -> torch.Tensor | None:
+        """The parameter's active rows as a contiguous view, or ``None`` (no span, or a strided block). The
+        same tensor object every step until the parameter's storage changes (``model.to(...)``), so a compiled
+        base optimizer step sees the same parameters and does not recompile."""
+        p = self.param
+        if self.span is None:
+            return None
+        view = self._view
+        if view is None or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() or view.dtype != p.dtype:
+            # of the detached parameter: a view of a tensor that needs no grad may be read after in-place updates
+            # in any grad mode (a view made in no_grad mode of the parameter itself may not)
+            view = axes.narrow(p.detach(), self.dim, self.span)
+            self._view = view = view if view.is_contiguous() else None
+        return view
 
     def write_back(self, stand_in: torch.Tensor) -> None:
         if self.span is not None:
@@ -206,8 +222,8 @@ def relayout(
 @contextmanager
 def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tensor, dict]) -> Iterator[None]:
     """Within the block, each entry's parameter is replaced in its param group and in the optimizer state by a
-    tensor holding its active units (and their gradient): a view where it can be, else a copy that is written
-    back on exit; the real parameters are put back, even if the block raised."""
+    tensor holding its active units (and their gradient): a view where it can be (the same one every step), else
+    a copy that is written back on exit; the real parameters are put back, even if the block raised."""
     swapped: list[tuple[CompactEntry, int, torch.Tensor, bool]] = []
     try:
         with torch.no_grad():
@@ -216,11 +232,12 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 pos = e.position
                 if e.group["params"][pos] is not p:  # the group was edited since the entry was built
                     pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
-                stand_in = e.select(p)
                 grad = None if p.grad is None else e.select(p.grad)
-                copied = e.span is None
-                if not copied and not (stand_in.is_contiguous() and (grad is None or grad.is_contiguous())):
-                    stand_in, grad, copied = stand_in.contiguous(), None if grad is None else grad.contiguous(), True
+                stand_in = e.row_view()
+                copied = stand_in is None or not (grad is None or grad.is_contiguous())
+                if copied:
+                    stand_in = e.select(p).contiguous()
+                    grad = None if grad is None else grad.contiguous()
                 stand_in.grad = grad
                 e.group["params"][pos] = stand_in
                 swapped.append((e, pos, stand_in, copied))
@@ -235,3 +252,4 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                     opt_state[e.param] = opt_state.pop(stand_in)
                 if copied:
                     e.write_back(stand_in)
+                stand_in.grad = None  # a kept view must not keep the gradient alive
