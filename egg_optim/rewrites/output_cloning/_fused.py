@@ -214,13 +214,17 @@ class _GatherAffine(torch.autograd.Function):
     def backward(ctx, gy):
         x, mean, var, weight, gather, zero, one = ctx.saved_tensors
         need_xhat, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
-        if need_w:  # the expanded normalised input, taken again
-            xg = F.batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
-        else:  # an eval-mode batch norm's input gradient does not read the input
-            xg = gy
-        gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy, xg, weight, zero, one, None, None, False, AFFINE_EPS, [need_xhat, need_w, need_b]
-        )
+        gi = gw = gb = None
+        if not (need_w or need_b or weight is not None):  # no affine: y is the gather alone
+            gi = gy
+        else:
+            if need_w:  # the expanded normalised input, taken again
+                xg = F.batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
+            else:  # an eval-mode batch norm's input gradient does not read the input
+                xg = gy
+            gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gy, xg, weight, zero, one, None, None, False, AFFINE_EPS, [need_xhat, need_w, need_b]
+            )
         gxhat = None
         if need_xhat:
             gxhat = gi.new_zeros(x.shape).index_add_(1, gather, gi)
