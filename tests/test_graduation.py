@@ -278,3 +278,19 @@ def test_two_ranks_graduate_identically(tmp_path):
     assert all(2 not in s[n]["codes"].tolist() for s in r0["roles"][3:] for n in s)  # dense from step 4
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
+
+
+@pytest.mark.parametrize(("n_clones", "cycle"), [(9, 1), (9, 4), (8, 4)])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_packed_roles_promote_their_first_clones_and_stay_packed(n_clones, cycle, k):
+    """Clones in one run with sources cycling over the leaders (packed first roles, assign "first" or
+    "round_robin"): the first k clones graduate, so the active units stay one run (views, no gathers), and the
+    promotion is as balanced as the greedy one."""
+    n_lead = 4
+    n = n_lead + n_clones
+    roles = Roles(n, range(n_lead), [], range(n_lead, n), [i % cycle for i in range(n_clones)])
+    out = graduate_roles(roles, k, torch.Generator().manual_seed(0))
+    assert out.active_span == (0, n_lead + k) and out.clone_span == (n_lead + k, n_clones - k)
+    assert torch.equal(out.source_map[out.clones], roles.source_map[out.clones])
+    left = torch.bincount(out.sources, minlength=n_lead)[:cycle]
+    assert int(left.max()) - int(left.min()) <= 1

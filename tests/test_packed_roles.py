@@ -251,3 +251,20 @@ def test_mlp_without_norms_packs_too():
     model = mlp((6, 20, 20, 3))
     opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", clone_mode="output")
     assert all(r.active_span is not None for r in opt.roles.values())
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_a_graduation_keeps_packed_roles_on_views(mode):
+    """Graduating promotes the first clones of packed roles: the active units stay one run, and the steps after
+    it still dispatch no parameter-sized index op."""
+    model, opt, _ = _run("cnn", mode, steps=1)
+    opt.graduate(0.75)
+    assert all(r.active_span is not None for r in opt.roles.values())
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    for _ in range(2):
+        with DispatchCounter(model, opt) as count:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert any(r.has_clones for r in opt.roles.values())
+    assert count.param_index_total == 0, dict(count.param_index_ops)

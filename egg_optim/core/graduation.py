@@ -125,11 +125,21 @@ def graduated_counts(
 def graduate_roles(roles: Roles, promote: int, generator: torch.Generator | None = None) -> Roles:
     """``roles`` with ``promote`` clones made independents. The clones are spread over their sources (each round
     takes one clone from every source that has the most left), then drawn at random within a round, so each
-    leader keeps as many copies as the others."""
+    leader keeps as many copies as the others. Packed roles (clones one run, their sources cycling over a run of
+    leaders) promote their first clones instead: in cycle order that is as balanced, and the active units stay
+    one run, so the step keeps taking them as views (:mod:`egg_optim.core.compact`)."""
     if promote <= 0:
         return roles
     if promote > roles.num_clones:
         raise ConfigError(f"cannot graduate {promote} clones of {roles.num_clones}")
+    if roles.clone_span is not None and roles.source_cycle is not None:
+        return Roles(
+            roles.num_units,
+            roles.leaders,
+            torch.cat([roles.independents, roles.clones[:promote]]),
+            roles.clones[promote:],
+            roles.sources[promote:],
+        )
     n = roles.num_clones
     shuffled = torch.randperm(n, generator=generator)
     sources = roles.sources[shuffled].tolist()
