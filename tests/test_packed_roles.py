@@ -228,22 +228,27 @@ def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, mon
 def test_span_and_cycle_read_runs_and_cycles():
     assert axes.span(torch.tensor([3, 4, 5])) == (3, 3)
     assert axes.span(torch.tensor([0, 2])) is None and axes.span(torch.tensor([], dtype=torch.long)) is None
-    assert axes.cycle(torch.tensor([2, 2, 2])) == (2, 1)
-    assert axes.cycle(torch.tensor([0, 1, 2, 0, 1, 2])) == (0, 3)
-    assert axes.cycle(torch.tensor([0, 1, 2, 0])) == (0, 3)  # the last period may stop short
-    assert axes.cycle(torch.tensor([0, 1, 1])) is None and axes.cycle(torch.tensor([1, 0])) is None
-    t = torch.arange(35.0).view(7, 5)
-    for n, (q, m) in ((6, (1, 2)), (5, (1, 2)), (4, (2, 1)), (3, (0, 3))):
-        idx = q + torch.arange(n) % m
-        assert torch.equal(axes.tiled(t, 0, (q, m), n), t.index_select(0, idx))
-        assert torch.equal(
-            axes.tiled(t, 1, (q, m), n),
-            t[:, :5].index_select(1, idx.clamp(max=4)) if q + m > 5 else t.index_select(1, idx),
-        )
-        block = t[:n]
-        folded = torch.zeros(m, 5).index_add_(0, torch.arange(n) % m, block)
-        assert torch.equal(axes.fold(block, 0, m), folded)
-        assert torch.equal(axes.fold(block.T, 1, m), folded.T)
+    assert axes.cycle(torch.tensor([2, 2, 2])) == (2, 1, 0)
+    assert axes.cycle(torch.tensor([0, 1, 2, 0, 1, 2])) == (0, 3, 0)
+    assert axes.cycle(torch.tensor([0, 1, 2, 0])) == (0, 3, 0)  # the last period may stop short
+    assert axes.cycle(torch.tensor([2, 3, 0, 1, 2])) == (0, 4, 2)  # rotated: round robin after a graduation
+    assert axes.cycle(torch.tensor([0, 1, 1])) is None and axes.cycle(torch.tensor([0, 2, 1])) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(q=st.integers(0, 3), m=st.integers(1, 4), r=st.integers(0, 3), n=st.integers(1, 9), axis=st.integers(0, 1))
+def test_tiled_and_fold_are_the_gather_and_the_index_add_of_a_cycle(q, m, r, n, axis):
+    idx = q + (torch.arange(n) + r % m) % m
+    found = axes.cycle(idx)  # may describe a short index by another (q, m, r): any description will do
+    assert found is not None
+    q, m, r = found
+    t = torch.randn(10, 10, dtype=torch.float64)
+    assert torch.equal(axes.tiled(t, axis, found, n), t.index_select(axis, idx))
+    block = axes.narrow(t, axis, (0, n))
+    shape = list(block.shape)
+    shape[axis] = m
+    folded = torch.zeros(shape, dtype=torch.float64).index_add_(axis, idx - q, block)
+    torch.testing.assert_close(axes.fold(block, axis, m, r), folded, rtol=1e-12, atol=1e-12)
 
 
 def test_mlp_without_norms_packs_too():
@@ -253,18 +258,45 @@ def test_mlp_without_norms_packs_too():
     assert all(r.active_span is not None for r in opt.roles.values())
 
 
-@pytest.mark.parametrize("mode", ["output", "weight"])
-def test_a_graduation_keeps_packed_roles_on_views(mode):
-    """Graduating promotes the first clones of packed roles: the active units stay one run, and the steps after
-    it still dispatch no parameter-sized index op."""
-    model, opt, _ = _run("cnn", mode, steps=1)
+@pytest.mark.parametrize("assign", ["first", "round_robin"])
+@pytest.mark.parametrize(("kind", "mode"), [("cnn", "output"), ("cnn", "weight"), ("llama", "output")])
+def test_a_graduation_keeps_packed_roles_on_views(kind, mode, assign):
+    """Graduating promotes the first clones of packed roles: the active units stay one run and the remaining
+    clones' sources a (rotated) cycle, so the steps after it still dispatch no parameter-sized index op."""
+    model, opt, _ = _run(kind, mode, assign=assign, steps=1)
     opt.graduate(0.75)
-    assert all(r.active_span is not None for r in opt.roles.values())
-    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    assert all(r.active_span is not None and r.source_cycle is not None for r in opt.roles.values() if r.has_clones)
+    _, batch, loss_fn = CASES[kind]
+    b = batch()
     for _ in range(2):
         with DispatchCounter(model, opt) as count:
-            nn.functional.cross_entropy(model(x), y).backward()
+            loss_fn(model, b).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     assert any(r.has_clones for r in opt.roles.values())
     assert count.param_index_total == 0, dict(count.param_index_ops)
+
+
+def test_rotated_cycles_after_a_graduation_compute_what_the_gather_path_computes(monkeypatch):
+    """Round-robin sources after a graduation form a rotated cycle: weight-mode clone events broadcast from it,
+    bit for bit the gather path's rows (the same graduated roles, spans patched away after graduating)."""
+
+    def run(scattered: bool):
+        model, opt, _ = _run("cnn", "weight", assign="round_robin", steps=1)
+        opt.graduate(0.75)
+        rotated = any(r.source_cycle is not None and r.source_cycle[2] for r in opt.roles.values())
+        if scattered:
+            _patch_scattered(monkeypatch)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            x, y = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, rotated
+
+    fast, rotated = run(False)
+    assert rotated
+    slow, _ = run(True)
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -19,6 +19,7 @@ import torch
 
 Axis = int | tuple[int, int]
 Span = tuple[int, int]
+Cycle = tuple[int, int, int]  # (q, m, r): positions q + (k + r) % m, k = 0, 1, ... (see cycle)
 
 
 def span(index: torch.Tensor) -> Span | None:
@@ -32,20 +33,20 @@ def span(index: torch.Tensor) -> Span | None:
     return (first, n) if last - first + 1 == n else None
 
 
-def cycle(index: torch.Tensor) -> Span | None:
-    """``(q, m)`` when ``index[k] == q + k % m`` for every ``k``: every entry the same position (``m = 1``), or
-    cycling over one run of positions (the last period may stop short). Clone sources with packed roles follow it
-    (``assign="first"``: one leader; ``"round_robin"``: all leaders in turn), so a clone event, or folding clone
-    columns into their sources, works on reshaped views. Host reads: call it when roles change."""
+def cycle(index: torch.Tensor) -> Cycle | None:
+    """``(q, m, r)`` when ``index[k] == q + (k + r) % m`` for every ``k``: every entry the same position
+    (``m = 1``), or cycling over the run ``q .. q + m - 1`` starting ``r`` into it (the last period may stop
+    short). Clone sources with packed roles follow it (``assign="first"``: one leader; ``"round_robin"``: the
+    leaders in turn, rotated once the first clones graduate), so a clone event, or folding clone columns into
+    their sources, works on reshaped views. Host reads: call it when roles change."""
     n = int(index.numel())
     if n == 0:
         return None
-    q, m = int(index[0]), 1
-    while m < n and int(index[m]) == q + m:
-        m += 1
-    if not torch.equal(index, q + torch.arange(n, device=index.device) % m):
+    q, hi = int(index.min()), int(index.max())
+    m, r = hi - q + 1, int(index[0]) - q
+    if not torch.equal(index, q + (torch.arange(n, device=index.device) + r) % m):
         return None
-    return q, m
+    return q, m, r
 
 
 def narrow(t: torch.Tensor, axis: int, where: Span) -> torch.Tensor:
@@ -53,26 +54,31 @@ def narrow(t: torch.Tensor, axis: int, where: Span) -> torch.Tensor:
     return t.narrow(axis, where[0], where[1])
 
 
-def tiled(t: torch.Tensor, axis: int, where: Span, n: int) -> torch.Tensor:
-    """``n`` positions cycling over ``where``'s (``(q, m)`` of :func:`cycle`), as a new tensor: what :func:`select`
-    gives for that index, by a broadcast copy instead of a gather."""
-    block = narrow(t, axis, where).unsqueeze(axis)
+def tiled(t: torch.Tensor, axis: int, where: Cycle, n: int) -> torch.Tensor:
+    """``n`` positions cycling as ``where`` says (:func:`cycle`), as a new tensor: what :func:`select` gives for
+    that index, by a broadcast copy instead of a gather."""
+    q, m, r = where
+    block = narrow(t, axis, (q, m)).unsqueeze(axis)
     sizes = list(block.shape)
-    sizes[axis] = -(-n // where[1])  # whole periods, the last one cut below
-    return block.expand(sizes).flatten(axis, axis + 1).narrow(axis, 0, n)
+    sizes[axis] = -(-(n + r) // m)  # whole periods, cut to n positions from r below
+    return block.expand(sizes).flatten(axis, axis + 1).narrow(axis, r, n)
 
 
-def fold(t: torch.Tensor, axis: int, m: int) -> torch.Tensor:
-    """Sum ``t``'s positions ``k`` into ``k % m`` along ``axis`` (``m`` positions out): the inverse pattern of
-    :func:`tiled`, by reshaped sums instead of an ``index_add``."""
+def fold(t: torch.Tensor, axis: int, m: int, r: int = 0) -> torch.Tensor:
+    """Sum ``t``'s positions ``k`` into ``(k + r) % m`` along ``axis`` (``m`` positions out): the inverse pattern
+    of :func:`tiled`, by reshaped sums instead of an ``index_add``."""
+    if r:  # r leading positions of zeros, then no rotation
+        shape = list(t.shape)
+        shape[axis] = r
+        t = torch.cat([t.new_zeros(shape), t], axis)
     n = t.shape[axis]
     whole = n // m * m
     out = narrow(t, axis, (0, whole)).unflatten(axis, (n // m, m)).sum(axis)
     if whole == n:
         return out
-    r = n - whole
-    tail = narrow(out, axis, (0, r)) + narrow(t, axis, (whole, r))
-    return torch.cat([tail, narrow(out, axis, (r, m - r))], axis)
+    rest = n - whole
+    tail = narrow(out, axis, (0, rest)) + narrow(t, axis, (whole, rest))
+    return torch.cat([tail, narrow(out, axis, (rest, m - rest))], axis)
 
 
 def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from ..errors import PlanError
-from .axes import Span, cycle, span
+from .axes import Cycle, Span, cycle, span
 
 LEADER, INDEPENDENT, CLONE = 0, 1, 2
 ROLE_NAMES = {LEADER: "leader", INDEPENDENT: "independent", CLONE: "clone"}
@@ -130,8 +130,8 @@ class Roles:
         return span(self.clones)
 
     @cached_property
-    def source_cycle(self) -> Span | None:
-        """``(q, m)`` when clone ``k``'s source is ``q + k % m`` (:func:`~egg_optim.core.axes.cycle`)."""
+    def source_cycle(self) -> Cycle | None:
+        """``(q, m, r)`` when clone ``k``'s source is ``q + (k + r) % m`` (:func:`~egg_optim.core.axes.cycle`)."""
         return cycle(self.sources)
 
     def counts(self) -> dict[str, int]:

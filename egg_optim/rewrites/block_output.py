@@ -116,7 +116,7 @@ class _BlockMember(_Member):
     # when the active and the clone positions are each one run (packed roles): the weight is used through views
     _egg_span: axes.Span | None
     _egg_clone_span: axes.Span | None
-    _egg_fold: tuple[int, int] | None  # (q, m): clone k folds into active position q + k % m (axes.cycle)
+    _egg_fold: axes.Cycle | None  # (q, m, r): clone k folds into active position q + (k + r) % m (axes.cycle)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or self._egg_reference or _plain_eval(self):
@@ -142,9 +142,9 @@ class _BlockMember(_Member):
                 weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
             bias = self.bias
         elif spans and self._egg_fold is not None:  # clones summed into a run of active columns: no index op
-            q, m = self._egg_fold
+            q, m, r = self._egg_fold
             active = axes.narrow(w, dim, self._egg_span)
-            folded = axes.fold(axes.narrow(w, dim, self._egg_clone_span).detach(), dim, m)
+            folded = axes.fold(axes.narrow(w, dim, self._egg_clone_span).detach(), dim, m, r)
             rest = active.shape[dim] - q - m
             weight = torch.cat(
                 [active.narrow(dim, 0, q), active.narrow(dim, q, m) + folded, active.narrow(dim, q + m, rest)], dim
@@ -405,7 +405,7 @@ class BlockOutputCloning(base.LayerRewrite):
             base.set_buffer(m, "_egg_gather", er.gather_index.to(device))
             m._egg_span, m._egg_clone_span = er.active_span, er.clone_span
             cyc = er.source_cycle  # in positions; the fold is in positions among the active ones
-            m._egg_fold = None if cyc is None or er.active_span is None else (cyc[0] - er.active_span[0], cyc[1])
+            m._egg_fold = None if cyc is None or er.active_span is None else (cyc[0] - er.active_span[0], *cyc[1:])
 
     @torch.no_grad()
     def fill_clones(self, skip: Collection[str] = ()) -> None:
