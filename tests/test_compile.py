@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from conftest import TinySeedNet
+from conftest import TinySeedNet, train_tiny
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
@@ -214,12 +214,7 @@ def test_a_compiled_base_optimizer_step_is_traced_once_on_packed_roles(mode):
         if compiled:
             base.step = torch.compile(base.step, backend=counter)
         opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild"), clone_mode=mode, first_roles=first_roles)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(6):
-            x, y = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+        train_tiny(model, opt, 6)
         return model, counter.frame_count
 
     with warnings.catch_warnings():

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import TinySeedNet, mlp
+from conftest import TinySeedNet, mlp, train_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -287,12 +287,7 @@ def test_rotated_cycles_after_a_graduation_compute_what_the_gather_path_computes
         rotated = any(r.source_cycle is not None and r.source_cycle[2] for r in opt.roles.values())
         if scattered:
             _patch_scattered(monkeypatch)
-        gen = torch.Generator().manual_seed(3)
-        for _ in range(2):
-            x, y = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+        train_tiny(model, opt, 2, seed=3)
         return model, rotated
 
     fast, rotated = run(False)
