@@ -119,9 +119,11 @@ PACKED = {
     # (kind, mode): extra launches per layer; parameter-sized index ops: none
     # the torch-path fused norm saves active channels only (issue 19 item 4): 4 more launches per norm in backward
     ("cnn", "output"): 12.5,  # 692 vs 542 launches (922 with the gathers of drawn roles)
-    ("cnn", "weight"): 21.5,  # 796 (1002 drawn): weight mode clones every step, by broadcast copies
+    # weight mode clones every step: a broadcast copy per tensor, one foreach max-abs for the finiteness check,
+    # and the clone rows of skipped weight gradients are padding (796 launches before those two, 1002 drawn)
+    ("cnn", "weight"): 12,  # 681 (935 drawn)
     ("llama", "output"): 14,  # 540 vs 484 (552 drawn)
-    ("llama", "weight"): 10.5,  # 525 (541 drawn)
+    ("llama", "weight"): 8,  # 516 (532 drawn)
 }
 DRAWN = {
     # (kind, mode, preset): (extra launches per layer, parameter-sized index ops per layer) with scattered roles

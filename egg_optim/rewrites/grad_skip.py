@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.axes import Span, narrow
+from ..core.axes import Span
 from ..core.roles import Roles
 from ..errors import ConfigError
 from . import base as rewrite
@@ -66,13 +66,13 @@ def _scatter_rows(
     like: torch.Tensor, active: torch.Tensor, clones: torch.Tensor, rows: torch.Tensor, spans: Spans
 ) -> torch.Tensor:
     """A full-size gradient (rows, dtype, device of ``like``) holding ``rows`` at ``active`` and exact zeros at
-    ``clones`` (the two partition the rows, so every element is written: no separate zero fill); through views
-    when both are runs of rows."""
-    out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
+    ``clones`` (the two partition the rows, so every element is written: no separate zero fill). When both are
+    runs of rows the clones' zeros are padding before or after the active rows: one op, no index."""
     if spans is not None:
-        narrow(out, 0, spans[0]).copy_(rows)
-        narrow(out, 0, spans[1]).zero_()
-        return out
+        n_clones = spans[1][1]
+        before, after = (n_clones, 0) if spans[1][0] == 0 else (0, n_clones)
+        return F.pad(rows.to(like.dtype), [0, 0] * (rows.dim() - 1) + [before, after])
+    out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
 
