@@ -61,6 +61,8 @@ def test_config_is_frozen_and_replace_validates():
     assert cfg.replace(seed=3).seed == 3 and cfg.seed == 0
     with pytest.raises(ConfigError, match="assign"):
         cfg.replace(assign="nobody")
+    with pytest.raises(ConfigError, match="first_roles"):
+        cfg.replace(first_roles="sorted")
 
 
 def _parser(**kwargs) -> argparse.ArgumentParser:

@@ -54,6 +54,14 @@ def narrow(t: torch.Tensor, axis: int, where: Span) -> torch.Tensor:
     return t.narrow(axis, where[0], where[1])
 
 
+def pick(t: torch.Tensor, axis: Axis, index: torch.Tensor, where: Span | None) -> torch.Tensor:
+    """The slices of ``t`` at ``index`` along ``axis``: the ``narrow`` view when ``where`` is that index as one run
+    (an ``int`` axis only), else :func:`select`'s gathered copy."""
+    if where is not None:
+        return narrow(t, axis, where)
+    return select(t, axis, index)
+
+
 def tiled(t: torch.Tensor, axis: int, where: Cycle, n: int) -> torch.Tensor:
     """``n`` positions cycling as ``where`` says (:func:`cycle`), as a new tensor: what :func:`select` gives for
     that index, by a broadcast copy instead of a gather."""

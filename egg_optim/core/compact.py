@@ -65,9 +65,7 @@ class CompactEntry:
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s active slices: a view for a span, else a gathered copy."""
-        if self.span is not None:
-            return axes.narrow(t, self.dim, self.span)
-        return axes.select(t, self.dim, self.active)
+        return axes.pick(t, self.dim, self.active, self.span)
 
     def row_view(self) -> torch.Tensor | None:
         """The parameter's active rows as a contiguous view, or ``None`` (no span, or a strided block). The

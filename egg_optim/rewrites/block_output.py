@@ -124,20 +124,13 @@ class _BlockMember(_Member):
         w, dim = self.weight, self._egg_dim
         spans = self._egg_span is not None and self._egg_clone_span is not None
         if self._egg_produces:
-            if self._egg_span is not None:
-                weight = axes.narrow(w, dim, self._egg_span)
-                bias = None if self.bias is None else axes.narrow(self.bias, 0, self._egg_span)
-            else:
-                weight = w.index_select(dim, self._egg_active)
-                bias = None if self.bias is None else self.bias.index_select(0, self._egg_active)
+            weight = axes.pick(w, dim, self._egg_active, self._egg_span)
+            bias = None if self.bias is None else axes.pick(self.bias, 0, self._egg_active, self._egg_span)
         elif self._egg_expand:  # every unit read through its own column; clone columns frozen
-            if spans:
-                parts = [(self._egg_span, False), (self._egg_clone_span, True)]
-                views = [
-                    axes.narrow(w, dim, sp).detach() if frozen else axes.narrow(w, dim, sp)
-                    for sp, frozen in sorted(parts)
-                ]
-                weight = torch.cat(views, dim)
+            if spans:  # the two runs tile the positions: active first, or clones first
+                active = axes.narrow(w, dim, self._egg_span)
+                frozen = axes.narrow(w, dim, self._egg_clone_span).detach()
+                weight = torch.cat([active, frozen] if self._egg_span[0] == 0 else [frozen, active], dim)
             else:
                 weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
             bias = self.bias

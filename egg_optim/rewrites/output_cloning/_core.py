@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.axes import Span, narrow
+from ...core.axes import Span, pick
 from ...core.roles import Roles
 from ...core.sharding import copied_positions, copy_positions_
 from ...errors import PlanError
@@ -55,7 +55,8 @@ class _OutputClonedLayer:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or (self._egg_own_weights and not self.training):
             return super().forward(input)  # plain op, the unit's own weights
-        weight, bias = active_rows(self, self.weight), active_rows(self, self.bias)
+        weight = pick(self.weight, 0, self._egg_active, self._egg_span)
+        bias = None if self.bias is None else pick(self.bias, 0, self._egg_active, self._egg_span)
         y = self._egg_compute(input, weight, bias)
         if self._egg_probe and self.training and torch.is_grad_enabled():
             # one probed forward: full width (a fused norm then runs as the plain norm, the same function), and
@@ -192,16 +193,6 @@ def _save_filled(module: nn.Module, destination, prefix: str, keep_vars: bool, a
         if t is None:
             continue
         destination[prefix + attr] = copied_positions(t, 0, roles.clones, roles.sources)  # DTensors stay sharded
-
-
-def active_rows(module: nn.Module, t: torch.Tensor | None) -> torch.Tensor | None:
-    """The active units' rows of ``t`` (a weight, bias or norm statistic of an output-cloned ``module``): a view
-    when they are one run (no index op, and autograd's backward is a plain slice), else gathered."""
-    if t is None:
-        return None
-    if module._egg_span is not None:
-        return narrow(t, 0, module._egg_span)
-    return t.index_select(0, module._egg_active)
 
 
 def can_fuse(layer: nn.Module, norm: nn.Module) -> bool:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...core.axes import pick
 from . import _kernel
 
 # Per-channel affine ``y = x * w + b`` as an eval-mode batch norm with mean 0 and ``var + eps == 1`` exactly (its
@@ -335,10 +336,7 @@ def _torch_path(norm, x, use_batch, running, factor):
 def _active_stats(norm) -> tuple[Tensor, Tensor]:
     """The active channels' running mean and variance: views when they are one run (updated in place, nothing to
     write back), else gathered copies."""
-    span = norm._egg_span
-    if span is not None:
-        return norm.running_mean.narrow(0, *span), norm.running_var.narrow(0, *span)
-    return norm.running_mean.index_select(0, norm._egg_active), norm.running_var.index_select(0, norm._egg_active)
+    return tuple(pick(t, 0, norm._egg_active, norm._egg_span) for t in (norm.running_mean, norm.running_var))
 
 
 def _write_stats(norm, mean: Tensor, var: Tensor) -> None:
