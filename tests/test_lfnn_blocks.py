@@ -15,10 +15,10 @@ from egg_optim.lfnn import LeaderFollowerLoss
 BLOCKS = {"b1": "layer1", "b2": "layer2", "b3": "layer3"}
 
 
-def _worker_logits(head, h: torch.Tensor, workers: int) -> torch.Tensor:
-    """Independent reference of AuxWorkerHeads: pool each channel to 2x2, group by worker, per-worker MLP."""
+def _worker_logits(head, h: torch.Tensor, workers: int, pool: int = 2) -> torch.Tensor:
+    """Independent reference of AuxWorkerHeads: pool each channel to pool x pool, group by worker, per-worker MLP."""
     n = h.shape[0]
-    z = F.adaptive_avg_pool2d(h, 2).reshape(n, workers, -1)
+    z = F.adaptive_avg_pool2d(h, pool).reshape(n, workers, -1)
     w1, w2 = head.weights
     b1, b2 = head.biases
     out = []
@@ -115,6 +115,23 @@ def test_block_workers_validation_leaves_the_model_unhooked(seed_net):
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in seed_net.modules())
     with pytest.raises(ConfigError, match="needs blocks"):
         LeaderFollowerLoss(seed_net, ["fc1"], num_classes=4, worker_size=4, readout="head", block_workers=2)
+
+
+@pytest.mark.parametrize("pool", [1, 3, 4])
+def test_aux_pool_sets_what_each_worker_head_reads(seed_net, pool):
+    """``aux_pool``: the aux heads pool each block output to ``pool x pool`` (DGL's 2x2 by default), so a
+    worker's head reads ``channels * pool**2`` features; the logits match the reference at that size."""
+    lf = LeaderFollowerLoss(seed_net, num_classes=4, blocks=BLOCKS, block_workers=2, mode="lfnn_l", aux_hidden=8,
+                            aux_pool=pool)  # fmt: skip
+    head = lf.heads["block__b1"]
+    assert head.weights[0].shape == (2, 10 * pool**2, 8)
+    h = torch.randn(3, 20, 6, 6)
+    torch.testing.assert_close(head(h.reshape(3, 2, 10, 6, 6)), _worker_logits(head, h, 2, pool))
+    one = LeaderFollowerLoss(seed_net, num_classes=4, blocks={"b1": "layer1"}, aux_hidden=0, aux_pool=pool)
+    assert one.heads["block__b1"].mlp[0].in_features == 20 * pool**2
+    for bad in (0, True, 2.0):
+        with pytest.raises(ConfigError, match="aux_pool"):
+            LeaderFollowerLoss(seed_net, num_classes=4, blocks=BLOCKS, aux_pool=bad)
 
 
 def test_blockwise_lfnn_l_trains_a_small_resnet_on_digits():

@@ -112,7 +112,8 @@ def test_one_process_resumes_its_own_checkpoint_exactly(tmp_path):
 
 
 def test_bad_checkpoints_are_refused_before_anything_changes(tmp_path):
-    argv = ["--method", "lfnn_l", "--epochs", "1", "--save", *TINY, "--output-dir", str(tmp_path / "a")]
+    default = ["--method", "lfnn_l", "--epochs", "1", "--save", *TINY, "--output-dir", str(tmp_path / "a")]
+    argv = [*default, "--aux-pool", "2"]  # the pool of checkpoints saved before --aux-pool existed
     _run_in_process(argv)
     ckpt = tmp_path / "a" / "checkpoints" / "epoch-1"
 
@@ -122,8 +123,16 @@ def test_bad_checkpoints_are_refused_before_anything_changes(tmp_path):
     before = [{k: v.clone() for k, v in b.module.state_dict().items()} for b in blocks]
     with pytest.raises(CheckpointError, match=r"--lr 0\.01 \(now 0\.005\)"):
         tb.load_checkpoint(ckpt, blocks, args)
+    with pytest.raises(CheckpointError, match=r"--aux-pool 2 \(now 4\)"):
+        tb.load_checkpoint(ckpt, blocks, tb.parse_args([*argv, "--aux-pool", "4"]))
 
     args = tb.parse_args(argv)
+    info = json.loads((ckpt / tb.COMPLETE).read_text())
+    del info["settings"]["aux_pool"]  # as saved before --aux-pool existed
+    (ckpt / tb.COMPLETE).write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"--aux-pool 2 \(now 7\)"):  # today's default pools to 7x7
+        tb.load_checkpoint(ckpt, blocks, tb.parse_args(default))
+    assert tb.load_checkpoint(ckpt, tb.build_blocks(args, spec, 8, [0, 1], torch.device("cpu")), args) == (8, 1)
     state = torch.load(ckpt / "block1.pt", weights_only=False)
     torch.save({**state, "step": 3}, ckpt / "block1.pt")
     with pytest.raises(CheckpointError, match="another step"):

@@ -14,8 +14,9 @@ optimizer's ``param_groups`` hold the real parameters (GradScaler, gradient clip
 When a parameter's active units are one run of positions along an ``int`` axis (the default packed first roles,
 :data:`~egg_optim.core.scores.FIRST_ROLES`) the stand-in is a ``narrow`` view of the parameter and its gradient
 where both are contiguous (rows): the base optimizer updates the active rows in place and nothing is gathered or
-written back. A strided run (a block of columns) is stepped on a plain contiguous copy (a fused optimizer reads
-dense memory), written back with a plain copy. Either way no index op runs.
+written back. A strided run (a block of columns) is stepped on a contiguous copy (a fused optimizer reads dense
+memory) in a buffer kept until roles change, written back with a plain copy. Either way no index op runs, and
+the base optimizer sees the same tensors every step (a compiled ``base.step`` is not retraced).
 
 When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
 follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
@@ -61,26 +62,39 @@ class CompactEntry:
     active: torch.Tensor  # active units, on the parameter's device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
     span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
-    _view: torch.Tensor | None = None  # the stand-in view, kept from step to step (see :meth:`row_view`)
+    _view: torch.Tensor | None = None  # a span's stand-in, kept from step to step (see :meth:`stand_in`): a view
+    _buffer: torch.Tensor | None = None  # ... or a buffer for a strided span
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s active slices: a view for a span, else a gathered copy."""
         return axes.pick(t, self.dim, self.active, self.span)
 
-    def row_view(self) -> torch.Tensor | None:
-        """The parameter's active rows as a contiguous view, or ``None`` (no span, or a strided block). The
-        same tensor object every step until the parameter's storage changes (``model.to(...)``), so a compiled
-        base optimizer step sees the same parameters and does not recompile."""
+    def stand_in(self) -> tuple[torch.Tensor, bool]:
+        """The tensor the base optimizer steps for this parameter, and whether it is a copy to write back.
+
+        For a span it is the same tensor object every step until the parameter's storage changes
+        (``model.to(...)``), so a compiled base optimizer step sees the same parameters and does not recompile:
+        a view of contiguous rows, or for a strided block (columns) a buffer the block is copied into (it stays
+        allocated between steps: the active block's size). Scattered units: a fresh gathered copy."""
         p = self.param
         if self.span is None:
-            return None
-        view = self._view
-        if view is None or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() or view.dtype != p.dtype:
-            # of the detached parameter: a view of a tensor that needs no grad may be read after in-place updates
-            # in any grad mode (a view made in no_grad mode of the parameter itself may not)
-            view = axes.narrow(p.detach(), self.dim, self.span)
-            self._view = view = view if view.is_contiguous() else None
-        return view
+            return self.select(p).contiguous(), True
+        block = axes.narrow(p.detach(), self.dim, self.span)
+        if block.is_contiguous():
+            view = self._view
+            if (
+                view is None
+                or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+                or view.dtype != p.dtype
+            ):
+                # of the detached parameter: a view of a tensor that needs no grad may be read after in-place
+                # updates in any grad mode (a view made in no_grad mode of the parameter itself may not)
+                view = self._view = block
+            return view, False
+        buf = self._buffer
+        if buf is None or buf.shape != block.shape or buf.dtype != block.dtype or buf.device != block.device:
+            buf = self._buffer = torch.empty_like(block, memory_format=torch.contiguous_format)
+        return buf.copy_(block), True
 
     def write_back(self, stand_in: torch.Tensor) -> None:
         if self.span is not None:
@@ -231,11 +245,11 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 if e.group["params"][pos] is not p:  # the group was edited since the entry was built
                     pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
                 grad = None if p.grad is None else e.select(p.grad)
-                stand_in = e.row_view()
-                copied = stand_in is None or not (grad is None or grad.is_contiguous())
-                if copied:
-                    stand_in = e.select(p).contiguous()
-                    grad = None if grad is None else grad.contiguous()
+                stand_in, copied = e.stand_in()
+                if grad is not None and not grad.is_contiguous():
+                    grad = grad.contiguous()
+                    if not copied:  # a view of contiguous rows with a strided gradient: step copies of both
+                        stand_in, copied = e.select(p).contiguous(), True
                 stand_in.grad = grad
                 e.group["params"][pos] = stand_in
                 swapped.append((e, pos, stand_in, copied))

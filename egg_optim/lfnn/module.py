@@ -184,15 +184,18 @@ class LeaderFollowerLoss(nn.Module):
             model's nonlinearity) or ``"relu"`` / a callable applied to it first, so the local losses see
             what the next layer sees (the paper does not say which).
         blocks: ``{name: module_name | [consecutive module names]}``: each block is ONE worker with a
-            DGL-style auxiliary head (pool to 2x2, MLP of width ``aux_hidden``); the blocks compete with each
-            other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN losses).
-            Block followers align their head logits (as ``follower_target`` says) to the best block's.
+            DGL-style auxiliary head (average pool, then an MLP: ``aux_pool``, ``aux_hidden``); the blocks
+            compete with each other for leadership (``delta=1``: every block is a leader, i.e. DGL with the LFNN
+            losses). Block followers align their head logits (as ``follower_target`` says) to the best block's.
         block_workers: block-wise LFNN(-l) as DGL runs it: ``int`` (every block) or ``{block: int}``. Each
             block's output channels are split into that many workers of equal size, each with its own
-            DGL-style aux head (pool to 2x2, MLP of width ``aux_hidden``); leaders and followers are chosen
+            DGL-style aux head (pool, then MLP, as above); leaders and followers are chosen
             INSIDE each block (statistics under the block's name) instead of blocks competing as single
             workers. In ``lfnn_l`` mode the blocks are gradient-isolated: a block learns only from its own
             workers' losses and what follows the last block only from ``L_g``. ``1``: plain DGL.
+        aux_hidden, aux_pool: the aux heads' MLP width (``0``: one Linear) and pooled size per spatial
+            dimension (default 2: 2x2 for images, as DGL). A larger pool keeps more of the block's spatial
+            layout for its local loss, at ``aux_pool**2`` times the head's input features.
         block_group: name under which the block workers' statistics are reported.
         block_channels: ``{block: channels | (channels, spatial_dims)}`` where it cannot be inferred.
         worker_reduction: ``"mean"`` (default) averages the leader losses over the leaders and the follower
@@ -233,6 +236,7 @@ class LeaderFollowerLoss(nn.Module):
         blocks: Mapping[str, str | Sequence[str]] | None = None,
         block_group: str = "blocks",
         aux_hidden: int = 256,
+        aux_pool: int = 2,
         block_channels: Mapping[str, int | tuple[int, int]] | None = None,
         block_workers: int | Mapping[str, int] | None = None,
         worker_reduction: str = "mean",
@@ -256,6 +260,7 @@ class LeaderFollowerLoss(nn.Module):
             worker_reduction=worker_reduction,
             score_momentum=score_momentum,
             aux_hidden=aux_hidden,
+            aux_pool=aux_pool,
         )
         layer_names = [layers] if isinstance(layers, str) else list(layers or [])
         blocks = dict(blocks or {})
@@ -281,7 +286,7 @@ class LeaderFollowerLoss(nn.Module):
         self.block_group = block_group
         self.criterion = criterion
         self.enabled = True
-        self.heads = build_heads(sites, block_sites, block_shapes, num_classes, aux_hidden)
+        self.heads = build_heads(sites, block_sites, block_shapes, num_classes, aux_hidden, aux_pool)
         # sites with workers inside (layers, blocks with block_workers); blocks that are one worker each
         self._sites: list[_Site] = [*sites, *(s for s in block_sites if s.readout == "aux_workers")]
         self._block_sites: list[_Site] = [s for s in block_sites if s.readout == "aux"]

@@ -90,6 +90,7 @@ def check_options(
     worker_reduction: str,
     score_momentum: float,
     aux_hidden: int,
+    aux_pool: int = 2,
 ) -> tuple[str, str]:
     """Validate the scalar options; returns the normalised mode and follower target (``align`` is the older
     spelling: ``"output"`` = ``follower_target="output"``, ``"readout"`` = ``"logits"``)."""
@@ -127,6 +128,8 @@ def check_options(
         raise ConfigError(f"score_momentum must be in [0, 1), got {score_momentum!r}")
     if isinstance(aux_hidden, bool) or not isinstance(aux_hidden, int) or aux_hidden < 0:
         raise ConfigError(f"aux_hidden must be an int >= 0, got {aux_hidden!r}")
+    if isinstance(aux_pool, bool) or not isinstance(aux_pool, int) or aux_pool < 1:
+        raise ConfigError(f"aux_pool must be an int >= 1 (pooled size per spatial dimension), got {aux_pool!r}")
     return mode, target
 
 
@@ -291,6 +294,7 @@ def build_heads(
     block_shapes: Mapping[str, tuple[int, int]],
     num_classes: int,
     aux_hidden: int,
+    aux_pool: int = 2,
 ) -> nn.ModuleDict:
     """The readout heads (``readout="head"`` layers) and block aux heads, on their site's device and dtype;
     sets each site's ``head_key``."""
@@ -303,11 +307,10 @@ def build_heads(
         ch, sd = block_shapes[site.name]
         site.head_key = "block__" + head_key(site.name)
         if site.readout == "aux_workers":
-            heads[site.head_key] = AuxWorkerHeads(
-                site.num_workers, site.worker_size, sd, num_classes, hidden=aux_hidden, **_placement(site)
-            )
+            shape = (site.num_workers, site.worker_size, sd, num_classes)
+            heads[site.head_key] = AuxWorkerHeads(*shape, hidden=aux_hidden, pool=aux_pool, **_placement(site))
         else:
-            heads[site.head_key] = AuxHead(ch, sd, num_classes, hidden=aux_hidden, **_placement(site))
+            heads[site.head_key] = AuxHead(ch, sd, num_classes, hidden=aux_hidden, pool=aux_pool, **_placement(site))
     return heads
 
 

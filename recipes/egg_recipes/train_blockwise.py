@@ -54,7 +54,9 @@ RESULTS_FILE = "results.json"
 COMPLETE = "complete.json"
 #: settings a checkpoint must share with the run that resumes it (anything else may change, e.g. --epochs)
 RESUME_KEYS = ("dataset", "image_size", "train_samples", "method", "delta", "workers", "widths", "cuts",
-               "aux_hidden", "batch_size", "lr", "schedule", "seed")  # fmt: skip
+               "aux_hidden", "aux_pool", "batch_size", "lr", "schedule", "seed")  # fmt: skip
+#: values of settings added later, for checkpoints saved before them
+SETTING_DEFAULTS = {"aux_pool": 2}
 
 
 def _ints(text: str) -> list[int]:
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=positive_int, default=4, help="LFNN-l workers per local block (default 4)")
     p.add_argument("--delta", type=_delta, default=0.5, help="LFNN-l leader fraction (default 0.5)")
     p.add_argument("--aux-hidden", type=positive_int, default=64, help="width of the aux heads (default 64)")
+    p.add_argument(
+        "--aux-pool", type=positive_int, default=7, help="aux heads average-pool to N x N first (default 7; DGL: 2)"
+    )
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps (throughput runs)")
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -166,6 +171,7 @@ def build_blocks(args: argparse.Namespace, spec, total_steps: int, owned: list[i
                 mode="lfnn_l",
                 delta=1.0 if dgl else args.delta,
                 aux_hidden=args.aux_hidden,
+                aux_pool=args.aux_pool,
                 sync_selection=False,  # the block lives on one rank: its leaders are its own
             ).to(device)
         params = [*module.parameters(), *([] if local is None else local.parameters())]
@@ -200,6 +206,7 @@ def load_checkpoint(folder: Path, blocks: list[Block], args) -> tuple[int, int]:
         raise CheckpointError(f"{folder} is not a complete block-wise checkpoint (no {COMPLETE}); pick another one")
     info = json.loads(marker.read_text())
     saved, now = info["settings"], _settings(args)
+    saved = {**SETTING_DEFAULTS, **saved}
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
               if saved.get(k) != now[k]]  # fmt: skip
     if differ:
