@@ -90,7 +90,7 @@ def check_options(
     worker_reduction: str,
     score_momentum: float,
     aux_hidden: int,
-    aux_pool: int = 2,
+    aux_pool: int,
 ) -> tuple[str, str]:
     """Validate the scalar options; returns the normalised mode and follower target (``align`` is the older
     spelling: ``"output"`` = ``follower_target="output"``, ``"readout"`` = ``"logits"``)."""
@@ -294,7 +294,7 @@ def build_heads(
     block_shapes: Mapping[str, tuple[int, int]],
     num_classes: int,
     aux_hidden: int,
-    aux_pool: int = 2,
+    aux_pool: int,
 ) -> nn.ModuleDict:
     """The readout heads (``readout="head"`` layers) and block aux heads, on their site's device and dtype;
     sets each site's ``head_key``."""
