@@ -162,3 +162,18 @@ def test_bench_dispatch_counts_and_memory(capsys):
     mild = result["cnn/output/mild"]
     assert mild["param_index_ops"] == 0 and mild["state_mb"] < bare["state_mb"]
     assert "| cnn/output/aggressive |" in capsys.readouterr().out
+
+
+def test_bench_host_times_phases_and_counts_python_calls(capsys):
+    pytest.importorskip("transformers")
+    bench = load_benchmark("bench_host")
+    result = bench.main(["--rounds", "2"])
+    assert set(result) == {f"{k}/{c[0]}" for k in ("cnn", "llama") for c in bench.CASES}
+    for name, row in result.items():
+        assert all(math.isfinite(row[p]) and row[p] > 0 for p in (*bench.PHASES, "step")), name
+        assert row["step"] >= max(row[p] for p in bench.PHASES)
+    # Python calls are exact: a plan without clones adds a few hundred to the bare step, a plan with clones more
+    for kind in ("cnn", "llama"):
+        bare = result[f"{kind}/bare"]["python_calls"]
+        assert bare < result[f"{kind}/output/no clones"]["python_calls"] < result[f"{kind}/output/mild"]["python_calls"]
+    assert "| llama/output/aggressive |" in capsys.readouterr().out

@@ -101,6 +101,27 @@ def test_state_bytes_follow_the_active_fraction():
     )
 
 
+def test_state_bytes_count_the_kept_step_buffers_of_column_blocks():
+    """A Llama's o_proj / down_proj active units are a block of columns, stepped on a buffer kept between steps:
+    memory the optimizer holds, so state_bytes() counts it (the active block's size, once per such weight)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan.preset("mild"))
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    columns = [e for e in opt.masked._compact if not e.select(e.param).is_contiguous()]
+    held = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    blocks = sum(e.select(e.param).numel() * e.param.element_size() for e in columns)
+    assert len(columns) == 2 and blocks > 0  # o_proj and down_proj
+    assert opt.state_bytes() == held + blocks
+
+
 @pytest.mark.parametrize("policy", ["keep", "copy", "reset"])
 def test_election_moves_state_with_the_units(policy):
     model, opt = _make("compact", election="random", clone_state=policy)

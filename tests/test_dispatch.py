@@ -8,6 +8,8 @@ the bounds below. Counts are exact and deterministic (no timing)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 
 import pytest
@@ -16,7 +18,7 @@ from conftest import TinySeedNet
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
-from egg_optim.utils import DispatchCounter, saved_tensor_bytes
+from egg_optim.utils import DispatchCounter, PythonCallCounter, saved_tensor_bytes
 
 NO_CLONES = RolePlan(1.0, 0.0)
 # what today's wrapper adds to a step without clones: the record_function enter/exit of its patched step
@@ -43,16 +45,32 @@ def test_the_counter_tells_parameter_traffic_from_activation_traffic():
     assert lin.weight.grad is not None and count.ops["clone"] == 0
 
 
-def _cnn_case(mode: str | None, plan: RolePlan | None, *, native: bool = False, first_roles: str = "packed"):
+@contextlib.contextmanager
+def _phase(count: dict[str, int] | None, name: str):
+    if count is None:
+        yield
+        return
+    with PythonCallCounter() as calls:
+        yield
+    count[name] = calls.count
+
+
+def _cnn_case(
+    mode: str | None, plan: RolePlan | None, *, native: bool = False, first_roles: str = "packed", calls=False
+):
     torch.manual_seed(0)
     model = TinySeedNet()
-    base = torch.optim.Adam(model.parameters(), lr=1e-3)
+    base = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=calls or None)
     opt = base if mode is None else LeaderCloneOptimizer(model, base, plan, clone_mode=mode, first_roles=first_roles)
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
 
-    def step():
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    def step(count=None):
+        with _phase(count, "forward"):
+            loss = nn.functional.cross_entropy(model(x), y)
+        with _phase(count, "backward"):
+            loss.backward()
+        with _phase(count, "step"):
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # decides norm coupling and fuses the norms
@@ -61,12 +79,16 @@ def _cnn_case(mode: str | None, plan: RolePlan | None, *, native: bool = False, 
             if hasattr(m, "_egg_kernel"):
                 m._egg_kernel = False
     step()
+    if calls:  # Python calls per phase (foreach optimizers, as on CUDA)
+        count: dict[str, int] = {}
+        step(count)
+        return count, opt
     with DispatchCounter(model, opt) as count:
         step()
     return count, (len(opt.layers) if mode else 0)
 
 
-def _llama_case(mode: str | None, plan: RolePlan | None, *, first_roles: str = "packed"):
+def _llama_case(mode: str | None, plan: RolePlan | None, *, first_roles: str = "packed", calls=False):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -74,7 +96,7 @@ def _llama_case(mode: str | None, plan: RolePlan | None, *, first_roles: str = "
         num_key_value_heads=2, max_position_embeddings=32,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg)
-    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=calls or None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = (
@@ -82,13 +104,21 @@ def _llama_case(mode: str | None, plan: RolePlan | None, *, first_roles: str = "
         )
     ids = torch.randint(0, 96, (2, 12))  # 24 tokens: no activation has a weight's shape
 
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    def step(count=None):
+        with _phase(count, "forward"):
+            loss = model(input_ids=ids, labels=ids).loss
+        with _phase(count, "backward"):
+            loss.backward()
+        with _phase(count, "step"):
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()
     step()
+    if calls:  # Python calls per phase (foreach optimizers, as on CUDA)
+        count: dict[str, int] = {}
+        step(count)
+        return count, opt
     with DispatchCounter(model, opt) as count:
         step()
     return count, (len(opt.layers) if mode else 0)
@@ -170,6 +200,41 @@ def test_a_clone_event_reads_the_host_once_whatever_the_number_of_layers(kind):
     assert layers > 1
     assert weight.ops[reads] == bare.ops[reads] + 1, (weight.ops[reads], bare.ops[reads])
     assert output.ops[reads] == bare.ops[reads]
+
+
+def test_the_python_call_counter_counts_calls_and_restores_the_profiler():
+    def f():
+        return len([1])
+
+    with PythonCallCounter() as none:
+        pass
+    with PythonCallCounter() as four:
+        f(), f()  # two Python frames, two builtin calls
+    assert (none.count, four.count) == (0, 4)
+    seen = []
+    sys.setprofile(lambda *a: seen.append(a[1]))
+    try:
+        with PythonCallCounter():
+            f()
+        f()
+    finally:
+        sys.setprofile(None)
+    assert "call" in seen  # the earlier profiler is back after the block
+
+
+# Python calls on the host per step (forward + backward + opt.step(), foreach optimizers as on CUDA), above the
+# bare step's, per managed layer: the host work of a launch-bound GPU step that aten op counts do not show.
+# Exact and deterministic. Before the host path was trimmed (compact stand-ins, the replaced-parameter check,
+# clone events on packed roles, fused norms' torch path): CNN 268 (output) / 565 (weight), Llama 180 / 371.
+PYTHON_CALLS = {("cnn", "output"): 160, ("cnn", "weight"): 235, ("llama", "output"): 125, ("llama", "weight"): 160}
+
+
+@pytest.mark.parametrize(("kind", "mode"), list(PYTHON_CALLS))
+def test_python_work_per_step_stays_within_todays_bound(kind, mode):
+    bare, _ = CASES[kind](None, None, calls=True)
+    count, opt = CASES[kind](mode, RolePlan.preset("mild"), calls=True)
+    extra = sum(count.values()) - sum(bare.values())
+    assert 0 < extra <= PYTHON_CALLS[kind, mode] * len(opt.layers), (count, bare, len(opt.layers))
 
 
 def test_native_cpu_norm_kernels_stay_within_a_bound_too():

@@ -249,6 +249,12 @@ def test_tiled_and_fold_are_the_gather_and_the_index_add_of_a_cycle(q, m, r, n, 
     shape[axis] = m
     folded = torch.zeros(shape, dtype=torch.float64).index_add_(axis, idx - q, block)
     torch.testing.assert_close(axes.fold(block, axis, m, r), folded, rtol=1e-12, atol=1e-12)
+    if q + m <= 10 - n:  # a clone event's write (sources and clones apart, as roles keep them): the cycle
+        # broadcast into the clones' run in place, the rest of ``t`` untouched
+        after = t.clone()
+        clones = axes.narrow(after, axis, (10 - n, n))
+        assert axes.tile_(clones, axis, axes.narrow(after, axis, (q, m)), r) is clones
+        assert torch.equal(after, t.clone().index_copy_(axis, torch.arange(10 - n, 10), t.index_select(axis, idx)))
 
 
 def test_mlp_without_norms_packs_too():

@@ -121,7 +121,10 @@ def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
     return ~torch.isfinite(flat).all(dim=1)
 
 
-_Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor, bool]
+# (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, the source
+# block): ``rows`` is ``None`` where the clones take their sources' rows as they are on packed roles; they are then
+# written by broadcast from ``block`` (the sources' run) and nothing is computed beforehand
+_Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, torch.Tensor | None]
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -139,8 +142,38 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(peaks)).all())
 
 
+# (tensor, axis, roles of its positions, is a parameter) of every tensor a clone event copies on packed roles
+_Copy = tuple[torch.Tensor, int, Roles, bool]
+
+
+def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
+    """Every tensor a clone event copies in ``layer`` when the clones are one run and their sources cycle over one
+    in each (packed roles), or ``None`` where one is not (or is sharded). Kept on the layer until its roles or
+    its tensors change: in weight mode a clone event runs at every step, on the host of the step."""
+    key = (roles, layer.params, layer.buffers)
+    cached = layer._copy_plan
+    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    plan: list[_Copy] | None = []
+    tensors = [(n, p, True) for n, p in layer.params if layer.copied_by_clones(n)]
+    for name, t, is_param in tensors + [(n, b, False) for n, b in layer.buffers]:
+        dim, rs = layer.dim_of(name), layer.roles_of(name, roles)
+        if (is_param and is_sharded(t)) or not _packed(rs, dim):
+            plan = None
+            break
+        plan.append((t, dim, rs, is_param))
+    layer._copy_plan = (key, plan)
+    return plan
+
+
 def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, generator) -> list[_Write]:
-    """Every tensor's new clone rows of one layer, computed before anything is written."""
+    """Every tensor's new clone rows of one layer, computed before anything is written; plain copies on packed
+    roles compute nothing (see :data:`_Write`)."""
+    plan = copy_plan(layer, roles) if blend == 1.0 and noise == 0 else None
+    if plan is not None:
+        return [
+            (t, t, dim, rs, None, is_param, axes.narrow(t, dim, rs.source_cycle[:2])) for t, dim, rs, is_param in plan
+        ]
     writes: list[_Write] = []
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
@@ -150,16 +183,24 @@ def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, gen
         rows = _blended(whole, rs, blend, dim)
         if noise > 0:
             rows = _noisy(rows, dim, noise, generator)
-        writes.append((p, whole, dim, rs, rows, True))
+        writes.append((p, whole, dim, rs, rows, True, None))
     for bname, b in layer.buffers:
         dim, rs = layer.dim_of(bname), layer.roles_of(bname, roles)
-        writes.append((b, b, dim, rs, _blended(b, rs, blend, dim), False))
+        writes.append((b, b, dim, rs, _blended(b, rs, blend, dim), False, None))
     return writes
+
+
+def _computed(writes: list[_Write]) -> list[_Write]:
+    """``writes`` with every new-row tensor computed (to look at units one by one)."""
+    return [
+        (t, whole, dim, rs, axes.tiled(whole, dim, rs.source_cycle, rs.num_clones) if rows is None else rows, p, None)
+        for t, whole, dim, rs, rows, p, _ in writes
+    ]
 
 
 def _keep_units(layer: ManagedLayer, writes: list[_Write], n: int) -> torch.Tensor | None:
     """Which of the layer's ``n`` clone units may be written (``None``: all); warns about the others."""
-    bad = torch.stack([_bad_units(rows, dim, n).cpu() for _, _, dim, _, rows, _ in writes]).any(dim=0)
+    bad = torch.stack([_bad_units(rows, dim, n).cpu() for _, _, dim, _, rows, *_ in writes]).any(dim=0)
     if not bool(bad.any()):
         return None
     warnings.warn(
@@ -191,15 +232,18 @@ def clone_layers(
     e.g. after a non-finite gradient) keeps its rows and its optimizer state, and a warning names the layer and
     the count; the other clones are written as usual. The check costs one foreach max-abs over the new rows and ONE
     host read per event, whatever the number of layers (a host read is a device synchronisation on a GPU); only a
-    non-finite value looks at the units one by one."""
+    non-finite value looks at the units one by one. On packed roles a plain copy checks and reads the sources'
+    run and writes the clones' run by broadcast: no gather, no temporary."""
     news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
-    finite = _all_finite([rows for writes in news for *_, rows, _ in writes])  # nothing written yet
+    finite = _all_finite([w[4] if w[4] is not None else w[6] for writes in news for w in writes])  # nothing written
+    if not finite:
+        news = [_computed(writes) for writes in news]
     written = []
     for (layer, roles), writes in zip(items, news):
         n = roles.num_clones if roles.has_clones else 0
         keep_units = None if finite or not writes else _keep_units(layer, writes, n)
         written.append(n if keep_units is None else int(keep_units.sum()))
-        for t, whole, dim, rs, rows, is_param in writes:
+        for t, whole, dim, rs, rows, is_param, block in writes:
             clones, sources = rs.clones, rs.sources
             if keep_units is not None:
                 keep = keep_units.repeat_interleave(clones.numel() // n)
@@ -207,14 +251,15 @@ def clone_layers(
                 rows = rows.index_select(_lead(dim), keep.nonzero().flatten().to(rows.device))
                 if not clones.numel():
                     continue
-            idx = clones.to(whole.device)
-            if is_param and is_sharded(t):
-                write_full_(t, whole.index_copy(dim, idx, rows))
+            if rows is None:
+                axes.tile_(axes.narrow(t, dim, rs.clone_span), dim, block, rs.source_cycle[2])
+            elif is_param and is_sharded(t):
+                write_full_(t, whole.index_copy(dim, clones.to(whole.device), rows))
             elif keep_units is None and _packed(rs, dim):
                 axes.narrow(t, dim, rs.clone_span).copy_(rows)
             else:
-                axes.copy_(t, dim, idx, rows)
-            if is_param and opt_state is not None:
+                axes.copy_(t, dim, clones, rows)
+            if is_param and opt_state is not None and state != "keep":
                 group = (groups or {}).get(t)
                 set_row_state(t, opt_state.get(t, {}), dim, clones, sources, state, group=group, fresh=fresh)
     return written

@@ -64,6 +64,7 @@ class CompactEntry:
     span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
     _view: torch.Tensor | None = None  # a span's stand-in, kept from step to step (see :meth:`stand_in`): a view
     _buffer: torch.Tensor | None = None  # ... or a buffer for a strided span
+    _ptr: int = 0  # the parameter's data_ptr() when ``_view`` was cut
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s active slices: a view for a span, else a gathered copy."""
@@ -79,18 +80,16 @@ class CompactEntry:
         p = self.param
         if self.span is None:
             return self.select(p).contiguous(), True
+        view = self._view
+        # the kept view holds the storage it was cut from, so an equal address means the same storage
+        if view is not None and self._ptr == p.data_ptr() and view.dtype == p.dtype and view.device == p.device:
+            return view, False
         block = axes.narrow(p.detach(), self.dim, self.span)
         if block.is_contiguous():
-            view = self._view
-            if (
-                view is None
-                or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
-                or view.dtype != p.dtype
-            ):
-                # of the detached parameter: a view of a tensor that needs no grad may be read after in-place
-                # updates in any grad mode (a view made in no_grad mode of the parameter itself may not)
-                view = self._view = block
-            return view, False
+            # of the detached parameter: a view of a tensor that needs no grad may be read after in-place updates
+            # in any grad mode (a view made in no_grad mode of the parameter itself may not)
+            self._view, self._ptr = block, p.data_ptr()
+            return block, False
         buf = self._buffer
         if buf is None or buf.shape != block.shape or buf.dtype != block.dtype or buf.device != block.device:
             buf = self._buffer = torch.empty_like(block, memory_format=torch.contiguous_format)
@@ -235,33 +234,39 @@ def relayout(
 def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tensor, dict]) -> Iterator[None]:
     """Within the block, each entry's parameter is replaced in its param group and in the optimizer state by a
     tensor holding its active units (and their gradient): a view where it can be (the same one every step), else
-    a copy that is written back on exit; the real parameters are put back, even if the block raised."""
-    swapped: list[tuple[CompactEntry, int, torch.Tensor, bool]] = []
+    a copy that is written back on exit; the real parameters are put back, even if the block raised. This runs
+    at every step, on the host: it is kept to a few attribute reads and dict writes per parameter."""
+    swapped: list[tuple[CompactEntry, list, int, torch.Tensor, bool]] = []
     try:
         with torch.no_grad():
             for e in entries:
                 p = e.param
+                params = e.group["params"]
                 pos = e.position
-                if e.group["params"][pos] is not p:  # the group was edited since the entry was built
-                    pos = next(i for i, q in enumerate(e.group["params"]) if q is p)
-                grad = None if p.grad is None else e.select(p.grad)
+                if params[pos] is not p:  # the group was edited since the entry was built
+                    pos = next(i for i, q in enumerate(params) if q is p)
+                grad = p.grad
+                if grad is not None:
+                    grad = grad.narrow(e.dim, *e.span) if e.span is not None else e.select(grad)
                 stand_in, copied = e.stand_in()
                 if grad is not None and not grad.is_contiguous():
                     grad = grad.contiguous()
                     if not copied:  # a view of contiguous rows with a strided gradient: step copies of both
                         stand_in, copied = e.select(p).contiguous(), True
                 stand_in.grad = grad
-                e.group["params"][pos] = stand_in
-                swapped.append((e, pos, stand_in, copied))
-                if p in opt_state:
-                    opt_state[stand_in] = opt_state.pop(p)
+                params[pos] = stand_in
+                swapped.append((e, params, pos, stand_in, copied))
+                state = opt_state.pop(p, None)
+                if state is not None:
+                    opt_state[stand_in] = state
         yield
     finally:
         with torch.no_grad():
-            for e, pos, stand_in, copied in swapped:
-                e.group["params"][pos] = e.param
-                if stand_in in opt_state:
-                    opt_state[e.param] = opt_state.pop(stand_in)
+            for e, params, pos, stand_in, copied in swapped:
+                params[pos] = e.param
+                state = opt_state.pop(stand_in, None)
+                if state is not None:
+                    opt_state[e.param] = state
                 if copied:
                     e.write_back(stand_in)
                 stand_in.grad = None  # a kept view must not keep the gradient alive

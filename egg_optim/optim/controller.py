@@ -151,6 +151,7 @@ class RoleController:
         self.rewrites: list[LayerRewrite] = []
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
+        self._watch: list[tuple[dict, str, torch.Tensor]] | None = None  # what _stale compares (None: to build)
         masked.sharded = self._check_sharding()
         initial = self._elect_all(first_draw(self.score, config.first_roles), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
@@ -514,7 +515,8 @@ class RoleController:
         frozen = frozen_layers(self.layers)
         cfg = self.config
         gen = derived_generator(self.config.seed, "clone", self.book.clone_events) if cfg.clone_noise > 0 else None
-        groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+        # fresh values read their group's options: only "reset" needs them (this runs at every step in weight mode)
+        groups = {p: g for g in self.masked.param_groups for p in g["params"]} if cfg.clone_state == "reset" else None
         names = [name for name in self.layers if name not in frozen]
         counts = clone_layers(
             [(self.layers[name], self.book.layers[name].roles) for name in names],
@@ -580,6 +582,7 @@ class RoleController:
             old = {id(p) for _, p in layer.params}
             joining += [(n, pname, p) for pname, p in lay.params if id(p) not in old]
             layer.norm_name, layer.norm, layer.params, layer.buffers = lay.norm_name, lay.norm, lay.params, lay.buffers
+        self._watch = None
         if relayout:  # norm state already there (loaded) takes the layout
             groups = self.masked.group_of()
             self.masked.relayout(
@@ -642,7 +645,18 @@ class RoleController:
         return (module._parameters if is_param else module._buffers).get(attr)
 
     def _stale(self) -> bool:
-        return any(self._registered(qname) is not t for _, qname, t in self.owned())
+        """Whether a module registers another tensor than the one a unit owns: once per step, so the (registry,
+        attribute, tensor) triples are listed once, until the owned tensors change."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = []
+            for _, qname, t in self.owned():
+                module, attr, is_param = self._slot(qname)
+                watch.append((module._parameters if is_param else module._buffers, attr, t))
+        for registry, attr, t in watch:  # noqa: SIM110 (any(<generator>) resumes a Python frame per tensor)
+            if registry.get(attr) is not t:
+                return True
+        return False
 
     def sync_params(self) -> None:
         """Follow unit-owned tensors that the model replaced since they were looked up: ``fully_shard`` registers
@@ -676,6 +690,7 @@ class RoleController:
         for name, layer in self.layers.items():
             layer.params = new[name]
             layer.buffers = [(qname, self._registered(qname)) for qname, _ in layer.buffers]
+        self._watch = None
         self.masked.forget_parked(kept)  # (replaced ones hold none)
         self.masked.sharded = self._check_sharding()
         self._check_unsharded_rewrites()

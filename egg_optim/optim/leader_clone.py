@@ -358,7 +358,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dicts
     def state_bytes(self) -> int:
-        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) included."""
+        """Bytes the optimizer holds between steps: its state tensors, clones' parked slices and the step
+        buffers of strided active blocks (compact storage)."""
         return self.masked.state_bytes()
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -132,9 +132,12 @@ class MaskedOptimizer:
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:
-        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) included."""
+        """Bytes held in optimizer-state tensors, clones' parked slices (compact storage) and the kept step
+        buffers of strided active blocks (columns, :meth:`~egg_optim.core.compact.CompactEntry.stand_in`)
+        included: all the memory the optimizer holds between steps besides the parameters and gradients."""
         tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         tensors += [v for rows in self.parked.values() for v in rows.values()]
+        tensors += [e._buffer for e in self._compact if e._buffer is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_dict(self, units: Mapping[torch.Tensor, compact.UnitParam]) -> dict[str, Any]:

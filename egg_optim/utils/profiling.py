@@ -1,5 +1,5 @@
-"""Step profiling that needs no GPU: aten ops dispatched, index traffic over parameter-sized tensors, and the
-bytes autograd saves for backward.
+"""Step profiling that needs no GPU: aten ops dispatched, index traffic over parameter-sized tensors, Python calls
+on the host, and the bytes autograd saves for backward.
 
 On a GPU a small model's training step is bound by how many kernels the host launches, and index ops
 (``gather``, ``index_select``, ``index_add``, ...) over weights, gradients and optimizer state are memory
@@ -28,6 +28,7 @@ op, as it is one launch. Counting costs time: measure time without the counter.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,7 +38,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["INDEX_OPS", "DispatchCounter", "peak_bytes_above", "saved_tensor_bytes"]
+__all__ = ["INDEX_OPS", "DispatchCounter", "PythonCallCounter", "peak_bytes_above", "saved_tensor_bytes"]
 
 # aten op names (overload packets, without a trailing "_") that move data by index
 INDEX_OPS = frozenset(
@@ -177,6 +178,37 @@ class DispatchCounter(TorchDispatchMode):
             "param_index_ops": dict(self.param_index_ops),
             "param_index_bytes": self.param_index_bytes,
         }
+
+
+class PythonCallCounter:
+    """Counts the Python function calls (Python frames and calls of builtins: ``sys.setprofile``'s ``call`` and
+    ``c_call`` events) made while the block runs, in the calling thread.
+
+    The host of a launch-bound GPU step spends its time in Python and in the dispatcher; aten ops are counted by
+    :class:`DispatchCounter`, Python work by this. Unlike a timing it is exact and deterministic for given code
+    and inputs, so a test can bound it. Restores the profiler that was set before (coverage tools use one)::
+
+        with PythonCallCounter() as calls:
+            optimizer.step()
+        calls.count
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+
+    def _event(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call" or event == "c_call":
+            self.count += 1
+
+    def __enter__(self) -> PythonCallCounter:
+        self._previous = sys.getprofile()
+        sys.setprofile(self._event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.setprofile(self._previous)
+        self.count -= 2  # this __exit__ and its sys.setprofile call were counted too
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.axes import Span, pick
+from ...core.axes import Span, select
 from ...core.roles import Roles
 from ...core.sharding import copied_positions, copy_positions_
 from ...errors import PlanError
@@ -55,8 +55,14 @@ class _OutputClonedLayer:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or (self._egg_own_weights and not self.training):
             return super().forward(input)  # plain op, the unit's own weights
-        weight = pick(self.weight, 0, self._egg_active, self._egg_span)
-        bias = None if self.bias is None else pick(self.bias, 0, self._egg_active, self._egg_span)
+        weight, bias = self.weight, self.bias
+        span = self._egg_span
+        if span is not None:  # per step, on the host of a launch-bound GPU: direct views
+            weight = weight.narrow(0, *span)
+            bias = None if bias is None else bias.narrow(0, *span)
+        else:
+            weight = select(weight, 0, self._egg_active)
+            bias = None if bias is None else select(bias, 0, self._egg_active)
         y = self._egg_compute(input, weight, bias)
         if self._egg_probe and self.training and torch.is_grad_enabled():
             # one probed forward: full width (a fused norm then runs as the plain norm, the same function), and

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.axes import pick
@@ -36,6 +35,14 @@ from . import _kernel
 # Per-channel affine ``y = x * w + b`` as an eval-mode batch norm with mean 0 and ``var + eps == 1`` exactly (its
 # backward gives the input, weight and bias gradients in one kernel).
 AFFINE_EPS = 2.0**-20
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
+def _batch_norm(x: Tensor, mean, var, weight, bias, training: bool, momentum: float, eps: float) -> Tensor:
+    """``F.batch_norm`` without its Python checks (the caller verifies the batch size where it trains): the torch
+    path runs three per fused norm and step, on the host of a launch-bound GPU step."""
+    return torch.batch_norm(x, weight, bias, mean, var, training, momentum, eps, torch.backends.cudnn.enabled)
+
 
 # ---------------------------------------------------------------------------------------------- kernels
 # Plain functions around the native kernels. Eager mode calls them directly (from _ExpandNorm); under
@@ -208,7 +215,7 @@ class _GatherAffine(torch.autograd.Function):
         y = xhat.index_select(1, gather)
         if weight is None and bias is None:
             return y
-        return F.batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
+        return _batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -220,10 +227,10 @@ class _GatherAffine(torch.autograd.Function):
             gi = gy
         else:
             if need_w:  # the expanded normalised input, taken again
-                xg = F.batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
+                xg = _batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
             else:  # an eval-mode batch norm's input gradient does not read the input
                 xg = gy
-            gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gi, gw, gb = _BN_BACKWARD(
                 gy, xg, weight, zero, one, None, None, False, AFFINE_EPS, [need_xhat, need_w, need_b]
             )
         gxhat = None
@@ -317,17 +324,20 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_path(norm, x, use_batch, running, factor):
+    if use_batch:
+        _verify_batch_size(x)
     mean = var = None  # the batch's own statistics
     if running:
         rm, rv = _active_stats(norm)
-        xhat = F.batch_norm(x, rm, rv, None, None, use_batch, factor, norm.eps)
+        xhat = _batch_norm(x, rm, rv, None, None, use_batch, factor, norm.eps)
         if use_batch:
-            with torch.no_grad():
-                _write_stats(norm, rm, rv)
+            if norm._egg_span is None:  # views (one run) were updated in place
+                with torch.no_grad():
+                    _write_stats(norm, rm, rv)
         else:  # copies: backward must see the statistics this forward used
             mean, var = rm.clone(), rv.clone()
     else:
-        xhat = F.batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
+        xhat = _batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
     return _GatherAffine.apply(
         xhat, x.detach(), mean, var, norm.eps, norm.weight, norm.bias, norm._egg_gather, norm._egg_zero, norm._egg_one
     )
@@ -336,7 +346,10 @@ def _torch_path(norm, x, use_batch, running, factor):
 def _active_stats(norm) -> tuple[Tensor, Tensor]:
     """The active channels' running mean and variance: views when they are one run (updated in place, nothing to
     write back), else gathered copies."""
-    return tuple(pick(t, 0, norm._egg_active, norm._egg_span) for t in (norm.running_mean, norm.running_var))
+    span = norm._egg_span
+    if span is not None:
+        return norm.running_mean.narrow(0, *span), norm.running_var.narrow(0, *span)
+    return tuple(pick(t, 0, norm._egg_active, None) for t in (norm.running_mean, norm.running_var))
 
 
 def _write_stats(norm, mean: Tensor, var: Tensor) -> None:
