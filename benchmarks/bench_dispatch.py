@@ -19,7 +19,8 @@ on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform p
   slices, the optimizer's stand-in copies, gradients.
 
 Fused BatchNorms run their torch-ops path (what CUDA runs), except the ``native norms`` row (egg_optim's CPU
-kernels). Run::
+kernels). The ``bf16 autocast`` rows run the forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (fp32
+weights, as the issue's Llama h1024 case) and are compared with the bare step under autocast. Run::
 
     python benchmarks/bench_dispatch.py            # both models, 10 timed steps per case
     python benchmarks/bench_dispatch.py --quick    # 4 timed steps
@@ -28,6 +29,7 @@ kernels). Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -67,7 +69,17 @@ CASES = [
     ("output/mild, native norms", "output", "mild"),
     ("weight/mild, drawn roles", "weight", "mild"),
     ("output/mild, drawn roles", "output", "mild"),
+    ("bare, bf16 autocast", None, None),
+    ("output/mild, bf16 autocast", "output", "mild"),
+    ("output/aggressive, bf16 autocast", "output", "aggressive"),
 ]
+AUTOCAST = "bf16 autocast"  # cases named so run forward under torch.autocast("cpu", torch.bfloat16)
+
+
+def _bare_of(name: str) -> str:
+    """The bare case a case is compared with: the same model, and autocast if the case has it."""
+    kind = name.split("/")[0]
+    return f"{kind}/bare, {AUTOCAST}" if AUTOCAST in name else f"{kind}/bare"
 
 
 @dataclass
@@ -93,6 +105,7 @@ class Case:
 
 def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: int) -> Case:
     bg = _bench_gpu()
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if AUTOCAST in name else contextlib.nullcontext()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if kind == "cnn":
@@ -101,7 +114,9 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
         base = torch.optim.Adam(model.parameters(), lr=1e-4)
 
         def fwd_bwd() -> None:
-            F.cross_entropy(model(x), y).backward()
+            with cast:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
 
         table = "cifar"
     else:
@@ -110,7 +125,9 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
         base = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def fwd_bwd() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            with cast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
 
         table = "uniform"
     model.train()
@@ -194,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         for _ in range(steps):  # round-robin: machine noise hits every case alike
             for case in cases:
                 case.step()
-        bare = cases[0]
+        by_name = {case.name: case for case in cases}
         for case in cases:
+            bare = by_name[_bare_of(case.name)]
             row = measure(case)
             row["step_ms"] = statistics.median(case.times) * 1e3
             row["host_step_ms"] = statistics.median(case.host) * 1e3
@@ -209,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        bare = results[name.split("/")[0] + "/bare"]
+        bare = results[_bare_of(name)]
         extra = (r["launches"] - bare["launches"]) / r["layers"] if r["layers"] else 0.0
         print(
             f"| {name} | {r['layers']} | {r['launches']} | {extra:.1f} | {r['index_ops']} | {r['param_index_ops']} | "
