@@ -130,3 +130,39 @@ def test_bad_options(kwargs):
     model = mlp()
     with pytest.raises(ConfigError):
         LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5), **kwargs)
+
+
+@pytest.mark.parametrize("bad_unit", [1, 2])
+def test_a_clone_event_on_packed_roles_checks_the_rows_it_copies(bad_unit):
+    """Packed roles: the clones (3, 4) copy sources cycling over the run 0..2 from 2 (sources 2, 0), so unit 1 is
+    in the run but copied by no clone. A clone event checks the run at once; a non-finite run is looked at unit
+    by unit: a NaN in unit 1 stops nothing (no warning), a NaN in unit 2 keeps clone 3's rows (with a warning)
+    and clone 4 still copies unit 0."""
+    import warnings
+
+    from egg_optim.core.cloning import clone_layers, copy_plan
+    from egg_optim.core.roles import Roles
+    from egg_optim.core.units import ManagedLayer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 5)
+    layer = ManagedLayer("lin", lin, params=[("lin.weight", lin.weight), ("lin.bias", lin.bias)])
+    roles = Roles(5, torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([3, 4]),
+                  torch.tensor([2, 0]))  # fmt: skip
+    assert roles.clone_span == (3, 2) and roles.source_cycle == (0, 3, 2)
+    assert copy_plan(layer, roles) is not None and copy_plan(layer, roles) is copy_plan(layer, roles)  # kept
+    with torch.no_grad():
+        lin.weight[bad_unit, 1] = float("nan")
+    before = lin.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (written,) = clone_layers([(layer, roles)])
+    w = lin.weight.detach()
+    said = [str(c.message) for c in caught if "keep their rows" in str(c.message)]
+    if bad_unit == 1:
+        assert written == 2 and not said
+        assert torch.equal(w[3], w[2]) and torch.equal(w[4], w[0])
+    else:
+        assert written == 1 and len(said) == 1 and "1 of 2 clone(s)" in said[0]
+        assert torch.equal(w[3], before[3]) and torch.equal(w[4], w[0])
+    assert torch.equal(w[:3].nan_to_num(), before[:3].nan_to_num())  # sources untouched
