@@ -235,7 +235,8 @@ def clone_layers(
     non-finite value looks at the units one by one. On packed roles a plain copy checks and reads the sources'
     run and writes the clones' run by broadcast: no gather, no temporary."""
     news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
-    finite = _all_finite([w[4] if w[4] is not None else w[6] for writes in news for w in writes])  # nothing written
+    checked = [block if rows is None else rows for writes in news for *_, rows, _, block in writes]
+    finite = _all_finite(checked)  # nothing written yet
     if not finite:
         news = [_computed(writes) for writes in news]
     written = []
