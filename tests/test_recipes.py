@@ -93,6 +93,9 @@ def test_recipe_defaults_are_the_best_measured_policy():
         (["--seed", str(2**32)], "argument --seed: expected an integer in [0, 4294967295], got '4294967296'"),
         (["--seed", "-1"], "expected an integer in [0, 4294967295]"),
         (["--test-split-fraction", "1"], "expected a number in (0, 1)"),
+        (["--compile", "fast"], "invalid choice: 'fast'"),
+        (["--compile-backend", "eager"], "--compile-backend: chooses how --compile compiles; give --compile too"),
+        (["--compile", "default", "--scenario", "narrow-mild", "--grow-net2net", "epoch1:1"], "run the growth eagerly"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(argv, fragment, capsys):
@@ -181,6 +184,49 @@ def test_output_clone_mode_runs(tmp_path):
     plain = build_model("seed_mnist", in_channels=1, num_classes=10, image_size=8)
     missing, unexpected = load_model(plain, str(out / "model.safetensors"))
     assert not missing and not unexpected
+
+
+def test_compile_decides_the_norm_coupling_first_and_trains_what_eager_trains(tmp_path):
+    """--compile runs one eager forward pass (eval mode, a zero batch: nothing trains) so the optimizer couples the
+    norms from evidence, as an eager run's first step does, then compiles. With the eager backend (the same ops)
+    weight mode trains bit-identically; output mode the same coupling (its compiled 1x1 convs are convs, not the
+    eager CPU matmul, so its rounding differs) and it trains."""
+    import argparse
+
+    from egg_recipes.common import compile_model
+    from egg_recipes.data import dataset_spec
+
+    from egg_optim import LeaderCloneOptimizer
+
+    compiled = ["--compile", "default", "--compile-backend", "eager"]
+    common = ["--clone-mode", "weight", "--max-steps", "6", "--epochs", "2"]
+    eager, _ = _run(common, tmp_path, "eager")
+    graph, _ = _run([*common, *compiled], tmp_path, "compiled")
+    for key in ("param_sha256", "buffer_sha256", "roles_sha256", "steps"):
+        assert graph[key] == eager[key], key
+    out, _ = _run(["--clone-mode", "output", "--max-steps", "6", "--epochs", "2", *compiled], tmp_path, "output")
+    assert out["steps"] == 6 and 0 <= out["test_accuracy"] <= 1
+
+    args = train_image.parse_args([*FAST, "--output-dir", str(tmp_path / "x"), "--clone-mode", "output"])
+    spec = dataset_spec(train_image.load_image_splits(args)[0], resize_to=args.resize_to, channels=args.channels)
+    couplings = []
+    for probe in (True, False):
+        torch.manual_seed(0)
+        model, plan = train_image.build_network(args, spec)
+        lco = LeaderCloneOptimizer(model, train_image.make_optimizer(args, model.parameters()),
+                                   config=train_image.egg_config(args, plan))  # fmt: skip
+        if probe:
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            zeros = torch.zeros(2, spec.channels, *train_image._pair(spec.image_size))
+            compile_model(model, model, lco, lambda m, x=zeros: m(x), argparse.Namespace(compile="default",
+                          compile_backend="eager"))  # fmt: skip
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing moved
+        else:  # an eager run: the first training step decides
+            x = torch.randn(4, spec.channels, *train_image._pair(spec.image_size))
+            torch.nn.functional.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+            lco.step()
+        couplings.append(lco.coupled_norms)
+    assert couplings[0] == couplings[1] and len(couplings[0]) == 9  # the seed net's convs with their norms
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -147,6 +147,52 @@ WEIGHT_MODE_ONLY = ("skip_clone_grads",)
 HOW_COMPUTED = ("clone_mode", "skip_clone_grads")
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def add_compile_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--compile",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile the model in this mode (reduce-overhead: CUDA graphs on a GPU) after one eager forward "
+        "pass that lets the optimizer couple the norms; a role change recompiles once",
+    )
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager, aot_eager: debugging)")
+
+
+def check_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, refuse: dict[str, bool]) -> None:
+    """``--compile-backend`` without ``--compile``, and ``--compile`` with a flag of ``refuse`` (``{why: given}``)
+    that it cannot serve, exit with one line."""
+    if args.compile == "none" and changed_flags(parser, args, ("compile_backend",)):
+        parser.error("--compile-backend: chooses how --compile compiles; give --compile too")
+    for why, given in refuse.items():
+        if args.compile != "none" and given:
+            parser.error(f"--compile: {why}")
+
+
+def compile_model(
+    model: torch.nn.Module,
+    unwrapped: torch.nn.Module,
+    lco: LeaderCloneOptimizer,
+    probe: Callable[[torch.nn.Module], Any],
+    args: argparse.Namespace,
+) -> torch.nn.Module:
+    """``torch.compile(model)`` after ``probe(unwrapped)``, one eager forward pass in eval mode without gradients
+    (nothing trains, no running statistic moves), from which the optimizer decides the norm coupling now and
+    transformer blocks check their output mode: a compiled forward pass gives neither any evidence, and
+    coupling later would swap norm classes under the compiled graph. After a resume the checkpoint's coupling is
+    kept (``couple_norms`` decides once)."""
+    training = unwrapped.training
+    unwrapped.eval()
+    with torch.no_grad():
+        probe(unwrapped)
+    unwrapped.train(training)
+    lco.couple_norms()
+    mode = None if args.compile == "default" else args.compile
+    return torch.compile(model, mode=mode, backend=args.compile_backend)
+
+
 def _as_typed(parser: argparse.ArgumentParser, dest: str, value: Any) -> str:
     """``--flag value`` as one would type it."""
     action = next((a for a in parser._actions if a.dest == dest and a.option_strings), None)

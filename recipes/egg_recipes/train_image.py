@@ -40,8 +40,11 @@ from egg_optim.errors import ConfigError
 from egg_recipes.common import (
     CHECKPOINT_DIR,
     METRICS_FILE,
+    add_compile_arguments,
     add_run_arguments,
     changed_flags,
+    check_compile_flags,
+    compile_model,
     derived_seed,
     egg_config,
     gathered_model_state,
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int, default=10, help="number of epochs")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=_seed, default=0, help="seeds model init, data order, roles")
+    add_compile_arguments(g)
 
     g = add_run_arguments(
         p,
@@ -264,6 +268,9 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --grow-noise: must be >= 0, got {args.grow_noise}")
         if args.resume_from or args.save_every:
             parser.error("--grow-net2net changes parameter shapes mid-run; it takes no --resume-from/--save-every")
+    if hasattr(args, "compile"):  # (the Trainer recipe shares these checks, without --compile)
+        grows = getattr(args, "grow_net2net", None) is not None
+        check_compile_flags(parser, args, {"--grow-net2net rebuilds the model mid-run; run the growth eagerly": grows})
     if scenario == "baseline":
         fractions = changed_flags(parser, args, ("leaders", "independents"))
         if fractions:
@@ -505,6 +512,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"run's {', '.join(run_signature)}; --epochs, --max-steps and the evaluation, logging, saving and "
             f"output flags come from this command line"
         )
+
+    if args.compile != "none":  # after a resume: a checkpoint's norm coupling is adopted, not decided again
+        shape = (2, spec.channels, *_pair(spec.image_size))
+        model = compile_model(model, unwrapped, lco, lambda m: m(torch.zeros(shape, device=accelerator.device)), args)
 
     # ---------------------------------------------------------------- trackers
     init_trackers(accelerator, args, output_dir)

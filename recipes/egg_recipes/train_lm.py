@@ -41,9 +41,12 @@ from egg_recipes.common import (
     METRICS_FILE,
     SCENARIOS,
     Parser,
+    add_compile_arguments,
     add_run_arguments,
     changed_flags,
+    check_compile_flags,
     clock,
+    compile_model,
     derived_seed,
     egg_config,
     fraction,
@@ -152,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, default=2, help="passes over the training blocks")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=seed_value, default=0, help="seeds model init, data order, roles")
+    add_compile_arguments(g)
 
     add_run_arguments(
         p, output_help="metrics.json, model/ and checkpoints (default: runs/lm-<scenario>-<mode>-<trainer>)"
@@ -171,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --heads: head size {args.hidden_size // args.heads} must be even (rotary embeddings)")
     if args.block_size < 2:
         parser.error(f"argument --block-size: expected at least 2 tokens, got {args.block_size}")
+    hf = "--trainer hf: set TrainingArguments(torch_compile=True) in your own script instead"
+    check_compile_flags(parser, args, {hf: args.trainer == "hf"})
     if args.scenario == "baseline":  # flags this run would ignore, or that would give the baseline clones
         fractions = changed_flags(parser, args, ("leaders", "independents"))
         if fractions:
@@ -370,6 +376,9 @@ def train_accelerate(args: argparse.Namespace) -> dict[str, Any]:
             f"resumed from {path} at step {progress['global_step']}: weights, optimizer and LR-schedule state, "
             f"roles, RNG and data position come from the checkpoint, which matches this run's {', '.join(settings)}"
         )
+    if args.compile != "none":  # after a resume: a checkpoint's norm coupling is adopted, not decided again
+        ids = torch.zeros(2, args.block_size, dtype=torch.long, device=accelerator.device)
+        model = compile_model(model, unwrapped, lco, lambda m: m(input_ids=ids), args)
     init_trackers(accelerator, args, output_dir)
 
     def record_eval() -> dict[str, Any]:
