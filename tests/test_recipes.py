@@ -200,10 +200,11 @@ def test_compile_decides_the_norm_coupling_first_and_trains_what_eager_trains(tm
 
     compiled = ["--compile", "default", "--compile-backend", "eager"]
     common = ["--clone-mode", "weight", "--max-steps", "6", "--epochs", "2"]
-    eager, _ = _run(common, tmp_path, "eager")
+    eager, out = _run([*common, "--save-every", "3"], tmp_path, "eager")
     graph, _ = _run([*common, *compiled], tmp_path, "compiled")
+    resumed, _ = _run([*common, *compiled, "--resume-from", str(out / "checkpoints" / "checkpoint-3")], tmp_path, "r")
     for key in ("param_sha256", "buffer_sha256", "roles_sha256", "steps"):
-        assert graph[key] == eager[key], key
+        assert graph[key] == eager[key] == resumed[key], key
     out, _ = _run(["--clone-mode", "output", "--max-steps", "6", "--epochs", "2", *compiled], tmp_path, "output")
     assert out["steps"] == 6 and 0 <= out["test_accuracy"] <= 1
 
