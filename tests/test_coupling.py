@@ -210,3 +210,35 @@ def test_the_forward_pass_only_records_and_the_next_step_couples(mode):
         assert opt.output_cloning.norms["layer1.conv1"] == "layer1.bn1"
     clones = opt.roles["layer1.conv1"].clones
     assert torch.equal(bn.weight.detach()[clones], before[clones])  # frozen in the very step that coupled them
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_couple_norms_with_an_example_decides_from_one_eager_pass_that_changes_nothing(mode, caplog):
+    """``opt.couple_norms(x)`` before ``torch.compile``: one eager forward pass of ``x`` in eval mode without
+    gradients gives the evidence (a compiled pass gives none), so the compiled model trains with the coupling an
+    eager first step decides; nothing trains, no running statistic moves, the mode is restored; once decided the
+    example is not run again."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 6, 6)
+    plan = RolePlan.preset("mild", table="mnist")
+    model = TinySeedNet()
+    twin = copy.deepcopy(model)
+    ref = LeaderCloneOptimizer(twin, torch.optim.SGD(twin.parameters(), lr=0.1), plan, clone_mode=mode)
+    twin(x).logsumexp(1).mean().backward()
+    ref.step()  # the eager way: the first training step decides
+
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, clone_mode=mode)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    hook = model.register_forward_hook(lambda m, i, o: calls.append((m.training, torch.is_grad_enabled())))
+    coupled = opt.couple_norms(x)
+    assert calls == [(False, False)] and model.training
+    assert coupled == ref.coupled_norms and len(coupled) == 9  # every conv with its BatchNorm
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.couple_norms(x) == coupled and len(calls) == 1  # decided: the example is not run again
+    hook.remove()
+    compiled = torch.compile(model, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="egg_optim"):
+        compiled(x).logsumexp(1).mean().backward()
+        opt.step()
+    assert "no complete eager forward pass" not in caplog.text and opt.coupled_norms == coupled

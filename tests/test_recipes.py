@@ -219,8 +219,7 @@ def test_compile_decides_the_norm_coupling_first_and_trains_what_eager_trains(tm
         if probe:
             before = {k: v.clone() for k, v in model.state_dict().items()}
             zeros = torch.zeros(2, spec.channels, *train_image._pair(spec.image_size))
-            compile_model(model, model, lco, lambda m, x=zeros: m(x), argparse.Namespace(compile="default",
-                          compile_backend="eager"))  # fmt: skip
+            compile_model(model, lco, zeros, argparse.Namespace(compile="default", compile_backend="eager"))
             assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing moved
         else:  # an eager run: the first training step decides
             x = torch.randn(4, spec.channels, *train_image._pair(spec.image_size))

@@ -255,3 +255,42 @@ def test_make_egg_trainer_and_config_errors(dataset, tmp_path):
         EggTrainer(model=Net(), args=targs(tmp_path), train_dataset=dataset, egg={"plan": "mild"})
     with pytest.raises(ConfigError):
         EggTrainerCallback(state_file=os.path.join("a", "b.pt"))
+
+
+def test_torch_compile_couples_the_norms_from_an_eager_pass_first(tmp_path):
+    """TrainingArguments(torch_compile=True): the Trainer compiles the model before its first forward pass, which
+    then gives the norm coupling no evidence; EggTrainer runs the first training examples through the eager model
+    once (eval mode, no gradients) when it builds the optimizer, so the norms are coupled as in an eager run."""
+    import logging
+
+    class BNNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.bn1, self.out = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+        def forward(self, x, labels=None):
+            logits = self.out(torch.relu(self.bn1(self.fc1(x))))
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    g = torch.Generator().manual_seed(0)
+    rows = {"x": torch.randn(32, 8, generator=g).tolist(), "labels": torch.randint(0, 4, (32,), generator=g).tolist()}
+    data = datasets.Dataset.from_dict({**rows, "note": ["unused"] * 32}).with_format("torch")
+    cfg = EggConfig(plan=RolePlan(0.5, 0.0), clone_mode="output")
+    coupled = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        kw = {"torch_compile": True, "torch_compile_backend": "eager"} if compiled else {}
+        trainer = EggTrainer(model=BNNet(), args=targs(tmp_path / str(compiled), max_steps=2, **kw),
+                             train_dataset=data, egg=cfg)  # fmt: skip
+        logger = logging.getLogger("egg_optim")
+        seen = []
+        handler = logging.Handler()
+        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())
+        logger.addHandler(handler)
+        try:
+            trainer.train()
+        finally:
+            logger.removeHandler(handler)
+        assert not any("no complete eager forward pass" in m for m in seen), seen
+        coupled[compiled] = trainer.egg_optimizer.coupled_norms
+    assert coupled[True] == coupled[False] == {"fc1": "bn1"}

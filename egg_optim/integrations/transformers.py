@@ -323,7 +323,25 @@ class EggTrainerMixin:
         target = self.model if model is None else self.accelerator.unwrap_model(model)
         wrapper = LeaderCloneOptimizer(target, base, config=self.egg)
         self.optimizer = wrapper
+        if getattr(self.args, "torch_compile", False) and self.egg_callback.resume_from is None:
+            example = self._egg_example_batch()
+            if example is not None:  # a compiled first pass gives the norm coupling no evidence
+                wrapper.couple_norms(**example)
         return wrapper
+
+    def _egg_example_batch(self) -> dict[str, Any] | None:
+        """The first two training examples, collated and on the device as a training batch would be (columns the
+        model does not take removed; no sampler, so no random state moves), or ``None`` without a dataset."""
+        ds = self.train_dataset
+        try:
+            n = min(2, len(ds))
+        except TypeError:  # an iterable dataset: nothing to index
+            return None
+        if n == 0:
+            return None
+        if getattr(self.args, "remove_unused_columns", False) and hasattr(ds, "column_names"):
+            ds = self._remove_unused_columns(ds, description="egg_optim coupling probe")
+        return self._prepare_inputs(self.data_collator([ds[i] for i in range(n)]))
 
     # ------------------------------------------------------------------ loss
     def _egg_loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:

@@ -225,11 +225,28 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         first complete forward pass recorded before it), or by loading a state dict that holds a decision."""
         return self.controller.coupling_pending
 
-    def couple_norms(self) -> dict[str, str]:
+    def couple_norms(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Apply the norm coupling now (the next :meth:`step` would): from the first complete forward pass
-        recorded, or explicit couplings only when none ran. Call it after one eager forward pass before
-        ``torch.compile`` (coupling swaps norm classes). Nothing once decided. Returns :attr:`coupled_norms`."""
-        self.controller.couple_norms()
+        recorded, or explicit couplings only when none ran. Nothing once decided. Returns :attr:`coupled_norms`.
+
+        Given example inputs, while the coupling is still pending it first calls the model on them once, eagerly,
+        in eval mode and without gradients (nothing trains, no running statistic moves): the evidence a compiled
+        forward pass cannot give. Call it so before ``torch.compile`` (coupling swaps norm classes)::
+
+            opt.couple_norms(example_batch)
+            model = torch.compile(model)
+        """
+        controller = self.controller
+        if (example_args or example_kwargs) and controller.coupling_pending:
+            model = controller.model
+            training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model(*example_args, **example_kwargs)
+            finally:
+                model.train(training)
+        controller.couple_norms()
         return self.coupled_norms
 
     # ------------------------------------------------------------------ Optimizer protocol (shared state)

@@ -171,24 +171,15 @@ def check_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--compile: {why}")
 
 
-def compile_model(
-    model: torch.nn.Module,
-    unwrapped: torch.nn.Module,
-    lco: LeaderCloneOptimizer,
-    probe: Callable[[torch.nn.Module], Any],
-    args: argparse.Namespace,
-) -> torch.nn.Module:
-    """``torch.compile(model)`` after ``probe(unwrapped)``, one eager forward pass in eval mode without gradients
-    (nothing trains, no running statistic moves), from which the optimizer decides the norm coupling now and
-    transformer blocks check their output mode: a compiled forward pass gives neither any evidence, and
-    coupling later would swap norm classes under the compiled graph. After a resume the checkpoint's coupling is
-    kept (``couple_norms`` decides once)."""
-    training = unwrapped.training
-    unwrapped.eval()
-    with torch.no_grad():
-        probe(unwrapped)
-    unwrapped.train(training)
-    lco.couple_norms()
+def compile_model(model: torch.nn.Module, lco: LeaderCloneOptimizer, example: Any, args: argparse.Namespace):
+    """``torch.compile(model)`` once the optimizer has coupled the norms from an eager forward pass of ``example``
+    (:meth:`~egg_optim.LeaderCloneOptimizer.couple_norms`, eval mode, no gradients: nothing trains), which also
+    lets transformer blocks check their output mode; a compiled first pass gives no evidence, and coupling later
+    would swap norm classes under the compiled graph. After a resume the checkpoint's coupling is kept."""
+    if isinstance(example, dict):
+        lco.couple_norms(**example)
+    else:
+        lco.couple_norms(example)
     mode = None if args.compile == "default" else args.compile
     return torch.compile(model, mode=mode, backend=args.compile_backend)
 

@@ -514,8 +514,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     if args.compile != "none":  # after a resume: a checkpoint's norm coupling is adopted, not decided again
-        shape = (2, spec.channels, *_pair(spec.image_size))
-        model = compile_model(model, unwrapped, lco, lambda m: m(torch.zeros(shape, device=accelerator.device)), args)
+        zeros = torch.zeros(2, spec.channels, *_pair(spec.image_size), device=accelerator.device)
+        model = compile_model(model, lco, zeros, args)
 
     # ---------------------------------------------------------------- trackers
     init_trackers(accelerator, args, output_dir)

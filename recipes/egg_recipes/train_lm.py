@@ -378,7 +378,7 @@ def train_accelerate(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.compile != "none":  # after a resume: a checkpoint's norm coupling is adopted, not decided again
         ids = torch.zeros(2, args.block_size, dtype=torch.long, device=accelerator.device)
-        model = compile_model(model, unwrapped, lco, lambda m: m(input_ids=ids), args)
+        model = compile_model(model, lco, {"input_ids": ids}, args)
     init_trackers(accelerator, args, output_dir)
 
     def record_eval() -> dict[str, Any]:
