@@ -175,8 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --heads: head size {args.hidden_size // args.heads} must be even (rotary embeddings)")
     if args.block_size < 2:
         parser.error(f"argument --block-size: expected at least 2 tokens, got {args.block_size}")
-    hf = "--trainer hf: set TrainingArguments(torch_compile=True) in your own script instead"
-    check_compile_flags(parser, args, {hf: args.trainer == "hf"})
+    check_compile_flags(parser, args, {})
     if args.scenario == "baseline":  # flags this run would ignore, or that would give the baseline clones
         fractions = changed_flags(parser, args, ("leaders", "independents"))
         if fractions:
@@ -541,6 +540,10 @@ def train_hf(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=args.no_progress,
+        # EggTrainer couples the norms from an eager pass of two training examples before the Trainer compiles
+        torch_compile=args.compile != "none",
+        torch_compile_backend=args.compile_backend if args.compile != "none" else None,
+        torch_compile_mode=None if args.compile in ("none", "default") else args.compile,
     )
     tokenizer = load_tokenizer(args.tokenizer)
     with training_args.main_process_first(desc="tokenising"):
