@@ -513,6 +513,24 @@ def test_trainer_route_logs_roles_and_resumes_exactly(tmp_path):
         train_trainer.train(parse([*common, "--output-dir", str(tmp_path / "d"), "--resume-from", "latest"]))
 
 
+def test_trainer_route_compiles_after_coupling_and_keeps_the_random_streams(tmp_path):
+    """--compile through the Trainer (TrainingArguments(torch_compile=True)): EggTrainer collates the first two
+    training examples (with augmentation, which draws random numbers) and runs them through the eager model
+    before the Trainer compiles, with every random stream put back: with the eager backend weight mode ends
+    bit-identical to the eager run, and the compiled run couples the seed net's norms."""
+    pytest.importorskip("transformers")
+    from egg_recipes import train_trainer
+
+    common = ["--max-steps", "4", "--batch-size", "64", "--max-train-samples", "256", "--max-eval-samples", "64",
+              "--report-to", "none", "--clone-mode", "weight", "--augment"]  # fmt: skip
+    parse = train_trainer.parse_args
+    eager = train_trainer.train(parse([*common, "--output-dir", str(tmp_path / "a")]))
+    compiled = ["--compile", "default", "--compile-backend", "eager"]
+    graph = train_trainer.train(parse([*common, *compiled, "--output-dir", str(tmp_path / "b")]))
+    for key in ("param_sha256", "roles_sha256", "steps"):
+        assert graph[key] == eager[key], key
+
+
 def test_graduation_by_steps_recounts_flops_and_updates_inside_the_epoch(tmp_path):
     """Graduation at step 2 of 4 in one epoch: the last two batches are priced at full width, not the plan's."""
     m, _ = _run(["--scenario", "mild", "--clone-mode", "output", "--graduate", "2:1", "--max-steps", "4"], tmp_path)

@@ -44,6 +44,7 @@ the optimizer and the LR scheduler are restored to what they were before ``train
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -272,6 +273,23 @@ class EggTrainerCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
+@contextlib.contextmanager
+def _random_states_kept():
+    """Python's, NumPy's and torch's (CPU and every CUDA device) random states as they were, after the block."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 class EggTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (see :func:`make_egg_trainer`).
 
@@ -324,14 +342,16 @@ class EggTrainerMixin:
         wrapper = LeaderCloneOptimizer(target, base, config=self.egg)
         self.optimizer = wrapper
         if getattr(self.args, "torch_compile", False) and self.egg_callback.resume_from is None:
-            example = self._egg_example_batch()
+            with _random_states_kept():  # a collator may draw (augmentation, masking)
+                example = self._egg_example_batch()
             if example is not None:  # a compiled first pass gives the norm coupling no evidence
                 wrapper.couple_norms(**example)
         return wrapper
 
     def _egg_example_batch(self) -> dict[str, Any] | None:
-        """The first two training examples, collated and on the device as a training batch would be (columns the
-        model does not take removed; no sampler, so no random state moves), or ``None`` without a dataset."""
+        """The first two training examples, collated (by a copy of the collator) and on the device as a training
+        batch would be, columns the model does not take removed, or ``None`` without a dataset. No sampler is drawn
+        and no collator's own random state moves."""
         ds = self.train_dataset
         try:
             n = min(2, len(ds))
@@ -341,7 +361,11 @@ class EggTrainerMixin:
             return None
         if getattr(self.args, "remove_unused_columns", False) and hasattr(ds, "column_names"):
             ds = self._remove_unused_columns(ds, description="egg_optim coupling probe")
-        return self._prepare_inputs(self.data_collator([ds[i] for i in range(n)]))
+        try:  # a copy: a collator may keep its own random generator (augmentation), which must not move
+            collate = copy.deepcopy(self.data_collator)
+        except Exception:  # not copyable: the global random states are still kept by the caller
+            collate = self.data_collator
+        return self._prepare_inputs(collate([ds[i] for i in range(n)]))
 
     # ------------------------------------------------------------------ loss
     def _egg_loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:

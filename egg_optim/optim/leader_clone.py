@@ -240,9 +240,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         if (example_args or example_kwargs) and controller.coupling_pending:
             model = controller.model
             training = model.training
+            cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
             model.eval()
-            try:
-                with torch.no_grad():
+            try:  # the random streams are put back too: a run with the probe draws what one without does
+                with torch.random.fork_rng(devices=cuda), torch.no_grad():
                     model(*example_args, **example_kwargs)
             finally:
                 model.train(training)

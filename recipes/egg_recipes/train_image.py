@@ -268,9 +268,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --grow-noise: must be >= 0, got {args.grow_noise}")
         if args.resume_from or args.save_every:
             parser.error("--grow-net2net changes parameter shapes mid-run; it takes no --resume-from/--save-every")
-    if hasattr(args, "compile"):  # (the Trainer recipe shares these checks, without --compile)
-        grows = getattr(args, "grow_net2net", None) is not None
-        check_compile_flags(parser, args, {"--grow-net2net rebuilds the model mid-run; run the growth eagerly": grows})
+    grows = getattr(args, "grow_net2net", None) is not None  # (the Trainer recipe has no --grow-net2net)
+    check_compile_flags(parser, args, {"--grow-net2net rebuilds the model mid-run; run the growth eagerly": grows})
     if scenario == "baseline":
         fractions = changed_flags(parser, args, ("leaders", "independents"))
         if fractions:

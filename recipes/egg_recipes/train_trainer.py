@@ -26,7 +26,7 @@ from torch import nn
 
 from egg_optim import add_config_arguments
 from egg_recipes import train_image  # (shared flag types and dataset/model defaults)
-from egg_recipes.common import trainer_report_to, trainer_resume_path
+from egg_recipes.common import add_compile_arguments, trainer_report_to, trainer_resume_path
 
 TRAINER_OPTIMIZERS = ("adamw_torch", "sgd", "adagrad", "rmsprop")
 TRAINER_SCHEDULES = ("constant", "cosine", "linear")
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=t._positive_int, default=3, help="number of epochs")
     p.add_argument("--max-steps", type=t._positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=t._seed, default=0, help="seed")
+    add_compile_arguments(p)
     p.add_argument("--output-dir", default="runs/trainer", help="Trainer output dir (checkpoints, metrics.json)")
     p.add_argument("--resume-from", default=None, metavar="PATH", help="a checkpoint-N folder, or 'latest'")
     p.add_argument("--save-every", type=t._non_negative_int, default=0, help="checkpoint every N steps (0: never)")
@@ -136,6 +137,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # EggTrainer couples the norms from an eager pass of two training examples before the Trainer compiles
+        torch_compile=args.compile != "none",
+        torch_compile_backend=args.compile_backend if args.compile != "none" else None,
+        torch_compile_mode=None if args.compile in ("none", "default") else args.compile,
     )
     metric = load_metric("accuracy", keep_in_memory=True)
 
