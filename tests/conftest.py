@@ -108,6 +108,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _accelerate_environment_kept():
+    """``TrainingArguments(torch_compile=True)`` writes ``ACCELERATE_DYNAMO_*`` into the process environment, and
+    every later ``Accelerator`` would compile its model: each test gets back the environment it started with."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def reset_accelerate():
     """Accelerate keeps process-wide singletons; tests that build an Accelerator reset them afterwards."""

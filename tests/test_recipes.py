@@ -513,7 +513,7 @@ def test_trainer_route_logs_roles_and_resumes_exactly(tmp_path):
         train_trainer.train(parse([*common, "--output-dir", str(tmp_path / "d"), "--resume-from", "latest"]))
 
 
-def test_trainer_route_compiles_after_coupling_and_keeps_the_random_streams(tmp_path):
+def test_trainer_route_compiles_after_coupling_and_keeps_the_random_streams(tmp_path, reset_accelerate):
     """--compile through the Trainer (TrainingArguments(torch_compile=True)): EggTrainer collates the first two
     training examples (with augmentation, which draws random numbers) and runs them through the eager model
     before the Trainer compiles, with every random stream put back: with the eager backend weight mode ends

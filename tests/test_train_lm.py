@@ -205,7 +205,7 @@ def test_default_corpus_output_mode_writes_a_loadable_model(tmp_path):
 
 
 @pytest.mark.parametrize(("mode", "trainer"), [("weight", "accelerate"), ("output", "accelerate"), ("weight", "hf")])
-def test_compiled_lm_trains_what_the_eager_loop_trains(tmp_path, corpus, mode, trainer):
+def test_compiled_lm_trains_what_the_eager_loop_trains(tmp_path, corpus, mode, trainer, reset_accelerate):
     """--compile with the eager backend (the same ops): the probe forward (eval mode, no gradient) changes nothing
     and the transformer blocks' output mode is checked eagerly first, so a compiled run ends where the eager one
     does (weight mode bit-identical; output mode to rounding: both learn the same). ``--trainer hf`` passes
