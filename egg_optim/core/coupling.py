@@ -26,8 +26,8 @@ changes inside it. The decision is made, and applied, at one named point: the ne
 pass ran before it (the model was compiled before its first call, only submodules were called, ``DataParallel``
 replicas), the decision takes explicit couplings only (logged as a warning). Until then the unit tensors are the
 layers' own and nothing is fused, which computes the same. A forward pass under ``torch.compile`` gives no
-evidence: run one eager forward pass and ``couple_norms()`` before compiling (the coupling swaps norm classes).
-The optimizer's state dict stores the decision, and a resumed run that has not decided yet adopts it.
+evidence: call ``couple_norms(example_batch)`` (one eager pass) before compiling (the coupling swaps norm
+classes). The optimizer's state dict stores the decision, and a resumed run that has not decided yet adopts it.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ class NormCoupling:
                 logger.warning(
                     "egg_optim: no complete eager forward pass of the model ran before the norm coupling was applied "
                     "(the first optimizer step or couple_norms()), so no norm layer was coupled automatically (under "
-                    "torch.compile, run one eager forward pass and couple_norms() before compiling; or pass "
+                    "torch.compile, call opt.couple_norms(example_batch) before compiling; or pass "
                     "norms={layer: norm}); %s",
                     coupling.describe(),
                 )
