@@ -206,8 +206,9 @@ class Group:
 
 def _plan(group: Group, scenario: str) -> RolePlan:
     """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama);
-    ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path."""
-    preset = scenario.split("/")[1].removesuffix("-drawn")
+    ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path;
+    ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``)."""
+    preset = scenario.split("/")[1].removesuffix("-drawn").removesuffix("-noskip")
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
         return RolePlan.preset("aggressive", table, align=None)
@@ -337,7 +338,10 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
-            opt = LeaderCloneOptimizer(model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first)
+            skip = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
+            opt = LeaderCloneOptimizer(
+                model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first, **skip
+            )
         widths = _active_widths(opt)
     elif dense_widths is not None:
         widths = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in list(dense_widths.items())[:3]) + ", ..."
@@ -777,6 +781,9 @@ def run_checks(device: torch.device, log) -> list[dict[str, Any]]:
 _CNN_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _LLAMA_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against drawn ones (gathers): issue 19 item 2
+# weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
+# (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
+_NOSKIP = "weight/mild-noskip"
 
 
 def groups_for(args: argparse.Namespace) -> list[Group]:
@@ -784,7 +791,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
     r = args.rounds
     if args.smoke:
         return [
-            Group("tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN], rounds=r),
+            Group("tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP], rounds=r),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
             Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS, rounds=r),
             Group(
@@ -820,7 +827,9 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             _LLAMA_SCENARIOS + [_DRAWN],
             rounds=r,
         ),  # fmt: skip
-        Group("seed CIFAR CNN b128 fp32", "cnn", "seed_cifar", 128, "fp32", _CNN_SCENARIOS + [_DRAWN], rounds=r),
+        Group(
+            "seed CIFAR CNN b128 fp32", "cnn", "seed_cifar", 128, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP], rounds=r
+        ),
         Group(
             "seed CIFAR CNN b128 fp32, captured",
             "cnn",

@@ -9,7 +9,8 @@ foreach implementations (what they pick on CUDA), fused norms their torch-ops pa
 Per case and phase (forward, backward, optimizer step): median host ms over interleaved rounds, and the whole
 step relative to the bare model + bare optimizer (median of per-round ratios); and the Python calls of one step
 (:class:`egg_optim.utils.PythonCallCounter`: exact, where times are noisy). Cases: bare; weight and output mode
-without clones; weight mode mild; output mode mild and aggressive (default packed first roles)::
+without clones; weight mode mild, also without gradient skipping (``skip_clone_grads=False``); output mode mild
+and aggressive (default packed first roles)::
 
     python benchmarks/bench_host.py             # 200 rounds, both models
     python benchmarks/bench_host.py --rounds 5  # smoke
@@ -45,7 +46,9 @@ def _sibling(name: str):
 
 
 _DISPATCH = _sibling("bench_dispatch")
-CASES = _DISPATCH.CASES[:6]  # bare; both modes without clones; weight mild; output mild and aggressive
+NOSKIP = "weight/mild, no grad skip"  # skip_clone_grads=False: every weight-gradient row, no autograd function
+# bare; both modes without clones; weight mild (and without gradient skipping); output mild and aggressive
+CASES = [*_DISPATCH.CASES[:6], (NOSKIP, "weight", "mild")]
 PHASES = ("forward", "backward", "optimizer")
 TINY_LLAMA = {"hidden": 64, "layers": 4, "heads": 4, "kv": 2, "inter": 176, "seq": 8, "batch": 2, "vocab": 128}
 
@@ -57,7 +60,7 @@ class Case:
     times: list[tuple[float, ...]] = field(default_factory=list)
 
 
-def build(kind: str, mode: str | None, preset: str | None) -> Callable[[list], None]:
+def build(kind: str, name: str, mode: str | None, preset: str | None) -> Callable[[list], None]:
     """One step of ``kind`` (``"cnn"``: the seed CIFAR net's layers at tiny widths; ``"llama"``) under ``mode``."""
     bg = _DISPATCH._bench_gpu()
     torch.manual_seed(0)
@@ -84,7 +87,9 @@ def build(kind: str, mode: str | None, preset: str | None) -> Callable[[list], N
     if mode is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = LeaderCloneOptimizer(model, base, RolePlan.preset(preset, table), clone_mode=mode, seed=0)
+            skip = {"skip_clone_grads": False} if name == NOSKIP else {}
+            plan = RolePlan.preset(preset, table)
+            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, **skip)
 
     def step(out: list | None = None) -> None:
         t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
     results: dict[str, dict[str, float]] = {}
     for kind in args.models:
-        cases = [Case(f"{kind}/{name}", build(kind, mode, preset)) for name, mode, preset in CASES]
+        cases = [Case(f"{kind}/{name}", build(kind, name, mode, preset)) for name, mode, preset in CASES]
         for _ in range(3):
             for case in cases:
                 case.step(None)

@@ -118,7 +118,10 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     rows = {(r["group"], r["case"]): r for r in result["rows"]}
     assert not result["skipped"], result["skipped"]
     cnn = "tiny CNN b4 fp32"
-    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN}
+    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN, bench._NOSKIP}
+    # weight mode skips the clones' weight-gradient rows; without skipping it computes what the bare step does
+    noskip, skip = rows[cnn, bench._NOSKIP]["flop_ratio"], rows[cnn, "weight/mild"]["flop_ratio"]
+    assert noskip == pytest.approx(1.0) and skip < noskip
     assert rows[cnn, bench._DRAWN]["param_index_ops"] > 0  # the gather path, against packed roles' none
     assert rows[cnn, "bare"]["vs_bare"] == 1.0 and rows[cnn, "bare"]["param_index_ops"] == 0
     for case in ("output/mild", "output/aggressive", "dense@mild", "dense@aggressive"):
