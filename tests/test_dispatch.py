@@ -57,6 +57,34 @@ def _phase(count: dict[str, int] | None, name: str):
     count[name] = calls.count
 
 
+def _measured(model, opt, loss, mode, *, calls: bool, steps: bool, after_first=None):
+    """Two warm-up steps (``after_first`` between them), then what the case asks for: the steady-state step itself
+    (``steps``), the Python calls of its phases (``calls``), or a :class:`DispatchCounter` of it."""
+
+    def step(count=None):
+        with _phase(count, "forward"):
+            value = loss()
+        with _phase(count, "backward"):
+            value.backward()
+        with _phase(count, "step"):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # decides norm coupling and fuses the norms
+    if after_first is not None:
+        after_first()
+    step()
+    if steps:
+        return model, opt, step
+    if calls:  # Python calls per phase (foreach optimizers, as on CUDA)
+        count: dict[str, int] = {}
+        step(count)
+        return count, opt
+    with DispatchCounter(model, opt) as counted:
+        step()
+    return counted, (len(opt.layers) if mode else 0)
+
+
 def _cnn_case(
     mode: str | None,
     plan: RolePlan | None,
@@ -72,30 +100,15 @@ def _cnn_case(
     opt = base if mode is None else LeaderCloneOptimizer(model, base, plan, clone_mode=mode, first_roles=first_roles)
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
 
-    def step(count=None):
-        with _phase(count, "forward"):
-            loss = nn.functional.cross_entropy(model(x), y)
-        with _phase(count, "backward"):
-            loss.backward()
-        with _phase(count, "step"):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # decides norm coupling and fuses the norms
-    if not native:  # the torch-ops path of fused norms: what CUDA runs
+    def torch_norms():  # the torch-ops path of fused norms: what CUDA runs
         for m in model.modules():
             if hasattr(m, "_egg_kernel"):
                 m._egg_kernel = False
-    step()
-    if steps:  # the steady-state step itself
-        return model, opt, step
-    if calls:  # Python calls per phase (foreach optimizers, as on CUDA)
-        count: dict[str, int] = {}
-        step(count)
-        return count, opt
-    with DispatchCounter(model, opt) as count:
-        step()
-    return count, (len(opt.layers) if mode else 0)
+
+    def loss():
+        return nn.functional.cross_entropy(model(x), y)
+
+    return _measured(model, opt, loss, mode, calls=calls, steps=steps, after_first=None if native else torch_norms)
 
 
 def _llama_case(
@@ -115,27 +128,7 @@ def _llama_case(
             base if mode is None else LeaderCloneOptimizer(model, base, plan, clone_mode=mode, first_roles=first_roles)
         )
     ids = torch.randint(0, 96, (2, 12))  # 24 tokens: no activation has a weight's shape
-
-    def step(count=None):
-        with _phase(count, "forward"):
-            loss = model(input_ids=ids, labels=ids).loss
-        with _phase(count, "backward"):
-            loss.backward()
-        with _phase(count, "step"):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    step()
-    if steps:  # the steady-state step itself
-        return model, opt, step
-    if calls:  # Python calls per phase (foreach optimizers, as on CUDA)
-        count: dict[str, int] = {}
-        step(count)
-        return count, opt
-    with DispatchCounter(model, opt) as count:
-        step()
-    return count, (len(opt.layers) if mode else 0)
+    return _measured(model, opt, lambda: model(input_ids=ids, labels=ids).loss, mode, calls=calls, steps=steps)
 
 
 CASES = {"cnn": _cnn_case, "llama": _llama_case}

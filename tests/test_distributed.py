@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 def _worker(
-    rank: int, world: int, port: int, out_dir: str, use_ddp: bool, election: str, assign: str, mode: str
+    rank: int, world: int, port: int, out_dir: str, use_ddp: bool, election: str, assign: str, mode: str, probe: bool
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -41,8 +41,10 @@ def _worker(
             seed=7,
             clone_mode=mode,
         )
-        net = torch.nn.parallel.DistributedDataParallel(model) if use_ddp else model
         gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+        if probe:  # coupled from one eager pass of this rank's own example, as before torch.compile
+            opt.couple_norms(torch.randn(2, 1, 6, 6, generator=gen))
+        net = torch.nn.parallel.DistributedDataParallel(model) if use_ddp else model
         for _ in range(9):
             net(torch.randn(4, 1, 6, 6, generator=gen)).logsumexp(1).mean().backward()
             opt.step()
@@ -52,6 +54,7 @@ def _worker(
                 "roles": {n: r.state() for n, r in opt.roles.items()},
                 "params": {k: v.detach() for k, v in model.named_parameters()},
                 "elections": opt.elections,
+                "coupled": opt.coupled_norms,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -62,20 +65,23 @@ def _worker(
 
 
 @pytest.mark.parametrize(
-    "use_ddp, election, assign, mode",
+    "use_ddp, election, assign, mode, probe",
     [
-        (False, "grad_norm", "random", "weight"),
-        (False, "taylor", "round_robin", "weight"),
-        (True, "grad_norm", "nearest", "weight"),
-        (True, "random", "random", "output"),
+        (False, "grad_norm", "random", "weight", False),
+        (False, "taylor", "round_robin", "weight", False),
+        (True, "grad_norm", "nearest", "weight", False),
+        (True, "random", "random", "output", False),
+        (True, "random", "random", "output", True),  # couple_norms(example): each rank probes its own batch
     ],
 )
-def test_two_ranks_elect_identically(tmp_path, use_ddp, election, assign, mode):
+def test_two_ranks_elect_identically(tmp_path, use_ddp, election, assign, mode, probe):
     tests_dir = os.path.dirname(__file__)
     os.environ["PYTHONPATH"] = tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), use_ddp, election, assign, mode), nprocs=2, join=True)
+    args = (2, free_port(), str(tmp_path), use_ddp, election, assign, mode, probe)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     assert r0["elections"] == r1["elections"] == 3
+    assert r0["coupled"] == r1["coupled"] and len(r0["coupled"]) == 9  # every conv with its BatchNorm
     for name in r0["roles"]:
         for key in ("codes", "source_map"):
             assert torch.equal(r0["roles"][name][key], r1["roles"][name][key]), (name, key)

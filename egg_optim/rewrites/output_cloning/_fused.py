@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ...core.axes import pick
+from ...core.axes import select
 from . import _kernel
 
 # Per-channel affine ``y = x * w + b`` as an eval-mode batch norm with mean 0 and ``var + eps == 1`` exactly (its
@@ -349,7 +349,7 @@ def _active_stats(norm) -> tuple[Tensor, Tensor]:
     span = norm._egg_span
     if span is not None:
         return norm.running_mean.narrow(0, *span), norm.running_var.narrow(0, *span)
-    return tuple(pick(t, 0, norm._egg_active, None) for t in (norm.running_mean, norm.running_var))
+    return tuple(select(t, 0, norm._egg_active) for t in (norm.running_mean, norm.running_var))
 
 
 def _write_stats(norm, mean: Tensor, var: Tensor) -> None:
