@@ -270,9 +270,10 @@ def capture_step(
     torch's whole-network recipe: three eager steps on a side stream (``load(i)`` first puts warm-up batch ``i``
     into the static inputs; optimizer state, norm coupling and cuDNN's choices settle), gradients set to None,
     then one captured step (recorded, not run), whose gradients live in the graph's memory pool and are
-    overwritten by every replay. A host read inside the step (weight mode's clone-event check) makes the capture
-    fail: refused, not wrong. The optimizer's Python-side counters see the captured step only (output mode's
-    defaults schedule nothing by steps)."""
+    overwritten by every replay. A host read inside the step would make the capture fail (refused, not wrong);
+    weight mode's clone event checks finiteness on the device, so its step captures too. The optimizer's
+    Python-side counters see the captured step only: whatever the schedules do at that step (weight mode: a clone
+    event) is replayed at every step, and nothing else they schedule by steps happens."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -707,17 +708,23 @@ def check_alignment(device: torch.device) -> tuple[bool, str]:
 
 
 def check_graph_capture(device: torch.device) -> tuple[bool | None, str]:
-    """Output mode's whole step replayed from a CUDA graph trains as eager steps do: twin seed-style CNNs on the
-    same 8 batches, one stepped eagerly, one by :func:`capture_step` (3 warm-up steps, then replays)."""
+    """Output mode's and weight mode's whole steps replayed from a CUDA graph train as eager steps do: twin
+    seed-style CNNs on the same 8 batches, one stepped eagerly, one by :func:`capture_step` (3 warm-up steps,
+    then replays)."""
     if device.type != "cuda":
         return None, "CUDA graphs need a CUDA device"
+    results = [_captured_twins(device, mode) for mode in ("output", "weight")]
+    return all(ok for ok, _ in results), "; ".join(text for _, text in results)
+
+
+def _captured_twins(device: torch.device, mode: str) -> tuple[bool, str]:
     batches = _batches(device, (3, 16, 16), 10, n=8)
     twins = []
     for captured in (False, True):
         torch.manual_seed(0)
         cnn = tiny_cnn().to(device).train()
         base = torch.optim.Adam(cnn.parameters(), lr=1e-3, capturable=True, foreach=True)
-        opt = LeaderCloneOptimizer(cnn, base, RolePlan.preset("mild", "cifar"), clone_mode="output")
+        opt = LeaderCloneOptimizer(cnn, base, RolePlan.preset("mild", "cifar"), clone_mode=mode)
         if captured:
             x, y = (t.clone() for t in batches[0])
 
@@ -735,9 +742,16 @@ def check_graph_capture(device: torch.device) -> tuple[bool | None, str]:
     a, b = twins
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     exact = all(torch.equal(a[k], b[k]) for k in a)
+    followed = True  # weight mode: the replayed clone event kept every clone equal to its source
+    if mode == "weight":
+        for name, layer in opt.layers.items():
+            roles = opt.roles[name]
+            w = layer.weight.detach()
+            followed &= torch.equal(w[roles.clones.to(device)], w[roles.sources.to(device)])
     return (
-        exact or diff < 1e-5,
-        f"8 steps (5 replayed): parameters {'bit-exact' if exact else f'max |diff| {diff:.1e}'}",
+        (exact or diff < 1e-5) and followed,
+        f"{mode} mode, 8 steps (5 replayed): parameters {'bit-exact' if exact else f'max |diff| {diff:.1e}'}"
+        + ("" if mode == "output" else f", clones {'equal' if followed else 'DIFFER from'} their sources"),
     )
 
 
@@ -747,7 +761,7 @@ CHECKS = {
     "output mode: zero clone grads, export == live": check_output_mode,
     "mixed precision trains": check_mixed_precision,
     "default plan aligned on this device": check_alignment,
-    "output mode: a CUDA-graph replayed step == an eager one": check_graph_capture,
+    "a CUDA-graph replayed step == an eager one": check_graph_capture,
 }
 
 
@@ -836,9 +850,9 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             128,
             "fp32",
-            ["bare", "output/mild", "output/aggressive", "dense@mild"],
+            ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild"],
             rounds=r,
-            cost_s=40,
+            cost_s=45,
             captured=True,
         ),  # fmt: skip
         Group("seed CIFAR CNN b1024 bf16 channels-last", "cnn", "seed_cifar", 1024, "bf16cl", _CNN_SCENARIOS, rounds=r),

@@ -166,3 +166,88 @@ def test_a_clone_event_on_packed_roles_checks_the_rows_it_copies(bad_unit):
         assert written == 1 and len(said) == 1 and "1 of 2 clone(s)" in said[0]
         assert torch.equal(w[3], before[3]) and torch.equal(w[4], w[0])
     assert torch.equal(w[:3].nan_to_num(), before[:3].nan_to_num())  # sources untouched
+
+
+def _roles(n, leaders, packed, gen):
+    """Roles of ``n`` units with ``leaders`` leaders and the rest clones: packed (leaders first, clones
+    cycling over them) or drawn at random."""
+    from egg_optim.core.roles import Roles
+
+    order = torch.arange(n) if packed else torch.randperm(n, generator=gen)
+    lead, clones = order[:leaders].sort().values, order[leaders:].sort().values
+    sources = (
+        lead[torch.arange(clones.numel()) % leaders]
+        if packed
+        else lead[torch.randint(leaders, (clones.numel(),), generator=gen)]
+    )
+    return Roles(n, lead, torch.tensor([], dtype=torch.long), clones, sources)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    packed=st.booleans(),
+    blend=st.sampled_from([1.0, 0.5]),
+    bad=st.sampled_from([None, "leader", "unused"]),
+    seed=st.integers(0, 1000),
+)
+def test_the_device_checked_clone_event_matches_the_host_one_and_reads_nothing(packed, blend, bad, seed):
+    """Issue 19 (no host read at a step): ``clone_layers_on_device`` writes what ``clone_layers`` writes,
+    bit for bit, when every source is finite; a NaN in a source a clone copies keeps that layer's clones whole
+    (the other layer is cloned as usual); a NaN in a row no clone reads (packed: a leader past the cycle, or an
+    independent) changes nothing. It never reads a value on the host."""
+    from egg_optim.core.cloning import clone_layers, clone_layers_on_device
+    from egg_optim.core.units import ManagedLayer
+    from egg_optim.utils import DispatchCounter
+
+    gen = torch.Generator().manual_seed(seed)
+    lins = [torch.nn.Linear(3, 7), torch.nn.Linear(3, 9)]
+    layers = [
+        ManagedLayer(f"l{i}", m, params=[(f"l{i}.weight", m.weight), (f"l{i}.bias", m.bias)])
+        for i, m in enumerate(lins)
+    ]
+    roles = [_roles(7, 3, packed, gen), _roles(9, 2, packed, gen)]
+    if bad is not None:
+        r = roles[0]
+        used = r.sources.unique()
+        target = int(used[0]) if bad == "leader" else None
+        if bad == "unused":
+            spare = r.leaders[~torch.isin(r.leaders, used)]
+            target = int(spare[0]) if spare.numel() else None
+        if target is not None:
+            with torch.no_grad():
+                lins[0].weight[target, 1] = float("nan")
+    else:
+        target = None
+    twins = [[p.detach().clone() for p in m.parameters()] for m in lins]
+    items = list(zip(layers, roles))
+    for r in roles:  # found once per role change (reads of the host-side role indices), not per event
+        _ = r.clone_span, r.source_cycle
+    with DispatchCounter(params=[p for m in lins for p in m.parameters()]) as count:
+        which, kept = clone_layers_on_device(items, blend=blend)
+    assert count.ops["_local_scalar_dense"] == 0
+    assert which == [0, 1]
+    layer0_kept = bad == "leader"
+    assert kept.tolist() == [layer0_kept, False]
+    # the host-checked event on twins of the starting tensors, for comparison
+    twin_lins = [torch.nn.Linear(3, 7), torch.nn.Linear(3, 9)]
+    with torch.no_grad():
+        for m, saved in zip(twin_lins, twins):
+            for p, v in zip(m.parameters(), saved):
+                p.copy_(v)
+    twin_layers = [
+        ManagedLayer(f"l{i}", m, params=[(f"l{i}.weight", m.weight), (f"l{i}.bias", m.bias)])
+        for i, m in enumerate(twin_lins)
+    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clone_layers(list(zip(twin_layers, roles)), blend=blend)
+    for i, (m, t) in enumerate(zip(lins, twin_lins)):
+        for p, q, saved in zip(m.parameters(), t.parameters(), twins[i]):
+            if i == 0 and layer0_kept:
+                assert torch.equal(p.detach().nan_to_num(), saved.nan_to_num())  # nothing written in that layer
+            else:
+                assert torch.equal(p.detach().nan_to_num(), q.detach().nan_to_num())
+    if target is not None and not layer0_kept:  # not vacuous: a NaN no clone reads, and the clones were written
+        assert torch.equal(lins[0].weight[roles[0].clones], lins[0].weight[roles[0].sources]) or blend != 1.0

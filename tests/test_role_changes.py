@@ -121,7 +121,12 @@ def test_frozen_layer_whose_counts_the_plan_changes_is_refused_unchanged():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_leader_rows_do_not_spread_to_clones(bad):
     """A non-finite gradient in one leader row: the step makes that leader non-finite (as a bare optimizer
-    would); the clone event leaves its clones as they were (a warning says so) and copies every other leader."""
+    would). The step's clone event checks on the device, per layer, reading nothing on the host: that layer keeps
+    all its clones' rows, the other layer is cloned as usual, and the next host read (``stats()``) warns and
+    takes the kept clones off ``cloned_units``. An explicit ``clone_now()`` checks per clone unit: it copies the
+    finite leaders and keeps the diverged one's clones, with a warning at once."""
+    import warnings
+
     torch.manual_seed(0)
     model = mlp((6, 20, 20, 3))
     opt = LeaderCloneOptimizer(
@@ -135,14 +140,25 @@ def test_non_finite_leader_rows_do_not_spread_to_clones(bad):
     x = torch.randn(8, 6)
     model(x).sum().backward()
     model[0].weight.grad[leader, 0] = bad
-    kept = model[0].weight.detach()[its_clones].clone()
-    with pytest.warns(RuntimeWarning, match=rf"layer '0': {its_clones.numel()} of {roles.num_clones} clone\(s\)"):
+    before = model[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is said at the step: it would need a host read
         opt.step()
     w = model[0].weight.detach()
     assert not bool(torch.isfinite(w[leader]).all())
-    assert torch.equal(w[its_clones], kept) and bool(torch.isfinite(w[its_clones]).all())
-    assert torch.equal(w[others], w[roles.sources[roles.sources != leader]])
+    assert torch.equal(w[roles.clones], before[roles.clones])  # the whole layer's clones kept
     assert bool(torch.isfinite(model[2].weight).all())  # the other layer is cloned as usual
+    clones2 = opt.roles["2"]
+    assert torch.equal(model[2].weight[clones2.clones], model[2].weight[clones2.sources])
+    with pytest.warns(RuntimeWarning, match=rf"'0' \(1 event\(s\), {roles.num_clones} clone unit\(s\)\)"):
+        by_layer = {n: s["cloned_units"] for n, s in opt.stats()["layers"].items()}
+    assert by_layer == {"0": 0, "2": clones2.num_clones}
+    with pytest.warns(RuntimeWarning, match=rf"layer '0': {its_clones.numel()} of {roles.num_clones} clone\(s\)"):
+        written = opt.clone_now()
+    assert written == roles.num_clones - its_clones.numel() + clones2.num_clones
+    w = model[0].weight.detach()
+    assert torch.equal(w[its_clones], before[its_clones]) and bool(torch.isfinite(w[its_clones]).all())
+    assert torch.equal(w[others], w[roles.sources[roles.sources != leader]])
 
 
 def test_non_finite_source_is_skipped_in_a_transformer_block_unit_by_unit():

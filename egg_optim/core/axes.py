@@ -72,23 +72,33 @@ def tiled(t: torch.Tensor, axis: int, where: Cycle, n: int) -> torch.Tensor:
     return block.expand(sizes).flatten(axis, axis + 1).narrow(axis, r, n)
 
 
-def tile_(dst: torch.Tensor, axis: int, block: torch.Tensor, r: int = 0) -> torch.Tensor:
+def tile_(
+    dst: torch.Tensor, axis: int, block: torch.Tensor, r: int = 0, when: torch.Tensor | None = None
+) -> torch.Tensor:
     """Write ``block``'s ``m`` positions cycling from ``r`` into every position of ``dst`` along ``axis``
     (``dst[k] = block[(k + r) % m]``), in place: what ``dst.copy_(tiled(...))`` does, by at most three broadcast
-    copies (a short first period, whole periods, a short last one) and no temporary."""
+    copies (a short first period, whole periods, a short last one) and no temporary. With ``when`` (a 0-d bool
+    tensor on ``dst``'s device), each copy is ``torch.where(when, new, dst)``: a condition the host never reads."""
+
     n, m = dst.shape[axis], block.shape[axis]
     if m == 1:  # every position the same: one broadcast copy
-        return dst.copy_(block)
-    k = 0
-    if r:
-        k = min(m - r, n)
-        narrow(dst, axis, (0, k)).copy_(narrow(block, axis, (r, k)))
-    periods = (n - k) // m
-    if periods:
-        narrow(dst, axis, (k, periods * m)).unflatten(axis, (periods, m)).copy_(block.unsqueeze(axis))
-        k += periods * m
-    if k < n:
-        narrow(dst, axis, (k, n - k)).copy_(narrow(block, axis, (0, n - k)))
+        pieces = [(dst, block)]
+    else:
+        pieces, k = [], 0
+        if r:
+            k = min(m - r, n)
+            pieces.append((narrow(dst, axis, (0, k)), narrow(block, axis, (r, k))))
+        periods = (n - k) // m
+        if periods:
+            pieces.append((narrow(dst, axis, (k, periods * m)).unflatten(axis, (periods, m)), block.unsqueeze(axis)))
+            k += periods * m
+        if k < n:
+            pieces.append((narrow(dst, axis, (k, n - k)), narrow(block, axis, (0, n - k))))
+    for d, src in pieces:
+        if when is None:
+            d.copy_(src)
+        else:
+            torch.where(when, src, d, out=d)
     return dst
 
 

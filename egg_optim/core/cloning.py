@@ -127,19 +127,25 @@ def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
 _Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, torch.Tensor | None]
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor is free of NaN and inf: one max-abs per tensor (a single foreach op per device, a few
-    kernels on a GPU) and ONE host read for them all."""
-    if not tensors:
-        return True
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
+def _peaks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's largest absolute value (a 0-d float32 tensor, NaN where it holds one), in order, on the first
+    tensor's device: one foreach max-abs per device, and no host read."""
     first = tensors[0].device
-    peaks = [
-        p.to(first) for ts in by_device.values() for p in torch._foreach_norm(ts, float("inf"), dtype=torch.float32)
-    ]
-    return bool(torch.isfinite(torch.stack(peaks)).all())
+    if len({t.device for t in tensors}) == 1:
+        return list(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: dict[int, torch.Tensor] = {}
+    for idx in by_device.values():
+        for i, peak in zip(idx, torch._foreach_norm([tensors[i] for i in idx], float("inf"), dtype=torch.float32)):
+            out[i] = peak.to(first)
+    return [out[i] for i in range(len(tensors))]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN and inf: :func:`_peaks` and ONE host read for them all."""
+    return not tensors or bool(torch.isfinite(torch.stack(_peaks(tensors))).all())
 
 
 # (tensor, axis, roles of its positions, is a parameter) of every tensor a clone event copies on packed roles
@@ -211,6 +217,58 @@ def _keep_units(layer: ManagedLayer, writes: list[_Write], n: int) -> torch.Tens
         stacklevel=5,
     )
     return ~bad
+
+
+@torch.no_grad()
+def clone_layers_on_device(
+    items: list[tuple[ManagedLayer, Roles]],
+    *,
+    blend: float = 1.0,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], torch.Tensor] | None:
+    """One clone event whose finiteness check stays on the device: no host read, so a GPU step that holds it
+    (weight mode clones at every step) never waits for the device and can be captured in a CUDA graph.
+
+    The check is per layer: a layer whose new clone rows would hold a NaN or inf keeps every clone's rows (and
+    optimizer state) this time; :func:`clone_layers` checks per clone unit, at the cost of a host read. Returns the
+    positions in ``items`` of the layers with clones and, for each, whether it kept its clones (a bool tensor on
+    the first layer's device, for the caller to read when a host read is convenient); ``None`` when no layer has
+    clones. Optimizer state is left as it is (``state="keep"``), and parameters sharded by FSDP2 are refused
+    (:func:`clone_layers` handles both). A few launches whatever the number of layers: one
+    foreach max-abs, then the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer tensors
+    repeats its first), reduced per row."""
+    news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
+    which = [i for i, writes in enumerate(news) if writes]
+    if not which:
+        return None
+    checked, ends = [], []
+    for i in which:
+        checked += [block if rows is None else rows for *_, rows, _, block in news[i]]
+        ends.append(len(checked))
+    peaks = _peaks(checked)
+    width = max([len(news[i]) for i in which])
+    padded, start = [], 0
+    for end in ends:
+        padded += peaks[start:end] + peaks[start : start + 1] * (width - end + start)
+        start = end
+    ok = torch.isfinite(torch.stack(padded).view(len(which), width)).all(1)
+    for k, i in enumerate(which):
+        when = ok[k]
+        for t, _, dim, rs, rows, _, block in news[i]:
+            if t.device != when.device:
+                when = when.to(t.device)
+            if rows is None:
+                axes.tile_(axes.narrow(t, dim, rs.clone_span), dim, block, rs.source_cycle[2], when)
+                continue
+            if is_sharded(t):
+                raise ValueError(f"clone_layers_on_device: {tuple(t.shape)} tensor is sharded; use clone_layers")
+            if _packed(rs, dim):
+                view = axes.narrow(t, dim, rs.clone_span)
+                torch.where(when, rows, view, out=view)
+            else:
+                axes.copy_(t, dim, rs.clones, torch.where(when, rows, axes.select(t, dim, rs.clones)))
+    return which, ~ok
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from ..config import EggConfig
 from ..core import axes, compact, sharding
 from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
-from ..core.cloning import clone_layers, perturb_units, set_row_state
+from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
@@ -152,6 +152,9 @@ class RoleController:
         self._listeners: list[Callable[[Mapping[str, Roles]], None]] = []
         self._slots: dict[str, tuple[nn.Module, str, bool]] = {}  # owned tensor -> (module, attribute, is param)
         self._watch: list[tuple[dict, str, torch.Tensor]] | None = None  # what _stale compares (None: to build)
+        # step-path clone events checked on the device: per tuple of layers, how many events kept each layer's
+        # clones since settle_clone_checks last read them
+        self._kept: dict[tuple[str, ...], torch.Tensor] = {}
         masked.sharded = self._check_sharding()
         initial = self._elect_all(first_draw(self.score, config.first_roles), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
@@ -261,6 +264,7 @@ class RoleController:
     def _set_roles(self, roles: Mapping[str, Roles], clone_state: str | None = None) -> None:
         """Hand over to ``roles`` (an election, a graduation): update tenure and leadership history, then lay out
         state (``clone_state``: the policy for units that become active, default the run's)."""
+        self.settle_clone_checks()  # counted under the roles they ran with
         old = dict(self.roles)
         for name, new in roles.items():
             lb = self.book.layers[name]
@@ -329,7 +333,7 @@ class RoleController:
         if self.elect_every.after_step(self.book.steps):
             self.elect_now()
         if self.clone_every.after_step(self.book.steps):
-            self._scheduled_clone()
+            self._scheduled_clone(on_device=True)
         if self.graduation.unit == "steps":
             self._graduate_due(self.book.steps)
         self._arm_probe()
@@ -360,16 +364,18 @@ class RoleController:
     def epoch_end(self, epoch: int) -> bool:
         if not self._new_epoch(epoch, "epoch_ended"):
             return False
+        self.settle_clone_checks()
         return self.clone_every.at_epoch_end(epoch) and self._scheduled_clone()
 
     def train_end(self) -> bool:
+        self.settle_clone_checks()
         return self.clone_every.at_train_end and self._scheduled_clone()
 
-    def _scheduled_clone(self) -> bool:
+    def _scheduled_clone(self, on_device: bool = False) -> bool:
         key = (self.book.steps, self.book.elections)
         if key == self.book.last_clone_key:  # nothing trained or elected since the last clone event
             return False
-        self.clone_now()
+        self._clone(on_device)
         return True
 
     # ------------------------------------------------------------------ elections and cloning
@@ -506,28 +512,49 @@ class RoleController:
         self._set_roles(new, clone_state=cfg.graduate_state)
         return {n: self.roles[n].counts()["independents"] - before[n] for n in self.layers}
 
-    @outside_inference_mode()
     def clone_now(self) -> int:
         """Copy every clone's source leader into it now; returns the number of clone units written. Layers frozen
         since the optimizer was built, and clones whose new rows would not be finite, are left as they are (with
         a warning)."""
+        self.settle_clone_checks()
+        return self._clone(on_device=False)
+
+    @outside_inference_mode()
+    def _clone(self, on_device: bool) -> int:
+        """One clone event. ``on_device`` (the step path): the finiteness check stays on the device where it can
+        (optimizer state kept, parameters not sharded: :func:`~egg_optim.core.cloning.clone_layers_on_device`),
+        read later by :meth:`settle_clone_checks`; the count returned then assumes every clone was written."""
         self.sync_params()
         frozen = frozen_layers(self.layers)
         cfg = self.config
         gen = derived_generator(self.config.seed, "clone", self.book.clone_events) if cfg.clone_noise > 0 else None
-        # fresh values read their group's options: only "reset" needs them (this runs at every step in weight mode)
-        groups = {p: g for g in self.masked.param_groups for p in g["params"]} if cfg.clone_state == "reset" else None
         names = [name for name in self.layers if name not in frozen]
-        counts = clone_layers(
-            [(self.layers[name], self.book.layers[name].roles) for name in names],
-            blend=float(cfg.clone_blend),
-            noise=float(cfg.clone_noise),
-            state=cfg.clone_state,
-            opt_state=self.masked.state,
-            groups=groups,
-            generator=gen,
-            fresh=self.masked.info.fresh_value,
-        )
+        items = [(self.layers[name], self.book.layers[name].roles) for name in names]
+        if on_device and cfg.clone_state == "keep" and not self.masked.sharded:
+            held = clone_layers_on_device(
+                items, blend=float(cfg.clone_blend), noise=float(cfg.clone_noise), generator=gen
+            )
+            if held is not None:
+                which, kept = held
+                key = tuple([names[i] for i in which])
+                pending = self._kept.get(key)
+                self._kept[key] = kept.long() if pending is None else pending.add_(kept)
+            counts = [roles.num_clones if roles.has_clones else 0 for _, roles in items]
+        else:
+            # fresh values read their group's options: only "reset" needs them
+            groups = None
+            if cfg.clone_state == "reset":
+                groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+            counts = clone_layers(
+                items,
+                blend=float(cfg.clone_blend),
+                noise=float(cfg.clone_noise),
+                state=cfg.clone_state,
+                opt_state=self.masked.state,
+                groups=groups,
+                generator=gen,
+                fresh=self.masked.info.fresh_value,
+            )
         for name, n in zip(names, counts):
             self.book.layers[name].cloned_units += n
         written = sum(counts)
@@ -540,7 +567,41 @@ class RoleController:
         return role_stats.leadership_counts(self.book)
 
     def stats(self) -> dict[str, Any]:
+        self.settle_clone_checks()
         return role_stats.stats(self.book, self.layer_plans, self.plan.align)
+
+    def settle_clone_checks(self) -> int:
+        """Read the finiteness checks that step-path clone events left on the device (one host read for all of
+        them): clones they kept are taken off ``cloned_units``, and one warning names the layers. Called before
+        anything reads the counters or changes roles (:meth:`stats`, state dicts, role changes, epoch ends,
+        explicit clone events); returns the clone units kept since the last call."""
+        if not self._kept:
+            return 0
+        pending = self._kept
+        flat = torch.cat([t.to(next(iter(pending.values())).device) for t in pending.values()]).tolist()
+        for t in pending.values():  # zeroed in place: a step captured in a CUDA graph keeps adding to them
+            t.zero_()
+        kept: dict[str, tuple[int, int]] = {}  # layer -> (events that kept its clones, clone units kept)
+        i = 0
+        for names in pending:
+            for name, events in zip(names, flat[i : i + len(names)]):
+                if events:
+                    units = events * self.book.layers[name].roles.num_clones
+                    self.book.layers[name].cloned_units -= units
+                    e, u = kept.get(name, (0, 0))
+                    kept[name] = (e + events, u + units)
+            i += len(names)
+        if kept:
+            warnings.warn(
+                "egg_optim: clone events at training steps left the clones of layer(s) "
+                + ", ".join(f"{n!r} ({e} event(s), {u} clone unit(s))" for n, (e, u) in kept.items())
+                + " as they were, because their sources' rows held NaN or inf (a non-finite gradient or update); "
+                "clone events never copy non-finite values (at a step the check is per layer and runs on the "
+                "device; opt.clone_now() checks per clone unit)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return sum(u for _, u in kept.values())
 
     # ------------------------------------------------------------------ norm coupling
     @property
@@ -734,6 +795,7 @@ class RoleController:
 
     def state_entry(self) -> dict[str, Any]:
         """The ``egg_optim`` entry of a state dict: roles, counters, running scores, coupling, clones' rows."""
+        self.settle_clone_checks()
         entry = pack_book(
             self.book,
             plan=self.plan.signature(),
@@ -778,6 +840,7 @@ class RoleController:
         rows (after the model was loaded, as Accelerate and the Trainer do)."""
         book = loaded.book
         roles_since = book.roles_since
+        self.settle_clone_checks()  # the warning still says what happened before the load
         if book.seed is not None and book.seed != self.config.seed:
             # like the hyperparameters in param_groups, the saved run's seed is adopted: later draws continue it
             self.config = self.config.replace(seed=book.seed)
