@@ -235,9 +235,11 @@ def clone_layers_on_device(
     positions in ``items`` of the layers with clones and, for each, whether it kept its clones (a bool tensor on
     the first layer's device, for the caller to read when a host read is convenient); ``None`` when no layer has
     clones. Optimizer state is left as it is (``state="keep"``), and parameters sharded by FSDP2 are refused
-    (:func:`clone_layers` handles both). A few launches whatever the number of layers: one
-    foreach max-abs, then the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer tensors
-    repeats its first), reduced per row."""
+    (:func:`clone_layers` handles both). A few launches whatever the number of layers: one foreach max-abs, then
+    the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer tensors repeats its first),
+    reduced per row; each write is a ``where`` on that flag (packed roles), or on scattered roles a scatter whose
+    index the flag picks: the clones', or the sources' own (a plain copy's rows are the sources' rows, written
+    back unchanged)."""
     news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
     which = [i for i, writes in enumerate(news) if writes]
     if not which:
@@ -253,6 +255,7 @@ def clone_layers_on_device(
         padded += peaks[start:end] + peaks[start : start + 1] * (width - end + start)
         start = end
     ok = torch.isfinite(torch.stack(padded).view(len(which), width)).all(1)
+    plain = blend == 1.0 and noise == 0
     for k, i in enumerate(which):
         when = ok[k]
         for t, _, dim, rs, rows, _, block in news[i]:
@@ -266,6 +269,8 @@ def clone_layers_on_device(
             if _packed(rs, dim):
                 view = axes.narrow(t, dim, rs.clone_span)
                 torch.where(when, rows, view, out=view)
+            elif plain:  # rows are the sources' own: a layer that keeps its clones writes them back in place
+                axes.copy_(t, dim, torch.where(when, rs.clones.to(t.device), rs.sources.to(t.device)), rows)
             else:
                 axes.copy_(t, dim, rs.clones, torch.where(when, rows, axes.select(t, dim, rs.clones)))
     return which, ~ok
