@@ -20,7 +20,9 @@ on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform p
 
 Fused BatchNorms run their torch-ops path (what CUDA runs), except the ``native norms`` row (egg_optim's CPU
 kernels). The ``bf16 autocast`` rows run the forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (fp32
-weights, as the issue's Llama h1024 case) and are compared with the bare step under autocast. Run::
+weights, as the issue's Llama h1024 case) and are compared with the bare step under autocast; the CNN's
+``channels_last`` rows run model and input in ``torch.channels_last`` (the issue's bf16 channels-last cases), where a
+layout conversion shows as extra aten ops. Run::
 
     python benchmarks/bench_dispatch.py            # both models, 10 timed steps per case
     python benchmarks/bench_dispatch.py --quick    # 4 timed steps
@@ -72,14 +74,21 @@ CASES = [
     ("bare, bf16 autocast", None, None),
     ("output/mild, bf16 autocast", "output", "mild"),
     ("output/aggressive, bf16 autocast", "output", "aggressive"),
+    ("bare, channels_last", None, None),
+    ("weight/mild, channels_last", "weight", "mild"),
+    ("output/mild, channels_last", "output", "mild"),
 ]
 AUTOCAST = "bf16 autocast"  # cases named so run forward under torch.autocast("cpu", torch.bfloat16)
+CHANNELS_LAST = "channels_last"  # CNN cases named so run model and input in torch.channels_last
 
 
 def _bare_of(name: str) -> str:
-    """The bare case a case is compared with: the same model, and autocast if the case has it."""
+    """The bare case a case is compared with: the same model, with autocast / channels_last if the case has it."""
     kind = name.split("/")[0]
-    return f"{kind}/bare, {AUTOCAST}" if AUTOCAST in name else f"{kind}/bare"
+    for variant in (AUTOCAST, CHANNELS_LAST):
+        if variant in name:
+            return f"{kind}/bare, {variant}"
+    return f"{kind}/bare"
 
 
 @dataclass
@@ -111,6 +120,8 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
     if kind == "cnn":
         model = bg.seed_cifar()
         x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+        if CHANNELS_LAST in name:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         base = torch.optim.Adam(model.parameters(), lr=1e-4)
 
         def fwd_bwd() -> None:
@@ -202,7 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     steps = args.steps or (4 if args.quick else 10)
     results: dict[str, dict[str, float]] = {}
     for kind in args.models:
-        cases = [_build(kind, name, mode, preset, args.cnn_batch) for name, mode, preset in CASES]
+        cases = [
+            _build(kind, name, mode, preset, args.cnn_batch)
+            for name, mode, preset in CASES
+            if kind == "cnn" or CHANNELS_LAST not in name
+        ]
         for case in cases:
             case.step()
         for case in cases:

@@ -534,7 +534,7 @@ def _train(model, opt, batches, autocast=None, scaler=None) -> list[float]:
             loss.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -670,7 +670,10 @@ def check_mixed_precision(device: torch.device) -> tuple[bool, str]:
         losses = _train(cnn.train(), opt, batches, autocast=torch.autocast(device.type, dtype=torch.bfloat16))
         if not all(math.isfinite(v) for v in losses):
             return False, f"bf16 autocast {mode}: losses {losses}"
-        done.append(f"bf16 autocast {mode}")
+        switched = _layout_switches(cnn, batches[0][0])
+        if switched:
+            return False, f"bf16 channels_last {mode}: contiguous outputs from {switched}"
+        done.append(f"bf16 autocast {mode} (channels_last kept)")
         if device.type == "cuda":
             torch.manual_seed(0)
             cnn = tiny_cnn().to(device)
@@ -684,6 +687,26 @@ def check_mixed_precision(device: torch.device) -> tuple[bool, str]:
                 return False, f"fp16 GradScaler {mode}: losses {losses}"
             done.append(f"fp16 GradScaler {mode}")
     return True, "train with finite losses: " + ", ".join(done)
+
+
+def _layout_switches(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The modules whose 4-D output is not channels_last when the input is (output mode's expansions kept it)."""
+    bad: list[str] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o, n=n: bad.append(n)
+            if torch.is_tensor(o) and o.dim() == 4 and o.shape[1] > 1
+            and not o.is_contiguous(memory_format=torch.channels_last) else None
+        )
+        for n, m in model.named_modules() if n
+    ]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bad
 
 
 def check_alignment(device: torch.device) -> tuple[bool, str]:

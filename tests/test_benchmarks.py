@@ -164,6 +164,11 @@ def test_bench_dispatch_counts_and_memory(capsys):
     assert none["launches"] <= bare["launches"] + 2
     mild = result["cnn/output/mild"]
     assert mild["param_index_ops"] == 0 and mild["state_mb"] < bare["state_mb"]
+    # channels_last costs output mode no more than the default layout does: no layout conversions around the
+    # expansions, no stand-in copies of the weights' active rows (their buffers were resident state)
+    cl, cl_bare = result["cnn/output/mild, channels_last"], result["cnn/bare, channels_last"]
+    assert cl["launches"] - cl_bare["launches"] <= mild["launches"] - bare["launches"]
+    assert cl["state_mb"] == mild["state_mb"]
     assert "| cnn/output/aggressive |" in capsys.readouterr().out
 
 

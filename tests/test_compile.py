@@ -48,7 +48,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if not a.is_floating_point():
         assert torch.equal(a, b), what
         return
-    atol = 1e-5 + 1e-4 * float(b.abs().max()) if b.numel() else 0.0
+    atol = 1e-5 + 1e-4 * float(b.detach().abs().max()) if b.numel() else 0.0
     torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
 
 

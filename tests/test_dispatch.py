@@ -339,3 +339,38 @@ def test_output_mode_saves_less_for_backward_than_the_bare_step(native):
 
     bare, output = saved(None), saved("output")
     assert output < 0.9 * bare, (output, bare)
+
+
+def _host_role_indices(opt) -> set[int]:
+    """ids of the host-side index tensors of every layer's roles (and of their per-tensor expansions)."""
+    ids = set()
+    for name, layer in opt.layers.items():
+        roles = opt.roles[name]
+        for tname, _ in [*layer.params, *layer.buffers]:
+            for r in (roles, layer.roles_of(tname, roles)):
+                ids |= {id(v) for v in vars(r).values() if torch.is_tensor(v)}
+    return ids
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_a_step_uploads_no_role_index_even_on_scattered_roles(kind, mode, monkeypatch):
+    """Roles keep their indices on the host; on a GPU one moved to the device at a step is a host-to-device copy
+    that synchronises the device, every step (weight mode's clone event did, per tensor, on scattered roles).
+    A CPU cannot see such a copy, so this spies ``Tensor.to`` on the roles' host tensors themselves: a step
+    uses device copies made when roles changed."""
+    model, opt, step = CASES[kind](mode, RolePlan.preset("mild"), first_roles="drawn", steps=True)
+    step()
+    host = _host_role_indices(opt)
+    seen, to = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if id(self) in host:
+            seen.append(tuple(self.shape))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    step()
+    monkeypatch.undo()
+    assert not seen, f"{len(seen)} role indices moved at a step"
+    assert any(not r.clone_span for r in opt.roles.values())  # not vacuous: scattered roles

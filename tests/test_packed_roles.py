@@ -200,8 +200,9 @@ def _conv_net(widths, channels_last=False) -> nn.Module:
 @pytest.mark.parametrize("mode", ["output", "weight"])
 def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, monkeypatch):
     """A channels-last conv weight's active rows are a channels-last view (what cuDNN wants), not the contiguous
-    copy a gather makes; the optimizer steps them on a contiguous copy (a narrowed channels-last block is not
-    contiguous). The conv then picks its channels-last kernel, so gradients match the gather path to rounding."""
+    copy a gather makes, and the optimizer steps that view in place (a dense block, laid out like its gradient:
+    no copy in and out, as the bare optimizer steps the channels-last weight). The conv then picks its
+    channels-last kernel, so gradients match the gather path to rounding."""
 
     def grads():
         model = _conv_net((8, 16), channels_last=True)
@@ -212,14 +213,17 @@ def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, mon
         with DispatchCounter(model, opt) as count:
             nn.functional.cross_entropy(model(x), y).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-        opt.step()
+        with DispatchCounter(model, opt) as in_step:
+            opt.step()
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-        return count, grads
+        return count, grads, in_step
 
-    count, fast = grads()
+    count, fast, in_step = grads()
     assert count.param_index_total == 0, dict(count.param_index_ops)
+    assert in_step.ops["copy_"] == 0, dict(in_step.ops)  # the stand-ins are the views themselves
     _patch_scattered(monkeypatch)
-    count_slow, slow = grads()
+    count_slow, slow, _ = grads()
+
     assert count_slow.param_index_total > 0
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -50,10 +50,13 @@ def _packed(roles: Roles, dim: Axis) -> bool:
 
 def _blended(t: torch.Tensor, roles: Roles, blend: float, dim: Axis) -> torch.Tensor:
     packed = _packed(roles, dim)
-    src = axes.tiled(t, dim, roles.source_cycle, roles.num_clones) if packed else axes.select(t, dim, roles.sources)
+    if packed:
+        src = axes.tiled(t, dim, roles.source_cycle, roles.num_clones)
+    else:
+        src = axes.select(t, dim, roles.on(t.device, "sources"))
     if blend == 1.0:
         return src
-    own = axes.narrow(t, dim, roles.clone_span) if packed else axes.select(t, dim, roles.clones)
+    own = axes.narrow(t, dim, roles.clone_span) if packed else axes.select(t, dim, roles.on(t.device))
     return torch.lerp(own, src, blend)
 
 
@@ -270,9 +273,10 @@ def clone_layers_on_device(
                 view = axes.narrow(t, dim, rs.clone_span)
                 torch.where(when, rows, view, out=view)
             elif plain:  # rows are the sources' own: a layer that keeps its clones writes them back in place
-                axes.copy_(t, dim, torch.where(when, rs.clones.to(t.device), rs.sources.to(t.device)), rows)
+                axes.copy_(t, dim, torch.where(when, rs.on(t.device), rs.on(t.device, "sources")), rows)
             else:
-                axes.copy_(t, dim, rs.clones, torch.where(when, rows, axes.select(t, dim, rs.clones)))
+                clones = rs.on(t.device)
+                axes.copy_(t, dim, clones, torch.where(when, rows, axes.select(t, dim, clones)))
     return which, ~ok
 
 

@@ -13,10 +13,11 @@ optimizer's ``param_groups`` hold the real parameters (GradScaler, gradient clip
 
 When a parameter's active units are one run of positions along an ``int`` axis (the default packed first roles,
 :data:`~egg_optim.core.scores.FIRST_ROLES`) the stand-in is a ``narrow`` view of the parameter and its gradient
-where both are contiguous (rows): the base optimizer updates the active rows in place and nothing is gathered or
-written back. A strided run (a block of columns) is stepped on a contiguous copy (a fused optimizer reads dense
-memory) in a buffer kept until roles change, written back with a plain copy. Either way no index op runs, and
-the base optimizer sees the same tensors every step (a compiled ``base.step`` is not retraced).
+where both are dense and laid out alike (rows, in any memory format): the base optimizer updates the active rows
+in place and nothing is gathered or written back. A strided run (a block of columns) is stepped on a contiguous
+copy (a fused optimizer reads dense memory) in a buffer kept until roles change, written back with a plain copy.
+Either way no index op runs, and the base optimizer sees the same tensors every step (a compiled ``base.step`` is
+not retraced).
 
 When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
 follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
@@ -52,6 +53,22 @@ def zero_fresh(key: str, group: dict[str, Any]) -> float:
     return 0.0
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills one gap-free range of memory in some order of its dims: a block of contiguous rows, or
+    of the rows of a ``channels_last`` weight (whose bare optimizer steps it in that layout, too)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape) step alike: equal strides wherever a dim has more than one entry."""
+    return a.stride() == b.stride() or all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 @dataclass(eq=False)
 class CompactEntry:
     """One parameter with clone units, as the step sees it."""
@@ -65,6 +82,7 @@ class CompactEntry:
     _view: torch.Tensor | None = None  # a span's stand-in, kept from step to step (see :meth:`stand_in`): a view
     _buffer: torch.Tensor | None = None  # ... or a buffer for a strided span
     _ptr: int = 0  # the parameter's data_ptr() when ``_view`` was cut
+    _contiguous: bool = True  # whether the stand-in is contiguous (a channels_last view is dense, not contiguous)
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s active slices: a view for a span, else a gathered copy."""
@@ -75,8 +93,9 @@ class CompactEntry:
 
         For a span it is the same tensor object every step until the parameter's storage changes
         (``model.to(...)``), so a compiled base optimizer step sees the same parameters and does not recompile:
-        a view of contiguous rows, or for a strided block (columns) a buffer the block is copied into (it stays
-        allocated between steps: the active block's size). Scattered units: a fresh gathered copy."""
+        a view of dense rows (contiguous or ``channels_last``), or for a strided block (columns) a buffer the block
+        is copied into (it stays allocated between steps: the active block's size). Scattered units: a fresh
+        gathered copy."""
         p = self.param
         if self.span is None:
             return self.select(p).contiguous(), True
@@ -85,12 +104,16 @@ class CompactEntry:
         if view is not None and self._ptr == p.data_ptr() and view.dtype == p.dtype and view.device == p.device:
             return view, False
         block = axes.narrow(p.detach(), self.dim, self.span)
-        if block.is_contiguous():
+        buf = self._buffer
+        if buf is not None and self._ptr == p.data_ptr() and buf.dtype == p.dtype and buf.device == p.device:
+            return buf.copy_(block), True  # a strided block (found so when the storage was first seen)
+        self._ptr = p.data_ptr()
+        if _dense(block):
             # of the detached parameter: a view of a tensor that needs no grad may be read after in-place updates
             # in any grad mode (a view made in no_grad mode of the parameter itself may not)
-            self._view, self._ptr = block, p.data_ptr()
+            self._view, self._contiguous = block, block.is_contiguous()
             return block, False
-        buf = self._buffer
+        self._view = None  # (cut from an earlier storage, if any)
         if buf is None or buf.shape != block.shape or buf.dtype != block.dtype or buf.device != block.device:
             buf = self._buffer = torch.empty_like(block, memory_format=torch.contiguous_format)
         return buf.copy_(block), True
@@ -105,7 +128,7 @@ class CompactEntry:
 def compact_entry(param: torch.Tensor, group: dict[str, Any], position: int, roles: Roles, dim: Axis) -> CompactEntry:
     """The step's entry for ``param`` under ``roles`` (of its positions along ``dim``)."""
     where = roles.active_span if isinstance(dim, int) else None
-    return CompactEntry(param, group, position, roles.active.to(param.device), dim, where)
+    return CompactEntry(param, group, position, roles.on(param.device, "active"), dim, where)
 
 
 @dataclass(frozen=True)
@@ -249,9 +272,14 @@ def stand_ins(entries: list[CompactEntry], opt_state: MutableMapping[torch.Tenso
                 if grad is not None:
                     grad = grad.narrow(e.dim, *e.span) if e.span is not None else e.select(grad)
                 stand_in, copied = e.stand_in()
-                if grad is not None and not grad.is_contiguous():
+                # a copy is contiguous; a view of dense rows steps as it is when its gradient is laid out alike
+                if (
+                    grad is not None
+                    and not (e._contiguous and grad.is_contiguous())
+                    and (copied or not _same_layout(grad, stand_in))
+                ):
                     grad = grad.contiguous()
-                    if not copied:  # a view of contiguous rows with a strided gradient: step copies of both
+                    if not copied:  # a view with a gradient laid out otherwise: step copies of both
                         stand_in, copied = e.select(p).contiguous(), True
                 stand_in.grad = grad
                 params[pos] = stand_in

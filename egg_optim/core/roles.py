@@ -91,6 +91,16 @@ class Roles:
     def has_clones(self) -> bool:
         return self.num_clones > 0
 
+    def on(self, device: torch.device, which: str = "clones") -> torch.Tensor:
+        """The index ``which`` (``"clones"``, ``"sources"``, ``"active"``...) on ``device``, kept with these roles:
+        a role index copied to a GPU at every use is a host-to-device copy, which synchronises the device, at
+        every step (weight mode clones at every step)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        t = cache.get((which, device))
+        if t is None:
+            t = cache[which, device] = getattr(self, which).to(device, copy=True)  # never the host tensor itself
+        return t
+
     @cached_property
     def codes(self) -> torch.Tensor:
         """Role code per unit: 0 leader, 1 independent, 2 clone (int8)."""

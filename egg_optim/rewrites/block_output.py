@@ -384,18 +384,18 @@ class BlockOutputCloning(base.LayerRewrite):
                 for s in g.slices:
                     if s.module == mname:
                         er = roles.expand(s.index)
-                        base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device))
-                        base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device))
+                        base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device, copy=True))
+                        base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
             pos = torch.full((er.num_units,), -1, dtype=torch.long)
             pos[er.active] = torch.arange(er.active.numel())
-            base.set_buffer(m, "_egg_active", er.active.to(device))
-            base.set_buffer(m, "_egg_fold_src", er.clones.to(device))
-            base.set_buffer(m, "_egg_sources", er.sources.to(device))
+            base.set_buffer(m, "_egg_active", er.active.to(device, copy=True))
+            base.set_buffer(m, "_egg_fold_src", er.clones.to(device, copy=True))
+            base.set_buffer(m, "_egg_sources", er.sources.to(device, copy=True))
             base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
-            base.set_buffer(m, "_egg_gather", er.gather_index.to(device))
+            base.set_buffer(m, "_egg_gather", er.gather_index.to(device, copy=True))
             m._egg_span, m._egg_clone_span = er.active_span, er.clone_span
             cyc = er.source_cycle  # in positions; the fold is in positions among the active ones
             m._egg_fold = None if cyc is None or er.active_span is None else (cyc[0] - er.active_span[0], *cyc[1:])

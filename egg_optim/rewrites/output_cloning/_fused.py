@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ...core.axes import select
 from . import _kernel
+from ._gather import expand_units, fold_units
 
 # Per-channel affine ``y = x * w + b`` as an eval-mode batch norm with mean 0 and ``var + eps == 1`` exactly (its
 # backward gives the input, weight and bias gradients in one kernel).
@@ -212,7 +213,7 @@ class _GatherAffine(torch.autograd.Function):
     def forward(ctx, xhat, x, mean, var, eps, weight, bias, gather, zero, one):
         ctx.save_for_backward(x, mean, var, weight, gather, zero, one)
         ctx.eps = eps
-        y = xhat.index_select(1, gather)
+        y = expand_units(xhat, 1, gather, like=x)
         if weight is None and bias is None:
             return y
         return _batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
@@ -227,7 +228,8 @@ class _GatherAffine(torch.autograd.Function):
             gi = gy
         else:
             if need_w:  # the expanded normalised input, taken again
-                xg = _batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps).index_select(1, gather)
+                xhat = _batch_norm(x, mean, var, None, None, mean is None, 0.0, ctx.eps)
+                xg = expand_units(xhat, 1, gather, like=x)
             else:  # an eval-mode batch norm's input gradient does not read the input
                 xg = gy
             gi, gw, gb = _BN_BACKWARD(
@@ -235,7 +237,7 @@ class _GatherAffine(torch.autograd.Function):
             )
         gxhat = None
         if need_xhat:
-            gxhat = gi.new_zeros(x.shape).index_add_(1, gather, gi)
+            gxhat = fold_units(gi, gather, x)
         return gxhat, None, None, None, None, gw, gb, None, None, None
 
 
