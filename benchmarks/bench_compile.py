@@ -62,13 +62,14 @@ def _model(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     if variant != "baseline":
         clone_mode = variant.split("-")[0]
         opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild"), clone_mode=clone_mode, seed=0)
-        if variant == "output-torchnorm":
-            for m in model.modules():
-                if hasattr(m, "_egg_kernel"):
-                    m._egg_kernel = False
         with torch.no_grad():  # one eager forward gives the norm coupling's evidence (a compiled one gives none)
             model(torch.zeros(2, 1, 28, 28))
         opt.couple_norms()  # applied before compiling: it swaps norm classes
+        if variant == "output-torchnorm":  # after the coupling, which fuses the norms (and would enable kernels)
+            fused = [m for m in model.modules() if hasattr(m, "_egg_kernel")]
+            assert fused, "no fused norm to switch to torch ops"
+            for m in fused:
+                m._egg_kernel = False
     return model.train(), opt
 
 
