@@ -201,8 +201,9 @@ def _conv_net(widths, channels_last=False) -> nn.Module:
 def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, monkeypatch):
     """A channels-last conv weight's active rows are a channels-last view (what cuDNN wants), not the contiguous
     copy a gather makes, and the optimizer steps that view in place (a dense block, laid out like its gradient:
-    no copy in and out, as the bare optimizer steps the channels-last weight). The conv then picks its
-    channels-last kernel, so gradients match the gather path to rounding."""
+    no copy in and out, as the bare optimizer steps the channels-last weight), and the weight gradients come back
+    channels-last (no layout copy when they are accumulated). The conv then picks its channels-last kernel, so
+    gradients match the gather path to rounding."""
 
     def grads():
         model = _conv_net((8, 16), channels_last=True)
@@ -221,6 +222,14 @@ def test_channels_last_weights_keep_their_layout_and_need_no_index_ops(mode, mon
     count, fast, in_step = grads()
     assert count.param_index_total == 0, dict(count.param_index_ops)
     assert in_step.ops["copy_"] == 0, dict(in_step.ops)  # the stand-ins are the views themselves
+    # no layout copy either: the weights' gradients come back channels_last (AccumulateGrad takes them as they
+    # are), so forward and backward copy what the bare step copies (the pooled features' gradient)
+    bare = _conv_net((8, 16), channels_last=True)
+    x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    nn.functional.cross_entropy(bare(x), torch.randint(0, 3, (4,))).backward()
+    with DispatchCounter(bare) as bare_count:
+        nn.functional.cross_entropy(bare(x), torch.randint(0, 3, (4,))).backward()
+    assert count.ops["copy_"] == bare_count.ops["copy_"], (dict(count.ops), dict(bare_count.ops))
     _patch_scattered(monkeypatch)
     count_slow, slow, _ = grads()
 

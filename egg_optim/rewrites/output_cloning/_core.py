@@ -58,7 +58,8 @@ class _OutputClonedLayer:
         weight, bias = self.weight, self.bias
         span = self._egg_span
         if span is not None:  # per step, on the host of a launch-bound GPU: direct views
-            weight = weight.narrow(0, *span)
+            cl = weight.stride(1) == 1 and not weight.is_contiguous()  # channels_last (a Linear's: 1, contiguous)
+            weight = _rows(weight, span) if cl else weight.narrow(0, *span)
             bias = None if bias is None else bias.narrow(0, *span)
         else:
             weight = select(weight, 0, self._egg_active)
@@ -80,6 +81,18 @@ class _OutputClonedLayer:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         _save_filled(self, destination, prefix, keep_vars, ("weight", "bias"))
+
+
+def _rows(weight: torch.Tensor, span: Span) -> torch.Tensor:
+    """``weight.narrow(0, *span)`` for a ``channels_last`` weight, taken so that its gradient comes back in that
+    layout: autograd's slice backward allocates contiguous zeros of what was narrowed, so the narrow runs on the
+    channels-innermost permutation (views both ways); narrowed directly, the gradient came back contiguous and
+    ``AccumulateGrad`` copied it into the weight's layout at every step."""
+    n = weight.dim()
+    if n < 3:
+        return weight.narrow(0, *span)
+    rows = weight.permute(0, *range(2, n), 1).narrow(0, *span)
+    return rows.permute(0, n - 1, *range(1, n - 1))
 
 
 class _OCLinear(_OutputClonedLayer, nn.Linear):
