@@ -90,3 +90,62 @@ def test_two_ranks_elect_identically(tmp_path, use_ddp, election, assign, mode, 
             assert torch.equal(r0["params"][k], r1["params"][k]), k
     else:  # ranks trained on different data without gradient sync: weights differ, yet roles agree
         assert any(not torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+
+
+def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        import warnings
+
+        from conftest import TinySeedNet
+
+        from egg_optim import LeaderCloneOptimizer
+
+        torch.manual_seed(0)
+        model = TinySeedNet()
+        opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), "mild", clone_mode="weight")
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        gen = torch.Generator().manual_seed(100 + rank)
+        for step in range(3):
+            x = torch.randn(4, 1, 6, 6, generator=gen)
+            if step == 2 and rank == 0:
+                x[0, 0, 0, 0] = float("nan")  # one rank's batch: the all-reduced gradients are NaN on both
+            net(x).logsumexp(1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = opt.stats()
+        clones = {}
+        for name, layer in opt.layers.items():
+            roles = opt.roles[name]
+            clones[name] = layer.weight.detach()[roles.clones].clone()
+        torch.save(
+            {
+                "cloned": {n: s["cloned_units"] for n, s in stats["layers"].items()},
+                "clones": clones,
+                "warned": sum("held NaN or inf" in str(c.message) for c in caught),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+        del net
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_keep_the_same_clones_when_the_gradients_are_not_finite(tmp_path):
+    """Weight mode's clone event checks finiteness on the device at every step; under DDP a NaN in one rank's batch
+    makes every rank's all-reduced gradients NaN, and every rank keeps the same clones (finite, equal across
+    ranks) and counts and reports them alike at its next ``stats()``."""
+    tests_dir = os.path.dirname(__file__)
+    os.environ["PYTHONPATH"] = tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
+    mp.spawn(_nan_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert r0["cloned"] == r1["cloned"] and r0["warned"] == r1["warned"] == 1
+    for name in r0["clones"]:
+        assert torch.equal(r0["clones"][name], r1["clones"][name]), name
+        assert bool(torch.isfinite(r0["clones"][name]).all()), name  # the NaN step copied nothing into them
+    assert all(c > 0 for c in r0["cloned"].values())  # the two finite steps cloned
