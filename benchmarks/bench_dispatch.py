@@ -22,7 +22,8 @@ Fused BatchNorms run their torch-ops path (what CUDA runs), except the ``native 
 kernels). The ``bf16 autocast`` rows run the forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (fp32
 weights, as the issue's Llama h1024 case) and are compared with the bare step under autocast; the CNN's
 ``channels_last`` rows run model and input in ``torch.channels_last`` (the issue's bf16 channels-last cases), where a
-layout conversion shows as extra aten ops. Run::
+layout conversion shows as extra aten ops, and its ``unfused norms`` rows run ``EggConfig(fuse_norms=False)`` (clones
+expanded before a plain BatchNorm on every channel: the alternative to the fused norm's torch path on CUDA). Run::
 
     python benchmarks/bench_dispatch.py            # both models, 10 timed steps per case
     python benchmarks/bench_dispatch.py --quick    # 4 timed steps
@@ -74,12 +75,16 @@ CASES = [
     ("bare, bf16 autocast", None, None),
     ("output/mild, bf16 autocast", "output", "mild"),
     ("output/aggressive, bf16 autocast", "output", "aggressive"),
+    ("output/mild, unfused norms", "output", "mild"),
+    ("output/aggressive, unfused norms", "output", "aggressive"),
     ("bare, channels_last", None, None),
     ("weight/mild, channels_last", "weight", "mild"),
     ("output/mild, channels_last", "output", "mild"),
 ]
 AUTOCAST = "bf16 autocast"  # cases named so run forward under torch.autocast("cpu", torch.bfloat16)
 CHANNELS_LAST = "channels_last"  # CNN cases named so run model and input in torch.channels_last
+UNFUSED = "unfused norms"  # CNN cases named so run with EggConfig(fuse_norms=False)
+CNN_ONLY = (CHANNELS_LAST, UNFUSED)
 
 
 def _bare_of(name: str) -> str:
@@ -149,7 +154,9 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
             warnings.simplefilter("ignore")
             first_roles = "drawn" if "drawn" in name else "packed"
             plan = RolePlan.preset(preset, table)
-            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, first_roles=first_roles)
+            opt = LeaderCloneOptimizer(
+                model, base, plan, clone_mode=mode, seed=0, first_roles=first_roles, fuse_norms=UNFUSED not in name
+            )
         layers = len(opt.layers)
     case = Case(f"{kind}/{name}", model, opt, fwd_bwd, layers)
     case.step()  # norm coupling is decided (and norms fused) in the first step
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         cases = [
             _build(kind, name, mode, preset, args.cnn_batch)
             for name, mode, preset in CASES
-            if kind == "cnn" or CHANNELS_LAST not in name
+            if kind == "cnn" or not any(v in name for v in CNN_ONLY)
         ]
         for case in cases:
             case.step()

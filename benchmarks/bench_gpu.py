@@ -207,8 +207,10 @@ class Group:
 def _plan(group: Group, scenario: str) -> RolePlan:
     """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama);
     ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path;
-    ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``)."""
-    preset = scenario.split("/")[1].removesuffix("-drawn").removesuffix("-noskip")
+    ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``);
+    ``output/mild-unfused``: coupled BatchNorms run plain on every channel after the expansion
+    (``fuse_norms=False``)."""
+    preset = scenario.split("/")[1].removesuffix("-drawn").removesuffix("-noskip").removesuffix("-unfused")
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
         return RolePlan.preset("aggressive", table, align=None)
@@ -340,6 +342,8 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
             warnings.simplefilter("ignore")
             mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
             skip = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
+            if scenario.endswith("-unfused"):
+                skip["fuse_norms"] = False
             opt = LeaderCloneOptimizer(
                 model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first, **skip
             )
@@ -821,6 +825,9 @@ _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against draw
 # weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
 # (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
 _NOSKIP = "weight/mild-noskip"
+# the fused norm's torch path (active channels, then a gather and the affine) against the plain norm on every channel
+# after the expansion: fewer passes, more activation memory (on CPU's torch ops: 0.88x vs 0.97x of bare, mild)
+_UNFUSED = "output/mild-unfused"
 
 
 def groups_for(args: argparse.Namespace) -> list[Group]:
@@ -828,7 +835,9 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
     r = args.rounds
     if args.smoke:
         return [
-            Group("tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP], rounds=r),
+            Group(
+                "tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED], rounds=r
+            ),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
             Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS, rounds=r),
             Group(
@@ -865,7 +874,13 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             rounds=r,
         ),  # fmt: skip
         Group(
-            "seed CIFAR CNN b128 fp32", "cnn", "seed_cifar", 128, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP], rounds=r
+            "seed CIFAR CNN b128 fp32",
+            "cnn",
+            "seed_cifar",
+            128,
+            "fp32",
+            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED],
+            rounds=r,
         ),
         Group(
             "seed CIFAR CNN b128 fp32, captured",
@@ -878,7 +893,15 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             cost_s=45,
             captured=True,
         ),  # fmt: skip
-        Group("seed CIFAR CNN b1024 bf16 channels-last", "cnn", "seed_cifar", 1024, "bf16cl", _CNN_SCENARIOS, rounds=r),
+        Group(
+            "seed CIFAR CNN b1024 bf16 channels-last",
+            "cnn",
+            "seed_cifar",
+            1024,
+            "bf16cl",
+            _CNN_SCENARIOS + [_UNFUSED],
+            rounds=r,
+        ),
         Group(
             "Llama h1024 bf16 autocast, compiled",
             "llama",
@@ -1020,7 +1043,8 @@ def report(meta: dict[str, Any], checks: list[dict], rows: list[dict], skipped: 
         parts = r["case"].split("/")
         if parts[0] != "output":
             continue
-        dense_name = "dense@" + "/".join(parts[1:])  # the same variant (eager, compiled, captured)
+        # the same variant (eager, compiled, captured); the fused-or-not norm is output mode's own choice
+        dense_name = "dense@" + "/".join(parts[1:]).replace("-unfused", "")
         dense = next((d for d in rows if d["group"] == r["group"] and d["case"] == dense_name), None)
         if dense is None or not (dense["vs_bare"] > 0):
             continue

@@ -159,6 +159,13 @@ class EggConfig:
         metadata=_opt("output mode: what model.eval() computes: as_trained (clones follow leaders) or own_weights",
                       choices=EVAL_MODES),
     )  # fmt: skip
+    fuse_norms: bool = field(
+        default=True,
+        metadata=_opt("output mode: run a coupled BatchNorm on the layer's active channels and expand after it (less "
+                      "activation memory; fused C kernels on CPU), or (False) expand first and run the plain norm on "
+                      "every channel (more activation memory, fewer passes where torch ops run it, e.g. on CUDA)",
+                      type=bool),
+    )  # fmt: skip
     norms: Mapping[str, str | None] | None = field(
         default=None,
         metadata={
@@ -363,7 +370,7 @@ def _validate(cfg: EggConfig) -> None:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
         raise ConfigError(f"EggConfig: {exc}") from None
-    for name in ("log_roles", "log_per_layer", "strict_blocks"):
+    for name in ("log_roles", "log_per_layer", "strict_blocks", "fuse_norms"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name), "True or False")
     if (

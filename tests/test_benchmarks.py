@@ -118,7 +118,9 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     rows = {(r["group"], r["case"]): r for r in result["rows"]}
     assert not result["skipped"], result["skipped"]
     cnn = "tiny CNN b4 fp32"
-    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN, bench._NOSKIP}
+    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN, bench._NOSKIP, bench._UNFUSED}
+    # unfused norms: the same FLOPs as the fused ones (norms are not counted)
+    assert rows[cnn, bench._UNFUSED]["flop_ratio"] == pytest.approx(rows[cnn, "output/mild"]["flop_ratio"])
     # weight mode skips the clones' weight-gradient rows; without skipping it computes what the bare step does
     noskip, skip = rows[cnn, bench._NOSKIP]["flop_ratio"], rows[cnn, "weight/mild"]["flop_ratio"]
     assert noskip == pytest.approx(1.0) and skip < noskip
@@ -185,3 +187,10 @@ def test_bench_host_times_phases_and_counts_python_calls(capsys):
         bare = result[f"{kind}/bare"]["python_calls"]
         assert bare < result[f"{kind}/output/no clones"]["python_calls"] < result[f"{kind}/output/mild"]["python_calls"]
     assert "| llama/output/aggressive |" in capsys.readouterr().out
+
+
+def test_bench_norms_runs_every_norm_path():
+    bench = load_benchmark("bench_norms")
+    result = bench.main(["--batch", "4", "--rounds", "1", "--warmup", "0", "--presets", "mild"])
+    assert set(result) == {"bare", "mild/fused, C kernels", "mild/fused, torch ops", "mild/unfused"}
+    assert result["bare"] == 1.0 and all(math.isfinite(v) and v > 0 for v in result.values())

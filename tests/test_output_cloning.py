@@ -594,3 +594,52 @@ def test_applying_twice_is_refused():
     OutputCloning(model, {"0": Roles.all_leaders(3)})
     with pytest.raises(PlanError, match="already under output cloning"):
         OutputCloning(model, {"0": Roles.all_leaders(3)})
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unfused_norms_compute_what_fused_ones_do(channels_last):
+    """``fuse_norms=False`` (output mode): each managed conv expands its clones first and its coupled BatchNorm runs
+    as the plain norm on every channel (a clone's channel equals its source's, so its statistics do too): the same
+    training as the fused torch path to float rounding, with the norms still coupled (their entries are the
+    units'), and nothing fused. A checkpoint records the choice: loading it under the other one is refused."""
+    import warnings
+
+    from egg_optim import LeaderCloneOptimizer, StateDictMismatchError
+
+    def run(fuse):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),  # a bias before a norm:
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),  # Adam amplifies ~0 grads
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        )  # fmt: skip
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = LeaderCloneOptimizer(
+                model, torch.optim.Adam(model.parameters(), lr=1e-2), "mild", clone_mode="output", fuse_norms=fuse
+            )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 3, 6, 6, generator=gen).contiguous(memory_format=fmt)
+            F.cross_entropy(model(x), torch.randint(0, 4, (8,), generator=gen)).backward()
+            for m in model.modules():
+                if hasattr(m, "_egg_kernel"):
+                    m._egg_kernel = False  # the fused norm's torch path, as on CUDA
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    fused_model, fused_opt = run(True)
+    plain_model, plain_opt = run(False)
+    assert plain_opt.coupled_norms == fused_opt.coupled_norms and len(plain_opt.coupled_norms) == 2
+    assert not any(hasattr(m, "_egg_kernel") for m in plain_model.modules())
+    assert any(hasattr(m, "_egg_kernel") for m in fused_model.modules())  # not vacuous
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    fused_model.eval(), plain_model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(plain_model(x), fused_model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(StateDictMismatchError, match="fuse_norms"):
+        fused_opt.load_state_dict(plain_opt.state_dict())

@@ -86,6 +86,7 @@ DEPENDS_ON = (
     "graduate",
     "graduate_state",
     "graduate_noise",
+    "fuse_norms",
 )
 
 

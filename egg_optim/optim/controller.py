@@ -171,7 +171,9 @@ class RoleController:
         self._roles_changed({}, initial)
         explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
         plain = {n: lay.module for n, lay in layers.items() if lay.group is None}
-        fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
+        fusable = None
+        if config.fuse_norms:
+            fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:

@@ -141,7 +141,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, output_help: str) -> argpar
 
 # ============================================================================ flags that would do nothing
 # EggConfig options that only act on one clone mode
-OUTPUT_MODE_ONLY = ("eval_mode",)
+OUTPUT_MODE_ONLY = ("eval_mode", "fuse_norms")
 WEIGHT_MODE_ONLY = ("skip_clone_grads",)
 # options that still choose how a run without clones is computed (which layer rewrite: speed, rounding)
 HOW_COMPUTED = ("clone_mode", "skip_clone_grads")
