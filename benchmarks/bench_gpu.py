@@ -208,9 +208,12 @@ def _plan(group: Group, scenario: str) -> RolePlan:
     """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama);
     ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path;
     ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``);
-    ``output/mild-unfused``: coupled BatchNorms run plain on every channel after the expansion
-    (``fuse_norms=False``)."""
-    preset = scenario.split("/")[1].removesuffix("-drawn").removesuffix("-noskip").removesuffix("-unfused")
+    ``output/mild-unfused`` / ``-fused``: coupled BatchNorms run plain on every channel after the expansion
+    (``fuse_norms=False``) / fused on the active channels (``True``); the default fuses where the C kernels run
+    (CPU), so on CUDA ``output/mild`` is the unfused path and ``-fused`` the control."""
+    preset = scenario.split("/")[1]
+    for suffix in ("-drawn", "-noskip", "-unfused", "-fused"):
+        preset = preset.removesuffix(suffix)
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
         return RolePlan.preset("aggressive", table, align=None)
@@ -342,8 +345,8 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
             warnings.simplefilter("ignore")
             mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
             skip = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
-            if scenario.endswith("-unfused"):
-                skip["fuse_norms"] = False
+            if scenario.endswith("fused"):
+                skip["fuse_norms"] = not scenario.endswith("-unfused")
             opt = LeaderCloneOptimizer(
                 model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first, **skip
             )
@@ -826,8 +829,9 @@ _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against draw
 # (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
 _NOSKIP = "weight/mild-noskip"
 # the fused norm's torch path (active channels, then a gather and the affine) against the plain norm on every channel
-# after the expansion: fewer passes, more activation memory (on CPU's torch ops: 0.88x vs 0.97x of bare, mild)
+# after the expansion: fewer passes, more activation memory (bench_norms.md: torch ops on CPU, 0.74x vs 0.96x of bare)
 _UNFUSED = "output/mild-unfused"
+_FUSED = "output/mild-fused"
 
 
 def groups_for(args: argparse.Namespace) -> list[Group]:
@@ -836,7 +840,13 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
     if args.smoke:
         return [
             Group(
-                "tiny CNN b4 fp32", "cnn", "tiny_cnn", 4, "fp32", _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED], rounds=r
+                "tiny CNN b4 fp32",
+                "cnn",
+                "tiny_cnn",
+                4,
+                "fp32",
+                _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED],
+                rounds=r,
             ),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
             Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS, rounds=r),
@@ -879,7 +889,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             128,
             "fp32",
-            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED],
+            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED],
             rounds=r,
         ),
         Group(
@@ -899,7 +909,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             1024,
             "bf16cl",
-            _CNN_SCENARIOS + [_UNFUSED],
+            _CNN_SCENARIOS + [_UNFUSED, _FUSED],
             rounds=r,
         ),
         Group(
@@ -1044,7 +1054,7 @@ def report(meta: dict[str, Any], checks: list[dict], rows: list[dict], skipped: 
         if parts[0] != "output":
             continue
         # the same variant (eager, compiled, captured); the fused-or-not norm is output mode's own choice
-        dense_name = "dense@" + "/".join(parts[1:]).replace("-unfused", "")
+        dense_name = "dense@" + "/".join(parts[1:]).replace("-unfused", "").replace("-fused", "")
         dense = next((d for d in rows if d["group"] == r["group"] and d["case"] == dense_name), None)
         if dense is None or not (dense["vs_bare"] > 0):
             continue

@@ -159,12 +159,12 @@ class EggConfig:
         metadata=_opt("output mode: what model.eval() computes: as_trained (clones follow leaders) or own_weights",
                       choices=EVAL_MODES),
     )  # fmt: skip
-    fuse_norms: bool = field(
-        default=True,
-        metadata=_opt("output mode: run a coupled BatchNorm on the layer's active channels and expand after it (less "
-                      "activation memory; fused C kernels on CPU), or (False) expand first and run the plain norm on "
-                      "every channel (more activation memory, fewer passes where torch ops run it, e.g. on CUDA)",
-                      type=bool),
+    fuse_norms: bool | None = field(
+        default=None,
+        metadata=_opt("output mode: True runs a coupled BatchNorm on the layer's active channels and expands after it "
+                      "(less activation memory), False expands first and runs the plain norm on every channel (fewer "
+                      "passes); None: fused where egg_optim's C kernels run it (managed layers on the CPU when the "
+                      "optimizer is built), else unfused", type="auto_bool"),
     )  # fmt: skip
     norms: Mapping[str, str | None] | None = field(
         default=None,
@@ -370,15 +370,12 @@ def _validate(cfg: EggConfig) -> None:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
         raise ConfigError(f"EggConfig: {exc}") from None
-    for name in ("log_roles", "log_per_layer", "strict_blocks", "fuse_norms"):
+    for name in ("log_roles", "log_per_layer", "strict_blocks"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name), "True or False")
-    if (
-        cfg.skip_clone_grads not in (None, True, False)
-        or isinstance(cfg.skip_clone_grads, int)
-        and not isinstance(cfg.skip_clone_grads, bool)
-    ):
-        raise _fail("skip_clone_grads", cfg.skip_clone_grads, "None, True or False")
+    for name in ("skip_clone_grads", "fuse_norms"):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), bool):
+            raise _fail(name, getattr(cfg, name), "None, True or False")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
         raise _fail("seed", cfg.seed, "an int in [0, 2**63)")
     if cfg.norms is not None and not (

@@ -118,7 +118,13 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     rows = {(r["group"], r["case"]): r for r in result["rows"]}
     assert not result["skipped"], result["skipped"]
     cnn = "tiny CNN b4 fp32"
-    assert {c for g, c in rows if g == cnn} == {*bench._CNN_SCENARIOS, bench._DRAWN, bench._NOSKIP, bench._UNFUSED}
+    assert {c for g, c in rows if g == cnn} == {
+        *bench._CNN_SCENARIOS,
+        bench._DRAWN,
+        bench._NOSKIP,
+        bench._UNFUSED,
+        bench._FUSED,
+    }
     # unfused norms: the same FLOPs as the fused ones (norms are not counted)
     assert rows[cnn, bench._UNFUSED]["flop_ratio"] == pytest.approx(rows[cnn, "output/mild"]["flop_ratio"])
     # weight mode skips the clones' weight-gradient rows; without skipping it computes what the bare step does

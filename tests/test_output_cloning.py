@@ -643,3 +643,34 @@ def test_unfused_norms_compute_what_fused_ones_do(channels_last):
     torch.testing.assert_close(plain_model(x), fused_model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(StateDictMismatchError, match="fuse_norms"):
         fused_opt.load_state_dict(plain_opt.state_dict())
+
+
+def test_fuse_norms_auto_fuses_where_the_c_kernels_run(monkeypatch):
+    """``fuse_norms=None`` (the default): fused where egg_optim's C kernels run the fused norm (managed layers on the
+    CPU, kernels built), unfused elsewhere: on CUDA, or without a C compiler, the fused norm would run as torch ops,
+    which take more passes than the plain norm after the expansion (``docs/results/bench_norms.md``)."""
+    from types import SimpleNamespace
+
+    import egg_optim.rewrites.output_cloning as oc
+    from egg_optim import EggConfig, LeaderCloneOptimizer
+    from egg_optim.optim.controller import RoleController
+
+    def fused_count(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)
+        )
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = LeaderCloneOptimizer(model, base, "mild", clone_mode="output", **kw)
+        opt.couple_norms(torch.randn(2, 3, 5, 5))
+        return sum(hasattr(m, "_egg_kernel") for m in model.modules()), len(opt.coupled_norms)
+
+    if oc.native_kernels_available():
+        assert fused_count() == (1, 1)
+    assert fused_count(fuse_norms=False) == (0, 1) and fused_count(fuse_norms=True) == (1, 1)
+    monkeypatch.setattr(oc, "native_kernels_available", lambda: False)
+    assert fused_count() == (0, 1)  # no kernels: the torch path would be slower than unfused
+    monkeypatch.undo()
+    on = lambda kind: SimpleNamespace(layers={"c": SimpleNamespace(params=[("c.weight", torch.empty(0, device=kind))])})  # noqa: E731
+    assert RoleController._fuse_norms(on("meta"), EggConfig()) is False  # parameters off the CPU (CUDA)
+    assert RoleController._fuse_norms(on("meta"), EggConfig(fuse_norms=True)) is True

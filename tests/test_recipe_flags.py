@@ -24,8 +24,8 @@ def _refused(main, argv, capsys) -> str:
     [
         (["--clone-mode", "weight", "--eval-mode", "own_weights"],
          "--eval-mode own_weights: no effect with --clone-mode weight (it acts in output mode only)"),
-        (["--clone-mode", "weight", "--no-fuse-norms"],
-         "--no-fuse-norms: no effect with --clone-mode weight (it acts in output mode only)"),
+        (["--clone-mode", "weight", "--fuse-norms", "off"],
+         "--fuse-norms off: no effect with --clone-mode weight (it acts in output mode only)"),
         (["--clone-mode", "output", "--skip-clone-grads", "on"],
          "--skip-clone-grads on: no effect with --clone-mode output (it acts in weight mode only)"),
         (["--scenario", "baseline", "--elect-every", "epoch", "--election", "weight_norm"],

@@ -171,10 +171,22 @@ class RoleController:
         self._roles_changed({}, initial)
         explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
         plain = {n: lay.module for n, lay in layers.items() if lay.group is None}
-        fusable = None
-        if config.fuse_norms:
-            fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
+        fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
+        if fusable is not None and not self._fuse_norms(config):
+            fusable = None
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
+
+    def _fuse_norms(self, config: EggConfig) -> bool:
+        """``config.fuse_norms``, or where it is None: whether the C kernels run fused norms here (managed layers on
+        the CPU and the kernels built). Elsewhere (CUDA) the fused norm runs as torch ops, which take more passes
+        than the plain norm on every channel after the expansion (``docs/results/bench_norms.md``)."""
+        if config.fuse_norms is not None:
+            return config.fuse_norms
+        if any(p.device.type != "cpu" for layer in self.layers.values() for _, p in layer.params):
+            return False
+        from ..rewrites.output_cloning import native_kernels_available
+
+        return native_kernels_available()
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
