@@ -164,7 +164,7 @@ class EggConfig:
         metadata=_opt("output mode: True runs a coupled BatchNorm on the layer's active channels and expands after it "
                       "(less activation memory), False expands first and runs the plain norm on every channel (fewer "
                       "passes); None: fused where egg_optim's C kernels run it (managed layers on the CPU when the "
-                      "optimizer is built), else unfused", type="auto_bool"),
+                      "norms are coupled, at the first step), else unfused", type="auto_bool"),
     )  # fmt: skip
     norms: Mapping[str, str | None] | None = field(
         default=None,

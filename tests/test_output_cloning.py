@@ -646,14 +646,13 @@ def test_unfused_norms_compute_what_fused_ones_do(channels_last):
 
 
 def test_fuse_norms_auto_fuses_where_the_c_kernels_run(monkeypatch):
-    """``fuse_norms=None`` (the default): fused where egg_optim's C kernels run the fused norm (managed layers on the
-    CPU, kernels built), unfused elsewhere: on CUDA, or without a C compiler, the fused norm would run as torch ops,
-    which take more passes than the plain norm after the expansion (``docs/results/bench_norms.md``)."""
-    from types import SimpleNamespace
-
+    """``fuse_norms=None`` (the default): fused where egg_optim's C kernels run the fused norm (the layer on the CPU
+    when norms are coupled, kernels built), unfused elsewhere: on CUDA, or without a C compiler, the fused norm
+    would run as torch ops, which take more passes than the plain norm after the expansion
+    (``docs/results/bench_norms.md``)."""
     import egg_optim.rewrites.output_cloning as oc
-    from egg_optim import EggConfig, LeaderCloneOptimizer
-    from egg_optim.optim.controller import RoleController
+    from egg_optim import LeaderCloneOptimizer
+    from egg_optim.optim.controller import _fused_where_kernels_run
 
     def fused_count(**kw):
         torch.manual_seed(0)
@@ -671,6 +670,10 @@ def test_fuse_norms_auto_fuses_where_the_c_kernels_run(monkeypatch):
     monkeypatch.setattr(oc, "native_kernels_available", lambda: False)
     assert fused_count() == (0, 1)  # no kernels: the torch path would be slower than unfused
     monkeypatch.undo()
-    on = lambda kind: SimpleNamespace(layers={"c": SimpleNamespace(params=[("c.weight", torch.empty(0, device=kind))])})  # noqa: E731
-    assert RoleController._fuse_norms(on("meta"), EggConfig()) is False  # parameters off the CPU (CUDA)
-    assert RoleController._fuse_norms(on("meta"), EggConfig(fuse_norms=True)) is True
+    # asked when the norms are coupled, of the layer where it is then (Accelerate moves the model after the
+    # optimizer is built): off the CPU (CUDA; here "meta") it stays unfused
+    conv, norm = nn.Conv2d(3, 8, 3, device="meta"), nn.BatchNorm2d(8, device="meta")
+    assert _fused_where_kernels_run(lambda layer, norm: True, conv, norm) is False
+    assert _fused_where_kernels_run(lambda layer, norm: True, conv.to_empty(device="cpu"), norm) is (
+        oc.native_kernels_available()
+    )

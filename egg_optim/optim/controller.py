@@ -19,6 +19,7 @@ dict (the ``egg_optim`` entry). Whenever roles change it tells the :class:`~egg_
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -106,6 +107,20 @@ class LoadedState:
     clone_rows: Mapping[str, torch.Tensor]
 
 
+def _fused_where_kernels_run(
+    can_fuse: Callable[[nn.Module, nn.Module], bool], layer: nn.Module, norm: nn.Module
+) -> bool:
+    """``EggConfig(fuse_norms=None)``: fuse a coupled norm where egg_optim's C kernels run the fused norm (the layer
+    on the CPU, the kernels built), asked when norms are coupled (the first step or ``couple_norms()``: after
+    Accelerate moved the model). Elsewhere (CUDA) the fused norm would run as torch ops, which take more passes than
+    the plain norm on every channel after the expansion (``docs/results/bench_norms.md``)."""
+    if layer.weight.device.type != "cpu":
+        return False
+    from ..rewrites.output_cloning import native_kernels_available
+
+    return native_kernels_available() and can_fuse(layer, norm)
+
+
 class RoleController:
     """Roles, elections, cloning and model rewrites of ``model`` for the parameters ``masked`` steps.
 
@@ -172,21 +187,9 @@ class RoleController:
         explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
         plain = {n: lay.module for n, lay in layers.items() if lay.group is None}
         fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
-        if fusable is not None and not self._fuse_norms(config):
-            fusable = None
+        if fusable is not None and config.fuse_norms is not True:
+            fusable = None if config.fuse_norms is False else functools.partial(_fused_where_kernels_run, fusable)
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
-
-    def _fuse_norms(self, config: EggConfig) -> bool:
-        """``config.fuse_norms``, or where it is None: whether the C kernels run fused norms here (managed layers on
-        the CPU and the kernels built). Elsewhere (CUDA) the fused norm runs as torch ops, which take more passes
-        than the plain norm on every channel after the expansion (``docs/results/bench_norms.md``)."""
-        if config.fuse_norms is not None:
-            return config.fuse_norms
-        if any(p.device.type != "cpu" for layer in self.layers.values() for _, p in layer.params):
-            return False
-        from ..rewrites.output_cloning import native_kernels_available
-
-        return native_kernels_available()
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
