@@ -344,11 +344,11 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
-            skip = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
+            options = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
             if scenario.endswith("fused"):
-                skip["fuse_norms"] = not scenario.endswith("-unfused")
+                options["fuse_norms"] = not scenario.endswith("-unfused")
             opt = LeaderCloneOptimizer(
-                model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first, **skip
+                model, base, _plan(group, scenario), clone_mode=mode, seed=0, first_roles=first, **options
             )
         widths = _active_widths(opt)
     elif dense_widths is not None:

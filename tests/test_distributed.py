@@ -2,6 +2,8 @@
 
 import os
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,13 +19,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(
-    rank: int, world: int, port: int, out_dir: str, use_ddp: bool, election: str, assign: str, mode: str, probe: bool
-) -> None:
+@contextmanager
+def _process_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A gloo group for one spawned rank (1 thread), torn down after a closing barrier whatever happens."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker: Callable[..., None], tmp_path, *args) -> tuple[dict, dict]:
+    """Run ``worker(rank, 2, port, out_dir, *args)`` on 2 processes; the two ranks' saved results."""
+    tests_dir = os.path.dirname(__file__)
+    os.environ["PYTHONPATH"] = tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), *args), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    return r0, r1
+
+
+def _worker(
+    rank: int, world: int, port: int, out_dir: str, use_ddp: bool, election: str, assign: str, mode: str, probe: bool
+) -> None:
+    with _process_group(rank, world, port):
         from conftest import TinySeedNet
 
         from egg_optim import LeaderCloneOptimizer, RolePlan
@@ -59,9 +80,6 @@ def _worker(
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
         del net  # release DDP's reducer (and its gloo work) before tearing the group down
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
@@ -75,11 +93,7 @@ def _worker(
     ],
 )
 def test_two_ranks_elect_identically(tmp_path, use_ddp, election, assign, mode, probe):
-    tests_dir = os.path.dirname(__file__)
-    os.environ["PYTHONPATH"] = tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
-    args = (2, free_port(), str(tmp_path), use_ddp, election, assign, mode, probe)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    r0, r1 = _spawn(_worker, tmp_path, use_ddp, election, assign, mode, probe)
     assert r0["elections"] == r1["elections"] == 3
     assert r0["coupled"] == r1["coupled"] and len(r0["coupled"]) == 9  # every conv with its BatchNorm
     for name in r0["roles"]:
@@ -93,10 +107,7 @@ def test_two_ranks_elect_identically(tmp_path, use_ddp, election, assign, mode, 
 
 
 def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, world, port):
         import warnings
 
         from conftest import TinySeedNet
@@ -131,19 +142,13 @@ def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
         del net
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_keep_the_same_clones_when_the_gradients_are_not_finite(tmp_path):
     """Weight mode's clone event checks finiteness on the device at every step; under DDP a NaN in one rank's batch
     makes every rank's all-reduced gradients NaN, and every rank keeps the same clones (finite, equal across
     ranks) and counts and reports them alike at its next ``stats()``."""
-    tests_dir = os.path.dirname(__file__)
-    os.environ["PYTHONPATH"] = tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")
-    mp.spawn(_nan_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    r0, r1 = _spawn(_nan_worker, tmp_path)
     assert r0["cloned"] == r1["cloned"] and r0["warned"] == r1["warned"] == 1
     for name in r0["clones"]:
         assert torch.equal(r0["clones"][name], r1["clones"][name]), name

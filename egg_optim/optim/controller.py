@@ -595,7 +595,8 @@ class RoleController:
         if not self._kept:
             return 0
         pending = self._kept
-        flat = torch.cat([t.to(next(iter(pending.values())).device) for t in pending.values()]).tolist()
+        device = next(iter(pending.values())).device
+        flat = torch.cat([t.to(device) for t in pending.values()]).tolist()
         for t in pending.values():  # zeroed in place: a step captured in a CUDA graph keeps adding to them
             t.zero_()
         kept: dict[str, tuple[int, int]] = {}  # layer -> (events that kept its clones, clone units kept)
