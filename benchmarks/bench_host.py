@@ -4,13 +4,15 @@ On a GPU a small model (the seed CNNs at batch 128) is dispatch-bound: the step 
 dispatcher take to issue its kernels, whatever the kernels do. This script measures that cost on the CPU by running
 the same architectures at tiny widths and batch 2, where the arithmetic is negligible, so step time is the host's
 work: Python in the rewritten modules, autograd nodes, aten dispatch, the optimizer's Python. Optimizers use their
-foreach implementations (what they pick on CUDA), fused norms their torch-ops path (what CUDA runs), 1 thread.
+foreach implementations (what they pick on CUDA), fused norms their torch-ops path (what CUDA runs with
+``fuse_norms=True``), 1 thread.
 
 Per case and phase (forward, backward, optimizer step): median host ms over interleaved rounds, and the whole
 step relative to the bare model + bare optimizer (median of per-round ratios); and the Python calls of one step
 (:class:`egg_optim.utils.PythonCallCounter`: exact, where times are noisy). Cases: bare; weight and output mode
 without clones; weight mode mild, also without gradient skipping (``skip_clone_grads=False``); output mode mild
-and aggressive (default packed first roles)::
+and aggressive (default packed first roles), with coupled norms fused (their torch-ops path) and, on the CNN,
+unfused (``fuse_norms=False``: the default where egg_optim's C kernels do not run, CUDA included)::
 
     python benchmarks/bench_host.py             # 200 rounds, both models
     python benchmarks/bench_host.py --rounds 5  # smoke
@@ -48,7 +50,8 @@ def _sibling(name: str):
 _DISPATCH = _sibling("bench_dispatch")
 NOSKIP = "weight/mild, no grad skip"  # skip_clone_grads=False: every weight-gradient row, no autograd function
 # bare; both modes without clones; weight mild (and without gradient skipping); output mild and aggressive
-CASES = [*_DISPATCH.CASES[:6], (NOSKIP, "weight", "mild")]
+UNFUSED = [c for c in _DISPATCH.CASES if c[0].endswith(_DISPATCH.UNFUSED)]  # the CUDA default for coupled norms
+CASES = [*_DISPATCH.CASES[:6], *UNFUSED, (NOSKIP, "weight", "mild")]
 PHASES = ("forward", "backward", "optimizer")
 TINY_LLAMA = {"hidden": 64, "layers": 4, "heads": 4, "kv": 2, "inter": 176, "seq": 8, "batch": 2, "vocab": 128}
 
@@ -87,9 +90,11 @@ def build(kind: str, name: str, mode: str | None, preset: str | None) -> Callabl
     if mode is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            skip = {"skip_clone_grads": False} if name == NOSKIP else {}
+            options = {"skip_clone_grads": False} if name == NOSKIP else {}
+            if mode == "output":
+                options["fuse_norms"] = _DISPATCH.UNFUSED not in name
             plan = RolePlan.preset(preset, table)
-            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, **skip)
+            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, **options)
 
     def step(out: list | None = None) -> None:
         t0 = time.perf_counter()
@@ -117,7 +122,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
     results: dict[str, dict[str, float]] = {}
     for kind in args.models:
-        cases = [Case(f"{kind}/{name}", build(kind, name, mode, preset)) for name, mode, preset in CASES]
+        cases = [
+            Case(f"{kind}/{name}", build(kind, name, mode, preset))
+            for name, mode, preset in CASES
+            if kind == "cnn" or not name.endswith(_DISPATCH.UNFUSED)  # the Llama has no norm to fuse
+        ]
         for _ in range(3):
             for case in cases:
                 case.step(None)

@@ -184,7 +184,8 @@ def test_bench_host_times_phases_and_counts_python_calls(capsys):
     pytest.importorskip("transformers")
     bench = load_benchmark("bench_host")
     result = bench.main(["--rounds", "2"])
-    assert set(result) == {f"{k}/{c[0]}" for k in ("cnn", "llama") for c in bench.CASES}
+    unfused = {f"llama/{c[0]}" for c in bench.UNFUSED}  # the Llama has no norm to fuse
+    assert set(result) == {f"{k}/{c[0]}" for k in ("cnn", "llama") for c in bench.CASES} - unfused
     for name, row in result.items():
         assert all(math.isfinite(row[p]) and row[p] > 0 for p in (*bench.PHASES, "step")), name
         assert row["step"] >= max(row[p] for p in bench.PHASES)
@@ -192,6 +193,8 @@ def test_bench_host_times_phases_and_counts_python_calls(capsys):
     for kind in ("cnn", "llama"):
         bare = result[f"{kind}/bare"]["python_calls"]
         assert bare < result[f"{kind}/output/no clones"]["python_calls"] < result[f"{kind}/output/mild"]["python_calls"]
+    # unfused coupled norms (the CUDA default) spend less Python than the fused norm's autograd function
+    assert result["cnn/output/mild, unfused norms"]["python_calls"] < result["cnn/output/mild"]["python_calls"]
     assert "| llama/output/aggressive |" in capsys.readouterr().out
 
 

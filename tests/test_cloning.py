@@ -168,6 +168,33 @@ def test_a_clone_event_on_packed_roles_checks_the_rows_it_copies(bad_unit):
     assert torch.equal(w[:3].nan_to_num(), before[:3].nan_to_num())  # sources untouched
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_kept_copy_plan_follows_a_tensor_whose_storage_changed(on_device):
+    """The copy plan keeps the views a clone event reads and writes (weight mode clones at every step); a tensor
+    given new storage in place (``p.data = ...``, as ``model.to(...)`` does) gets new views, so the event
+    writes into what the layer computes with, not into the storage it was cut from."""
+    from egg_optim.core.cloning import clone_layers, clone_layers_on_device, copy_plan
+    from egg_optim.core.roles import Roles
+    from egg_optim.core.units import ManagedLayer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 5)
+    layer = ManagedLayer("lin", lin, params=[("lin.weight", lin.weight), ("lin.bias", lin.bias)])
+    roles = Roles(5, torch.tensor([0, 1]), torch.tensor([], dtype=torch.long), torch.tensor([2, 3, 4]),
+                  torch.tensor([0, 1, 0]))  # fmt: skip
+    event = clone_layers_on_device if on_device else clone_layers
+    event([(layer, roles)])
+    first = copy_plan(layer, roles)
+    with torch.no_grad():
+        lin.weight.data = lin.weight.data.clone()  # new storage, same Parameter object
+        lin.weight[0].add_(1.0)
+        lin.weight[1].sub_(1.0)
+    event([(layer, roles)])
+    assert copy_plan(layer, roles) is not first
+    w = lin.weight.detach()
+    assert torch.equal(w[2], w[0]) and torch.equal(w[3], w[1]) and torch.equal(w[4], w[0])
+
+
 def _roles(n, leaders, packed, gen):
     """Roles of ``n`` units with ``leaders`` leaders and the rest clones: packed (leaders first, clones
     cycling over them) or drawn at random."""

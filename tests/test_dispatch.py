@@ -237,8 +237,9 @@ def test_the_python_call_counter_counts_calls_and_restores_the_profiler():
 # Exact and deterministic. Before the host path was trimmed (compact stand-ins, the replaced-parameter check,
 # clone events on packed roles, fused norms' torch path): CNN 268 (output) / 565 (weight), Llama 180 / 371.
 # Output mode's layout checks (channels_last kept through the expansion and the weight views) cost the CNN about
-# 7 calls per layer: 152 -> 160.
-PYTHON_CALLS = {("cnn", "output"): 165, ("cnn", "weight"): 235, ("llama", "output"): 125, ("llama", "weight"): 160}
+# 7 calls per layer: 152 -> 160. Weight mode's clone event keeping the views it copies through (the copy plan)
+# took 213 -> 198 (CNN) and 154 -> 139 (Llama).
+PYTHON_CALLS = {("cnn", "output"): 165, ("cnn", "weight"): 205, ("llama", "output"): 125, ("llama", "weight"): 145}
 
 
 @pytest.mark.parametrize(("kind", "mode"), list(PYTHON_CALLS))

@@ -72,34 +72,28 @@ def tiled(t: torch.Tensor, axis: int, where: Cycle, n: int) -> torch.Tensor:
     return block.expand(sizes).flatten(axis, axis + 1).narrow(axis, r, n)
 
 
-def tile_(
-    dst: torch.Tensor, axis: int, block: torch.Tensor, r: int = 0, when: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Write ``block``'s ``m`` positions cycling from ``r`` into every position of ``dst`` along ``axis``
-    (``dst[k] = block[(k + r) % m]``), in place: what ``dst.copy_(tiled(...))`` does, by at most three broadcast
-    copies (a short first period, whole periods, a short last one) and no temporary. With ``when`` (a 0-d bool
-    tensor on ``dst``'s device), each copy is ``torch.where(when, new, dst)``: a condition the host never reads."""
-
+def tile_pieces(
+    dst: torch.Tensor, axis: int, block: torch.Tensor, r: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """How to write ``block``'s ``m`` positions cycling from ``r`` into every position of ``dst`` along ``axis``
+    (``dst[k] = block[(k + r) % m]``) in place, with no temporary: ``(destination view, source)`` pairs, at most
+    three broadcast copies (a short first period, whole periods, a short last one), ``d.copy_(src)`` each (or a
+    ``torch.where`` on a flag the host never reads). Views only: weight mode's clone event keeps them from step
+    to step (:func:`egg_optim.core.cloning.copy_plan`)."""
     n, m = dst.shape[axis], block.shape[axis]
     if m == 1:  # every position the same: one broadcast copy
-        pieces = [(dst, block)]
-    else:
-        pieces, k = [], 0
-        if r:
-            k = min(m - r, n)
-            pieces.append((narrow(dst, axis, (0, k)), narrow(block, axis, (r, k))))
-        periods = (n - k) // m
-        if periods:
-            pieces.append((narrow(dst, axis, (k, periods * m)).unflatten(axis, (periods, m)), block.unsqueeze(axis)))
-            k += periods * m
-        if k < n:
-            pieces.append((narrow(dst, axis, (k, n - k)), narrow(block, axis, (0, n - k))))
-    for d, src in pieces:
-        if when is None:
-            d.copy_(src)
-        else:
-            torch.where(when, src, d, out=d)
-    return dst
+        return [(dst, block)]
+    pieces, k = [], 0
+    if r:
+        k = min(m - r, n)
+        pieces.append((narrow(dst, axis, (0, k)), narrow(block, axis, (r, k))))
+    periods = (n - k) // m
+    if periods:
+        pieces.append((narrow(dst, axis, (k, periods * m)).unflatten(axis, (periods, m)), block.unsqueeze(axis)))
+        k += periods * m
+    if k < n:
+        pieces.append((narrow(dst, axis, (k, n - k)), narrow(block, axis, (0, n - k))))
+    return pieces
 
 
 def fold(t: torch.Tensor, axis: int, m: int, r: int = 0) -> torch.Tensor:

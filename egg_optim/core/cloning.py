@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -124,10 +125,25 @@ def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
     return ~torch.isfinite(flat).all(dim=1)
 
 
-# (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, the source
-# block): ``rows`` is ``None`` where the clones take their sources' rows as they are on packed roles; they are then
-# written by broadcast from ``block`` (the sources' run) and nothing is computed beforehand
-_Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, torch.Tensor | None]
+@dataclass(frozen=True, eq=False)
+class _Copy:
+    """One tensor a clone event copies on packed roles, with the views it reads and writes, cut once from the
+    tensor's storage (``ptr``): the sources' run (``block``, what the finiteness check reads) and the
+    (clones' view, source) pairs of :func:`~egg_optim.core.axes.tile_pieces`."""
+
+    tensor: torch.Tensor
+    dim: int
+    roles: Roles  # of the tensor's positions
+    is_param: bool
+    ptr: int
+    block: torch.Tensor
+    pieces: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, and on
+# packed roles the tensor's :class:`_Copy`): ``rows`` is ``None`` where the clones take their sources' rows as they
+# are on packed roles; they are then written by broadcast from the copy's views and nothing is computed beforehand
+_Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, _Copy | None]
 
 
 def _peaks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -151,17 +167,26 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return not tensors or bool(torch.isfinite(torch.stack(_peaks(tensors))).all())
 
 
-# (tensor, axis, roles of its positions, is a parameter) of every tensor a clone event copies on packed roles
-_Copy = tuple[torch.Tensor, int, Roles, bool]
+def _cut(t: torch.Tensor, dim: int, rs: Roles, is_param: bool) -> _Copy:
+    # views of a detached alias: no autograd view bookkeeping, and readable after the optimizer's in-place updates
+    base = t.detach()
+    block = axes.narrow(base, dim, rs.source_cycle[:2])
+    pieces = axes.tile_pieces(axes.narrow(base, dim, rs.clone_span), dim, block, rs.source_cycle[2])
+    return _Copy(t, dim, rs, is_param, t.data_ptr(), block, pieces)
 
 
 def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
     """Every tensor a clone event copies in ``layer`` when the clones are one run and their sources cycle over one
-    in each (packed roles), or ``None`` where one is not (or is sharded). Kept on the layer until its roles or
-    its tensors change: in weight mode a clone event runs at every step, on the host of the step."""
+    in each (packed roles), with its views, or ``None`` where one is not (or is sharded). Kept on the layer until
+    its roles or its tensors (objects or storage) change: in weight mode a clone event runs at every step, on
+    the host of the step, which then cuts no view."""
     key = (roles, layer.params, layer.buffers)
     cached = layer._copy_plan
-    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+    if (
+        cached is not None
+        and all(a is b for a, b in zip(cached[0], key))
+        and (cached[1] is None or all(c.tensor.data_ptr() == c.ptr for c in cached[1]))
+    ):
         return cached[1]
     plan: list[_Copy] | None = []
     tensors = [(n, p, True) for n, p in layer.params if layer.copied_by_clones(n)]
@@ -170,7 +195,7 @@ def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
         if (is_param and is_sharded(t)) or not _packed(rs, dim):
             plan = None
             break
-        plan.append((t, dim, rs, is_param))
+        plan.append(_cut(t, dim, rs, is_param))
     layer._copy_plan = (key, plan)
     return plan
 
@@ -180,9 +205,7 @@ def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, gen
     roles compute nothing (see :data:`_Write`)."""
     plan = copy_plan(layer, roles) if blend == 1.0 and noise == 0 else None
     if plan is not None:
-        return [
-            (t, t, dim, rs, None, is_param, axes.narrow(t, dim, rs.source_cycle[:2])) for t, dim, rs, is_param in plan
-        ]
+        return [(c.tensor, c.tensor, c.dim, c.roles, None, c.is_param, c) for c in plan]
     writes: list[_Write] = []
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
@@ -249,7 +272,7 @@ def clone_layers_on_device(
         return None
     checked, ends = [], []
     for i in which:
-        checked += [block if rows is None else rows for *_, rows, _, block in news[i]]
+        checked += [copy.block if rows is None else rows for *_, rows, _, copy in news[i]]
         ends.append(len(checked))
     peaks = _peaks(checked)
     width = max([len(news[i]) for i in which])
@@ -259,13 +282,13 @@ def clone_layers_on_device(
         start = end
     ok = torch.isfinite(torch.stack(padded).view(len(which), width)).all(1)
     plain = blend == 1.0 and noise == 0
-    for k, i in enumerate(which):
-        when = ok[k]
-        for t, _, dim, rs, rows, _, block in news[i]:
+    for i, when in zip(which, ok.unbind(0)):
+        for t, _, dim, rs, rows, _, copy in news[i]:
             if t.device != when.device:
                 when = when.to(t.device)
             if rows is None:
-                axes.tile_(axes.narrow(t, dim, rs.clone_span), dim, block, rs.source_cycle[2], when)
+                for d, src in copy.pieces:
+                    torch.where(when, src, d, out=d)
                 continue
             if is_sharded(t):
                 raise ValueError(f"clone_layers_on_device: {tuple(t.shape)} tensor is sharded; use clone_layers")
@@ -302,7 +325,7 @@ def clone_layers(
     non-finite value looks at the units one by one. On packed roles a plain copy checks and reads the sources'
     run and writes the clones' run by broadcast: no gather, no temporary."""
     news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
-    checked = [block if rows is None else rows for writes in news for *_, rows, _, block in writes]
+    checked = [copy.block if rows is None else rows for writes in news for *_, rows, _, copy in writes]
     finite = _all_finite(checked)  # nothing written yet
     if not finite:
         news = [_computed(writes) for writes in news]
@@ -311,7 +334,7 @@ def clone_layers(
         n = roles.num_clones if roles.has_clones else 0
         keep_units = None if finite or not writes else _keep_units(layer, writes, n)
         written.append(n if keep_units is None else int(keep_units.sum()))
-        for t, whole, dim, rs, rows, is_param, block in writes:
+        for t, whole, dim, rs, rows, is_param, copy in writes:
             clones, sources = rs.clones, rs.sources
             if keep_units is not None:
                 keep = keep_units.repeat_interleave(clones.numel() // n)
@@ -320,7 +343,8 @@ def clone_layers(
                 if not clones.numel():
                     continue
             if rows is None:
-                axes.tile_(axes.narrow(t, dim, rs.clone_span), dim, block, rs.source_cycle[2])
+                for d, src in copy.pieces:
+                    d.copy_(src)
             elif is_param and is_sharded(t):
                 write_full_(t, whole.index_copy(dim, clones.to(whole.device), rows))
             elif keep_units is None and _packed(rs, dim):
