@@ -10,6 +10,10 @@ Cases: ``baseline`` is the bare Adam step on the plain model; ``output``/``weigh
 ``LeaderCloneOptimizer(clone_mode=...)`` with the seed's ``mild`` plan (``mnist`` table). ``output-torchnorm``
 is output mode with the fused BatchNorm run as torch ops (``native_kernels`` off) instead of the C kernels:
 under compile inductor can then fuse the norm with its neighbours, while the kernels are opaque custom ops.
+``output-unfused`` is output mode with coupled norms left unfused (``fuse_norms=False``: the clones are expanded
+first and the plain BatchNorm runs on every channel), the default where the C kernels do not run, CUDA included.
+``output-unfused-gather`` is the same with the clones expanded by ``index_select`` when compiled too (what
+compiled output mode did before it expanded packed roles by a ``cat`` of broadcast views): the control.
 
     python benchmarks/bench_compile.py               # 20 timed rounds
     python benchmarks/bench_compile.py --steps 6     # quick look
@@ -40,7 +44,7 @@ from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
 
-VARIANTS = ("baseline", "output", "output-torchnorm", "weight")
+VARIANTS = ("baseline", "output", "output-torchnorm", "output-unfused", "output-unfused-gather", "weight")
 
 
 @dataclass
@@ -61,7 +65,8 @@ def _model(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     opt: torch.optim.Optimizer = base
     if variant != "baseline":
         clone_mode = variant.split("-")[0]
-        opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild"), clone_mode=clone_mode, seed=0)
+        fuse = {"fuse_norms": False} if variant.startswith("output-unfused") else {}
+        opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild"), clone_mode=clone_mode, seed=0, **fuse)
         with torch.no_grad():  # one eager forward gives the norm coupling's evidence (a compiled one gives none)
             model(torch.zeros(2, 1, 28, 28))
         opt.couple_norms()  # applied before compiling: it swaps norm classes
@@ -70,6 +75,10 @@ def _model(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
             assert fused, "no fused norm to switch to torch ops"
             for m in fused:
                 m._egg_kernel = False
+        if variant == "output-unfused-gather":
+            for m in model.modules():
+                if getattr(m, "_egg_tile", None) is not None:
+                    m._egg_tile = None  # compiled, expand by index_select as in eager
     return model.train(), opt
 
 

@@ -264,3 +264,43 @@ def test_a_compiled_base_optimizer_step_is_traced_once_on_a_transformer(mode):
     assert frames <= 2, frames
     for (k, a), b in zip(compiled.state_dict().items(), eager.state_dict().values()):
         _close(a, b, k)
+
+
+def test_compiled_output_mode_on_packed_roles_expands_clones_without_an_index_op():
+    """Compiled, output mode expands packed clones by a ``cat`` of broadcast views (``expand_tiled``): no gather in
+    the forward graph and no scatter (``index_add``) in the backward one, which inductor compiles to an atomic
+    scatter on GPUs and a scalar loop on CPUs; values and gradients are eager's. Drawn roles still gather."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def index_ops(first_roles: str) -> list[str]:
+        torch._dynamo.reset()
+        seen: list[str] = []
+
+        def record(gm, _inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return make_boxed_func(gm)
+
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = TinySeedNet()
+            opt = LeaderCloneOptimizer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan.preset("mild"), clone_mode="output",
+                first_roles=first_roles, fuse_norms=False,
+            )  # fmt: skip
+            model(torch.zeros(2, 1, 8, 8))
+            opt.couple_norms()
+            models.append(model)
+        eager, model = models
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+        x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        y, ye = compiled(x), eager(x)
+        _close(y, ye, f"{first_roles} output")
+        y.square().sum().backward()
+        ye.square().sum().backward()
+        _assert_same(model, eager, first_roles)
+        return [op for op in seen if any(name in op for name in ("index", "gather", "scatter"))]
+
+    assert index_ops("packed") == []
+    assert any("index_select" in op for op in index_ops("drawn"))  # the check sees gathers where there are some

@@ -104,3 +104,44 @@ def test_token_activations_are_gathered_through_a_2d_view(monkeypatch):
     layer(torch.randn(2, 5, 6)).sum().backward()
     expansions = [c for c in calls if c[1] != 0]  # the other calls pick weight rows (dim 0)
     assert expansions == [(2, 1)]
+
+
+@SETTINGS
+@given(
+    n=st.integers(2, 12),
+    data=st.data(),
+    active_first=st.booleans(),
+    lead=st.lists(st.integers(1, 3), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_the_tiled_expansion_of_packed_roles_is_the_gather(n, data, active_first, lead, seed):
+    """``expand_tiled`` (compiled output mode on packed roles: a ``cat`` of broadcast views) computes the
+    ``index_select`` and, in backward, the ``index_add`` of the gather path, on any dimension: active units first
+    or last, sources cycling over a run of leaders from any rotation."""
+    from egg_optim.rewrites.output_cloning._gather import expand_tiled, tile_of
+
+    active = data.draw(st.integers(1, n - 1))
+    leaders = data.draw(st.integers(1, active))
+    q = data.draw(st.integers(0, leaders - 1))
+    m = data.draw(st.integers(1, leaders - q))
+    r = data.draw(st.integers(0, m - 1))
+    a0 = 0 if active_first else n - active
+    units = torch.arange(n)
+    clones = units[active:] if active_first else units[: n - active]
+    sources = a0 + q + (torch.arange(clones.numel()) + r) % m
+    roles = Roles(n, units[a0 : a0 + leaders], units[a0 + leaders : a0 + active], clones, sources)
+    tile = tile_of(roles)
+    assert tile is not None and tile[0] == active_first
+    dim = data.draw(st.integers(0, len(lead)))
+    gen = torch.Generator().manual_seed(seed)
+    shape = [*lead[:dim], active, *lead[dim:]]
+    y = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn([*lead[:dim], n, *lead[dim:]], generator=gen, dtype=torch.float64)
+    dims = [dim, dim - len(shape)]  # a Linear's expansion names the last dim -1
+    for d in dims:
+        out = expand_tiled(y, d, tile)
+        want = y.index_select(dim, roles.gather_index)
+        assert torch.equal(out, want)
+        (got,) = torch.autograd.grad(out, y, g)
+        (ref,) = torch.autograd.grad(want, y, g)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)  # sums in another order

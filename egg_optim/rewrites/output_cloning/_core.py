@@ -17,7 +17,7 @@ from .. import base as rewrite
 from ..base import EVAL_MODES, check_eval_mode, known_names, set_buffer
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
-from ._gather import expand_units
+from ._gather import Tile, expand_tiled, expand_units, tile_of
 
 __all__ = [
     "EVAL_MODES",
@@ -31,7 +31,7 @@ __all__ = [
 
 _LAYER_ATTRS = (
     "_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise",
-    "_egg_probe", "_egg_probe_data", "_egg_span",
+    "_egg_probe", "_egg_probe_data", "_egg_span", "_egg_tile",
 )  # fmt: skip
 _LAYER_BUFFERS = ("_egg_active", "_egg_gather")
 _NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel", "_egg_own_weights", "_egg_span")
@@ -50,6 +50,7 @@ class _OutputClonedLayer:
     _egg_active: torch.Tensor
     _egg_gather: torch.Tensor
     _egg_span: Span | None  # the active units as one run of rows: weights taken as views
+    _egg_tile: Tile | None  # packed roles as the expansion sees them (compiled: no index op)
     _egg_probe: bool = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,8 @@ class _OutputClonedLayer:
             return full
         if self._egg_fused:
             return y  # the fused norm expands
+        if self._egg_tile is not None and torch.compiler.is_compiling():
+            return expand_tiled(y, self._egg_dim, self._egg_tile)
         return expand_units(y, self._egg_dim, self._egg_gather)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -243,6 +246,7 @@ def _set_layer_roles(layer: nn.Module, roles: Roles) -> None:
     layer._egg_roles = roles
     layer._egg_has_clones = roles.has_clones
     layer._egg_span = roles.active_span
+    layer._egg_tile = tile_of(roles)
     set_buffer(layer, "_egg_active", roles.active.to(device, copy=True))
     set_buffer(layer, "_egg_gather", roles.gather_index.to(device, copy=True))
 

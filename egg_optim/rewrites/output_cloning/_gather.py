@@ -5,6 +5,36 @@ from __future__ import annotations
 
 import torch
 
+from ...core import axes
+from ...core.axes import Cycle
+from ...core.roles import Roles
+
+# packed roles, as the expansion sees them: (whether the active units come first, the clones' sources as a cycle
+# over positions of the active output, the number of clones)
+Tile = tuple[bool, Cycle, int]
+
+
+def tile_of(roles: Roles) -> Tile | None:
+    """``roles`` as a :data:`Tile` when the active units are one run, the clones the other, and the clones' sources
+    cycle over a run of leaders (the default packed roles), else ``None``. Reads the roles on the host: call it
+    when roles change."""
+    active, clones, sources = roles.active_span, roles.clone_span, roles.source_cycle
+    if active is None or clones is None or sources is None:
+        return None
+    q, m, r = sources
+    return clones[0] == active[0] + active[1], (q - active[0], m, r), clones[1]
+
+
+def expand_tiled(y: torch.Tensor, dim: int, tile: Tile) -> torch.Tensor:
+    """What :func:`expand_units` computes on packed roles, without an index op: the active output and a broadcast of
+    its sources' run, concatenated. Its backward is slices and a reshaped sum: no scatter (a compiled ``index_add``
+    is an atomic scatter on GPUs and a scalar loop in inductor's CPU code). Eager, it takes one launch more than
+    the ``index_select`` (the broadcast is materialised before the ``cat``), so it is used under ``torch.compile``."""
+    active_first, cycle, n = tile
+    axis = dim % y.dim()
+    clones = axes.tiled(y, axis, cycle, n)
+    return torch.cat([y, clones] if active_first else [clones, y], axis)
+
 
 def _innermost(t: torch.Tensor) -> bool:
     """Whether ``t`` (N, C, *S) stores its channels innermost (``channels_last``; read from the strides, so a
