@@ -76,6 +76,14 @@ def _scatter_rows(
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
 
+def _active_channels(grad_out: torch.Tensor, active: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The active output channels (dim 1) of ``grad_out``: a view when they are one run (packed roles; compiled,
+    a gather there would be the one index op of the step), else gathered."""
+    if spans is not None:
+        return grad_out.narrow(1, *spans[0])
+    return grad_out.index_select(1, active)
+
+
 def _cast(input: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and weight in the output gradient's dtype: under autocast the forward op ran on casts of them, and
     plain autograd differentiates that op in the cast dtype (then casts the gradients back)."""
@@ -114,7 +122,7 @@ class _LinearFn(torch.autograd.Function):
             if grad_x.dtype != input.dtype:
                 grad_x = grad_x.to(input.dtype)
         if need_w or need_b:
-            g = grad_out.reshape(-1, grad_out.shape[-1]).index_select(1, active)
+            g = _active_channels(grad_out.reshape(-1, grad_out.shape[-1]), active, ctx.spans)
             if need_w:
                 x = input_c.reshape(-1, input_c.shape[-1])
                 grad_w = _scatter_rows(weight, active, clones, g.t().mm(x), ctx.spans)
@@ -174,7 +182,7 @@ class _ConvFn(torch.autograd.Function):
             if grad_x.dtype != input.dtype:
                 grad_x = grad_x.to(input.dtype)
         if need_w or need_b:
-            g = grad_out.index_select(1, active)
+            g = _active_channels(grad_out, active, ctx.spans)
             if pointwise and input_c.device.type == "cpu" and input_c.is_contiguous():
                 gw, gb = _pointwise_weight_grad(g, input_c, need_w, need_b)
                 if gw is not None:
