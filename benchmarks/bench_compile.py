@@ -17,6 +17,7 @@ compiled output mode did before it expanded packed roles by a ``cat`` of broadca
 
     python benchmarks/bench_compile.py               # 20 timed rounds
     python benchmarks/bench_compile.py --steps 6     # quick look
+    python benchmarks/bench_compile.py --steps 3 --kernel-profile 8 --variants output-unfused output-unfused-gather
 
 Compilation uses a fresh, temporary inductor cache folder (``--cache-dir`` to use another): so the compile times
 are cold ones, and no graph cached by an earlier version of the custom ops is replayed (inductor's FX-graph cache
@@ -126,6 +127,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one)")
+    parser.add_argument(
+        "--kernel-profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="instead of timing: profile the compiled step of each variant (inductor's C++ kernels named) and print "
+        "its K most expensive entries, ms per step",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +150,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
+def _kernel_profile(args: argparse.Namespace) -> dict[str, float]:
+    """Where each compiled step spends its time, by generated kernel (``cpp.enable_kernel_profile``: each kernel
+    records itself, which costs a little, hence not in the timed runs)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    result: dict[str, float] = {}
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        for v in dict.fromkeys(["baseline", *args.variants]):
+            case = _make(v, True, args.batch, args.backend, args.mode)
+            for _ in range(max(args.warmup, 1)):
+                case.step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.steps):
+                    case.step()
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.kernel_profile]
+            print(f"{case.name}: self ms per step")
+            for e in top:
+                ms = e.self_cpu_time_total / 1e3 / args.steps
+                print(f"  {ms:8.1f}  {e.key}")
+                result[f"{v}: {e.key}"] = ms
+    return result
+
+
 def _run(args: argparse.Namespace) -> dict[str, float]:
+    if args.kernel_profile:
+        return _kernel_profile(args)
     # recompiles: one per compiled model object (the cases share code objects)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(args.variants))
     variants = list(dict.fromkeys(["baseline", *args.variants]))

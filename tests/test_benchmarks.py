@@ -33,6 +33,10 @@ def test_bench_compile_runs_without_graph_breaks():
     result = bench.main(argv)
     assert all(result[f"{v.replace('-', '_')}_graph_breaks"] == 0 for v in variants), result
     assert all(math.isfinite(v) for v in result.values()), result
+    # --kernel-profile: the most expensive entries of each compiled step, instead of timing
+    profiled = bench.main([*argv[:8], "--kernel-profile", "3", "--variants", "output-unfused"])
+    assert 0 < len(profiled) <= 6 and all(k.split(": ")[0] in ("baseline", "output-unfused") for k in profiled)
+    assert all(math.isfinite(v) and v >= 0 for v in profiled.values())
 
 
 def test_demotion_screen_costs_are_the_loss_change_of_the_demotion_and_its_derivative():
