@@ -16,9 +16,11 @@ ONE script for a GPU session (imports only torch, transformers and egg_optim; th
    config also the seed's unaligned counts (``align=None``: the 1,971-neuron cliff) and ``RolePlan(0.25, 0.125)``.
 3. Per case: counted FLOPs (forward + backward, ``FlopCounterMode``) relative to bare, peak memory of one step
    (CUDA: the step's peak allocation plus what the case keeps resident, with the other cases' memory taken out),
-   bytes saved for backward and optimizer state, kernels per step and index kernels (``torch.profiler``, CUDA),
-   aten ops and index ops over parameter-sized tensors per step (:class:`egg_optim.utils.DispatchCounter`,
-   eager), host time inside ``opt.step()``, and each plan's active widths and alignment.
+   bytes saved for backward and optimizer state, kernels per step, index kernels, the kernels' summed device
+   time against the step's wall time (launch-bound or not) and the most expensive kernels (``torch.profiler``,
+   CUDA: :func:`kernel_table`), aten ops and index ops over parameter-sized tensors per step
+   (:class:`egg_optim.utils.DispatchCounter`, eager), host time inside ``opt.step()``, and each plan's active
+   widths and alignment.
 
 Groups (the issue's table): the seed CIFAR CNN at batch 128 and 1024, fp32 and bf16 autocast channels-last;
 the seed MNIST CNN at 256 fp32; Llama h1024 (8 layers, GQA 16/4, intermediate 2816, seq 1024, batch 8, bf16
@@ -50,7 +52,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -434,20 +436,41 @@ def _peak_bytes(case: Case, device: torch.device) -> int:
     return above + resident
 
 
-def _kernels(case: Case, device: torch.device) -> tuple[int, int]:
-    """(GPU kernels, index kernels) of one step, from torch.profiler."""
+TOP_KERNELS = 4  # the most expensive kernels listed per case
+
+
+def kernel_table(events: Iterable[Any], top: int = TOP_KERNELS) -> dict[str, Any]:
+    """What one profiled step ran on the device, from ``torch.profiler`` events: ``kernels`` (device kernels),
+    ``index_kernels`` (aten gather/index_select/index_add/... calls), ``busy_ms`` (the kernels' summed device
+    time: against the step's wall time it says whether the step waited for the host, i.e. was launch-bound) and
+    ``top`` (the ``top`` kernels by device time, ``(name, ms, launches)``)."""
+    kernels = index = 0
+    by_name: dict[str, list[float]] = {}
+    for ev in events:
+        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            slot = by_name.setdefault(ev.name, [0.0, 0])
+            slot[0] += ev.time_range.elapsed_us() / 1e3
+            slot[1] += 1
+        elif ev.name.startswith("aten::") and ev.name[6:].rstrip("_") in INDEX_OPS:
+            index += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "kernels": kernels,
+        "index_kernels": index,
+        "busy_ms": sum(ms for ms, _ in by_name.values()),
+        "top": [(name, ms, int(n)) for name, (ms, n) in ranked],
+    }
+
+
+def _kernels(case: Case, device: torch.device) -> dict[str, Any]:
+    """:func:`kernel_table` of one step of ``case``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         case.step()
         _sync(device)
-    kernels = index = 0
-    for ev in prof.events():
-        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            kernels += 1
-        elif ev.name.startswith("aten::") and ev.name[6:].rstrip("_") in INDEX_OPS:
-            index += 1
-    return kernels, index
+    return kernel_table(prof.events())
 
 
 def measure_group(group: Group, device: torch.device, args: argparse.Namespace, log) -> list[dict[str, Any]]:
@@ -485,7 +508,7 @@ def measure_group(group: Group, device: torch.device, args: argparse.Namespace, 
             case.info["peak_gb"] = _peak_bytes(case, device) / 2**30
         if device.type == "cuda":
             try:
-                case.info["kernels"], case.info["index_kernels"] = _kernels(case, device)
+                case.info.update(_kernels(case, device))
             except Exception as exc:  # the profiler is a nice-to-have: its failure must not lose the timings
                 log(f"  {case.name}: kernel count failed ({type(exc).__name__}: {exc})")
     rows = []
@@ -1065,6 +1088,22 @@ def report(meta: dict[str, Any], checks: list[dict], rows: list[dict], skipped: 
             value = r["vs_bare"] / dense["vs_bare"]
             ok, text = value <= 1.05, f"<= 1.05x of {dense_name}"
         lines.append(f"| {r['group']} | {r['case']} | {text} | {value:.3f} | {'yes' if ok else 'no'} |")
+    profiled = [r for r in rows if r.get("top")]
+    if profiled:
+        lines += [
+            "",
+            "## Where the device time goes (one profiled step per case)",
+            "",
+            "Busy: the step's kernels' summed device time; busy / step well below 1 means the device waited for the "
+            f"host (a launch-bound step). The {TOP_KERNELS} most expensive kernels, ms (launches).",
+            "",
+            "| group | case | busy ms | busy / step | top kernels |",
+            "|---|---|---|---|---|",
+        ]
+        for r in profiled:
+            top = "; ".join(f"`{name[:70]}` {ms:.2f} ({n})" for name, ms, n in r["top"])
+            share = r["busy_ms"] / r["step_ms"] if r["step_ms"] else float("nan")
+            lines.append(f"| {r['group']} | {r['case']} | {r['busy_ms']:.2f} | {share:.2f} | {top} |")
     if skipped:
         lines += ["", "Skipped (time budget or failure): " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"

@@ -152,6 +152,36 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
 
 
+def test_bench_gpu_lists_where_the_device_time_goes():
+    """The kernel table of a profiled step (device kernels by name, their summed device time, index calls) and
+    its section in the report: what tells a launch-bound step (device busy a small part of the step) from a
+    compute-bound one. Profiler events are stood in for: a CPU has no CUDA kernels to profile."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd.profiler_util import Interval
+
+    bench = load_benchmark("bench_gpu")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=Interval(0, us))
+
+    events = [ev("gemm", cuda, 300), ev("gemm", cuda, 200), ev("bn_fwd", cuda, 100), ev("copy", cuda, 50),
+              ev("aten::index_select", cpu, 9), ev("aten::index_add_", cpu, 9), ev("aten::mm", cpu, 9),
+              ev("tiny", cuda, 1)]  # fmt: skip
+    table = bench.kernel_table(events, top=2)
+    assert table["kernels"] == 5 and table["index_kernels"] == 2
+    assert table["busy_ms"] == pytest.approx(0.651)
+    assert table["top"] == [("gemm", pytest.approx(0.5), 2), ("bn_fwd", pytest.approx(0.1), 1)]
+    meta = {k: "-" for k in ("device_name", "torch", "cuda", "transformers", "python", "mode")}
+    meta.update(elapsed_s=1.0, tf32_matmul=False, tf32_cudnn=True)
+    row = {"group": "g", "case": "output/mild", "step_ms": 2.0, "vs_bare": 1.0, "host_step_ms": 0.1, "widths": ""}
+    text = bench.report(meta, [], [{**row, **table}], [])
+    assert "## Where the device time goes" in text
+    assert "| g | output/mild | 0.65 | 0.33 | `gemm` 0.50 (2); `bn_fwd` 0.10 (1) |" in text
+
+
 def test_bench_gpu_seed_nets_are_the_kits():
     models = pytest.importorskip("egg_recipes.models")
     bench = load_benchmark("bench_gpu")
