@@ -17,7 +17,7 @@ compiled output mode did before it expanded packed roles by a ``cat`` of broadca
 
     python benchmarks/bench_compile.py               # 20 timed rounds
     python benchmarks/bench_compile.py --steps 6     # quick look
-    python benchmarks/bench_compile.py --steps 3 --kernel-profile 8 --variants output-unfused output-unfused-gather
+    python benchmarks/bench_compile.py --steps 8 --kernel-profile 8 --variants output-unfused output-unfused-gather
 
 Compilation uses a fresh, temporary inductor cache folder (``--cache-dir`` to use another): so the compile times
 are cold ones, and no graph cached by an earlier version of the custom ops is replayed (inductor's FX-graph cache
