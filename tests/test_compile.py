@@ -266,21 +266,29 @@ def test_a_compiled_base_optimizer_step_is_traced_once_on_a_transformer(mode):
         _close(a, b, k)
 
 
+def _graph_index_ops(model: nn.Module, run) -> list[str]:
+    """The index ops (gathers, scatters, ``index_*``) of the forward and backward graphs AOTAutograd makes of
+    ``model`` when ``run(compiled_model)`` runs it (fullgraph)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    seen: list[str] = []
+
+    def record(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm)
+
+    run(torch.compile(model, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True))
+    return [op for op in seen if any(name in op for name in ("index", "gather", "scatter"))]
+
+
 def test_compiled_output_mode_on_packed_roles_expands_clones_without_an_index_op():
     """Compiled, output mode expands packed clones by a ``cat`` of broadcast views (``expand_tiled``): no gather in
     the forward graph and no scatter (``index_add``) in the backward one, which inductor compiles to an atomic
     scatter on GPUs and a scalar loop on CPUs; values and gradients are eager's. Drawn roles still gather."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
 
     def index_ops(first_roles: str) -> list[str]:
-        torch._dynamo.reset()
-        seen: list[str] = []
-
-        def record(gm, _inputs):
-            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-            return make_boxed_func(gm)
-
         models = []
         for _ in range(2):
             torch.manual_seed(0)
@@ -293,14 +301,42 @@ def test_compiled_output_mode_on_packed_roles_expands_clones_without_an_index_op
             opt.couple_norms()
             models.append(model)
         eager, model = models
-        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
         x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-        y, ye = compiled(x), eager(x)
-        _close(y, ye, f"{first_roles} output")
-        y.square().sum().backward()
-        ye.square().sum().backward()
-        _assert_same(model, eager, first_roles)
-        return [op for op in seen if any(name in op for name in ("index", "gather", "scatter"))]
+
+        def run(compiled):
+            y, ye = compiled(x), eager(x)
+            _close(y, ye, f"{first_roles} output")
+            y.square().sum().backward()
+            ye.square().sum().backward()
+            _assert_same(model, eager, first_roles)
+
+        return _graph_index_ops(model, run)
 
     assert index_ops("packed") == []
     assert any("index_select" in op for op in index_ops("drawn"))  # the check sees gathers where there are some
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_a_compiled_transformer_on_packed_roles_has_no_index_op(mode):
+    """Transformer blocks (neuron and head units of a Llama) on packed roles: their compiled forward and backward
+    graphs hold no index op either (active rows and columns are views, clone columns fold by reshaped sums)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def index_ops(first_roles: str) -> list[str]:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        base = torch.optim.AdamW(model.parameters())
+        opt = LeaderCloneOptimizer(model, base, RolePlan.preset("mild"), clone_mode=mode, first_roles=first_roles)
+        model(input_ids=ids, labels=ids).loss.backward()  # the eager first pass checks the blocks
+        opt.step()
+        opt.zero_grad()
+        return _graph_index_ops(model, lambda compiled: compiled(input_ids=ids, labels=ids).loss.backward())
+
+    assert index_ops("packed") == []
+    if mode == "output":  # not vacuous: drawn roles gather the active heads' and neurons' rows
+        assert index_ops("drawn")
