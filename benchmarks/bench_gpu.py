@@ -212,9 +212,11 @@ def _plan(group: Group, scenario: str) -> RolePlan:
     ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``);
     ``output/mild-unfused`` / ``-fused``: coupled BatchNorms run plain on every channel after the expansion
     (``fuse_norms=False``) / fused on the active channels (``True``); the default fuses where the C kernels run
-    (CPU), so on CUDA ``output/mild`` is the unfused path and ``-fused`` the control."""
+    (CPU), so on CUDA ``output/mild`` is the unfused path and ``-fused`` the control;
+    ``output/mild-indexadd``: the expansion's backward by the gather's ``index_add`` (an atomic scatter on CUDA),
+    the control of the default fold by sums (:func:`gather_backward`)."""
     preset = scenario.split("/")[1]
-    for suffix in ("-drawn", "-noskip", "-unfused", "-fused"):
+    for suffix in ("-drawn", "-noskip", "-unfused", "-fused", "-indexadd"):
         preset = preset.removesuffix(suffix)
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
@@ -264,6 +266,14 @@ def _base_opt(group: Group, model: nn.Module, device: torch.device) -> torch.opt
     if group.kind == "cnn":
         return torch.optim.Adam(model.parameters(), lr=1e-4, capturable=capturable)
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True, capturable=capturable)
+
+
+def gather_backward(model: nn.Module) -> None:
+    """Make output mode's managed layers expand packed clones as they did before the fold: the gather and its
+    ``index_add`` backward (a control case; roles are fixed here, so nothing sets the tiles again)."""
+    for m in model.modules():
+        if getattr(m, "_egg_tile", None) is not None:
+            m._egg_tile = None
 
 
 def capture_step(
@@ -359,6 +369,8 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
         widths = f"intermediate {dense_of[0]}, kv groups {dense_of[1]}"
     with torch.no_grad(), _autocast(group, device):
         loss(model)  # one eager forward: norm coupling is decided from it (before any compilation)
+    if scenario.endswith("-indexadd"):
+        gather_backward(model)
     fn = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend) if group.compiled else model
     if group.captured and device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
@@ -855,6 +867,9 @@ _NOSKIP = "weight/mild-noskip"
 # after the expansion: fewer passes, more activation memory (bench_norms.md: torch ops on CPU, 0.74x vs 0.96x of bare)
 _UNFUSED = "output/mild-unfused"
 _FUSED = "output/mild-fused"
+# the expansion's backward by index_add (every clone of a layer adding atomically into its one source) against the
+# default fold by sums (bench_norms.md: on CPU the fold is faster too)
+_INDEXADD = "output/mild-indexadd"
 
 
 def groups_for(args: argparse.Namespace) -> list[Group]:
@@ -868,7 +883,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
                 "tiny_cnn",
                 4,
                 "fp32",
-                _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED],
+                _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED, _INDEXADD],
                 rounds=r,
             ),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
@@ -912,7 +927,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             128,
             "fp32",
-            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED],
+            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED, _INDEXADD],
             rounds=r,
         ),
         Group(
@@ -932,7 +947,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             1024,
             "bf16cl",
-            _CNN_SCENARIOS + [_UNFUSED, _FUSED],
+            _CNN_SCENARIOS + [_UNFUSED, _FUSED, _INDEXADD],
             rounds=r,
         ),
         Group(
@@ -1077,7 +1092,9 @@ def report(meta: dict[str, Any], checks: list[dict], rows: list[dict], skipped: 
         if parts[0] != "output":
             continue
         # the same variant (eager, compiled, captured); the fused-or-not norm is output mode's own choice
-        dense_name = "dense@" + "/".join(parts[1:]).replace("-unfused", "").replace("-fused", "")
+        dense_name = "dense@" + "/".join(parts[1:]).replace("-unfused", "").replace("-fused", "").replace(
+            "-indexadd", ""
+        )
         dense = next((d for d in rows if d["group"] == r["group"] and d["case"] == dense_name), None)
         if dense is None or not (dense["vs_bare"] > 0):
             continue

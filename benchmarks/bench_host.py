@@ -12,7 +12,9 @@ step relative to the bare model + bare optimizer (median of per-round ratios); a
 (:class:`egg_optim.utils.PythonCallCounter`: exact, where times are noisy). Cases: bare; weight and output mode
 without clones; weight mode mild, also without gradient skipping (``skip_clone_grads=False``); output mode mild
 and aggressive (default packed first roles), with coupled norms fused (their torch-ops path) and, on the CNN,
-unfused (``fuse_norms=False``: the default where egg_optim's C kernels do not run, CUDA included)::
+unfused (``fuse_norms=False``: the default where egg_optim's C kernels do not run, CUDA included), and there
+once more folding clone gradients by sums at every size (the host cost that ``FOLD_MIN_NUMEL`` keeps off small
+layers, whose expansion backward is the gather's ``index_add``)::
 
     python benchmarks/bench_host.py             # 200 rounds, both models
     python benchmarks/bench_host.py --rounds 5  # smoke
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
+from egg_optim.rewrites.output_cloning import _gather
 from egg_optim.utils import PythonCallCounter
 
 
@@ -51,8 +54,10 @@ _DISPATCH = _sibling("bench_dispatch")
 NOSKIP = "weight/mild, no grad skip"  # skip_clone_grads=False: every weight-gradient row, no autograd function
 # bare; both modes without clones; weight mild (and without gradient skipping); output mild and aggressive
 UNFUSED = [c for c in _DISPATCH.CASES if c[0].endswith(_DISPATCH.UNFUSED)]  # the CUDA default for coupled norms
-CASES = [*_DISPATCH.CASES[:6], *UNFUSED, (NOSKIP, "weight", "mild")]
+FOLDED = f"output/mild, {_DISPATCH.UNFUSED}, fold at any size"  # the fold's autograd function on every layer
+CASES = [*_DISPATCH.CASES[:6], *UNFUSED, (FOLDED, "output", "mild"), (NOSKIP, "weight", "mild")]
 PHASES = ("forward", "backward", "optimizer")
+FOLD_MIN_NUMEL = _gather.FOLD_MIN_NUMEL
 TINY_LLAMA = {"hidden": 64, "layers": 4, "heads": 4, "kv": 2, "inter": 176, "seq": 8, "batch": 2, "vocab": 128}
 
 
@@ -97,6 +102,7 @@ def build(kind: str, name: str, mode: str | None, preset: str | None) -> Callabl
             opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, seed=0, **options)
 
     def step(out: list | None = None) -> None:
+        _gather.FOLD_MIN_NUMEL = 0 if name == FOLDED else FOLD_MIN_NUMEL  # the fold at any size, for this case only
         t0 = time.perf_counter()
         value = loss()
         t1 = time.perf_counter()
@@ -104,6 +110,7 @@ def build(kind: str, name: str, mode: str | None, preset: str | None) -> Callabl
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _gather.FOLD_MIN_NUMEL = FOLD_MIN_NUMEL
         if out is not None:
             out.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         cases = [
             Case(f"{kind}/{name}", build(kind, name, mode, preset))
             for name, mode, preset in CASES
-            if kind == "cnn" or not name.endswith(_DISPATCH.UNFUSED)  # the Llama has no norm to fuse
+            if kind == "cnn" or _DISPATCH.UNFUSED not in name  # the Llama has no norm to fuse
         ]
         for _ in range(3):
             for case in cases:

@@ -7,7 +7,9 @@ On the seed MNIST CNN (11 managed convs, each with its BatchNorm), ``LeaderClone
 - ``fused, torch ops``: the same with torch ops (``batch_norm`` on the active channels, a gather, the affine as an
   eval-mode ``batch_norm``; backward normalises again): what CUDA runs by default;
 - ``unfused`` (``EggConfig(fuse_norms=False)``): clones expanded first, the plain ``batch_norm`` on every channel
-  (fewer passes, the expanded activations saved for backward).
+  (fewer passes, the expanded activations saved for backward);
+- ``unfused, index_add``: the same, with the expansion's backward as the gather's ``index_add`` instead of the
+  default fold by sums (the control of that fold).
 
 One process, every case stepped once per round, round-robin; medians of per-round ratios to the bare step. On CPU the
 torch-op rows are a proxy for the GPU, where the same passes are memory-bound. Prints a markdown table and, last, one
@@ -31,7 +33,7 @@ from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
 
-CASES = ("bare", "fused, C kernels", "fused, torch ops", "unfused")
+CASES = ("bare", "fused, C kernels", "fused, torch ops", "unfused", "unfused, index_add")
 
 
 def _make(case: str, preset: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -43,7 +45,7 @@ def _make(case: str, preset: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = LeaderCloneOptimizer(
-            model, base, RolePlan.preset(preset), clone_mode="output", seed=0, fuse_norms=case != "unfused"
+            model, base, RolePlan.preset(preset), clone_mode="output", seed=0, fuse_norms=case.startswith("fused")
         )
     with torch.no_grad():  # the coupling's evidence
         model(torch.zeros(2, 1, 28, 28))
@@ -51,6 +53,8 @@ def _make(case: str, preset: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     for m in model.modules():
         if hasattr(m, "_egg_kernel"):
             m._egg_kernel = case == "fused, C kernels"
+        if case.endswith("index_add") and hasattr(m, "_egg_tile"):
+            m._egg_tile = None  # the gather path's backward (roles are fixed: nothing sets it again)
     return model.train(), opt
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -115,10 +117,11 @@ def test_token_activations_are_gathered_through_a_2d_view(monkeypatch):
     seed=st.integers(0, 2**16),
 )
 def test_the_tiled_expansion_of_packed_roles_is_the_gather(n, data, active_first, lead, seed):
-    """``expand_tiled`` (compiled output mode on packed roles: a ``cat`` of broadcast views) computes the
-    ``index_select`` and, in backward, the ``index_add`` of the gather path, on any dimension: active units first
-    or last, sources cycling over a run of leaders from any rotation."""
-    from egg_optim.rewrites.output_cloning._gather import expand_tiled, tile_of
+    """``expand_tiled`` (compiled output mode on packed roles: a ``cat`` of broadcast views) and ``expand_packed``
+    (eager: the gather, and a backward folding clone gradients by reshaped sums) compute the ``index_select`` and,
+    in backward, the ``index_add`` of the gather path, on any dimension: active units first or last, sources
+    cycling over a run of leaders from any rotation."""
+    from egg_optim.rewrites.output_cloning._gather import expand_packed, expand_tiled, tile_of
 
     active = data.draw(st.integers(1, n - 1))
     leaders = data.draw(st.integers(1, active))
@@ -138,10 +141,45 @@ def test_the_tiled_expansion_of_packed_roles_is_the_gather(n, data, active_first
     y = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn([*lead[:dim], n, *lead[dim:]], generator=gen, dtype=torch.float64)
     dims = [dim, dim - len(shape)]  # a Linear's expansion names the last dim -1
-    for d in dims:
-        out = expand_tiled(y, d, tile)
+    expansions = [lambda d: expand_tiled(y, d, tile), lambda d: expand_packed(y, d, roles.gather_index, tile, 0)]
+    for d, expand in itertools.product(dims, expansions):
+        out = expand(d)
         want = y.index_select(dim, roles.gather_index)
         assert torch.equal(out, want)
         (got,) = torch.autograd.grad(out, y, g)
         (ref,) = torch.autograd.grad(want, y, g)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)  # sums in another order
+
+
+def test_the_eager_packed_expansion_keeps_the_layout_and_folds_deterministically():
+    """The gradient of ``expand_packed`` comes back in the activations' layout (a ``channels_last`` conv output
+    stays so), is the gather's to rounding, is the same bit for bit on every run (no scatter), and is itself
+    differentiable (double backward, as through the gather)."""
+    from egg_optim.rewrites.output_cloning._gather import expand_packed, tile_of
+
+    roles = Roles(12, [0, 1, 2], [3, 4], list(range(5, 12)), [0] * 7)  # assign="first": every clone, one source
+    tile = tile_of(roles)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(4, 5, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(4, 12, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = expand_packed(y, 1, roles.gather_index, tile, min_numel=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    (got,) = torch.autograd.grad(out, y, g, create_graph=True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    (ref,) = torch.autograd.grad(y.index_select(1, roles.gather_index), y, g)
+    torch.testing.assert_close(got, ref)
+    again = [torch.autograd.grad(expand_packed(y, 1, roles.gather_index, tile, 0), y, g)[0] for _ in range(3)]
+    assert all(torch.equal(a, again[0]) for a in again)
+    (second,) = torch.autograd.grad(got.sum(), g)  # each entry of g is summed into exactly one unit
+    assert torch.equal(second, torch.ones_like(g))
+
+
+def test_eager_packed_expansions_fold_from_the_threshold_on():
+    """Small expansions keep the gather's ``index_add`` backward (less host work per step: a small model on a GPU
+    waits for the host), large ones fold; the threshold counts the expanded output's elements."""
+    from egg_optim.rewrites.output_cloning._gather import expand_packed, tile_of
+
+    roles = Roles(6, [0, 1], [2], [3, 4, 5], [0, 0, 0])
+    y = torch.randn(2, 3, 4, requires_grad=True)
+    kinds = {t: expand_packed(y, 1, roles.gather_index, tile_of(roles), t).grad_fn.name() for t in (48, 49)}
+    assert kinds == {48: "_ExpandPackedBackward", 49: "IndexSelectBackward0"}, kinds

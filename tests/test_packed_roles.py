@@ -17,6 +17,7 @@ from torch import nn
 from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan
 from egg_optim.core import axes
 from egg_optim.core.roles import Roles
+from egg_optim.rewrites.output_cloning import _gather
 from egg_optim.utils import DispatchCounter
 
 transformers = pytest.importorskip("transformers")
@@ -100,7 +101,7 @@ def _patch_scattered(mp: pytest.MonkeyPatch) -> None:
         mp.setattr(Roles, name, property(lambda self: None))
 
 
-@pytest.mark.parametrize(("kind", "mode"), [("cnn", "output"), ("cnn", "weight"), ("llama", "weight")])
+@pytest.mark.parametrize(("kind", "mode"), [("cnn", "weight"), ("llama", "weight")])
 @pytest.mark.parametrize("assign", ["first", "round_robin"])
 def test_views_compute_what_the_gather_path_computes(kind, mode, assign, monkeypatch):
     fast, _, _ = _run(kind, mode, assign=assign)
@@ -110,16 +111,20 @@ def test_views_compute_what_the_gather_path_computes(kind, mode, assign, monkeyp
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("kind", list(CASES))
 @pytest.mark.parametrize("assign", ["first", "round_robin"])
-def test_folded_consumers_match_the_gather_path_to_rounding(assign, monkeypatch):
-    """Output mode on a transformer folds clone columns of o_proj / down_proj into their sources by a reshaped sum
-    instead of an index_add: the same terms added in another order, so the loss and every gradient agree to
-    float32 rounding (not bit for bit; Adam would then amplify signs of near-zero gradients, so grads are compared)."""
+def test_folded_clone_gradients_match_the_gather_path_to_rounding(kind, assign, monkeypatch):
+    """Output mode sums clone gradients into their sources by reshaped sums instead of an index_add: a layer's
+    expansion backward (the CNN's convs) and a transformer's consumers (clone columns of o_proj / down_proj): the
+    same terms added in another order, so the loss and every gradient agree to float32 rounding (not bit for bit;
+    Adam would then amplify signs of near-zero gradients, so grads are compared)."""
+    build, batch, loss_fn = CASES[kind]
+    monkeypatch.setattr(_gather, "FOLD_MIN_NUMEL", 0)  # the fold at any size (it starts at 2^24 elements)
 
     def grads():
-        model, _, _ = _run("llama", "output", assign=assign, steps=0)
-        ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
-        loss = _lm_loss(model, ids)
+        model, _, _ = _run(kind, "output", assign=assign, steps=0)
+        torch.manual_seed(5)
+        loss = loss_fn(model, batch())
         loss.backward()
         return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
@@ -128,8 +133,16 @@ def test_folded_consumers_match_the_gather_path_to_rounding(assign, monkeypatch)
     loss_slow, slow = grads()
     torch.testing.assert_close(loss, loss_slow, rtol=1e-6, atol=0)
     assert fast.keys() == slow.keys() and len(fast) > 10
+    _assert_grads_close(fast, slow, atol=1e-7 if kind == "llama" else None)
+
+
+def _assert_grads_close(fast: dict, slow: dict, atol: float | None = None) -> None:
+    """Equal to float32 rounding. ``atol=None``: 1e-4 of the largest gradient, for a conv bias before a BatchNorm,
+    whose true gradient is zero: what it gets is rounding noise of a sum over the batch, as large in either path."""
+    if atol is None:
+        atol = 1e-4 * max(float(g.abs().max()) for g in slow.values())
     for k in fast:
-        torch.testing.assert_close(fast[k], slow[k], rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-5, atol=atol, msg=k)
 
 
 def test_strided_column_blocks_step_on_copies_so_a_fused_optimizer_stays_exact(monkeypatch):
@@ -152,7 +165,8 @@ def test_strided_column_blocks_step_on_copies_so_a_fused_optimizer_stays_exact(m
 )
 def test_clone_rows_stay_their_sources_and_views_match_the_gather_path(widths, leaders, independents, mode, assign):
     """A conv/BN/linear net of random widths: after steps on packed roles every clone row equals its source in
-    weight mode (clone rows untouched in output mode), and the parameters equal the gather path's bit for bit."""
+    weight mode (clone rows untouched in output mode), and the parameters equal the gather path's bit for bit in
+    weight mode; in output mode the first gradients equal its to rounding (clone gradients are folded by sums)."""
 
     def train():
         model = _conv_net(widths)
@@ -164,19 +178,26 @@ def test_clone_rows_stay_their_sources_and_views_match_the_gather_path(widths, l
             )
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
         torch.manual_seed(1)
+        first = {}
         for _ in range(2):
             x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
             nn.functional.cross_entropy(model(x), y).backward()
+            first = first or {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
             opt.step()
             opt.zero_grad()
-        return model, opt, before
+        return model, opt, before, first
 
-    fast, opt, before = train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_gather, "FOLD_MIN_NUMEL", 0)  # the fold at any size (it starts at 2^24 elements)
+        fast, opt, before, fast_grads = train()
     with pytest.MonkeyPatch.context() as mp:
         _patch_scattered(mp)
-        slow, _, _ = train()
-    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
-        assert torch.equal(a, b), k
+        slow, _, _, slow_grads = train()
+    if mode == "weight":
+        for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+            assert torch.equal(a, b), k
+    else:
+        _assert_grads_close(fast_grads, slow_grads)
     for name, roles in opt.roles.items():
         if not roles.has_clones:
             continue

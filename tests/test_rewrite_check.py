@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from egg_optim import LeaderCloneOptimizer, PlanError, RewriteCheckError, RolePlan
 from egg_optim.rewrites import block_output
@@ -182,3 +183,45 @@ def test_the_check_does_not_touch_the_key_value_cache():
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, out.logits, rtol=1e-5, atol=1e-5)
+
+
+class _Attention(TorchFunctionMode):
+    """Records the shapes of every attention call that reaches torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Size, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls.append(tuple(t.shape for t in args[:3]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_check_hands_attention_no_impossible_shapes():
+    """Phi-3 splits its fused qkv at fixed offsets: run on its active heads only, the key and value get no head at
+    all, which torch 2.11's CPU attention divides by (the process died of SIGFPE). The check turns that call into
+    the finding (the block computes every head) before torch sees it."""
+    tiny = pytest.importorskip("egg_recipes.tiny_transformers")
+    model = tiny.make("phi3")
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1), clone_mode="output")
+    with _Attention() as seen:
+        model(**tiny.inputs("phi3", length=15)).loss.backward()
+    opt.step()
+    assert seen.calls and all(0 not in k[:-2] and 0 not in v[:-2] for _, k, v in seen.calls), seen.calls
+    assert "expand" in opt.coverage().modes.values()
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "gqa", "ok"),
+    [((2, 4, 5, 8), (2, 2, 5, 8), True, True), ((2, 4, 5, 8), (2, 0, 5, 8), True, False),
+     ((2, 4, 5, 8), (2, 3, 5, 8), True, False), ((2, 4, 5, 8), (2, 1, 5, 8), False, True),
+     ((0, 4, 5, 8), (0, 4, 5, 8), False, False), ((2, 4, 0, 8), (2, 4, 0, 8), False, True)],
+)  # fmt: skip
+def test_the_attention_guard_refuses_only_what_no_kernel_computes(q, k, gqa, ok):
+    args = torch.zeros(q), torch.zeros(k), torch.zeros(k)
+    if ok:
+        block_output._check_attention(*args, enable_gqa=gqa)
+    else:
+        with pytest.raises(ValueError, match="attention with"):
+            block_output._check_attention(*args, enable_gqa=gqa)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core import axes
 from ..core.blocks import UnitGroup, UnitSlice
@@ -70,6 +71,29 @@ class _Check:
     ``eval_mode="own_weights"``, and the hooks of other blocks stay quiet)."""
 
     running = False
+
+
+class _ShapeGuard(TorchFunctionMode):
+    """Active while a check runs a rewritten block: turns an attention call whose shapes a wrong head count made
+    impossible into a Python error (the finding), before a kernel sees it. Some torch releases (2.11 on CPU) do
+    not validate them and die of a division by zero: Phi-3's fused qkv, split at fixed offsets, leaves a
+    shrunken block no key/value heads."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            _check_attention(*args[:3], enable_gqa=bool(kwargs.get("enable_gqa", False)))
+        return func(*args, **kwargs)
+
+
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> None:
+    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+    if any(0 in t.shape[:-2] or t.shape[-1] == 0 for t in (q, k, v)):
+        raise ValueError(f"attention with an empty head or batch dimension: {shapes}")
+    if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 4:  # grouped heads: torch divides by the key heads
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv or hq % hk:
+            raise ValueError(f"grouped-query attention with {hq} query heads, {hk} key and {hv} value heads: {shapes}")
 
 
 def _plain_eval(m: nn.Module) -> bool:
@@ -506,7 +530,7 @@ class BlockOutputCloning(base.LayerRewrite):
         _Check.running = True
         try:
             scope_module.train(False)
-            with torch.no_grad():
+            with torch.no_grad(), _ShapeGuard():
                 probes = [{}, _random_for(self.groups[name], members)]
                 try:
                     refs = [run(True, w) for w in probes]

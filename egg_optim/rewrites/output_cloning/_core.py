@@ -17,7 +17,7 @@ from .. import base as rewrite
 from ..base import EVAL_MODES, check_eval_mode, known_names, set_buffer
 from . import _kernel
 from ._fused import AFFINE_EPS, fused_norm_expand
-from ._gather import Tile, expand_tiled, expand_units, tile_of
+from ._gather import Tile, expand_packed, expand_tiled, expand_units, tile_of
 
 __all__ = [
     "EVAL_MODES",
@@ -77,9 +77,11 @@ class _OutputClonedLayer:
             return full
         if self._egg_fused:
             return y  # the fused norm expands
-        if self._egg_tile is not None and torch.compiler.is_compiling():
+        if self._egg_tile is None:
+            return expand_units(y, self._egg_dim, self._egg_gather)
+        if torch.compiler.is_compiling():
             return expand_tiled(y, self._egg_dim, self._egg_tile)
-        return expand_units(y, self._egg_dim, self._egg_gather)
+        return expand_packed(y, self._egg_dim, self._egg_gather, self._egg_tile)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -25,6 +25,7 @@ convolutions on CPU) and give ``y`` and ``grad x`` in the same layout, so no con
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -245,10 +246,11 @@ class _GatherAffine(torch.autograd.Function):
 # torch.compile entry point: the same functions as CPU custom ops with shape-only fake implementations and the
 # autograd formula above, so Dynamo and AOTAutograd see (and inductor calls) one op per kernel.
 # flexible_layout: inductor may pass its channels-last conv outputs as they are (the default would convert them to
-# the strides seen while tracing, NCHW, and back after the op)
-_cpu_op = functools.partial(
-    torch.library.custom_op, mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+# the strides seen while tracing, NCHW, and back after the op), where custom_op takes tags (not torch 2.6)
+_TAGS = (
+    {"tags": (torch.Tag.flexible_layout,)} if "tags" in inspect.signature(torch.library.custom_op).parameters else {}
 )
+_cpu_op = functools.partial(torch.library.custom_op, mutates_args=(), device_types="cpu", **_TAGS)
 _batch_stats_op = _cpu_op("egg_optim::oc_batch_stats", _batch_stats_impl)
 _expand_norm_op = _cpu_op("egg_optim::oc_expand_norm", _expand_norm_impl)
 _reduce_op = _cpu_op("egg_optim::oc_expand_norm_reduce", _reduce_impl)

@@ -36,6 +36,53 @@ def expand_tiled(y: torch.Tensor, dim: int, tile: Tile) -> torch.Tensor:
     return torch.cat([y, clones] if active_first else [clones, y], axis)
 
 
+# From this many expanded elements, eager output mode folds clone gradients by sums; below, the backward is the
+# gather's index_add. The index_add is an atomic scatter on a GPU, every clone of a layer adding into its one source
+# (``assign="first"``) at the same addresses, and not deterministic; the fold is deterministic, but its autograd
+# function costs about 60 us more host time per layer and step (bench_host.md), which is what a small model waits
+# for on a GPU. From about 2^24 elements the fold's estimated saving of device time (a few ps per element; not
+# measured) exceeds that host cost; the seed CIFAR CNN's layers expand to 2^18-2^25 elements at batch 128 (its
+# four largest fold), 2^21-2^28 at 1024. On the CPU the two cost the same within noise (bench_norms.md). The GPU
+# benchmark times the index_add control (bench_gpu.py ``-indexadd``).
+FOLD_MIN_NUMEL = 1 << 24
+
+
+class _ExpandPacked(torch.autograd.Function):
+    """:func:`expand_units` forward (one gather), :func:`fold_tiled` backward."""
+
+    @staticmethod
+    def forward(ctx, y, dim, gather, tile):
+        ctx.dim, ctx.tile, ctx.active = dim, tile, y.shape[dim]
+        return expand_units(y, dim, gather)
+
+    @staticmethod
+    def backward(ctx, g):
+        return fold_tiled(g, ctx.dim, ctx.tile, ctx.active), None, None, None
+
+
+def expand_packed(
+    y: torch.Tensor, dim: int, gather: torch.Tensor, tile: Tile, min_numel: int | None = None
+) -> torch.Tensor:
+    """``y.index_select(dim, gather)`` on packed roles (``tile``), eager. From ``min_numel`` expanded elements
+    (default :data:`FOLD_MIN_NUMEL`) its backward sums clone gradients into their sources by a reshaped sum (three
+    kernels, deterministic) instead of the gather's ``index_add`` (two kernels)."""
+    threshold = FOLD_MIN_NUMEL if min_numel is None else min_numel
+    if y.numel() // y.shape[dim] * gather.numel() < threshold:
+        return expand_units(y, dim, gather)
+    return _ExpandPacked.apply(y, dim, gather, tile)
+
+
+def fold_tiled(g: torch.Tensor, dim: int, tile: Tile, active: int) -> torch.Tensor:
+    """The adjoint of :func:`expand_tiled`: ``g``'s active units, plus each clone's gradient summed into its source
+    (``active`` units out, in ``g``'s layout)."""
+    active_first, (q, m, r), n = tile
+    axis = dim % g.dim()
+    out = axes.narrow(g, axis, (0 if active_first else n, active)).clone(memory_format=torch.preserve_format)
+    clones = axes.narrow(g, axis, (active if active_first else 0, n))
+    axes.narrow(out, axis, (q, m)).add_(axes.fold(clones, axis, m, r))
+    return out
+
+
 def _innermost(t: torch.Tensor) -> bool:
     """Whether ``t`` (N, C, *S) stores its channels innermost (``channels_last``; read from the strides, so a
     single channel counts too, as a convolution lays it out). Callers test ``t.stride(1) == 1`` first: it settles
