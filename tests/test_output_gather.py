@@ -154,7 +154,7 @@ def test_the_tiled_expansion_of_packed_roles_is_the_gather(n, data, active_first
 def test_the_eager_packed_expansion_keeps_the_layout_and_folds_deterministically():
     """The gradient of ``expand_packed`` comes back in the activations' layout (a ``channels_last`` conv output
     stays so), is the gather's to rounding, is the same bit for bit on every run (no scatter), and is itself
-    differentiable (double backward, as through the gather)."""
+    differentiable (double backward, as through the gather) and transformable (``torch.func``)."""
     from egg_optim.rewrites.output_cloning._gather import expand_packed, tile_of
 
     roles = Roles(12, [0, 1, 2], [3, 4], list(range(5, 12)), [0] * 7)  # assign="first": every clone, one source
@@ -172,6 +172,11 @@ def test_the_eager_packed_expansion_keeps_the_layout_and_folds_deterministically
     assert all(torch.equal(a, again[0]) for a in again)
     (second,) = torch.autograd.grad(got.sum(), g)  # each entry of g is summed into exactly one unit
     assert torch.equal(second, torch.ones_like(g))
+    # torch.func transforms (per-sample gradients) go through it as through the gather
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda yi, gi: (expand_packed(yi[None], 1, roles.gather_index, tile, 0) * gi).sum())
+    )(y.detach(), g.detach())
+    torch.testing.assert_close(per_sample, ref)
 
 
 def test_eager_packed_expansions_fold_from_the_threshold_on():
@@ -181,5 +186,5 @@ def test_eager_packed_expansions_fold_from_the_threshold_on():
 
     roles = Roles(6, [0, 1], [2], [3, 4, 5], [0, 0, 0])
     y = torch.randn(2, 3, 4, requires_grad=True)
-    kinds = {t: expand_packed(y, 1, roles.gather_index, tile_of(roles), t).grad_fn.name() for t in (48, 49)}
+    kinds = {t: type(expand_packed(y, 1, roles.gather_index, tile_of(roles), t).grad_fn).__name__ for t in (48, 49)}
     assert kinds == {48: "_ExpandPackedBackward", 49: "IndexSelectBackward0"}, kinds

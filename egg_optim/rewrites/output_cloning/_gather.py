@@ -48,12 +48,18 @@ FOLD_MIN_NUMEL = 1 << 24
 
 
 class _ExpandPacked(torch.autograd.Function):
-    """:func:`expand_units` forward (one gather), :func:`fold_tiled` backward."""
+    """:func:`expand_units` forward (one gather), :func:`fold_tiled` backward (``torch.func`` transforms too)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y, dim, gather, tile):
-        ctx.dim, ctx.tile, ctx.active = dim, tile, y.shape[dim]
+    def forward(y, dim, gather, tile):
         return expand_units(y, dim, gather)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, dim, _, tile = inputs
+        ctx.dim, ctx.tile, ctx.active = dim, tile, y.shape[dim]
 
     @staticmethod
     def backward(ctx, g):
