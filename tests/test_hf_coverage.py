@@ -25,13 +25,16 @@ from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
 # family -> the kinds of blocks managed and the layers managed as rows (none belongs to a block)
 KINDS = {f: {"attention", "mlp"} for f in tiny.FAMILIES}
 KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "experts"},
-              "qwen2_moe": {"attention", "experts", "mlp"}})  # fmt: skip
+              "qwen2_moe": {"attention", "experts", "mlp"}, "granitemoe": {"attention", "experts"}})  # fmt: skip
 ROWS = {
     "bert": {"bert.pooler.dense"},
     "roberta": {"classifier.dense"},
     "distilbert": {"pre_classifier"},
     "vit": {"vit.embeddings.patch_embeddings.projection"},
     "qwen2_moe": {"model.layers.0.mlp.shared_expert_gate"},
+    "deberta_v2": {"pooler.dense"},
+    "electra": {"classifier.dense"},
+    "xlm_roberta": {"classifier.dense"},  # its classifier.out_proj, registered first, is the output head
 }
 PLAN = RolePlan(0.4, 0.1)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"

@@ -3,6 +3,7 @@ import torch
 from conftest import TinySeedNet, mlp, model_state
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, PlanError, RolePlan
 
@@ -113,3 +114,29 @@ def test_layer_selection_and_exclude():
     model = mlp((4, 8, 8, 8, 2))
     assert list(RolePlan(0.5, layers=["0", "4"]).resolve(model)) == ["0", "4"]
     assert list(RolePlan(0.5, exclude=["2"]).resolve(model)) == ["0", "4"]
+
+
+class _HeadFirst(nn.Module):
+    """A transformers-style model whose task head is registered before its base model (as XLM-RoBERTa's
+    classification model is): ``base_model`` names the body, the head is what lies outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 2)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.body
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_the_output_head_is_found_outside_the_base_model_whatever_the_registration_order():
+    plan = RolePlan(0.5, 0.0)
+    chosen, why = plan.selection(_HeadFirst())
+    assert chosen == ["body.0", "body.2"] and "output head" in why["head"]
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # no base model: the last one registered
+    chosen, why = plan.selection(plain)
+    assert chosen == ["0"] and "output head" in why["2"]

@@ -319,8 +319,9 @@ class RolePlan:
             chosen = [n for n in names if any(name_matches(n, p) for p in self.layers)]
             why.update({n: "not selected by the plan's layers patterns" for n in names if n not in chosen})
         else:
-            chosen = names[:-1]
-            why[names[-1]] = "the last layer, kept as the output head (name it in RolePlan(layers=[...]) to manage it)"
+            head = output_head(model, names)
+            chosen = [n for n in names if n != head]
+            why[head] = "the output head, kept as it is (name it in RolePlan(layers=[...]) to manage it)"
             # layers of a block found but not decomposed: never rows by default (they read or write the residual
             # stream); a plan naming them manages them
             undecomposed = left_alone(model, self.units)
@@ -339,11 +340,11 @@ class RolePlan:
         if not chosen:
             if self.only_listed or self.layers is not None:
                 why = "every layer the plan selects is excluded"
-            elif any(left_alone(model, self.units).get(n) for n in names[:-1]):
+            elif any(left_alone(model, self.units).get(n) for n in names if n != output_head(model, names)):
                 why = "the others belong to transformer blocks that could not be decomposed; name them in layers=[...]"
             else:
                 why = (
-                    "by default every Linear/ConvNd except the last one registered (the classifier) is managed, "
+                    "by default every Linear/ConvNd except the output head (the last one registered) is managed, "
                     f"and {names[-1]!r} is the only one"
                 )
             raise PlanError(
@@ -369,6 +370,21 @@ class RolePlan:
                 )
             out[name] = aligned_plan(name, units, k_lead, k_ind, self.multiple_for(model, modules[name]))
         return out
+
+
+def output_head(model: nn.Module, names: Sequence[str]) -> str:
+    """The candidate a default plan leaves alone as the model's output head: the last one registered, except in a
+    transformers model with a task head (``model.base_model`` is a submodule), where it is the last one registered
+    outside the base model: XLM-RoBERTa's classification model registers its classifier before the encoder, and a
+    plan by registration order alone cloned the classifier's classes and left the encoder's last MLP alone."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        prefix = next((n for n, m in model.named_modules() if m is base), None)
+        if prefix:
+            outside = [n for n in names if n != prefix and not n.startswith(prefix + ".")]
+            if outside:
+                return outside[-1]
+    return names[-1]
 
 
 def aligned_plan(name: str, units: int, leaders: int, independents: int, multiple: int) -> LayerPlan:

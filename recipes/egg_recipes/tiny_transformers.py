@@ -180,6 +180,43 @@ FAMILIES["t5_gated"] = (
 )  # fmt: skip
 
 
+# more decoders, encoders and encoder-decoders (code models, MoE, multilingual variants); XLM-RoBERTa's classification
+# model registers its classifier before its encoder (the output head is found outside the base model)
+_ONE = {"n_embd": HIDDEN, "n_inner": INNER, "n_layer": 1, "n_head": HEADS}
+FAMILIES.update({
+    "phi": (_causal("PhiConfig", "PhiForCausalLM", pad_token_id=0, **{**_ENCODER}), "causal"),
+    # multi_query=False: StarCoder's one key/value head would be one attention unit, no clones (as Falcon-7B)
+    "gpt_bigcode": (_causal("GPTBigCodeConfig", "GPTBigCodeForCausalLM", multi_query=False, **_ONE), "causal"),
+    "gptj": (_causal("GPTJConfig", "GPTJForCausalLM", rotary_dim=4, **_ONE), "causal"),
+    "codegen": (_causal("CodeGenConfig", "CodeGenForCausalLM", rotary_dim=4, **_ONE), "causal"),
+    "starcoder2": (_causal("Starcoder2Config", "Starcoder2ForCausalLM", **_GQA), "causal"),
+    "granite": (_causal("GraniteConfig", "GraniteForCausalLM", **_GQA), "causal"),
+    "cohere": (_causal("CohereConfig", "CohereForCausalLM", pad_token_id=0, **_GQA), "causal"),
+    "granitemoe": (
+        _causal("GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=4, num_experts_per_tok=2, **_GQA),
+        "causal",
+    ),
+    "deberta_v2": (_causal("DebertaV2Config", "DebertaV2ForSequenceClassification", **_ENCODER), "classify"),
+    "electra": (
+        _causal("ElectraConfig", "ElectraForSequenceClassification", embedding_size=HIDDEN, **_ENCODER), "classify"
+    ),
+    "xlm_roberta": (
+        _causal("XLMRobertaConfig", "XLMRobertaForSequenceClassification", pad_token_id=0, **_ENCODER), "classify"
+    ),
+    "mbart": (
+        _causal("MBartConfig", "MBartForConditionalGeneration", d_model=HIDDEN, encoder_ffn_dim=INNER,
+                decoder_ffn_dim=INNER, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
+                decoder_attention_heads=HEADS),
+        "seq2seq",
+    ),
+    "mt5": (
+        _causal("MT5Config", "MT5ForConditionalGeneration", d_model=HIDDEN, d_ff=INNER, d_kv=8, num_layers=1,
+                num_decoder_layers=1, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0),
+        "seq2seq",
+    ),
+})  # fmt: skip
+
+
 def _vit() -> nn.Module:
     t = _t()
     return t.ViTForImageClassification(t.ViTConfig(image_size=8, patch_size=4, **_ENCODER))
