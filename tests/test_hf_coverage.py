@@ -25,7 +25,10 @@ from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
 # family -> the kinds of blocks managed and the layers managed as rows (none belongs to a block)
 KINDS = {f: {"attention", "mlp"} for f in tiny.FAMILIES}
 KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "experts"},
-              "qwen2_moe": {"attention", "experts", "mlp"}, "granitemoe": {"attention", "experts"}})  # fmt: skip
+              "qwen2_moe": {"attention", "experts", "mlp"}, "granitemoe": {"attention", "experts"},
+              "olmo2": {"mlp"}, "olmoe": {"experts"}})  # fmt: skip
+# family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit)
+NOT_DECOMPOSED = {"olmo2": {"model.layers.0.self_attn"}, "olmoe": {"model.layers.0.self_attn"}}
 ROWS = {
     "bert": {"bert.pooler.dense"},
     "roberta": {"classifier.dense"},
@@ -57,7 +60,7 @@ def test_family_trains_saves_and_resumes(family, mode):
     model = tiny.make(family)
     opt = _optimizer(model, mode)
     cov = opt.coverage()
-    assert dict(cov.not_decomposed) == {}
+    assert set(cov.not_decomposed) == NOT_DECOMPOSED.get(family, set())
     assert set(cov.managed_blocks.values()) == KINDS[family] and set(cov.row_layers) == ROWS.get(family, set())
     first, second = tiny.inputs(family, length=15), tiny.inputs(family, length=8, seed=1)  # odd and even lengths
     model.train()

@@ -386,6 +386,21 @@ def _attention(
     if others:
         yield skip(f"projections {others} read neither the hidden states nor its heads")
         return
+    # a norm over a whole projection (OLMo-2's q_norm and k_norm, BitNet's attn_sub_norm: one statistic over every
+    # head) couples the heads: changing one head's rows rescales the others, so no head is a unit of its own
+    projections = {id(m) for _, m in lins}
+    spanning = [
+        _join(prefix, n)
+        for n, c in module.named_children()
+        if id(c) not in projections
+        and isinstance(w := getattr(c, "weight", None), torch.Tensor)
+        and w.dim() == 1
+        and w.numel() in (q_rows, kv_rows)
+        and w.numel() > head_dim
+    ]
+    if spanning:
+        yield skip(f"norms {spanning} normalise across all of its heads, so no head is a unit of its own")
+        return
     if len(producers) == 3 and sorted(o for *_, o in producers) == sorted([q_rows, kv_rows, kv_rows]):
         q = next(p for p in producers if p[2] == q_rows)  # with as many key/value heads as heads, any order works
         for n, m, _ in producers:

@@ -191,6 +191,12 @@ FAMILIES.update({
     "codegen": (_causal("CodeGenConfig", "CodeGenForCausalLM", rotary_dim=4, **_ONE), "causal"),
     "starcoder2": (_causal("Starcoder2Config", "Starcoder2ForCausalLM", **_GQA), "causal"),
     "granite": (_causal("GraniteConfig", "GraniteForCausalLM", **_GQA), "causal"),
+    # OLMo-2 / OLMoE normalise q and k over all heads at once: their attention is left alone, their MLPs managed
+    "olmo2": (_causal("Olmo2Config", "Olmo2ForCausalLM", pad_token_id=0, **_GQA), "causal"),
+    "olmoe": (
+        _causal("OlmoeConfig", "OlmoeForCausalLM", pad_token_id=0, num_experts=4, num_experts_per_tok=2, **_GQA),
+        "causal",
+    ),
     "cohere": (_causal("CohereConfig", "CohereForCausalLM", pad_token_id=0, **_GQA), "causal"),
     "granitemoe": (
         _causal("GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=4, num_experts_per_tok=2, **_GQA),
