@@ -140,3 +140,29 @@ def test_the_output_head_is_found_outside_the_base_model_whatever_the_registrati
     plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # no base model: the last one registered
     chosen, why = plan.selection(plain)
     assert chosen == ["0"] and "output head" in why["2"]
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """A model that defines its classifier before its body, and has no ``base_model`` to tell them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+        self.features = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_a_managed_layer_producing_the_models_output_is_refused_at_the_first_forward_pass(mode):
+    def first_forward(plan):
+        model = _HeadRegisteredFirst()
+        LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), plan, clone_mode=mode)
+        model(torch.randn(2, 8))
+        return model
+
+    with pytest.raises(PlanError, match=r"\['fc'\] produce the model's output.*exclude=\['fc'\]"):
+        first_forward(RolePlan(0.4, 0.1))
+    first_forward(RolePlan(0.4, 0.1, exclude=["fc"]))  # the fix the error names
+    first_forward(RolePlan(0.4, 0.1, layers=["fc", "features.0"]))  # a plan naming its layers is taken as meant

@@ -7,15 +7,22 @@
 - :func:`frozen_layers` / :func:`keep_frozen_roles`: a managed layer whose parameters were frozen
   (``requires_grad_(False)``) after the optimizer was built keeps its roles and rows through elections and clone
   events; one warning names it.
+- :class:`OutputHeadCheck`: a default plan leaves the output head alone, found without input
+  (:func:`egg_optim.core.plan.output_head`: the last layer registered); the model's first complete eager forward
+  pass then shows whether a managed layer's output *is* the model's output (a model that registers its head
+  before its body), and refuses it before any step.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import PlanError
 from .roles import Roles
@@ -70,3 +77,51 @@ def keep_frozen_roles(
             )
         out[name] = current[name]
     return out
+
+
+class OutputHeadCheck:
+    """Hooks that watch the model's first complete eager forward pass, then remove themselves: a managed layer
+    (``layers``) whose output tensor is returned by the model is an output head with roles, and cloning its units
+    would make model outputs copies of each other (a classifier's classes, say). Raises :class:`PlanError` naming it
+    from that forward pass, before any step. For plans that chose their layers by default (``head``: the layer that
+    plan left alone); a plan naming its layers is taken as meant."""
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], head: str) -> None:
+        from .coupling import _Hook  # (coupling imports this module)
+
+        self._head = head
+        self._seen: dict[int, tuple[str, weakref.ref]] = {}
+        self._handles = [model.register_forward_hook(_Hook(self._root, model))]
+        for name, m in layers.items():
+            self._handles.append(m.register_forward_hook(_Hook(self._layer(name), m)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._seen = [], {}
+
+    def _layer(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and not torch.compiler.is_compiling():
+                self._seen[id(output)] = (name, weakref.ref(output))
+
+        return hook
+
+    def _root(self, module: nn.Module, args: Any, output: Any) -> None:
+        from .coupling import _tensors
+
+        if torch.compiler.is_compiling() or not self._handles:
+            return
+        heads = []
+        for t in _tensors(output):
+            hit = self._seen.get(id(t))
+            if hit is not None and hit[1]() is t and hit[0] not in heads:
+                heads.append(hit[0])
+        self.remove()
+        if heads:
+            raise PlanError(
+                f"managed layer(s) {heads} produce the model's output: output heads with roles, whose clones would "
+                f"make outputs copies of each other. A default plan leaves alone the last layer registered "
+                f"({self._head!r}), and this model registers its head before it. Leave the head out: "
+                f"RolePlan(..., exclude={heads!r}), or name the layers to manage with RolePlan(layers=[...])"
+            )

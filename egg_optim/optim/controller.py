@@ -39,8 +39,8 @@ from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator
 from ..core.election import elect
 from ..core.graduation import Graduation, graduate_roles, graduated_counts
-from ..core.guards import frozen_layers, keep_frozen_roles, outside_inference_mode
-from ..core.plan import LayerPlan, RolePlan, describe_alignment
+from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
+from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_head
 from ..core.policies import scaled_counts, stable_elect
 from ..core.roles import Roles
 from ..core.schedule import Schedule
@@ -190,6 +190,8 @@ class RoleController:
         if fusable is not None and config.fuse_norms is not True:
             fusable = None if config.fuse_norms is False else functools.partial(_fused_where_kernels_run, fusable)
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
+        if role_plan.layers is None and not role_plan.only_listed:  # the output head was found without input
+            OutputHeadCheck(model, plain, output_head(model, list(role_plan.candidates(model))))
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
