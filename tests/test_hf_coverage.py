@@ -11,6 +11,7 @@ length, to the same weights). What
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_the_docs_table_is_what_coverage_reports():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     text = DOCS.read_text()
+    if not re.search(rf"transformers\s+{re.escape(transformers.__version__)};", text):
+        # which blocks compute only their active heads is found per transformers version (its attention code)
+        pytest.skip(f"docs/architectures.md describes another transformers version than {transformers.__version__}")
     for family in sorted(tiny.FAMILIES):
         assert table.row(family) in text, family
 
