@@ -338,3 +338,92 @@ def test_blocks_are_found_by_structure_whatever_their_children_are_called():
     }
     assert found["ffn"].producers == ["ffn.left", "ffn.right"]
     assert found["two"].layout == "blocked (assumed)"  # no dummy inputs to settle it: the common layout
+
+
+def _mixing_net(couple_heads: bool, couple_neurons: bool, dummy: bool = True):
+    """A transformer layer found by structure whose attention normalises q over every head at once (a weightless
+    norm: no parameter shows it) and whose MLP normalises its hidden width, each only when asked."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_heads = 4
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            q = F.layer_norm(self.q(x), (16,)) if couple_heads else self.q(x)
+            b, t, _ = x.shape
+            q, k, v = (y.view(b, t, 4, 4).transpose(1, 2) for y in (q, self.k(x), self.v(x)))
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16)
+            return self.o(y)
+
+    class Ffn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(16, 40), nn.Linear(40, 16), nn.GELU()
+
+        def forward(self, x):
+            h = self.act(self.up(x))
+            return self.down(F.layer_norm(h, (40,)) if couple_neurons else h)
+
+    class Net(nn.Module):
+        main_input_name = "input_ids"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(hidden_size=16)
+            self.embed, self.attn, self.ffn, self.head = nn.Embedding(20, 16), Attn(), Ffn(), nn.Linear(16, 20)
+            if dummy:
+                self.dummy_inputs = {"input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])}
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids)
+            return self.head(x + self.ffn(x + self.attn(x)))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.mark.parametrize(("heads", "neurons"), [(True, False), (False, True), (True, True), (False, False)])
+def test_units_that_are_not_computed_apart_are_found_by_dataflow_and_left_alone(heads, neurons):
+    """Nothing in the structure shows a weightless norm across heads or neurons; one forward pass on the model's
+    dummy inputs does: changing one unit's rows changes other units' inputs of the consumer. Such a block is not
+    decomposed (its layers are left alone, with the reason); a block that computes its units apart is."""
+    import warnings
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+    from egg_optim.core.blocks import discover
+
+    model = _mixing_net(heads, neurons)
+    found = discover(model)
+    coupled = {"attn"} if heads else set()
+    coupled |= {"ffn"} if neurons else set()
+    assert set(found.skipped) == coupled
+    assert set(found.groups) == {"attn", "ffn"} - coupled
+    assert all(g.probed for g in found.groups.values())
+    for name in coupled:
+        assert "not computed apart" in found.skipped[name].reason and f"{name}." in found.skipped[name].reason
+    assert model.training  # the probe ran in eval mode and put the model back
+    make = lambda: LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1))  # noqa: E731
+    if coupled == {"attn", "ffn"}:
+        with pytest.raises(PlanError, match="left alone by default.*not computed apart"):  # nothing to manage, said so
+            make()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = make()
+    assert set(opt.coverage().not_decomposed) == coupled
+    assert bool(coupled) == any("not decomposed" in str(w.message) for w in caught)
+
+
+def test_without_dummy_inputs_the_structure_decides():
+    """A model with no dummy inputs cannot be probed: its blocks are decomposed by structure alone (the layers'
+    positions), as documented."""
+    from egg_optim.core.blocks import discover
+
+    groups = discover(_mixing_net(True, True, dummy=False)).groups
+    assert set(groups) == {"attn", "ffn"} and not any(g.probed for g in groups.values())

@@ -27,9 +27,18 @@ from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
 KINDS = {f: {"attention", "mlp"} for f in tiny.FAMILIES}
 KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "experts"},
               "qwen2_moe": {"attention", "experts", "mlp"}, "granitemoe": {"attention", "experts"},
-              "olmo2": {"mlp"}, "olmoe": {"experts"}})  # fmt: skip
-# family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit)
-NOT_DECOMPOSED = {"olmo2": {"model.layers.0.self_attn"}, "olmoe": {"model.layers.0.self_attn"}}
+              "olmo2": {"mlp"}, "olmoe": {"experts"}, "gpt_oss": {"attention", "experts"},
+              "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
+              "qwen3_next": {"experts", "mlp"}, "deepseek_v3": {"experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
+# family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
+# mixes its heads (differential attention, found by dataflow), low-rank (MLA), gated or linear attention
+NOT_DECOMPOSED = {
+    "olmo2": {"model.layers.0.self_attn"},
+    "olmoe": {"model.layers.0.self_attn"},
+    "diffllama": {"model.layers.0.self_attn"},
+    "deepseek_v3": {"model.layers.0.self_attn", "model.layers.1.self_attn"},
+    "qwen3_next": {"model.layers.0.linear_attn", "model.layers.1.self_attn"},
+}
 ROWS = {
     "bert": {"bert.pooler.dense"},
     "roberta": {"classifier.dense"},
@@ -39,7 +48,13 @@ ROWS = {
     "deberta_v2": {"pooler.dense"},
     "electra": {"classifier.dense"},
     "xlm_roberta": {"classifier.dense"},  # its classifier.out_proj, registered first, is the output head
+    "qwen3_next": {"model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"},
+    "esm": {"classifier.dense", "esm.contact_head.regression"},
+    "albert": {"albert.encoder.embedding_hidden_mapping_in", "albert.pooler"},  # no MLP: not a block, rows
+    "swin": {"swin.embeddings.patch_embeddings.projection"},
 }
+# attention whose heads differ by more than their parameters: a clone head computes with its own constant
+OWN_PER_HEAD_CONSTANTS = {"bloom": "ALiBi slopes"}
 PLAN = RolePlan(0.4, 0.1)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
@@ -117,6 +132,12 @@ def test_units_are_found_by_dataflow(family):
 
     model = tiny.make(family).eval()
     found = discover(model)
+    # the library checked the same on the model's dummy inputs when it found them (experts by ablation)
+    assert all(g.probed for g in found.groups.values()), family
+    if family == "gpt_oss":  # its experts interleave gate and up; the gate/up bias and the attention sinks are owned
+        assert all(g.layout.endswith("gate/up interleaved") for g in found.groups.values() if g.kind == "experts")
+        assert {s.param.rpartition(".")[2] for g in found.groups.values() for s in g.slices} >= {"gate_up_proj_bias",
+                                                                                                 "sinks"}  # fmt: skip
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     for g in found.groups.values():
         for s in g.slices:
@@ -152,4 +173,69 @@ def test_units_are_found_by_dataflow(family):
                     params[name].copy_(value)
                 changed = ((seen[-1] - base).abs() > 1e-6).flatten(0, -2).any(0).nonzero().flatten()
                 assert changed.numel() and set(changed.tolist()) <= set(cols[unit].tolist()), (g.name, unit)
+            # a clone is its source: with the last unit's producer slices copied from the first's, the last unit's
+            # inputs of the consumer are the first's (every per-unit value of the block is among the slices)
+            if family in OWN_PER_HEAD_CONSTANTS and g.kind == "attention":
+                continue
+            saved = [(p, p.detach().clone()) for p in modules[g.name].parameters()]
+            for p, _ in saved:  # no per-unit value of the block may be equal across units by its initialisation
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            for s in g.slices:
+                if s.role == "producer":
+                    p = params[s.param]
+                    p.index_copy_(s.dim, s.index[-1], p.index_select(s.dim, s.index[0]))
+            modules[g.name].forward(*_fresh(args), **_fresh(kwargs))
+            for p, value in saved:
+                p.copy_(value)
+            torch.testing.assert_close(seen[-1][..., cols[-1]], seen[-1][..., cols[0]], msg=g.name)
         hook.remove()
+
+
+def test_routers_and_grouped_convolutions_are_left_alone_unless_named():
+    """A default plan gives no roles to a router (a Linear with one output per expert beside the experts: Phi-MoE's
+    subclasses nn.Linear, which output mode could not rewrite) nor to a grouped convolution (Qwen3-Next's depthwise
+    conv1d), and says why; a plan naming the router manages it, one naming the convolution is refused."""
+    from egg_optim.errors import PlanError
+
+    moe = tiny.make("phimoe")
+    left = _optimizer(moe, "output").coverage().left_alone
+    assert "router of 'model.layers.0.mlp.experts'" in left["model.layers.0.mlp.router"]
+    named = LeaderCloneOptimizer(moe, torch.optim.AdamW(moe.parameters()), RolePlan(0.5, 0.0, layers=["*router"]))
+    assert named.coverage().row_layers == ("model.layers.0.mlp.router",)
+
+    hybrid = tiny.make("qwen3_next")
+    conv = "model.layers.0.linear_attn.conv1d"
+    assert "grouped convolution (groups=" in _optimizer(hybrid, "weight").coverage().left_alone[conv]
+    with pytest.raises(PlanError, match="grouped convolutions"):
+        LeaderCloneOptimizer(hybrid, torch.optim.AdamW(hybrid.parameters()), RolePlan(0.5, 0.0, layers=[conv]))
+
+
+def test_a_model_whose_units_all_mix_is_refused_naming_why():
+    """BitNet normalises its attention output over every head and its MLP's hidden width over every neuron (one
+    statistic each, parameters of the width of the hidden states: nothing structural shows it): the dataflow probe
+    leaves both blocks alone, so a default plan has nothing to manage and says why."""
+    from egg_optim.errors import PlanError
+
+    cfg = transformers.BitNetConfig(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BitNetForCausalLM(cfg)
+    with pytest.raises(PlanError, match="left alone by default.*not computed apart"):
+        _optimizer(model, "output")
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_a_model_without_a_head_has_every_block_managed(mode):
+    """A base model (``LlamaModel``: no task head) ends with a block, whose units feed the residual stream, not the
+    output: a default plan leaves no "output head" alone there, and trains (the first forward pass finds no managed
+    layer producing the model's output)."""
+    causal = tiny.make("llama")
+    model = causal.model  # LlamaModel, the base model of the tiny causal LM
+    opt = _optimizer(model, mode)
+    cov = opt.coverage()
+    assert set(cov.managed_blocks) == {"layers.0.self_attn", "layers.0.mlp"}
+    assert not any("output head" in why for why in cov.left_alone.values())
+    before = model.layers[0].mlp.down_proj.weight.detach().clone()
+    model(**tiny.inputs("llama", labels=False)).last_hidden_state.pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(model.layers[0].mlp.down_proj.weight, before)

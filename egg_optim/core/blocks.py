@@ -26,12 +26,13 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   ``[experts, hidden, inner]`` (or both transposed); the router is no unit.
 
 Where shapes are ambiguous (a projection as wide as the hidden states), the projection registered last reads the
-units. Where a fused qkv projection could be laid out two ways (``[q | k | v]`` blocks, GPT-2 and Phi3, or per
-head / key-value group interleaved, GPT-NeoX, BLOOM and Falcon), one forward pass of the model on its dummy inputs
-decides: changing one unit's rows under the right layout changes only that unit's columns of the output
-projection's input. Residual-stream projections (the attention output and MLP down projections) are part of their
-block; a module that looks like a block but cannot be decomposed is reported (:class:`Skipped`) and its layers are
-left alone rather than managed as rows, unless a plan names them.
+units. Then one forward pass of the model on its dummy inputs (a transformers model has them) checks the units by
+dataflow: changing one unit's rows must change only that unit's columns of the consumer's input. It settles the
+layout of a fused qkv projection (``[q | k | v]`` blocks, GPT-2 and Phi3, or per head / key-value group
+interleaved, GPT-NeoX, BLOOM and Falcon), and it leaves alone a block whose units are not computed apart (a norm or
+a mix across heads or neurons that the structure does not show). Residual-stream projections (the attention output
+and MLP down projections) are part of their block; a module that looks like a block but cannot be decomposed is
+reported (:class:`Skipped`) and its layers are left alone rather than managed as rows, unless a plan names them.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class UnitGroup:
     heads_per_unit: int = 1  # attention: query heads per unit (GQA group size)
     head_dim: int = 1
     layout: str = ""  # how a fused projection holds its units ("blocked", "interleaved"; "(assumed)" if not probed)
+    probed: bool = False  # its units were seen computed apart on the model's dummy inputs (not only by structure)
 
     @property
     def modules(self) -> list[str]:
@@ -103,14 +105,17 @@ class Skipped:
     kind: str
     reason: str
     members: tuple[str, ...]
+    final: bool = False  # the members are what the module computes with (no module further up may claim them)
 
 
 @dataclass
 class Discovery:
-    """What :func:`discover` found: the blocks (by name) and the look-alikes it could not decompose."""
+    """What :func:`discover` found: the blocks (by name), the look-alikes it could not decompose and the routers of
+    mixtures of experts (``{router layer: experts}``: a Linear scoring the experts, no unit of its own)."""
 
     groups: dict[str, UnitGroup] = field(default_factory=dict)
     skipped: dict[str, Skipped] = field(default_factory=dict)
+    routers: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -226,7 +231,8 @@ def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None,
     return heads, kv or heads, head_dim
 
 
-_SIGNAL = _HEADS + _KV_HEADS + _HEAD_DIM + ("num_key_value_groups",)
+# a head count of another name (Qwen3-Next's gated delta net) still marks a module that mixes over heads
+_SIGNAL = _HEADS + _KV_HEADS + _HEAD_DIM + ("num_key_value_groups", "num_v_heads", "num_k_heads")
 
 
 def _looks_like_attention(prefix: str, module: nn.Module, claimed: Mapping[str, str]) -> bool:
@@ -252,10 +258,10 @@ def _fingerprint(model: nn.Module) -> tuple:
 
 
 def discover(model: nn.Module, *, probe: bool = True) -> Discovery:
-    """Every transformer MLP, attention and experts block of ``model`` (by name), and the modules that look like one
-    but could not be decomposed. ``probe``: settle the layout of fused qkv projections with one forward pass on the
-    model's dummy inputs (otherwise ``[q | k | v]`` blocks are assumed). Cached per model until its structure
-    changes."""
+    """Every transformer MLP, attention and experts block of ``model`` (by name), the modules that look like one but
+    could not be decomposed, and the routers of experts. ``probe``: check the blocks by dataflow on one forward pass
+    of the model's dummy inputs (:func:`_probe_blocks`: fused layouts, blocks that mix their units; otherwise the
+    structure alone decides and ``[q | k | v]`` blocks are assumed). Cached per model until its structure changes."""
     key = _fingerprint(model)
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:
@@ -270,20 +276,27 @@ def discover(model: nn.Module, *, probe: bool = True) -> Discovery:
     for kind in ("attention", "experts", "mlp"):
         for prefix, module in by_depth:
             for item in _match(kind, prefix, module, claimed, root_config, hidden, bool(found.groups)):
+                if isinstance(item, Skipped) and item.final:
+                    found.skipped[item.name] = item
+                    claimed.update(dict.fromkeys(item.members, item.name))
+                    continue
                 if isinstance(item, Skipped):
                     failed.setdefault(item.name, item)
                     continue
                 found.groups[item.name] = item
                 for m in item.modules:
                     claimed[m] = item.name
-    for item in failed.values():  # attention look-alikes first: they were tried first
+    for item in failed.values():  # attention look-alikes first, deepest first: they were tried so
         members = tuple(m for m in item.members if m not in claimed)
+        if any(n.startswith(f"{item.name}.") for n in found.skipped):
+            continue  # a layer around an attention look-alike (its head count): the look-alike is the block
         if members:
             found.skipped[item.name] = Skipped(item.name, item.kind, item.reason, members)
             for m in members:
                 claimed[m] = item.name
+    found.routers = _routers(modules, claimed)
     if probe:
-        _settle_layouts(model, found)
+        _probe_blocks(model, found)
     order = {n: i for i, (n, _) in enumerate(modules)}
     first = {g: min(order.get(m, len(order)) for m in g_.modules) for g, g_ in found.groups.items()}
     found.groups = dict(sorted(found.groups.items(), key=lambda kv: first[kv[0]]))
@@ -351,9 +364,9 @@ def _attention(
     heads, kv, head_dim = _heads(module, root_config)
     names = [n for n, _ in lins]
 
-    def skip(reason: str) -> Skipped:
+    def skip(reason: str, final: bool = False) -> Skipped:
         why = f"attention {prefix!r}: {reason}; its projections are left alone (manage them with units='layers', or "
-        return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names))
+        return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names), final)
 
     if heads is None:
         yield skip("cannot tell its number of heads")
@@ -386,20 +399,24 @@ def _attention(
     if others:
         yield skip(f"projections {others} read neither the hidden states nor its heads")
         return
-    # a norm over a whole projection (OLMo-2's q_norm and k_norm, BitNet's attn_sub_norm: one statistic over every
-    # head) couples the heads: changing one head's rows rescales the others, so no head is a unit of its own
+    # a norm over a whole projection (OLMo-2's q_norm and k_norm with grouped heads: one statistic over every head)
+    # couples the heads: changing one head's rows rescales the others, so no head is a unit of its own. A norm as
+    # wide as the hidden states may as well be the block's pre- or post-norm (ESM, ALBERT): the dataflow probe
+    # decides those, and norms beside projections that are not its children (a decoder layer's residual norms)
     projections = {id(m) for _, m in lins}
+    direct = projections <= {id(c) for c in module.children()}
     spanning = [
         _join(prefix, n)
         for n, c in module.named_children()
-        if id(c) not in projections
+        if direct
+        and id(c) not in projections
         and isinstance(w := getattr(c, "weight", None), torch.Tensor)
         and w.dim() == 1
         and w.numel() in (q_rows, kv_rows)
-        and w.numel() > head_dim
+        and head_dim < w.numel() != hidden
     ]
     if spanning:
-        yield skip(f"norms {spanning} normalise across all of its heads, so no head is a unit of its own")
+        yield skip(f"norms {spanning} normalise across all of its heads, so no head is a unit of its own", final=True)
         return
     if len(producers) == 3 and sorted(o for *_, o in producers) == sorted([q_rows, kv_rows, kv_rows]):
         q = next(p for p in producers if p[2] == q_rows)  # with as many key/value heads as heads, any order works
@@ -414,11 +431,13 @@ def _attention(
                    f"{heads} heads / {kv} key-value heads of size {head_dim} (separate, or one fused)")  # fmt: skip
         return
     slices.append(_consumer_slice(o_name, o_mod, q_index))
-    # a per-head table (T5's relative attention bias: an Embedding with one column per head) goes with its head
-    for n, c in module.named_children():
-        if isinstance(c, nn.Embedding) and c.embedding_dim == heads and heads > 1:
-            head_index = torch.arange(heads).reshape(kv, rep)
-            slices.append(UnitSlice(f"{_join(prefix, n)}.weight", 1, head_index))
+    # per-head values go with their head: a table with one column per head (T5's relative attention bias, Swin's
+    # relative position bias table) and one value per head (GPT-OSS's attention sinks)
+    head_index = torch.arange(heads).reshape(kv, rep)
+    owned = {id(p) for _, m in lins for p in m.parameters()}
+    for n, p in module.named_parameters():
+        if heads > 1 and id(p) not in owned and p.dim() in (1, 2) and p.shape[-1] == heads:
+            slices.append(UnitSlice(_join(prefix, n), p.dim() - 1, head_index))
     yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout)
 
 
@@ -471,11 +490,12 @@ def _mlp(
 
 # ---------------------------------------------------------------------------------------------- experts
 def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
-    """Routed experts stored as two 3-D parameters (transformers 5): ``[E, 2I, d]`` (gate and up, ``[gate | up]``)
-    and ``[E, d, I]`` (down), or both transposed (``[E, d, 2I]``, ``[E, I, d]``); an ungated expert has ``I`` for
-    ``2I``. A unit is one hidden neuron of one expert, unit ``e * I + j``: it owns row ``j`` (and ``I + j``) of expert
-    ``e``'s gate/up slice and column ``j`` of its down slice (positions over the expert and neuron dimensions
-    together, :mod:`egg_optim.core.axes`)."""
+    """Routed experts stored as two 3-D parameters (transformers 5): ``[E, 2I, d]`` (gate and up) and ``[E, d, I]``
+    (down), or both transposed (``[E, d, 2I]``, ``[E, I, d]``); an ungated expert has ``I`` for ``2I``. A unit is one
+    hidden neuron of one expert, unit ``e * I + j``: it owns its gate and up rows of expert ``e``'s slice (``j`` and
+    ``I + j`` where they are ``[gate | up]``; ``2j`` and ``2j + 1`` where interleaved, GPT-OSS: the dataflow probe
+    decides), its entries of a ``[E, 2I]`` gate/up bias, and column ``j`` of its down slice (positions over the
+    expert and neuron dimensions together, :mod:`egg_optim.core.axes`)."""
     params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None and p.dim() == 3]
     if len(params) != 2:
         return
@@ -484,72 +504,141 @@ def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
     if b.shape[0] != E or E < 2:
         return
     if a.shape[2] == b.shape[1] and a.shape[1] in (b.shape[2], 2 * b.shape[2]):  # [E, 2I, d], [E, d, I]
-        inner, up_axis, down_axis, gated = b.shape[2], (0, 1), (0, 2), a.shape[1] == 2 * b.shape[2]
+        inner, up_axis, down_axis, width = b.shape[2], (0, 1), (0, 2), a.shape[1]
     elif a.shape[1] == b.shape[2] and a.shape[2] in (b.shape[1], 2 * b.shape[1]):  # [E, d, 2I], [E, I, d]
-        inner, up_axis, down_axis, gated = b.shape[1], (0, 2), (0, 1), a.shape[2] == 2 * b.shape[1]
+        inner, up_axis, down_axis, width = b.shape[1], (0, 2), (0, 1), a.shape[2]
     else:
         return
-    e = torch.arange(E).repeat_interleave(inner)
-    j = torch.arange(inner).repeat(E)
-    width = 2 * inner if gated else inner
-    up = (e * width + j)[:, None]
-    if gated:
-        up = torch.cat([up, up + inner], dim=1)
-    slices = [
-        UnitSlice(_join(prefix, an), up_axis, up),
-        UnitSlice(_join(prefix, bn), down_axis, (e * inner + j)[:, None], "consumer"),
+    up = _expert_index(E, inner, width, "blocked")
+    slices = [UnitSlice(_join(prefix, an), up_axis, up)]
+    # a gate/up bias [E, 2I]: registered before the down weight where a down bias [E, d] has its shape (2I == d)
+    order, hidden = [n for n, _ in module.named_parameters(recurse=False)], b.numel() // (E * inner)
+    slices += [
+        UnitSlice(_join(prefix, n), (0, 1), up)
+        for n, p in module.named_parameters(recurse=False)
+        if p is not None and tuple(p.shape) == (E, width) and (width != hidden or order.index(n) < order.index(bn))
     ]
+    slices.append(UnitSlice(_join(prefix, bn), down_axis, _expert_index(E, inner, inner, ""), "consumer"))
     yield UnitGroup(prefix, "experts", E * inner, slices, [prefix], None, layout=f"{E} experts x {inner} neurons")
 
 
-# ---------------------------------------------------------------------------------------------- layout probe
+def _expert_index(experts: int, inner: int, width: int, layout: str) -> torch.Tensor:
+    """Each expert neuron's positions in a ``[experts, width]`` pair axis: ``width == inner`` one position;
+    ``width == 2 inner`` gate and up, ``"blocked"`` (``[gate | up]``) or ``"interleaved"``."""
+    e = torch.arange(experts).repeat_interleave(inner)
+    j = torch.arange(inner).repeat(experts)
+    if width == inner:
+        return (e * width + j)[:, None]
+    if layout == "interleaved":
+        return torch.stack([e * width + 2 * j, e * width + 2 * j + 1], dim=1)
+    return torch.stack([e * width + j, e * width + inner + j], dim=1)
+
+
+def _routers(modules: list[tuple[str, nn.Module]], claimed: Mapping[str, str]) -> dict[str, str]:
+    """``{router: experts}``: in a module holding experts (a child with 3-D expert weights, or with at least two
+    experts modules of one class), each unclaimed Linear outside them, reading what the experts read, with one
+    output per expert (Switch's ``router.classifier``, Llama 4's ``router``, Hunyuan's ``gate.wg``)."""
+    out: dict[str, str] = {}
+    for prefix, module in modules:
+        for cname, child in module.named_children():
+            where = _join(prefix, cname)
+            weights = [p for p in child.parameters(recurse=False) if p.dim() == 3]
+            if weights:
+                count, width = weights[0].shape[0], {weights[0].shape[1], weights[0].shape[2]}
+            else:  # experts modules side by side (a list, or NLLB-MoE's own container), each with its Linears
+                experts = [e for e in child.children() if not _linear(e) and any(_linear(m) for m in e.modules())]
+                if len(experts) < 2 or len({type(e) for e in experts}) != 1:
+                    continue
+                count, width = len(experts), {_in(next(m for m in experts[0].modules() if _linear(m)))}
+            for n, m in _linears(prefix, module, claimed):
+                if not n.startswith(where + ".") and _out(m) == count and _in(m) in width and count >= 2:
+                    out[n] = where
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- dataflow probe
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's own dummy inputs (transformers' ``dummy_inputs``; with decoder inputs for an encoder-decoder), or
+    images of the configured size for a vision model whose dummy inputs are token ids; ``None`` where there are none
+    or the model is on the meta device."""
     inputs = getattr(model, "dummy_inputs", None)
-    if not isinstance(inputs, Mapping) or getattr(model, "main_input_name", "input_ids") not in inputs:
-        return None
+    main = getattr(model, "main_input_name", "input_ids")
     try:
-        device = next(model.parameters()).device
+        p = next(model.parameters())
     except StopIteration:
         return None
-    if device.type == "meta":
+    if p.device.type == "meta":
         return None
-    return {k: v.to(device) for k, v in inputs.items() if torch.is_tensor(v)}
+    cfg = getattr(model, "config", None)
+    vision = next((c for c in _configs(cfg) if hasattr(c, "image_size") and hasattr(c, "num_channels")), None)
+    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", None)
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if main == "pixel_values" and isinstance(inputs, Mapping) and main not in inputs and channels and len(size) == 2:
+        images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
+        inputs = {main: images.to(p.dtype if p.is_floating_point() else torch.float32)}
+    if not isinstance(inputs, Mapping) or main not in inputs:
+        return None
+    inputs = {k: v.to(p.device) for k, v in inputs.items() if torch.is_tensor(v)}
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs and main == "input_ids":
+        inputs["decoder_input_ids"] = inputs[main]  # BART-like models make none from the inputs alone
+    return inputs
 
 
 @torch.no_grad()
-def _settle_layouts(model: nn.Module, found: Discovery) -> None:
-    """For each attention block with a fused qkv projection, find by dataflow which layout its forward pass reads:
-    with the right one, changing one unit's rows changes only that unit's inputs of the output projection."""
-    fused = {n: g for n, g in found.groups.items() if g.kind == "attention" and len(g.producers) == 1}
-    if not fused:
-        return
-    inputs = _dummy_inputs(model)
+def _probe_blocks(model: nn.Module, found: Discovery) -> None:
+    """Check by dataflow, on one forward pass of the model's dummy inputs, that each kind of block computes its units
+    apart: changing one unit's producer positions changes that unit's inputs of the consumer (output or down
+    projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k | v]``
+    blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
+    neurons that its structure does not show) becomes :class:`Skipped`. Blocks of one class and shapes are checked
+    once; nothing is decided where the model cannot run here (no dummy inputs, sharded parameters, an error)."""
     modules = dict(model.named_modules())
+    runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
+    inputs = _dummy_inputs(model) if runners else None
+    if inputs is None or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = [
-        modules[n].register_forward_pre_hook(
-            lambda m, a, k, n=n: calls.setdefault(n, (a, k)) and None, with_kwargs=True
+        modules[r].register_forward_pre_hook(
+            lambda m, a, k, r=r: calls.setdefault(r, (a, k)) and None, with_kwargs=True
         )
-        for n in fused
-        if n in modules
+        for r in set(runners.values())
     ]
     training = {m: m.training for m in model.modules()}
+    verdicts: dict[tuple, tuple[str, str]] = {}
     try:
         model.eval()
-        if inputs is not None:
-            model(**inputs)
+        model(**inputs)
         for h in handles:
             h.remove()
-        for name, g in fused.items():
-            if name not in calls:
+        for name, runner in runners.items():
+            g = found.groups[name]
+            if runner not in calls:
                 continue
-            for layout in ("blocked", "interleaved"):
-                if _layout_fits(modules, g, layout, *calls[name]):
-                    _set_layout(g, layout)
-                    break
-            else:
-                g.layout = "blocked (no layout fits: assumed)"
-    except Exception as exc:  # noqa: BLE001 - a model the dummy inputs do not fit: layouts stay assumed
+            call = (modules, modules[runner], g, *calls[runner])
+            if g.kind == "experts":  # no consumer module: ablation, which also settles a gated layout
+                verdicts[(name,)] = _experts_apart(modules[runner], g, *calls[runner])
+            elif g.kind == "attention" and len(g.producers) == 1:  # a fused qkv projection: which layout it reads
+                for layout in ("blocked", "interleaved"):
+                    if _spill(*call, _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim))[0] == "apart":
+                        _set_layout(g, layout)
+                        break
+                else:
+                    g.layout = "blocked (no layout fits: assumed)"
+            key = (name,) if g.kind == "experts" else _signature(modules[runner], g)
+            if key not in verdicts:
+                verdicts[key] = _spill(*call)
+            verdict, why = verdicts[key]
+            g.probed = verdict == "apart"
+            if verdict == "unfed":  # shapes that looked like a block (ALBERT's pooler and input mapping): no block
+                found.groups.pop(name)
+                logger.debug("egg_optim: %s is no %s block: %s", name, g.kind, why)
+            elif verdict == "coupled":
+                found.groups.pop(name)
+                why = f"{g.kind} {name!r}: its units are not computed apart ({why}); its layers are left alone "
+                why += "(manage them with units='layers', or name them in RolePlan(layers=[...]))"
+                found.skipped[name] = Skipped(name, g.kind, why, tuple(g.modules))
+    except Exception as exc:  # noqa: BLE001 - a model the dummy inputs do not fit: nothing is decided
         logger.debug("egg_optim: no dummy forward pass for %s (%s)", type(model).__name__, exc)
     finally:
         for h in handles:
@@ -558,44 +647,138 @@ def _settle_layouts(model: nn.Module, found: Discovery) -> None:
             m.training = flag
 
 
+def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
+    """The module whose call computes the block: the block itself, or the layer holding an MLP that has no module of
+    its own (BERT's ``intermediate`` and ``output``)."""
+    if g.kind == "experts":
+        return g.name if g.name in modules else None
+    if g.consumer is None or g.consumer not in modules:
+        return None
+    return next((n for n in (g.name, g.name.rpartition(".")[0]) if n in modules), None)
+
+
+def _signature(module: nn.Module, g: UnitGroup) -> tuple:
+    return type(module), g.kind, g.layout, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
+
+
 def _set_layout(g: UnitGroup, layout: str) -> None:
     index = _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim)
     g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.module == g.producers[0] else s for s in g.slices]
     g.layout = layout
 
 
-def _layout_fits(modules: Mapping[str, nn.Module], g: UnitGroup, layout: str, args: tuple, kwargs: dict) -> bool:
+def _spill(
+    modules: Mapping[str, nn.Module],
+    runner: nn.Module,
+    g: UnitGroup,
+    args: tuple,
+    kwargs: dict,
+    fused: torch.Tensor | None = None,
+) -> tuple[str, str]:
+    """Change the producer positions (``fused``: those of the fused projection under a candidate layout) of every
+    unit, then of the first and of the last, and compare the consumer's input with an unchanged run's. ``(verdict,
+    why)``: ``"apart"`` (only the changed unit's columns move), ``"coupled"`` (other units' columns move too),
+    ``"unfed"`` (changing every unit moves nothing: the producers do not feed the consumer, not a block),
+    ``"unknown"`` (a unit moves nothing, e.g. a dead neuron on these inputs, or the block cannot run here)."""
     from ..rewrites.block_output import _fresh
 
-    attn, proj, out = modules[g.name], modules[g.producers[0]], modules[g.consumer]
-    index = _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim)
+    producers = [s for s in g.slices if s.role == "producer" and isinstance(s.dim, int)]
+    if fused is not None:
+        producers = [UnitSlice(s.param, s.dim, fused) for s in producers if s.module == g.producers[0]]
     cols = next(s.index for s in g.slices if s.role == "consumer")
     seen: list[torch.Tensor] = []
-    hook = out.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
-    dim = 1 if _is_conv1d(proj) else 0
-    weight = proj.weight
+    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
     gen = torch.Generator().manual_seed(0)
+
+    def consumed(unit: int | None = None, every: bool = False) -> torch.Tensor:
+        """The consumer's input (its first call) with ``unit``'s (or ``every`` unit's) producer positions changed."""
+        saved = []
+        for s in producers if unit is not None or every else ():
+            module = modules[s.module]
+            p = module._parameters[s.key]
+            rows = (s.index.flatten() if every else s.index[unit]).to(p.device)
+            shape = list(p.shape)
+            shape[s.dim] = rows.numel()
+            noise = torch.randn(shape, generator=gen).to(p) * (1 + p.detach().abs().mean())
+            saved.append((module, s.key, p))
+            module._parameters[s.key] = p.detach().index_add(s.dim, rows, noise)
+        seen.clear()
+        try:
+            runner.forward(*_fresh(args), **_fresh(kwargs))
+        finally:
+            for module, key, p in saved:
+                module._parameters[key] = p
+        return seen[0]
+
     try:
-        attn.forward(*_fresh(args), **_fresh(kwargs))
+        base = consumed()
+
+        def moved(x: torch.Tensor) -> set[int]:
+            diff = (x - base).abs().flatten(0, -2).amax(0) > 1e-6 * (1 + base.abs().max())
+            return set(diff.nonzero().flatten().tolist())
+
+        if not moved(consumed(every=True)):
+            return "unfed", f"changing every unit's rows changes nothing {g.consumer!r} reads"
         for u in sorted({0, g.num_units - 1}):
-            noise = torch.randn(weight.shape, generator=gen).to(weight) * (1 + weight.detach().abs().mean())
-            mask = torch.zeros(weight.shape[dim], dtype=torch.bool, device=weight.device)
-            mask[index[u].to(weight.device)] = True
-            shape = [1, 1]
-            shape[dim] = -1
-            changed = weight.detach() + noise * mask.reshape(shape)
-            proj._parameters["weight"] = changed
-            try:
-                attn.forward(*_fresh(args), **_fresh(kwargs))
-            finally:
-                proj._parameters["weight"] = weight
-            diff = (seen[-1] - seen[0]).abs().flatten(0, -2).amax(0) > 1e-6 * (1 + seen[0].abs().max())
-            inside = torch.zeros_like(diff)
-            inside[cols[u].to(diff.device)] = True
-            if not bool(diff.any()) or bool((diff & ~inside).any()):
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - a layout the module cannot run with is not its layout
-        return False
+            changed = moved(consumed(u))
+            outside = changed - set(cols[u].tolist())
+            if not changed:  # the wrong positions (a layout tried), or a unit these inputs do not reach
+                return "unknown", f"changing unit {u} changes nothing {g.consumer!r} reads"
+            if outside:
+                return "coupled", f"changing unit {u} changes {len(outside)} inputs of {g.consumer!r} other units own"
+        return "apart", ""
+    except Exception as exc:  # noqa: BLE001 - a layout or block the module cannot run with here
+        return "unknown", f"{type(exc).__name__}: {exc}"
     finally:
         hook.remove()
+
+
+def _experts_apart(
+    module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict, layouts: tuple[str, ...] = ("blocked", "interleaved")
+) -> tuple[str, str]:
+    """Experts by ablation (their down projection is no module whose input can be read): with neuron ``j`` of every
+    expert zeroed in the down weights, changing its gate/up positions must not move the block's output. Gated
+    experts take the gate/up layout under which that holds. ``(verdict, why)`` as :func:`_spill` says."""
+    from ..rewrites.block_output import _first_tensor, _fresh
+    from . import axes
+
+    params = module._parameters
+    down = next(s for s in g.slices if s.role == "consumer")
+    ups = [s for s in g.slices if s.role == "producer"]
+    experts = params[down.key].shape[0]
+    inner = g.num_units // experts
+    width = inner * ups[0].index.shape[1]
+    units = torch.cat([torch.arange(experts) * inner + j for j in sorted({0, inner - 1})])
+    gen = torch.Generator().manual_seed(0)
+
+    def run(index: torch.Tensor | None, zero: bool) -> torch.Tensor | None:
+        saved = {}
+        changes = [(down, down.index, None)] if zero else []
+        changes += [(s, index, gen) for s in ups] if index is not None else []
+        for s, idx, noise in changes:
+            p = saved.setdefault(s.key, params[s.key]).detach()
+            at = idx[units].flatten().to(p.device)
+            old = axes.select(p, s.dim, at)
+            new = old + torch.randn(old.shape, generator=noise).to(old) * (1 + p.abs().mean()) if noise else 0 * old
+            params[s.key] = axes.copied(p, s.dim, at, new)
+        try:
+            return _first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
+        finally:
+            params.update(saved)
+
+    def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return x is not None and y is not None and bool(((x - y).abs() > 1e-6 * (1 + y.abs().max())).any())
+
+    try:
+        candidates = {layout: _expert_index(experts, inner, width, layout) for layout in layouts}
+        if not differ(run(next(iter(candidates.values())), False), run(None, False)):
+            return "unknown", "changing its neurons does not move its output on these inputs"
+        for layout, index in candidates.items():
+            if not differ(run(index, True), run(None, True)):
+                g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.role == "producer" else s for s in g.slices]
+                if width == 2 * inner:
+                    g.layout = f"{experts} experts x {inner} neurons, gate/up {layout}"
+                return "apart", ""
+        return "coupled", "a neuron whose down weights are zeroed still moves the output under every gate/up layout"
+    except Exception as exc:  # noqa: BLE001 - a block the module cannot run with here
+        return "unknown", f"{type(exc).__name__}: {exc}"

@@ -86,7 +86,7 @@ class OutputHeadCheck:
     from that forward pass, before any step. For plans that chose their layers by default (``head``: the layer that
     plan left alone); a plan naming its layers is taken as meant."""
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], head: str) -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], head: str | None) -> None:
         from .coupling import _Hook  # (coupling imports this module)
 
         self._head = head
@@ -122,6 +122,7 @@ class OutputHeadCheck:
             raise PlanError(
                 f"managed layer(s) {heads} produce the model's output: output heads with roles, whose clones would "
                 f"make outputs copies of each other. A default plan leaves alone the last layer registered "
-                f"({self._head!r}), and this model registers its head before it. Leave the head out: "
+                f"({self._head or 'none: the last candidate is a transformer block'}), and this model registers its "
+                f"head before it. Leave the head out: "
                 f"RolePlan(..., exclude={heads!r}), or name the layers to manage with RolePlan(layers=[...])"
             )

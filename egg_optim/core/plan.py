@@ -319,14 +319,17 @@ class RolePlan:
             chosen = [n for n in names if any(name_matches(n, p) for p in self.layers)]
             why.update({n: "not selected by the plan's layers patterns" for n in names if n not in chosen})
         else:
-            head = output_head(model, names)
+            head = output_head(model, dict(candidates))
             chosen = [n for n in names if n != head]
-            why[head] = "the output head, kept as it is (name it in RolePlan(layers=[...]) to manage it)"
-            # layers of a block found but not decomposed: never rows by default (they read or write the residual
-            # stream); a plan naming them manages them
-            undecomposed = left_alone(model, self.units)
-            why.update({n: undecomposed[n] for n in chosen if n in undecomposed})
-            chosen = [n for n in chosen if n not in undecomposed]
+            if head is not None:
+                why[head] = "the output head, kept as it is (name it in RolePlan(layers=[...]) to manage it)"
+            # layers of a block found but not decomposed (they read or write the residual stream), routers, grouped
+            # convolutions: never managed by default; a plan naming them manages them or says why it cannot
+            alone = left_alone(model, self.units)
+            why.update(
+                {n: f"{alone[n]} (name it in RolePlan(layers=[...]) to manage it)" for n in chosen if n in alone}
+            )
+            chosen = [n for n in chosen if n not in alone]
         excluded = [n for n in chosen if any(name_matches(n, p) for p in self.exclude)]
         why.update({n: "excluded by the plan" for n in excluded})
         return [n for n in chosen if n not in excluded], why
@@ -340,8 +343,9 @@ class RolePlan:
         if not chosen:
             if self.only_listed or self.layers is not None:
                 why = "every layer the plan selects is excluded"
-            elif any(left_alone(model, self.units).get(n) for n in names if n != output_head(model, names)):
-                why = "the others belong to transformer blocks that could not be decomposed; name them in layers=[...]"
+            elif alone := {n: r for n, r in left_alone(model, self.units).items() if n in names}:
+                first = next(iter(alone))
+                why = f"the others are left alone by default, e.g. {first!r}: {alone[first]}; name them in layers=[...]"
             else:
                 why = (
                     "by default every Linear/ConvNd except the output head (the last one registered) is managed, "
@@ -372,19 +376,22 @@ class RolePlan:
         return out
 
 
-def output_head(model: nn.Module, names: Sequence[str]) -> str:
+def output_head(model: nn.Module, candidates: Mapping[str, nn.Module | UnitGroup]) -> str | None:
     """The candidate a default plan leaves alone as the model's output head: the last one registered, except in a
     transformers model with a task head (``model.base_model`` is a submodule), where it is the last one registered
     outside the base model: XLM-RoBERTa's classification model registers its classifier before the encoder, and a
-    plan by registration order alone cloned the classifier's classes and left the encoder's last MLP alone."""
+    plan by registration order alone cloned the classifier's classes and left the encoder's last MLP alone. ``None``
+    where that candidate is a transformer block (a model without a head: ``LlamaModel``, ``CLIPTextModel``), whose
+    units feed the residual stream, not the output."""
+    names = list(candidates)
+    head = names[-1]
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
         prefix = next((n for n, m in model.named_modules() if m is base), None)
         if prefix:
             outside = [n for n in names if n != prefix and not n.startswith(prefix + ".")]
-            if outside:
-                return outside[-1]
-    return names[-1]
+            head = outside[-1] if outside else head
+    return None if isinstance(candidates[head], UnitGroup) else head
 
 
 def aligned_plan(name: str, units: int, leaders: int, independents: int, multiple: int) -> LayerPlan:

@@ -168,11 +168,21 @@ def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str,
 
 
 def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
-    """``{layer: why}`` for the layers of blocks found but not decomposed (``units="auto"``): a default plan leaves
-    them alone (residual-stream projections must not become rows by accident); a plan naming them manages them."""
+    """``{layer: why}`` for the layers a default plan leaves alone; a plan naming them manages them (or says why it
+    cannot). Grouped convolutions (their units are not supported), and with ``units="auto"`` the layers of blocks
+    found but not decomposed (residual-stream projections must not become rows by accident) and the routers of
+    mixtures of experts (routing scores are no units: a clone expert would be picked with its source)."""
+    out = {
+        n: f"a grouped convolution (groups={m.groups}), whose units are not supported"
+        for n, m in model.named_modules()
+        if isinstance(m, MANAGED_TYPES) and not isinstance(m, nn.Linear) and m.groups != 1
+    }
     if units != "auto":
-        return {}
-    return {m: s.reason for s in discover(model).skipped.values() for m in s.members}
+        return out
+    found = discover(model)
+    out.update({m: s.reason for s in found.skipped.values() for m in s.members})
+    out.update({n: f"the router of {e!r}: routing scores are no units" for n, e in found.routers.items()})
+    return out
 
 
 def candidate_units(candidate: nn.Module | UnitGroup) -> int:

@@ -191,7 +191,7 @@ class RoleController:
             fusable = None if config.fuse_norms is False else functools.partial(_fused_where_kernels_run, fusable)
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
         if role_plan.layers is None and not role_plan.only_listed:  # the output head was found without input
-            OutputHeadCheck(model, plain, output_head(model, list(role_plan.candidates(model))))
+            OutputHeadCheck(model, plain, output_head(model, role_plan.candidates(model)))
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:

@@ -223,12 +223,68 @@ FAMILIES.update({
 })  # fmt: skip
 
 
+# found by the dataflow probe at construction: GPT-OSS interleaves gate and up (its experts' biases and attention
+# sinks go with their units), DiffLlama's differential attention mixes its heads (left alone), ESM's and ALBERT's
+# attention norms are the block's pre-/post-norms (managed), routers (Phi-MoE, Llama 4) and Qwen3-Next's depthwise
+# convolution are left alone by default, DeepSeek-V3's low-rank (MLA) attention is not decomposed
+_MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
+_DEEPSEEK_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_shared_experts": 1,
+                 "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}  # fmt: skip
+_SEQ2SEQ = {"d_model": HIDDEN, "encoder_ffn_dim": INNER, "decoder_ffn_dim": INNER, "encoder_layers": 1,
+            "decoder_layers": 1, "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS}  # fmt: skip
+FAMILIES.update({
+    "gpt_oss": (
+        _causal("GptOssConfig", "GptOssForCausalLM", head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                pad_token_id=0, sliding_window=4, **{**_GQA, "num_hidden_layers": 2, "intermediate_size": 16}),
+        "causal",
+    ),
+    "phimoe": (
+        _causal("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                **{**_GQA, "intermediate_size": 16}),
+        "causal",
+    ),
+    "llama4": (
+        _causal("Llama4TextConfig", "Llama4ForCausalLM", head_dim=8, pad_token_id=0, num_local_experts=4,
+                num_experts_per_tok=1, intermediate_size_mlp=INNER, interleave_moe_layer_step=2,
+                **{**_GQA, "num_hidden_layers": 2, "intermediate_size": 16}),
+        "causal",
+    ),
+    "qwen3_next": (
+        _causal("Qwen3NextConfig", "Qwen3NextForCausalLM", head_dim=8, pad_token_id=0,
+                shared_expert_intermediate_size=24, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                layer_types=["linear_attention", "full_attention"], **{**_MOE, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "deepseek_v3": (
+        _causal("DeepseekV3Config", "DeepseekV3ForCausalLM", pad_token_id=0, **_MLA, **_DEEPSEEK_MOE,
+                **{**_GQA, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "diffllama": (_causal("DiffLlamaConfig", "DiffLlamaForCausalLM", pad_token_id=0, **_GQA), "causal"),
+    "esm": (_causal("EsmConfig", "EsmForSequenceClassification", pad_token_id=0, mask_token_id=2, **_ENCODER),
+            "classify"),
+    "albert": (_causal("AlbertConfig", "AlbertForSequenceClassification", pad_token_id=0, embedding_size=16,
+                       **_ENCODER), "classify"),
+    "pegasus": (_causal("PegasusConfig", "PegasusForConditionalGeneration", pad_token_id=0, decoder_start_token_id=0,
+                        **_SEQ2SEQ), "seq2seq"),
+})  # fmt: skip
+
+
 def _vit() -> nn.Module:
     t = _t()
     return t.ViTForImageClassification(t.ViTConfig(image_size=8, patch_size=4, **_ENCODER))
 
 
+def _swin() -> nn.Module:  # windowed attention with a relative position table per head
+    t = _t()
+    cfg = t.SwinConfig(image_size=8, patch_size=2, embed_dim=HIDDEN, depths=[1], num_heads=[HEADS], window_size=2,
+                       mlp_ratio=1.5)  # fmt: skip
+    return t.SwinForImageClassification(cfg)
+
+
 FAMILIES["vit"] = (_vit, "image")
+FAMILIES["swin"] = (_swin, "image")
 
 
 def make(family: str, seed: int = 0) -> nn.Module:
