@@ -29,15 +29,17 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "qwen2_moe": {"attention", "experts", "mlp"}, "granitemoe": {"attention", "experts"},
               "olmo2": {"mlp"}, "olmoe": {"experts"}, "gpt_oss": {"attention", "experts"},
               "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
-              "qwen3_next": {"experts", "mlp"}, "deepseek_v3": {"experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
+              "qwen3_next": {"attention", "experts", "mlp"}, "qwen3_5": {"attention", "mlp"},
+              "deepseek_v3": {"experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
-# mixes its heads (differential attention, found by dataflow), low-rank (MLA), gated or linear attention
+# mixes its heads (differential attention, found by dataflow), low-rank (MLA) or linear attention
 NOT_DECOMPOSED = {
     "olmo2": {"model.layers.0.self_attn"},
     "olmoe": {"model.layers.0.self_attn"},
     "diffllama": {"model.layers.0.self_attn"},
     "deepseek_v3": {"model.layers.0.self_attn", "model.layers.1.self_attn"},
-    "qwen3_next": {"model.layers.0.linear_attn", "model.layers.1.self_attn"},
+    "qwen3_next": {"model.layers.0.linear_attn"},
+    "qwen3_5": {"model.layers.0.linear_attn"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},

@@ -422,13 +422,24 @@ def _attention(
         q = next(p for p in producers if p[2] == q_rows)  # with as many key/value heads as heads, any order works
         for n, m, _ in producers:
             slices += _producer_slices(n, m, q_index if (n, m, _) == q else kv_index)
+    elif len(producers) == 3 and sorted(o for *_, o in producers) == sorted([2 * q_rows, kv_rows, kv_rows]):
+        # a gated query (Qwen3-Next, Qwen3.5): each head's query rows and the rows of the gate on its output. The
+        # gated projection goes first: the probe settles its layout as it does a fused projection's
+        gated = next(p for p in producers if p[2] == 2 * q_rows)
+        producers = [gated, *(p for p in producers if p is not gated)]
+        for n, m, o in producers:
+            slices += _producer_slices(
+                n, m, _gated_index("interleaved", kv, rep, head_dim) if o > kv_rows else kv_index
+            )
+        layout = "gated q, interleaved (assumed)"
     elif len(producers) == 1 and producers[0][2] == q_rows + 2 * kv_rows:
         n, m, _ = producers[0]
         slices += _producer_slices(n, m, _fused_index("blocked", kv, rep, head_dim))
         layout = "blocked (assumed)"
     else:
         yield skip(f"its projections from the hidden states {[(n, o) for n, _, o in producers]} are not q/k/v of "
-                   f"{heads} heads / {kv} key-value heads of size {head_dim} (separate, or one fused)")  # fmt: skip
+                   f"{heads} heads / {kv} key-value heads of size {head_dim} (separate, one fused, or with a gated "
+                   "query)")  # fmt: skip
         return
     slices.append(_consumer_slice(o_name, o_mod, q_index))
     # per-head values go with their head: a table with one column per head (T5's relative attention bias, Swin's
@@ -451,6 +462,21 @@ def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:
     k = _rows(kv, head_dim) + kv * rep * head_dim
     v = k + kv * head_dim
     return torch.cat([q, k, v], dim=1)
+
+
+def _gated_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:
+    """Rows of a gated query projection (``2 x heads x head_dim``) each unit owns: ``"interleaved"``: per head
+    ``[q_h | gate_h]`` (Qwen3-Next, Qwen3.5); ``"blocked"``: ``[q (heads x head_dim) | gate]``."""
+    if layout == "interleaved":
+        return _rows(kv, rep * 2 * head_dim)
+    q = _rows(kv, rep * head_dim)
+    return torch.cat([q, q + kv * rep * head_dim], dim=1)
+
+
+def _layout_index(g: UnitGroup, layout: str) -> torch.Tensor:
+    """The first producer's rows per unit under ``layout``: a fused qkv projection, or a gated query."""
+    index = _fused_index if len(g.producers) == 1 else _gated_index
+    return index(layout, g.num_units, g.heads_per_unit, g.head_dim)
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -618,13 +644,13 @@ def _probe_blocks(model: nn.Module, found: Discovery) -> None:
             call = (modules, modules[runner], g, *calls[runner])
             if g.kind == "experts":  # no consumer module: ablation, which also settles a gated layout
                 verdicts[(name,)] = _experts_apart(modules[runner], g, *calls[runner])
-            elif g.kind == "attention" and len(g.producers) == 1:  # a fused qkv projection: which layout it reads
+            elif g.kind == "attention" and g.layout.endswith("(assumed)"):  # fused qkv or gated q: which layout
                 for layout in ("blocked", "interleaved"):
-                    if _spill(*call, _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim))[0] == "apart":
+                    if _spill(*call, _layout_index(g, layout))[0] == "apart":
                         _set_layout(g, layout)
                         break
                 else:
-                    g.layout = "blocked (no layout fits: assumed)"
+                    g.layout = g.layout.replace("(assumed)", "(no layout fits: assumed)")
             key = (name,) if g.kind == "experts" else _signature(modules[runner], g)
             if key not in verdicts:
                 verdicts[key] = _spill(*call)
@@ -657,14 +683,21 @@ def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
     return next((n for n in (g.name, g.name.rpartition(".")[0]) if n in modules), None)
 
 
+def _moved(base: torch.Tensor) -> torch.Tensor:
+    """How far a value must move to count as changed: far above rounding (a GPU kernel may sum in another order
+    from run to run, and bfloat16 rounds at 1/256), far below what a changed unit or a norm over it does to it."""
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3}.get(base.dtype, 2e-2)
+    return rel * (1 + base.abs().max())
+
+
 def _signature(module: nn.Module, g: UnitGroup) -> tuple:
     return type(module), g.kind, g.layout, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
 
 
 def _set_layout(g: UnitGroup, layout: str) -> None:
-    index = _fused_index(layout, g.num_units, g.heads_per_unit, g.head_dim)
+    index = _layout_index(g, layout)
     g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.module == g.producers[0] else s for s in g.slices]
-    g.layout = layout
+    g.layout = layout if len(g.producers) == 1 else f"gated q, {layout}"
 
 
 def _spill(
@@ -673,18 +706,19 @@ def _spill(
     g: UnitGroup,
     args: tuple,
     kwargs: dict,
-    fused: torch.Tensor | None = None,
+    layout: torch.Tensor | None = None,
 ) -> tuple[str, str]:
-    """Change the producer positions (``fused``: those of the fused projection under a candidate layout) of every
-    unit, then of the first and of the last, and compare the consumer's input with an unchanged run's. ``(verdict,
-    why)``: ``"apart"`` (only the changed unit's columns move), ``"coupled"`` (other units' columns move too),
-    ``"unfed"`` (changing every unit moves nothing: the producers do not feed the consumer, not a block),
-    ``"unknown"`` (a unit moves nothing, e.g. a dead neuron on these inputs, or the block cannot run here)."""
+    """Change the producer positions of every unit, then of the first and of the last unit (``layout``: only the
+    first producer's, at these positions: a candidate layout of a fused qkv projection or a gated query), and compare
+    the consumer's input with an unchanged run's. ``(verdict, why)``: ``"apart"`` (only the changed unit's columns
+    move), ``"coupled"`` (other units' columns move too), ``"unfed"`` (changing every unit moves nothing: the
+    producers do not feed the consumer, not a block), ``"unknown"`` (a unit moves nothing, e.g. a dead neuron on
+    these inputs, or the block cannot run here)."""
     from ..rewrites.block_output import _fresh
 
     producers = [s for s in g.slices if s.role == "producer" and isinstance(s.dim, int)]
-    if fused is not None:
-        producers = [UnitSlice(s.param, s.dim, fused) for s in producers if s.module == g.producers[0]]
+    if layout is not None:
+        producers = [UnitSlice(s.param, s.dim, layout) for s in producers if s.module == g.producers[0]]
     cols = next(s.index for s in g.slices if s.role == "consumer")
     seen: list[torch.Tensor] = []
     hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
@@ -714,7 +748,7 @@ def _spill(
         base = consumed()
 
         def moved(x: torch.Tensor) -> set[int]:
-            diff = (x - base).abs().flatten(0, -2).amax(0) > 1e-6 * (1 + base.abs().max())
+            diff = (x - base).abs().flatten(0, -2).amax(0) > _moved(base)
             return set(diff.nonzero().flatten().tolist())
 
         if not moved(consumed(every=True)):
@@ -767,7 +801,7 @@ def _experts_apart(
             params.update(saved)
 
     def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return x is not None and y is not None and bool(((x - y).abs() > 1e-6 * (1 + y.abs().max())).any())
+        return x is not None and y is not None and bool(((x - y).abs() > _moved(y)).any())
 
     try:
         candidates = {layout: _expert_index(experts, inner, width, layout) for layout in layouts}

@@ -226,7 +226,8 @@ FAMILIES.update({
 # found by the dataflow probe at construction: GPT-OSS interleaves gate and up (its experts' biases and attention
 # sinks go with their units), DiffLlama's differential attention mixes its heads (left alone), ESM's and ALBERT's
 # attention norms are the block's pre-/post-norms (managed), routers (Phi-MoE, Llama 4) and Qwen3-Next's depthwise
-# convolution are left alone by default, DeepSeek-V3's low-rank (MLA) attention is not decomposed
+# convolution are left alone by default (its gated attention is managed, its linear attention not), DeepSeek-V3's
+# low-rank (MLA) attention is not decomposed
 _MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
 _DEEPSEEK_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_shared_experts": 1,
                  "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}  # fmt: skip
@@ -254,6 +255,12 @@ FAMILIES.update({
                 shared_expert_intermediate_size=24, linear_num_key_heads=2, linear_num_value_heads=4,
                 linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
                 layer_types=["linear_attention", "full_attention"], **{**_MOE, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "qwen3_5": (
+        _causal("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", head_dim=8, pad_token_id=0, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                layer_types=["linear_attention", "full_attention"], **{**_GQA, "num_hidden_layers": 2}),
         "causal",
     ),
     "deepseek_v3": (
