@@ -243,3 +243,14 @@ def test_bench_norms_runs_every_norm_path():
     assert set(result) == {f"mild/{c}" for c in bench.CASES[1:]} | {"bare"}
     assert "mild/unfused, index_add" in result
     assert result["bare"] == 1.0 and all(math.isfinite(v) and v > 0 for v in result.values())
+
+
+def test_bench_construct_times_the_probe_and_the_whole_construction(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    bench = load_benchmark("bench_construct")
+    monkeypatch.setattr(bench, "MODELS", {"tiny llama": bench._llama(32, 1, 48, 4, 2)})
+    result = bench.main(["--rounds", "1", "--out", str(tmp_path)])
+    row = result["tiny llama"]
+    assert all(math.isfinite(v) and v > 0 for v in row.values()), row
+    assert row["probe"] > row["structure"]  # the probe runs the model; the structure alone reads shapes
+    assert "| tiny llama |" in (tmp_path / "bench_construct.md").read_text()

@@ -154,3 +154,29 @@ def test_two_ranks_keep_the_same_clones_when_the_gradients_are_not_finite(tmp_pa
         assert torch.equal(r0["clones"][name], r1["clones"][name]), name
         assert bool(torch.isfinite(r0["clones"][name]).all()), name  # the NaN step copied nothing into them
     assert all(c > 0 for c in r0["cloned"].values())  # the two finite steps cloned
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    with _process_group(rank, world, port):
+        from conftest import TinySeedNet
+
+        from egg_optim import LeaderCloneOptimizer, RolePlan
+        from egg_optim.errors import PlanError
+
+        torch.manual_seed(0)
+        model = TinySeedNet()
+        plan = RolePlan(0.5, 0.0, exclude=["fc1"] if rank == 1 else [])  # one rank would manage one layer fewer
+        try:
+            LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), plan)
+            refused = ""
+        except PlanError as exc:
+            refused = str(exc)
+        torch.save({"refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ranks_that_would_manage_different_units_are_all_refused(tmp_path):
+    """Ranks whose models or plans give different managed units are refused together at construction, naming what
+    this rank manages, instead of mixing unrelated scores (or waiting forever) at the first election."""
+    r0, r1 = _spawn(_mismatch_worker, tmp_path)
+    for r in (r0, r1):
+        assert "ranks of the process group would manage different layers" in r["refused"]

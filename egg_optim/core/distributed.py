@@ -1,5 +1,6 @@
-"""The little of torch.distributed that role decisions need: one all-reduce of scores per election (and, for
-parameters sharded by FSDP2, :mod:`egg_optim.core.sharding`)."""
+"""The little of torch.distributed that role decisions need: one all-reduce of scores per election, one check at
+construction that every rank manages the same units (and, for parameters sharded by FSDP2,
+:mod:`egg_optim.core.sharding`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def all_reduce_min(t: torch.Tensor, group=None) -> torch.Tensor:
     work = t.cuda() if dist.get_backend(group) == "nccl" and not t.is_cuda else t
     dist.all_reduce(work, op=dist.ReduceOp.MIN, group=group)
     return work.to(t.device)
+
+
+def same_on_all_ranks(text: str, group=None) -> bool:
+    """Whether every rank of ``group`` holds the same ``text`` (compared by a 63-bit digest: one all-reduce)."""
+    if not is_distributed():
+        return True
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    t = all_reduce_min(torch.tensor([value, -value], dtype=torch.int64), group)
+    return int(t[0]) == value == -int(t[1])
 
 
 def derived_generator(seed: int, *keys: object) -> torch.Generator:

@@ -36,7 +36,7 @@ from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
-from ..core.distributed import all_reduce_mean, derived_generator
+from ..core.distributed import all_reduce_mean, derived_generator, same_on_all_ranks
 from ..core.election import elect
 from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
@@ -64,6 +64,30 @@ def _untrainable(layer: ManagedLayer, in_optimizer: set[int]) -> str | None:
         if id(p) not in in_optimizer:
             return f"parameter {pname!r} is not in the optimizer"
     return None
+
+
+def _check_ranks_agree(plans: Mapping[str, LayerPlan], layers: Mapping[str, ManagedLayer], group: Any) -> None:
+    """Refuse, on every rank at once, to go on where the ranks would manage different units (models that differ
+    in structure or frozen parameters, other plans, a block one rank's dataflow probe decided otherwise): the first
+    election's all-reduce would otherwise mix unrelated scores or wait forever."""
+    managed = [
+        (
+            n,
+            lp.units,
+            lp.leaders,
+            lp.independents,
+            [p for p, _ in layers[n].params],
+            getattr(layers[n].group, "layout", ""),
+        )
+        for n, lp in plans.items()
+    ]
+    if not same_on_all_ranks(repr(managed), group):
+        raise PlanError(
+            f"the ranks of the process group would manage different layers or units; this rank manages "
+            f"{len(plans)}: {list(plans)[:6]}. Construct the optimizer with the same plan on models of the same "
+            "structure on every rank (opt.coverage() says what each rank found), or pass process_group= the ranks "
+            "that hold replicas of this model (one pipeline stage's data-parallel group)"
+        )
 
 
 def _trainable_only(plan: RolePlan, layer_plans, layers, in_optimizer: set[int]):
@@ -139,6 +163,7 @@ class RoleController:
             model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
+        _check_ranks_agree(layer_plans, layers, process_group)
         _coverage.report(_coverage.build(model, role_plan, layers, masked.optimizer), strict=config.strict_blocks)
         # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now;
         # graduation rounds its counts to the same multiples
