@@ -422,8 +422,12 @@ def test_units_that_are_not_computed_apart_are_found_by_dataflow_and_left_alone(
 
 def test_without_dummy_inputs_the_structure_decides():
     """A model with no dummy inputs cannot be probed: its blocks are decomposed by structure alone (the layers'
-    positions), as documented."""
+    positions), and its coverage says so."""
+    from egg_optim import LeaderCloneOptimizer, RolePlan
     from egg_optim.core.blocks import discover
 
-    groups = discover(_mixing_net(True, True, dummy=False)).groups
+    model = _mixing_net(True, True, dummy=False)
+    groups = discover(model).groups
     assert set(groups) == {"attn", "ffn"} and not any(g.probed for g in groups.values())
+    cov = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1)).coverage()
+    assert set(cov.by_structure) == {"attn", "ffn"} and "by structure alone" in cov.line()  # said, not hidden

@@ -80,6 +80,7 @@ def test_family_trains_saves_and_resumes(family, mode):
     cov = opt.coverage()
     assert set(cov.not_decomposed) == NOT_DECOMPOSED.get(family, set())
     assert set(cov.managed_blocks.values()) == KINDS[family] and set(cov.row_layers) == ROWS.get(family, set())
+    assert cov.by_structure == ()  # every block was checked by dataflow on the model's dummy inputs
     first, second = tiny.inputs(family, length=15), tiny.inputs(family, length=8, seed=1)  # odd and even lengths
     model.train()
     _step(model, opt, first)
@@ -241,3 +242,20 @@ def test_a_model_without_a_head_has_every_block_managed(mode):
     model(**tiny.inputs("llama", labels=False)).last_hidden_state.pow(2).mean().backward()
     opt.step()
     assert not torch.equal(model.layers[0].mlp.down_proj.weight, before)
+
+
+def test_a_default_plan_that_misses_most_of_a_model_says_so():
+    """JetMoE keeps its experts in two modules of one 3-D weight each (no block egg_optim recognises) and routes its
+    attention through experts too: a default plan finds little to manage (its routers left alone) and warns with
+    the share, where a model whose blocks are found does not."""
+    import warnings
+
+    cfg = transformers.JetMoeConfig(vocab_size=tiny.VOCAB, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2,
+                                    kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                    pad_token_id=0)  # fmt: skip
+    for model, low in ((transformers.JetMoeForCausalLM(cfg), True), (tiny.make("llama"), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = _optimizer(model, "weight")
+        said = [str(w.message) for w in caught if "a default plan gives roles to only" in str(w.message)]
+        assert bool(said) == low == (opt.coverage().share < 1 / 3), (type(model).__name__, said)

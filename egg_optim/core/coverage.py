@@ -44,6 +44,8 @@ class Coverage:
         row_layers: the layers managed as output rows.
         not_decomposed: ``{block: why}`` for blocks found that could not be decomposed (their layers are left
             alone: neither block units nor rows, unless a plan names them).
+        by_structure: the decomposed blocks whose units were not seen computed apart on the model's dummy inputs
+            (none to run, parameters already sharded, a block those inputs do not reach): found by structure alone.
         left_alone: ``{layer or block: why}`` for everything else that could have roles and has none.
         managed_params, total_params: parameter counts with roles, and of the model without embeddings.
         modes: output mode only: ``{block: "shrink" | "expand" | "unchecked" | "no clones"}`` (only the active
@@ -57,6 +59,7 @@ class Coverage:
     units: Mapping[str, int] = field(default_factory=dict)
     row_layers: tuple[str, ...] = ()
     not_decomposed: Mapping[str, str] = field(default_factory=dict)
+    by_structure: tuple[str, ...] = ()
     left_alone: Mapping[str, str] = field(default_factory=dict)
     managed_params: int = 0
     total_params: int = 0
@@ -85,6 +88,8 @@ class Coverage:
             parts.append(f"managed as rows: {_names(self.row_layers)}")
         if self.not_decomposed:
             parts.append(f"not decomposed: {_names(list(self.not_decomposed))}")
+        if self.by_structure:
+            parts.append(f"units by structure alone (no dataflow check): {_names(self.by_structure)}")
         if self.left_alone:
             parts.append(f"left alone: {_reasons(self.left_alone)}")
         return "; ".join(parts)
@@ -99,6 +104,7 @@ class Coverage:
             "units": dict(self.units),
             "row_layers": list(self.row_layers),
             "not_decomposed": dict(self.not_decomposed),
+            "by_structure": list(self.by_structure),
             "left_alone": dict(self.left_alone),
             "managed_params": self.managed_params,
             "total_params": self.total_params,
@@ -178,6 +184,7 @@ def build(
         units=_frozen(units),
         row_layers=tuple(n for n, lay in layers.items() if lay.group is None),
         not_decomposed=_frozen({n: s.reason for n, s in found.skipped.items()}),
+        by_structure=tuple(n for n, g in found.groups.items() if not g.probed),
         left_alone=_frozen(left),
         managed_params=sum(v for k, v in owned.items() if k in total),
         total_params=sum(total.values()),
@@ -185,9 +192,19 @@ def build(
     )
 
 
-def report(coverage: Coverage, *, strict: bool = False) -> None:
+LOW_SHARE = 1 / 3  # a default plan giving roles to less of a model than this has missed most of it: said
+
+
+def report(coverage: Coverage, *, strict: bool = False, default_plan: bool = False) -> None:
     """Log ``coverage`` as one line; warn (``strict``: raise :class:`PlanError`) when a block found was not
-    decomposed."""
+    decomposed; warn when a ``default_plan`` gives roles to less than :data:`LOW_SHARE` of the model."""
+    if default_plan and coverage.total_params and coverage.share < LOW_SHARE:
+        warnings.warn(
+            f"egg_optim: a default plan gives roles to only {coverage.share:.0%} of {coverage.model}'s non-embedding "
+            "parameters: most of its layers are not transformer blocks egg_optim recognises, or are left alone "
+            "(opt.coverage() says which and why). Name layers to manage with RolePlan(layers=[...])",
+            stacklevel=3,
+        )
     if coverage.not_decomposed:
         message = (
             f"egg_optim: {len(coverage.not_decomposed)} transformer block(s) of {coverage.model} found but not "

@@ -164,7 +164,11 @@ class RoleController:
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
         _check_ranks_agree(layer_plans, layers, process_group)
-        _coverage.report(_coverage.build(model, role_plan, layers, masked.optimizer), strict=config.strict_blocks)
+        _coverage.report(
+            _coverage.build(model, role_plan, layers, masked.optimizer),
+            strict=config.strict_blocks,
+            default_plan=role_plan.layers is None and not role_plan.only_listed,
+        )
         # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now;
         # graduation rounds its counts to the same multiples
         graduation = config.graduation
