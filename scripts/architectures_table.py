@@ -36,7 +36,7 @@ model computes what the live one does and that the optimizer state resumes exact
   query heads sharing it: one head without grouped-query attention).
 - **rows**: layers managed as output rows (not part of any block: poolers, classifier heads, a patch embedding).
 - **roles on**: share of the non-embedding parameters that have roles (the rest: norms, the output head,
-  embeddings, routers).
+  embeddings, routers, the down projections of latent attention, which every head reads).
 - **output mode**: how each kind of block computes in `clone_mode="output"`, decided by the check at its first
   forward pass: `shrink` = only the active units are computed; `expand` = the producers compute the active units,
   then every unit (all heads) runs, clones as their sources (attention that reshapes with a stored head count,

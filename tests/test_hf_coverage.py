@@ -30,14 +30,15 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "olmo2": {"mlp"}, "olmoe": {"experts"}, "gpt_oss": {"attention", "experts"},
               "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
               "qwen3_next": {"attention", "experts", "mlp"}, "qwen3_5": {"attention", "mlp"},
-              "deepseek_v3": {"experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
+              "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
+              "deepseek_v2_lite": {"attention", "experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
-# mixes its heads (differential attention, found by dataflow), low-rank (MLA) or linear attention
+# mixes its heads (differential attention, found by dataflow), or linear attention (low-rank MLA is decomposed: its
+# shared down projections are neither units nor rows)
 NOT_DECOMPOSED = {
     "olmo2": {"model.layers.0.self_attn"},
     "olmoe": {"model.layers.0.self_attn"},
     "diffllama": {"model.layers.0.self_attn"},
-    "deepseek_v3": {"model.layers.0.self_attn", "model.layers.1.self_attn"},
     "qwen3_next": {"model.layers.0.linear_attn"},
     "qwen3_5": {"model.layers.0.linear_attn"},
 }
@@ -259,3 +260,27 @@ def test_a_default_plan_that_misses_most_of_a_model_says_so():
             opt = _optimizer(model, "weight")
         said = [str(w.message) for w in caught if "a default plan gives roles to only" in str(w.message)]
         assert bool(said) == low == (opt.coverage().share < 1 / 3), (type(model).__name__, said)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_lite"])
+def test_latent_attention_units_are_heads_beside_shared_down_projections(family):
+    """Multi-head latent attention (MLA) is one unit per head: its query (or query up) rows, its key/value up rows
+    and its output columns. The down projections into the latents compute for every head: members of the block that
+    no unit owns, neither rows of a default plan nor rewritten in output mode."""
+    from egg_optim.core.blocks import discover
+
+    model = tiny.make(family)
+    rows = _optimizer(model, "output").coverage().row_layers
+    cfg, modules = model.config, dict(model.named_modules())
+    heads, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attention = [g for g in discover(model).groups.values() if g.kind == "attention"]
+    assert len(attention) == cfg.num_hidden_layers  # every layer's attention is decomposed
+    for g in attention:
+        assert g.num_units == heads and g.heads_per_unit == 1, g.name
+        down = {f"{g.name}.kv_a_proj_with_mqa", *([f"{g.name}.q_a_proj"] if cfg.q_lora_rank else [])}
+        assert set(g.shared) == down and not down & {s.module for s in g.slices} and not down & set(rows)
+        assert not any(type(modules[m]).__module__.startswith("egg_optim") for m in down)
+        q = "q_b_proj" if cfg.q_lora_rank else "q_proj"
+        v = cfg.v_head_dim
+        want = {q: (heads, qk), "kv_b_proj": (heads, cfg.qk_nope_head_dim + v), "o_proj": (heads, v)}
+        assert {s.module.rpartition(".")[2]: tuple(s.index.shape) for s in g.slices} == want, g.name

@@ -18,7 +18,9 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   children: BERT's ``attention.self.query`` and ``attention.output.dense``) are projections reading the hidden
   states into ``heads x head_dim`` query rows and ``kv_heads x head_dim`` key and value rows (three Linears, or one
   fused Linear of ``(heads + 2 kv_heads) x head_dim`` rows), and one projection reading ``heads x head_dim`` back
-  into the hidden states;
+  into the hidden states; or multi-head latent attention (DeepSeek-V2/V3, MiniCPM3), whose sizes the config gives
+  (``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``kv_lora_rank``): projections down into latents
+  shared by every head (members of the block, no unit's) and up from them into per-head rows (:func:`_latent`);
 * an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
@@ -88,12 +90,21 @@ class UnitGroup:
     head_dim: int = 1
     layout: str = ""  # how a fused projection holds its units ("blocked", "interleaved"; "(assumed)" if not probed)
     probed: bool = False  # its units were seen computed apart on the model's dummy inputs (not only by structure)
+    # members that compute for every unit (latent attention's down projections): no unit's slices, left as they are,
+    # but part of the block, so that they become no rows of a plan
+    shared: list[str] = field(default_factory=list)
 
     @property
-    def modules(self) -> list[str]:
+    def sliced(self) -> list[str]:
+        """The members holding unit slices: producers, consumer, then any other (a per-head bias table)."""
         out = [*self.producers, *([self.consumer] if self.consumer else [])]
         extra = [s.module for s in self.slices if s.module not in out]
         return out + list(dict.fromkeys(extra))
+
+    @property
+    def modules(self) -> list[str]:
+        """Every member: the sliced ones, then the shared ones."""
+        return self.sliced + [m for m in self.shared if m not in self.sliced]
 
 
 @dataclass(frozen=True)
@@ -209,14 +220,20 @@ def _hidden_sizes(model: nn.Module) -> set[int]:
     return sizes
 
 
-def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None, int | None]:
-    """(query heads, key/value heads, head_dim) as the module, its config, its children (BERT's ``attention.self``)
-    or the model's config say."""
+def _sources(module: nn.Module, root_config: Any) -> list[Any]:
+    """Where an attention module's numbers are read, first first: the module, its config, its children (BERT's
+    ``attention.self``) and theirs, the model's configs."""
     children = [c for c in module.children() if not _linear(c)]
     sources = [module, getattr(module, "config", None), *children]
     sources += [getattr(c, "config", None) for c in children]
     sources += list(_configs(root_config))
-    sources = [s for s in sources if s is not None]
+    return [s for s in sources if s is not None]
+
+
+def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None, int | None]:
+    """(query heads, key/value heads, head_dim) as the module, its config, its children (BERT's ``attention.self``)
+    or the model's config say."""
+    sources = _sources(module, root_config)
 
     def first(names: tuple[str, ...]) -> int | None:
         return next((v for s in sources if (v := _int(s, names))), None)
@@ -371,6 +388,10 @@ def _attention(
     if heads is None:
         yield skip("cannot tell its number of heads")
         return
+    latent = _latent(prefix, lins, heads, _sources(module, root_config))
+    if latent is not None:
+        yield latent
+        return
     widths = [(n, m, _in(m), _out(m)) for n, m in lins]
     # the output projection reads heads x head_dim and writes what the others read: the last such one
     candidates = []
@@ -450,6 +471,45 @@ def _attention(
         if heads > 1 and id(p) not in owned and p.dim() in (1, 2) and p.shape[-1] == heads:
             slices.append(UnitSlice(_join(prefix, n), p.dim() - 1, head_index))
     yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout)
+
+
+# multi-head latent attention's sizes: per head, the query/key rows without and with rotary embedding and the value
+# rows; the width of the key/value latent (its query latent's, q_lora_rank, is read off the structure: none in
+# DeepSeek-V2-Lite)
+_LATENT = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+
+
+def _latent(prefix: str, lins: list[tuple[str, nn.Module]], heads: int, sources: list[Any]) -> UnitGroup | None:
+    """Multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi-K2, MiniCPM3, Mistral 4), where the module or its
+    config gives its sizes: the hidden states go down into a key/value latent and one rotary key all heads share
+    (``kv_lora_rank + qk_rope_head_dim`` outputs) and, optionally, into a query latent (each latent with a norm);
+    up projections read the latents (or the hidden states: a plain query projection) into per-head rows, ``[q_nope
+    | q_rope]`` and ``[k_nope | v]`` for each head in turn; the output projection reads ``v_head_dim`` columns per
+    head. A unit is one head: its query rows, its key/value rows and its output columns. The down projections (and
+    their norms) compute for every head, like a router: members of the block (``shared``), no unit's, left as they
+    are. ``None`` where the numbers or the projections are not these (the other attention paths then decide)."""
+    nope, rope, v, rank = (next((x for s in sources if (x := _int(s, (n,)))), None) for n in _LATENT)
+    if not (nope and rope and v and rank):
+        return None
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    # the output projection reads every head's values into what the down projections read: the last such one
+    outs = [x for x in widths if x[2] == heads * v and any(y[2] == x[3] for y in widths if y is not x)]
+    if not outs:
+        return None
+    o = outs[-1]
+    hidden, rest = o[3], [x for x in widths if x is not o]
+    kv = next((x for x in reversed(rest) if x[2] == rank and x[3] == heads * (nope + v)), None)
+    q = next((x for x in rest if x is not kv and x[3] == heads * (nope + rope)), None)
+    downs = [x for x in rest if x is not kv and x is not q]
+    if kv is None or q is None or (len(downs) == 1) != (q[2] == hidden) or any(x[2] != hidden for x in downs):
+        return None
+    # the latents: key/value (with the shared rotary key) and, where the query reads no hidden states, the query's
+    if sorted(x[3] for x in downs) != sorted([rank + rope, *([q[2]] if len(downs) == 2 else [])]):
+        return None
+    slices = _producer_slices(q[0], q[1], _rows(heads, nope + rope))
+    slices += _producer_slices(kv[0], kv[1], _rows(heads, nope + v))
+    slices.append(_consumer_slice(o[0], o[1], _rows(heads, v)))
+    return UnitGroup(prefix, "attention", heads, slices, [q[0], kv[0]], o[0], 1, v, shared=[x[0] for x in downs])
 
 
 def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:

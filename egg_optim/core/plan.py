@@ -326,9 +326,7 @@ class RolePlan:
             # layers of a block found but not decomposed (they read or write the residual stream), routers, grouped
             # convolutions: never managed by default; a plan naming them manages them or says why it cannot
             alone = left_alone(model, self.units)
-            why.update(
-                {n: f"{alone[n]} (name it in RolePlan(layers=[...]) to manage it)" for n in chosen if n in alone}
-            )
+            why.update({n: alone[n] for n in chosen if n in alone})
             chosen = [n for n in chosen if n not in alone]
         excluded = [n for n in chosen if any(name_matches(n, p) for p in self.exclude)]
         why.update({n: "excluded by the plan" for n in excluded})

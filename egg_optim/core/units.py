@@ -181,7 +181,12 @@ def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
         return out
     found = discover(model)
     out.update({m: s.reason for s in found.skipped.values() for m in s.members})
-    out.update({n: f"the router of {e!r}: routing scores are no units" for n, e in found.routers.items()})
+    out.update(
+        {
+            n: f"the router of {e!r}: routing scores are no units (name it in RolePlan(layers=[...]) to manage it)"
+            for n, e in found.routers.items()
+        }
+    )
     return out
 
 

@@ -340,7 +340,7 @@ class BlockOutputCloning(base.LayerRewrite):
                 raise PlanError(f"{OWNER}: {name!r} is not a transformer MLP, attention or experts block")
             if not isinstance(r, Roles) or r.num_units != g.num_units:
                 raise PlanError(f"{OWNER}: roles for {name!r} must be Roles over its {g.num_units} units")
-            for m in g.modules:
+            for m in g.sliced:
                 problem = base.owner_of(modules[m])
                 if problem is not None:
                     raise PlanError(f"{OWNER}: module {m!r} is already under {problem}")
@@ -353,7 +353,7 @@ class BlockOutputCloning(base.LayerRewrite):
         self.modes: dict[str, str] = {}
         for name, g in self.groups.items():
             members = []
-            for mname in g.modules:
+            for mname in g.sliced:  # the shared members (latent attention's down projections) run as they are
                 m = modules[mname]
                 slices = [s for s in g.slices if s.module == mname]
                 linear = _is_linear(m) and {s.key for s in slices} <= {"weight", "bias"}
@@ -441,7 +441,7 @@ class BlockOutputCloning(base.LayerRewrite):
         return "own_weights" if m._egg_own_weights else "as_trained"
 
     def module_names(self) -> list[str]:
-        return [m for g in self.groups.values() for m in g.modules]
+        return [m for g in self.groups.values() for m in g.sliced]
 
     def export(self, model: nn.Module) -> nn.Module:
         return restore_plain_blocks(model)
@@ -584,7 +584,7 @@ def _random_for(group: UnitGroup, members: list[nn.Module]) -> dict[nn.Module, d
     depend on the current weights (a zero-initialised projection would hide a wrong reshape)."""
     gen = torch.Generator().manual_seed(0)
     out: dict[nn.Module, dict[str, torch.Tensor]] = {}
-    by_name = dict(zip(group.modules, members))
+    by_name = dict(zip(group.sliced, members))
     for s in group.slices:
         m = by_name[s.module]
         p = m._parameters[s.key]

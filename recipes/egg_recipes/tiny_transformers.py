@@ -226,9 +226,12 @@ FAMILIES.update({
 # found by the dataflow probe at construction: GPT-OSS interleaves gate and up (its experts' biases and attention
 # sinks go with their units), DiffLlama's differential attention mixes its heads (left alone), ESM's and ALBERT's
 # attention norms are the block's pre-/post-norms (managed), routers (Phi-MoE, Llama 4) and Qwen3-Next's depthwise
-# convolution are left alone by default (its gated attention is managed, its linear attention not), DeepSeek-V3's
-# low-rank (MLA) attention is not decomposed
-_MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
+# convolution are left alone by default (its gated attention is managed, its linear attention not); multi-head latent
+# attention (DeepSeek-V2/V3, MiniCPM3) is decomposed into heads, its shared down projections left alone. MLA has as
+# many key/value heads as heads (its up projection makes one key and value per head): with fewer, a config's
+# key/value groups make eager attention repeat those heads into too many (SDPA's grouped-query mode hides it)
+_MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
+        "num_key_value_heads": HEADS}  # fmt: skip
 _DEEPSEEK_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_shared_experts": 1,
                  "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}  # fmt: skip
 _SEQ2SEQ = {"d_model": HIDDEN, "encoder_ffn_dim": INNER, "decoder_ffn_dim": INNER, "encoder_layers": 1,
@@ -264,10 +267,22 @@ FAMILIES.update({
         "causal",
     ),
     "deepseek_v3": (
-        _causal("DeepseekV3Config", "DeepseekV3ForCausalLM", pad_token_id=0, **_MLA, **_DEEPSEEK_MOE,
-                **{**_GQA, "num_hidden_layers": 2}),
+        _causal("DeepseekV3Config", "DeepseekV3ForCausalLM", pad_token_id=0, **_DEEPSEEK_MOE,
+                **{**_GQA, **_MLA, "num_hidden_layers": 2}),
         "causal",
     ),
+    "deepseek_v2": (
+        _causal("DeepseekV2Config", "DeepseekV2ForCausalLM", pad_token_id=0, **_DEEPSEEK_MOE,
+                **{**_GQA, **_MLA, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    # DeepSeek-V2-Lite: a plain query projection (no query latent)
+    "deepseek_v2_lite": (
+        _causal("DeepseekV2Config", "DeepseekV2ForCausalLM", pad_token_id=0, **_DEEPSEEK_MOE,
+                **{**_GQA, **_MLA, "q_lora_rank": None, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "minicpm3": (_causal("MiniCPM3Config", "MiniCPM3ForCausalLM", pad_token_id=0, **{**_GQA, **_MLA}), "causal"),
     "diffllama": (_causal("DiffLlamaConfig", "DiffLlamaForCausalLM", pad_token_id=0, **_GQA), "causal"),
     "esm": (_causal("EsmConfig", "EsmForSequenceClassification", pad_token_id=0, mask_token_id=2, **_ENCODER),
             "classify"),
