@@ -691,7 +691,7 @@ def _probe_blocks(model: nn.Module, found: Discovery) -> None:
         for r in set(runners.values())
     ]
     training = {m: m.training for m in model.modules()}
-    verdicts: dict[tuple, tuple[str, str]] = {}
+    settled: dict[tuple, tuple[UnitGroup, str, str]] = {}  # per class and shapes: the first block's layout, verdict
     try:
         model.eval()
         model(**inputs)
@@ -701,20 +701,14 @@ def _probe_blocks(model: nn.Module, found: Discovery) -> None:
             g = found.groups[name]
             if runner not in calls:
                 continue
-            call = (modules, modules[runner], g, *calls[runner])
-            if g.kind == "experts":  # no consumer module: ablation, which also settles a gated layout
-                verdicts[(name,)] = _experts_apart(modules[runner], g, *calls[runner])
-            elif g.kind == "attention" and g.layout.endswith("(assumed)"):  # fused qkv or gated q: which layout
-                for layout in ("blocked", "interleaved"):
-                    if _spill(*call, _layout_index(g, layout))[0] == "apart":
-                        _set_layout(g, layout)
-                        break
-                else:
-                    g.layout = g.layout.replace("(assumed)", "(no layout fits: assumed)")
-            key = (name,) if g.kind == "experts" else _signature(modules[runner], g)
-            if key not in verdicts:
-                verdicts[key] = _spill(*call)
-            verdict, why = verdicts[key]
+            key = _signature(modules[runner], g)
+            if key in settled:  # the same code on the same shapes: the first block's answer
+                first, verdict, why = settled[key]
+                g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
+                g.layout = first.layout
+            else:
+                verdict, why = _settle(modules, modules[runner], g, *calls[runner])
+                settled[key] = (g, verdict, why)
             g.probed = verdict == "apart"
             if verdict == "unfed":  # shapes that looked like a block (ALBERT's pooler and input mapping): no block
                 found.groups.pop(name)
@@ -731,6 +725,23 @@ def _probe_blocks(model: nn.Module, found: Discovery) -> None:
             h.remove()
         for m, flag in training.items():
             m.training = flag
+
+
+def _settle(
+    modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitGroup, args: tuple, kwargs: dict
+) -> tuple[str, str]:
+    """Settle ``g``'s layout where it has one to choose (a fused qkv projection or a gated query: the layout under
+    which units are apart; gated experts: by ablation) and return the dataflow verdict (:func:`_spill`)."""
+    if g.kind == "experts":  # no consumer module to read: ablation, which also settles a gated layout
+        return _experts_apart(runner, g, args, kwargs)
+    if g.kind == "attention" and g.layout.endswith("(assumed)"):
+        for layout in ("blocked", "interleaved"):
+            if _spill(modules, runner, g, args, kwargs, _layout_index(g, layout))[0] == "apart":
+                _set_layout(g, layout)
+                break
+        else:
+            g.layout = g.layout.replace("(assumed)", "(no layout fits: assumed)")
+    return _spill(modules, runner, g, args, kwargs)
 
 
 def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
@@ -751,7 +762,10 @@ def _moved(base: torch.Tensor) -> torch.Tensor:
 
 
 def _signature(module: nn.Module, g: UnitGroup) -> tuple:
-    return type(module), g.kind, g.layout, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
+    """What makes two blocks compute alike: the runner's modules (names and classes), parameters and the slices."""
+    parts = tuple((n, type(m).__name__) for n, m in module.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    return type(module), g.kind, g.layout, parts, params, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
 
 
 def _set_layout(g: UnitGroup, layout: str) -> None:

@@ -167,7 +167,7 @@ class RoleController:
         _coverage.report(
             _coverage.build(model, role_plan, layers, masked.optimizer),
             strict=config.strict_blocks,
-            default_plan=role_plan.layers is None and not role_plan.only_listed,
+            default_plan=role_plan.layers is None and not role_plan.only_listed and not role_plan.exclude,
         )
         # the counts of every role draw a leader_scales schedule asks for (aligned as the plan says), checked now;
         # graduation rounds its counts to the same multiples
