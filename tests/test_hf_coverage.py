@@ -31,7 +31,8 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
               "qwen3_next": {"attention", "experts", "mlp"}, "qwen3_5": {"attention", "mlp"},
               "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
-              "deepseek_v2_lite": {"attention", "experts", "mlp"}, "diffllama": {"mlp"}})  # fmt: skip
+              "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
+              "diffllama": {"mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow), or linear attention (low-rank MLA is decomposed: its
 # shared down projections are neither units nor rows)

@@ -283,6 +283,11 @@ FAMILIES.update({
         "causal",
     ),
     "minicpm3": (_causal("MiniCPM3Config", "MiniCPM3ForCausalLM", pad_token_id=0, **{**_GQA, **_MLA}), "causal"),
+    "mistral4": (
+        _causal("Mistral4Config", "Mistral4ForCausalLM", pad_token_id=0, **_DEEPSEEK_MOE,
+                **{**_GQA, **_MLA, "num_hidden_layers": 2}),
+        "causal",
+    ),
     "diffllama": (_causal("DiffLlamaConfig", "DiffLlamaForCausalLM", pad_token_id=0, **_GQA), "causal"),
     "esm": (_causal("EsmConfig", "EsmForSequenceClassification", pad_token_id=0, mask_token_id=2, **_ENCODER),
             "classify"),
