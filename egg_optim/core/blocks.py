@@ -17,24 +17,30 @@ Blocks are found by **structure**, never by child names, so a new architecture n
 * an attention block is a module whose Linear layers (its children, or its grandchildren through non-list
   children: BERT's ``attention.self.query`` and ``attention.output.dense``) are projections reading the hidden
   states into ``heads x head_dim`` query rows and ``kv_heads x head_dim`` key and value rows (three Linears, or one
-  fused Linear of ``(heads + 2 kv_heads) x head_dim`` rows), and one projection reading ``heads x head_dim`` back
-  into the hidden states; or multi-head latent attention (DeepSeek-V2/V3, MiniCPM3), whose sizes the config gives
-  (``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``kv_lora_rank``): projections down into latents
-  shared by every head (members of the block, no unit's) and up from them into per-head rows (:func:`_latent`);
+  fused Linear of ``(heads + 2 kv_heads) x head_dim`` rows, or a query of ``2 x heads x head_dim`` rows whose second
+  half gates each head's output: Qwen3-Next), and one projection reading ``heads x head_dim`` back into the hidden
+  states; any other parameter of the module with one entry or column per head goes with its head (T5's and Swin's
+  relative position tables, GPT-OSS's attention sinks); or multi-head latent attention (DeepSeek-V2/V3, MiniCPM3),
+  whose sizes the config gives (``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``kv_lora_rank``):
+  projections down into latents shared by every head (members of the block, no unit's) and up from them into
+  per-head rows (:func:`_latent`);
 * an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
 * routed experts are a module holding two 3-D parameters ``[experts, 2 x inner, hidden]`` and
-  ``[experts, hidden, inner]`` (or both transposed); the router is no unit.
+  ``[experts, hidden, inner]`` (or both transposed), and a ``[experts, 2 x inner]`` gate/up bias if any; a Linear
+  beside them with one output per expert is their router: no unit, left alone by a default plan.
 
 Where shapes are ambiguous (a projection as wide as the hidden states), the projection registered last reads the
 units. Then one forward pass of the model on its dummy inputs (a transformers model has them) checks the units by
 dataflow: changing one unit's rows must change only that unit's columns of the consumer's input. It settles the
 layout of a fused qkv projection (``[q | k | v]`` blocks, GPT-2 and Phi3, or per head / key-value group
-interleaved, GPT-NeoX, BLOOM and Falcon), and it leaves alone a block whose units are not computed apart (a norm or
-a mix across heads or neurons that the structure does not show). Residual-stream projections (the attention output
-and MLP down projections) are part of their block; a module that looks like a block but cannot be decomposed is
-reported (:class:`Skipped`) and its layers are left alone rather than managed as rows, unless a plan names them.
+interleaved, GPT-NeoX, BLOOM and Falcon), of a gated query, and of experts' gate and up (``[gate | up]``, or
+interleaved: GPT-OSS; experts are checked by ablation, having no consumer module), and it leaves alone a block
+whose units are not computed apart (a norm or a mix across heads or neurons that the structure does not show).
+Residual-stream projections (the attention output and MLP down projections) are part of their block; a module that
+looks like a block but cannot be decomposed is reported (:class:`Skipped`) and its layers are left alone rather than
+managed as rows, unless a plan names them.
 """
 
 from __future__ import annotations
