@@ -285,3 +285,17 @@ def test_latent_attention_units_are_heads_beside_shared_down_projections(family)
         v = cfg.v_head_dim
         want = {q: (heads, qk), "kv_b_proj": (heads, cfg.qk_nope_head_dim + v), "o_proj": (heads, v)}
         assert {s.module.rpartition(".")[2]: tuple(s.index.shape) for s in g.slices} == want, g.name
+
+
+def test_clones_that_cannot_be_exact_are_said():
+    """BLOOM's heads differ by their ALiBi slopes, which are no parameter: a clone head computes with its own slope.
+    The probe sees it (the first unit's slices copied into the last unit's place give other inputs of the output
+    projection) and construction says so; where every per-head value is a slice (Llama), nothing is said."""
+    import warnings
+
+    for family, inexact in (("bloom", {"transformer.h.0.self_attention"}), ("llama", set())):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cov = _optimizer(tiny.make(family), "output").coverage()
+        assert set(cov.inexact) == inexact, family
+        assert any("Clones there are approximate" in str(w.message) for w in caught) == bool(inexact), family

@@ -96,6 +96,7 @@ class UnitGroup:
     head_dim: int = 1
     layout: str = ""  # how a fused projection holds its units ("blocked", "interleaved"; "(assumed)" if not probed)
     probed: bool = False  # its units were seen computed apart on the model's dummy inputs (not only by structure)
+    inexact: str = ""  # why a clone there does not compute what its source does (per-head values outside its slices)
     # members that compute for every unit (latent attention's down projections): no unit's slices, left as they are,
     # but part of the block, so that they become no rows of a plan
     shared: list[str] = field(default_factory=list)
@@ -711,7 +712,7 @@ def _probe_blocks(model: nn.Module, found: Discovery) -> None:
             if key in settled:  # the same code on the same shapes: the first block's answer
                 first, verdict, why = settled[key]
                 g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
-                g.layout = first.layout
+                g.layout, g.inexact = first.layout, first.inexact
             else:
                 verdict, why = _settle(modules, modules[runner], g, *calls[runner])
                 settled[key] = (g, verdict, why)
@@ -747,7 +748,42 @@ def _settle(
                 break
         else:
             g.layout = g.layout.replace("(assumed)", "(no layout fits: assumed)")
-    return _spill(modules, runner, g, args, kwargs)
+    verdict, why = _spill(modules, runner, g, args, kwargs)
+    if verdict == "apart":
+        g.inexact = _clone_differs(modules, runner, g, args, kwargs)
+    return verdict, why
+
+
+def _clone_differs(modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -> str:
+    """Why a clone does not compute what its source does (``""`` where it does): with the last unit's producer
+    positions copied from the first's, the two units' inputs of the consumer must be equal. Per-head values that are
+    no unit's slices (BLOOM's and MPT's ALiBi slopes, a position table held outside the block) make them differ."""
+    from ..rewrites.block_output import _fresh
+
+    cols = next(s.index for s in g.slices if s.role == "consumer")
+    seen: list[torch.Tensor] = []
+    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    saved = []
+    try:
+        for s in g.slices:
+            if s.role == "producer" and isinstance(s.dim, int):
+                module = modules[s.module]
+                p = module._parameters[s.key]
+                source = p.detach().index_select(s.dim, s.index[0].to(p.device))
+                saved.append((module, s.key, p))
+                module._parameters[s.key] = p.detach().index_copy(s.dim, s.index[-1].to(p.device), source)
+        runner.forward(*_fresh(args), **_fresh(kwargs))
+    except Exception:  # noqa: BLE001 - nothing to say where the block cannot run here
+        return ""
+    finally:
+        for module, key, p in saved:
+            module._parameters[key] = p
+        hook.remove()
+    x = seen[0]
+    gap = float((x[..., cols[-1].to(x.device)] - x[..., cols[0].to(x.device)]).abs().max())
+    if gap <= float(_moved(x)):
+        return ""
+    return f"a copy of unit 0 in unit {g.num_units - 1}'s place computes other inputs of {g.consumer!r}, by {gap:.2g}"
 
 
 def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:

@@ -46,6 +46,8 @@ class Coverage:
             alone: neither block units nor rows, unless a plan names them).
         by_structure: the decomposed blocks whose units were not seen computed apart on the model's dummy inputs
             (none to run, parameters already sharded, a block those inputs do not reach): found by structure alone.
+        inexact: ``{block: why}`` for decomposed blocks where a clone does not compute what its source does
+            (per-head values outside the unit slices: ALiBi slopes); clones there are approximate.
         left_alone: ``{layer or block: why}`` for everything else that could have roles and has none.
         managed_params, total_params: parameter counts with roles, and of the model without embeddings.
         modes: output mode only: ``{block: "shrink" | "expand" | "unchecked" | "no clones"}`` (only the active
@@ -60,6 +62,7 @@ class Coverage:
     row_layers: tuple[str, ...] = ()
     not_decomposed: Mapping[str, str] = field(default_factory=dict)
     by_structure: tuple[str, ...] = ()
+    inexact: Mapping[str, str] = field(default_factory=dict)
     left_alone: Mapping[str, str] = field(default_factory=dict)
     managed_params: int = 0
     total_params: int = 0
@@ -105,6 +108,7 @@ class Coverage:
             "row_layers": list(self.row_layers),
             "not_decomposed": dict(self.not_decomposed),
             "by_structure": list(self.by_structure),
+            "inexact": dict(self.inexact),
             "left_alone": dict(self.left_alone),
             "managed_params": self.managed_params,
             "total_params": self.total_params,
@@ -185,6 +189,7 @@ def build(
         row_layers=tuple(n for n, lay in layers.items() if lay.group is None),
         not_decomposed=_frozen({n: s.reason for n, s in found.skipped.items()}),
         by_structure=tuple(n for n, g in found.groups.items() if not g.probed),
+        inexact=_frozen({n: g.inexact for n, g in found.groups.items() if g.inexact and n in managed_blocks}),
         left_alone=_frozen(left),
         managed_params=sum(v for k, v in owned.items() if k in total),
         total_params=sum(total.values()),
@@ -198,6 +203,13 @@ LOW_SHARE = 1 / 3  # a default plan giving roles to less of a model than this ha
 def report(coverage: Coverage, *, strict: bool = False, default_plan: bool = False) -> None:
     """Log ``coverage`` as one line; warn (``strict``: raise :class:`PlanError`) when a block found was not
     decomposed; warn when a ``default_plan`` gives roles to less than :data:`LOW_SHARE` of the model."""
+    if coverage.inexact:
+        warnings.warn(
+            f"egg_optim: in {coverage.model}, clones of {_names(list(coverage.inexact))} do not compute exactly what "
+            f"their sources do ({next(iter(coverage.inexact.values()))}): per-head values that are no unit's own, "
+            "such as ALiBi slopes, stay each head's. Clones there are approximate",
+            stacklevel=3,
+        )
     if default_plan and coverage.total_params and coverage.share < LOW_SHARE:
         warnings.warn(
             f"egg_optim: a default plan gives roles to only {coverage.share:.0%} of {coverage.model}'s non-embedding "
