@@ -1,6 +1,6 @@
 """What constructing a ``LeaderCloneOptimizer`` costs on a transformers model, and how much of it the dataflow probe
 of its blocks takes (one forward pass on the model's dummy inputs, then a few runs of one block per kind: see
-``egg_optim.core.blocks._probe_blocks``).
+``egg_optim.core.probe.probe_blocks``).
 
 Per model (random init from a config, float32 on this machine's CPU, no download): the median seconds of
 ``discover(model, probe=False)`` (blocks by structure alone), ``discover(model)`` (with the probe) and the whole

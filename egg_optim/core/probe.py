@@ -1,0 +1,314 @@
+"""The dataflow probe of transformer blocks: what :func:`egg_optim.core.blocks.discover` found by structure, checked
+on one forward pass of the model's dummy inputs.
+
+Per class of block (same modules, parameters and slices), changing one unit's producer positions must change that
+unit's inputs of the consumer (output or down projection) and no other unit's: a fused qkv projection or a gated
+query takes the layout under which that holds, experts (no consumer module) are checked by ablation (which settles
+their gate/up layout), a block whose units mix is left alone (:class:`~egg_optim.core.blocks.Skipped`), shapes that
+only looked like a block are dropped, and a clone that cannot compute what its source does (per-head values that
+are no unit's: ALiBi slopes) is noted. Nothing is decided where the model cannot run here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .blocks import (
+    Discovery,
+    Skipped,
+    UnitGroup,
+    UnitSlice,
+    _configs,
+    _expert_index,
+    _layout_index,
+)
+
+logger = logging.getLogger("egg_optim")
+
+
+def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's own dummy inputs (transformers' ``dummy_inputs``; with decoder inputs for an encoder-decoder), or
+    images of the configured size for a vision model whose dummy inputs are token ids; ``None`` where there are none
+    or the model is on the meta device."""
+    inputs = getattr(model, "dummy_inputs", None)
+    main = getattr(model, "main_input_name", "input_ids")
+    try:
+        p = next(model.parameters())
+    except StopIteration:
+        return None
+    if p.device.type == "meta":
+        return None
+    cfg = getattr(model, "config", None)
+    vision = next((c for c in _configs(cfg) if hasattr(c, "image_size") and hasattr(c, "num_channels")), None)
+    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", None)
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if main == "pixel_values" and isinstance(inputs, Mapping) and main not in inputs and channels and len(size) == 2:
+        images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
+        inputs = {main: images.to(p.dtype if p.is_floating_point() else torch.float32)}
+    if not isinstance(inputs, Mapping) or main not in inputs:
+        return None
+    inputs = {k: v.to(p.device) for k, v in inputs.items() if torch.is_tensor(v)}
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs and main == "input_ids":
+        inputs["decoder_input_ids"] = inputs[main]  # BART-like models make none from the inputs alone
+    return inputs
+
+
+@torch.no_grad()
+def probe_blocks(model: nn.Module, found: Discovery) -> None:
+    """Check by dataflow, on one forward pass of the model's dummy inputs, that each kind of block computes its units
+    apart: changing one unit's producer positions changes that unit's inputs of the consumer (output or down
+    projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k | v]``
+    blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
+    neurons that its structure does not show) becomes :class:`Skipped`. Blocks of one class and shapes are checked
+    once; nothing is decided where the model cannot run here (no dummy inputs, sharded parameters, an error)."""
+    modules = dict(model.named_modules())
+    runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
+    inputs = _dummy_inputs(model) if runners else None
+    if inputs is None or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = [
+        modules[r].register_forward_pre_hook(
+            lambda m, a, k, r=r: calls.setdefault(r, (a, k)) and None, with_kwargs=True
+        )
+        for r in set(runners.values())
+    ]
+    training = {m: m.training for m in model.modules()}
+    settled: dict[tuple, tuple[UnitGroup, str, str]] = {}  # per class and shapes: the first block's layout, verdict
+    try:
+        model.eval()
+        model(**inputs)
+        for h in handles:
+            h.remove()
+        for name, runner in runners.items():
+            g = found.groups[name]
+            if runner not in calls:
+                continue
+            key = _signature(modules[runner], g)
+            if key in settled:  # the same code on the same shapes: the first block's answer
+                first, verdict, why = settled[key]
+                g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
+                g.layout, g.inexact = first.layout, first.inexact
+            else:
+                verdict, why = _settle(modules, modules[runner], g, *calls[runner])
+                settled[key] = (g, verdict, why)
+            g.probed = verdict == "apart"
+            if verdict == "unfed":  # shapes that looked like a block (ALBERT's pooler and input mapping): no block
+                found.groups.pop(name)
+                logger.debug("egg_optim: %s is no %s block: %s", name, g.kind, why)
+            elif verdict == "coupled":
+                found.groups.pop(name)
+                why = f"{g.kind} {name!r}: its units are not computed apart ({why}); its layers are left alone "
+                why += "(manage them with units='layers', or name them in RolePlan(layers=[...]))"
+                found.skipped[name] = Skipped(name, g.kind, why, tuple(g.modules))
+    except Exception as exc:  # noqa: BLE001 - a model the dummy inputs do not fit: nothing is decided
+        logger.debug("egg_optim: no dummy forward pass for %s (%s)", type(model).__name__, exc)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _settle(
+    modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitGroup, args: tuple, kwargs: dict
+) -> tuple[str, str]:
+    """Settle ``g``'s layout where it has one to choose (a fused qkv projection or a gated query: the layout under
+    which units are apart; gated experts: by ablation) and return the dataflow verdict (:func:`_spill`)."""
+    if g.kind == "experts":  # no consumer module to read: ablation, which also settles a gated layout
+        return _experts_apart(runner, g, args, kwargs)
+    if g.kind == "attention" and g.layout.endswith("(assumed)"):
+        for layout in ("blocked", "interleaved"):
+            if _spill(modules, runner, g, args, kwargs, _layout_index(g, layout))[0] == "apart":
+                _set_layout(g, layout)
+                break
+        else:
+            g.layout = g.layout.replace("(assumed)", "(no layout fits: assumed)")
+    verdict, why = _spill(modules, runner, g, args, kwargs)
+    if verdict == "apart":
+        g.inexact = _clone_differs(modules, runner, g, args, kwargs)
+    return verdict, why
+
+
+def _clone_differs(modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -> str:
+    """Why a clone does not compute what its source does (``""`` where it does): with the last unit's producer
+    positions copied from the first's, the two units' inputs of the consumer must be equal. Per-head values that are
+    no unit's slices (BLOOM's and MPT's ALiBi slopes, a position table held outside the block) make them differ."""
+    from ..rewrites.block_output import _fresh
+
+    cols = next(s.index for s in g.slices if s.role == "consumer")
+    seen: list[torch.Tensor] = []
+    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    saved = []
+    try:
+        for s in g.slices:
+            if s.role == "producer" and isinstance(s.dim, int):
+                module = modules[s.module]
+                p = module._parameters[s.key]
+                source = p.detach().index_select(s.dim, s.index[0].to(p.device))
+                saved.append((module, s.key, p))
+                module._parameters[s.key] = p.detach().index_copy(s.dim, s.index[-1].to(p.device), source)
+        runner.forward(*_fresh(args), **_fresh(kwargs))
+    except Exception:  # noqa: BLE001 - nothing to say where the block cannot run here
+        return ""
+    finally:
+        for module, key, p in saved:
+            module._parameters[key] = p
+        hook.remove()
+    x = seen[0]
+    gap = float((x[..., cols[-1].to(x.device)] - x[..., cols[0].to(x.device)]).abs().max())
+    if gap <= float(_moved(x)):
+        return ""
+    return f"a copy of unit 0 in unit {g.num_units - 1}'s place computes other inputs of {g.consumer!r}, by {gap:.2g}"
+
+
+def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
+    """The module whose call computes the block: the block itself, or the layer holding an MLP that has no module of
+    its own (BERT's ``intermediate`` and ``output``)."""
+    if g.kind == "experts":
+        return g.name if g.name in modules else None
+    if g.consumer is None or g.consumer not in modules:
+        return None
+    return next((n for n in (g.name, g.name.rpartition(".")[0]) if n in modules), None)
+
+
+def _moved(base: torch.Tensor) -> torch.Tensor:
+    """How far a value must move to count as changed: far above rounding (a GPU kernel may sum in another order
+    from run to run, and bfloat16 rounds at 1/256), far below what a changed unit or a norm over it does to it."""
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3}.get(base.dtype, 2e-2)
+    return rel * (1 + base.abs().max())
+
+
+def _signature(module: nn.Module, g: UnitGroup) -> tuple:
+    """What makes two blocks compute alike: the runner's modules (names and classes), parameters and the slices."""
+    parts = tuple((n, type(m).__name__) for n, m in module.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    return type(module), g.kind, g.layout, parts, params, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
+
+
+def _set_layout(g: UnitGroup, layout: str) -> None:
+    index = _layout_index(g, layout)
+    g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.module == g.producers[0] else s for s in g.slices]
+    g.layout = layout if len(g.producers) == 1 else f"gated q, {layout}"
+
+
+def _spill(
+    modules: Mapping[str, nn.Module],
+    runner: nn.Module,
+    g: UnitGroup,
+    args: tuple,
+    kwargs: dict,
+    layout: torch.Tensor | None = None,
+) -> tuple[str, str]:
+    """Change the producer positions of every unit, then of the first and of the last unit (``layout``: only the
+    first producer's, at these positions: a candidate layout of a fused qkv projection or a gated query), and compare
+    the consumer's input with an unchanged run's. ``(verdict, why)``: ``"apart"`` (only the changed unit's columns
+    move), ``"coupled"`` (other units' columns move too), ``"unfed"`` (changing every unit moves nothing: the
+    producers do not feed the consumer, not a block), ``"unknown"`` (a unit moves nothing, e.g. a dead neuron on
+    these inputs, or the block cannot run here)."""
+    from ..rewrites.block_output import _fresh
+
+    producers = [s for s in g.slices if s.role == "producer" and isinstance(s.dim, int)]
+    if layout is not None:
+        producers = [UnitSlice(s.param, s.dim, layout) for s in producers if s.module == g.producers[0]]
+    cols = next(s.index for s in g.slices if s.role == "consumer")
+    seen: list[torch.Tensor] = []
+    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    gen = torch.Generator().manual_seed(0)
+
+    def consumed(unit: int | None = None, every: bool = False) -> torch.Tensor:
+        """The consumer's input (its first call) with ``unit``'s (or ``every`` unit's) producer positions changed."""
+        saved = []
+        for s in producers if unit is not None or every else ():
+            module = modules[s.module]
+            p = module._parameters[s.key]
+            rows = (s.index.flatten() if every else s.index[unit]).to(p.device)
+            shape = list(p.shape)
+            shape[s.dim] = rows.numel()
+            noise = torch.randn(shape, generator=gen).to(p) * (1 + p.detach().abs().mean())
+            saved.append((module, s.key, p))
+            module._parameters[s.key] = p.detach().index_add(s.dim, rows, noise)
+        seen.clear()
+        try:
+            runner.forward(*_fresh(args), **_fresh(kwargs))
+        finally:
+            for module, key, p in saved:
+                module._parameters[key] = p
+        return seen[0]
+
+    try:
+        base = consumed()
+
+        def moved(x: torch.Tensor) -> set[int]:
+            diff = (x - base).abs().flatten(0, -2).amax(0) > _moved(base)
+            return set(diff.nonzero().flatten().tolist())
+
+        if not moved(consumed(every=True)):
+            return "unfed", f"changing every unit's rows changes nothing {g.consumer!r} reads"
+        for u in sorted({0, g.num_units - 1}):
+            changed = moved(consumed(u))
+            outside = changed - set(cols[u].tolist())
+            if not changed:  # the wrong positions (a layout tried), or a unit these inputs do not reach
+                return "unknown", f"changing unit {u} changes nothing {g.consumer!r} reads"
+            if outside:
+                return "coupled", f"changing unit {u} changes {len(outside)} inputs of {g.consumer!r} other units own"
+        return "apart", ""
+    except Exception as exc:  # noqa: BLE001 - a layout or block the module cannot run with here
+        return "unknown", f"{type(exc).__name__}: {exc}"
+    finally:
+        hook.remove()
+
+
+def _experts_apart(
+    module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict, layouts: tuple[str, ...] = ("blocked", "interleaved")
+) -> tuple[str, str]:
+    """Experts by ablation (their down projection is no module whose input can be read): with neuron ``j`` of every
+    expert zeroed in the down weights, changing its gate/up positions must not move the block's output. Gated
+    experts take the gate/up layout under which that holds. ``(verdict, why)`` as :func:`_spill` says."""
+    from ..rewrites.block_output import _first_tensor, _fresh
+    from . import axes
+
+    params = module._parameters
+    down = next(s for s in g.slices if s.role == "consumer")
+    ups = [s for s in g.slices if s.role == "producer"]
+    experts = params[down.key].shape[0]
+    inner = g.num_units // experts
+    width = inner * ups[0].index.shape[1]
+    units = torch.cat([torch.arange(experts) * inner + j for j in sorted({0, inner - 1})])
+    gen = torch.Generator().manual_seed(0)
+
+    def run(index: torch.Tensor | None, zero: bool) -> torch.Tensor | None:
+        saved = {}
+        changes = [(down, down.index, None)] if zero else []
+        changes += [(s, index, gen) for s in ups] if index is not None else []
+        for s, idx, noise in changes:
+            p = saved.setdefault(s.key, params[s.key]).detach()
+            at = idx[units].flatten().to(p.device)
+            old = axes.select(p, s.dim, at)
+            new = old + torch.randn(old.shape, generator=noise).to(old) * (1 + p.abs().mean()) if noise else 0 * old
+            params[s.key] = axes.copied(p, s.dim, at, new)
+        try:
+            return _first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
+        finally:
+            params.update(saved)
+
+    def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return x is not None and y is not None and bool(((x - y).abs() > _moved(y)).any())
+
+    try:
+        candidates = {layout: _expert_index(experts, inner, width, layout) for layout in layouts}
+        if not differ(run(next(iter(candidates.values())), False), run(None, False)):
+            return "unknown", "changing its neurons does not move its output on these inputs"
+        for layout, index in candidates.items():
+            if not differ(run(index, True), run(None, True)):
+                g.slices = [UnitSlice(s.param, s.dim, index, s.role) if s.role == "producer" else s for s in g.slices]
+                if width == 2 * inner:
+                    g.layout = f"{experts} experts x {inner} neurons, gate/up {layout}"
+                return "apart", ""
+        return "coupled", "a neuron whose down weights are zeroed still moves the output under every gate/up layout"
+    except Exception as exc:  # noqa: BLE001 - a block the module cannot run with here
+        return "unknown", f"{type(exc).__name__}: {exc}"
