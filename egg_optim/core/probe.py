@@ -12,7 +12,8 @@ are no unit's: ALiBi slopes) is noted. Nothing is decided where the model cannot
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -138,32 +139,55 @@ def _clone_differs(modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitG
     """Why a clone does not compute what its source does (``""`` where it does): with the last unit's producer
     positions copied from the first's, the two units' inputs of the consumer must be equal. Per-head values that are
     no unit's slices (BLOOM's and MPT's ALiBi slopes, a position table held outside the block) make them differ."""
-    from ..rewrites.block_output import _fresh
-
     cols = next(s.index for s in g.slices if s.role == "consumer")
-    seen: list[torch.Tensor] = []
-    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
-    saved = []
+    changes = []
+    for s in g.slices:
+        if s.role == "producer" and isinstance(s.dim, int):
+            p = modules[s.module]._parameters[s.key].detach()
+            source = p.index_select(s.dim, s.index[0].to(p.device))
+            changes.append((modules[s.module], s.key, p.index_copy(s.dim, s.index[-1].to(p.device), source)))
     try:
-        for s in g.slices:
-            if s.role == "producer" and isinstance(s.dim, int):
-                module = modules[s.module]
-                p = module._parameters[s.key]
-                source = p.detach().index_select(s.dim, s.index[0].to(p.device))
-                saved.append((module, s.key, p))
-                module._parameters[s.key] = p.detach().index_copy(s.dim, s.index[-1].to(p.device), source)
-        runner.forward(*_fresh(args), **_fresh(kwargs))
+        x = _consumer_input(modules, runner, g, args, kwargs, changes)
     except Exception:  # noqa: BLE001 - nothing to say where the block cannot run here
         return ""
-    finally:
-        for module, key, p in saved:
-            module._parameters[key] = p
-        hook.remove()
-    x = seen[0]
     gap = float((x[..., cols[-1].to(x.device)] - x[..., cols[0].to(x.device)]).abs().max())
     if gap <= float(_moved(x)):
         return ""
     return f"a copy of unit 0 in unit {g.num_units - 1}'s place computes other inputs of {g.consumer!r}, by {gap:.2g}"
+
+
+@contextmanager
+def _swapped(changes: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Run with these tensors in place of the modules' parameters, which are put back after (nothing is changed)."""
+    saved = [(m, k, m._parameters[k]) for m, k, _ in changes]
+    for m, k, t in changes:
+        m._parameters[k] = t
+    try:
+        yield
+    finally:
+        for m, k, p in saved:
+            m._parameters[k] = p
+
+
+def _consumer_input(
+    modules: Mapping[str, nn.Module],
+    runner: nn.Module,
+    g: UnitGroup,
+    args: tuple,
+    kwargs: dict,
+    changes: list[tuple[nn.Module, str, torch.Tensor]],
+) -> torch.Tensor:
+    """The input of ``g``'s consumer at its first call in one run of the block, with ``changes`` swapped in."""
+    from ..rewrites.block_output import _fresh
+
+    seen: list[torch.Tensor] = []
+    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    try:
+        with _swapped(changes):
+            runner.forward(*_fresh(args), **_fresh(kwargs))
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
@@ -210,35 +234,23 @@ def _spill(
     move), ``"coupled"`` (other units' columns move too), ``"unfed"`` (changing every unit moves nothing: the
     producers do not feed the consumer, not a block), ``"unknown"`` (a unit moves nothing, e.g. a dead neuron on
     these inputs, or the block cannot run here)."""
-    from ..rewrites.block_output import _fresh
-
     producers = [s for s in g.slices if s.role == "producer" and isinstance(s.dim, int)]
     if layout is not None:
         producers = [UnitSlice(s.param, s.dim, layout) for s in producers if s.module == g.producers[0]]
     cols = next(s.index for s in g.slices if s.role == "consumer")
-    seen: list[torch.Tensor] = []
-    hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
     gen = torch.Generator().manual_seed(0)
 
     def consumed(unit: int | None = None, every: bool = False) -> torch.Tensor:
-        """The consumer's input (its first call) with ``unit``'s (or ``every`` unit's) producer positions changed."""
-        saved = []
+        """The consumer's input with ``unit``'s (or ``every`` unit's) producer positions changed."""
+        changes = []
         for s in producers if unit is not None or every else ():
-            module = modules[s.module]
-            p = module._parameters[s.key]
+            p = modules[s.module]._parameters[s.key].detach()
             rows = (s.index.flatten() if every else s.index[unit]).to(p.device)
             shape = list(p.shape)
             shape[s.dim] = rows.numel()
-            noise = torch.randn(shape, generator=gen).to(p) * (1 + p.detach().abs().mean())
-            saved.append((module, s.key, p))
-            module._parameters[s.key] = p.detach().index_add(s.dim, rows, noise)
-        seen.clear()
-        try:
-            runner.forward(*_fresh(args), **_fresh(kwargs))
-        finally:
-            for module, key, p in saved:
-                module._parameters[key] = p
-        return seen[0]
+            noise = torch.randn(shape, generator=gen).to(p) * (1 + p.abs().mean())
+            changes.append((modules[s.module], s.key, p.index_add(s.dim, rows, noise)))
+        return _consumer_input(modules, runner, g, args, kwargs, changes)
 
     try:
         base = consumed()
@@ -259,13 +271,9 @@ def _spill(
         return "apart", ""
     except Exception as exc:  # noqa: BLE001 - a layout or block the module cannot run with here
         return "unknown", f"{type(exc).__name__}: {exc}"
-    finally:
-        hook.remove()
 
 
-def _experts_apart(
-    module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict, layouts: tuple[str, ...] = ("blocked", "interleaved")
-) -> tuple[str, str]:
+def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -> tuple[str, str]:
     """Experts by ablation (their down projection is no module whose input can be read): with neuron ``j`` of every
     expert zeroed in the down weights, changing its gate/up positions must not move the block's output. Gated
     experts take the gate/up layout under which that holds. ``(verdict, why)`` as :func:`_spill` says."""
@@ -282,25 +290,24 @@ def _experts_apart(
     gen = torch.Generator().manual_seed(0)
 
     def run(index: torch.Tensor | None, zero: bool) -> torch.Tensor | None:
-        saved = {}
-        changes = [(down, down.index, None)] if zero else []
-        changes += [(s, index, gen) for s in ups] if index is not None else []
-        for s, idx, noise in changes:
-            p = saved.setdefault(s.key, params[s.key]).detach()
+        """The block's output with the probed neurons' down weights zeroed and/or their ``index`` positions changed."""
+        edits = [(down, down.index, None)] if zero else []
+        edits += [(s, index, gen) for s in ups] if index is not None else []
+        changes = []
+        for s, idx, noise in edits:
+            p = params[s.key].detach()
             at = idx[units].flatten().to(p.device)
             old = axes.select(p, s.dim, at)
             new = old + torch.randn(old.shape, generator=noise).to(old) * (1 + p.abs().mean()) if noise else 0 * old
-            params[s.key] = axes.copied(p, s.dim, at, new)
-        try:
+            changes.append((module, s.key, axes.copied(p, s.dim, at, new)))
+        with _swapped(changes):
             return _first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
-        finally:
-            params.update(saved)
 
     def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
         return x is not None and y is not None and bool(((x - y).abs() > _moved(y)).any())
 
     try:
-        candidates = {layout: _expert_index(experts, inner, width, layout) for layout in layouts}
+        candidates = {layout: _expert_index(experts, inner, width, layout) for layout in ("blocked", "interleaved")}
         if not differ(run(next(iter(candidates.values())), False), run(None, False)):
             return "unknown", "changing its neurons does not move its output on these inputs"
         for layout, index in candidates.items():
