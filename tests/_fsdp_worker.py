@@ -85,7 +85,7 @@ def shard(model: nn.Module, order: str) -> None:
 
     if order.startswith("nested"):
         for m in list(model.modules()):
-            if type(m).__name__ in ("LlamaDecoderLayer", "TinyBlock"):
+            if type(m).__name__.endswith("DecoderLayer") or type(m).__name__ == "TinyBlock":
                 fully_shard(m)
     fully_shard(model)
 
@@ -273,6 +273,30 @@ def accelerate_round_trip(folder: str) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- the probe
+# attention that mixes its heads (left alone), a fused qkv projection interleaved per head (its layout found by the
+# probe), ALiBi heads (clones said to be approximate; its BloomBlocks are not sharded apart: only the root is)
+PROBED = ("diffllama", "gpt_neox", "bloom")
+
+
+def probed(family: str, sharded: bool) -> dict[str, Any]:
+    """Coverage of a default output-mode plan on a tiny ``family`` (decoder layers and root ``fully_shard``-ed first:
+    the blocks are checked by dataflow all the same), the loss of one step after it, and whether construction left
+    every parameter sharded."""
+    from egg_recipes import tiny_transformers as tiny
+
+    model = tiny.make(family)
+    if sharded:
+        shard(model, "nested")
+    opt = LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3), clone_mode="output")
+    resharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
+    loss = model(**tiny.inputs(family)).loss
+    loss.backward()
+    opt.step()
+    layouts = {n: lay.group.layout for n, lay in opt.controller.layers.items() if lay.group is not None}
+    return {"coverage": opt.coverage().as_dict(), "layouts": layouts, "resharded": resharded, "loss": loss.item()}
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def refusals() -> dict[str, str]:
     """Error type and message of what FSDP2 cannot do with roles."""
@@ -337,6 +361,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             os.makedirs(folder, exist_ok=True)
             part(f"ckpt_{name}", checkpoint_round_trip, {**opts, "order": "after"}, how, folder)
             dist.barrier()
+        for family in PROBED:
+            part(f"probe_{family}", probed, family, True)
         part("refusals", refusals)
         part("accelerate", accelerate_round_trip, os.path.join(out_dir, "acc"))
     finally:

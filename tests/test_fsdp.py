@@ -166,6 +166,18 @@ def test_accelerate_fsdp2_prepare_save_and_load(ranks):
         assert_same(res["resumed"]["state"], res["reference"]["state"], "accelerate")
 
 
+@pytest.mark.parametrize("family", w.PROBED)
+def test_blocks_of_a_sharded_model_are_checked_by_dataflow_as_on_one_process(ranks, family):
+    """Decoder layers and root fully_shard-ed before the optimizer is built (FSDP2's own order): the probe gathers
+    each checked block and finds what it finds on one process (DiffLlama's attention left alone, GPT-NeoX's
+    interleaved qkv layout); construction leaves every parameter sharded and training goes on."""
+    reference = w.probed(family, sharded=False)
+    assert reference["coverage"]["by_structure"] == []
+    for res in part(ranks, f"probe_{family}"):
+        assert res["coverage"] == reference["coverage"] and res["layouts"] == reference["layouts"]
+        assert res["resharded"] and torch.isfinite(torch.tensor(res["loss"]))
+
+
 def test_what_fsdp2_cannot_do_is_refused(ranks):
     got, other = part(ranks, "refusals")
     assert got["leaf_first"].startswith("PlanError") and "itself wrapped by fully_shard" in got["leaf_first"]

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
+from . import sharding
 from .blocks import UNIT_NAMES, Discovery, discover
 from .units import ManagedLayer
 
@@ -45,7 +46,7 @@ class Coverage:
         not_decomposed: ``{block: why}`` for blocks found that could not be decomposed (their layers are left
             alone: neither block units nor rows, unless a plan names them).
         by_structure: the decomposed blocks whose units were not seen computed apart on the model's dummy inputs
-            (none to run, parameters already sharded, a block those inputs do not reach): found by structure alone.
+            (none to run, a block those inputs do not reach): found by structure alone.
         inexact: ``{block: why}`` for decomposed blocks where a clone does not compute what its source does
             (per-head values outside the unit slices: ALiBi slopes); clones there are approximate.
         left_alone: ``{layer or block: why}`` for everything else that could have roles and has none.
@@ -181,7 +182,7 @@ def build(
             else:
                 modes[n] = block_output.modes[n] if n in block_output.verified else "unchecked"
     return Coverage(
-        model=type(model).__name__,
+        model=sharding.class_name(model),
         blocks_found=len(found.groups) + len(found.skipped),
         blocks=_frozen(blocks),
         managed_blocks=_frozen(managed_blocks),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from . import sharding
 from .blocks import UnitGroup
 from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, left_alone, name_matches
 
@@ -305,7 +306,7 @@ class RolePlan:
         candidates = list(self.candidates(model).items())
         if not candidates:
             raise PlanError(
-                f"{type(model).__name__} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
+                f"{sharding.class_name(model)} has no nn.Linear / nn.ConvNd layer to manage{_unsupported_note(model)}"
             )
         names = [n for n, _ in candidates]
         for pattern in list(self.per_layer) + list(self.layers or []) + list(self.exclude):
@@ -350,7 +351,7 @@ class RolePlan:
                     f"and {names[-1]!r} is the only one"
                 )
             raise PlanError(
-                f"the plan manages no layer of {type(model).__name__} ({why}); its Linear/ConvNd layers are "
+                f"the plan manages no layer of {sharding.class_name(model)} ({why}); its Linear/ConvNd layers are "
                 f"{_short_list(names)}{_unsupported_note(model)}"
             )
         out: dict[str, LayerPlan] = {}

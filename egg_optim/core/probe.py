@@ -6,7 +6,9 @@ unit's inputs of the consumer (output or down projection) and no other unit's: a
 query takes the layout under which that holds, experts (no consumer module) are checked by ablation (which settles
 their gate/up layout), a block whose units mix is left alone (:class:`~egg_optim.core.blocks.Skipped`), shapes that
 only looked like a block are dropped, and a clone that cannot compute what its source does (per-head values that
-are no unit's: ALiBi slopes) is noted. Nothing is decided where the model cannot run here.
+are no unit's: ALiBi slopes) is noted. Nothing is decided where the model cannot run here. Under FSDP2 the forward
+pass is FSDP2's own and each checked block's ``fully_shard``-ed module is gathered for its checks (every rank probes
+the same blocks in the same order: the gathers are collectives), then sharded again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import sharding
 from .blocks import (
     Discovery,
     Skipped,
@@ -65,11 +68,13 @@ def probe_blocks(model: nn.Module, found: Discovery) -> None:
     projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k | v]``
     blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
     neurons that its structure does not show) becomes :class:`Skipped`. Blocks of one class and shapes are checked
-    once; nothing is decided where the model cannot run here (no dummy inputs, sharded parameters, an error)."""
+    once; nothing is decided where the model cannot run here (no dummy inputs, parameters sharded otherwise than by
+    ``fully_shard``, an error)."""
     modules = dict(model.named_modules())
     runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
     inputs = _dummy_inputs(model) if runners else None
-    if inputs is None or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    sharded = any(sharding.is_sharded(p) for p in model.parameters())
+    if inputs is None or (sharded and not _gatherable(model)):
         return
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = [
@@ -95,7 +100,8 @@ def probe_blocks(model: nn.Module, found: Discovery) -> None:
                 g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
                 g.layout, g.inexact = first.layout, first.inexact
             else:
-                verdict, why = _settle(modules, modules[runner], g, *calls[runner])
+                with _gathered(modules, runner) as gathered:
+                    verdict, why = _settle(modules, modules[runner], g, *calls[runner]) if gathered else _INNER
                 settled[key] = (g, verdict, why)
             g.probed = verdict == "apart"
             if verdict == "unfed":  # shapes that looked like a block (ALBERT's pooler and input mapping): no block
@@ -113,6 +119,44 @@ def probe_blocks(model: nn.Module, found: Discovery) -> None:
             h.remove()
         for m, flag in training.items():
             m.training = flag
+        if sharded:  # FSDP2's forward leaves the root's parameters gathered
+            sharding.reshard(model)
+
+
+_INNER = "unknown", "a module inside it is fully_shard-ed itself: FSDP2 would gather over the probe's changes"
+
+
+def _gatherable(model: nn.Module) -> bool:
+    """Whether every sharded parameter is ``fully_shard``'s (FSDP2 gathers it for a forward pass), not tensor
+    parallelism's, whose DTensors the probe's edits cannot take."""
+    roots = [n for n, m in model.named_modules() if sharding.is_fsdp_module(m)]
+    return all(
+        any(n == r or n.startswith(r + ".") or not r for r in roots)
+        for n, p in model.named_parameters()
+        if sharding.is_sharded(p)
+    )
+
+
+@contextmanager
+def _gathered(modules: Mapping[str, nn.Module], name: str) -> Iterator[bool]:
+    """Block ``name`` with its parameters gathered where FSDP2 sharded them: the nearest ``fully_shard``-ed module
+    around it unsharded for the checks (a collective) and resharded after. ``False`` where a ``fully_shard``-ed
+    module inside the block would gather its own parameters over the probe's changes."""
+    block = modules[name]
+    if any(sharding.is_fsdp_module(m) for m in block.modules() if m is not block):
+        yield False
+        return
+    parts = name.split(".") if name else []
+    around = (".".join(parts[:i]) for i in range(len(parts), -1, -1))
+    owner = next((modules[a] for a in around if sharding.is_fsdp_module(modules[a])), None)
+    if owner is None or not any(sharding.is_sharded(p) for p in block.parameters()):
+        yield True
+        return
+    owner.unshard()
+    try:
+        yield True
+    finally:
+        owner.reshard()
 
 
 def _settle(

@@ -204,6 +204,14 @@ def is_fsdp_class(cls: type) -> bool:
     return fsdp is not None and issubclass(cls, fsdp)
 
 
+def class_name(module: nn.Module) -> str:
+    """The name of ``module``'s own class, not the ``FSDP<name>`` class ``fully_shard`` gives it."""
+    cls = type(module)
+    if is_fsdp_class(cls):
+        cls = next((b for b in cls.__bases__ if not is_fsdp_class(b)), cls)
+    return cls.__name__
+
+
 def reshard(model: nn.Module) -> None:
     """Put FSDP2's sharded parameters back on every module (a forward pass without backward, e.g. evaluation, can
     leave the root's gathered, unsharded copies registered; writes into those would be lost)."""
