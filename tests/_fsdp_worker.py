@@ -35,6 +35,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "mlp_rank_data": dict(kind="mlp", order="after", clone_mode="weight", election="random", rank_data=True),
     "llama_output_graduate": dict(kind="llama", order="nested", clone_mode="output", elect_every="never",
                                   graduate="3:0.7,6:1", graduate_noise=0.05),
+    "moe_output": dict(kind="moe", order="nested", clone_mode="output", election="weight_norm"),
+    "moe_weight": dict(kind="moe", order="after", clone_mode="weight", election="grad_norm", clone_state="copy"),
     "seed_weight_graduate": dict(kind="seed", order="after", clone_mode="weight", elect_every="never",
                                  graduate="4:1", graduate_state="reset"),
 }  # fmt: skip
@@ -44,6 +46,7 @@ CHECKPOINTS: dict[str, tuple[dict[str, Any], str]] = {
     "full_broadcast": (dict(kind="seed", clone_mode="weight", election="weight_norm"), "full"),
     "dcp_sharded": (dict(kind="llama", clone_mode="output", election="random"), "dcp"),
     "unsharded_into_sharded": (dict(kind="mlp", clone_mode="weight", election="grad_norm"), "plain"),
+    "moe_per_rank": (dict(kind="moe", clone_mode="weight", election="grad_norm", clone_state="copy"), "per_rank"),
 }  # fmt: skip
 
 
@@ -55,6 +58,13 @@ def build(kind: str) -> nn.Module:
         return mlp((6, 21, 13, 3))  # odd widths: uneven shards (11/10 and 7/6 rows)
     import transformers
 
+    if kind == "moe":  # fused experts, 5 of them: uneven shards of whole experts (3 / 2)
+        cfg = transformers.Qwen2MoeConfig(
+            hidden_size=32, intermediate_size=24, moe_intermediate_size=12, shared_expert_intermediate_size=24,
+            num_experts=5, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=50, tie_word_embeddings=False,
+        )  # fmt: skip
+        return transformers.Qwen2MoeForCausalLM(cfg)
     cfg = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=45, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=50, tie_word_embeddings=False,
@@ -65,7 +75,7 @@ def build(kind: str) -> nn.Module:
 def batch(kind: str, step: int, rank: int | None = None) -> torch.Tensor:
     """The batch of ``step`` (``rank``: that rank's own half of a batch twice the size, else the shared one)."""
     g = torch.Generator().manual_seed(1000 + step)
-    n = {"seed": 4, "mlp": 8, "llama": 2}[kind]
+    n = {"seed": 4, "mlp": 8, "llama": 2, "moe": 2}[kind]
     if kind == "seed":
         x = torch.randn(2 * n, 1, 6, 6, generator=g)
     elif kind == "mlp":
@@ -76,7 +86,7 @@ def batch(kind: str, step: int, rank: int | None = None) -> torch.Tensor:
 
 
 def loss_of(model: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=x).logits if kind == "llama" else model(x)
+    out = model(input_ids=x).logits if kind in ("llama", "moe") else model(x)
     return out.float().logsumexp(-1).mean()
 
 
@@ -332,7 +342,15 @@ def refusals() -> dict[str, str]:
         model, opt = make(dict(kind="mlp", clone_mode="output", election="random"), sharded=True)
         opt.export_model()
 
+    def experts_split():  # fused experts sharded along their neurons: no rank holds a whole unit's slices
+        from torch.distributed.tensor import Shard
+
+        model = build("moe")
+        fully_shard(model, shard_placement_fn=lambda p: Shard(1) if p.dim() == 3 else None)
+        LeaderCloneOptimizer(model, torch.optim.Adam(model.parameters()), RolePlan(0.4, 0.1))
+
     attempt("leaf_first", leaf_first)
+    attempt("experts_split", experts_split)
     attempt("leaf_after", leaf_after)
     attempt("export_model", export)
     return out

@@ -184,4 +184,9 @@ def test_what_fsdp2_cannot_do_is_refused(ranks):
     assert got["leaf_first"].count("'0'"), got["leaf_first"]  # names the layer
     assert got["leaf_after"].startswith("ConfigError") and "module '0' is itself wrapped" in got["leaf_after"]
     assert got["export_model"].startswith("ConfigError") and "get_model_state_dict" in got["export_model"]
+    assert (
+        got["experts_split"].startswith("PlanError")
+        and "'model.layers.0.mlp.experts.gate_up_proj' of fused experts is sharded along dimension 1"
+        in got["experts_split"]
+    )
     assert other == got

@@ -74,6 +74,27 @@ def _step(model, opt, batch) -> None:
     opt.zero_grad()
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_election_scores_saved_between_elections_resume(family):
+    """A checkpoint between two elections holds each block's running score; it resumes onto blocks whose module
+    has no ``weight`` (fused experts) as onto any other."""
+
+    def optimizer(model):
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return LeaderCloneOptimizer(model, base, PLAN, election="grad_norm", elect_every=5)
+
+    model = tiny.make(family)
+    opt = optimizer(model)
+    _step(model, opt, tiny.inputs(family))
+    resumed = optimizer(tiny.make(family, seed=1))
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    books = opt.controller.book.layers
+    assert any("experts" in n for n in books)
+    for name, lb in books.items():
+        got = resumed.controller.book.layers[name]
+        assert lb.score_count == got.score_count == 1 and torch.equal(lb.score_sum, got.score_sum), name
+
+
 @pytest.mark.parametrize("mode", ["weight", "output"])
 @pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
 def test_family_trains_saves_and_resumes(family, mode):

@@ -118,8 +118,9 @@ def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[
         from ..errors import PlanError
 
         raise PlanError(
-            "a tensor sharded by FSDP2 whose units span two dimensions (the neurons of fused 3-D MoE expert weights) "
-            "is not supported; leave the experts out of the plan (RolePlan(exclude=['*.experts']))"
+            "a fused-experts tensor sharded by FSDP2 reached an operation on whole tensors (egg_optim works on each "
+            "rank's own slice of it); please report this with the model, and leave the experts out of the plan "
+            "meanwhile (RolePlan(exclude=['*.experts']))"
         )
     a, b = axis
     index = index.to(t.device)

@@ -113,7 +113,7 @@ def perturb_units(layer: ManagedLayer, units: Roles, noise: float, generator: to
         whole = full(p)
         rows = _noisy(axes.select(whole, dim, roles.clones), dim, noise, generator)
         if is_sharded(p):
-            write_full_(p, whole.index_copy(dim, roles.clones.to(whole.device), rows))
+            write_full_(p, axes.copied(whole, dim, roles.clones, rows))
         else:
             axes.copy_(p, dim, roles.clones, rows)
 
@@ -346,7 +346,7 @@ def clone_layers(
                 for d, src in copy.pieces:
                     d.copy_(src)
             elif is_param and is_sharded(t):
-                write_full_(t, whole.index_copy(dim, clones.to(whole.device), rows))
+                write_full_(t, axes.copied(whole, dim, clones, rows))
             elif keep_units is None and _packed(rs, dim):
                 axes.narrow(t, dim, rs.clone_span).copy_(rows)
             else:

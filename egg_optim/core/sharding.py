@@ -1,9 +1,10 @@
 """Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensors whose units live on several ranks.
 
 FSDP2 shards every parameter along dim 0, the output-unit dimension (``torch.chunk`` sizes, the last shard possibly
-shorter or empty), so a leader's row and its clones' rows may sit on different ranks. Outside forward and backward,
-the module, the optimizer and its state hold DTensors whose ``to_local()`` is this rank's slice, a view: writing it
-writes the parameter. This module holds what the core needs to work on them exactly:
+shorter or empty), so a leader's row and its clones' rows may sit on different ranks; for fused 3-D experts
+(units along ``(experts, neurons)``) that is whole experts per rank, one run of unit positions. Outside forward and
+backward, the module, the optimizer and its state hold DTensors whose ``to_local()`` is this rank's slice, a view:
+writing it writes the parameter. This module holds what the core needs to work on them exactly:
 
 * :func:`local` and :func:`localize`: a tensor's own slice, and which unit positions lie in it (masking writes only
   local rows and needs no communication);
@@ -54,8 +55,9 @@ def is_sharded(t: object) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def check_placements(name: str, t: torch.Tensor) -> None:
-    """Refuse a DTensor whose layout the core cannot translate into a contiguous local slice."""
+def check_placements(name: str, t: torch.Tensor, dim: Axis = 0) -> None:
+    """Refuse a DTensor whose layout the core cannot translate into a contiguous local slice of the unit positions
+    along ``dim``."""
     if not is_sharded(t):
         return
     from torch.distributed.tensor import Replicate, Shard
@@ -66,6 +68,12 @@ def check_placements(name: str, t: torch.Tensor) -> None:
                 f"parameter {name!r} is a DTensor with placements {tuple(t.placements)}: egg_optim supports "
                 "Shard(dim) and Replicate() placements (FSDP2's fully_shard, HSDP), not partial or strided ones"
             )
+    if not isinstance(dim, int) and any(type(p) is Shard and p.dim == dim[1] for p in t.placements):
+        raise PlanError(
+            f"parameter {name!r} of fused experts is sharded along dimension {dim[1]}, which splits each expert's "
+            f"neurons across ranks: shard it along dimension {dim[0]} (whole experts per rank: FSDP2's default) or "
+            "leave the experts out of the plan (RolePlan(exclude=['*.experts']))"
+        )
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -84,13 +92,13 @@ def span(t: torch.Tensor, dim: Axis) -> tuple[int, int]:
     """``(first, count)``: the global positions ``[first, first + count)`` along ``dim`` this rank holds."""
     if not is_sharded(t):
         return 0, axes.positions(t.shape, dim)
-    if not isinstance(dim, int):
-        raise PlanError(
-            "a parameter sharded by FSDP2 whose units span two dimensions (the neurons of fused 3-D MoE expert "
-            "weights) is not supported; leave the experts out of the plan (RolePlan(exclude=['*.experts']))"
-        )
     shape, offset = _box(t)
-    return int(offset[dim]), int(shape[dim])
+    if isinstance(dim, int):
+        return int(offset[dim]), int(shape[dim])
+    outer, inner = dim  # fused experts: position e * n + j is neuron j of expert e, n = t.shape[inner]
+    if shape[inner] != t.shape[inner]:
+        raise PlanError(f"a {tuple(t.shape)} tensor of fused experts is sharded along their neurons")
+    return int(offset[outer]) * int(t.shape[inner]), int(shape[outer]) * int(t.shape[inner])
 
 
 def splits(t: torch.Tensor, dim: Axis) -> bool:
@@ -150,7 +158,7 @@ def copy_positions_(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: t
     which, where = localize(t, dim, clones)
     whole = full(t)
     x = local(t)
-    x.index_copy_(dim, where.to(x.device), whole.index_select(dim, sources[which].to(whole.device)).to(x))
+    axes.copy_(x, dim, where, axes.select(whole, dim, sources[which]).to(x))
 
 
 @torch.no_grad()
@@ -159,7 +167,7 @@ def copied_positions(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: 
     if not is_sharded(t):
         return axes.copied(t, dim, clones, axes.select(t, dim, sources))
     whole = full(t).clone()
-    whole.index_copy_(dim, clones.to(whole.device), whole.index_select(dim, sources.to(whole.device)))
+    axes.copy_(whole, dim, clones, axes.select(whole, dim, sources))
     return like(t, whole)
 
 

@@ -113,6 +113,11 @@ class ManagedLayer:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where its units live: its first owned tensor's device (fused experts have no ``weight``)."""
+        return self.params[0][1].device if self.params else self.weight.device
+
     def unit_rows(self, grad: bool = False) -> torch.Tensor | None:
         """``[num_units, D]``: each unit's weights (or their gradients, ``None`` before any backward), all
         its weight tensors concatenated. For a plain layer, its weight rows. Parameters sharded by FSDP2 are
@@ -126,8 +131,9 @@ class ManagedLayer:
             return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
         parts = []
         for pname, p in self.params:
-            if p.dim() < 2:  # weights only (of Linears, a per-head table, 3-D expert tensors), not biases
-                continue
+            dim = self.dim_of(pname)
+            if p.dim() <= (1 if isinstance(dim, int) else 2):  # weights only (of Linears, a per-head table, 3-D
+                continue  # expert tensors), not biases (fused experts' are [experts, neurons])
             t = p.grad if grad else p
             if t is None:
                 return None

@@ -737,7 +737,7 @@ class RoleController:
         flags = []
         for layer in self.layers.values():
             for pname, p in layer.params:
-                sharding.check_placements(pname, p)
+                sharding.check_placements(pname, p, layer.dim_of(pname))
                 flags.append(sharding.is_sharded(p))
         return any(flags)
 
@@ -865,7 +865,7 @@ class RoleController:
             counts=lambda draw, graduated: {
                 n: (lp.leaders, lp.independents) for n, lp in self.counts(draw, graduated).items()
             },
-            device_of=lambda n: self.layers[n].weight.device,
+            device_of=lambda n: self.layers[n].device,
             depends=dependencies(self.config),
         )
         roles = {n: lb.roles for n, lb in book.layers.items()}
@@ -909,8 +909,7 @@ class RoleController:
                 layer = self.layers[name]
                 er = layer.roles_of(qname, self.roles[name])
                 if sharding.is_sharded(t):
-                    whole = sharding.full(t).clone()
-                    whole.index_copy_(layer.dim_of(qname), er.clones.to(whole.device), rows[qname].to(whole))
-                    sharding.write_full_(t, whole)
+                    whole = sharding.full(t)
+                    sharding.write_full_(t, axes.copied(whole, layer.dim_of(qname), er.clones, rows[qname].to(whole)))
                 else:
                     axes.copy_(t, layer.dim_of(qname), er.clones, rows[qname].to(t))
