@@ -34,14 +34,13 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
               "diffllama": {"mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
-# mixes its heads (differential attention, found by dataflow), or linear attention (low-rank MLA is decomposed: its
-# shared down projections are neither units nor rows)
+# mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
+# projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
+# heads)
 NOT_DECOMPOSED = {
     "olmo2": {"model.layers.0.self_attn"},
     "olmoe": {"model.layers.0.self_attn"},
     "diffllama": {"model.layers.0.self_attn"},
-    "qwen3_next": {"model.layers.0.linear_attn"},
-    "qwen3_5": {"model.layers.0.linear_attn"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -219,8 +218,8 @@ def test_units_are_found_by_dataflow(family):
 
 def test_routers_and_grouped_convolutions_are_left_alone_unless_named():
     """A default plan gives no roles to a router (a Linear with one output per expert beside the experts: Phi-MoE's
-    subclasses nn.Linear, which output mode could not rewrite) nor to a grouped convolution (Qwen3-Next's depthwise
-    conv1d), and says why; a plan naming the router manages it, one naming the convolution is refused."""
+    subclasses nn.Linear, which output mode could not rewrite) nor to a grouped convolution (ConvBERT's depthwise
+    convolution), and says why; a plan naming the router manages it, one naming the convolution is refused."""
     from egg_optim.errors import PlanError
 
     moe = tiny.make("phimoe")
@@ -229,11 +228,13 @@ def test_routers_and_grouped_convolutions_are_left_alone_unless_named():
     named = LeaderCloneOptimizer(moe, torch.optim.AdamW(moe.parameters()), RolePlan(0.5, 0.0, layers=["*router"]))
     assert named.coverage().row_layers == ("model.layers.0.mlp.router",)
 
-    hybrid = tiny.make("qwen3_next")
-    conv = "model.layers.0.linear_attn.conv1d"
-    assert "grouped convolution (groups=" in _optimizer(hybrid, "weight").coverage().left_alone[conv]
+    cfg = transformers.ConvBertConfig(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=4, embedding_size=32)  # fmt: skip
+    convbert = transformers.ConvBertForMaskedLM(cfg)
+    conv = "convbert.encoder.layer.0.attention.self.key_conv_attn_layer.depthwise"
+    assert "grouped convolution (groups=" in _optimizer(convbert, "weight").coverage().left_alone[conv]
     with pytest.raises(PlanError, match="grouped convolutions"):
-        LeaderCloneOptimizer(hybrid, torch.optim.AdamW(hybrid.parameters()), RolePlan(0.5, 0.0, layers=[conv]))
+        LeaderCloneOptimizer(convbert, torch.optim.AdamW(convbert.parameters()), RolePlan(0.5, 0.0, layers=[conv]))
 
 
 def test_a_model_whose_units_all_mix_is_refused_naming_why():
@@ -320,3 +321,33 @@ def test_clones_that_cannot_be_exact_are_said():
             cov = _optimizer(tiny.make(family), "output").coverage()
         assert set(cov.inexact) == inexact, family
         assert any("Clones there are approximate" in str(w.message) for w in caught) == bool(inexact), family
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
+    """The gated delta net (Qwen3.5's and Qwen3-Next's linear attention): a unit is one key head with the value heads
+    that read it: its rows of every input projection, its channels of the depthwise convolution, its value heads'
+    A_log and dt_bias, its output columns; checked by dataflow. Output mode computes it at full width ("expand"),
+    the convolution, whose weight the block reads without calling it, with its clones' channels from their sources
+    (the self-check fails otherwise). Where the output projection and the gate cannot be told apart by their shapes
+    (value width == hidden size), the block is left alone, saying so."""
+    from egg_optim.core.blocks import discover
+
+    model = tiny.make(family)
+    cfg = model.config
+    hk, hv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)  # fmt: skip
+    g = discover(model).groups["model.layers.0.linear_attn"]
+    assert g.probed and g.num_units == hk and g.heads_per_unit == hv // hk
+    shapes = {s.param.rpartition("linear_attn.")[2]: tuple(s.index.shape) for s in g.slices}
+    per_value_heads = (hk, hv // hk)
+    assert shapes["conv1d.weight"] == (hk, 2 * dk + hv // hk * dv) and shapes["out_proj.weight"] == (hk, hv // hk * dv)
+    assert shapes["A_log"] == shapes["dt_bias"] == per_value_heads
+    opt = _optimizer(model, "output")
+    _step(model, opt, tiny.inputs(family))
+    assert opt.coverage().modes["model.layers.0.linear_attn"] == "expand"
+
+    if family == "qwen3_5":
+        same = transformers.Qwen3_5TextConfig(**{**cfg.to_dict(), "linear_value_head_dim": cfg.hidden_size // hv})
+        cov = _optimizer(transformers.Qwen3_5ForCausalLM(same), "weight").coverage()
+        assert "cannot be told from its input projections" in cov.not_decomposed["model.layers.0.linear_attn"]

@@ -23,7 +23,9 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   relative position tables, GPT-OSS's attention sinks); or multi-head latent attention (DeepSeek-V2/V3, MiniCPM3),
   whose sizes the config gives (``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``kv_lora_rank``):
   projections down into latents shared by every head (members of the block, no unit's) and up from them into
-  per-head rows (:func:`_latent`);
+  per-head rows (:func:`_latent`); or linear attention by the gated delta rule (Qwen3-Next, Qwen3.5), whose sizes
+  the module gives (``num_k_heads``, ``num_v_heads``, ``head_k_dim``, ``head_v_dim``): a unit is one key head with
+  the value heads that read it, its channels of the depthwise convolution included (:func:`_gated_delta`);
 * an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
@@ -255,7 +257,7 @@ def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None,
     return heads, kv or heads, head_dim
 
 
-# a head count of another name (Qwen3-Next's gated delta net) still marks a module that mixes over heads
+# a head count of another name (the gated delta net of Qwen3-Next and Qwen3.5) still marks an attention module
 _SIGNAL = _HEADS + _KV_HEADS + _HEAD_DIM + ("num_key_value_groups", "num_v_heads", "num_k_heads")
 
 
@@ -387,12 +389,17 @@ def _attention(
 ) -> Iterator[UnitGroup | Skipped]:
     if not _looks_like_attention(prefix, module, claimed):
         return  # no head count or size of its own: not an attention module
-    heads, kv, head_dim = _heads(module, root_config)
     names = [n for n, _ in lins]
 
     def skip(reason: str, final: bool = False) -> Skipped:
         why = f"attention {prefix!r}: {reason}; its projections are left alone (manage them with units='layers', or "
         return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names), final)
+
+    delta = _gated_delta(prefix, module, lins)
+    if delta is not None:
+        yield delta if isinstance(delta, UnitGroup) else skip(delta)
+        return
+    heads, kv, head_dim = _heads(module, root_config)
 
     if heads is None:
         yield skip("cannot tell its number of heads")
@@ -519,6 +526,62 @@ def _latent(prefix: str, lins: list[tuple[str, nn.Module]], heads: int, sources:
     slices += _producer_slices(kv[0], kv[1], _rows(heads, nope + v))
     slices.append(_consumer_slice(o[0], o[1], _rows(heads, v)))
     return UnitGroup(prefix, "attention", heads, slices, [q[0], kv[0]], o[0], 1, v, shared=[x[0] for x in downs])
+
+
+# linear attention's sizes (the gated delta net): key heads, which the queries share, value heads, and their widths
+_DELTA = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
+
+
+def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]]) -> UnitGroup | str | None:
+    """Linear attention by the gated delta rule (Qwen3-Next, Qwen3.5), where the module gives its sizes. Each query
+    and key head serves ``num_v_heads // num_k_heads`` value heads with a state of its own, so a unit is one key
+    head with the value heads that read it: its query, key and value rows of the input projection (``[q | k | v]``
+    blocks, or per key head ``[q | k | v | z]`` fused with the output gate), its channels of the depthwise causal
+    convolution over ``[q | k | v]``, its value heads' gate rows (``z``), beta and decay rows and per-head values
+    (``A_log``, ``dt_bias``), and its output columns. The gated norm within each head is shared by all. ``None``
+    where the module gives no such sizes; why not, where it does but its projections are not these."""
+    hk, hv, dk, dv = (_int(module, (n,)) for n in _DELTA)
+    if not (hk and hv and dk and dv) or hv % hk:
+        return None
+    r, qk, val = hv // hk, hk * dk, hv * dv
+    qkv = torch.cat([_rows(hk, dk), _rows(hk, dk) + qk, _rows(hk, r * dv) + 2 * qk], dim=1)  # [q | k | v] blocks
+    layouts = {  # output widths of the input projections -> each one's rows per unit
+        "gated delta net, [q | k | v] blocks": {2 * qk + val: qkv, val: _rows(hk, r * dv), hv: _rows(hk, r)},
+        "gated delta net, per key head [q | k | v | z]": {
+            2 * qk + 2 * val: _rows(hk, 2 * dk + 2 * r * dv),
+            2 * hv: _rows(hk, 2 * r),
+        },
+    }
+    expected = {  # Qwen3.5: qkv, z, b, a; Qwen3-Next: per key head [q | k | v | z] and [b | a]
+        "gated delta net, [q | k | v] blocks": sorted([2 * qk + val, val, hv, hv]),
+        "gated delta net, per key head [q | k | v | z]": sorted([2 * qk + 2 * val, 2 * hv]),
+    }
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    found = []  # the output projection reads every value head back into what the input projections read
+    for o in widths:
+        producers = [x for x in widths if x is not o]
+        if o[2] == val and all(i == o[3] for _, _, i, _ in producers):
+            outs = sorted(x[3] for x in producers)
+            found += [(o, producers, layout) for layout, want in expected.items() if outs == want]
+    if len(found) > 1:
+        return (f"its output projection cannot be told from its input projections by their shapes ({hv} value heads "
+                f"of {dv} make the hidden size)")  # fmt: skip
+    if not found:
+        return (f"its projections {[(n, i, o) for n, _, i, o in widths]} (name, inputs, outputs) are not those of a "
+                f"gated delta net of {hk} key heads of {dk} and {hv} value heads of {dv}")  # fmt: skip
+    (o_name, o_mod, _, _), producers, layout = found[0]
+    index = layouts[layout]
+    slices = [s for n, m, _, o in producers for s in _producer_slices(n, m, index[o])]
+    for n, c in module.named_children():  # the depthwise causal convolution over [q | k | v]
+        if isinstance(c, nn.Conv1d):
+            if not c.in_channels == c.out_channels == c.groups == 2 * qk + val:
+                return f"its convolution {n!r} is not one filter per query, key and value channel"
+            slices += [UnitSlice(_join(prefix, f"{n}.{k}"), 0, qkv) for k, p in c.named_parameters() if p is not None]
+    for n, p in module.named_parameters(recurse=False):  # one value per value head (A_log, dt_bias)
+        if p.dim() == 1 and p.numel() == hv:
+            slices.append(UnitSlice(_join(prefix, n), 0, _rows(hk, r)))
+    slices.append(_consumer_slice(o_name, o_mod, _rows(hk, r * dv)))
+    return UnitGroup(prefix, "attention", hk, slices, [n for n, *_ in producers], o_name, r, dv, layout)
 
 
 def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ from .base import check_eval_mode
 OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
-    "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold",
+    "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -197,6 +197,9 @@ class _TiedMember(_Member):
     _egg_has_clones: bool
     _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
     _egg_inside = False
+    # tied members of the same block inside this one, whose parameters its code may read without calling them (the
+    # gated delta net reads its depthwise convolution's weight): substituted with its own
+    _egg_tied_inside: tuple[_TiedMember, ...] = ()
 
     def _egg_keys(self) -> tuple[str, ...]:
         return tuple(self._egg_slices)
@@ -207,9 +210,9 @@ class _TiedMember(_Member):
             return None
         return entry[0], getattr(self, f"_egg_clones_{key}"), getattr(self, f"_egg_sources_{key}")
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._egg_inside or not self._egg_has_clones or self._egg_reference or _plain_eval(self):
-            return super().forward(*args, **kwargs)
+    def _egg_values(self) -> dict[str, torch.Tensor]:
+        """Its parameters as the block computes with them: clone positions of a producer slice taken from their
+        sources, of a consumer slice frozen."""
         values = {}
         for key, (dim, produces) in self._egg_slices.items():
             p = getattr(self, key)
@@ -218,12 +221,21 @@ class _TiedMember(_Member):
                 values[key] = axes.copied(p, dim, clones, axes.select(p, dim, getattr(self, f"_egg_sources_{key}")))
             else:
                 values[key] = axes.copied(p, dim, clones, axes.select(p, dim, clones).detach())
-        with _substituted(self, values):
-            self._egg_inside = True
+        return values
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._egg_inside or not self._egg_has_clones or self._egg_reference or _plain_eval(self):
+            return super().forward(*args, **kwargs)
+        tied = (self, *self._egg_tied_inside)
+        with ExitStack() as stack:
+            for m in tied:
+                stack.enter_context(_substituted(m, m._egg_values()))
+                m._egg_inside = True
             try:
                 return super().forward(*args, **kwargs)
             finally:
-                self._egg_inside = False
+                for m in tied:
+                    m._egg_inside = False
 
 
 @contextmanager
@@ -367,6 +379,11 @@ class BlockOutputCloning(base.LayerRewrite):
                 else:
                     m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
             self._members[name] = members
+            for outer, m, _ in members:
+                if isinstance(m, _TiedMember):
+                    m._egg_tied_inside = tuple(
+                        d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{outer}.")
+                    )
             linear_only = all(isinstance(m, _BlockMember) for _, m, _ in members)
             self._set_mode(name, "shrink" if linear_only else "expand")
             self._apply_roles(name, roles[name])

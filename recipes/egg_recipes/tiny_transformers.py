@@ -262,7 +262,7 @@ FAMILIES.update({
     ),
     "qwen3_5": (
         _causal("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", head_dim=8, pad_token_id=0, linear_num_key_heads=2,
-                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                 layer_types=["linear_attention", "full_attention"], **{**_GQA, "num_hidden_layers": 2}),
         "causal",
     ),
