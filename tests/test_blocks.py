@@ -429,5 +429,31 @@ def test_without_dummy_inputs_the_structure_decides():
     model = _mixing_net(True, True, dummy=False)
     groups = discover(model).groups
     assert set(groups) == {"attn", "ffn"} and not any(g.probed for g in groups.values())
-    cov = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1)).coverage()
+    with pytest.warns(UserWarning, match=r"by their structure alone.*\(attn, ffn\).*example_inputs=batch"):
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1))
+    cov = opt.coverage()
     assert set(cov.by_structure) == {"attn", "ffn"} and "by structure alone" in cov.line()  # said, not hidden
+
+
+def test_example_inputs_check_the_blocks_of_a_model_without_dummy_inputs():
+    """A batch passed as example_inputs stands for the dummy inputs the model lacks: the attention whose heads mix
+    is found and left alone, the MLP is checked; inputs the model cannot take are refused, naming them, before
+    anything is built."""
+    import warnings
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+    from egg_optim.errors import ConfigError
+
+    model = _mixing_net(True, False, dummy=False)
+    make = lambda **kw: LeaderCloneOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1), **kw
+    )  # noqa: E731
+    with pytest.raises(ConfigError, match="example_inputs: Net could not run on them"):
+        make(example_inputs={"tokens": torch.tensor([[1, 2]])})
+    assert model.training and not any(type(m).__module__.startswith("egg_optim") for m in model.modules())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cov = make(example_inputs=torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])).coverage()
+    assert set(cov.not_decomposed) == {"attn"} and "not computed apart" in cov.not_decomposed["attn"]
+    assert set(cov.managed_blocks) == {"ffn"} and cov.by_structure == ()
+    assert not any("structure alone" in str(w.message) for w in caught)

@@ -283,14 +283,15 @@ def _fingerprint(model: nn.Module) -> tuple:
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False))
 
 
-def discover(model: nn.Module, *, probe: bool = True) -> Discovery:
+def discover(model: nn.Module, *, probe: bool = True, inputs: Any = None) -> Discovery:
     """Every transformer MLP, attention and experts block of ``model`` (by name), the modules that look like one but
     could not be decomposed, and the routers of experts. ``probe``: check the blocks by dataflow on one forward pass
-    of the model's dummy inputs (:mod:`egg_optim.core.probe`: layouts, blocks that mix their units; otherwise the
-    structure alone decides and ``[q | k | v]`` blocks are assumed). Cached per model until its structure changes."""
+    of the model's dummy inputs, or of ``inputs`` (:mod:`egg_optim.core.probe`: layouts, blocks that mix their
+    units; otherwise the structure alone decides and ``[q | k | v]`` blocks are assumed). Cached per model until its
+    structure changes; ``inputs`` discover it anew."""
     key = _fingerprint(model)
     hit = _CACHE.get(model)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and inputs is None:
         return hit[1]
     found = Discovery()
     claimed: dict[str, str] = {}
@@ -324,7 +325,7 @@ def discover(model: nn.Module, *, probe: bool = True) -> Discovery:
     if probe:
         from .probe import probe_blocks  # (the probe reads this module's groups and layouts)
 
-        probe_blocks(model, found)
+        probe_blocks(model, found, inputs)
     order = {n: i for i, (n, _) in enumerate(modules)}
     first = {g: min(order.get(m, len(order)) for m in g_.modules) for g, g_ in found.groups.items()}
     found.groups = dict(sorted(found.groups.items(), key=lambda kv: first[kv[0]]))

@@ -218,6 +218,15 @@ def report(coverage: Coverage, *, strict: bool = False, default_plan: bool = Fal
             "(opt.coverage() says which and why). Name layers to manage with RolePlan(layers=[...])",
             stacklevel=3,
         )
+    unchecked = [n for n in coverage.by_structure if n in coverage.managed_blocks]
+    if unchecked:
+        warnings.warn(
+            f"egg_optim: {len(unchecked)} block(s) of {coverage.model} decomposed into units by their structure alone, "
+            f"without the dataflow check that each unit is computed apart ({_names(unchecked)}): the model has no "
+            "dummy inputs, or they did not reach these blocks. Pass LeaderCloneOptimizer(..., example_inputs=batch) "
+            "to check them",
+            stacklevel=3,
+        )
     if coverage.not_decomposed:
         message = (
             f"egg_optim: {len(coverage.not_decomposed)} transformer block(s) of {coverage.model} found but not "

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from . import sharding
 from .blocks import (
     Discovery,
@@ -61,20 +63,35 @@ def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return inputs
 
 
+def _call(model: nn.Module, inputs: Any) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` of the probe's forward pass: ``inputs`` as given (a mapping of keyword arguments, a tuple
+    or list of positional ones, or one tensor), its top-level tensors moved to the model's device; else the
+    model's dummy inputs; ``None`` where there are none."""
+    if inputs is None:
+        dummy = _dummy_inputs(model)
+        return None if dummy is None else ((), dummy)
+    device = next((p.device for p in model.parameters()), None)
+    moved = lambda v: v.to(device) if torch.is_tensor(v) and device is not None else v  # noqa: E731
+    if isinstance(inputs, Mapping):
+        return (), {k: moved(v) for k, v in inputs.items()}
+    return tuple(moved(v) for v in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
+
+
 @torch.no_grad()
-def probe_blocks(model: nn.Module, found: Discovery) -> None:
-    """Check by dataflow, on one forward pass of the model's dummy inputs, that each kind of block computes its units
-    apart: changing one unit's producer positions changes that unit's inputs of the consumer (output or down
-    projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k | v]``
-    blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
+def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None:
+    """Check by dataflow, on one forward pass of the model's dummy inputs (or of ``inputs``, a batch as the model
+    takes it: one it cannot run on raises :class:`~egg_optim.errors.ConfigError`), that each kind of block computes
+    its units apart: changing one unit's producer positions changes that unit's inputs of the consumer (output or
+    down projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k |
+    v]`` blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
     neurons that its structure does not show) becomes :class:`Skipped`. Blocks of one class and shapes are checked
     once; nothing is decided where the model cannot run here (no dummy inputs, parameters sharded otherwise than by
     ``fully_shard``, an error)."""
     modules = dict(model.named_modules())
     runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
-    inputs = _dummy_inputs(model) if runners else None
+    call = _call(model, inputs) if runners else None
     sharded = any(sharding.is_sharded(p) for p in model.parameters())
-    if inputs is None or (sharded and not _gatherable(model)):
+    if call is None or (sharded and not _gatherable(model)):
         return
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = [
@@ -87,7 +104,15 @@ def probe_blocks(model: nn.Module, found: Discovery) -> None:
     settled: dict[tuple, tuple[UnitGroup, str, str]] = {}  # per class and shapes: the first block's layout, verdict
     try:
         model.eval()
-        model(**inputs)
+        try:
+            model(*call[0], **call[1])
+        except Exception as exc:
+            if inputs is None:
+                raise
+            raise ConfigError(
+                f"example_inputs: {type(model).__name__} could not run on them ({type(exc).__name__}: {exc}); pass "
+                "a batch as the model takes it: a dict of keyword arguments, a tuple of positional ones, or a tensor"
+            ) from exc
         for h in handles:
             h.remove()
         for name, runner in runners.items():
@@ -112,6 +137,8 @@ def probe_blocks(model: nn.Module, found: Discovery) -> None:
                 why = f"{g.kind} {name!r}: its units are not computed apart ({why}); its layers are left alone "
                 why += "(manage them with units='layers', or name them in RolePlan(layers=[...]))"
                 found.skipped[name] = Skipped(name, g.kind, why, tuple(g.modules))
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a model the dummy inputs do not fit: nothing is decided
         logger.debug("egg_optim: no dummy forward pass for %s (%s)", type(model).__name__, exc)
     finally:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import EggConfig
 from ..core import sharding
+from ..core.blocks import discover
 from ..core.plan import LayerPlan
 from ..core.roles import Roles
 from ..core.state_dict import STATE_KEY, check_base_state
@@ -79,6 +80,10 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         plan: shorthand for ``config.plan`` (a :class:`RolePlan` or a preset name).
         config: an :class:`~egg_optim.config.EggConfig` (default: ``EggConfig()``).
         process_group: the ranks whose roles must agree (default: the world, when initialised).
+        example_inputs: a batch as the model takes it (a dict of keyword arguments, a tuple of positional ones, or
+            a tensor) on which the transformer blocks found are checked by dataflow (heads and neurons computed
+            apart, fused layouts); default: the model's ``dummy_inputs`` (every transformers model has them).
+            Without either, blocks are decomposed by their structure alone, with a warning.
         **options: any other :class:`~egg_optim.config.EggConfig` field (``clone_mode="output"``,
             ``elect_every=500``, ``election="grad_norm"``, ...), overriding ``config``.
 
@@ -97,6 +102,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         *,
         config: EggConfig | None = None,
         process_group: Any = None,
+        example_inputs: Any = None,
         **options: Any,
     ) -> None:
         # --- validate everything before touching anything
@@ -110,6 +116,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             raise UnsupportedOptimizerError("optimizer is already a LeaderCloneOptimizer")
         self.info = optimizer_info(optimizer)
         config = _config(config, plan, options)
+        if example_inputs is not None and config.role_plan().units == "auto":
+            discover(model, inputs=example_inputs)  # (cached for the plan to read)
         masked = MaskedOptimizer(optimizer, self.info, storage=config.state_storage, clone_state=config.clone_state)
         controller = RoleController(model, masked, config, process_group)
 
