@@ -457,3 +457,83 @@ def test_example_inputs_check_the_blocks_of_a_model_without_dummy_inputs():
     assert set(cov.not_decomposed) == {"attn"} and "not computed apart" in cov.not_decomposed["attn"]
     assert set(cov.managed_blocks) == {"ffn"} and cov.by_structure == ()
     assert not any("structure alone" in str(w.message) for w in caught)
+
+
+def test_an_attention_around_a_look_alike_keeps_its_projections_left_alone():
+    """Kimi-Linear's linear attention holds, beside its own projections, a gate module carrying a head count and
+    two Linears (an attention look-alike of its own). Neither decomposes; both are left alone with their reasons,
+    and the outer module's projections do not become rows."""
+    from torch import nn
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads, self.head_dim = 4, 4
+            self.down, self.up = nn.Linear(16, 4), nn.Linear(4, 16)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads = 4
+            self.q, self.k, self.v, self.beta, self.o = (nn.Linear(16, n) for n in (16, 16, 16, 4, 16))
+            self.gate = Gate()
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(16, 40), nn.Linear(40, 16), nn.GELU()
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.mlp = Attn(), Mlp()
+
+    model = nn.Sequential(Layer(), nn.Linear(16, 3))
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1))
+    cov = opt.coverage()
+    assert set(cov.not_decomposed) == {"0.attn", "0.attn.gate"}
+    assert set(cov.row_layers) == {"0.mlp.up", "0.mlp.down"}  # no projection of the attention
+
+
+def test_a_faint_mix_between_units_of_a_block_with_small_outputs_is_found():
+    """The dataflow probe judges a change relative to the block's own values: a freshly initialised block whose
+    outputs are about 1e-4 and whose heads leak 1e-7 into each other (a state-space mixer whose shared rows looked
+    like heads) is coupled, not apart; the same block without the leak is apart."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from egg_optim.core.blocks import discover
+
+    class Attn(nn.Module):
+        def __init__(self, leak: float) -> None:
+            super().__init__()
+            self.n_heads, self.leak = 4, leak
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16, bias=False) for _ in range(4))
+            for lin in (self.q, self.k, self.v, self.o):
+                nn.init.normal_(lin.weight, std=1e-2)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            v = self.v(x)
+            v = v + self.leak * v.sum(-1, keepdim=True)  # every head reads a little of every other
+            q, k, v = (y.view(b, t, 4, 4).transpose(1, 2) for y in (self.q(x), self.k(x), v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16))
+
+    class Net(nn.Module):
+        main_input_name = "input_ids"
+
+        def __init__(self, leak: float) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Embedding(20, 16), Attn(leak), nn.Linear(16, 20)
+            nn.init.normal_(self.embed.weight, std=1e-4)
+            self.dummy_inputs = {"input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])}
+
+        def forward(self, input_ids):
+            return self.head(self.attn(self.embed(input_ids)))
+
+    torch.manual_seed(0)
+    leaky, clean = discover(Net(1e-3)), discover(Net(0.0))
+    assert "attn" in leaky.skipped and "not computed apart" in leaky.skipped["attn"].reason
+    assert clean.groups["attn"].probed

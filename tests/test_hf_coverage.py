@@ -41,6 +41,7 @@ NOT_DECOMPOSED = {
     "olmo2": {"model.layers.0.self_attn"},
     "olmoe": {"model.layers.0.self_attn"},
     "diffllama": {"model.layers.0.self_attn"},
+    "olmo_hybrid": {"model.layers.1.self_attn"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -323,9 +324,10 @@ def test_clones_that_cannot_be_exact_are_said():
         assert any("Clones there are approximate" in str(w.message) for w in caught) == bool(inexact), family
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "olmo_hybrid"])
 def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
-    """The gated delta net (Qwen3.5's and Qwen3-Next's linear attention): a unit is one key head with the value heads
+    """The gated delta net (the linear attention of Qwen3.5, Qwen3-Next, OLMo hybrid: fused [q | k | v], fused per
+    key head with the output gate, separate projections): a unit is one key head with the value heads
     that read it: its rows of every input projection, its channels of the depthwise convolution, its value heads'
     A_log and dt_bias, its output columns; checked by dataflow. Output mode computes it at full width ("expand"),
     the convolution, whose weight the block reads without calling it, with its clones' channels from their sources
@@ -341,7 +343,8 @@ def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
     assert g.probed and g.num_units == hk and g.heads_per_unit == hv // hk
     shapes = {s.param.rpartition("linear_attn.")[2]: tuple(s.index.shape) for s in g.slices}
     per_value_heads = (hk, hv // hk)
-    assert shapes["conv1d.weight"] == (hk, 2 * dk + hv // hk * dv) and shapes["out_proj.weight"] == (hk, hv // hk * dv)
+    out = next(s.param for s in g.slices if s.role == "consumer").rpartition("linear_attn.")[2]  # out_proj, o_proj
+    assert shapes["conv1d.weight"] == (hk, 2 * dk + hv // hk * dv) and shapes[out] == (hk, hv // hk * dv)
     assert shapes["A_log"] == shapes["dt_bias"] == per_value_heads
     opt = _optimizer(model, "output")
     _step(model, opt, tiny.inputs(family))

@@ -225,3 +225,34 @@ def test_the_attention_guard_refuses_only_what_no_kernel_computes(q, k, gqa, ok)
     else:
         with pytest.raises(ValueError, match="attention with"):
             block_output._check_attention(*args, enable_gqa=gqa)
+
+
+class _DirectDt(nn.Module):
+    """A mixer that computes with one Linear's weight without calling it (Jamba's ``dt_proj``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.dt, self.out = nn.Linear(8, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.out(h @ self.dt.weight.T + self.dt.bias)
+
+
+@pytest.mark.parametrize("plan", [RolePlan(0.5, 0.0), RolePlan(1.0, 0.0)])
+def test_a_layer_the_model_uses_without_calling_it_is_refused_in_output_mode(plan):
+    """Output mode gives clones their sources' outputs in the layer's forward: a layer the model computes with
+    without calling it would train with the clones' own rows while its saved model holds their sources'. The first
+    step refuses it, naming it, before its update changes anything; without clones there is nothing to refuse."""
+    torch.manual_seed(0)
+    model = _DirectDt()
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, clone_mode="output")
+    before = copy.deepcopy(model.state_dict(keep_vars=False))
+    model(torch.randn(4, 8)).sum().backward()
+    if plan.leaders == 1.0:
+        opt.step()
+        return
+    with pytest.raises(RewriteCheckError, match=r"clones of \['dt'\].*without calling.*exclude=\['dt'\]") as info:
+        opt.step()
+    assert info.value.block == "dt"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

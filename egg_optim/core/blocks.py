@@ -315,7 +315,8 @@ def discover(model: nn.Module, *, probe: bool = True, inputs: Any = None) -> Dis
                     claimed[m] = item.name
     for item in failed.values():  # attention look-alikes first, deepest first: they were tried so
         members = tuple(m for m in item.members if m not in claimed)
-        if any(n.startswith(f"{item.name}.") for n in found.skipped):
+        own = any(m.rpartition(".")[0] == item.name for m in members)  # projections of its own, not only deeper
+        if not own and any(n.startswith(f"{item.name}.") for n in found.skipped):
             continue  # a layer around an attention look-alike (its head count): the look-alike is the block
         if members:
             found.skipped[item.name] = Skipped(item.name, item.kind, item.reason, members)
@@ -534,10 +535,11 @@ _DELTA = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
 
 
 def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]]) -> UnitGroup | str | None:
-    """Linear attention by the gated delta rule (Qwen3-Next, Qwen3.5), where the module gives its sizes. Each query
-    and key head serves ``num_v_heads // num_k_heads`` value heads with a state of its own, so a unit is one key
-    head with the value heads that read it: its query, key and value rows of the input projection (``[q | k | v]``
-    blocks, or per key head ``[q | k | v | z]`` fused with the output gate), its channels of the depthwise causal
+    """Linear attention by the gated delta rule (Qwen3-Next, Qwen3.5, OLMo hybrid), where the module gives its
+    sizes. Each query and key head serves ``num_v_heads // num_k_heads`` value heads with a state of its own, so a
+    unit is one key head with the value heads that read it: its query, key and value rows of the input projections
+    (``[q | k | v]`` blocks, per key head ``[q | k | v | z]`` fused with the output gate, or each its own
+    projection), its channels of the depthwise causal
     convolution over ``[q | k | v]``, its value heads' gate rows (``z``), beta and decay rows and per-head values
     (``A_log``, ``dt_bias``), and its output columns. The gated norm within each head is shared by all. ``None``
     where the module gives no such sizes; why not, where it does but its projections are not these."""
@@ -546,16 +548,17 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
         return None
     r, qk, val = hv // hk, hk * dk, hv * dv
     qkv = torch.cat([_rows(hk, dk), _rows(hk, dk) + qk, _rows(hk, r * dv) + 2 * qk], dim=1)  # [q | k | v] blocks
-    layouts = {  # output widths of the input projections -> each one's rows per unit
-        "gated delta net, [q | k | v] blocks": {2 * qk + val: qkv, val: _rows(hk, r * dv), hv: _rows(hk, r)},
-        "gated delta net, per key head [q | k | v | z]": {
-            2 * qk + 2 * val: _rows(hk, 2 * dk + 2 * r * dv),
-            2 * hv: _rows(hk, 2 * r),
-        },
-    }
-    expected = {  # Qwen3.5: qkv, z, b, a; Qwen3-Next: per key head [q | k | v | z] and [b | a]
-        "gated delta net, [q | k | v] blocks": sorted([2 * qk + val, val, hv, hv]),
-        "gated delta net, per key head [q | k | v | z]": sorted([2 * qk + 2 * val, 2 * hv]),
+    own = {qk: _rows(hk, dk), val: _rows(hk, r * dv), hv: _rows(hk, r)}  # each its own rows (equal widths: equal)
+    layouts = {  # the output widths of the input projections, and each one's rows per unit by its width
+        "gated delta net, [q | k | v] blocks": (  # Qwen3.5: qkv, z, b, a
+            [2 * qk + val, val, hv, hv],
+            {**own, 2 * qk + val: qkv},
+        ),
+        "gated delta net, per key head [q | k | v | z]": (  # Qwen3-Next: per key head [q | k | v | z], [b | a]
+            [2 * qk + 2 * val, 2 * hv],
+            {2 * qk + 2 * val: _rows(hk, 2 * dk + 2 * r * dv), 2 * hv: _rows(hk, 2 * r)},
+        ),
+        "gated delta net, separate q, k, v": ([qk, qk, val, val, hv, hv], own),  # OLMo hybrid: q, k, v, a, b, g
     }
     widths = [(n, m, _in(m), _out(m)) for n, m in lins]
     found = []  # the output projection reads every value head back into what the input projections read
@@ -563,7 +566,7 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
         producers = [x for x in widths if x is not o]
         if o[2] == val and all(i == o[3] for _, _, i, _ in producers):
             outs = sorted(x[3] for x in producers)
-            found += [(o, producers, layout) for layout, want in expected.items() if outs == want]
+            found += [(o, producers, layout) for layout, (want, _) in layouts.items() if outs == sorted(want)]
     if len(found) > 1:
         return (f"its output projection cannot be told from its input projections by their shapes ({hv} value heads "
                 f"of {dv} make the hidden size)")  # fmt: skip
@@ -571,7 +574,7 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
         return (f"its projections {[(n, i, o) for n, _, i, o in widths]} (name, inputs, outputs) are not those of a "
                 f"gated delta net of {hk} key heads of {dk} and {hv} value heads of {dv}")  # fmt: skip
     (o_name, o_mod, _, _), producers, layout = found[0]
-    index = layouts[layout]
+    index = layouts[layout][1]
     slices = [s for n, m, _, o in producers for s in _producer_slices(n, m, index[o])]
     for n, c in module.named_children():  # the depthwise causal convolution over [q | k | v]
         if isinstance(c, nn.Conv1d):

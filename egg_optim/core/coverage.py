@@ -207,8 +207,9 @@ def report(coverage: Coverage, *, strict: bool = False, default_plan: bool = Fal
     if coverage.inexact:
         warnings.warn(
             f"egg_optim: in {coverage.model}, clones of {_names(list(coverage.inexact))} do not compute exactly what "
-            f"their sources do ({next(iter(coverage.inexact.values()))}): per-head values that are no unit's own, "
-            "such as ALiBi slopes, stay each head's. Clones there are approximate",
+            f"their sources do ({next(iter(coverage.inexact.values()))}): what a unit computes also depends on "
+            "values that are no unit's own (per-head constants such as ALiBi slopes, or a layer outside the block "
+            "writing into its units, such as an adapter). Clones there are approximate",
             stacklevel=3,
         )
     if default_plan and coverage.total_params and coverage.share < LOW_SHARE:

@@ -122,6 +122,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
             key = _signature(modules[runner], g)
             if key in settled:  # the same code on the same shapes: the first block's answer
                 first, verdict, why = settled[key]
+                why = why.replace(repr(first.consumer), repr(g.consumer))
                 g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
                 g.layout, g.inexact = first.layout, first.inexact
             else:
@@ -273,9 +274,11 @@ def _runner(modules: Mapping[str, nn.Module], g: UnitGroup) -> str | None:
 
 def _moved(base: torch.Tensor) -> torch.Tensor:
     """How far a value must move to count as changed: far above rounding (a GPU kernel may sum in another order
-    from run to run, and bfloat16 rounds at 1/256), far below what a changed unit or a norm over it does to it."""
+    from run to run, and bfloat16 rounds at 1/256), far below what a changed unit or a norm over it does to it;
+    relative to the largest value, without an absolute floor (a freshly initialised block's outputs may be 1e-4,
+    and what one unit leaks into another's columns 1e-7: a state-space mixer whose shared rows looked like heads)."""
     rel = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3}.get(base.dtype, 2e-2)
-    return rel * (1 + base.abs().max())
+    return rel * base.abs().max()
 
 
 def _signature(module: nn.Module, g: UnitGroup) -> tuple:

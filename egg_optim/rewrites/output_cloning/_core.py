@@ -12,7 +12,7 @@ from torch import nn
 from ...core.axes import Span, select
 from ...core.roles import Roles
 from ...core.sharding import copied_positions, copy_positions_
-from ...errors import PlanError
+from ...errors import PlanError, RewriteCheckError
 from .. import base as rewrite
 from ..base import EVAL_MODES, check_eval_mode, known_names, set_buffer
 from . import _kernel
@@ -31,7 +31,7 @@ __all__ = [
 
 _LAYER_ATTRS = (
     "_egg_roles", "_egg_has_clones", "_egg_fused", "_egg_own_weights", "_egg_dim", "_egg_pointwise",
-    "_egg_probe", "_egg_probe_data", "_egg_span", "_egg_tile",
+    "_egg_probe", "_egg_probe_data", "_egg_span", "_egg_tile", "_egg_watch", "_egg_called",
 )  # fmt: skip
 _LAYER_BUFFERS = ("_egg_active", "_egg_gather")
 _NORM_ATTRS = ("_egg_roles", "_egg_has_clones", "_egg_num_active", "_egg_kernel", "_egg_own_weights", "_egg_span")
@@ -52,8 +52,11 @@ class _OutputClonedLayer:
     _egg_span: Span | None  # the active units as one run of rows: weights taken as views
     _egg_tile: Tile | None  # packed roles as the expansion sees them (compiled: no index op)
     _egg_probe: bool = False
+    _egg_watch: bool = False  # note that the forward ran (:meth:`OutputCloning.check_called`); never read compiled
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self._egg_watch:
+            self.__dict__["_egg_called"] = True
         if not self._egg_has_clones or (self._egg_own_weights and not self.training):
             return super().forward(input)  # plain op, the unit's own weights
         weight, bias = self.weight, self.bias
@@ -371,8 +374,34 @@ class OutputCloning(rewrite.LayerRewrite):
             layer._egg_dim = -1 if isinstance(layer, nn.Linear) else 1
             if not isinstance(layer, nn.Linear):
                 layer._egg_pointwise = bool(pointwise_matmul) and _is_pointwise(layer)
+            layer._egg_watch = True
             _set_layer_roles(layer, roles[name])
         self._fuse(fused)
+
+    def check_called(self) -> bool:
+        """Clones take their sources' outputs in each layer's forward; a model that computes with a layer's weight
+        without calling it (Jamba's Mamba mixer multiplies by ``dt_proj.weight``) would use each clone's own rows
+        while its saved model holds its source's. At the first step after an eager forward pass (before its
+        update), refuse a layer with clones whose weight has a gradient but whose forward never ran
+        (:class:`RewriteCheckError`). Returns whether the check is done (compiled forward passes note nothing)."""
+        called = {n for n, m in self._layers.items() if m.__dict__.get("_egg_called")}
+        if not called:
+            return False
+        for m in self._layers.values():
+            m._egg_watch = False
+        bypassed = [
+            n for n, m in self._layers.items()
+            if n not in called and m._egg_has_clones and m.weight.grad is not None
+        ]  # fmt: skip
+        if bypassed:
+            raise RewriteCheckError(
+                bypassed[0],
+                f"output mode cannot give the clones of {bypassed} their sources' outputs: the model computes with "
+                "their weights without calling these layers (their forward never ran, yet their weights have "
+                "gradients), so clones would compute with their own rows while the saved model holds their "
+                f"sources'. Use clone_mode='weight', or leave them out: RolePlan(..., exclude={bypassed!r})",
+            )
+        return True
 
     def _fuse(self, fused: dict[str, nn.Module]) -> None:
         for name, norm in fused.items():
