@@ -285,8 +285,9 @@ def accelerate_round_trip(folder: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the probe
 # attention that mixes its heads (left alone), a fused qkv projection interleaved per head (its layout found by the
-# probe), ALiBi heads (clones said to be approximate; its BloomBlocks are not sharded apart: only the root is)
-PROBED = ("diffllama", "gpt_neox", "bloom")
+# probe), ALiBi heads (clones said to be approximate; its BloomBlocks are not sharded apart: only the root is),
+# linear attention (a depthwise convolution among its unit slices, its weight read without calling it)
+PROBED = ("diffllama", "gpt_neox", "bloom", "qwen3_5")
 
 
 def probed(family: str, sharded: bool) -> dict[str, Any]:
