@@ -1,8 +1,9 @@
 """Training-step time of tiny random-init transformers: baseline vs weight mode vs output mode.
 
 Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification
-(hidden 256, 4 layers, 4 heads, intermediate 1024) and a Llama-style causal LM (hidden 256, intermediate 688,
-4 layers, 4 heads), vocabulary 1000, batch 16 x sequence 128 tokens. A step is forward (loss) + backward +
+(hidden 256, 4 layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, intermediate 688,
+4 layers, 4 heads) and (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention,
+vocabulary 1000, batch 16 x sequence 128 tokens. A step is forward (loss) + backward +
 AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry
 (mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units
 are MLP neurons and attention heads (``egg_optim.core.blocks``), so output mode computes only the active
@@ -90,7 +91,30 @@ def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return LlamaForCausalLM(cfg), {}
 
 
-MODELS = {"bert": _bert, "llama": _llama}
+def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A Qwen3.5-style hybrid: 3 layers of linear attention (the gated delta net: 4 key heads, 8 value heads of
+    64) and 1 of full attention, the Llama sizes otherwise."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    cfg = Qwen3_5TextConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=128,
+    )
+    return Qwen3_5ForCausalLM(cfg), {}
+
+
+MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5}
 
 
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:

@@ -30,6 +30,7 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "olmo2": {"mlp"}, "olmoe": {"experts"}, "gpt_oss": {"attention", "experts"},
               "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
               "qwen3_next": {"attention", "experts", "mlp"}, "qwen3_5": {"attention", "mlp"},
+              "qwen3_5_moe": {"attention", "experts", "mlp"},
               "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
               "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
               "diffllama": {"mlp"}})  # fmt: skip
@@ -53,6 +54,7 @@ ROWS = {
     "electra": {"classifier.dense"},
     "xlm_roberta": {"classifier.dense"},  # its classifier.out_proj, registered first, is the output head
     "qwen3_next": {"model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"},
+    "qwen3_5_moe": {"model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"},
     "esm": {"classifier.dense", "esm.contact_head.regression"},
     "albert": {"albert.encoder.embedding_hidden_mapping_in", "albert.pooler"},  # no MLP: not a block, rows
     "swin": {"swin.embeddings.patch_embeddings.projection"},
@@ -324,7 +326,7 @@ def test_clones_that_cannot_be_exact_are_said():
         assert any("Clones there are approximate" in str(w.message) for w in caught) == bool(inexact), family
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "olmo_hybrid"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid"])
 def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
     """The gated delta net (the linear attention of Qwen3.5, Qwen3-Next, OLMo hybrid: fused [q | k | v], fused per
     key head with the output gate, separate projections): a unit is one key head with the value heads

@@ -266,6 +266,13 @@ FAMILIES.update({
                 layer_types=["linear_attention", "full_attention"], **{**_GQA, "num_hidden_layers": 2}),
         "causal",
     ),
+    "qwen3_5_moe": (
+        _causal("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", head_dim=8, pad_token_id=0, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                shared_expert_intermediate_size=24, layer_types=["linear_attention", "full_attention"],
+                **{**_MOE, "num_hidden_layers": 2}),
+        "causal",
+    ),
     "olmo_hybrid": (  # its gated delta net with separate q, k, v projections; full attention with a k_norm over all
         _causal("OlmoHybridConfig", "OlmoHybridForCausalLM", pad_token_id=0, eos_token_id=2, linear_num_key_heads=2,
                 linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=4,
