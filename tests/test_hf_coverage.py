@@ -329,12 +329,13 @@ def test_clones_that_cannot_be_exact_are_said():
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid"])
 def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
     """The gated delta net (the linear attention of Qwen3.5, Qwen3-Next, OLMo hybrid: fused [q | k | v], fused per
-    key head with the output gate, separate projections): a unit is one key head with the value heads
-    that read it: its rows of every input projection, its channels of the depthwise convolution, its value heads'
-    A_log and dt_bias, its output columns; checked by dataflow. Output mode computes it at full width ("expand"),
-    the convolution, whose weight the block reads without calling it, with its clones' channels from their sources
-    (the self-check fails otherwise). Where the output projection and the gate cannot be told apart by their shapes
-    (value width == hidden size), the block is left alone, saying so."""
+    key head with the output gate, separate projections): a unit is one key head with the value heads that read
+    it: its rows of every input projection, its channels of the depthwise convolution, its value heads' A_log and
+    dt_bias, its output columns; checked by dataflow. Output mode computes only the active key heads ("shrink":
+    the block's width attributes set to theirs for the forward pass, the convolution, whose weight the block reads
+    without calling it, on their channels); the self-check confirms it (it fails otherwise). Where the output
+    projection and the gate cannot be told apart by their shapes (value width == hidden size), the block is left
+    alone, saying so."""
     from egg_optim.core.blocks import discover
 
     model = tiny.make(family)
@@ -350,7 +351,8 @@ def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
     assert shapes["A_log"] == shapes["dt_bias"] == per_value_heads
     opt = _optimizer(model, "output")
     _step(model, opt, tiny.inputs(family))
-    assert opt.coverage().modes["model.layers.0.linear_attn"] == "expand"
+    assert opt.coverage().modes["model.layers.0.linear_attn"] == "shrink"
+    assert g.sizes and all(getattr(model.get_submodule(g.name), k) == n * hk for k, n in g.sizes.items())
 
     if family == "qwen3_5":
         same = transformers.Qwen3_5TextConfig(**{**cfg.to_dict(), "linear_value_head_dim": cfg.hidden_size // hv})

@@ -102,6 +102,9 @@ class UnitGroup:
     # members that compute for every unit (latent attention's down projections): no unit's slices, left as they are,
     # but part of the block, so that they become no rows of a plan
     shared: list[str] = field(default_factory=list)
+    # attributes of the block's module that count its units' widths, per unit (the gated delta net's ``key_dim``,
+    # ``conv_dim``...): output mode sets them to the active units' for a forward pass on those only
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def sliced(self) -> list[str]:
@@ -585,7 +588,9 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
         if p.dim() == 1 and p.numel() == hv:
             slices.append(UnitSlice(_join(prefix, n), 0, _rows(hk, r)))
     slices.append(_consumer_slice(o_name, o_mod, _rows(hk, r * dv)))
-    return UnitGroup(prefix, "attention", hk, slices, [n for n, *_ in producers], o_name, r, dv, layout)
+    per_unit = {"num_k_heads": 1, "num_v_heads": r, "key_dim": dk, "value_dim": r * dv, "conv_dim": 2 * dk + r * dv}
+    sizes = {k: n for k, n in per_unit.items() if _int(module, (k,)) == n * hk}
+    return UnitGroup(prefix, "attention", hk, slices, [n for n, *_ in producers], o_name, r, dv, layout, sizes=sizes)
 
 
 def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ from .base import check_eval_mode
 OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
-    "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside",
+    "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -192,11 +192,17 @@ class _BlockMember(_Member):
 class _TiedMember(_Member):
     """Mixin for any other module holding unit slices (T5's relative attention bias, MoE experts' 3-D weights):
     its forward runs with every clone position of a producer slice taken from its source (gradients reach the
-    source) and every clone position of a consumer slice frozen; always at full width."""
+    source) and every clone position of a consumer slice frozen, at full width (``"expand"``); or, in a block that
+    can shrink (its tied slices all producers, its module's widths in :attr:`UnitGroup.sizes`: the gated delta
+    net), with its producer slices' active positions only, the block module's width attributes set to the
+    active units' for the forward pass."""
 
     _egg_has_clones: bool
+    _egg_expand: bool
     _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
     _egg_inside = False
+    _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
+    _egg_active_units = 0
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
     _egg_tied_inside: tuple[_TiedMember, ...] = ()
@@ -217,7 +223,9 @@ class _TiedMember(_Member):
         for key, (dim, produces) in self._egg_slices.items():
             p = getattr(self, key)
             clones = getattr(self, f"_egg_clones_{key}")
-            if produces:
+            if not self._egg_expand:  # (a block that shrinks has producer slices only)
+                values[key] = axes.select(p, dim, getattr(self, f"_egg_active_{key}"))
+            elif produces:
                 values[key] = axes.copied(p, dim, clones, axes.select(p, dim, getattr(self, f"_egg_sources_{key}")))
             else:
                 values[key] = axes.copied(p, dim, clones, axes.select(p, dim, clones).detach())
@@ -228,6 +236,8 @@ class _TiedMember(_Member):
             return super().forward(*args, **kwargs)
         tied = (self, *self._egg_tied_inside)
         with ExitStack() as stack:
+            if self._egg_sizes and not self._egg_expand:
+                stack.enter_context(_widths(self, {k: n * self._egg_active_units for k, n in self._egg_sizes.items()}))
             for m in tied:
                 stack.enter_context(_substituted(m, m._egg_values()))
                 m._egg_inside = True
@@ -236,6 +246,19 @@ class _TiedMember(_Member):
             finally:
                 for m in tied:
                     m._egg_inside = False
+
+
+@contextmanager
+def _widths(module: nn.Module, values: Mapping[str, int]) -> Iterator[None]:
+    """Run with ``module``'s width attributes set to ``values`` (restored after)."""
+    saved = {k: getattr(module, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
 
 
 @contextmanager
@@ -378,14 +401,19 @@ class BlockOutputCloning(base.LayerRewrite):
                     m._egg_dim = _weight_slice(g, mname).dim
                 else:
                     m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
+                    if mname == g.name and g.sizes:
+                        m._egg_sizes = dict(g.sizes)
             self._members[name] = members
             for outer, m, _ in members:
                 if isinstance(m, _TiedMember):
                     m._egg_tied_inside = tuple(
                         d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{outer}.")
                     )
-            linear_only = all(isinstance(m, _BlockMember) for _, m, _ in members)
-            self._set_mode(name, "shrink" if linear_only else "expand")
+            tied = [m for _, m, _ in members if isinstance(m, _TiedMember)]
+            shrinks = not tied or (  # tied members shrink with the block module's widths, producer slices only
+                any(m._egg_sizes for m in tied) and all(p for m in tied for _, p in m._egg_slices.values())
+            )
+            self._set_mode(name, "shrink" if shrinks else "expand")
             self._apply_roles(name, roles[name])
         self._verified: set[str] = set()
         self._warned: set[str] = set()
@@ -427,6 +455,8 @@ class BlockOutputCloning(base.LayerRewrite):
                         er = roles.expand(s.index)
                         base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device, copy=True))
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
+                        base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
+                m._egg_active_units = int(roles.active.numel())
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
