@@ -30,7 +30,7 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "olmo2": {"mlp"}, "olmoe": {"experts"}, "gpt_oss": {"attention", "experts"},
               "phimoe": {"attention", "experts"}, "llama4": {"attention", "experts", "mlp"},
               "qwen3_next": {"attention", "experts", "mlp"}, "qwen3_5": {"attention", "mlp"},
-              "qwen3_5_moe": {"attention", "experts", "mlp"},
+              "qwen3_5_moe": {"attention", "experts", "mlp"}, "kimi_linear": {"attention", "experts", "mlp"},
               "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
               "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
               "diffllama": {"mlp"}})  # fmt: skip
@@ -358,3 +358,23 @@ def test_linear_attention_units_are_key_heads_with_their_value_heads(family):
         same = transformers.Qwen3_5TextConfig(**{**cfg.to_dict(), "linear_value_head_dim": cfg.hidden_size // hv})
         cov = _optimizer(transformers.Qwen3_5ForCausalLM(same), "weight").coverage()
         assert "cannot be told from its input projections" in cov.not_decomposed["model.layers.0.linear_attn"]
+
+
+def test_delta_attention_units_are_heads_beside_shared_gate_projections():
+    """Kimi Delta Attention (Kimi-Linear's linear attention): a unit is one head, its q, k, v, beta and gate-up rows,
+    its convolution channels, its entries of the forget gate's dt_bias (one per channel) and A_log (one per head,
+    along dim 2 of a 4-D parameter) and its output columns; the gates' down projections are shared by every head.
+    Output mode computes only the active heads, the self-check confirming it."""
+    from egg_optim.core.blocks import discover
+
+    model = tiny.make("kimi_linear")
+    heads, d = model.config.linear_num_heads, model.config.linear_head_dim
+    g = discover(model).groups["model.layers.0.self_attn"]
+    assert g.probed and g.num_units == heads and set(g.sizes) == {"num_heads", "qkv_dim", "conv_dim"}
+    assert {n.rpartition("self_attn.")[2] for n in g.shared} == {"g_a_proj", "forget_gate.f_a_proj"}
+    shapes = {s.param.rpartition("self_attn.")[2]: (s.dim, tuple(s.index.shape)) for s in g.slices}
+    assert shapes["conv1d.weight"] == (0, (heads, 3 * d)) and shapes["forget_gate.A_log"] == (2, (heads, 1))
+    assert shapes["forget_gate.dt_bias"] == (0, (heads, d)) and shapes["o_proj.weight"] == (1, (heads, d))
+    opt = _optimizer(model, "output")
+    _step(model, opt, tiny.inputs("kimi_linear"))
+    assert opt.coverage().modes["model.layers.0.self_attn"] == "shrink"

@@ -25,7 +25,8 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   projections down into latents shared by every head (members of the block, no unit's) and up from them into
   per-head rows (:func:`_latent`); or linear attention by the gated delta rule (Qwen3-Next, Qwen3.5), whose sizes
   the module gives (``num_k_heads``, ``num_v_heads``, ``head_k_dim``, ``head_v_dim``): a unit is one key head with
-  the value heads that read it, its channels of the depthwise convolution included (:func:`_gated_delta`);
+  the value heads that read it, its channels of the depthwise convolution included (:func:`_gated_delta`); or Kimi
+  Delta Attention, one head per unit beside the shared down projections of its low-rank gates (:func:`_delta_heads`);
 * an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
@@ -400,7 +401,7 @@ def _attention(
         why = f"attention {prefix!r}: {reason}; its projections are left alone (manage them with units='layers', or "
         return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names), final)
 
-    delta = _gated_delta(prefix, module, lins)
+    delta = _gated_delta(prefix, module, lins) or _delta_heads(prefix, module, lins)
     if delta is not None:
         yield delta if isinstance(delta, UnitGroup) else skip(delta)
         return
@@ -591,6 +592,58 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     per_unit = {"num_k_heads": 1, "num_v_heads": r, "key_dim": dk, "value_dim": r * dv, "conv_dim": 2 * dk + r * dv}
     sizes = {k: n for k, n in per_unit.items() if _int(module, (k,)) == n * hk}
     return UnitGroup(prefix, "attention", hk, slices, [n for n, *_ in producers], o_name, r, dv, layout, sizes=sizes)
+
+
+def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]]) -> UnitGroup | str | None:
+    """Linear attention whose queries, keys and values have one head count and a gate per channel (Kimi Delta
+    Attention: Kimi-Linear), where the module gives ``num_heads`` and ``head_dim`` and holds a depthwise causal
+    convolution over ``[q | k | v]``: a unit is one head, its rows of the q, k and v projections, of the up
+    projections of its low-rank gates and of the beta projection, its channels of the convolution, its entries of
+    per-channel or per-head values (``dt_bias``, ``A_log``, also in a gate module), and its output columns. The
+    gates' down projections compute for every head (``shared``). ``None`` where the module is not such; why
+    not, where it looks like one but its projections do not fit."""
+    heads, d = _int(module, ("num_heads",)), _int(module, ("head_dim",))
+    convs = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Conv1d)]
+    if not (heads and d) or len(convs) != 1 or convs[0][1].groups != convs[0][1].in_channels:
+        return None
+    width, (cname, conv) = heads * d, convs[0]
+    if not conv.in_channels == conv.out_channels == 3 * width:  # (a state-space mixer's: not this kind)
+        return None
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    found = []  # the output projection reads every head into what q, k and v read
+    for o in widths:
+        rest = [x for x in widths if x is not o]
+        qkv = [x for x in rest if x[2] == o[3] and x[3] == width]
+        if o[2] == width and len(qkv) == 3:
+            found.append((o, rest))
+    if len(found) != 1:
+        return f"its output projection cannot be told from its input projections by their shapes ({heads} heads of {d})"
+    (o_name, o_mod, _, hidden), rest = found[0]
+    downs = [x for x in rest if x[2] == hidden and x[3] not in (width, heads)]
+    ups = [x for x in rest if x[3] == width and any(x[2] == y[3] for y in downs)]
+    rows = [x for x in rest if x[2] == hidden and x[3] in (width, heads)]
+    if len(rows) + len(ups) + len(downs) != len(rest) or len(rows) != 4 or sorted(x[3] for x in rows)[0] != heads:
+        return (f"its projections {[(n, i, o) for n, _, i, o in widths]} (name, inputs, outputs) are not q, k, v, "
+                f"beta and low-rank gates of {heads} heads of {d}")  # fmt: skip
+    slices = [s for n, m, _, o in rows + ups for s in _producer_slices(n, m, _rows(heads, o // heads))]
+    qkv = torch.cat([_rows(heads, d), _rows(heads, d) + width, _rows(heads, d) + 2 * width], dim=1)
+    slices += [UnitSlice(_join(prefix, f"{cname}.{k}"), 0, qkv) for k, _ in conv.named_parameters()]
+    owned = {id(p) for _, m in lins for p in m.parameters()} | {id(p) for p in conv.parameters()}
+    for n, p in module.named_parameters():  # per-channel or per-head values, in the module or a gate module
+        per_head = [k for k, size in enumerate(p.shape) if size == heads]
+        if id(p) in owned:
+            continue
+        if p.dim() == 1 and p.numel() == width:
+            slices.append(UnitSlice(_join(prefix, n), 0, _rows(heads, d)))
+        elif len(per_head) == 1 and p.numel() == heads:
+            slices.append(UnitSlice(_join(prefix, n), per_head[0], _rows(heads, 1)))
+    slices.append(_consumer_slice(o_name, o_mod, _rows(heads, d)))
+    per_unit = {"num_heads": 1, "qkv_dim": d, "conv_dim": 3 * d}
+    sizes = {k: n for k, n in per_unit.items() if _int(module, (k,)) == n * heads}
+    layout = "delta attention, per-channel gates"
+    producers = [n for n, *_ in rows + ups]
+    return UnitGroup(prefix, "attention", heads, slices, producers, o_name, 1, d, layout, shared=[n for n, *_ in downs],
+                     sizes=sizes)  # fmt: skip
 
 
 def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:

@@ -388,7 +388,11 @@ class BlockOutputCloning(base.LayerRewrite):
         self.modes: dict[str, str] = {}
         for name, g in self.groups.items():
             members = []
-            for mname in g.sliced:  # the shared members (latent attention's down projections) run as they are
+            # the shared members (latent attention's down projections) run as they are; the block's own module is a
+            # member, holding no slice, where it has width attributes (linear attention: it also substitutes the
+            # members inside it, whose parameters it may read without calling them)
+            outer = [g.name] if g.sizes and g.name in modules and g.name not in g.sliced else []
+            for mname in [*g.sliced, *outer]:
                 m = modules[mname]
                 slices = [s for s in g.slices if s.module == mname]
                 linear = _is_linear(m) and {s.key for s in slices} <= {"weight", "bias"}

@@ -273,6 +273,14 @@ FAMILIES.update({
                 **{**_MOE, "num_hidden_layers": 2}),
         "causal",
     ),
+    "kimi_linear": (  # Kimi Delta Attention (per-channel gates, low-rank) beside latent attention and experts
+        _causal("KimiLinearConfig", "KimiLinearForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                moe_intermediate_size=16, n_shared_experts=1, num_local_experts=4, num_experts_per_tok=2, n_group=1,
+                topk_group=1, layer_types=["linear_attention", "full_attention"],
+                mlp_layer_types=["dense", "sparse"], linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4,
+                **{**_GQA, **_MLA, "num_hidden_layers": 2}),
+        "causal",
+    ),
     "olmo_hybrid": (  # its gated delta net with separate q, k, v projections; full attention with a k_norm over all
         _causal("OlmoHybridConfig", "OlmoHybridForCausalLM", pad_token_id=0, eos_token_id=2, linear_num_key_heads=2,
                 linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=4,
