@@ -378,3 +378,42 @@ def test_delta_attention_units_are_heads_beside_shared_gate_projections():
     opt = _optimizer(model, "output")
     _step(model, opt, tiny.inputs("kimi_linear"))
     assert opt.coverage().modes["model.layers.0.self_attn"] == "shrink"
+
+
+def test_bailing_hybrid_gated_latent_attention_and_delta_attention_with_full_rank_gates():
+    """Bailing hybrid: its latent attention gates each head's output (``g_proj``, one value per head: rows per head
+    beside the latent up projections), its linear attention has full-rank forget and output gates (rows per head
+    like q, k, v). Both are decomposed, checked by dataflow, and train in both modes with the saved model computing
+    what the live one does."""
+    if not hasattr(transformers, "BailingHybridConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Bailing hybrid")
+    from egg_optim.core.blocks import discover
+
+    cfg = transformers.BailingHybridConfig(
+        vocab_size=tiny.VOCAB, pad_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=48,
+        moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, num_local_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, head_dim=8, layer_group_size=2, num_mtp_layers=0, linear_head_dim=16,
+        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    found = discover(transformers.BailingHybridForCausalLM(cfg))
+    latent, delta = found.groups["model.layers.1.self_attn"], found.groups["model.layers.0.self_attn"]
+    assert latent.probed and delta.probed and not found.skipped
+    assert {s.module.rpartition(".")[2]: tuple(s.index.shape) for s in latent.slices}["g_proj"] == (4, 1)
+    gates = {s.module.rpartition("self_attn.")[2] for s in delta.slices}
+    assert {"g_proj", "forget_gate.f_proj", "forget_gate"} <= gates and not delta.shared
+    batch = tiny.inputs("llama")
+    for mode in ("weight", "output"):
+        torch.manual_seed(0)
+        model = transformers.BailingHybridForCausalLM(cfg)
+        opt = _optimizer(model, mode)
+        _step(model, opt, batch)
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=batch["input_ids"]).logits
+        plain = transformers.BailingHybridForCausalLM(cfg)
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(plain.eval()(input_ids=batch["input_ids"]).logits, want, rtol=1e-5, atol=1e-5)

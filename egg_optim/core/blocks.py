@@ -522,16 +522,23 @@ def _latent(prefix: str, lins: list[tuple[str, nn.Module]], heads: int, sources:
     hidden, rest = o[3], [x for x in widths if x is not o]
     kv = next((x for x in reversed(rest) if x[2] == rank and x[3] == heads * (nope + v)), None)
     q = next((x for x in rest if x is not kv and x[3] == heads * (nope + rope)), None)
+    if kv is None or q is None:
+        return None
     downs = [x for x in rest if x is not kv and x is not q]
-    if kv is None or q is None or (len(downs) == 1) != (q[2] == hidden) or any(x[2] != hidden for x in downs):
+    # a gate on each head's output (Bailing's g_proj: one value per head, or per value): rows per head
+    gates = [x for x in downs if x[2] == hidden and x[3] in (heads, heads * v) and x[3] not in (rank + rope, q[2])]
+    downs = [x for x in downs if x not in gates]
+    if (len(downs) == 1) != (q[2] == hidden) or any(x[2] != hidden for x in downs):
         return None
     # the latents: key/value (with the shared rotary key) and, where the query reads no hidden states, the query's
     if sorted(x[3] for x in downs) != sorted([rank + rope, *([q[2]] if len(downs) == 2 else [])]):
         return None
     slices = _producer_slices(q[0], q[1], _rows(heads, nope + rope))
     slices += _producer_slices(kv[0], kv[1], _rows(heads, nope + v))
+    slices += [s for n, m, _, out in gates for s in _producer_slices(n, m, _rows(heads, out // heads))]
     slices.append(_consumer_slice(o[0], o[1], _rows(heads, v)))
-    return UnitGroup(prefix, "attention", heads, slices, [q[0], kv[0]], o[0], 1, v, shared=[x[0] for x in downs])
+    producers = [q[0], kv[0], *(x[0] for x in gates)]
+    return UnitGroup(prefix, "attention", heads, slices, producers, o[0], 1, v, shared=[x[0] for x in downs])
 
 
 # linear attention's sizes (the gated delta net): key heads, which the queries share, value heads, and their widths
@@ -596,12 +603,12 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
 
 def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]]) -> UnitGroup | str | None:
     """Linear attention whose queries, keys and values have one head count and a gate per channel (Kimi Delta
-    Attention: Kimi-Linear), where the module gives ``num_heads`` and ``head_dim`` and holds a depthwise causal
-    convolution over ``[q | k | v]``: a unit is one head, its rows of the q, k and v projections, of the up
-    projections of its low-rank gates and of the beta projection, its channels of the convolution, its entries of
-    per-channel or per-head values (``dt_bias``, ``A_log``, also in a gate module), and its output columns. The
-    gates' down projections compute for every head (``shared``). ``None`` where the module is not such; why
-    not, where it looks like one but its projections do not fit."""
+    Attention: Kimi-Linear, Bailing hybrid), where the module gives ``num_heads`` and ``head_dim`` and holds a
+    depthwise causal convolution over ``[q | k | v]``: a unit is one head, its rows of the q, k and v projections,
+    of its gates (or of their up projections, where they are low-rank) and of the beta projection, its channels of
+    the convolution, its entries of per-channel or per-head values (``dt_bias``, ``A_log``, also in a gate module),
+    and its output columns. The gates' down projections compute for every head (``shared``). ``None`` where the
+    module is not such; why not, where it looks like one but its projections do not fit."""
     heads, d = _int(module, ("num_heads",)), _int(module, ("head_dim",))
     convs = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Conv1d)]
     if not (heads and d) or len(convs) != 1 or convs[0][1].groups != convs[0][1].in_channels:
@@ -613,8 +620,8 @@ def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     found = []  # the output projection reads every head into what q, k and v read
     for o in widths:
         rest = [x for x in widths if x is not o]
-        qkv = [x for x in rest if x[2] == o[3] and x[3] == width]
-        if o[2] == width and len(qkv) == 3:
+        full = [x for x in rest if x[2] == o[3] and x[3] == width]  # q, k, v and any full-rank gates
+        if o[2] == width and len(full) >= 3:
             found.append((o, rest))
     if len(found) != 1:
         return f"its output projection cannot be told from its input projections by their shapes ({heads} heads of {d})"
@@ -622,7 +629,7 @@ def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     downs = [x for x in rest if x[2] == hidden and x[3] not in (width, heads)]
     ups = [x for x in rest if x[3] == width and any(x[2] == y[3] for y in downs)]
     rows = [x for x in rest if x[2] == hidden and x[3] in (width, heads)]
-    if len(rows) + len(ups) + len(downs) != len(rest) or len(rows) != 4 or sorted(x[3] for x in rows)[0] != heads:
+    if len(rows) + len(ups) + len(downs) != len(rest) or not any(x[3] == heads for x in rows):
         return (f"its projections {[(n, i, o) for n, _, i, o in widths]} (name, inputs, outputs) are not q, k, v, "
                 f"beta and low-rank gates of {heads} heads of {d}")  # fmt: skip
     slices = [s for n, m, _, o in rows + ups for s in _producer_slices(n, m, _rows(heads, o // heads))]
