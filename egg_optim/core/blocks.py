@@ -550,10 +550,10 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     sizes. Each query and key head serves ``num_v_heads // num_k_heads`` value heads with a state of its own, so a
     unit is one key head with the value heads that read it: its query, key and value rows of the input projections
     (``[q | k | v]`` blocks, per key head ``[q | k | v | z]`` fused with the output gate, or each its own
-    projection), its channels of the depthwise causal
-    convolution over ``[q | k | v]``, its value heads' gate rows (``z``), beta and decay rows and per-head values
-    (``A_log``, ``dt_bias``), and its output columns. The gated norm within each head is shared by all. ``None``
-    where the module gives no such sizes; why not, where it does but its projections are not these."""
+    projection), its channels of the depthwise causal convolution over ``[q | k | v]``, its value heads' gate rows
+    (``z``), beta and decay rows and per-head values (``A_log``, ``dt_bias``), and its output columns. The gated
+    norm within each head is shared by all. ``None`` where the module gives no such sizes; why not, where it does
+    but its projections are not these."""
     hk, hv, dk, dv = (_int(module, (n,)) for n in _DELTA)
     if not (hk and hv and dk and dv) or hv % hk:
         return None
@@ -637,9 +637,9 @@ def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     slices += [UnitSlice(_join(prefix, f"{cname}.{k}"), 0, qkv) for k, _ in conv.named_parameters()]
     owned = {id(p) for _, m in lins for p in m.parameters()} | {id(p) for p in conv.parameters()}
     for n, p in module.named_parameters():  # per-channel or per-head values, in the module or a gate module
-        per_head = [k for k, size in enumerate(p.shape) if size == heads]
         if id(p) in owned:
             continue
+        per_head = [k for k, size in enumerate(p.shape) if size == heads]
         if p.dim() == 1 and p.numel() == width:
             slices.append(UnitSlice(_join(prefix, n), 0, _rows(heads, d)))
         elif len(per_head) == 1 and p.numel() == heads:

@@ -18,7 +18,9 @@ the code between them runs at full width (all heads) and the consumer reads ever
 (clone columns frozen). Exact for any code in between: attention that reshapes with a stored head count (OPT,
 GPT-Neo, StableLM, XGLM), splits a fused qkv at fixed offsets (GPT-2, Phi3), adds a per-head bias (T5, ALiBi in
 BLOOM and Falcon). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of MoE experts)
-always compute this way: clone positions take their source's values.
+compute this way too: clone positions take their source's values; in linear attention (the gated delta net, Kimi
+Delta Attention), whose code reads its widths from attributes of the block's module, ``"shrink"`` sets those to the
+active units' for the forward pass and slices its convolution and per-head values to their active positions.
 
 Every block starts in ``"shrink"`` where its producers are Linear layers. **Self-check**: at the first forward pass
 through each block with clones, the block is run (on that batch, in eval semantics, without gradients) as the
@@ -408,10 +410,10 @@ class BlockOutputCloning(base.LayerRewrite):
                     if mname == g.name and g.sizes:
                         m._egg_sizes = dict(g.sizes)
             self._members[name] = members
-            for outer, m, _ in members:
+            for parent, m, _ in members:
                 if isinstance(m, _TiedMember):
                     m._egg_tied_inside = tuple(
-                        d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{outer}.")
+                        d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{parent}.")
                     )
             tied = [m for _, m, _ in members if isinstance(m, _TiedMember)]
             shrinks = not tied or (  # tied members shrink with the block module's widths, producer slices only
