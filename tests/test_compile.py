@@ -340,3 +340,30 @@ def test_a_compiled_transformer_on_packed_roles_has_no_index_op(mode):
     assert index_ops("packed") == []
     if mode == "output":  # not vacuous: drawn roles gather the active heads' and neurons' rows
         assert index_ops("drawn")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "kimi_linear"])
+def test_compiled_linear_attention_in_output_mode_matches_eager(family):
+    """Linear attention shrinks by setting its block module's width attributes for the forward pass (attribute
+    writes inside the traced code): compiled, the loss and every gradient match an eager copy."""
+    import copy
+
+    tiny = pytest.importorskip("egg_recipes.tiny_transformers")
+    torch.manual_seed(0)
+    model = tiny.make(family)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), RolePlan(0.4, 0.1),
+                               clone_mode="output")  # fmt: skip
+    batch = tiny.inputs(family)
+    model(**batch).loss.backward()  # eager first: the self-check decides how each block computes
+    opt.step()
+    opt.zero_grad()
+    assert opt.coverage().modes[next(n for n in opt.coverage().modes if ".0." in n and "mlp" not in n)] == "shrink"
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    loss, want = compiled(**batch).loss, eager(**batch).loss
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
