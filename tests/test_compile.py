@@ -360,8 +360,16 @@ def test_compiled_linear_attention_in_output_mode_matches_eager(family):
     assert opt.coverage().modes[next(n for n in opt.coverage().modes if ".0." in n and "mlp" not in n)] == "shrink"
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager")
-    loss, want = compiled(**batch).loss, eager(**batch).loss
-    loss.backward()
+    try:
+        loss = compiled(**batch).loss
+        loss.backward()
+    except Exception as exc:
+        try:  # the plain model (torch 2.11 with transformers 5.17 cannot differentiate a compiled Qwen3.5)
+            torch.compile(tiny.make(family), backend="aot_eager")(**batch).loss.backward()
+        except Exception:  # noqa: BLE001
+            pytest.skip(f"{family} without egg_optim does not compile here either ({type(exc).__name__})")
+        raise
+    want = eager(**batch).loss
     want.backward()
     torch.testing.assert_close(loss, want)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
