@@ -76,19 +76,22 @@ def _bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return BertForSequenceClassification(cfg), {"labels": torch.randint(0, 2, (16,))}
 
 
+# the causal LMs' sizes (Llama; the Qwen3.5 hybrid adds its linear attention's)
+_LM = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
+
+
 def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg), {}
+    return LlamaForCausalLM(LlamaConfig(**_LM)), {}
 
 
 def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -97,19 +100,13 @@ def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     cfg = Qwen3_5TextConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **_LM,
         head_dim=64,
         linear_num_key_heads=4,
         linear_num_value_heads=8,
         linear_key_head_dim=64,
         linear_value_head_dim=64,
         layer_types=["linear_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=128,
     )
     return Qwen3_5ForCausalLM(cfg), {}
 

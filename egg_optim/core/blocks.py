@@ -591,7 +591,7 @@ def _gated_delta(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
         if isinstance(c, nn.Conv1d):
             if not c.in_channels == c.out_channels == c.groups == 2 * qk + val:
                 return f"its convolution {n!r} is not one filter per query, key and value channel"
-            slices += [UnitSlice(_join(prefix, f"{n}.{k}"), 0, qkv) for k, p in c.named_parameters() if p is not None]
+            slices += [UnitSlice(_join(prefix, f"{n}.{k}"), 0, qkv) for k, _ in c.named_parameters()]
     for n, p in module.named_parameters(recurse=False):  # one value per value head (A_log, dt_bias)
         if p.dim() == 1 and p.numel() == hv:
             slices.append(UnitSlice(_join(prefix, n), 0, _rows(hk, r)))

@@ -221,7 +221,7 @@ class RoleController:
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
         if role_plan.layers is None and not role_plan.only_listed:  # the output head was found without input
             OutputHeadCheck(model, plain, output_head(model, role_plan.candidates(model)))
-        self._calls_checked = not any(hasattr(rw, "check_called") for rw in self.rewrites)
+        self._calls_checked = False
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:
         if config.skip_clone_grads is not None:
@@ -376,7 +376,7 @@ class RoleController:
         """Before a step's base update: output mode refuses layers the model used without calling them (the first
         step after an eager forward pass), and the norm coupling is applied here if it is still pending."""
         if not self._calls_checked:
-            self._calls_checked = all(rw.check_called() for rw in self.rewrites if hasattr(rw, "check_called"))
+            self._calls_checked = all(rw.check_called() for rw in self.rewrites)
         self.couple_norms()
 
     def end_step(self) -> None:

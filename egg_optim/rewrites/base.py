@@ -164,6 +164,11 @@ class LayerRewrite:
     def removed(self) -> bool:
         return self._removed
 
+    def check_called(self) -> bool:
+        """At a step's start: refuse what the forward passes so far showed the rewrite cannot handle; whether
+        nothing is left to check (the controller then stops asking)."""
+        return True
+
     def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
         """Replace the roles of some or all managed layers; indices are rebuilt (once, here) only if changed.
         Validates everything before changing anything."""
