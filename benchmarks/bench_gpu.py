@@ -62,7 +62,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
-from egg_optim.utils.profiling import INDEX_OPS, DispatchCounter, peak_bytes_above, saved_tensor_bytes  # noqa: E402
+from egg_optim.utils.profiling import (  # noqa: E402
+    INDEX_OPS,
+    DispatchCounter,
+    flop_counter,
+    peak_bytes_above,
+    saved_tensor_bytes,
+)
 
 
 # ---------------------------------------------------------------------------------------------- seed CNNs
@@ -430,9 +436,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _flops(case: Case) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         case.fwd_bwd()
     case.opt.zero_grad(set_to_none=True)

@@ -2,16 +2,18 @@
 
 Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification
 (hidden 256, 4 layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, intermediate 688,
-4 layers, 4 heads) and (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention,
-vocabulary 1000, batch 16 x sequence 128 tokens. A step is forward (loss) + backward +
-AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry
-(mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units
-are MLP neurons and attention heads (``egg_optim.core.blocks``), so output mode computes only the active
-neurons and heads and folds clones into the down/o projections; the head has no roles.
+4 layers, 4 heads), (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and
+(``--models mixtral``) a Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch
+16 x sequence 128 tokens. A step is forward (loss) + backward + AdamW step + zero_grad. Plans:
+``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry (mild: 40 % leaders, 10 %
+independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units
+are MLP neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so output mode computes
+only the active ones and folds clones into the down/o projections; the head has no roles.
 
-Counted FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one step's forward and backward (the matmuls
-and attention torch actually ran). ``time / FLOPs`` is the step-time ratio divided by the FLOP ratio, both
-against the baseline: 1.0 means the step got exactly as much faster as its arithmetic shrank.
+Counted FLOPs: ``egg_optim.utils.flop_counter()`` (``FlopCounterMode``, plus the experts' grouped matmuls) over
+one step's forward and backward (the matmuls and attention torch actually ran). ``time / FLOPs`` is the step-time
+ratio divided by the FLOP ratio, both against the baseline: 1.0 means the step got exactly as much faster as its
+arithmetic shrank.
 
 Memory (eager cases): ``activations MB``, the bytes of every tensor autograd saves for backward in one step
 (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded: the sliced active weights
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from egg_optim import LeaderCloneOptimizer, RolePlan
+from egg_optim.utils import flop_counter
 
 MODES = ("baseline", "weight", "output")
 
@@ -111,7 +114,18 @@ def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return Qwen3_5ForCausalLM(cfg), {}
 
 
-MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5}
+def _mixtral() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A Mixtral-style mixture of experts: 4 experts of 344 neurons per layer, each token routed to 2 (the Llama's
+    688 neurons per token), no auxiliary loss; the Llama sizes otherwise."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        **{**_LM, "intermediate_size": 344}, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0
+    )
+    return MixtralForCausalLM(cfg), {}
+
+
+MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral}
 
 
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:
@@ -146,10 +160,8 @@ def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: b
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     step()  # the first step settles lazy state (norm coupling, compilation) before FLOPs are counted
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the counter's global module hooks around a compiled module
         loss_backward()

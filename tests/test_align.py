@@ -88,6 +88,9 @@ def test_hardware_alignment_by_device_dtype_and_unit_kind():
         assert hardware_alignment(kind, cuda, torch.float64) == 1
     assert hardware_alignment("conv", cuda, torch.bfloat16) == hardware_alignment("conv", cuda, torch.float32) == 8
     assert hardware_alignment("attention", cuda, torch.bfloat16) == 1  # a unit is already a whole kv group
+    for device in (cpu, cuda):  # expert neurons: 16 bytes per expert, torch._grouped_mm's stride, everywhere
+        assert hardware_alignment("experts", device, torch.float32) == 4
+        assert hardware_alignment("experts", device, torch.bfloat16) == 8
 
 
 class _LlamaMLP(nn.Module):

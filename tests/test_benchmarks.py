@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import load_benchmark
 
 
@@ -24,6 +25,31 @@ def test_bench_transformers_counts_fewer_flops_and_activations_in_output_mode(ca
     assert aggressive < mild < 0.6
     assert result["llama_weight_mild_activations_vs_baseline"] == pytest.approx(1.0)
     assert "| llama/output/aggressive |" in capsys.readouterr().out
+
+
+def test_bench_transformers_counts_the_experts_grouped_matmuls_at_their_active_widths():
+    """Mixtral's experts run ``torch._grouped_mm`` (counted by ``egg_optim.utils.flop_counter``); output mode runs
+    them at each expert's active neurons, so the aggressive plan counts fewer FLOPs than the mild one."""
+    pytest.importorskip("transformers")
+    bench = load_benchmark("bench_transformers")
+    argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--models", "mixtral"]
+    result = bench.main([*argv, "--scenarios", "mild", "aggressive"])
+    assert result["mixtral_weight_mild_flops_vs_baseline"] == pytest.approx(1.0)
+    assert result["mixtral_output_aggressive_flops_vs_baseline"] < result["mixtral_output_mild_flops_vs_baseline"]
+    assert result["mixtral_output_mild_flops_vs_baseline"] < 0.6
+
+
+def test_flop_counter_counts_grouped_matmuls_as_their_dense_equivalent():
+    from egg_optim.utils import flop_counter
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm in this torch")
+    x, w = torch.randn(12, 16, requires_grad=True), torch.randn(3, 16, 8, requires_grad=True)
+    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+    with flop_counter() as counter:
+        torch._grouped_mm(x, w, offs=offs).backward(torch.randn(12, 8))
+    dense = 2 * 12 * 16 * 8  # each of the 12 rows against one group's [16, 8]
+    assert counter.get_total_flops() == 3 * dense  # forward, input gradient, weight gradient
 
 
 def test_bench_compile_runs_without_graph_breaks():

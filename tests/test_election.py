@@ -15,6 +15,7 @@ from egg_optim import (
     elect,
     register_score,
 )
+from egg_optim.core.roles import by_parts, join, shares
 from egg_optim.core.scores import RandomScore
 
 
@@ -42,6 +43,40 @@ def test_elect_partitions_and_picks_top(values, data):
     assert set(roles.independents.tolist()) == set(ranking[k_lead : k_lead + k_ind].tolist())
     assert roles.num_clones == n - k_lead - k_ind
     assert bool(torch.isin(roles.sources, roles.leaders).all())
+
+
+@given(st.integers(1, 6), st.integers(1, 12), st.data())
+def test_roles_by_parts_split_and_join_back(parts, n, data):
+    """by_parts gives every run of units its share of each count, clones copying their own run's leaders;
+    split undoes join; roles that clone across runs do not split."""
+    total = parts * n
+    lead = data.draw(st.integers(parts, total))  # at least one leader in each run
+    ind = data.draw(st.integers(0, total - lead))
+    scores = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=total, max_size=total)))
+    gen = torch.Generator().manual_seed(0)
+    roles = by_parts(parts, total, lead, ind, lambda u, k, i, _: elect(scores[u], k, i, assign="random", generator=gen))
+    split = roles.split(parts)
+    assert split is not None and torch.equal(join(split).source_map, roles.source_map)
+    assert torch.equal(join(split).codes, roles.codes)
+    assert [r.counts()["leaders"] for r in split] == shares(lead, parts)
+    assert [r.num_units - r.num_clones for r in split] == shares(lead + ind, parts)
+    if parts > 1 and roles.has_clones:
+        codes, smap = roles.codes.clone(), roles.source_map.clone()
+        c = int(roles.clones[-1])
+        other = int(roles.leaders[0]) if c >= n else int(roles.leaders[-1])  # a leader of another run
+        if other // n != c // n:
+            smap[c] = other
+            assert Roles.from_codes(codes, smap).split(parts) is None
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=8), st.data())
+def test_shares_with_room_are_as_even_as_the_room_allows(room, data):
+    total = data.draw(st.integers(0, sum(room)))
+    out = shares(total, len(room), room)
+    assert sum(out) == total and all(0 <= o <= r for o, r in zip(out, room))
+    left = [r - o for r, o in zip(room, out)]
+    for g, o in enumerate(out):  # no part took one that a part with more room left could have taken
+        assert o == 0 or all(left[h] <= left[g] + 1 for h in range(len(room)))
 
 
 def test_assign_strategies():

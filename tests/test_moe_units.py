@@ -76,18 +76,65 @@ def test_masking_compact_state_and_cloning_are_exact_per_expert_neuron(family):
     assert torch.equal(experts.down_proj, down_before)
 
 
-def test_output_mode_runs_experts_with_clones_as_their_sources_and_saves_that():
-    model = tiny.make("mixtral")
-    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan(0.4, 0.1),
-                               clone_mode="output", assign="random")  # fmt: skip
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
+@pytest.mark.parametrize("plan", ["mild", "aggressive"])
+def test_output_mode_shrinks_experts_to_their_active_neurons_exactly(family, plan):
+    """Experts with as many active neurons each compute with ``[E, 2k, H]`` / ``[E, H, k]`` slices (clone columns of
+    the down projection folded into their sources'): what the plain model with clones filled computes, to
+    rounding; clones get no gradient; a saved model holds the sources' rows in the clones' place."""
+    model = tiny.make(family)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), plan, clone_mode="output",
+                               assign="round_robin")  # fmt: skip
     name, layer, experts = _experts(opt)
-    model(**tiny.inputs("mixtral")).loss.backward()
-    er = layer.roles_of(f"{name}.gate_up_proj", opt.roles[name])
-    assert torch.all(axes.select(experts.gate_up_proj.grad, (0, 1), er.clones) == 0)  # clones get no gradient
+    up, down = (layer.group.slices[k] for k in (0, 1))
+    batch = tiny.inputs(family, seed=0)
+    model(**batch).loss.backward()
     opt.step()
-    assert opt.coverage().modes[name] == "expand" and name in opt.block_output.verified
-    saved = model.state_dict()[f"{name}.gate_up_proj"]
-    assert torch.equal(axes.select(saved, (0, 1), er.clones), axes.select(saved, (0, 1), er.sources))
+    opt.zero_grad()
+    assert opt.coverage().modes[name] == "shrink" and name in opt.block_output.verified
+    E = experts.gate_up_proj.shape[0]
+    inner, k = layer.num_units // E, (layer.num_units - opt.roles[name].num_clones) // E
+    values = experts._egg_values()
+    for s in (up, down):  # [E, 2I, H] -> [E, 2k, H] and [E, H, I] -> [E, H, k] (GPT-OSS: transposed)
+        shape = list(model.get_parameter(s.param).shape)
+        shape[s.dim[1]] = shape[s.dim[1]] // inner * k
+        assert list(values[s.key].shape) == shape, s.param
+    model.train(False)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = opt.export_model().train(False)(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    model.train(True)
+    model(**batch).loss.backward()
+    for s in (up, down):
+        er = layer.roles_of(s.param, opt.roles[name])
+        grad = axes.select(model.get_parameter(s.param).grad, s.dim, er.clones)
+        assert torch.all(grad == 0), s.param  # clones get no gradient
+        assert grad.numel() and axes.select(model.get_parameter(s.param).grad, s.dim, er.active).abs().sum() > 0
+    er = layer.roles_of(up.param, opt.roles[name])
+    saved = model.state_dict()[up.param]
+    assert torch.equal(axes.select(saved, up.dim, er.clones), axes.select(saved, up.dim, er.sources))
+
+
+def test_experts_whose_roles_are_uneven_compute_at_full_width_and_are_checked_again():
+    """Roles that clone one expert's neuron from another's cannot shrink expert by expert: the experts switch to
+    computing at full width (clones taking their sources' rows), checked again at the next forward pass."""
+    from egg_optim.core.roles import Roles
+
+    model = tiny.make("mixtral")
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", clone_mode="output")
+    name, layer, _ = _experts(opt)
+    batch = tiny.inputs("mixtral", seed=0)
+    model(**batch).loss.backward()
+    assert opt.coverage().modes[name] == "shrink" and name in opt.block_output.verified
+    n, counts = layer.num_units, opt.roles[name].counts()
+    lead, active = counts["leaders"], counts["leaders"] + counts["independents"]
+    legacy = Roles(n, torch.arange(lead), torch.arange(lead, active), torch.arange(active, n),
+                   torch.zeros(n - active, dtype=torch.long))  # fmt: skip
+    opt.controller._set_roles({**opt.roles, name: legacy})
+    assert opt.block_output.modes[name] == "expand" and opt.coverage().modes[name] == "unchecked"
+    model(**batch).loss.backward()
+    assert opt.coverage().modes[name] == "expand"
 
 
 @pytest.mark.parametrize("mode", ["weight", "output"])
@@ -131,3 +178,57 @@ def test_elections_and_resume_are_exact_with_expert_neurons(mode, options):
         o.step()
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def _per_expert(roles, experts: int) -> list[dict[str, int]]:
+    """Each expert's role counts, asserting that its clones copy its own neurons."""
+    parts = roles.split(experts)
+    assert parts is not None, f"a clone copies another expert's neuron: {roles.sources.tolist()}"
+    return [r.counts() for r in parts]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
+@pytest.mark.parametrize(("first_roles", "policy"), [("packed", "rank"), ("drawn", "stable")])
+def test_every_expert_takes_the_same_share_of_every_role(family, first_roles, policy):
+    """With the default plan no expert becomes copies of another expert's neuron (packed first roles used to make
+    the last experts all clones of expert 0's first neuron): not at the first draw, an election (either policy)
+    or a graduation."""
+    model = tiny.make(family)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "mild", clone_mode="output",
+                               first_roles=first_roles, election="weight_norm", election_policy=policy,
+                               max_churn=0.5, assign="round_robin")  # fmt: skip
+    name, layer, experts = _experts(opt)
+    E = experts.gate_up_proj.shape[0]
+    for step in ("first", "elect", "graduate", "elect again"):
+        if step.startswith("elect"):
+            opt.controller.elect_now()
+        elif step == "graduate":
+            opt.controller.graduate_now(0.75)
+        roles = opt.roles[name]
+        counts = _per_expert(roles, E)
+        assert all(c == counts[0] for c in counts), (step, counts)
+        assert counts[0]["clones"] > 0 and counts[0]["leaders"] > 0, (step, counts)
+        total = roles.counts()  # and 16 bytes of float32 neurons per expert (the grouped matmul's strides)
+        assert total["leaders"] % (4 * E) == 0 and total["independents"] % (4 * E) == 0, (step, total)
+        model(**tiny.inputs(family, seed=0)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_roles_cloned_across_experts_are_elected_over_the_whole_layer_with_a_warning():
+    """Roles that clone one expert's neuron from another's (saved before experts took equal shares) cannot be kept
+    expert by expert: a stable election keeps them over the whole layer and says so."""
+    from egg_optim.core.roles import Roles
+
+    model = tiny.make("mixtral")
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild",
+                               election_policy="stable")  # fmt: skip
+    name, layer, _ = _experts(opt)
+    n, counts = layer.num_units, opt.roles[name].counts()
+    lead, active = counts["leaders"], counts["leaders"] + counts["independents"]
+    legacy = Roles(n, torch.arange(lead), torch.arange(lead, active), torch.arange(active, n),
+                   torch.zeros(n - active, dtype=torch.long))  # fmt: skip
+    opt.controller._set_roles({**opt.roles, name: legacy})
+    with pytest.warns(UserWarning, match=f"{name}.*whole layer"):
+        opt.controller.elect_now()
+    assert torch.equal(opt.roles[name].leaders, legacy.leaders)  # a stable election with nothing to change

@@ -204,6 +204,27 @@ def test_default_corpus_output_mode_writes_a_loadable_model(tmp_path):
     assert math.isclose(again["perplexity"], m["perplexity"], rel_tol=1e-4)
 
 
+def test_experts_train_a_mixtral_whose_saved_model_scores_what_the_run_reported(tmp_path):
+    """--experts 4: a Mixtral-style LM, its expert neurons managed with equal shares per expert (output mode); the
+    saved plain model loads and scores the reported perplexity; impossible expert flags are refused."""
+    from egg_recipes.text import evaluate_perplexity
+    from transformers import MixtralForCausalLM
+
+    out = tmp_path / "moe"
+    argv = ["--experts", "4", "--clone-mode", "output", "--max-steps", "4", "--max-eval-blocks", "16"]
+    m = _run(argv, out)
+    assert m["roles"]["clones"] > 0 and m["args"]["experts"] == 4
+    plain = MixtralForCausalLM.from_pretrained(str(out / "model"))
+    assert plain.config.num_local_experts == 4 and plain.config.num_experts_per_tok == 2
+    tok = ByteTokenizer()
+    _, eval_blocks = train_lm.load_blocks(train_lm.parse_args([*TINY, *argv]), tok)
+    again = evaluate_perplexity(plain, make_lm_dataloader(eval_blocks, 8, pad_token_id=tok.pad_token_id))
+    assert math.isclose(again["perplexity"], m["perplexity"], rel_tol=1e-4)
+    for bad in (["--experts", "1"], ["--experts", "4", "--experts-per-token", "5"]):
+        with pytest.raises(SystemExit):
+            train_lm.parse_args([*TINY, *bad])
+
+
 @pytest.mark.parametrize(("mode", "trainer"), [("weight", "accelerate"), ("output", "accelerate"), ("weight", "hf")])
 def test_compiled_lm_trains_what_the_eager_loop_trains(tmp_path, corpus, mode, trainer, reset_accelerate):
     """--compile with the eager backend (the same ops): the probe forward (eval mode, no gradient) changes nothing

@@ -106,6 +106,9 @@ class UnitGroup:
     # attributes of the block's module that count its units' widths, per unit (the gated delta net's ``key_dim``,
     # ``conv_dim``...): output mode sets them to the active units' for a forward pass on those only
     sizes: dict[str, int] = field(default_factory=dict)
+    # equal runs of units that each take the same share of every role, a clone's source in its own run: the
+    # experts of fused MoE weights (one run of neurons per expert), none of which may become a copy of one neuron
+    parts: int = 1
 
     @property
     def sliced(self) -> list[str]:
@@ -746,7 +749,8 @@ def _experts(prefix: str, module: nn.Module) -> Iterator[UnitGroup]:
         if p is not None and tuple(p.shape) == (E, width) and (width != hidden or order.index(n) < order.index(bn))
     ]
     slices.append(UnitSlice(_join(prefix, bn), down_axis, _expert_index(E, inner, inner, ""), "consumer"))
-    yield UnitGroup(prefix, "experts", E * inner, slices, [prefix], None, layout=f"{E} experts x {inner} neurons")
+    layout = f"{E} experts x {inner} neurons"
+    yield UnitGroup(prefix, "experts", E * inner, slices, [prefix], None, layout=layout, parts=E)
 
 
 def _expert_index(experts: int, inner: int, width: int, layout: str) -> torch.Tensor:

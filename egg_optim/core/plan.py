@@ -92,11 +92,14 @@ def hardware_alignment(kind: str, device: torch.device, dtype: torch.dtype) -> i
       are the 16-byte row alignment the fast kernels need: pass ``align=64`` to get the 16-bit tile there);
     - CUDA, conv channels: 8 (cuDNN's tensor-core channel multiple, bf16/fp16 and TF32);
     - attention heads: 1, a unit is already a whole key/value group of ``head_dim``-row heads;
-    - MoE expert neurons: 1, their units span experts and output mode computes experts at full width;
-    - float64 and integer weights: 1.
+    - MoE expert neurons, on any device: 16 bytes of neurons per expert (4 in float32, 8 in 16-bit floats), the
+      stride ``torch._grouped_mm`` needs to run the experts at their active widths (output mode);
+      :meth:`RolePlan.multiple_for` multiplies it by the number of experts;
+    - float64 and integer weights: 1 (MoE experts: 2 in float64).
     """
-    whole_units = kind in ("attention", "experts")
-    if device.type != "cuda" or whole_units or not dtype.is_floating_point or dtype == torch.float64:
+    if kind == "experts":
+        return max(1, 16 // dtype.itemsize) if dtype.is_floating_point else 1
+    if device.type != "cuda" or kind == "attention" or not dtype.is_floating_point or dtype == torch.float64:
         return 1
     if kind == "conv":
         return 8
@@ -286,10 +289,13 @@ class RolePlan:
         return self.leaders, self.independents
 
     def multiple_for(self, model: nn.Module, candidate: nn.Module | UnitGroup) -> int:
-        """The multiple this plan rounds ``candidate``'s counts to (``align``, resolved for ``"auto"``)."""
+        """The multiple this plan rounds ``candidate``'s counts to (``align``, resolved for ``"auto"``); for MoE
+        experts that multiple per expert, times their number, so that every expert takes the same share of each
+        role (:attr:`UnitGroup.parts`)."""
+        parts = candidate.parts if isinstance(candidate, UnitGroup) else 1
         if self.align != AUTO:
-            return int(self.align)
-        return hardware_alignment(_kind(candidate), *_placement(model, candidate))
+            return int(self.align) * parts
+        return hardware_alignment(_kind(candidate), *_placement(model, candidate)) * parts
 
     def multiples(self, model: nn.Module, names: Sequence[str] | None = None) -> dict[str, int]:
         """:meth:`multiple_for` of every candidate named in ``names`` (default: every candidate)."""

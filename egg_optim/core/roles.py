@@ -6,6 +6,7 @@ gather indices) is derived from it once, when roles change, never per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -186,9 +187,77 @@ class Roles:
     def from_state(cls, state: dict[str, torch.Tensor]) -> Roles:
         return cls.from_codes(state["codes"], state["source_map"])
 
+    # ------------------------------------------------------------------ parts (the experts of a MoE layer)
+    def split(self, parts: int) -> list[Roles] | None:
+        """These roles as ``parts`` equal runs of units, each with roles of its own (indices from 0 in each run),
+        or ``None`` where a clone's source lies in another run. See :func:`join`."""
+        if parts < 1 or self.num_units % parts:
+            raise PlanError(f"cannot split {self.num_units} units into {parts} equal parts")
+        n = self.num_units // parts
+        part = torch.arange(self.num_units) // n
+        if self.has_clones and not torch.equal(part[self.clones], part[self.sources]):
+            return None
+        codes, smap = self.codes, self.source_map
+        return [Roles.from_codes(codes[g * n : (g + 1) * n], smap[g * n : (g + 1) * n] - g * n) for g in range(parts)]
+
     def __repr__(self) -> str:
         c = self.counts()
         return (
             f"Roles(units={self.num_units}, leaders={c['leaders']}, independents={c['independents']}, "
             f"clones={c['clones']})"
         )
+
+
+def join(parts: list[Roles]) -> Roles:
+    """The roles of the units of ``parts`` laid end to end (the inverse of :meth:`Roles.split`)."""
+    offsets = [0]
+    for r in parts[:-1]:
+        offsets.append(offsets[-1] + r.num_units)
+    codes = torch.cat([r.codes for r in parts])
+    return Roles.from_codes(codes, torch.cat([r.source_map + o for r, o in zip(parts, offsets)]))
+
+
+def shares(total: int, parts: int, room: list[int] | None = None) -> list[int]:
+    """``total`` split over ``parts`` as evenly as it goes, the remainder to the first parts; with ``room``, at most
+    ``room[g]`` to part ``g``, one at a time to the part with the most room left (the first among equals)."""
+    if room is None:
+        q, r = divmod(int(total), parts)
+        return [q + (g < r) for g in range(parts)]
+    if total > sum(room):
+        raise PlanError(f"cannot split {total} over parts with room for {room}")
+    # what that one-at-a-time rule leaves is each part's room cut down to a level: find the highest level that
+    # takes at least ``total``, take what the level above takes, then one more from the first parts above it
+    lo, hi = 0, max(room, default=0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(max(r - mid, 0) for r in room) >= total else (lo, mid - 1)
+    out = [max(r - lo - 1, 0) for r in room]
+    extra = int(total) - sum(out)
+    for g in range(parts):
+        if extra and room[g] > lo:
+            out[g] += 1
+            extra -= 1
+    return out
+
+
+def by_parts(
+    parts: int,
+    num_units: int,
+    leaders: int,
+    independents: int,
+    fn: Callable[[slice, int, int, Roles | None], Roles],
+    current: Roles | None = None,
+) -> Roles | None:
+    """Roles built part by part: ``fn(units, leaders, independents, current)`` for each of ``parts`` equal runs of
+    units (``units``, a slice), with the run's share of the counts (active units and leaders each as even as they
+    go, the remainders to the first runs, so no run gets more leaders than active units) and its part of
+    ``current`` (:meth:`Roles.split`); joined (:func:`join`). ``None`` where ``current`` does not split. One part
+    is one call on the whole layer."""
+    if parts == 1:
+        return fn(slice(None), leaders, independents, current)
+    now = [None] * parts if current is None else current.split(parts)
+    if now is None:
+        return None
+    n = num_units // parts
+    active, lead = shares(leaders + independents, parts), shares(leaders, parts)
+    return join([fn(slice(g * n, (g + 1) * n), lead[g], active[g] - lead[g], now[g]) for g in range(parts)])

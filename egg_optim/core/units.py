@@ -110,6 +110,11 @@ class ManagedLayer:
         return self.group.num_units if self.group is not None else num_units(self.module)
 
     @property
+    def parts(self) -> int:
+        """Equal runs of units that each take the same share of every role (:attr:`UnitGroup.parts`)."""
+        return self.group.parts if self.group is not None else 1
+
+    @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 

@@ -42,7 +42,7 @@ from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_head
 from ..core.policies import scaled_counts, stable_elect
-from ..core.roles import Roles
+from ..core.roles import Roles, by_parts, join, shares
 from ..core.schedule import Schedule
 from ..core.scores import Score, StepData, check_observed_scores, first_draw, unit_scores
 from ..core.state_dict import Book, LayerBook, check_clone_rows, dependencies, pack_book, parse_book
@@ -448,38 +448,49 @@ class RoleController:
             raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
         counts = self.counts(0, 0.0) if initial else self.counts(self.book.elections + 1, self.book.graduated_to)
         cfg = self.config
-        if not initial and cfg.election_policy == "stable":
-            follow = self._clones_follow_sources()
-            out = {}
-            for name, layer in self.layers.items():
-                roles = self.roles[name]
+        follow = self._clones_follow_sources()
+        out = {}
+        for name, layer in self.layers.items():
+            lp, roles = counts[name], None if initial else self.roles[name]
+            if roles is not None and cfg.election_policy == "stable":
                 weight = layer.unit_rows()
                 if follow:  # a promoted clone starts from its source's rows
                     weight = weight[roles.source_map.to(weight.device)]
-                out[name] = stable_elect(
-                    roles,
-                    scores[name],
-                    counts[name].leaders,
-                    counts[name].independents,
-                    hysteresis=float(cfg.hysteresis),
-                    max_churn=float(cfg.max_churn),
-                    weight=weight,
+
+                def stable(units: slice, lead: int, ind: int, now: Roles | None, s=scores[name], w=weight) -> Roles:
+                    h, churn = float(cfg.hysteresis), float(cfg.max_churn)
+                    return stable_elect(now, s[units], lead, ind, hysteresis=h, max_churn=churn, weight=w[units])
+
+                out[name] = self._in_parts(name, layer, lp, stable, roles)
+                continue
+            eff = scores[name].detach().float().cpu().clone()
+            if roles is not None and cfg.hysteresis > 0 and roles.leaders.numel():  # as elect(current=...) does
+                eff[roles.leaders] += float(cfg.hysteresis) * eff[roles.leaders].abs()
+            rows = layer.unit_rows() if cfg.assign == "nearest" else None
+
+            def draw(units: slice, lead: int, ind: int, now: Roles | None, s=eff, w=rows) -> Roles:
+                return elect(
+                    s[units], lead, ind, assign=cfg.assign, weight=None if w is None else w[units], generator=gen
                 )
-            return out
-        current = None if initial else self.roles
-        return {
-            name: elect(
-                scores[name],
-                counts[name].leaders,
-                counts[name].independents,
-                current=None if current is None else current[name],
-                hysteresis=float(cfg.hysteresis),
-                assign=cfg.assign,
-                weight=layer.unit_rows() if cfg.assign == "nearest" else None,
-                generator=gen,
+
+            out[name] = self._in_parts(name, layer, lp, draw)
+        return out
+
+    def _in_parts(
+        self, name: str, layer: ManagedLayer, lp: LayerPlan, fn: Callable[..., Roles], current: Roles | None = None
+    ) -> Roles:
+        """Roles for ``layer`` from ``fn`` in each of its parts (the experts of fused MoE weights, each its own
+        share of every role: :func:`~egg_optim.core.roles.by_parts`); on the whole layer, with a warning, where
+        ``current`` puts clones in another part than their source (roles saved before experts were parts)."""
+        new = by_parts(layer.parts, layer.num_units, lp.leaders, lp.independents, fn, current)
+        if new is None:
+            warnings.warn(
+                f"layer {name!r}: its roles clone units of one expert from another's (a checkpoint from before "
+                "egg_optim elected experts one by one); these roles are chosen over the whole layer, as then",
+                stacklevel=3,
             )
-            for name, layer in self.layers.items()
-        }
+            new = fn(slice(None), lp.leaders, lp.independents, current)
+        return new
 
     @outside_inference_mode()  # in an evaluation block too: the new state must be trainable
     def elect_now(self) -> dict[str, int]:
@@ -530,7 +541,7 @@ class RoleController:
         for name in self.layers:
             roles = self.roles[name]
             extra = counts[name].independents - roles.counts()["independents"]
-            new[name] = graduate_roles(roles, extra, gen)
+            new[name] = _graduate_parts(self.layers[name], roles, extra, gen)
             moved = new[name].independents[~torch.isin(new[name].independents, roles.independents)]
             promoted[name] = _only_clones(roles, moved)
         new = keep_frozen_roles(new, self.roles, frozen)
@@ -917,3 +928,13 @@ class RoleController:
                     sharding.write_full_(t, axes.copied(whole, layer.dim_of(qname), er.clones, rows[qname].to(whole)))
                 else:
                     axes.copy_(t, layer.dim_of(qname), er.clones, rows[qname].to(t))
+
+
+def _graduate_parts(layer: ManagedLayer, roles: Roles, extra: int, gen: torch.Generator) -> Roles:
+    """:func:`graduate_roles` in each part of ``layer`` (its experts), the most clones left graduating first, so
+    that the experts keep equal shares of every role; on the whole layer where ``roles`` do not split."""
+    now = roles.split(layer.parts) if layer.parts > 1 else None
+    if now is None:
+        return graduate_roles(roles, extra, gen)
+    promote = shares(extra, layer.parts, [r.num_clones for r in now])
+    return join([graduate_roles(r, k, gen) for r, k in zip(now, promote)])

@@ -18,18 +18,22 @@ the code between them runs at full width (all heads) and the consumer reads ever
 (clone columns frozen). Exact for any code in between: attention that reshapes with a stored head count (OPT,
 GPT-Neo, StableLM, XGLM), splits a fused qkv at fixed offsets (GPT-2, Phi3), adds a per-head bias (T5, ALiBi in
 BLOOM and Falcon). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of MoE experts)
-compute this way too: clone positions take their source's values; in linear attention (the gated delta net, Kimi
-Delta Attention), whose code reads its widths from attributes of the block's module, ``"shrink"`` sets those to the
-active units' for the forward pass and slices its convolution and per-head values to their active positions.
+compute this way too: clone positions take their source's values, except MoE experts whose experts each keep the
+same number of active neurons, their clones' sources in their own expert (the default roles), which shrink: each
+expert's producer slices are taken at its active neurons and its down projection's clone columns folded into
+their sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``); in linear attention (the
+gated delta net, Kimi Delta Attention), whose code reads its widths from attributes of the block's module,
+``"shrink"`` sets those to the active units' for the forward pass and slices its convolution and per-head values
+to their active positions.
 
-Every block starts in ``"shrink"`` where its producers are Linear layers. **Self-check**: at the first forward pass
-through each block with clones, the block is run (on that batch, in eval semantics, without gradients) as the
-plain module with every clone's producer slices filled from its source (what a saved model computes), then
-rewritten, and compared within the tolerance of the output's dtype; once more with random weights in its slices,
-so that a coincidence of the current weights (zero-initialised projections) cannot hide a wrong reshape. A block
-whose ``"shrink"`` result differs switches to ``"expand"`` (logged once); one whose ``"expand"`` result differs
-raises :class:`~egg_optim.errors.RewriteCheckError` naming it, before anything trains. The cost is five to ten
-extra forward passes of each block, once.
+Every block starts in ``"shrink"`` where its producers are Linear layers (or it is one of the above).
+**Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in
+eval semantics, without gradients) as the plain module with every clone's producer slices filled from its source
+(what a saved model computes), then rewritten, and compared within the tolerance of the output's dtype; once more
+with random weights in its slices, so that a coincidence of the current weights (zero-initialised projections)
+cannot hide a wrong reshape. A block whose ``"shrink"`` result differs switches to ``"expand"`` (logged once); one
+whose ``"expand"`` result differs raises :class:`~egg_optim.errors.RewriteCheckError` naming it, before anything
+trains. The cost is five to ten extra forward passes of each block, once.
 
 The rewrite swaps the classes of the member modules in place (parameters, names and ``state_dict`` keys stay)
 and is undone by :meth:`BlockOutputCloning.remove`. Clones' own weights are not used and get no gradient. Saving
@@ -62,6 +66,7 @@ OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
     "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
+    "_egg_parts",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -195,9 +200,10 @@ class _TiedMember(_Member):
     """Mixin for any other module holding unit slices (T5's relative attention bias, MoE experts' 3-D weights):
     its forward runs with every clone position of a producer slice taken from its source (gradients reach the
     source) and every clone position of a consumer slice frozen, at full width (``"expand"``); or, in a block that
-    can shrink (its tied slices all producers, its module's widths in :attr:`UnitGroup.sizes`: the gated delta
-    net), with its producer slices' active positions only, the block module's width attributes set to the
-    active units' for the forward pass."""
+    can shrink, with its producer slices' active positions only and its consumer slices' clone positions folded
+    into their sources': the gated delta net (its tied slices all producers, the block module's width attributes,
+    :attr:`UnitGroup.sizes`, set to the active units' for the forward pass), and MoE experts with as many active
+    neurons in every expert (each slice back in its tensor's layout, ``[experts, active positions, ...]``)."""
 
     _egg_has_clones: bool
     _egg_expand: bool
@@ -205,6 +211,7 @@ class _TiedMember(_Member):
     _egg_inside = False
     _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
     _egg_active_units = 0
+    _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
     _egg_tied_inside: tuple[_TiedMember, ...] = ()
@@ -225,8 +232,14 @@ class _TiedMember(_Member):
         for key, (dim, produces) in self._egg_slices.items():
             p = getattr(self, key)
             clones = getattr(self, f"_egg_clones_{key}")
-            if not self._egg_expand:  # (a block that shrinks has producer slices only)
-                values[key] = axes.select(p, dim, getattr(self, f"_egg_active_{key}"))
+            if not self._egg_expand:
+                v = axes.select(p, dim, getattr(self, f"_egg_active_{key}"))
+                if not produces:  # clones are not trained; each adds its column to its source's
+                    at = dim if isinstance(dim, int) else 0
+                    v = v.index_add(at, getattr(self, f"_egg_fold_{key}"), axes.select(p, dim, clones).detach())
+                if not isinstance(dim, int):  # [parts x positions, rest] back to the tensor's layout
+                    v = v.unflatten(0, (self._egg_parts, -1)).movedim((0, 1), dim).contiguous()
+                values[key] = v
             elif produces:
                 values[key] = axes.copied(p, dim, clones, axes.select(p, dim, getattr(self, f"_egg_sources_{key}")))
             else:
@@ -328,6 +341,22 @@ def _fresh(x: Any) -> Any:
     return x
 
 
+def _even_parts(group: UnitGroup, roles: Roles) -> bool:
+    """Whether ``group``'s parts (its experts, the first dimension of every tensor it slices on a pair axis) each
+    have as many active units, every clone's source in its own part: then they shrink to ``[parts, active, ...]``."""
+    if group.parts == 1 or any(not isinstance(s.dim, tuple) or s.dim[0] != 0 for s in group.slices):
+        return False
+    split = roles.split(group.parts)
+    return split is not None and len({r.num_units - r.num_clones for r in split}) == 1
+
+
+def _fold_positions(er: Roles) -> torch.Tensor:
+    """Where each clone position's source sits among the active positions (a consumer's fold)."""
+    pos = torch.full((er.num_units,), -1, dtype=torch.long)
+    pos[er.active] = torch.arange(er.active.numel())
+    return pos[er.sources]
+
+
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -409,6 +438,7 @@ class BlockOutputCloning(base.LayerRewrite):
                     m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
                     if mname == g.name and g.sizes:
                         m._egg_sizes = dict(g.sizes)
+                    m._egg_parts = g.parts
             self._members[name] = members
             for parent, m, _ in members:
                 if isinstance(m, _TiedMember):
@@ -416,8 +446,11 @@ class BlockOutputCloning(base.LayerRewrite):
                         d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{parent}.")
                     )
             tied = [m for _, m, _ in members if isinstance(m, _TiedMember)]
-            shrinks = not tied or (  # tied members shrink with the block module's widths, producer slices only
-                any(m._egg_sizes for m in tied) and all(p for m in tied for _, p in m._egg_slices.values())
+            shrinks = (
+                not tied
+                # tied members shrink with the block module's widths, producer slices only
+                or (any(m._egg_sizes for m in tied) and all(p for m in tied for _, p in m._egg_slices.values()))
+                or _even_parts(g, roles[name])  # or expert by expert
             )
             self._set_mode(name, "shrink" if shrinks else "expand")
             self._apply_roles(name, roles[name])
@@ -447,6 +480,10 @@ class BlockOutputCloning(base.LayerRewrite):
         for name, r in new_roles.items():
             if not r.same_as(self._roles[name]):
                 self._roles[name] = r
+                g = self.groups[name]
+                if g.parts > 1 and self.modes[name] == "shrink" and not _even_parts(g, r):
+                    self._set_mode(name, "expand")  # experts with uneven roles compute at full width; checked again
+                    self._verified.discard(name)
                 self._apply_roles(name, r)
         self._arm()
 
@@ -459,6 +496,8 @@ class BlockOutputCloning(base.LayerRewrite):
                 for s in g.slices:
                     if s.module == mname:
                         er = roles.expand(s.index)
+                        if s.role == "consumer":
+                            base.set_buffer(m, f"_egg_fold_{s.key}", _fold_positions(er).to(device))
                         base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device, copy=True))
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                         base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
@@ -466,12 +505,10 @@ class BlockOutputCloning(base.LayerRewrite):
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
-            pos = torch.full((er.num_units,), -1, dtype=torch.long)
-            pos[er.active] = torch.arange(er.active.numel())
             base.set_buffer(m, "_egg_active", er.active.to(device, copy=True))
             base.set_buffer(m, "_egg_fold_src", er.clones.to(device, copy=True))
             base.set_buffer(m, "_egg_sources", er.sources.to(device, copy=True))
-            base.set_buffer(m, "_egg_fold_pos", pos[er.sources].to(device))
+            base.set_buffer(m, "_egg_fold_pos", _fold_positions(er).to(device))
             base.set_buffer(m, "_egg_gather", er.gather_index.to(device, copy=True))
             m._egg_span, m._egg_clone_span = er.active_span, er.clone_span
             cyc = er.source_cycle  # in positions; the fold is in positions among the active ones

@@ -253,3 +253,20 @@ def peak_bytes_above(fn: Callable[[], Any], device: torch.device | str = "cpu") 
         current += ev.self_cpu_memory_usage
         peak = max(peak, current)
     return peak, result
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    """``torch._grouped_mm``: a ``[M, K]`` input against ``[groups, K, N]`` weights (M split over the groups), the
+    weight gradient ``[K, M] x [M, N] -> [groups, K, N]``, or a batch ``[groups, M, K] x [groups, K, N]``."""
+    if len(a_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+    return 2 * int(torch.Size(out_shape).numel()) * a_shape[-1]
+
+
+def flop_counter() -> Any:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts ``torch._grouped_mm``, which transformers 5
+    runs for MoE experts (``experts_implementation="grouped_mm"``) and the stock counter skips."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    return FlopCounterMode(display=False, custom_mapping={grouped: _grouped_mm_flops} if grouped is not None else {})

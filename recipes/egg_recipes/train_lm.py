@@ -10,12 +10,14 @@ Runs with no flags on the corpus shipped in ``recipes/data/tiny_tales`` (byte-le
     accelerate launch --config_file accelerate_configs/cpu_multi.yaml recipes/train_lm.py --max-steps 100
 
 The managed layers are every ``nn.Linear`` but the LM head (q/k/v/o and gate/up/down projections); their output
-rows are the units. ``<output-dir>/metrics.json`` holds the validation perplexity (``exp`` of the mean NLL over
-the real next-token predictions), tokens/s, wall-clock and role totals; ``<output-dir>/model`` a plain
-``LlamaForCausalLM`` (``from_pretrained``-loadable, clone rows filled in). Checkpoints: ``--trainer accelerate``
-writes atomic safetensors checkpoints (``egg_recipes.checkpoint``) under ``<output-dir>/checkpoints`` and
-resumes bit-exactly (data order of epoch ``e`` from ``(seed, e)``, torch RNG from ``(seed, rank, step)``, position
-in the epoch in the checkpoint); ``--trainer hf`` uses the Trainer's ``checkpoint-N`` folders.
+rows are the units. ``--experts N`` trains a Mixtral-style mixture of experts instead (units: attention heads and
+each expert's hidden neurons). ``<output-dir>/metrics.json`` holds the validation perplexity (``exp`` of the mean
+NLL over the real next-token predictions), tokens/s, wall-clock and role totals; ``<output-dir>/model`` a plain
+``LlamaForCausalLM`` or ``MixtralForCausalLM`` (``from_pretrained``-loadable, clone rows filled in). Checkpoints:
+``--trainer accelerate`` writes atomic safetensors checkpoints (``egg_recipes.checkpoint``) under
+``<output-dir>/checkpoints`` and resumes bit-exactly (data order of epoch ``e`` from ``(seed, e)``, torch RNG from
+``(seed, rank, step)``, position in the epoch in the checkpoint); ``--trainer hf`` uses the Trainer's
+``checkpoint-N`` folders.
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-blocks", type=positive_int, default=None, help="use only the first N train blocks")
     g.add_argument("--max-eval-blocks", type=positive_int, default=None, help="score only the first N eval blocks")
 
-    g = p.add_argument_group("model (transformers.LlamaConfig, random init)")
+    g = p.add_argument_group("model (transformers.LlamaConfig, or MixtralConfig with --experts; random init)")
     g.add_argument("--hidden-size", type=positive_int, default=128, help="model width")
     g.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
     g.add_argument("--heads", type=positive_int, default=4, help="attention heads (must divide --hidden-size)")
     g.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (default: --heads)")
-    g.add_argument("--intermediate-size", type=positive_int, default=352, help="MLP width")
+    g.add_argument("--intermediate-size", type=positive_int, default=352, help="MLP width (of each expert)")
+    g.add_argument(
+        "--experts", type=non_negative_int, default=0, help="a Mixtral-style mixture of N experts per layer (0: Llama)"
+    )
+    g.add_argument("--experts-per-token", type=positive_int, default=2, help="experts each token is routed to")
 
     g = p.add_argument_group("roles (egg_optim)")
     g.add_argument(
@@ -173,6 +179,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --kv-heads: {kv} does not divide --heads {args.heads}")
     if (args.hidden_size // args.heads) % 2:
         parser.error(f"argument --heads: head size {args.hidden_size // args.heads} must be even (rotary embeddings)")
+    if args.experts == 1 or args.experts_per_token > max(args.experts, 2):
+        parser.error(
+            f"argument --experts: expected 0 (no experts) or at least 2 and --experts-per-token "
+            f"({args.experts_per_token}) of them, got {args.experts}"
+        )
     if args.block_size < 2:
         parser.error(f"argument --block-size: expected at least 2 tokens, got {args.block_size}")
     check_compile_flags(parser, args, {})
@@ -199,24 +210,33 @@ def make_plan(args: argparse.Namespace) -> RolePlan:
 
 
 def build_lm(args: argparse.Namespace, tokenizer) -> torch.nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` (seeded by ``--seed``), untied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised ``LlamaForCausalLM``, or with ``--experts`` a ``MixtralForCausalLM`` (its MLPs a
+    mixture of experts, routed top ``--experts-per-token``, no auxiliary loss); seeded by ``--seed``, untied
+    embeddings."""
+    import transformers
 
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=args.block_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": tokenizer.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads or args.heads,
+        "max_position_embeddings": args.block_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    if args.experts:
+        config = transformers.MixtralConfig(
+            **common, num_local_experts=args.experts, num_experts_per_tok=args.experts_per_token,
+            router_aux_loss_coef=0.0,
+        )  # fmt: skip
+        torch.manual_seed(args.seed)
+        return transformers.MixtralForCausalLM(config)
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
 def load_blocks(args: argparse.Namespace, tokenizer):
@@ -246,6 +266,7 @@ def run_settings(
     evaluation, logging, saving and output flags may change freely."""
     keys = ("trainer", "dataset", "dataset_config", "text_column", "validation_fraction", "block_size")
     keys += ("append_eos", "max_train_blocks", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size")
+    keys += ("experts", "experts_per_token")
     keys += ("optimizer", "lr", "weight_decay", "lr_schedule", "warmup_steps", "max_grad_norm", "batch_size", "seed")
     return {
         **{k: getattr(args, k) for k in keys},
