@@ -77,16 +77,22 @@ def test_masking_compact_state_and_cloning_are_exact_per_expert_neuron(family):
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
-@pytest.mark.parametrize("plan", ["mild", "aggressive"])
-def test_output_mode_shrinks_experts_to_their_active_neurons_exactly(family, plan):
+@pytest.mark.parametrize(
+    ("plan", "first_roles", "assign"),
+    [("mild", "packed", "round_robin"), ("aggressive", "packed", "first"), ("mild", "drawn", "random")],
+)
+def test_output_mode_shrinks_experts_to_their_active_neurons_exactly(family, plan, first_roles, assign):
     """Experts with as many active neurons each compute with ``[E, 2k, H]`` / ``[E, H, k]`` slices (clone columns of
     the down projection folded into their sources'): what the plain model with clones filled computes, to
-    rounding; clones get no gradient; a saved model holds the sources' rows in the clones' place."""
+    rounding; clones get no gradient; a saved model holds the sources' rows in the clones' place. Packed roles cut
+    the slices by views (and fold along the sources' cycle), drawn ones gather them."""
     model = tiny.make(family)
     opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), plan, clone_mode="output",
-                               assign="round_robin")  # fmt: skip
+                               first_roles=first_roles, assign=assign)  # fmt: skip
     name, layer, experts = _experts(opt)
-    up, down = (layer.group.slices[k] for k in (0, 1))
+    up, down = layer.group.slices[0], next(s for s in layer.group.slices if s.role == "consumer")
+    keys = {s.key for s in layer.group.slices}  # GPT-OSS: a gate/up bias too
+    assert set(experts._egg_views) == (keys if first_roles == "packed" else set())
     batch = tiny.inputs(family, seed=0)
     model(**batch).loss.backward()
     opt.step()
@@ -232,3 +238,22 @@ def test_roles_cloned_across_experts_are_elected_over_the_whole_layer_with_a_war
     with pytest.warns(UserWarning, match=f"{name}.*whole layer"):
         opt.controller.elect_now()
     assert torch.equal(opt.roles[name].leaders, legacy.leaders)  # a stable election with nothing to change
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_experts_run_forward_and_backward_without_parameter_index_traffic(family):
+    """With packed roles every expert's active neurons sit at the same offsets: output mode cuts them by views and
+    folds the clones' columns by sums, so a forward and backward pass dispatches no index op on a parameter-sized
+    tensor (a gather's backward is a scatter-add into the whole weight's gradient)."""
+    from egg_optim.utils import DispatchCounter
+
+    model = tiny.make(family)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "mild", clone_mode="output")
+    batch = tiny.inputs(family, seed=0)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with DispatchCounter(model, opt) as counted:
+        model(**batch).loss.backward()
+    assert counted.param_index_total == 0, dict(counted.param_index_ops)

@@ -21,10 +21,11 @@ BLOOM and Falcon). Parameters other than a Linear's (T5's relative attention bia
 compute this way too: clone positions take their source's values, except MoE experts whose experts each keep the
 same number of active neurons, their clones' sources in their own expert (the default roles), which shrink: each
 expert's producer slices are taken at its active neurons and its down projection's clone columns folded into
-their sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``); in linear attention (the
-gated delta net, Kimi Delta Attention), whose code reads its widths from attributes of the block's module,
-``"shrink"`` sets those to the active units' for the forward pass and slices its convolution and per-head values
-to their active positions.
+their sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``; by views and sums where
+every expert's active neurons sit at the same offsets, as packed roles put them, else by gathers); in linear
+attention (the gated delta net, Kimi Delta Attention), whose code reads its widths from attributes of the block's
+module, ``"shrink"`` sets those to the active units' for the forward pass and slices its convolution and per-head
+values to their active positions.
 
 Every block starts in ``"shrink"`` where its producers are Linear layers (or it is one of the above).
 **Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in
@@ -66,7 +67,7 @@ OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
     "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
-    "_egg_parts",
+    "_egg_parts", "_egg_views",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -212,6 +213,10 @@ class _TiedMember(_Member):
     _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
     _egg_active_units = 0
     _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
+    # per parameter key, where every part has its active positions at the same offsets (packed roles per expert):
+    # those offsets as runs along the tensor's own dimension, and for a consumer its clones' run and the cycle their
+    # sources follow among the active positions (:func:`_part_views`): the slice is then cut by views, no index op
+    _egg_views: dict[str, tuple[int, list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
     _egg_tied_inside: tuple[_TiedMember, ...] = ()
@@ -232,7 +237,9 @@ class _TiedMember(_Member):
         for key, (dim, produces) in self._egg_slices.items():
             p = getattr(self, key)
             clones = getattr(self, f"_egg_clones_{key}")
-            if not self._egg_expand:
+            if not self._egg_expand and key in self._egg_views:
+                values[key] = _cut(p, *self._egg_views[key])
+            elif not self._egg_expand:
                 v = axes.select(p, dim, getattr(self, f"_egg_active_{key}"))
                 if not produces:  # clones are not trained; each adds its column to its source's
                     at = dim if isinstance(dim, int) else 0
@@ -348,6 +355,62 @@ def _even_parts(group: UnitGroup, roles: Roles) -> bool:
         return False
     split = roles.split(group.parts)
     return split is not None and len({r.num_units - r.num_clones for r in split}) == 1
+
+
+def _runs(offsets: list[int]) -> list[axes.Span]:
+    """Ascending ``offsets`` as ``(start, length)`` runs."""
+    runs: list[axes.Span] = []
+    for x in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == x:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((x, 1))
+    return runs
+
+
+def _same_in_every_part(positions: torch.Tensor, parts: int, size: int) -> list[int] | None:
+    """The offsets (within a part of ``size`` positions) that every part's ``positions`` take, or ``None``."""
+    if positions.numel() == 0 or positions.numel() % parts:
+        return None
+    offsets = positions.view(parts, -1) - (torch.arange(parts) * size)[:, None]
+    return offsets[0].tolist() if bool((offsets == offsets[0]).all()) else None
+
+
+def _part_views(group: UnitGroup, module: str, roles: Roles) -> dict[str, tuple]:
+    """:attr:`_TiedMember._egg_views` of ``module``'s slices under ``roles`` (those that have them). Host reads:
+    when roles change."""
+    out = {}
+    for s in group.slices:
+        if s.module != module or not isinstance(s.dim, tuple):
+            continue
+        er, parts = roles.expand(s.index), group.parts
+        size = er.num_units // parts
+        active = _same_in_every_part(er.active, parts, size)
+        if active is None:
+            continue
+        fold = None
+        if s.role == "consumer":
+            clones = _same_in_every_part(er.clones, parts, size)
+            local = _same_in_every_part(_fold_positions(er), parts, len(active))
+            cyc = None if local is None else axes.cycle(torch.tensor(local))
+            if clones is None or len(_runs(clones)) != 1 or cyc is None:
+                continue
+            fold = (_runs(clones)[0], cyc)
+        out[s.key] = (s.dim[1], _runs(active), fold)
+    return out
+
+
+def _cut(p: torch.Tensor, dim: int, runs: list[axes.Span], fold: tuple[axes.Span, axes.Cycle] | None) -> torch.Tensor:
+    """``p``'s active positions of every part along ``dim`` (``runs``, the same in each part), a consumer's clone
+    run folded into its sources (``fold``): what the gather path of :meth:`_TiedMember._egg_values` computes, by
+    views and sums."""
+    v = torch.cat([axes.narrow(p, dim, r) for r in runs], dim) if len(runs) > 1 else axes.narrow(p, dim, runs[0])
+    if fold is not None:
+        clones, (q, m, r) = fold
+        folded = axes.fold(axes.narrow(p, dim, clones).detach(), dim, m, r)
+        rest = v.shape[dim] - q - m
+        v = torch.cat([v.narrow(dim, 0, q), v.narrow(dim, q, m) + folded, v.narrow(dim, q + m, rest)], dim)
+    return v.contiguous()
 
 
 def _fold_positions(er: Roles) -> torch.Tensor:
@@ -502,6 +565,7 @@ class BlockOutputCloning(base.LayerRewrite):
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                         base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
                 m._egg_active_units = int(roles.active.numel())
+                m._egg_views = _part_views(g, mname, roles) if m._egg_parts > 1 else {}
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
