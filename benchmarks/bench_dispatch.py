@@ -2,7 +2,8 @@
 
 For each case (bare model + bare optimizer; weight and output mode without clones; weight mode mild; output mode
 mild and aggressive; with the default packed first roles, and mild again with the seed's drawn, scattered roles)
-on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets):
+on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets; ``--models mixtral``: its
+sizes with 4 experts of half its MLP width routed top 2):
 
 - **aten ops per step** (forward + backward + optimizer step; views not counted): on a GPU each is about one
   kernel launch, and small models are launch-bound;
@@ -117,6 +118,19 @@ class Case:
         self.host.append(t2 - t1)
 
 
+def _small_mixtral() -> nn.Module:
+    """The small Llama's sizes with a Mixtral-style MLP: 4 experts of half its width, routed top 2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = SMALL_LLAMA
+    cfg = MixtralConfig(
+        vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"] // 2,
+        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv"],
+        max_position_embeddings=c["seq"], num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg)
+
+
 def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: int) -> Case:
     bg = _bench_gpu()
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if AUTOCAST in name else contextlib.nullcontext()
@@ -136,7 +150,7 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
 
         table = "cifar"
     else:
-        model = bg.llama(SMALL_LLAMA)
+        model = bg.llama(SMALL_LLAMA) if kind == "llama" else _small_mixtral()
         ids = torch.randint(0, SMALL_LLAMA["vocab"], (SMALL_LLAMA["batch"], SMALL_LLAMA["seq"]), generator=gen)
         base = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 10, quick 4)")
     parser.add_argument("--cnn-batch", type=int, default=32)
-    parser.add_argument("--models", nargs="+", default=["cnn", "llama"], choices=["cnn", "llama"])
+    parser.add_argument("--models", nargs="+", default=["cnn", "llama"], choices=["cnn", "llama", "mixtral"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:

@@ -241,10 +241,11 @@ def test_roles_cloned_across_experts_are_elected_over_the_whole_layer_with_a_war
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_experts_run_forward_and_backward_without_parameter_index_traffic(family):
+def test_packed_experts_step_without_parameter_index_traffic(family):
     """With packed roles every expert's active neurons sit at the same offsets: output mode cuts them by views and
-    folds the clones' columns by sums, so a forward and backward pass dispatches no index op on a parameter-sized
-    tensor (a gather's backward is a scatter-add into the whole weight's gradient)."""
+    folds the clones' columns by sums, and compact storage steps them on strided copies, so a whole step
+    dispatches no index op on a parameter-sized tensor (a gather's backward is a scatter-add into the whole
+    weight's gradient)."""
     from egg_optim.utils import DispatchCounter
 
     model = tiny.make(family)
@@ -256,4 +257,6 @@ def test_packed_experts_run_forward_and_backward_without_parameter_index_traffic
         opt.zero_grad()
     with DispatchCounter(model, opt) as counted:
         model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
     assert counted.param_index_total == 0, dict(counted.param_index_ops)

@@ -292,6 +292,34 @@ def test_tiled_and_fold_are_the_gather_and_the_index_add_of_a_cycle(q, m, r, n, 
         assert torch.equal(after, t.clone().index_copy_(axis, torch.arange(10 - n, 10), t.index_select(axis, idx)))
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    parts=st.integers(1, 4), size=st.integers(2, 7), b=st.sampled_from([1, 2]), data=st.data(),
+)  # fmt: skip
+def test_runs_alike_in_every_part_are_cut_and_written_as_select_and_copy_do(parts, size, b, data):
+    """On a pair axis (the (expert, neuron) positions of fused MoE weights), offsets that every part takes alike
+    are cut by views into select's layout (or the tensor's own) and written back by strided copies; parts that
+    differ give no runs."""
+    shape = [parts, 3, 3]
+    shape[b] = size
+    t = torch.randn(shape, dtype=torch.float64)
+    offsets = sorted(data.draw(st.sets(st.integers(0, size - 1), min_size=1)))
+    index = torch.tensor([e * size + o for e in range(parts) for o in offsets])
+    runs = axes.part_runs(index, t.shape, (0, b))
+    assert runs is not None and sum(n for _, n in runs) == len(offsets)
+    assert torch.equal(axes.cut(t, (0, b), runs), axes.select(t, (0, b), index))
+    own = axes.cut(t, (0, b), runs, layout="tensor")
+    assert own.shape[b] == len(offsets) and torch.equal(own, t.index_select(b, torch.tensor(offsets)))
+    source = torch.randn(len(index), *(n for k, n in enumerate(shape) if k not in (0, b)), dtype=torch.float64)
+    assert torch.equal(axes.write_runs_(t.clone(), (0, b), runs, source), axes.copy_(t.clone(), (0, b), index, source))
+    if parts > 1 and len(offsets) < size:  # one part with another offset: no runs
+        other = next(o for o in range(size) if o not in offsets)
+        moved = index.clone()
+        moved[-1] = (parts - 1) * size + other
+        assert axes.part_runs(torch.sort(moved).values, t.shape, (0, b)) is None
+    assert axes.part_runs(index, t.shape, 1) is None  # an int axis has its spans instead
+
+
 def test_mlp_without_norms_packs_too():
     torch.manual_seed(0)
     model = mlp((6, 20, 20, 3))

@@ -127,6 +127,54 @@ def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[
     return t.movedim((a, b), (0, 1)), torch.div(index, t.shape[b], rounding_mode="floor"), index % t.shape[b]
 
 
+def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Axis) -> list[Span] | None:
+    """On a pair axis ``(a, b)`` whose dimension ``a`` holds parts (the experts of fused MoE weights): the offsets
+    along ``b`` that every part's positions in ``index`` (ascending) take alike, as ``(start, length)`` runs; else
+    (an ``int`` axis, parts that differ) ``None``. Then :func:`cut` and :func:`write_runs_` do what :func:`select`
+    and :func:`copy_` do, by views and strided copies. Host reads: call it when roles change."""
+    if isinstance(axis, int):
+        return None
+    parts, size = int(shape[axis[0]]), int(shape[axis[1]])
+    if index.numel() == 0 or index.numel() % parts:
+        return None
+    offsets = index.cpu().view(parts, -1) - (torch.arange(parts) * size)[:, None]
+    if not bool((offsets == offsets[0]).all()):
+        return None
+    runs: list[Span] = []
+    for x in offsets[0].tolist():
+        if runs and runs[-1][0] + runs[-1][1] == x:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((x, 1))
+    return runs
+
+
+def _block(t: torch.Tensor, dim: int, runs: list[Span]) -> torch.Tensor:
+    return torch.cat([narrow(t, dim, r) for r in runs], dim) if len(runs) > 1 else narrow(t, dim, runs[0])
+
+
+def cut(t: torch.Tensor, axis: tuple[int, int], runs: list[Span], layout: str = "rows") -> torch.Tensor:
+    """The positions :func:`part_runs` found, as a new tensor: laid out ``[positions, rest...]`` as :func:`select`
+    gives them (``layout="rows"``), or in ``t``'s own layout with fewer entries along ``axis[1]``
+    (``"tensor"``)."""
+    block = _block(t, axis[1], runs)
+    if layout == "tensor":
+        return block.contiguous()
+    return block.movedim(axis, (0, 1)).flatten(0, 1).contiguous()
+
+
+def write_runs_(t: torch.Tensor, axis: tuple[int, int], runs: list[Span], source: torch.Tensor) -> torch.Tensor:
+    """:func:`copy_` of the positions :func:`part_runs` found (``source`` laid out as :func:`cut` gives them), by
+    strided copies."""
+    a, b = axis
+    whole = source.unflatten(0, (t.shape[a], -1)).movedim((0, 1), axis)
+    at = 0
+    for r in runs:
+        narrow(t, b, r).copy_(whole.narrow(b, at, r[1]))
+        at += r[1]
+    return t
+
+
 def positions(shape: torch.Size | tuple[int, ...], axis: Axis) -> int:
     """How many positions ``shape`` has along ``axis``."""
     return int(shape[axis]) if isinstance(axis, int) else int(shape[axis[0]]) * int(shape[axis[1]])

@@ -17,7 +17,9 @@ where both are dense and laid out alike (rows, in any memory format): the base o
 in place and nothing is gathered or written back. A strided run (a block of columns) is stepped on a contiguous
 copy (a fused optimizer reads dense memory) in a buffer kept until roles change, written back with a plain copy.
 Either way no index op runs, and the base optimizer sees the same tensors every step (a compiled ``base.step`` is
-not retraced).
+not retraced). On the (expert, neuron) pair axis of fused MoE weights, where every expert has its active neurons at
+the same offsets (packed roles: :func:`~egg_optim.core.axes.part_runs`), the active slices are cut from those runs
+into the gathered layout and written back by strided copies: no index op either.
 
 When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
 follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
@@ -38,7 +40,7 @@ from typing import Any
 
 import torch
 
-from . import axes
+from . import axes, sharding
 from .axes import Axis, Span
 from .roles import Roles
 
@@ -79,13 +81,16 @@ class CompactEntry:
     active: torch.Tensor  # active units, on the parameter's device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
     span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
+    runs: list[Span] | None = None  # on a pair axis, the runs every part (expert) has alike: strided copies
     _view: torch.Tensor | None = None  # a span's stand-in, kept from step to step (see :meth:`stand_in`): a view
     _buffer: torch.Tensor | None = None  # ... or a buffer for a strided span
     _ptr: int = 0  # the parameter's data_ptr() when ``_view`` was cut
     _contiguous: bool = True  # whether the stand-in is contiguous (a channels_last view is dense, not contiguous)
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
-        """``t``'s active slices: a view for a span, else a gathered copy."""
+        """``t``'s active slices: a view for a span, else a copy (cut from runs, or gathered)."""
+        if self.runs is not None:
+            return axes.cut(t, self.dim, self.runs)
         return axes.pick(t, self.dim, self.active, self.span)
 
     def stand_in(self) -> tuple[torch.Tensor, bool]:
@@ -121,6 +126,8 @@ class CompactEntry:
     def write_back(self, stand_in: torch.Tensor) -> None:
         if self.span is not None:
             axes.narrow(self.param, self.dim, self.span).copy_(stand_in)
+        elif self.runs is not None:
+            axes.write_runs_(self.param, self.dim, self.runs, stand_in)
         else:
             axes.copy_(self.param, self.dim, self.active, stand_in)
 
@@ -128,7 +135,8 @@ class CompactEntry:
 def compact_entry(param: torch.Tensor, group: dict[str, Any], position: int, roles: Roles, dim: Axis) -> CompactEntry:
     """The step's entry for ``param`` under ``roles`` (of its positions along ``dim``)."""
     where = roles.active_span if isinstance(dim, int) else None
-    return CompactEntry(param, group, position, roles.on(param.device, "active"), dim, where)
+    runs = None if sharding.is_sharded(param) else axes.part_runs(roles.active, param.shape, dim)
+    return CompactEntry(param, group, position, roles.on(param.device, "active"), dim, where, runs)
 
 
 @dataclass(frozen=True)

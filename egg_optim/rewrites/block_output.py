@@ -216,7 +216,7 @@ class _TiedMember(_Member):
     # per parameter key, where every part has its active positions at the same offsets (packed roles per expert):
     # those offsets as runs along the tensor's own dimension, and for a consumer its clones' run and the cycle their
     # sources follow among the active positions (:func:`_part_views`): the slice is then cut by views, no index op
-    _egg_views: dict[str, tuple[int, list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
+    _egg_views: dict[str, tuple[tuple[int, int], list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
     _egg_tied_inside: tuple[_TiedMember, ...] = ()
@@ -357,60 +357,43 @@ def _even_parts(group: UnitGroup, roles: Roles) -> bool:
     return split is not None and len({r.num_units - r.num_clones for r in split}) == 1
 
 
-def _runs(offsets: list[int]) -> list[axes.Span]:
-    """Ascending ``offsets`` as ``(start, length)`` runs."""
-    runs: list[axes.Span] = []
-    for x in offsets:
-        if runs and runs[-1][0] + runs[-1][1] == x:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((x, 1))
-    return runs
-
-
-def _same_in_every_part(positions: torch.Tensor, parts: int, size: int) -> list[int] | None:
-    """The offsets (within a part of ``size`` positions) that every part's ``positions`` take, or ``None``."""
-    if positions.numel() == 0 or positions.numel() % parts:
-        return None
-    offsets = positions.view(parts, -1) - (torch.arange(parts) * size)[:, None]
-    return offsets[0].tolist() if bool((offsets == offsets[0]).all()) else None
-
-
-def _part_views(group: UnitGroup, module: str, roles: Roles) -> dict[str, tuple]:
+def _part_views(group: UnitGroup, name: str, module: nn.Module, roles: Roles) -> dict[str, tuple]:
     """:attr:`_TiedMember._egg_views` of ``module``'s slices under ``roles`` (those that have them). Host reads:
     when roles change."""
     out = {}
     for s in group.slices:
-        if s.module != module or not isinstance(s.dim, tuple):
+        if s.module != name or not isinstance(s.dim, tuple):
             continue
-        er, parts = roles.expand(s.index), group.parts
-        size = er.num_units // parts
-        active = _same_in_every_part(er.active, parts, size)
+        er, shape = roles.expand(s.index), getattr(module, s.key).shape
+        active = axes.part_runs(er.active, shape, s.dim)
         if active is None:
             continue
         fold = None
-        if s.role == "consumer":
-            clones = _same_in_every_part(er.clones, parts, size)
-            local = _same_in_every_part(_fold_positions(er), parts, len(active))
-            cyc = None if local is None else axes.cycle(torch.tensor(local))
-            if clones is None or len(_runs(clones)) != 1 or cyc is None:
+        if s.role == "consumer":  # the clones one run in every part, their sources a cycle among its active ones
+            clones = axes.part_runs(er.clones, shape, s.dim)
+            k, parts = int(er.active.numel()) // shape[s.dim[0]], shape[s.dim[0]]
+            local = _fold_positions(er).view(parts, -1) - (torch.arange(parts) * k)[:, None]
+            cyc = axes.cycle(local[0]) if bool((local == local[0]).all()) else None
+            if clones is None or len(clones) != 1 or cyc is None:
                 continue
-            fold = (_runs(clones)[0], cyc)
-        out[s.key] = (s.dim[1], _runs(active), fold)
+            fold = (clones[0], cyc)
+        out[s.key] = (s.dim, active, fold)
     return out
 
 
-def _cut(p: torch.Tensor, dim: int, runs: list[axes.Span], fold: tuple[axes.Span, axes.Cycle] | None) -> torch.Tensor:
-    """``p``'s active positions of every part along ``dim`` (``runs``, the same in each part), a consumer's clone
-    run folded into its sources (``fold``): what the gather path of :meth:`_TiedMember._egg_values` computes, by
-    views and sums."""
-    v = torch.cat([axes.narrow(p, dim, r) for r in runs], dim) if len(runs) > 1 else axes.narrow(p, dim, runs[0])
-    if fold is not None:
-        clones, (q, m, r) = fold
-        folded = axes.fold(axes.narrow(p, dim, clones).detach(), dim, m, r)
-        rest = v.shape[dim] - q - m
-        v = torch.cat([v.narrow(dim, 0, q), v.narrow(dim, q, m) + folded, v.narrow(dim, q + m, rest)], dim)
-    return v.contiguous()
+def _cut(
+    p: torch.Tensor, dim: tuple[int, int], runs: list[axes.Span], fold: tuple[axes.Span, axes.Cycle] | None
+) -> torch.Tensor:
+    """``p``'s active positions of every part (``runs``, the same in each part), a consumer's clone run folded into
+    its sources (``fold``), in ``p``'s layout: what the gather path of :meth:`_TiedMember._egg_values` computes,
+    by views and sums."""
+    if fold is None:
+        return axes.cut(p, dim, runs, layout="tensor")
+    b, (clones, (q, m, r)) = dim[1], fold
+    v = axes.cut(p, dim, runs, layout="tensor")
+    folded = axes.fold(axes.narrow(p, b, clones).detach(), b, m, r)
+    rest = v.shape[b] - q - m
+    return torch.cat([v.narrow(b, 0, q), v.narrow(b, q, m) + folded, v.narrow(b, q + m, rest)], b)
 
 
 def _fold_positions(er: Roles) -> torch.Tensor:
@@ -565,7 +548,7 @@ class BlockOutputCloning(base.LayerRewrite):
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                         base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
                 m._egg_active_units = int(roles.active.numel())
-                m._egg_views = _part_views(g, mname, roles) if m._egg_parts > 1 else {}
+                m._egg_views = _part_views(g, mname, m, roles) if m._egg_parts > 1 else {}
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
