@@ -317,7 +317,27 @@ def test_runs_alike_in_every_part_are_cut_and_written_as_select_and_copy_do(part
         moved = index.clone()
         moved[-1] = (parts - 1) * size + other
         assert axes.part_runs(torch.sort(moved).values, t.shape, (0, b)) is None
-    assert axes.part_runs(index, t.shape, 1) is None  # an int axis has its spans instead
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), gaps=st.lists(st.integers(1, 5), min_size=4))
+def test_a_few_long_runs_along_one_dimension_are_cut_and_written_as_select_and_copy_do(lengths, gaps):
+    """Along an ``int`` axis (a fused gate/up or qkv weight under packed roles) at most MAX_RUNS runs of at least
+    MIN_RUN positions are cut and written by views; more or shorter runs are left to gathers."""
+    starts, at = [], 0
+    for n, gap in zip(lengths, gaps):
+        starts.append(at + gap)
+        at += gap + n
+    index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+    t = torch.randn(at + 2, 3, dtype=torch.float64)
+    runs = axes.part_runs(index, t.shape, 0)
+    if len(lengths) > axes.MAX_RUNS or min(lengths) < axes.MIN_RUN:
+        assert runs is None
+        return
+    assert runs == list(zip(starts, lengths))
+    assert torch.equal(axes.cut(t, 0, runs), t.index_select(0, index))
+    source = torch.randn(len(index), 3, dtype=torch.float64)
+    assert torch.equal(axes.write_runs_(t.clone(), 0, runs, source), t.clone().index_copy_(0, index, source))
 
 
 def test_mlp_without_norms_packs_too():

@@ -127,25 +127,42 @@ def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[
     return t.movedim((a, b), (0, 1)), torch.div(index, t.shape[b], rounding_mode="floor"), index % t.shape[b]
 
 
+# at most this many runs are cut by views (packed roles over a fused gate/up or qkv weight: 2-3 runs; each
+# expert of fused MoE weights alike: 1-2), and along one dimension none shorter than MIN_RUN; other positions
+# (scattered roles) are gathered: one op, where a cut of many short runs would launch one per run (and as many in
+# backward) to move little
+MAX_RUNS, MIN_RUN = 3, 8
+
+
 def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Axis) -> list[Span] | None:
-    """On a pair axis ``(a, b)`` whose dimension ``a`` holds parts (the experts of fused MoE weights): the offsets
-    along ``b`` that every part's positions in ``index`` (ascending) take alike, as ``(start, length)`` runs; else
-    (an ``int`` axis, parts that differ) ``None``. Then :func:`cut` and :func:`write_runs_` do what :func:`select`
-    and :func:`copy_` do, by views and strided copies. Host reads: call it when roles change."""
+    """The positions ``index`` (ascending) takes as a few ``(start, length)`` runs along one dimension, for
+    :func:`cut` and :func:`write_runs_` to do what :func:`select` and :func:`copy_` do by views and strided copies;
+    ``None`` where they are more than :data:`MAX_RUNS` (along an ``int`` axis, or shorter than :data:`MIN_RUN`) or,
+    on a pair axis ``(a, b)`` whose dimension ``a`` holds
+    parts (the experts of fused MoE weights), where the parts' offsets along ``b`` differ (then the runs are those
+    offsets). Host reads: call it when roles change."""
+    if index.numel() == 0:
+        return None
     if isinstance(axis, int):
-        return None
-    parts, size = int(shape[axis[0]]), int(shape[axis[1]])
-    if index.numel() == 0 or index.numel() % parts:
-        return None
-    offsets = index.cpu().view(parts, -1) - (torch.arange(parts) * size)[:, None]
-    if not bool((offsets == offsets[0]).all()):
-        return None
+        offsets = index.cpu()
+    else:
+        parts, size = int(shape[axis[0]]), int(shape[axis[1]])
+        if index.numel() % parts:
+            return None
+        offsets = index.cpu().view(parts, -1) - (torch.arange(parts) * size)[:, None]
+        if not bool((offsets == offsets[0]).all()):
+            return None
+        offsets = offsets[0]
     runs: list[Span] = []
-    for x in offsets[0].tolist():
+    for x in offsets.tolist():
         if runs and runs[-1][0] + runs[-1][1] == x:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif len(runs) == MAX_RUNS:
+            return None
         else:
             runs.append((x, 1))
+    if isinstance(axis, int) and min(n for _, n in runs) < MIN_RUN:
+        return None
     return runs
 
 
@@ -153,21 +170,23 @@ def _block(t: torch.Tensor, dim: int, runs: list[Span]) -> torch.Tensor:
     return torch.cat([narrow(t, dim, r) for r in runs], dim) if len(runs) > 1 else narrow(t, dim, runs[0])
 
 
-def cut(t: torch.Tensor, axis: tuple[int, int], runs: list[Span], layout: str = "rows") -> torch.Tensor:
-    """The positions :func:`part_runs` found, as a new tensor: laid out ``[positions, rest...]`` as :func:`select`
-    gives them (``layout="rows"``), or in ``t``'s own layout with fewer entries along ``axis[1]``
-    (``"tensor"``)."""
-    block = _block(t, axis[1], runs)
-    if layout == "tensor":
+def cut(t: torch.Tensor, axis: Axis, runs: list[Span], layout: str = "rows") -> torch.Tensor:
+    """The positions :func:`part_runs` found, as a new tensor: laid out as :func:`select` gives them
+    (``layout="rows"``; on a pair axis ``[positions, rest...]``), or on a pair axis in ``t``'s own layout with
+    fewer entries along ``axis[1]`` (``"tensor"``)."""
+    block = _block(t, axis if isinstance(axis, int) else axis[1], runs)
+    if layout == "tensor" or isinstance(axis, int):
         return block.contiguous()
     return block.movedim(axis, (0, 1)).flatten(0, 1).contiguous()
 
 
-def write_runs_(t: torch.Tensor, axis: tuple[int, int], runs: list[Span], source: torch.Tensor) -> torch.Tensor:
+def write_runs_(t: torch.Tensor, axis: Axis, runs: list[Span], source: torch.Tensor) -> torch.Tensor:
     """:func:`copy_` of the positions :func:`part_runs` found (``source`` laid out as :func:`cut` gives them), by
     strided copies."""
-    a, b = axis
-    whole = source.unflatten(0, (t.shape[a], -1)).movedim((0, 1), axis)
+    if isinstance(axis, int):
+        b, whole = axis, source
+    else:
+        b, whole = axis[1], source.unflatten(0, (t.shape[axis[0]], -1)).movedim((0, 1), axis)
     at = 0
     for r in runs:
         narrow(t, b, r).copy_(whole.narrow(b, at, r[1]))

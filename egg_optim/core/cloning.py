@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from . import axes
-from .axes import Axis
+from .axes import Axis, Span
 from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
 from .roles import Roles
@@ -133,11 +133,13 @@ class _Copy:
 
     tensor: torch.Tensor
     dim: int
-    roles: Roles  # of the tensor's positions
-    is_param: bool
+    roles: Roles  # of the positions it copies along ``dim`` (one expert's, one segment's: _segment_copies)
+    is_param: bool  # a parameter's first copy (it carries the optimizer-state update)
     ptr: int
     block: torch.Tensor
     pieces: list[tuple[torch.Tensor, torch.Tensor]]
+    axis: Axis  # the tensor's unit axis and the roles of its positions there (``dim`` / ``roles`` but for experts)
+    units: Roles
 
 
 # (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, and on
@@ -167,12 +169,49 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return not tensors or bool(torch.isfinite(torch.stack(_peaks(tensors))).all())
 
 
-def _cut(t: torch.Tensor, dim: int, rs: Roles, is_param: bool) -> _Copy:
+def _cut(t: torch.Tensor, dim: int, where: Span, rs: Roles, is_param: bool, axis: Axis, units: Roles) -> _Copy:
+    """The copy of positions ``where`` of ``t`` along ``dim``, whose roles (from 0 there) are ``rs``."""
     # views of a detached alias: no autograd view bookkeeping, and readable after the optimizer's in-place updates
-    base = t.detach()
+    base = axes.narrow(t.detach(), dim, where)
     block = axes.narrow(base, dim, rs.source_cycle[:2])
     pieces = axes.tile_pieces(axes.narrow(base, dim, rs.clone_span), dim, block, rs.source_cycle[2])
-    return _Copy(t, dim, rs, is_param, t.data_ptr(), block, pieces)
+    return _Copy(t, dim, rs, is_param, t.data_ptr(), block, pieces, axis, units)
+
+
+def _segment_copies(
+    t: torch.Tensor, axis: Axis, units: Roles, roles: Roles, index: torch.Tensor | None, is_param: bool
+) -> list[_Copy] | None:
+    """A clone event's copies of one tensor by views, or ``None`` where it has none: the positions of every unit
+    taken in segments (a fused gate/up or qkv weight: each unit's gate rows, then its up rows; else one), each
+    segment a range of positions where the clones are one run and their sources cycle over another. On the
+    (expert, neuron) pair axis of fused MoE weights this is along the neuron dimension, in every expert at once,
+    where every expert has the same roles. Only the first copy of a parameter carries its optimizer-state
+    update. Reads host-side role indices: once per role change (:func:`copy_plan` keeps the result)."""
+    if isinstance(axis, int) and (index is None or _packed(units, axis)):  # rows, or one run in the whole tensor
+        return [_cut(t, axis, (0, t.shape[axis]), units, is_param, axis, units)] if _packed(units, axis) else None
+    if index is None:
+        index = torch.arange(roles.num_units)[:, None]
+    dim = axis
+    if not isinstance(axis, int):
+        parts = roles.split(t.shape[axis[0]])
+        if parts is None or any(not torch.equal(r.codes, parts[0].codes) for r in parts):
+            return None
+        if any(not torch.equal(r.source_map, parts[0].source_map) for r in parts):
+            return None
+        roles, index, dim = parts[0], index[: parts[0].num_units], axis[1]  # the first expert's: offsets
+    k = index.shape[1]
+    cuts = [i + 1 for i in range(k - 1) if not bool((index[:, i + 1] == index[:, i] + 1).all())]
+    copies = []
+    for j, (a, b) in enumerate(zip([0, *cuts], [*cuts, k])):
+        pos = index[:, a:b]
+        lo, n = int(pos.min()), int(pos.numel())
+        if not torch.equal(torch.sort(pos.flatten()).values, torch.arange(lo, lo + n)):
+            return None
+        rs = roles.expand(pos - lo)
+        if not _packed(rs, dim):
+            return None
+        copies.append(_cut(t, dim, (lo, n), rs, is_param and j == 0, axis, units))
+    return copies
 
 
 def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
@@ -191,11 +230,15 @@ def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
     plan: list[_Copy] | None = []
     tensors = [(n, p, True) for n, p in layer.params if layer.copied_by_clones(n)]
     for name, t, is_param in tensors + [(n, b, False) for n, b in layer.buffers]:
-        dim, rs = layer.dim_of(name), layer.roles_of(name, roles)
-        if (is_param and is_sharded(t)) or not _packed(rs, dim):
+        axis, units = layer.dim_of(name), layer.roles_of(name, roles)
+        if is_param and is_sharded(t):
             plan = None
             break
-        plan.append(_cut(t, dim, rs, is_param))
+        copies = _segment_copies(t, axis, units, roles, layer.index.get(name), is_param)
+        if copies is None:
+            plan = None
+            break
+        plan += copies
     layer._copy_plan = (key, plan)
     return plan
 
@@ -205,7 +248,7 @@ def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, gen
     roles compute nothing (see :data:`_Write`)."""
     plan = copy_plan(layer, roles) if blend == 1.0 and noise == 0 else None
     if plan is not None:
-        return [(c.tensor, c.tensor, c.dim, c.roles, None, c.is_param, c) for c in plan]
+        return [(c.tensor, c.tensor, c.axis, c.units, None, c.is_param, c) for c in plan]
     writes: list[_Write] = []
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
@@ -225,9 +268,16 @@ def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, gen
 def _computed(writes: list[_Write]) -> list[_Write]:
     """``writes`` with every new-row tensor computed (to look at units one by one)."""
     return [
-        (t, whole, dim, rs, axes.tiled(whole, dim, rs.source_cycle, rs.num_clones) if rows is None else rows, p, None)
+        (t, whole, dim, rs, _sources_rows(whole, dim, rs) if rows is None else rows, p, None)
         for t, whole, dim, rs, rows, p, _ in writes
     ]
+
+
+def _sources_rows(whole: torch.Tensor, dim: Axis, rs: Roles) -> torch.Tensor:
+    """The clones' new rows of a plain copy, laid out as :func:`axes.select` gives them."""
+    if _packed(rs, dim):
+        return axes.tiled(whole, dim, rs.source_cycle, rs.num_clones)
+    return axes.select(whole, dim, rs.on(whole.device, "sources"))
 
 
 def _keep_units(layer: ManagedLayer, writes: list[_Write], n: int) -> torch.Tensor | None:
@@ -323,7 +373,8 @@ def clone_layers(
     the count; the other clones are written as usual. The check costs one foreach max-abs over the new rows and ONE
     host read per event, whatever the number of layers (a host read is a device synchronisation on a GPU); only a
     non-finite value looks at the units one by one. On packed roles a plain copy checks and reads the sources'
-    run and writes the clones' run by broadcast: no gather, no temporary."""
+    run and writes the clones' run by broadcast: no gather, no temporary (a fused gate/up or qkv weight segment by
+    segment, fused experts along their neuron dimension: :func:`_segment_copies`)."""
     news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
     checked = [copy.block if rows is None else rows for writes in news for *_, rows, _, copy in writes]
     finite = _all_finite(checked)  # nothing written yet

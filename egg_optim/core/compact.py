@@ -17,9 +17,10 @@ where both are dense and laid out alike (rows, in any memory format): the base o
 in place and nothing is gathered or written back. A strided run (a block of columns) is stepped on a contiguous
 copy (a fused optimizer reads dense memory) in a buffer kept until roles change, written back with a plain copy.
 Either way no index op runs, and the base optimizer sees the same tensors every step (a compiled ``base.step`` is
-not retraced). On the (expert, neuron) pair axis of fused MoE weights, where every expert has its active neurons at
-the same offsets (packed roles: :func:`~egg_optim.core.axes.part_runs`), the active slices are cut from those runs
-into the gathered layout and written back by strided copies: no index op either.
+not retraced). Where the active units are a few runs (packed roles over a fused gate/up or qkv weight; on the
+(expert, neuron) pair axis of fused MoE weights, every expert's active neurons at the same offsets:
+:func:`~egg_optim.core.axes.part_runs`), the active slices are cut from those runs into the gathered layout and
+written back by strided copies: no index op either.
 
 When roles change, a unit that stays active keeps its state rows. What a unit that becomes active starts from
 follows the clone-state policy, as with full storage: ``"keep"``: its own rows from when it was last active
@@ -81,7 +82,7 @@ class CompactEntry:
     active: torch.Tensor  # active units, on the parameter's device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
     span: Span | None = None  # ``active`` as one run of positions (``int`` axes only): views, no index ops
-    runs: list[Span] | None = None  # on a pair axis, the runs every part (expert) has alike: strided copies
+    runs: list[Span] | None = None  # else a few runs (alike in every expert on a pair axis): strided copies
     _view: torch.Tensor | None = None  # a span's stand-in, kept from step to step (see :meth:`stand_in`): a view
     _buffer: torch.Tensor | None = None  # ... or a buffer for a strided span
     _ptr: int = 0  # the parameter's data_ptr() when ``_view`` was cut
@@ -135,7 +136,7 @@ class CompactEntry:
 def compact_entry(param: torch.Tensor, group: dict[str, Any], position: int, roles: Roles, dim: Axis) -> CompactEntry:
     """The step's entry for ``param`` under ``roles`` (of its positions along ``dim``)."""
     where = roles.active_span if isinstance(dim, int) else None
-    runs = None if sharding.is_sharded(param) else axes.part_runs(roles.active, param.shape, dim)
+    runs = None if where is not None or sharding.is_sharded(param) else axes.part_runs(roles.active, param.shape, dim)
     return CompactEntry(param, group, position, roles.on(param.device, "active"), dim, where, runs)
 
 

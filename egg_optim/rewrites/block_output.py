@@ -67,7 +67,7 @@ OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
     "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
-    "_egg_parts", "_egg_views",
+    "_egg_parts", "_egg_views", "_egg_runs",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -149,13 +149,17 @@ class _BlockMember(_Member):
     _egg_span: axes.Span | None
     _egg_clone_span: axes.Span | None
     _egg_fold: axes.Cycle | None  # (q, m, r): clone k folds into active position q + (k + r) % m (axes.cycle)
+    _egg_runs: list[axes.Span] | None = None  # else the active positions as a few runs (axes.part_runs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_has_clones or self._egg_reference or _plain_eval(self):
             return super().forward(input)
         w, dim = self.weight, self._egg_dim
         spans = self._egg_span is not None and self._egg_clone_span is not None
-        if self._egg_produces:
+        if self._egg_produces and self._egg_runs is not None:  # a few runs (a fused qkv or gate/up): no index op
+            weight = axes.cut(w, dim, self._egg_runs)
+            bias = None if self.bias is None else axes.cut(self.bias, 0, self._egg_runs)
+        elif self._egg_produces:
             weight = axes.pick(w, dim, self._egg_active, self._egg_span)
             bias = None if self.bias is None else axes.pick(self.bias, 0, self._egg_active, self._egg_span)
         elif self._egg_expand:  # every unit read through its own column; clone columns frozen
@@ -558,6 +562,7 @@ class BlockOutputCloning(base.LayerRewrite):
             base.set_buffer(m, "_egg_fold_pos", _fold_positions(er).to(device))
             base.set_buffer(m, "_egg_gather", er.gather_index.to(device, copy=True))
             m._egg_span, m._egg_clone_span = er.active_span, er.clone_span
+            m._egg_runs = None if er.active_span is not None else axes.part_runs(er.active, m.weight.shape, m._egg_dim)
             cyc = er.source_cycle  # in positions; the fold is in positions among the active ones
             m._egg_fold = None if cyc is None or er.active_span is None else (cyc[0] - er.active_span[0], *cyc[1:])
 
