@@ -14,10 +14,10 @@ ONE script for a GPU session (imports only torch, transformers and egg_optim; th
    for), eager and ``torch.compile``d, and on the seed CIFAR CNN at batch 128 whole steps (forward, backward,
    ``opt.step()``) replayed from one CUDA graph each (:func:`capture_step`, capturable Adam); on the Llama h2048
    config also the seed's unaligned counts (``align=None``: the 1,971-neuron cliff) and ``RolePlan(0.25, 0.125)``.
-3. Per case: counted FLOPs (forward + backward, ``FlopCounterMode``) relative to bare, peak memory of one step
-   (CUDA: the step's peak allocation plus what the case keeps resident, with the other cases' memory taken out),
-   bytes saved for backward and optimizer state, kernels per step, index kernels, the kernels' summed device
-   time against the step's wall time (launch-bound or not) and the most expensive kernels (``torch.profiler``,
+3. Per case: counted FLOPs (forward + backward, ``egg_optim.utils.flop_counter``) relative to bare, peak memory
+   of one step (CUDA: the step's peak allocation plus what the case keeps resident, with the other cases' memory
+   taken out), bytes saved for backward and optimizer state, kernels per step, index kernels, the kernels' summed
+   device time against the step's wall time (launch-bound or not) and the most expensive kernels (``torch.profiler``,
    CUDA: :func:`kernel_table`), aten ops and index ops over parameter-sized tensors per step
    (:class:`egg_optim.utils.DispatchCounter`, eager), host time inside ``opt.step()``, and each plan's active
    widths and alignment.
@@ -25,7 +25,9 @@ ONE script for a GPU session (imports only torch, transformers and egg_optim; th
 Groups (the issue's table): the seed CIFAR CNN at batch 128 and 1024, fp32 and bf16 autocast channels-last;
 the seed MNIST CNN at 256 fp32; Llama h1024 (8 layers, GQA 16/4, intermediate 2816, seq 1024, batch 8, bf16
 autocast on fp32 weights, fused AdamW) eager and compiled; Llama h2048 (16 layers, intermediate 5632, GQA 32/8,
-seq 2048, batch 4, bf16 weights, fused AdamW). CNNs use Adam and the seed's per-layer tables.
+seq 2048, batch 4, bf16 weights, fused AdamW). CNNs use Adam and the seed's per-layer tables. Last (the budget may
+skip it; ``--groups Mixtral`` runs it alone): a Mixtral-style h1024 (the same attention, 8 experts of 1408 neurons
+routed top 2, bf16 autocast), bare against output mode mild / aggressive, weight mode and drawn roles (gathers).
 
 The most important groups run first and a time budget (``--budget-s``) skips what would not fit, so the
 results (``--out``: ``bench_gpu.md`` and ``bench_gpu.json``, rewritten after every group) always exist::
@@ -155,18 +157,24 @@ LLAMAS = {
     "h1024": {"hidden": 1024, "layers": 8, "heads": 16, "kv": 4, "inter": 2816, "seq": 1024, "batch": 8},
     "h2048": {"hidden": 2048, "layers": 16, "heads": 32, "kv": 8, "inter": 5632, "seq": 2048, "batch": 4},
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv": 2, "inter": 176, "seq": 24, "batch": 2, "vocab": 128},
-}
+    # Mixtral-style: the MLP a mixture of ``experts`` of ``inter`` neurons each, every token routed to ``top``
+    "moe_h1024": {"hidden": 1024, "layers": 8, "heads": 16, "kv": 4, "inter": 1408, "experts": 8, "top": 2,
+                  "seq": 1024, "batch": 8},
+    "tiny_moe": {"hidden": 64, "layers": 2, "heads": 4, "kv": 2, "inter": 88, "experts": 4, "top": 2, "seq": 24,
+                 "batch": 2, "vocab": 128},
+}  # fmt: skip
 
 
 def llama(spec: Mapping[str, int], inter: int | None = None, kv: int | None = None) -> nn.Module:
-    """A LlamaForCausalLM of ``spec``; ``inter`` / ``kv`` narrow the MLP / the key-value groups (the query heads
-    follow, ``head_dim`` stays): the dense net at an output plan's active widths."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A LlamaForCausalLM of ``spec`` (a MixtralForCausalLM where it names ``experts``); ``inter`` / ``kv`` narrow
+    the MLP / the key-value groups (the query heads follow, ``head_dim`` stays): the dense net at an output plan's
+    active widths."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     heads, kv_heads = spec["heads"], spec["kv"]
     rep, head_dim = heads // kv_heads, spec["hidden"] // heads
     kv = kv_heads if kv is None else kv
-    cfg = LlamaConfig(
+    common = dict(
         vocab_size=spec.get("vocab", 32000),
         hidden_size=spec["hidden"],
         intermediate_size=spec["inter"] if inter is None else inter,
@@ -176,8 +184,14 @@ def llama(spec: Mapping[str, int], inter: int | None = None, kv: int | None = No
         head_dim=head_dim,
         max_position_embeddings=max(spec["seq"], 64),
     )
+    if spec.get("experts"):
+        cfg = MixtralConfig(
+            **common, num_local_experts=spec["experts"], num_experts_per_tok=spec["top"], router_aux_loss_coef=0.0
+        )
+    else:
+        cfg = LlamaConfig(**common)
     cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg)
+    return (MixtralForCausalLM if spec.get("experts") else LlamaForCausalLM)(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -864,6 +878,8 @@ def run_checks(device: torch.device, log) -> list[dict[str, Any]]:
 _CNN_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _LLAMA_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against drawn ones (gathers): issue 19 item 2
+# a mixture of experts: each expert at its active neurons (views on packed roles, gathers on drawn ones)
+_MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN]
 # weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
 # (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
 _NOSKIP = "weight/mild-noskip"
@@ -902,6 +918,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
                 rounds=r,
             ),  # fmt: skip
             Group("tiny CNN b4 fp32 compiled", "cnn", "tiny_cnn", 4, "fp32", ["bare", "output/mild"], True, r),
+            Group("tiny MoE fp32", "llama", "tiny_moe", 2, "fp32", _MOE_SCENARIOS, rounds=r),
         ]
     quick = args.quick
     h2048 = ["bare", "output/mild", "output/aggressive", "output/aggressive-align1", "output/0.25-0.125"]
@@ -974,6 +991,16 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             ["bare", "output/mild"] + ([] if quick else ["output/aggressive", "dense@mild"]),
             True,
             r,
+        ),  # fmt: skip
+        Group(
+            "Mixtral-style h1024, 8 experts top 2, bf16 autocast",
+            "llama",
+            "moe_h1024",
+            LLAMAS["moe_h1024"]["batch"],
+            "autocast",
+            _MOE_SCENARIOS,
+            rounds=r,
+            cost_s=120,
         ),  # fmt: skip
     ]
     if not quick:

@@ -59,8 +59,9 @@ class EggConfig:
         default=AUTO,
         metadata=_opt("round each managed layer's active and leader counts to a hardware multiple: auto (by the "
                       "weight's device and dtype: unchanged on CPU; on CUDA 64 neurons/rows for 16-bit weights, 8 "
-                      "for float32, 8 conv channels), N (that multiple), none (off). A RolePlan's own align must "
-                      "agree with a non-auto value here", type="align"),
+                      "for float32, 8 conv channels; MoE experts 16 bytes of neurons per expert everywhere), N (that "
+                      "multiple; per expert for experts), none (off). A RolePlan's own align must agree with a "
+                      "non-auto value here", type="align"),
     )  # fmt: skip
     clone_mode: str = field(
         default="weight",

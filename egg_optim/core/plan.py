@@ -10,7 +10,8 @@ Hardware alignment (``RolePlan(align=...)``, :func:`align_counts`): a GPU comput
 neurons much slower than one of 1,984 (odd widths miss the tensor cores' aligned kernels), so the counts can be
 rounded so that each layer's active width (leaders + independents) and its leader count are multiples of a
 hardware-friendly number. ``"auto"`` (the default) picks it per layer from the device and dtype of the layer's
-weight when the plan is resolved (:func:`hardware_alignment`): on CPU it is 1, i.e. the seed's counts unchanged.
+weight when the plan is resolved (:func:`hardware_alignment`): on CPU it is 1, i.e. the seed's counts unchanged,
+except for MoE experts, whose counts are per expert, equal in every expert, on any device.
 """
 
 from __future__ import annotations
