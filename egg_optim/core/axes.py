@@ -137,10 +137,10 @@ MAX_RUNS, MIN_RUN = 3, 8
 def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Axis) -> list[Span] | None:
     """The positions ``index`` (ascending) takes as a few ``(start, length)`` runs along one dimension, for
     :func:`cut` and :func:`write_runs_` to do what :func:`select` and :func:`copy_` do by views and strided copies;
-    ``None`` where they are more than :data:`MAX_RUNS` (along an ``int`` axis, or shorter than :data:`MIN_RUN`) or,
-    on a pair axis ``(a, b)`` whose dimension ``a`` holds
-    parts (the experts of fused MoE weights), where the parts' offsets along ``b`` differ (then the runs are those
-    offsets). Host reads: call it when roles change."""
+    ``None`` where they are more than :data:`MAX_RUNS` (along an ``int`` axis, or shorter than :data:`MIN_RUN`).
+    On a pair axis ``(a, b)`` whose dimension ``a`` holds parts (the experts of fused MoE weights) the runs are the
+    offsets along ``b`` that every part takes alike (``None`` where they differ). Host reads: call it when roles
+    change."""
     if index.numel() == 0:
         return None
     if isinstance(axis, int):

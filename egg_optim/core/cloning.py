@@ -187,18 +187,19 @@ def _segment_copies(
     (expert, neuron) pair axis of fused MoE weights this is along the neuron dimension, in every expert at once,
     where every expert has the same roles. Only the first copy of a parameter carries its optimizer-state
     update. Reads host-side role indices: once per role change (:func:`copy_plan` keeps the result)."""
-    if isinstance(axis, int) and (index is None or _packed(units, axis)):  # rows, or one run in the whole tensor
-        return [_cut(t, axis, (0, t.shape[axis]), units, is_param, axis, units)] if _packed(units, axis) else None
+    if isinstance(axis, int) and _packed(units, axis):  # one run in the whole tensor
+        return [_cut(t, axis, (0, t.shape[axis]), units, is_param, axis, units)]
+    if isinstance(axis, int) and index is None:  # rows: no segments
+        return None
     if index is None:
         index = torch.arange(roles.num_units)[:, None]
     dim = axis
     if not isinstance(axis, int):
         parts = roles.split(t.shape[axis[0]])
-        if parts is None or any(not torch.equal(r.codes, parts[0].codes) for r in parts):
+        first = None if parts is None else parts[0]
+        if first is None or not all(r.same_as(first) for r in parts):
             return None
-        if any(not torch.equal(r.source_map, parts[0].source_map) for r in parts):
-            return None
-        roles, index, dim = parts[0], index[: parts[0].num_units], axis[1]  # the first expert's: offsets
+        roles, index, dim = first, index[: first.num_units], axis[1]  # the first expert's: offsets
     k = index.shape[1]
     cuts = [i + 1 for i in range(k - 1) if not bool((index[:, i + 1] == index[:, i] + 1).all())]
     copies = []

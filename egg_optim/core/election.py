@@ -51,6 +51,14 @@ def assign_sources(
     raise PlanError(f"unknown assign strategy {strategy!r}; choose one of {ASSIGN_STRATEGIES}")
 
 
+def with_hysteresis(scores: torch.Tensor, current: Roles | None, hysteresis: float) -> torch.Tensor:
+    """``scores`` (a float32 CPU copy) with each sitting leader's ``s`` counted as ``s + hysteresis * |s|``."""
+    eff = scores.detach().float().cpu().clone()
+    if current is not None and hysteresis > 0 and current.leaders.numel():
+        eff[current.leaders] += hysteresis * eff[current.leaders].abs()
+    return eff
+
+
 def elect(
     scores: torch.Tensor,
     n_leaders: int,
@@ -68,10 +76,7 @@ def elect(
     that margin to take the seat.
     """
     n = scores.numel()
-    eff = scores.detach().float().cpu().clone()
-    if current is not None and hysteresis > 0 and current.leaders.numel():
-        eff[current.leaders] += hysteresis * eff[current.leaders].abs()
-    ranking = bully_ranking(eff)
+    ranking = bully_ranking(with_hysteresis(scores, current, hysteresis))
     leaders = ranking[:n_leaders]
     independents = ranking[n_leaders : n_leaders + n_independents]
     clones = torch.sort(ranking[n_leaders + n_independents :]).values

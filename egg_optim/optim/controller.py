@@ -37,7 +37,7 @@ from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator, same_on_all_ranks
-from ..core.election import elect
+from ..core.election import elect, with_hysteresis
 from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_head
@@ -463,9 +463,7 @@ class RoleController:
 
                 out[name] = self._in_parts(name, layer, lp, stable, roles)
                 continue
-            eff = scores[name].detach().float().cpu().clone()
-            if roles is not None and cfg.hysteresis > 0 and roles.leaders.numel():  # as elect(current=...) does
-                eff[roles.leaders] += float(cfg.hysteresis) * eff[roles.leaders].abs()
+            eff = with_hysteresis(scores[name], roles, float(cfg.hysteresis))  # over the whole layer, then split
             rows = layer.unit_rows() if cfg.assign == "nearest" else None
 
             def draw(units: slice, lead: int, ind: int, now: Roles | None, s=eff, w=rows) -> Roles:

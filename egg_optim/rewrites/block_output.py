@@ -171,13 +171,8 @@ class _BlockMember(_Member):
                 weight = w.index_copy(dim, self._egg_fold_src, w.index_select(dim, self._egg_fold_src).detach())
             bias = self.bias
         elif spans and self._egg_fold is not None:  # clones summed into a run of active columns: no index op
-            q, m, r = self._egg_fold
             active = axes.narrow(w, dim, self._egg_span)
-            folded = axes.fold(axes.narrow(w, dim, self._egg_clone_span).detach(), dim, m, r)
-            rest = active.shape[dim] - q - m
-            weight = torch.cat(
-                [active.narrow(dim, 0, q), active.narrow(dim, q, m) + folded, active.narrow(dim, q + m, rest)], dim
-            )
+            weight = _folded(active, w, dim, self._egg_clone_span, self._egg_fold)
             bias = self.bias
         else:
             clones = w.index_select(dim, self._egg_fold_src).detach()  # clones are not trained
@@ -219,7 +214,7 @@ class _TiedMember(_Member):
     _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
     # per parameter key, where every part has its active positions at the same offsets (packed roles per expert):
     # those offsets as runs along the tensor's own dimension, and for a consumer its clones' run and the cycle their
-    # sources follow among the active positions (:func:`_part_views`): the slice is then cut by views, no index op
+    # sources follow among the active positions (:func:`_part_view`): the slice is then cut by views, no index op
     _egg_views: dict[str, tuple[tuple[int, int], list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
@@ -361,28 +356,20 @@ def _even_parts(group: UnitGroup, roles: Roles) -> bool:
     return split is not None and len({r.num_units - r.num_clones for r in split}) == 1
 
 
-def _part_views(group: UnitGroup, name: str, module: nn.Module, roles: Roles) -> dict[str, tuple]:
-    """:attr:`_TiedMember._egg_views` of ``module``'s slices under ``roles`` (those that have them). Host reads:
-    when roles change."""
-    out = {}
-    for s in group.slices:
-        if s.module != name or not isinstance(s.dim, tuple):
-            continue
-        er, shape = roles.expand(s.index), getattr(module, s.key).shape
-        active = axes.part_runs(er.active, shape, s.dim)
-        if active is None:
-            continue
-        fold = None
-        if s.role == "consumer":  # the clones one run in every part, their sources a cycle among its active ones
-            clones = axes.part_runs(er.clones, shape, s.dim)
-            k, parts = int(er.active.numel()) // shape[s.dim[0]], shape[s.dim[0]]
-            local = _fold_positions(er).view(parts, -1) - (torch.arange(parts) * k)[:, None]
-            cyc = axes.cycle(local[0]) if bool((local == local[0]).all()) else None
-            if clones is None or len(clones) != 1 or cyc is None:
-                continue
-            fold = (clones[0], cyc)
-        out[s.key] = (s.dim, active, fold)
-    return out
+def _part_view(s: UnitSlice, er: Roles, shape: torch.Size) -> tuple | None:
+    """:attr:`_TiedMember._egg_views` of slice ``s`` (roles ``er`` of its positions), or ``None`` where it has
+    none. Host reads: when roles change."""
+    active = axes.part_runs(er.active, shape, s.dim) if isinstance(s.dim, tuple) else None
+    if active is None or s.role != "consumer":
+        return None if active is None else (s.dim, active, None)
+    # a consumer: the clones one run in every part, their sources a cycle among its active positions
+    clones = axes.part_runs(er.clones, shape, s.dim)
+    parts = shape[s.dim[0]]
+    local = _fold_positions(er).view(parts, -1) - (torch.arange(parts) * (er.active.numel() // parts))[:, None]
+    cyc = axes.cycle(local[0]) if bool((local == local[0]).all()) else None
+    if clones is None or len(clones) != 1 or cyc is None:
+        return None
+    return s.dim, active, (clones[0], cyc)
 
 
 def _cut(
@@ -391,13 +378,19 @@ def _cut(
     """``p``'s active positions of every part (``runs``, the same in each part), a consumer's clone run folded into
     its sources (``fold``), in ``p``'s layout: what the gather path of :meth:`_TiedMember._egg_values` computes,
     by views and sums."""
-    if fold is None:
-        return axes.cut(p, dim, runs, layout="tensor")
-    b, (clones, (q, m, r)) = dim[1], fold
     v = axes.cut(p, dim, runs, layout="tensor")
-    folded = axes.fold(axes.narrow(p, b, clones).detach(), b, m, r)
-    rest = v.shape[b] - q - m
-    return torch.cat([v.narrow(b, 0, q), v.narrow(b, q, m) + folded, v.narrow(b, q + m, rest)], b)
+    return v if fold is None else _folded(v, p, dim[1], *fold)
+
+
+def _folded(active: torch.Tensor, w: torch.Tensor, dim: int, clones: axes.Span, cyc: axes.Cycle) -> torch.Tensor:
+    """``active`` (the active positions of ``w`` along ``dim``) with ``w``'s clone run ``clones`` added into its
+    positions ``q .. q + m`` (clone ``k`` into ``q + (k + r) % m``: ``cyc``), clones detached: no index op."""
+    q, m, r = cyc
+    folded = axes.fold(axes.narrow(w, dim, clones).detach(), dim, m, r)
+    rest = active.shape[dim] - q - m
+    return torch.cat(
+        [active.narrow(dim, 0, q), active.narrow(dim, q, m) + folded, active.narrow(dim, q + m, rest)], dim
+    )
 
 
 def _fold_positions(er: Roles) -> torch.Tensor:
@@ -543,6 +536,7 @@ class BlockOutputCloning(base.LayerRewrite):
             m._egg_has_clones = roles.has_clones
             if isinstance(m, _TiedMember):
                 device = next(iter(m.parameters())).device
+                views = {}
                 for s in g.slices:
                     if s.module == mname:
                         er = roles.expand(s.index)
@@ -551,8 +545,11 @@ class BlockOutputCloning(base.LayerRewrite):
                         base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device, copy=True))
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                         base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
+                        view = _part_view(s, er, getattr(m, s.key).shape) if m._egg_parts > 1 else None
+                        if view is not None:
+                            views[s.key] = view
                 m._egg_active_units = int(roles.active.numel())
-                m._egg_views = _part_views(g, mname, m, roles) if m._egg_parts > 1 else {}
+                m._egg_views = views
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
