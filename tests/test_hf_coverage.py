@@ -10,6 +10,7 @@ length, to the same weights). What
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -417,3 +418,72 @@ def test_bailing_hybrid_gated_latent_attention_and_delta_attention_with_full_ran
         plain.load_state_dict(model.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(plain.eval()(input_ids=batch["input_ids"]).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def _index_ops(family: str, mode: str | None) -> tuple[LeaderCloneOptimizer | None, dict[str, int]]:
+    """Parameter-sized index ops of one steady-state step (after one step), by op: the bare model with AdamW
+    (``mode=None``) or under the default plan with packed first roles."""
+    from egg_optim.utils import DispatchCounter
+
+    torch.manual_seed(0)
+    model = tiny.make(family)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = None if mode is None else LeaderCloneOptimizer(model, base, "mild", clone_mode=mode)
+    step = base if opt is None else opt
+    batch = tiny.inputs(family, batch=3, seed=0)  # (batch 2 makes BERT's pooler output [2, 32] look like a parameter)
+    for counted in (False, True):
+        with DispatchCounter(model, step) if counted else contextlib.nullcontext() as counter:
+            model(**batch).loss.backward()
+            step.step()
+            step.zero_grad()
+    return opt, dict(counter.param_index_ops)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_a_packed_step_adds_no_index_op_over_parameters_to_the_bare_step(family):
+    """Issue 19 item 2 across every family: with the default (packed) first roles a training step of either mode
+    dispatches no index op (gather, scatter, index_select, index_add, index_copy ...) over a parameter, its
+    gradient or its state beyond those the bare model's own code dispatches (GPT-OSS's experts kernel, Swin's
+    relative position lookup): per-head tables and sinks, the delta net's convolution and per-head vectors, fused
+    layouts and experts are all cut and copied by views."""
+    _, bare = _index_ops(family, None)
+    for mode in ("output", "weight"):
+        opt, ops = _index_ops(family, mode)
+        assert any(r.has_clones for r in opt.roles.values()), (family, mode)
+        extra = {op: n - bare.get(op, 0) for op, n in ops.items() if n > bare.get(op, 0)}
+        assert not extra, (mode, extra, bare)
+
+
+# blocks with slices in modules other than their projections: T5's relative attention bias and Swin's relative
+# position table (per head, at full width), GPT-OSS's sinks, the gated delta net's convolution and per-head vectors
+TIED = ["t5", "swin", "gpt_oss", "qwen3_next", "kimi_linear"]
+
+
+@pytest.mark.parametrize("family", TIED)
+def test_tied_slices_taken_by_views_train_as_the_gather_path_does(family, monkeypatch):
+    """The views of a block's tied slices (:attr:`_TiedMember._egg_views` / ``_egg_copies``) compute what the
+    index path computes: three output-mode steps with packed roles, then the same with every role made to look
+    scattered (spans, cycles and runs patched away): the same weights, to summation order."""
+    from egg_optim.core import axes
+    from egg_optim.core.roles import Roles
+
+    def train():
+        torch.manual_seed(0)
+        model = tiny.make(family)
+        # SGD: Adam would blow the summation order's rounding in gradients that are noise (a key bias's) up to lr
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", clone_mode="output",
+                                   assign="round_robin")  # fmt: skip
+        for seed in range(3):
+            _step(model, opt, tiny.inputs(family, batch=3, seed=seed))
+        viewed = [m for m in model.modules() if getattr(m, "_egg_views", None) or getattr(m, "_egg_copies", None)]
+        return model, viewed
+
+    fast, viewed = train()
+    assert viewed, "no tied slice was taken by views"
+    for name in ("active_span", "clone_span", "source_cycle"):
+        monkeypatch.setattr(Roles, name, property(lambda self: None))
+    monkeypatch.setattr(axes, "part_runs", lambda *a, **k: None)
+    slow, viewed = train()
+    assert not viewed
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

@@ -96,6 +96,15 @@ def tile_pieces(
     return pieces
 
 
+def replaced(t: torch.Tensor, axis: int, where: Span, block: torch.Tensor) -> torch.Tensor:
+    """``t`` with its positions ``where`` along ``axis`` replaced by ``block``, as a new tensor: what :func:`copied`
+    gives for that run, by a ``cat`` of views instead of an index copy (gradients reach ``t`` outside the run and
+    whatever ``block`` was taken from)."""
+    start, n = where
+    pieces = [narrow(t, axis, (0, start)), block, narrow(t, axis, (start + n, t.shape[axis] - start - n))]
+    return torch.cat([x for x in pieces if x.shape[axis]], axis)
+
+
 def fold(t: torch.Tensor, axis: int, m: int, r: int = 0) -> torch.Tensor:
     """Sum ``t``'s positions ``k`` into ``(k + r) % m`` along ``axis`` (``m`` positions out): the inverse pattern
     of :func:`tiled`, by reshaped sums instead of an ``index_add``."""
@@ -128,16 +137,17 @@ def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[
 
 
 # at most this many runs are cut by views (packed roles over a fused gate/up or qkv weight: 2-3 runs; each
-# expert of fused MoE weights alike: 1-2), and along one dimension none shorter than MIN_RUN; other positions
-# (scattered roles) are gathered: one op, where a cut of many short runs would launch one per run (and as many in
-# backward) to move little
+# expert of fused MoE weights alike: 1-2), and along one dimension, where there are several, none shorter than
+# MIN_RUN (one run is a view whatever its length); other positions (scattered roles) are gathered: one op, where a
+# cut of many short runs would launch one per run (and as many in backward) to move little
 MAX_RUNS, MIN_RUN = 3, 8
 
 
 def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Axis) -> list[Span] | None:
     """The positions ``index`` (ascending) takes as a few ``(start, length)`` runs along one dimension, for
     :func:`cut` and :func:`write_runs_` to do what :func:`select` and :func:`copy_` do by views and strided copies;
-    ``None`` where they are more than :data:`MAX_RUNS` (along an ``int`` axis, or shorter than :data:`MIN_RUN`).
+    ``None`` where they are more than :data:`MAX_RUNS` (along an ``int`` axis, or several and one shorter than
+    :data:`MIN_RUN`).
     On a pair axis ``(a, b)`` whose dimension ``a`` holds parts (the experts of fused MoE weights) the runs are the
     offsets along ``b`` that every part takes alike (``None`` where they differ). Host reads: call it when roles
     change."""
@@ -161,7 +171,7 @@ def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Ax
             return None
         else:
             runs.append((x, 1))
-    if isinstance(axis, int) and min(n for _, n in runs) < MIN_RUN:
+    if isinstance(axis, int) and len(runs) > 1 and min(n for _, n in runs) < MIN_RUN:
         return None
     return runs
 

@@ -67,7 +67,7 @@ OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
     "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
-    "_egg_parts", "_egg_views", "_egg_runs",
+    "_egg_parts", "_egg_views", "_egg_copies", "_egg_runs",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -212,10 +212,14 @@ class _TiedMember(_Member):
     _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
     _egg_active_units = 0
     _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
-    # per parameter key, where every part has its active positions at the same offsets (packed roles per expert):
-    # those offsets as runs along the tensor's own dimension, and for a consumer its clones' run and the cycle their
-    # sources follow among the active positions (:func:`_part_view`): the slice is then cut by views, no index op
-    _egg_views: dict[str, tuple[tuple[int, int], list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
+    # per parameter key, where its active positions are a few runs (packed roles; with parts, at the same offsets in
+    # every part): those runs along the tensor's own dimension, and for a consumer its clones' run and the cycle
+    # their sources follow among the active positions (:func:`_part_view`): the slice is then cut by views, no index
+    # op (the delta net's convolution and per-head vectors, experts)
+    _egg_views: dict[str, tuple[axes.Axis, list[axes.Span], tuple[axes.Span, axes.Cycle] | None]] = {}
+    # at full width ("expand"), per parameter key along an ``int`` dimension whose clones are one run: that run and,
+    # for a producer, the cycle their sources follow (a consumer's clones are frozen): copied by views, no index op
+    _egg_copies: dict[str, tuple[axes.Span, axes.Cycle | None]] = {}
     # tied members of the same block inside this one, whose parameters its code may read without calling them (the
     # gated delta net reads its depthwise convolution's weight): substituted with its own
     _egg_tied_inside: tuple[_TiedMember, ...] = ()
@@ -238,6 +242,10 @@ class _TiedMember(_Member):
             clones = getattr(self, f"_egg_clones_{key}")
             if not self._egg_expand and key in self._egg_views:
                 values[key] = _cut(p, *self._egg_views[key])
+            elif self._egg_expand and key in self._egg_copies:
+                (start, n), cyc = self._egg_copies[key]
+                block = axes.narrow(p, dim, (start, n)).detach() if cyc is None else axes.tiled(p, dim, cyc, n)
+                values[key] = axes.replaced(p, dim, (start, n), block)
             elif not self._egg_expand:
                 v = axes.select(p, dim, getattr(self, f"_egg_active_{key}"))
                 if not produces:  # clones are not trained; each adds its column to its source's
@@ -359,12 +367,12 @@ def _even_parts(group: UnitGroup, roles: Roles) -> bool:
 def _part_view(s: UnitSlice, er: Roles, shape: torch.Size) -> tuple | None:
     """:attr:`_TiedMember._egg_views` of slice ``s`` (roles ``er`` of its positions), or ``None`` where it has
     none. Host reads: when roles change."""
-    active = axes.part_runs(er.active, shape, s.dim) if isinstance(s.dim, tuple) else None
+    active = axes.part_runs(er.active, shape, s.dim)
     if active is None or s.role != "consumer":
         return None if active is None else (s.dim, active, None)
     # a consumer: the clones one run in every part, their sources a cycle among its active positions
     clones = axes.part_runs(er.clones, shape, s.dim)
-    parts = shape[s.dim[0]]
+    parts = 1 if isinstance(s.dim, int) else shape[s.dim[0]]
     local = _fold_positions(er).view(parts, -1) - (torch.arange(parts) * (er.active.numel() // parts))[:, None]
     cyc = axes.cycle(local[0]) if bool((local == local[0]).all()) else None
     if clones is None or len(clones) != 1 or cyc is None:
@@ -373,13 +381,13 @@ def _part_view(s: UnitSlice, er: Roles, shape: torch.Size) -> tuple | None:
 
 
 def _cut(
-    p: torch.Tensor, dim: tuple[int, int], runs: list[axes.Span], fold: tuple[axes.Span, axes.Cycle] | None
+    p: torch.Tensor, dim: axes.Axis, runs: list[axes.Span], fold: tuple[axes.Span, axes.Cycle] | None
 ) -> torch.Tensor:
-    """``p``'s active positions of every part (``runs``, the same in each part), a consumer's clone run folded into
+    """``p``'s active positions (of every part: ``runs``, the same in each), a consumer's clone run folded into
     its sources (``fold``), in ``p``'s layout: what the gather path of :meth:`_TiedMember._egg_values` computes,
     by views and sums."""
     v = axes.cut(p, dim, runs, layout="tensor")
-    return v if fold is None else _folded(v, p, dim[1], *fold)
+    return v if fold is None else _folded(v, p, dim if isinstance(dim, int) else dim[1], *fold)
 
 
 def _folded(active: torch.Tensor, w: torch.Tensor, dim: int, clones: axes.Span, cyc: axes.Cycle) -> torch.Tensor:
@@ -536,7 +544,7 @@ class BlockOutputCloning(base.LayerRewrite):
             m._egg_has_clones = roles.has_clones
             if isinstance(m, _TiedMember):
                 device = next(iter(m.parameters())).device
-                views = {}
+                views, copies = {}, {}
                 for s in g.slices:
                     if s.module == mname:
                         er = roles.expand(s.index)
@@ -545,11 +553,14 @@ class BlockOutputCloning(base.LayerRewrite):
                         base.set_buffer(m, f"_egg_clones_{s.key}", er.clones.to(device, copy=True))
                         base.set_buffer(m, f"_egg_sources_{s.key}", er.sources.to(device, copy=True))
                         base.set_buffer(m, f"_egg_active_{s.key}", er.active.to(device, copy=True))
-                        view = _part_view(s, er, getattr(m, s.key).shape) if m._egg_parts > 1 else None
+                        view = _part_view(s, er, getattr(m, s.key).shape)
                         if view is not None:
                             views[s.key] = view
+                        cyc = None if s.role == "consumer" else er.source_cycle
+                        if isinstance(s.dim, int) and er.clone_span is not None and (s.role == "consumer" or cyc):
+                            copies[s.key] = (er.clone_span, cyc)
                 m._egg_active_units = int(roles.active.numel())
-                m._egg_views = views
+                m._egg_views, m._egg_copies = views, copies
                 continue
             er = roles.expand(_weight_slice(g, mname).index)
             device = m.weight.device
