@@ -1,7 +1,8 @@
 """CPU proxies of what a training step costs on a GPU (issue 19), and the memory a step holds.
 
 For each case (bare model + bare optimizer; weight and output mode without clones; weight mode mild; output mode
-mild and aggressive; with the default packed first roles, and mild again with the seed's drawn, scattered roles)
+mild and aggressive; with the default packed first roles, and mild again with the seed's drawn, scattered roles,
+as elections leave them, without and with ``repack=True``, which reorders a transformer block's units into runs)
 on the seed CIFAR CNN (the seed's ``cifar`` tables) and a small Llama (uniform presets; ``--models mixtral``: its
 sizes with 4 experts of half its MLP width routed top 2):
 
@@ -73,6 +74,8 @@ CASES = [
     ("output/mild, native norms", "output", "mild"),
     ("weight/mild, drawn roles", "weight", "mild"),
     ("output/mild, drawn roles", "output", "mild"),
+    ("weight/mild, drawn roles, repacked", "weight", "mild"),
+    ("output/mild, drawn roles, repacked", "output", "mild"),
     ("bare, bf16 autocast", None, None),
     ("output/mild, bf16 autocast", "output", "mild"),
     ("output/aggressive, bf16 autocast", "output", "aggressive"),
@@ -169,7 +172,14 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
             first_roles = "drawn" if "drawn" in name else "packed"
             plan = RolePlan.preset(preset, table)
             opt = LeaderCloneOptimizer(
-                model, base, plan, clone_mode=mode, seed=0, first_roles=first_roles, fuse_norms=UNFUSED not in name
+                model,
+                base,
+                plan,
+                clone_mode=mode,
+                seed=0,
+                first_roles=first_roles,
+                fuse_norms=UNFUSED not in name,
+                repack="repacked" in name,  # scattered roles (as elections leave them) reordered into runs
             )
         layers = len(opt.layers)
     case = Case(f"{kind}/{name}", model, opt, fwd_bwd, layers)

@@ -229,6 +229,7 @@ class Group:
 def _plan(group: Group, scenario: str) -> RolePlan:
     """``output/mild`` -> the mild plan of the group's model (the seed's tables for CNNs, uniform for Llama);
     ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path;
+    ``output/mild-repacked``: those roles with ``repack=True`` (transformer blocks reordered into runs: views again);
     ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``);
     ``output/mild-unfused`` / ``-fused``: coupled BatchNorms run plain on every channel after the expansion
     (``fuse_norms=False``) / fused on the active channels (``True``); the default fuses where the C kernels run
@@ -236,7 +237,7 @@ def _plan(group: Group, scenario: str) -> RolePlan:
     ``output/mild-indexadd``: the expansion's backward by the gather's ``index_add`` (an atomic scatter on CUDA),
     the control of the default fold by sums (:func:`gather_backward`)."""
     preset = scenario.split("/")[1]
-    for suffix in ("-drawn", "-noskip", "-unfused", "-fused", "-indexadd"):
+    for suffix in ("-drawn", "-repacked", "-noskip", "-unfused", "-fused", "-indexadd"):
         preset = preset.removesuffix(suffix)
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
@@ -375,8 +376,10 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
     if scenario.startswith(("output/", "weight/")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mode, first = scenario.split("/")[0], "drawn" if scenario.endswith("-drawn") else "packed"
+            mode, first = scenario.split("/")[0], "drawn" if scenario.endswith(("-drawn", "-repacked")) else "packed"
             options = {"skip_clone_grads": False} if scenario.endswith("-noskip") else {}
+            if scenario.endswith("-repacked"):
+                options["repack"] = True
             if scenario.endswith("fused"):
                 options["fuse_norms"] = not scenario.endswith("-unfused")
             opt = LeaderCloneOptimizer(
@@ -878,8 +881,9 @@ def run_checks(device: torch.device, log) -> list[dict[str, Any]]:
 _CNN_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _LLAMA_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against drawn ones (gathers): issue 19 item 2
+_REPACKED = "output/mild-repacked"  # drawn roles (as elections leave them) reordered into runs by repack=True
 # a mixture of experts: each expert at its active neurons (views on packed roles, gathers on drawn ones)
-_MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN]
+_MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN, _REPACKED]
 # weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
 # (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
 _NOSKIP = "weight/mild-noskip"
@@ -939,7 +943,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "h1024",
             LLAMAS["h1024"]["batch"],
             "autocast",
-            _LLAMA_SCENARIOS + [_DRAWN],
+            _LLAMA_SCENARIOS + [_DRAWN, _REPACKED],
             rounds=r,
         ),  # fmt: skip
         Group(

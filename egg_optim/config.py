@@ -111,6 +111,14 @@ class EggConfig:
                       "fraction of the layer's leaders (at least one when > 0); 0: roles change only when "
                       "leader_scales changes the counts (swaps cost accuracy in every measurement so far)"),
     )  # fmt: skip
+    repack: bool = field(
+        default=False,
+        metadata=_opt("after each election (and the first draw), reorder the units of every transformer block whose "
+                      "roles it scattered, all of the block's slices at once (the block computes the same function), "
+                      "so that its active units and clones are runs again and the steps take them by views instead "
+                      "of gathers (GPU speed); units then move in model.state_dict() (opt.unit_order() maps them "
+                      "back); plain Linear / conv layers keep their order", type=bool),
+    )  # fmt: skip
     leader_scales: Sequence[float] | str = field(
         default="",
         metadata=_opt("grow/shrink the plan over training: the leader fraction of every layer is scaled by entry k "
@@ -231,6 +239,10 @@ class EggConfig:
             raise ConfigError(
                 f"EggConfig.election {score.name!r} {score.policies_reason or 'is read by other policies'}, which "
                 f"only the {' or '.join(score.policies)} policy reads; got election_policy={self.election_policy!r}"
+            )
+        if self.repack and self.local_losses is not None:
+            raise ConfigError(
+                "EggConfig.repack reorders units, which local_losses' heads and sites do not follow; set repack=False"
             )
         if self.local_losses is not None and "num_classes" not in self.local_losses:
             raise ConfigError("EggConfig.local_losses needs num_classes (and usually layers=[...])")
@@ -371,7 +383,7 @@ def _validate(cfg: EggConfig) -> None:
         check_clone_options(cfg.clone_blend, cfg.clone_noise, cfg.clone_state)
     except ConfigError as exc:
         raise ConfigError(f"EggConfig: {exc}") from None
-    for name in ("log_roles", "log_per_layer", "strict_blocks"):
+    for name in ("log_roles", "log_per_layer", "strict_blocks", "repack"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name), "True or False")
     for name in ("skip_clone_grads", "fuse_norms"):

@@ -180,3 +180,45 @@ def test_ranks_that_would_manage_different_units_are_all_refused(tmp_path):
     r0, r1 = _spawn(_mismatch_worker, tmp_path)
     for r in (r0, r1):
         assert "ranks of the process group would manage different layers" in r["refused"]
+
+
+def _repack_worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
+    with _process_group(rank, world, port):
+        from egg_recipes import tiny_transformers as tiny
+
+        from egg_optim import LeaderCloneOptimizer
+
+        torch.manual_seed(0)
+        model = tiny.make("mixtral")
+        opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "mild", clone_mode=mode,
+                                   elect_every=2, election="grad_norm", repack=True)  # fmt: skip
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        for step in range(5):
+            net(**tiny.inputs("mixtral", batch=2, seed=10 * step + rank)).loss.backward()  # each rank its own data
+            opt.step()
+            opt.zero_grad()
+        torch.save(
+            {
+                "roles": {n: r.state() for n, r in opt.roles.items()},
+                "order": opt.unit_order(),
+                "params": {k: v.detach() for k, v in model.named_parameters()},
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+        del net
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_two_ranks_repack_identically(tmp_path, mode):
+    """EggConfig.repack under DDP: elections on scores averaged over the ranks, so every rank reorders the same
+    units the same way and the replicas stay equal."""
+    r0, r1 = _spawn(_repack_worker, tmp_path, mode)
+    assert r0["order"] and r0["order"].keys() == r1["order"].keys()
+    for name, order in r0["order"].items():
+        assert torch.equal(order, r1["order"][name]), name
+    assert any(not torch.equal(o, torch.arange(o.numel())) for o in r0["order"].values())
+    for name in r0["roles"]:
+        for key in ("codes", "source_map"):
+            assert torch.equal(r0["roles"][name][key], r1["roles"][name][key]), (name, key)
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k

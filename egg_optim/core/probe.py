@@ -63,7 +63,7 @@ def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return inputs
 
 
-def _call(model: nn.Module, inputs: Any) -> tuple[tuple, dict] | None:
+def example_call(model: nn.Module, inputs: Any) -> tuple[tuple, dict] | None:
     """``(args, kwargs)`` of the probe's forward pass: ``inputs`` as given (a mapping of keyword arguments, a tuple
     or list of positional ones, or one tensor), its top-level tensors moved to the model's device; else the
     model's dummy inputs; ``None`` where there are none."""
@@ -89,7 +89,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     ``fully_shard``, an error)."""
     modules = dict(model.named_modules())
     runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
-    call = _call(model, inputs) if runners else None
+    call = example_call(model, inputs) if runners else None
     sharded = any(sharding.is_sharded(p) for p in model.parameters())
     if call is None or (sharded and not _gatherable(model)):
         return

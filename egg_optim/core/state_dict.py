@@ -42,6 +42,7 @@ class LayerBook:
     seated_at: torch.Tensor | None = None  # the step each current leader took its seat
     score_sum: torch.Tensor | None = None  # running election score since the last election
     score_count: int = 0
+    unit_order: torch.Tensor | None = None  # repacked (EggConfig.repack): the model's unit at each position
 
     def __post_init__(self) -> None:
         n = self.roles.num_units
@@ -128,6 +129,7 @@ def pack_book(
                 "seated_at": lb.seated_at.clone(),
                 "score_count": lb.score_count,
                 "score_sum": lb.score_sum.detach().cpu().clone() if lb.score_sum is not None else torch.empty(0),
+                **({"unit_order": lb.unit_order.clone()} if lb.unit_order is not None else {}),
             }
             for name, lb in book.layers.items()
         },
@@ -273,10 +275,18 @@ def parse_book(
             seated_at=_tensor(f"{where}.seated_at", entry["seated_at"], (n,), integer=True).long(),
             score_sum=score_sum.float().to(device_of(name)) if score_count else None,
             score_count=score_count,
+            unit_order=_order(f"{where}.unit_order", entry["unit_order"], n) if "unit_order" in entry else None,
         )
     if depends is not None:  # last: a state dict of another model is named as that first
         check_dependencies(extra, depends)
     return book
+
+
+def _order(where: str, value: Any, n: int) -> torch.Tensor:
+    order = _tensor(where, value, (n,), integer=True).long()
+    if not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise StateDictMismatchError(f"{where} must be a permutation of the layer's {n} units")
+    return order
 
 
 def check_clone_rows(rows: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:

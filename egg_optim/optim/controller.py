@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..config import EggConfig
-from ..core import axes, compact, sharding
+from ..core import axes, compact, repack, sharding
 from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
 from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
@@ -42,6 +42,7 @@ from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
 from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_head
 from ..core.policies import scaled_counts, stable_elect
+from ..core.probe import example_call
 from ..core.roles import Roles, by_parts, join, shares
 from ..core.schedule import Schedule
 from ..core.scores import Score, StepData, check_observed_scores, first_draw, unit_scores
@@ -155,7 +156,14 @@ class RoleController:
         process_group: the ranks whose roles must agree (default: the world, when initialised).
     """
 
-    def __init__(self, model: nn.Module, masked: MaskedOptimizer, config: EggConfig, process_group: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        masked: MaskedOptimizer,
+        config: EggConfig,
+        process_group: Any = None,
+        example_inputs: Any = None,
+    ):
         role_plan = config.role_plan()
         layer_plans = role_plan.resolve(model)
         blocks = {n: c for n, c in role_plan.candidates(model).items() if isinstance(c, UnitGroup)}
@@ -200,6 +208,20 @@ class RoleController:
         # clones since settle_clone_checks last read them
         self._kept: dict[tuple[str, ...], torch.Tensor] = {}
         masked.sharded = self._check_sharding()
+        # blocks whose units may not move (checked on the plain model, before any rewrite): their roles stay where
+        # elections put them
+        self._order_kept: dict[str, str] = {}
+        if config.repack and masked.sharded:  # a unit's rows lie on several ranks: moving them is a collective
+            why = "sharded by FSDP2 (repack moves units on one process or under DDP)"
+            self._order_kept = {n: why for n, layer in layers.items() if layer.group is not None}
+        elif config.repack:
+            self._order_kept = repack.orders_that_change_the_model(model, layers, example_call(model, example_inputs))
+        if self._order_kept:
+            warnings.warn(
+                "egg_optim: repack leaves the units of these blocks in their order (their steps gather the "
+                "units that elections scatter): " + "; ".join(f"{n}: {why}" for n, why in self._order_kept.items()),
+                stacklevel=3,
+            )
         initial = self._elect_all(first_draw(self.score, config.first_roles), True)
         # Module rewrites validate before changing anything; only then is the optimizer state laid out.
         self.rewrites = build_rewrites(
@@ -213,6 +235,8 @@ class RoleController:
         )
         self.book.layers = {n: LayerBook(roles) for n, roles in initial.items()}
         self._roles_changed({}, initial)
+        if config.repack:
+            self._repack()
         explicit = {k: v for k, v in (config.norms or {}).items() if k in layers}
         plain = {n: lay.module for n, lay in layers.items() if lay.group is None}
         fusable = next((rw.can_fuse for rw in self.rewrites if rw.can_fuse is not None), None)
@@ -300,7 +324,7 @@ class RoleController:
         """Lay the optimizer state out for ``new`` roles (``old``: those it is laid out for; missing: full
         size), rebuild the step's indices and tell the rewrites and the listeners."""
         if self.masked.storage == "compact":
-            before = self.unit_params(old) if old else {}
+            before = self.unit_params(old, {n: self.layers[n] for n in old}) if old else {}
             after = self.unit_params(new)
             self.masked.relayout(((before.get(p), e) for p, e in after.items()), clone_state)
         self.rebuild_masks()
@@ -323,6 +347,61 @@ class RoleController:
             lb.roles = new
         self.book.roles_since = self.book.steps
         self._roles_changed(old, roles, clone_state)
+
+    @torch.no_grad()
+    def _repack(self) -> dict[str, torch.Tensor]:
+        """Reorder the units of every block whose roles are not laid out as runs (:mod:`egg_optim.core.repack`):
+        its parameters, buffers and gradients, their optimizer state (compact state through full size and back:
+        parked slices move with their units) and the per-unit records move together, so the model computes what it
+        did and the run goes on as it would have; then the roles are runs and the steps take views. Blocks frozen
+        since construction, sharded by FSDP2 or whose units moving would change the model (checked at construction:
+        :func:`~egg_optim.core.repack.orders_that_change_the_model`) keep their order (and their gathers).
+        Returns ``{layer: order}`` of the layers it reordered."""
+        frozen = frozen_layers(self.layers, warn=False)
+        todo: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            roles = self.roles[name]
+            if layer.group is None or name in self._order_kept or name in frozen or not roles.has_clones:
+                continue
+            if any(sharding.is_sharded(t) for _, _, t in self.owned({name: layer})):
+                continue
+            order = repack.packed_order(roles, layer.parts)
+            if order is not None and not torch.equal(order, torch.arange(roles.num_units)):
+                todo[name] = order
+        if not todo:
+            return todo
+        old = dict(self.roles)
+        groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+        for name, order in todo.items():
+            layer, lb = self.layers[name], self.book.layers[name]
+            for pname, p in layer.params:
+                dim = layer.dim_of(pname)
+                moves = repack.positions(order, layer.index.get(pname))
+                state = self.masked.state.get(p) or {}
+                if state and self.masked.storage == "compact":  # active slices only: to full size first
+                    compact.expand(p, state, layer.roles_of(pname, old[name]), groups[p], from_sources=False,
+                                   parked=self.masked.parked.pop(p, None), fresh=self.masked.info.fresh_value,
+                                   dim=dim)  # fmt: skip
+                for t in [p, p.grad, *state.values()]:
+                    if torch.is_tensor(t) and t.dim() and axes.units_of(p.shape, t, dim) == moves.numel():
+                        repack.permute_(t, dim, moves)
+            for bname, b in layer.buffers:
+                repack.permute_(b, layer.dim_of(bname), repack.positions(order, layer.index.get(bname)))
+            lb.led_steps, lb.seated_at = lb.led_steps[order], lb.seated_at[order]
+            if lb.score_sum is not None:
+                lb.score_sum = lb.score_sum[order.to(lb.score_sum.device)]
+            lb.unit_order = order if lb.unit_order is None else lb.unit_order[order]
+            lb.roles = repack.permuted(old[name], order)
+        # compact state of the reordered parameters is full size now: laid out again for their new roles
+        self._roles_changed({n: r for n, r in old.items() if n not in todo}, self.roles)
+        logger.info("egg_optim: repacked the units of %d block(s): %s", len(todo), ", ".join(todo))
+        return todo
+
+    @property
+    def unit_order(self) -> dict[str, torch.Tensor]:
+        """``{layer: order}`` for every layer whose units :attr:`EggConfig.repack` reordered: position ``j`` of
+        its tensors holds the model's original unit ``order[j]``."""
+        return {n: lb.unit_order.clone() for n, lb in self.book.layers.items() if lb.unit_order is not None}
 
     def rebuild_masks(self) -> None:
         self.masked.rebuild(self.managed_params(self.roles))
@@ -510,6 +589,8 @@ class RoleController:
         for rw in self.rewrites:
             rw.fill_clones(skip=frozen)
         self._set_roles(new)
+        if self.config.repack:
+            self._repack()
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
     def _graduate_due(self, position: int) -> bool:

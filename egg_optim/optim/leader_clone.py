@@ -83,7 +83,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         example_inputs: a batch as the model takes it (a dict of keyword arguments, a tuple of positional ones, or
             a tensor) on which the transformer blocks found are checked by dataflow (heads and neurons computed
             apart, fused layouts); default: the model's ``dummy_inputs`` (every transformers model has them).
-            Without either, blocks are decomposed by their structure alone, with a warning.
+            Without either, blocks are decomposed by their structure alone, with a warning. ``repack=True`` also
+            checks on it which blocks may move their units.
         **options: any other :class:`~egg_optim.config.EggConfig` field (``clone_mode="output"``,
             ``elect_every=500``, ``election="grad_norm"``, ...), overriding ``config``.
 
@@ -119,7 +120,7 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         if example_inputs is not None and config.role_plan().units == "auto":
             discover(model, inputs=example_inputs)  # (cached for the plan to read)
         masked = MaskedOptimizer(optimizer, self.info, storage=config.state_storage, clone_state=config.clone_state)
-        controller = RoleController(model, masked, config, process_group)
+        controller = RoleController(model, masked, config, process_group, example_inputs)
 
         # --- the Optimizer protocol, sharing the base optimizer's containers
         self.optimizer = optimizer
@@ -307,6 +308,13 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
     def roles(self) -> Mapping[str, Roles]:
         """Current roles per managed layer (read-only)."""
         return self.controller.roles
+
+    def unit_order(self) -> dict[str, torch.Tensor]:
+        """``{layer: order}`` for the blocks whose units ``EggConfig.repack`` reordered (none without it): position
+        ``j`` of the block's tensors holds the model's original unit ``order[j]``, so ``t.index_select(dim,
+        argsort(order))`` puts a unit-major tensor back in the original order. The model computes what it would
+        with its units unmoved; copies of its weights taken before (an EMA model) are in the old order."""
+        return self.controller.unit_order
 
     def add_roles_listener(self, fn: Callable[[Mapping[str, Roles]], None]) -> None:
         """Call ``fn(roles)`` now and whenever roles change."""

@@ -1,0 +1,234 @@
+"""``EggConfig.repack``: elections scatter a layer's roles; a block's units are then reordered (every slice at once)
+so the roles are runs again, which keeps the model's function, the run's trajectory and the checkpoints, and takes
+the step's parameter index traffic back to none (issue 19 item 2)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egg_optim import EggConfig, LeaderCloneOptimizer
+from egg_optim.core import axes, repack
+from egg_optim.core.election import elect
+from egg_optim.core.roles import Roles, by_parts
+from egg_optim.errors import ConfigError
+from egg_optim.utils import DispatchCounter
+
+transformers = pytest.importorskip("transformers")
+
+from egg_recipes import tiny_transformers as tiny  # noqa: E402
+
+
+def _roles(data, parts: int, assign: str) -> Roles:
+    n = parts * data.draw(st.integers(2, 6))
+    leaders = parts * data.draw(st.integers(1, n // parts - 1))
+    independents = parts * data.draw(st.integers(0, (n - leaders) // parts - 1))
+    scores = torch.tensor(data.draw(st.permutations(range(n))), dtype=torch.float32)
+
+    def draw(units, lead, ind, now):
+        return elect(scores[units], lead, ind, assign=assign)
+
+    return by_parts(parts, n, leaders, independents, draw)
+
+
+@settings(max_examples=80, deadline=None)
+@given(parts=st.integers(1, 3), assign=st.sampled_from(["first", "round_robin", "random"]), data=st.data())
+def test_packed_order_lays_elected_roles_out_as_runs_and_moves_slices_with_their_units(parts, assign, data):
+    roles = _roles(data, parts, assign)
+    order = repack.packed_order(roles, parts)
+    packed = repack.permuted(roles, order)
+    # the same roles, relabelled: unit order[j] now sits at j, its source moved with it
+    assert torch.equal(packed.codes, roles.codes[order])
+    assert torch.equal(order[packed.source_map], roles.source_map[order])
+    assert torch.equal(repack.inverse(order)[order], torch.arange(roles.num_units))
+    # every part: leaders, independents, then clones, in runs at the same offsets; a cycle of sources when the
+    # clones take the leaders in turn (or all the first)
+    for r in packed.split(parts):
+        k = int(r.active.numel())
+        assert r.active_span == (0, k) and (not r.has_clones or r.clone_span == (k, r.num_units - k))
+        assert torch.equal(r.leaders, torch.arange(int(r.leaders.numel())))
+        if r.has_clones and assign != "random":
+            assert r.source_cycle is not None
+    assert torch.equal(repack.packed_order(packed, parts), torch.arange(roles.num_units))  # packed stays put
+    # a tensor whose unit u owns positions index[u]: moving positions moves the units' roles along
+    width = data.draw(st.integers(1, 3))
+    index = torch.randperm(roles.num_units * width).view(roles.num_units, width)
+    moves = repack.positions(order, index)
+    expanded = roles.expand(index)
+    assert torch.equal(packed.expand(index).codes, expanded.codes[moves])
+    t = torch.arange(float(roles.num_units * width))
+    repack.permute_(t, 0, moves)
+    assert torch.equal(t, moves.float())
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    model = tiny.make(family)
+    for m in model.modules():  # dropout masks fall on other units once they move: trajectories would differ
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _opt(model, mode: str, *, repack_: bool, **options) -> LeaderCloneOptimizer:
+    cfg = EggConfig(clone_mode=mode, repack=repack_, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LeaderCloneOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "mild", config=cfg
+        )
+
+
+def _logits(model, family: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(**tiny.inputs(family, batch=3, seed=99)).logits
+    model.train()
+    return out
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_scattered_first_roles_repacked_keep_the_model_and_step_without_index_ops(family):
+    """The seed's drawn (scattered) first roles, repacked at construction: every block that may move its units has
+    its roles in runs, the model computes what the unmoved one does, and a step's parameter index ops are only the
+    bare model's own (output mode, which gathers most on scattered roles)."""
+    plain = _model(family)
+    moved = _model(family)
+    a = _opt(plain, "output", repack_=False, first_roles="drawn")
+    b = _opt(moved, "output", repack_=True, first_roles="drawn")
+    reordered = b.unit_order()
+    assert reordered, "no block was reordered: the test would prove nothing"
+    movable = [n for n, layer in b.layers.items() if layer.group is not None and n not in b.controller._order_kept]
+    assert set(reordered) <= set(movable)
+    for name in movable:  # reordered, or drawn in order already
+        assert torch.equal(
+            repack.packed_order(b.roles[name], b.layers[name].parts), torch.arange(b.roles[name].num_units)
+        )
+    torch.testing.assert_close(_logits(moved, family), _logits(plain, family), rtol=1e-5, atol=1e-5)
+    for model, opt in ((plain, a), (moved, b)):  # one step each, then count the next
+        model(**tiny.inputs(family, batch=3, seed=0)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    bare_model = _model(family)
+    bare = torch.optim.SGD(bare_model.parameters(), lr=0.1, momentum=0.9)
+    counts = []
+    for model, opt in ((bare_model, bare), (moved, b), (plain, a)):
+        with DispatchCounter(model, opt) as counted:
+            model(**tiny.inputs(family, batch=3, seed=1)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        counts.append(dict(counted.param_index_ops))
+    extra = {op: n - counts[0].get(op, 0) for op, n in counts[1].items() if n > counts[0].get(op, 0)}
+    # (blocks that keep their order, and plain layers, which never move, gather)
+    gathering = b.controller._order_kept or any(layer.group is None for layer in b.layers.values())
+    assert not extra or gathering, (extra, counts[0])
+    assert sum(counts[2].values()) > sum(counts[1].values())  # not vacuous: unmoved scattered roles gather
+
+
+def _back(model, opt) -> dict[str, torch.Tensor]:
+    """The model's state dict with every reordered block's units put back in their original order."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {id(p): k for k, p in model.named_parameters()} | {id(b): k for k, b in model.named_buffers()}
+    for name, order in opt.unit_order().items():
+        layer = opt.layers[name]
+        for qname, t in [*layer.params, *layer.buffers]:
+            back = repack.positions(repack.inverse(order), layer.index.get(qname))
+            repack.permute_(sd[names[id(t)]], layer.dim_of(qname), back)
+    return sd
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_next", "gpt2"])
+@pytest.mark.parametrize(("mode", "state"), [("output", "keep"), ("weight", "keep"), ("weight", "copy")])
+def test_elections_with_repack_train_the_same_model_in_another_order(family, mode, state):
+    """Elections every 2 steps (weight-norm scores, every clone following the top leader: decisions that do not
+    depend on where a unit sits): with repack the run trains the same weights, SGD momentum included (compact
+    state through full size and back; parked slices of demoted units moved with them), put back in the original
+    order by ``unit_order()``; and its steps after an election gather nothing."""
+    options = dict(elect_every=2, election="weight_norm", assign="first", clone_state=state)
+    runs = []
+    for flag in (False, True):
+        model = _model(family)
+        opt = _opt(model, mode, repack_=flag, **options)
+        for step in range(5):
+            with DispatchCounter(model, opt) as counted:
+                model(**tiny.inputs(family, batch=3, seed=step)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        runs.append((model, opt, counted))
+    (plain, a, count_a), (moved, b, count_b) = runs
+    assert b.controller.book.elections == 2 and b.unit_order(), "no election reordered anything"
+    assert count_b.param_index_total == 0 < count_a.param_index_total  # the 5th step: after the 2nd election
+    ref, got = plain.state_dict(), _back(moved, b)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    led_a, led_b = a.controller.leadership_counts(), b.controller.leadership_counts()
+    for name, order in b.unit_order().items():  # the per-unit records moved with their units
+        assert torch.equal(led_b[name], led_a[name][order]), name
+
+
+def test_a_checkpoint_taken_after_a_repack_resumes_exactly():
+    family = "mixtral"
+    options = dict(elect_every=2, election="weight_norm", assign="first")
+    model = _model(family)
+    opt = _opt(model, "output", repack_=True, **options)
+    for step in range(3):
+        model(**tiny.inputs(family, batch=3, seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))  # as written to disk
+    order = opt.unit_order()
+    assert order
+    fresh = _model(family)
+    resumed = _opt(fresh, "output", repack_=True, **options)
+    fresh.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    assert {n: o.tolist() for n, o in resumed.unit_order().items()} == {n: o.tolist() for n, o in order.items()}
+    for step in range(3, 6):  # through the next election
+        for m, o in ((model, opt), (fresh, resumed)):
+            m(**tiny.inputs(family, batch=3, seed=step)).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (k, v), w in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_a_block_whose_heads_reach_later_blocks_keeps_its_order_and_says_so():
+    """T5's first attention block computes a per-head position bias that every later block reads by head index:
+    moving its heads (or a later block's) changes the model, which the check at construction finds."""
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    with pytest.warns(UserWarning, match="repack leaves the units of these blocks in their order") as record:
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
+                                   first_roles="drawn")  # fmt: skip
+    kept = opt.controller._order_kept
+    assert {n for n in kept if "SelfAttention" in n} == {n for n in opt.layers if "SelfAttention" in n}
+    assert "changes the model's output" in kept["encoder.block.0.layer.0.SelfAttention"]  # its own clones are exact
+    said = [str(w.message) for w in record if "repack leaves" in str(w.message)]
+    assert len(said) == 1 and "encoder.block.0.layer.0.SelfAttention: moving its units changes" in said[0]
+    assert any("DenseReluDense" in n for n in opt.unit_order())  # the MLPs moved
+
+
+def test_repack_is_validated():
+    with pytest.raises(ConfigError, match="repack"):
+        EggConfig(repack="yes")
+    with pytest.raises(ConfigError, match="repack reorders units"):
+        EggConfig(repack=True, local_losses={"num_classes": 3})
+
+
+def test_unit_order_is_validated_on_load():
+    family = "llama"
+    model = _model(family)
+    opt = _opt(model, "output", repack_=True, first_roles="drawn")
+    sd = opt.state_dict()
+    name = next(iter(opt.unit_order()))
+    sd["egg_optim"]["layers"][name]["unit_order"] = torch.zeros_like(sd["egg_optim"]["layers"][name]["unit_order"])
+    with pytest.raises(Exception, match="permutation"):
+        opt.load_state_dict(sd)
+    assert axes.span(opt.roles[name].active) is not None  # nothing changed by the refused load
