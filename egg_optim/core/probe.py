@@ -36,6 +36,20 @@ from .blocks import (
 logger = logging.getLogger("egg_optim")
 
 
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a module's output (its hidden states, in transformers' conventions)."""
+    if torch.is_tensor(out):
+        return out if out.is_floating_point() else None
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's own dummy inputs (transformers' ``dummy_inputs``; with decoder inputs for an encoder-decoder), or
     images of the configured size for a vision model whose dummy inputs are token ids; ``None`` where there are none
@@ -351,7 +365,7 @@ def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -
     """Experts by ablation (their down projection is no module whose input can be read): with neuron ``j`` of every
     expert zeroed in the down weights, changing its gate/up positions must not move the block's output. Gated
     experts take the gate/up layout under which that holds. ``(verdict, why)`` as :func:`_spill` says."""
-    from ..rewrites.block_output import _first_tensor, _fresh
+    from ..rewrites.block_output import _fresh
     from . import axes
 
     params = module._parameters
@@ -375,7 +389,7 @@ def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -
             new = old + torch.randn(old.shape, generator=noise).to(old) * (1 + p.abs().mean()) if noise else 0 * old
             changes.append((module, s.key, axes.copied(p, s.dim, at, new)))
         with _swapped(changes):
-            return _first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
+            return first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
 
     def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
         return x is not None and y is not None and bool(((x - y).abs() > _moved(y)).any())

@@ -22,13 +22,13 @@ permuted with them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from . import axes
 from .axes import Axis
+from .probe import first_tensor
 from .roles import Roles
 from .units import ManagedLayer
 
@@ -97,16 +97,6 @@ def random_order(num_units: int, parts: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=gen) + g * n for g in range(parts)])
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if torch.is_tensor(out):
-        return out if out.is_floating_point() else None
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return next((t for t in map(_first_tensor, out) if t is not None), None)
-    return None
-
-
 @torch.no_grad()
 def orders_that_change_the_model(
     model: nn.Module, layers: Mapping[str, ManagedLayer], call: tuple[tuple, dict] | None
@@ -125,7 +115,7 @@ def orders_that_change_the_model(
     model.eval()
     try:
         try:
-            ref = _first_tensor(model(*call[0], **call[1]))
+            ref = first_tensor(model(*call[0], **call[1]))
         except Exception as exc:  # noqa: BLE001 - inputs the model does not take: nothing is moved
             ref, why = None, f"the model did not run on its example inputs ({type(exc).__name__})"
         else:
@@ -140,7 +130,7 @@ def orders_that_change_the_model(
             order = random_order(layer.num_units, layer.parts)
             move_units_(layer, order, grads=False)
             try:
-                out = _first_tensor(model(*call[0], **call[1]))
+                out = first_tensor(model(*call[0], **call[1]))
             finally:
                 move_units_(layer, inverse(order), grads=False)
             gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")

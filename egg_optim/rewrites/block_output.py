@@ -57,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import axes
 from ..core.blocks import UnitGroup, UnitSlice
+from ..core.probe import first_tensor
 from ..core.roles import Roles
 from ..core.sharding import copied_positions, copy_positions_
 from ..errors import PlanError, RewriteCheckError
@@ -319,20 +320,6 @@ def _rewritten_class(cls: type, linear: bool) -> type:
 
 def _weight_slice(group: UnitGroup, module: str) -> UnitSlice:
     return next(s for s in group.slices if s.param == f"{module}.weight")
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    """The first floating-point tensor of a module's output (its hidden states, in transformers' conventions)."""
-    if torch.is_tensor(out):
-        return out if out.is_floating_point() else None
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for item in out:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
 
 
 def _is_cache(x: Any) -> bool:
@@ -674,7 +661,7 @@ class BlockOutputCloning(base.LayerRewrite):
             for m in members if not reference else ():
                 m._egg_reference = False
             with _random_weights(values):
-                return _first_tensor(scope_module.forward(*_fresh(args), **_fresh(kwargs)))
+                return first_tensor(scope_module.forward(*_fresh(args), **_fresh(kwargs)))
 
         problem = None
         _Check.running = True
