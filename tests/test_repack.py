@@ -232,3 +232,13 @@ def test_unit_order_is_validated_on_load():
     with pytest.raises(Exception, match="permutation"):
         opt.load_state_dict(sd)
     assert axes.span(opt.roles[name].active) is not None  # nothing changed by the refused load
+
+
+def test_a_model_without_blocks_is_told_that_nothing_moves():
+    from conftest import TinySeedNet
+
+    model = TinySeedNet()
+    with pytest.warns(UserWarning, match="reorders the units of transformer blocks only"):
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
+                                   first_roles="drawn")  # fmt: skip
+    assert opt.unit_order() == {}

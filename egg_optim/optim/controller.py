@@ -216,6 +216,13 @@ class RoleController:
             self._order_kept = {n: why for n, layer in layers.items() if layer.group is not None}
         elif config.repack:
             self._order_kept = repack.orders_that_change_the_model(model, layers, example_call(model, example_inputs))
+        if config.repack and all(layer.group is None for layer in layers.values()):
+            warnings.warn(
+                "egg_optim: repack=True reorders the units of transformer blocks only; every layer managed here is a "
+                "plain Linear or convolution, whose units keep their order (the layer reading their outputs is not "
+                "known), so elections leave their roles scattered",
+                stacklevel=3,
+            )
         if self._order_kept:
             warnings.warn(
                 "egg_optim: repack leaves the units of these blocks in their order (their steps gather the "
