@@ -241,11 +241,13 @@ def test_compiled_lm_trains_what_the_eager_loop_trains(tmp_path, corpus, mode, t
     assert math.isclose(graph["perplexity"], eager["perplexity"], rel_tol=1e-3)
 
 
-def test_accelerate_resume_is_bit_identical(tmp_path, corpus):
+@pytest.mark.parametrize("repack", [[], ["--repack"]])
+def test_accelerate_resume_is_bit_identical(tmp_path, corpus, repack):
     """10 steps straight == 4 steps, checkpoint (mid-epoch), resume in a fresh Accelerator and model, 6 more:
-    crosses 3 epoch starts (elections by gradient norm) under a cosine schedule."""
+    crosses 3 epoch starts (elections by gradient norm) under a cosine schedule; with ``--repack`` the blocks'
+    units move at every election, in the saved model too."""
     common = ["--dataset", str(corpus), "--max-train-blocks", "24", "--max-steps", "10", "--epochs", "5",
-              "--election", "grad_norm", "--elect-every", "epoch", "--warmup-steps", "2"]  # fmt: skip
+              "--election", "grad_norm", "--elect-every", "epoch", "--warmup-steps", "2", *repack]  # fmt: skip
     straight = _run([*common, "--save-every", "4", "--keep-checkpoints", "0"], tmp_path / "a")
     ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-4"
     progress = json.loads((ckpt / "egg_optim_checkpoint.json").read_text())["metadata"]["progress"]
