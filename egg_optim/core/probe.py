@@ -138,7 +138,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
                 first, verdict, why = settled[key]
                 why = why.replace(repr(first.consumer), repr(g.consumer))
                 g.slices = [UnitSlice(s.param, s.dim, f.index, s.role) for s, f in zip(g.slices, first.slices)]
-                g.layout, g.inexact = first.layout, first.inexact
+                g.layout, g.inexact = first.layout, first.inexact.replace(repr(first.consumer), repr(g.consumer))
             else:
                 with _gathered(modules, runner) as gathered:
                     verdict, why = _settle(modules, modules[runner], g, *calls[runner]) if gathered else _INNER
