@@ -36,6 +36,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "llama_output_graduate": dict(kind="llama", order="nested", clone_mode="output", elect_every="never",
                                   graduate="3:0.7,6:1", graduate_noise=0.05),
     "moe_output": dict(kind="moe", order="nested", clone_mode="output", election="weight_norm"),
+    # packed roles kept (no election): full storage masks every rank's clone slices by runs
+    "moe_weight_packed": dict(kind="moe", order="after", clone_mode="weight", elect_every="never"),
     "moe_weight": dict(kind="moe", order="after", clone_mode="weight", election="grad_norm", clone_state="copy"),
     "seed_weight_graduate": dict(kind="seed", order="after", clone_mode="weight", elect_every="never",
                                  graduate="4:1", graduate_state="reset"),
@@ -159,6 +161,8 @@ def train(opts: dict[str, Any], sharded: bool, steps: int = STEPS, rank: int | N
             opt.elect_now()
     out = {"state": gathered(model), "roles": roles_of(opt), "elections": opt.elections, "steps": opt.steps}
     out.update(history=history, storage=opt.state_storage, sharded=opt.sharded, grad_skip=opt.grad_skip is not None)
+    # full storage's entries: how many mask this rank's clone slices by strided copies of runs (no index op)
+    out["mask_runs"] = sum(e.runs is not None for e in opt.masked._mask), len(opt.masked._mask)
     if opt.output_cloning is not None:
         out["fused"] = opt.output_cloning.norms
     return out

@@ -46,13 +46,17 @@ CASES = {
 }
 
 
-def _run(kind, mode, *, preset="mild", first_roles="packed", assign="first", steps=3, fused=False, count=False):
+def _run(
+    kind, mode, *, preset="mild", first_roles="packed", assign="first", steps=3, fused=False, count=False, storage=None
+):
     """Train ``steps`` steps; the last one under a :class:`DispatchCounter` when ``count``."""
     build, batch, loss_fn = CASES[kind]
     torch.manual_seed(0)
     model = build()
     base = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
-    cfg = EggConfig(clone_mode=mode, first_roles=first_roles, assign=assign)
+    cfg = EggConfig(
+        clone_mode=mode, first_roles=first_roles, assign=assign, **({"state_storage": storage} if storage else {})
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = LeaderCloneOptimizer(model, base, RolePlan.preset(preset), config=cfg)
@@ -392,3 +396,22 @@ def test_rotated_cycles_after_a_graduation_compute_what_the_gather_path_computes
     slow, _ = run(True)
     for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_full_storage_holds_packed_clones_by_strided_copies(kind, mode, monkeypatch):
+    """``state_storage="full"`` (and FSDP2, which masks each rank's slice alike) saves the clones' rows before the
+    base step and writes them back after it: on packed roles by strided copies of their run, no index op, with the
+    same result as the index path (roles made to look scattered; weight mode, whose forward pass is the same on
+    both paths: output mode's folds would differ by summation order, which Adam blows up in noise gradients)."""
+    fast, opt, count = _run(kind, mode, storage="full", count=True)
+    assert opt.masked.storage == "full" and opt.masked._mask and all(e.runs for e in opt.masked._mask)
+    assert count.param_index_total == 0, dict(count.param_index_ops)
+    _patch_scattered(monkeypatch)
+    monkeypatch.setattr(axes, "part_runs", lambda *a, **k: None)
+    slow, opt, count = _run(kind, mode, storage="full", count=True)
+    assert not any(e.runs for e in opt.masked._mask) and count.param_index_total > 0
+    if mode == "weight":
+        for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+            assert torch.equal(a, b), k

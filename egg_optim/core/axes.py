@@ -204,6 +204,14 @@ def write_runs_(t: torch.Tensor, axis: Axis, runs: list[Span], source: torch.Ten
     return t
 
 
+def fill_runs_(t: torch.Tensor, axis: Axis, runs: list[Span], value: float) -> torch.Tensor:
+    """:func:`fill_` of the positions :func:`part_runs` found, by strided fills."""
+    b = axis if isinstance(axis, int) else axis[1]
+    for r in runs:
+        narrow(t, b, r).fill_(value)
+    return t
+
+
 def positions(shape: torch.Size | tuple[int, ...], axis: Axis) -> int:
     """How many positions ``shape`` has along ``axis``."""
     return int(shape[axis]) if isinstance(axis, int) else int(shape[axis[0]]) * int(shape[axis[1]])

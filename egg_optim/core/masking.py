@@ -13,7 +13,9 @@ step starts, for clone rows, from what a zero gradient gives (zero moments, a ze
 Scalar state (Adam's ``step``) is shared by the whole tensor and is not per unit.
 
 Parameters sharded by FSDP2 (DTensors, :mod:`egg_optim.core.sharding`) are masked on this rank's slice: an entry's
-``index`` then holds the *local* positions of the clones this rank holds, and nothing is communicated.
+``index`` then holds the *local* positions of the clones this rank holds, and nothing is communicated. Where those
+positions are a few runs (packed roles: the clones one run, cut by the shard boundary at most), the entry keeps
+them and the rows are saved, zeroed and written back by strided copies, with no index op.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import axes
-from .axes import Axis
+from .axes import Axis, Span
 from .sharding import local
 
 
@@ -33,6 +35,26 @@ class MaskEntry:
     param: torch.Tensor
     index: torch.Tensor  # clone positions (in this rank's slice, for a sharded parameter), on its device
     dim: Axis = 0  # the parameter's unit axis (:mod:`egg_optim.core.axes`)
+    runs: list[Span] | None = None  # those positions as a few runs (:func:`axes.part_runs`), where they are
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t``'s clone slices (laid out as :func:`axes.select` gives them)."""
+        if self.runs is None:
+            return axes.select(t, self.dim, self.index)
+        rows = axes.cut(t, self.dim, self.runs)
+        return rows.clone() if rows._is_view() else rows  # (one run may come back as a view of ``t``)
+
+    def put(self, t: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.runs is None:
+            axes.copy_(t, self.dim, self.index, rows)
+        else:
+            axes.write_runs_(t, self.dim, self.runs, rows)
+
+    def zero(self, t: torch.Tensor) -> None:
+        if self.runs is None:
+            axes.fill_(t, self.dim, self.index, 0)
+        else:
+            axes.fill_runs_(t, self.dim, self.runs, 0)
 
 
 Saved = list[tuple[MaskEntry, torch.Tensor, dict[str, torch.Tensor]]]
@@ -48,17 +70,17 @@ def snapshot(entries: list[MaskEntry], opt_state: Mapping[torch.Tensor, dict]) -
     saved: Saved = []
     for e in entries:
         st = opt_state.get(e.param, {})
-        rows = {k: axes.select(local(st[k]), e.dim, e.index) for k in row_state_keys(e.param, st)}
-        saved.append((e, axes.select(local(e.param), e.dim, e.index), rows))
+        rows = {k: e.take(local(st[k])) for k in row_state_keys(e.param, st)}
+        saved.append((e, e.take(local(e.param)), rows))
         if e.param.grad is not None:
-            axes.fill_(local(e.param.grad), e.dim, e.index, 0)
+            e.zero(local(e.param.grad))
     return saved
 
 
 @torch.no_grad()
 def restore(saved: Saved, opt_state: Mapping[torch.Tensor, dict]) -> None:
     for e, p_rows, rows in saved:
-        axes.copy_(local(e.param), e.dim, e.index, p_rows)
+        e.put(local(e.param), p_rows)
         st = opt_state.get(e.param, {})
         for k, v in rows.items():
-            axes.copy_(local(st[k]), e.dim, e.index, v)
+            e.put(local(st[k]), v)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core import compact, masking, sharding
+from ..core import axes, compact, masking, sharding
 from ..core.distributed import all_reduce_min
 from ..core.roles import Roles
 from ..errors import StateDictMismatchError
@@ -98,7 +98,8 @@ class MaskedOptimizer:
             else:  # a sharded parameter is masked on this rank's slice: the clones it holds, local positions
                 where = sharding.localize(p, dim, roles.clones)[1]
                 if where.numel():
-                    self._mask.append(masking.MaskEntry(p, where.to(sharding.local(p).device), dim))
+                    runs = axes.part_runs(where, sharding.local(p).shape, dim)  # (packed roles: views)
+                    self._mask.append(masking.MaskEntry(p, where.to(sharding.local(p).device), dim, runs))
 
     def forget_parked(self, kept: set[int]) -> None:
         """Drop parked slices of parameters that were replaced (``kept``: ``id`` of the parameters in use)."""
