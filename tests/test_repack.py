@@ -244,3 +244,28 @@ def test_a_model_without_blocks_is_told_that_nothing_moves():
         opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
                                    first_roles="drawn")  # fmt: skip
     assert opt.unit_order() == {}
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_a_compiled_model_trains_through_repacks_as_the_eager_one(mode):
+    """Units moved in place under ``torch.compile`` (the eager backend: the same ops): the compiled run takes the
+    eager run's losses and unit orders through three elections."""
+
+    def run(compiled: bool):
+        model = _model("llama")
+        opt = _opt(model, mode, repack_=True, elect_every=2, election="grad_norm")
+        with torch.no_grad():
+            model(**tiny.inputs("llama", batch=3, seed=0))  # (norm coupling's eager pass)
+        torch._dynamo.reset()
+        net = torch.compile(model, backend="eager") if compiled else model
+        losses = []
+        for step in range(7):
+            loss = net(**tiny.inputs("llama", batch=3, seed=step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, {n: o.tolist() for n, o in opt.unit_order().items()}
+
+    eager, compiled = run(False), run(True)
+    assert eager[1] and compiled == eager
