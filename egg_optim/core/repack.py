@@ -80,19 +80,15 @@ def permute_(t: torch.Tensor, dim: Axis, order: torch.Tensor) -> None:
     axes.copy_(t, dim, torch.arange(order.numel(), device=t.device), axes.select(t, dim, order))
 
 
-def move_units_(layer: ManagedLayer, order: torch.Tensor, *, grads: bool = True) -> None:
-    """Move unit ``order[j]`` of ``layer`` to position ``j`` in every parameter (and its gradient) and buffer the
-    layer's units own."""
+def move_units_(layer: ManagedLayer, order: torch.Tensor) -> None:
+    """Move unit ``order[j]`` of ``layer`` to position ``j`` in every parameter and buffer the layer's units own."""
     for name, t in [*layer.params, *layer.buffers]:
-        moves = positions(order, layer.index.get(name))
-        permute_(t, layer.dim_of(name), moves)
-        if grads and getattr(t, "grad", None) is not None:
-            permute_(t.grad, layer.dim_of(name), moves)
+        permute_(t, layer.dim_of(name), positions(order, layer.index.get(name)))
 
 
-def random_order(num_units: int, parts: int = 1, seed: int = 0) -> torch.Tensor:
-    """A seeded random permutation of ``num_units`` units within each of ``parts`` equal runs."""
-    gen = torch.Generator().manual_seed(seed)
+def random_order(num_units: int, parts: int = 1) -> torch.Tensor:
+    """A (seeded) random permutation of ``num_units`` units within each of ``parts`` equal runs."""
+    gen = torch.Generator().manual_seed(0)
     n = num_units // parts
     return torch.cat([torch.randperm(n, generator=gen) + g * n for g in range(parts)])
 
@@ -109,7 +105,7 @@ def orders_that_change_the_model(
              if layer.group.inexact}  # fmt: skip
     blocks = {n: layer for n, layer in blocks.items() if n not in fixed}
     if call is None:
-        why = "no inputs to check that moving its heads keeps the model's output on (pass example_inputs)"
+        why = "no inputs to check on that moving its heads keeps the model's output (pass example_inputs)"
         return fixed | {n: why for n, layer in blocks.items() if layer.group.kind == "attention"}
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -128,11 +124,11 @@ def orders_that_change_the_model(
         tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
         for name, layer in blocks.items():
             order = random_order(layer.num_units, layer.parts)
-            move_units_(layer, order, grads=False)
+            move_units_(layer, order)
             try:
                 out = first_tensor(model(*call[0], **call[1]))
             finally:
-                move_units_(layer, inverse(order), grads=False)
+                move_units_(layer, inverse(order))
             gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
             if not gap <= tol * scale:
                 fixed[name] = f"moving its units changes the model's output by {gap:.3g} (largest entry {scale:.3g})"
