@@ -277,10 +277,11 @@ class RoleController:
             self.rewrites.remove(rw)
             rw.remove()
 
-    def export_model(self) -> nn.Module:
+    def export_model(self, original_order: bool = False) -> nn.Module:
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the model
         computes as trained: every rewrite makes its modules of the copy plain (output mode: clone rows filled
-        with their source's weights and norm statistics)."""
+        with their source's weights and norm statistics); ``original_order``: the units that ``repack`` moved put
+        back in the model's original order (the same function)."""
         if self.masked.sharded:
             raise ConfigError(
                 "export_model() copies the model, which FSDP2 cannot do with sharded parameters: take "
@@ -290,6 +291,12 @@ class RoleController:
         model = copy.deepcopy(self.model)
         for rw in self.rewrites:
             rw.export(model)
+        if original_order:
+            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+            for name, order in self.unit_order.items():
+                layer, back = self.layers[name], repack.inverse(order)
+                for qname, _ in [*layer.params, *layer.buffers]:
+                    repack.permute_(tensors[qname], layer.dim_of(qname), repack.positions(back, layer.index.get(qname)))
         return model
 
     def coverage(self) -> _coverage.Coverage:

@@ -209,11 +209,12 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         self.controller.remove_rewrites(lambda rw: rw.clones_follow_sources)
         self.controller.clone_mode = "weight"
 
-    def export_model(self) -> nn.Module:
+    def export_model(self, original_order: bool = False) -> nn.Module:
         """A plain copy of the model (original module classes, no egg_optim objects) that computes what the
         model computes as trained: in output mode, clone rows are filled with their source's conv weights and
-        norm statistics; in weight mode a plain copy."""
-        return self.controller.export_model()
+        norm statistics; in weight mode a plain copy. ``original_order=True``: units that ``repack`` moved are put
+        back in the model's original order (the same function; :meth:`unit_order`)."""
+        return self.controller.export_model(original_order)
 
     def coverage(self) -> Any:
         """What this run manages in the model: blocks found and decomposed, units, rows, what is left alone and
