@@ -4,8 +4,10 @@ of its blocks takes (one forward pass on the model's dummy inputs, then a few ru
 
 Per model (random init from a config, float32 on this machine's CPU, no download): the median seconds of
 ``discover(model, probe=False)`` (blocks by structure alone), ``discover(model)`` (with the probe) and the whole
-construction (``LeaderCloneOptimizer(model, AdamW, "mild", clone_mode="output")``, probe included), each on a fresh
-model, interleaved over rounds. Writes ``docs/results/bench_construct.md``::
+construction (``LeaderCloneOptimizer(model, AdamW, "mild", clone_mode="output")``, probe included) and the same with
+``repack=True`` on the seed's drawn first roles (the check of which blocks may move their units: one more forward
+pass per block; then every block reordered), each on a fresh model, interleaved over rounds. Writes
+``docs/results/bench_construct.md``::
 
     python benchmarks/bench_construct.py              # 3 rounds
     python benchmarks/bench_construct.py --rounds 1   # smoke
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
-    times: dict[str, dict[str, list[float]]] = {name: {"structure": [], "probe": [], "whole": []} for name in MODELS}
+    times: dict[str, dict[str, list[float]]] = {
+        name: {"structure": [], "probe": [], "whole": [], "repack": []} for name in MODELS
+    }
     params: dict[str, int] = {}
     for _ in range(args.rounds):
         for name, make in MODELS.items():
@@ -82,24 +86,36 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             times[name]["whole"].append(
                 _seconds(lambda m=model, b=base: LeaderCloneOptimizer(m, b, "mild", clone_mode="output"))
             )
+            model = make()
+            base = torch.optim.AdamW(model.parameters())
+            times[name]["repack"].append(
+                _seconds(
+                    lambda m=model, b=base: LeaderCloneOptimizer(
+                        m, b, "mild", clone_mode="output", repack=True, first_roles="drawn"
+                    )
+                )
+            )
     lines = [
         "# Constructing the optimizer: the cost of the dataflow probe",
         "",
         f"`python benchmarks/bench_construct.py --rounds {args.rounds}` (torch {torch.__version__}, CPU, float32, "
         f"{torch.get_num_threads()} threads; median seconds over rounds, each on a fresh random-init model).",
         "",
-        "| model | parameters | blocks by structure | with the probe | whole construction (output mode, mild) |",
-        "|---|---|---|---|---|",
+        "| model | parameters | blocks by structure | with the probe | whole construction (output mode, mild) "
+        "| with repack=True, drawn roles |",
+        "|---|---|---|---|---|---|",
     ]
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     for name, med in medians.items():
         lines.append(f"| {name} | {params[name] / 1e6:.0f}M | {med['structure']:.3f} s | {med['probe']:.3f} s | "
-                     f"{med['whole']:.3f} s |")  # fmt: skip
+                     f"{med['whole']:.3f} s | {med['repack']:.3f} s |")  # fmt: skip
     lines += [
         "",
         "The probe (one forward pass of the whole model on its dummy inputs, a few tokens, then a few runs of one "
         "block per class and of each experts block, perturbed) is most of the construction time; the structure "
-        "alone reads shapes and config values.",
+        "alone reads shapes and config values. ``repack=True`` adds one forward pass of the whole model per block "
+        "(with two of the block's units swapped: may its units move?) and the reordering of every block the drawn "
+        "roles scattered.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -157,7 +157,7 @@ def test_units_are_found_by_dataflow(family):
     producer slices (its q/k/v rows, whatever the fused layout, and its column of a per-head bias; its up/gate
     rows) changes only that unit's inputs of the block's consumer (output or down projection)."""
     from egg_optim.core.blocks import discover
-    from egg_optim.rewrites.block_output import _fresh
+    from egg_optim.core.probe import fresh_inputs as _fresh
 
     model = tiny.make(family).eval()
     found = discover(model)

@@ -50,6 +50,26 @@ def first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _is_cache(x: Any) -> bool:
+    return any(c.__name__ == "Cache" for c in type(x).__mro__)
+
+
+def fresh_inputs(x: Any) -> Any:
+    """Inputs for one check run: tensors copied (a block may write its input in place), key/value caches
+    dropped (a run must not append to the cache the real forward pass uses)."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if _is_cache(x):
+        return None
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(fresh_inputs(v) for v in x)
+    if isinstance(x, list):
+        return [fresh_inputs(v) for v in x]
+    if type(x) is dict:
+        return {k: fresh_inputs(v) for k, v in x.items()}
+    return x
+
+
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's own dummy inputs (transformers' ``dummy_inputs``; with decoder inputs for an encoder-decoder), or
     images of the configured size for a vision model whose dummy inputs are token ids; ``None`` where there are none
@@ -264,13 +284,12 @@ def _consumer_input(
     changes: list[tuple[nn.Module, str, torch.Tensor]],
 ) -> torch.Tensor:
     """The input of ``g``'s consumer at its first call in one run of the block, with ``changes`` swapped in."""
-    from ..rewrites.block_output import _fresh
 
     seen: list[torch.Tensor] = []
     hook = modules[g.consumer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
     try:
         with _swapped(changes):
-            runner.forward(*_fresh(args), **_fresh(kwargs))
+            runner.forward(*fresh_inputs(args), **fresh_inputs(kwargs))
     finally:
         hook.remove()
     return seen[0]
@@ -365,7 +384,6 @@ def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -
     """Experts by ablation (their down projection is no module whose input can be read): with neuron ``j`` of every
     expert zeroed in the down weights, changing its gate/up positions must not move the block's output. Gated
     experts take the gate/up layout under which that holds. ``(verdict, why)`` as :func:`_spill` says."""
-    from ..rewrites.block_output import _fresh
     from . import axes
 
     params = module._parameters
@@ -389,7 +407,7 @@ def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -
             new = old + torch.randn(old.shape, generator=noise).to(old) * (1 + p.abs().mean()) if noise else 0 * old
             changes.append((module, s.key, axes.copied(p, s.dim, at, new)))
         with _swapped(changes):
-            return first_tensor(module.forward(*_fresh(args), **_fresh(kwargs)))
+            return first_tensor(module.forward(*fresh_inputs(args), **fresh_inputs(kwargs)))
 
     def differ(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
         return x is not None and y is not None and bool(((x - y).abs() > _moved(y)).any())

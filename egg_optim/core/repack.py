@@ -11,8 +11,8 @@ independents, then clones, so the active units and the clones are each one run a
 first assignment, the clones' sources a cycle; :func:`permute_` applies it to a tensor's unit positions.
 
 Whether a block may move its units is checked on the model itself, once, before any training
-(:func:`orders_that_change_the_model`): its units moved by a random permutation, the model's output on its dummy
-inputs (or the user's example inputs) must not change. That catches what no block shows locally: T5's first block
+(:func:`orders_that_change_the_model`): with two of its units swapped, the model's output on its dummy inputs (or
+the user's example inputs) must not change. That catches what no block shows locally: T5's first block
 computes a per-head position bias that every later block reads by head index. Without inputs to run, MLP and
 experts blocks move (their neurons reach nothing but their consumer) and attention blocks keep their order. A plain
 Linear or convolution is never repacked: the layer that reads its outputs is not known, so its inputs could not be
@@ -75,9 +75,11 @@ def positions(order: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def permute_(t: torch.Tensor, dim: Axis, order: torch.Tensor) -> None:
     """Move ``t``'s position ``order[j]`` along ``dim`` to position ``j``, in place (the tensor object is kept:
-    parameters stay registered, optimizers and hooks keep their references)."""
-    order = order.to(t.device)
-    axes.copy_(t, dim, torch.arange(order.numel(), device=t.device), axes.select(t, dim, order))
+    parameters stay registered, optimizers and hooks keep their references); only the positions that move are
+    read and written."""
+    moved = (order != torch.arange(order.numel())).nonzero().flatten()
+    if moved.numel():
+        axes.copy_(t, dim, moved.to(t.device), axes.select(t, dim, order[moved].to(t.device)))
 
 
 def move_units_(layer: ManagedLayer, order: torch.Tensor) -> None:
@@ -86,20 +88,23 @@ def move_units_(layer: ManagedLayer, order: torch.Tensor) -> None:
         permute_(t, layer.dim_of(name), positions(order, layer.index.get(name)))
 
 
-def random_order(num_units: int, parts: int = 1) -> torch.Tensor:
-    """A (seeded) random permutation of ``num_units`` units within each of ``parts`` equal runs."""
-    gen = torch.Generator().manual_seed(0)
-    n = num_units // parts
-    return torch.cat([torch.randperm(n, generator=gen) + g * n for g in range(parts)])
+def swap_order(num_units: int, parts: int = 1) -> torch.Tensor:
+    """The order that swaps the first and the last unit of the first of ``parts`` equal runs: a unit that moves to
+    where another computed, at the cost of moving two."""
+    order = torch.arange(num_units)
+    last = num_units // parts - 1
+    order[0], order[last] = last, 0
+    return order
 
 
 @torch.no_grad()
 def orders_that_change_the_model(
     model: nn.Module, layers: Mapping[str, ManagedLayer], call: tuple[tuple, dict] | None
 ) -> dict[str, str]:
-    """``{block: why its units keep their order}`` for the blocks of ``layers`` whose units may not move: moved by a
-    random permutation (put back after), the model's first floating-point output on ``call`` (``(args, kwargs)``,
-    run in eval mode) changed, or, without ``call``, an attention block (nothing to check it on)."""
+    """``{block: why its units keep their order}`` for the blocks of ``layers`` whose units may not move: with its
+    first and last unit swapped (and put back after), the model's first floating-point output on ``call``
+    (``(args, kwargs)``, run in eval mode) changed, or, without ``call``, an attention block (nothing to check it
+    on). One forward pass per block."""
     blocks = {n: layer for n, layer in layers.items() if layer.group is not None}
     fixed = {n: f"per-unit values outside its slices ({layer.group.inexact})" for n, layer in blocks.items()
              if layer.group.inexact}  # fmt: skip
@@ -123,7 +128,7 @@ def orders_that_change_the_model(
         # every family, where BLOOM's ALiBi slopes moved 2.5e-5 and T5's shared position bias 2e-2)
         tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
         for name, layer in blocks.items():
-            order = random_order(layer.num_units, layer.parts)
+            order = swap_order(layer.num_units, layer.parts)
             move_units_(layer, order)
             try:
                 out = first_tensor(model(*call[0], **call[1]))

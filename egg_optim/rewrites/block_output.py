@@ -57,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core import axes
 from ..core.blocks import UnitGroup, UnitSlice
-from ..core.probe import first_tensor
+from ..core.probe import first_tensor, fresh_inputs
 from ..core.roles import Roles
 from ..core.sharding import copied_positions, copy_positions_
 from ..errors import PlanError, RewriteCheckError
@@ -320,26 +320,6 @@ def _rewritten_class(cls: type, linear: bool) -> type:
 
 def _weight_slice(group: UnitGroup, module: str) -> UnitSlice:
     return next(s for s in group.slices if s.param == f"{module}.weight")
-
-
-def _is_cache(x: Any) -> bool:
-    return any(c.__name__ == "Cache" for c in type(x).__mro__)
-
-
-def _fresh(x: Any) -> Any:
-    """Inputs for one check run: tensors copied (a block may write its input in place), key/value caches
-    dropped (a run must not append to the cache the real forward pass uses)."""
-    if torch.is_tensor(x):
-        return x.detach().clone()
-    if _is_cache(x):
-        return None
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_fresh(v) for v in x)
-    if isinstance(x, list):
-        return [_fresh(v) for v in x]
-    if type(x) is dict:
-        return {k: _fresh(v) for k, v in x.items()}
-    return x
 
 
 def _even_parts(group: UnitGroup, roles: Roles) -> bool:
@@ -661,7 +641,7 @@ class BlockOutputCloning(base.LayerRewrite):
             for m in members if not reference else ():
                 m._egg_reference = False
             with _random_weights(values):
-                return first_tensor(scope_module.forward(*_fresh(args), **_fresh(kwargs)))
+                return first_tensor(scope_module.forward(*fresh_inputs(args), **fresh_inputs(kwargs)))
 
         problem = None
         _Check.running = True
