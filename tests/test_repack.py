@@ -259,3 +259,25 @@ def test_a_compiled_model_trains_through_repacks_as_the_eager_one(mode):
 
     eager, compiled = run(False), run(True)
     assert eager[1] and compiled == eager
+
+
+def test_stats_count_the_layers_an_election_scattered_and_the_log_says_what_keeps_them_on_views(caplog):
+    """``stats()`` says per layer whether its roles are runs (views) and counts the scattered ones; without repack
+    the first election that scatters blocks logs it once, naming ``repack``."""
+    totals = {}
+    for flag in (False, True):
+        model = _model("llama")
+        opt = _opt(model, "output", repack_=flag, elect_every=2, election="random")  # (the seed's redraw)
+        assert opt.stats()["total"]["scattered"] == 0  # the packed first roles
+        with caplog.at_level("INFO", logger="egg_optim"):
+            caplog.clear()
+            for step in range(5):  # elections at steps 2 and 4
+                model(**tiny.inputs("llama", batch=3, seed=step)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        said = [r.getMessage() for r in caplog.records if "scattered the roles" in r.getMessage()]
+        stats = opt.stats()
+        totals[flag] = stats["total"]["scattered"]
+        assert totals[flag] == sum(not e["runs"] for e in stats["layers"].values())
+        assert len(said) == (0 if flag else 1) and (flag or "repack=True" in said[0])
+    assert totals[False] > 0 and totals[True] == 0

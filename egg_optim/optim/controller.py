@@ -211,6 +211,7 @@ class RoleController:
         # blocks whose units may not move (checked on the plain model, before any rewrite): their roles stay where
         # elections put them
         self._order_kept: dict[str, str] = {}
+        self._said_scattered = False
         if config.repack and masked.sharded:  # a unit's rows lie on several ranks: moving them is a collective
             why = "sharded by FSDP2 (repack moves units on one process or under DDP)"
             self._order_kept = {n: why for n, layer in layers.items() if layer.group is not None}
@@ -605,6 +606,15 @@ class RoleController:
         self._set_roles(new)
         if self.config.repack:
             self._repack()
+        elif not self._said_scattered:
+            scattered = [n for n, layer in self.layers.items() if layer.group is not None and not self._on_runs(n)]
+            if scattered:  # once a run: what the steps now do, and what would keep them on views
+                self._said_scattered = True
+                logger.info(
+                    "egg_optim: the election scattered the roles of %d transformer block(s); their steps now take "
+                    "their units by gathers (EggConfig.repack=True reorders the units so the steps stay on views)",
+                    len(scattered),
+                )
         return {n: lb.churn for n, lb in self.book.layers.items()}
 
     def _graduate_due(self, position: int) -> bool:
@@ -724,7 +734,19 @@ class RoleController:
 
     def stats(self) -> dict[str, Any]:
         self.settle_clone_checks()
-        return role_stats.stats(self.book, self.layer_plans, self.plan.align)
+        runs = {name: self._on_runs(name) for name in self.layers}
+        return role_stats.stats(self.book, self.layer_plans, self.plan.align, runs)
+
+    def _on_runs(self, name: str) -> bool:
+        """Whether layer ``name``'s roles are runs (in every part), which its steps take by views, not gathers."""
+        roles = self.roles[name]
+        if not roles.has_clones:
+            return True
+        parts = self.layers[name].parts
+        split = roles.split(parts) if parts > 1 else [roles]
+        return split is not None and all(
+            r.active_span is not None and (not r.has_clones or r.clone_span is not None) for r in split
+        )
 
     def settle_clone_checks(self) -> int:
         """Read the finiteness checks that step-path clone events left on the device (one host read for all of

@@ -22,11 +22,17 @@ def leadership_counts(book: Book) -> dict[str, torch.Tensor]:
     return out
 
 
-def stats(book: Book, plans: Mapping[str, LayerPlan] | None = None, align: str | int = 1) -> dict[str, Any]:
+def stats(
+    book: Book,
+    plans: Mapping[str, LayerPlan] | None = None,
+    align: str | int = 1,
+    runs: Mapping[str, bool] | None = None,
+) -> dict[str, Any]:
     """Role counts, fraction of units updated, units cloned so far, elections and churn, the fraction graduation
     raised every layer to (``graduated_to``, 0: none); ``align``: the
     multiple each layer's counts were rounded to (1: not rounded, see :class:`~egg_optim.RolePlan`) and, at
-    the top, the plan's ``align`` setting."""
+    the top, the plan's ``align`` setting; ``runs``: whether each layer's roles are runs, which its steps take by
+    views (``False``: scattered, as elections leave them: gathers), counted in ``total["scattered"]``."""
     steps = book.steps
     layers = {}
     for name, lb in book.layers.items():
@@ -43,10 +49,13 @@ def stats(book: Book, plans: Mapping[str, LayerPlan] | None = None, align: str |
             "mean_tenure": float((steps - lb.seated_at[roles.leaders]).float().mean())
             if roles.leaders.numel()
             else 0.0,
+            **({"runs": bool(runs[name])} if runs is not None and name in runs else {}),
         }
     keys = ("units", "leaders", "independents", "clones", "cloned_units", "churn")
     total = {k: sum(v[k] for v in layers.values()) for k in keys}
     total["updated_fraction"] = (total["leaders"] + total["independents"]) / total["units"] if total["units"] else 1.0
+    if runs is not None:
+        total["scattered"] = sum(not v for v in runs.values())
     return {
         "layers": layers,
         "total": total,
