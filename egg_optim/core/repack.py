@@ -42,10 +42,10 @@ def packed_order(roles: Roles, parts: int = 1) -> torch.Tensor | None:
     n = roles.num_units // parts
     orders = []
     for g, r in enumerate(split):
-        taken = list(dict.fromkeys(r.sources.tolist()))  # leaders in the order the clones take them
-        rest = [u for u in r.leaders.tolist() if u not in set(taken)]
+        taken = dict.fromkeys(r.sources.tolist())  # leaders in the order the clones take them
+        rest = [u for u in r.leaders.tolist() if u not in taken]
         orders.append(
-            torch.tensor(taken + rest + r.independents.tolist() + r.clones.tolist(), dtype=torch.long) + g * n
+            torch.tensor([*taken, *rest, *r.independents.tolist(), *r.clones.tolist()], dtype=torch.long) + g * n
         )
     return torch.cat(orders)
 
@@ -82,10 +82,11 @@ def permute_(t: torch.Tensor, dim: Axis, order: torch.Tensor) -> None:
         axes.copy_(t, dim, moved.to(t.device), axes.select(t, dim, order[moved].to(t.device)))
 
 
-def move_units_(layer: ManagedLayer, order: torch.Tensor) -> None:
-    """Move unit ``order[j]`` of ``layer`` to position ``j`` in every parameter and buffer the layer's units own."""
+def move_units_(layer: ManagedLayer, order: torch.Tensor, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Move unit ``order[j]`` of ``layer`` to position ``j`` in every parameter and buffer the layer's units own (or,
+    with ``tensors``, in the tensors of those qualified names there: a copy of the model)."""
     for name, t in [*layer.params, *layer.buffers]:
-        permute_(t, layer.dim_of(name), positions(order, layer.index.get(name)))
+        permute_(t if tensors is None else tensors[name], layer.dim_of(name), positions(order, layer.index.get(name)))
 
 
 def swap_order(num_units: int, parts: int = 1) -> torch.Tensor:

@@ -295,9 +295,7 @@ class RoleController:
         if original_order:
             tensors = dict(model.named_parameters()) | dict(model.named_buffers())
             for name, order in self.unit_order.items():
-                layer, back = self.layers[name], repack.inverse(order)
-                for qname, _ in [*layer.params, *layer.buffers]:
-                    repack.permute_(tensors[qname], layer.dim_of(qname), repack.positions(back, layer.index.get(qname)))
+                repack.move_units_(self.layers[name], repack.inverse(order), tensors)
         return model
 
     def coverage(self) -> _coverage.Coverage:
@@ -389,7 +387,8 @@ class RoleController:
         groups = {p: g for g in self.masked.param_groups for p in g["params"]}
         for name, order in todo.items():
             layer, lb = self.layers[name], self.book.layers[name]
-            for pname, p in layer.params:
+            repack.move_units_(layer, order)
+            for pname, p in layer.params:  # what moves with each parameter: its gradient and optimizer state
                 dim = layer.dim_of(pname)
                 moves = repack.positions(order, layer.index.get(pname))
                 state = self.masked.state.get(p) or {}
@@ -397,11 +396,9 @@ class RoleController:
                     compact.expand(p, state, layer.roles_of(pname, old[name]), groups[p], from_sources=False,
                                    parked=self.masked.parked.pop(p, None), fresh=self.masked.info.fresh_value,
                                    dim=dim)  # fmt: skip
-                for t in [p, p.grad, *state.values()]:
+                for t in [p.grad, *state.values()]:
                     if torch.is_tensor(t) and t.dim() and axes.units_of(p.shape, t, dim) == moves.numel():
                         repack.permute_(t, dim, moves)
-            for bname, b in layer.buffers:
-                repack.permute_(b, layer.dim_of(bname), repack.positions(order, layer.index.get(bname)))
             lb.led_steps, lb.seated_at = lb.led_steps[order], lb.seated_at[order]
             if lb.score_sum is not None:
                 lb.score_sum = lb.score_sum[order.to(lb.score_sum.device)]
