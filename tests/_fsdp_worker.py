@@ -41,6 +41,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "moe_weight": dict(kind="moe", order="after", clone_mode="weight", election="grad_norm", clone_state="copy"),
     "seed_weight_graduate": dict(kind="seed", order="after", clone_mode="weight", elect_every="never",
                                  graduate="4:1", graduate_state="reset"),
+    # packed roles whose sources cycle over a run: a clone event moves the sources' run (broadcast by the ranks
+    # holding it: with 60 % leaders 13 leader rows of 21, across both ranks' shards), the experts nothing; with
+    # 40 % the clones straddle the ranks' shards, rank 1's starting at the cycle's second source
+    "mlp_weight_views": dict(kind="mlp", order="after", clone_mode="weight", elect_every="never", clone_every=1,
+                             assign="round_robin", plan=(0.6, 0.1), measure=True),
+    "mlp_weight_views_cycle": dict(kind="mlp", order="after", clone_mode="weight", elect_every="never",
+                                   clone_every=1, assign="round_robin", measure=True),
+    "llama_weight_views": dict(kind="llama", order="nested", clone_mode="weight", elect_every="never",
+                               clone_every=1, assign="first", measure=True),
+    "moe_weight_views": dict(kind="moe", order="after", clone_mode="weight", elect_every="never", clone_every=1,
+                             assign="round_robin", measure=True),
 }  # fmt: skip
 # checkpoint round trips: name -> (scenario options, how the checkpoint is written and read)
 CHECKPOINTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -105,15 +116,15 @@ def shard(model: nn.Module, order: str) -> None:
 def make(opts: dict[str, Any], sharded: bool) -> tuple[nn.Module, LeaderCloneOptimizer]:
     """Model and optimizer for ``opts`` (a scenario), sharded over the world or not."""
     opts = {**COMMON, **opts}
-    kind, order = opts.pop("kind"), opts.pop("order", "after")
-    opts.pop("rank_data", None)
-    opts.pop("eval_elect", None)
+    kind, order, plan = opts.pop("kind"), opts.pop("order", "after"), opts.pop("plan", (0.4, 0.1))
+    for key in ("rank_data", "eval_elect", "measure"):
+        opts.pop(key, None)
     model = build(kind)
     names = {id(p): n for n, p in model.named_parameters()}
     if sharded and not order.endswith("before"):
         shard(model, order)
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
-    opt = LeaderCloneOptimizer(model, base, RolePlan(leaders=0.4, independents=0.1), **opts)
+    opt = LeaderCloneOptimizer(model, base, RolePlan(*plan), **opts)
     if sharded and order.endswith("before"):  # what Accelerate's prepare does after the optimizer exists
         shard(model, order)
         new = dict(model.named_parameters())
@@ -149,7 +160,10 @@ def train(opts: dict[str, Any], sharded: bool, steps: int = STEPS, rank: int | N
     for s in range(steps):
         x = batch(kind, s, rank) if opts.get("rank_data") and rank is not None and rank >= 0 else batch(kind, s)
         loss_of(model, kind, x).backward()
-        opt.step()
+        if opts.get("measure") and s == steps - 1:
+            count = counted(opt.step)
+        else:
+            opt.step()
         opt.zero_grad()
         if opts.get("elect_every") == "never":
             history.append(own_rows(opt))
@@ -165,7 +179,23 @@ def train(opts: dict[str, Any], sharded: bool, steps: int = STEPS, rank: int | N
     out["mask_runs"] = sum(e.runs is not None for e in opt.masked._mask), len(opt.masked._mask)
     if opt.output_cloning is not None:
         out["fused"] = opt.output_cloning.norms
+    if opts.get("measure"):  # the last step's collectives and host reads, and a bare Adam step's on this model
+        bare = build(kind)
+        if sharded:
+            shard(bare, opts.get("order", "after"))
+        adam = torch.optim.Adam(bare.parameters(), lr=1e-2)
+        loss_of(bare, kind, batch(kind, 0)).backward()
+        out["step"], out["bare_step"] = count, counted(adam.step)
     return out
+
+
+def counted(step) -> dict[str, Any]:
+    """Collectives, their bytes and host reads (``_local_scalar_dense``) of one optimizer step."""
+    from egg_optim.utils.profiling import DispatchCounter
+
+    with DispatchCounter() as c:
+        step()
+    return {"collectives": dict(c.collectives), "bytes": c.collective_bytes, "reads": c.ops["_local_scalar_dense"]}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -312,6 +342,53 @@ def probed(family: str, sharded: bool) -> dict[str, Any]:
     return {"coverage": opt.coverage().as_dict(), "layouts": layouts, "resharded": resharded, "loss": loss.item()}
 
 
+# ---------------------------------------------------------------------------------------------- non-finite
+def nonfinite(sharded: bool) -> dict[str, Any]:
+    """Clone events after a NaN was put into a source row of a fused expert that only rank 1 holds: the step
+    path's check (per layer, on the device), then ``clone_now``'s (per clone unit); every rank must decide as one
+    process does. Returns the unit-owned tensors after each and the clone units kept at the step."""
+    from egg_optim.core.sharding import full, write_full_
+
+    model, opt = make(SCENARIOS["moe_weight_views"], sharded)
+    for s in range(2):
+        loss_of(model, "moe", batch("moe", s)).backward()
+        opt.step()
+        opt.zero_grad()
+    p = dict(model.named_parameters())["model.layers.1.mlp.experts.gate_up_proj"]
+    value = full(p).clone()
+    value[-1, 0] = float("nan")  # the last expert's first neuron: a leader, the source of clones
+    write_full_(p.detach(), value)
+    opt.controller._clone(on_device=True)
+    out: dict[str, Any] = {"kept_step": opt.controller.settle_clone_checks()}
+    out["step"] = {k: v.nan_to_num(123.0) for k, v in own_rows(opt).items()}
+    opt.clone_now()
+    out["now"] = {k: v.nan_to_num(123.0) for k, v in own_rows(opt).items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fetches
+def fetches() -> dict[tuple[int, int, int, int], bool]:
+    """``sharding.fetch`` of runs of a tensor sharded along ``dim`` (uneven shards, a rank with none, a run
+    across both ranks' shards): (size, dim, first, count) -> whether every rank got exactly those positions."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from egg_optim.core import sharding
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = {}
+    for n, dim in ((21, 0), (1, 0), (7, 1)):
+        shape = (n, 3) if dim == 0 else (4, n)
+        whole = torch.arange(float(n * shape[1 - dim])).view(shape)
+        t = distribute_tensor(whole, mesh, [Shard(dim)])
+        shards = sharding.row_shards(t, dim)
+        for first, count in {(0, n), (max(0, n // 2 - 1), min(n, 3)), (n - 1, 1)}:
+            got, works = sharding.fetch(t, dim, (first, count), shards)
+            for work in works:
+                work.wait()
+            out[n, dim, first, count] = torch.equal(got, whole.narrow(dim, first, count))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def refusals() -> dict[str, str]:
     """Error type and message of what FSDP2 cannot do with roles."""
@@ -386,6 +463,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.barrier()
         for family in PROBED:
             part(f"probe_{family}", probed, family, True)
+        part("fetches", fetches)
+        part("nonfinite", nonfinite, True)
         part("refusals", refusals)
         part("accelerate", accelerate_round_trip, os.path.join(out_dir, "acc"))
     finally:

@@ -90,7 +90,8 @@ def test_sharded_training_is_bit_identical_to_one_process(ranks, name):
     for r in (r0, r1):
         assert_same_roles(r["roles"], ref["roles"], name)
         assert_same(r["state"], ref["state"], name)
-    if opts.get("elect_every") == "never":  # packed roles: every local clone slice is a few runs, no index op
+    if opts.get("elect_every") == "never" and opts.get("clone_every") != 1:  # packed roles, clones masked: every
+        # local clone slice is a few runs, no index op (cloned at every step, they are not masked at all)
         for r in (r0, r1):
             runs, entries = r["mask_runs"]
             assert entries and runs == entries, r["mask_runs"]
@@ -111,6 +112,47 @@ def test_graduation_under_fsdp2_is_bit_identical_to_one_process(ranks, name):
         assert_same_roles(r["roles"], ref["roles"], name)
         assert_same(r["state"], ref["state"], name)
         assert all(not bool((roles["codes"] == 2).any()) for roles in r["roles"].values()), "clones left"
+
+
+@pytest.mark.parametrize("name", [n for n in w.SCENARIOS if w.SCENARIOS[n].get("measure")])
+def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
+    """Packed roles, a clone event at every step: no all-gather of the managed tensors, only the sources' rows
+    broadcast by the ranks holding them (fused experts, whole per rank, copied in place: nothing), and no host
+    read beyond a bare Adam step's (the finiteness check stays on the device; ranks agree by an all-reduce)."""
+    _, opt = w.make(w.SCENARIOS[name], sharded=False)
+    sources = 0  # bytes of the sources' rows of every tensor FSDP2 splits along its unit axis
+    for lname, layer in opt.layers.items():
+        for q, p in layer.params:
+            if layer.copied_by_clones(q) and layer.dim_of(q) == 0:
+                er = layer.roles_of(q, opt.roles[lname])
+                sources += er.sources.unique().numel() * p[0].numel() * p.element_size()
+    copied = sum(p.numel() * p.element_size() for layer in opt.layers.values() for q, p in layer.params)
+    assert 0 < sources < copied / 2
+    for r in part(ranks, name):
+        step, bare = r["step"], r["bare_step"]
+        assert step["collectives"].get("broadcast_") and set(step["collectives"]) <= {"broadcast_", "allreduce_"}
+        flags = 8 * len(opt.layers) * step["collectives"].get("allreduce_", 0)  # the check's per-layer flags
+        assert step["bytes"] <= sources + flags, (step, sources)
+        assert bare["collectives"] == {} and step["reads"] == bare["reads"], (step, bare)
+
+
+def test_ranks_agree_on_clones_whose_source_is_not_finite(ranks):
+    """A NaN in a source row that only rank 1 holds (a fused expert copied in place): the step path keeps that
+    layer's clones on both ranks, clone_now keeps the clones of that source, as one process does."""
+    ref = w.nonfinite(False)
+    assert ref["kept_step"] > 0
+    for r in part(ranks, "nonfinite"):
+        assert r["kept_step"] == ref["kept_step"]
+        assert_same(r["step"], ref["step"], "after the step path's clone event")
+        assert_same(r["now"], ref["now"], "after clone_now")
+
+
+def test_fetch_broadcasts_a_run_from_every_rank_holding_part_of_it(ranks):
+    """``sharding.fetch``: a run of positions of a sharded tensor (along dim 0 or 1, uneven shards, a rank holding
+    none, a run across both ranks' shards) arrives whole on every rank."""
+    for got in part(ranks, "fetches"):
+        assert len(got) == 7 and all(got.values()), got
+        assert (21, 0, 9, 3) in got  # the run across both shards (rows 0-10 and 11-20)
 
 
 def test_clone_rows_stay_frozen_between_clone_events(ranks):

@@ -8,8 +8,11 @@ storage, :mod:`egg_optim.core.compact`, clone rows are not in the optimizer stat
 clone becomes active.)
 
 A parameter sharded by FSDP2 (:mod:`egg_optim.core.sharding`) may hold a clone on one rank and its source on
-another: the new rows are computed from the gathered tensor, exactly as one process computes them (noise
-included), and each rank writes its own slice.
+another. On packed roles a plain copy moves only the sources' run: the ranks holding it broadcast it, each rank
+writes the clone rows it holds, and a copy within each rank's slice (whole experts per rank; units along a
+dimension FSDP2 does not shard) moves nothing; the ranks agree on the finiteness check. Otherwise (drawn roles,
+``blend`` or ``noise``) the new rows are computed from the gathered tensor, exactly as one process computes them
+(noise included), and each rank writes its own slice.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from . import axes
+from . import axes, sharding
 from .axes import Axis, Span
 from .compact import CLONE_STATES, Fresh, zero_fresh
 from .masking import row_state_keys
@@ -126,10 +130,22 @@ def _bad_units(rows: torch.Tensor, dim: Axis, clone_units: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
+class _Fetch:
+    """A copy along a dimension FSDP2 splits across ranks: the sources' run is broadcast at each clone event by
+    the ranks holding it (:func:`~egg_optim.core.sharding.fetch`) and this rank writes its own clone positions."""
+
+    shards: tuple[Any, list[Span], int]  # :func:`~egg_optim.core.sharding.row_shards`
+    sources: Span  # the sources' run, global positions along the copy's dimension
+    dst: torch.Tensor | None  # the clone positions this rank holds (a view of its slice), None where it has none
+    r: int  # the source cycle's offset at dst's first position
+
+
+@dataclass(frozen=True, eq=False)
 class _Copy:
     """One tensor a clone event copies on packed roles, with the views it reads and writes, cut once from the
-    tensor's storage (``ptr``): the sources' run (``block``, what the finiteness check reads) and the
-    (clones' view, source) pairs of :func:`~egg_optim.core.axes.tile_pieces`."""
+    tensor's storage (``ptr``; this rank's slice when sharded): the sources' run (``block``, what the finiteness
+    check reads) and the (clones' view, source) pairs of :func:`~egg_optim.core.axes.tile_pieces`. A copy with
+    ``fetch`` gets its block and pieces at each event (:func:`_fetched`)."""
 
     tensor: torch.Tensor
     dim: int
@@ -140,12 +156,30 @@ class _Copy:
     pieces: list[tuple[torch.Tensor, torch.Tensor]]
     axis: Axis  # the tensor's unit axis and the roles of its positions there (``dim`` / ``roles`` but for experts)
     units: Roles
+    sharded: bool = False  # ``ptr`` is its local slice's
+    fetch: _Fetch | None = None
+    ranks: tuple[Any, ...] = ()  # process groups whose blocks differ by rank (own slices): they agree on the check
 
 
 # (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, and on
 # packed roles the tensor's :class:`_Copy`): ``rows`` is ``None`` where the clones take their sources' rows as they
 # are on packed roles; they are then written by broadcast from the copy's views and nothing is computed beforehand
 _Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, _Copy | None]
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A layer's copies (:func:`copy_plan`) with what every event needs of them worked out once: the copies as
+    writes, whether any fetches its sources from other ranks, and the process groups that agree on the check."""
+
+    copies: list[_Copy]
+    writes: list[_Write]
+    fetches: bool
+    ranks: tuple[Any, ...]
+
+
+def _write(c: _Copy) -> _Write:
+    return c.tensor, c.tensor, c.axis, c.units, None, c.is_param, c
 
 
 def _peaks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -164,18 +198,40 @@ def _peaks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [out[i] for i in range(len(tensors))]
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor is free of NaN and inf: :func:`_peaks` and ONE host read for them all."""
-    return not tensors or bool(torch.isfinite(torch.stack(_peaks(tensors))).all())
+def _all_finite(tensors: list[torch.Tensor], ranks: list[Any]) -> bool:
+    """Whether every tensor (on every rank of the process groups ``ranks``) is free of NaN and inf: :func:`_peaks`
+    and ONE host read for them all."""
+    if not tensors:
+        return True
+    return not bool(_agreed((~torch.isfinite(torch.stack(_peaks(tensors)))).sum(), ranks))
 
 
 def _cut(t: torch.Tensor, dim: int, where: Span, rs: Roles, is_param: bool, axis: Axis, units: Roles) -> _Copy:
     """The copy of positions ``where`` of ``t`` along ``dim``, whose roles (from 0 there) are ``rs``."""
     # views of a detached alias: no autograd view bookkeeping, and readable after the optimizer's in-place updates
-    base = axes.narrow(t.detach(), dim, where)
-    block = axes.narrow(base, dim, rs.source_cycle[:2])
-    pieces = axes.tile_pieces(axes.narrow(base, dim, rs.clone_span), dim, block, rs.source_cycle[2])
-    return _Copy(t, dim, rs, is_param, t.data_ptr(), block, pieces, axis, units)
+    x, split = local(t).detach(), is_sharded(t)
+    shards = sharding.row_shards(t, dim)
+    ranks = tuple(sharding.shard_groups(t, but=dim if shards is not None else None))
+    if shards is None:
+        base = axes.narrow(x, dim, where)
+        block = axes.narrow(base, dim, rs.source_cycle[:2])
+        pieces = axes.tile_pieces(axes.narrow(base, dim, rs.clone_span), dim, block, rs.source_cycle[2])
+        return _Copy(t, dim, rs, is_param, x.data_ptr(), block, pieces, axis, units, split, None, ranks)
+    (q, m, r), (c0, nc) = rs.source_cycle, rs.clone_span
+    first, count = shards[1][shards[2]]
+    a, b = max(where[0] + c0, first), min(where[0] + c0 + nc, first + count)  # this rank's clone positions
+    dst = axes.narrow(x, dim, (a - first, b - a)) if b > a else None
+    fetch = _Fetch(shards, (where[0] + q, m), dst, (r + a - where[0] - c0) % m if b > a else 0)
+    return _Copy(t, dim, rs, is_param, x.data_ptr(), None, [], axis, units, split, fetch, ranks)
+
+
+def _fetched(copy: _Copy, works: list[Any]) -> _Copy:
+    """``copy`` with its sources' run fetched from the ranks holding it (pending: ``works``), and its pieces."""
+    block, pending = sharding.fetch(copy.tensor, copy.dim, copy.fetch.sources, copy.fetch.shards)
+    works += pending
+    dst = copy.fetch.dst
+    pieces = [] if dst is None else axes.tile_pieces(dst, copy.dim, block, copy.fetch.r)
+    return replace(copy, block=block, pieces=pieces)
 
 
 def _segment_copies(
@@ -217,39 +273,66 @@ def _segment_copies(
 
 def copy_plan(layer: ManagedLayer, roles: Roles) -> list[_Copy] | None:
     """Every tensor a clone event copies in ``layer`` when the clones are one run and their sources cycle over one
-    in each (packed roles), with its views, or ``None`` where one is not (or is sharded). Kept on the layer until
-    its roles or its tensors (objects or storage) change: in weight mode a clone event runs at every step, on
-    the host of the step, which then cuts no view."""
+    in each (packed roles), with its views, or ``None`` where one is not. Kept on the layer until its roles or its
+    tensors (objects or storage) change: in weight mode a clone event runs at every step, on the host of the step,
+    which then cuts no view."""
+    plan = _plan(layer, roles)
+    return None if plan is None else plan.copies
+
+
+def _plan(layer: ManagedLayer, roles: Roles) -> _Plan | None:
     key = (roles, layer.params, layer.buffers)
     cached = layer._copy_plan
     if (
         cached is not None
         and all(a is b for a, b in zip(cached[0], key))
-        and (cached[1] is None or all(c.tensor.data_ptr() == c.ptr for c in cached[1]))
+        and (
+            cached[1] is None
+            or all((local(c.tensor) if c.sharded else c.tensor).data_ptr() == c.ptr for c in cached[1].copies)
+        )
     ):
         return cached[1]
     plan: list[_Copy] | None = []
     tensors = [(n, p, True) for n, p in layer.params if layer.copied_by_clones(n)]
     for name, t, is_param in tensors + [(n, b, False) for n, b in layer.buffers]:
         axis, units = layer.dim_of(name), layer.roles_of(name, roles)
-        if is_param and is_sharded(t):
-            plan = None
-            break
-        copies = _segment_copies(t, axis, units, roles, layer.index.get(name), is_param)
+        try:
+            copies = _segment_copies(t, axis, units, roles, layer.index.get(name), is_param)
+        except sharding.NestedShards:  # gathered whole instead
+            copies = None
         if copies is None:
             plan = None
             break
         plan += copies
-    layer._copy_plan = (key, plan)
-    return plan
-
-
-def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, generator) -> list[_Write]:
-    """Every tensor's new clone rows of one layer, computed before anything is written; plain copies on packed
-    roles compute nothing (see :data:`_Write`)."""
-    plan = copy_plan(layer, roles) if blend == 1.0 and noise == 0 else None
+    entry = None
     if plan is not None:
-        return [(c.tensor, c.tensor, c.axis, c.units, None, c.is_param, c) for c in plan]
+        ranks = {id(g): g for c in plan for g in c.ranks}
+        entry = _Plan(plan, [_write(c) for c in plan], any(c.fetch is not None for c in plan), tuple(ranks.values()))
+    layer._copy_plan = (key, entry)
+    return entry
+
+
+def _new_rows(
+    layer: ManagedLayer,
+    roles: Roles,
+    blend: float,
+    noise: float,
+    generator,
+    works: list[Any],
+    ranks: dict[int, Any],
+    views: bool = True,
+) -> list[_Write]:
+    """Every tensor's new clone rows of one layer, computed before anything is written (the list is not to be
+    changed); plain copies on packed roles compute nothing (see :data:`_Write`), their sources' runs split across
+    ranks are being fetched (wait for ``works`` before reading them), and the process groups that must agree on
+    the check join ``ranks``. ``views=False``: computed from gathered tensors, as one process would."""
+    plan = _plan(layer, roles) if views and blend == 1.0 and noise == 0 else None
+    if plan is not None:
+        for g in plan.ranks:
+            ranks.setdefault(id(g), g)
+        if not plan.fetches:
+            return plan.writes
+        return [_write(c if c.fetch is None else _fetched(c, works)) for c in plan.copies]
     writes: list[_Write] = []
     for pname, p in layer.params:
         if not layer.copied_by_clones(pname):
@@ -264,6 +347,38 @@ def _new_rows(layer: ManagedLayer, roles: Roles, blend: float, noise: float, gen
         dim, rs = layer.dim_of(bname), layer.roles_of(bname, roles)
         writes.append((b, b, dim, rs, _blended(b, rs, blend, dim), False, None))
     return writes
+
+
+def by_views(items: list[tuple[ManagedLayer, Roles]], blend: float, noise: float) -> bool:
+    """Whether a clone event over ``items`` is plain copies by views in every layer with clones (packed roles,
+    sharded or not): what :func:`clone_layers_on_device` needs for sharded parameters."""
+    plain = blend == 1.0 and noise == 0
+    return plain and all(copy_plan(layer, roles) is not None for layer, roles in items if roles.has_clones)
+
+
+def _news(items, blend: float, noise: float, generator, views: bool = True) -> tuple[list[list[_Write]], list[Any]]:
+    """:func:`_new_rows` of every layer, once the sources fetched from other ranks have arrived; and the process
+    groups whose ranks read different blocks (their own slices), which must agree on the finiteness check."""
+    works: list[Any] = []
+    ranks: dict[int, Any] = {}
+    news = [
+        _new_rows(layer, roles, blend, noise, generator, works, ranks, views) if roles.has_clones else []
+        for layer, roles in items
+    ]
+    for w in works:
+        w.wait()
+    return news, list(ranks.values())
+
+
+def _agreed(bad: torch.Tensor, ranks: list[Any]) -> torch.Tensor:
+    """``bad`` (counts of non-finite values) summed over the process groups ``ranks``: every rank then decides
+    alike."""
+    if ranks:
+        import torch.distributed as dist
+
+        for g in ranks:
+            dist.all_reduce(bad, group=g)
+    return bad
 
 
 def _computed(writes: list[_Write]) -> list[_Write]:
@@ -311,13 +426,14 @@ def clone_layers_on_device(
     optimizer state) this time; :func:`clone_layers` checks per clone unit, at the cost of a host read. Returns the
     positions in ``items`` of the layers with clones and, for each, whether it kept its clones (a bool tensor on
     the first layer's device, for the caller to read when a host read is convenient); ``None`` when no layer has
-    clones. Optimizer state is left as it is (``state="keep"``), and parameters sharded by FSDP2 are refused
-    (:func:`clone_layers` handles both). A few launches whatever the number of layers: one foreach max-abs, then
-    the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer tensors repeats its first),
-    reduced per row; each write is a ``where`` on that flag (packed roles), or on scattered roles a scatter whose
-    index the flag picks: the clones', or the sources' own (a plain copy's rows are the sources' rows, written
-    back unchanged)."""
-    news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
+    clones. Optimizer state is left as it is (``state="keep"``), and parameters sharded by FSDP2 must be copied by
+    views (:func:`by_views`; :func:`clone_layers` handles the rest). A few launches whatever the number of layers:
+    one foreach max-abs, then the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer
+    tensors repeats its first), reduced per row (and summed over the ranks whose slices differ: one all-reduce);
+    each write is a ``where`` on that flag (packed roles), or on scattered roles a scatter whose index the flag
+    picks: the clones', or the sources' own (a plain copy's rows are the sources' rows, written back
+    unchanged)."""
+    news, ranks = _news(items, blend, noise, generator)
     which = [i for i, writes in enumerate(news) if writes]
     if not which:
         return None
@@ -332,6 +448,8 @@ def clone_layers_on_device(
         padded += peaks[start:end] + peaks[start : start + 1] * (width - end + start)
         start = end
     ok = torch.isfinite(torch.stack(padded).view(len(which), width)).all(1)
+    if ranks:
+        ok = _agreed((~ok).int(), ranks) == 0
     plain = blend == 1.0 and noise == 0
     for i, when in zip(which, ok.unbind(0)):
         for t, _, dim, rs, rows, _, copy in news[i]:
@@ -376,10 +494,12 @@ def clone_layers(
     non-finite value looks at the units one by one. On packed roles a plain copy checks and reads the sources'
     run and writes the clones' run by broadcast: no gather, no temporary (a fused gate/up or qkv weight segment by
     segment, fused experts along their neuron dimension: :func:`_segment_copies`)."""
-    news = [_new_rows(layer, roles, blend, noise, generator) if roles.has_clones else [] for layer, roles in items]
+    news, ranks = _news(items, blend, noise, generator)
     checked = [copy.block if rows is None else rows for writes in news for *_, rows, _, copy in writes]
-    finite = _all_finite(checked)  # nothing written yet
+    finite = _all_finite(checked, ranks)  # nothing written yet
     if not finite:
+        if any(copy is not None and is_sharded(copy.tensor) for writes in news for *_, copy in writes):
+            news = _news(items, blend, noise, generator, views=False)[0]  # units looked at whole, on every rank
         news = [_computed(writes) for writes in news]
     written = []
     for (layer, roles), writes in zip(items, news):

@@ -12,7 +12,10 @@ writing it writes the parameter. This module holds what the core needs to work o
   of a full-size value back into each rank's slice. Cloning, scores and saved clone rows read a unit's source or
   all of a unit's weights wherever they live; computing on the gathered tensor gives, bit for bit, what a
   single process computes;
-* :func:`like`: a full-size value laid out as a DTensor like a given one (state loaded from a plain checkpoint).
+* :func:`like`: a full-size value laid out as a DTensor like a given one (state loaded from a plain checkpoint);
+* :func:`row_shards` and :func:`fetch`: which rank holds which positions along a dimension, and a run of positions
+  (weight mode's sources on packed roles) broadcast by the ranks holding it, so that a clone event moves the
+  sources' rows, not the whole tensor.
 
 Every function is the identity (or the plain tensor operation) for ordinary tensors. Supported placements are
 ``Shard(d)`` and ``Replicate()`` on any mesh dimensions (FSDP2, HSDP); partial (pending-reduction) and strided
@@ -169,6 +172,76 @@ def copied_positions(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: 
     whole = full(t).clone()
     axes.copy_(whole, dim, clones, axes.select(whole, dim, sources))
     return like(t, whole)
+
+
+class NestedShards(ValueError):
+    """A tensor dimension sharded over several mesh dimensions: :func:`row_shards` does not lay it out."""
+
+
+def row_shards(t: torch.Tensor, dim: int) -> tuple[Any, list[tuple[int, int]], int] | None:
+    """How ranks split ``t`` along tensor dimension ``dim``: ``(group, spans, me)``, the process group of the mesh
+    dimension that shards it, each of its ranks' ``(first, count)`` positions (``torch.chunk`` sizes, as
+    ``Shard`` lays them out) and this rank's index in it; ``None`` when every rank holds all of ``dim``. Read from
+    the placements, so every rank gets the same answer. Raises :class:`NestedShards` when several mesh
+    dimensions shard ``dim``."""
+    if not is_sharded(t):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh_dims = [i for i, p in enumerate(t.placements) if type(p) is Shard and p.dim % t.dim() == dim]
+    if len(mesh_dims) > 1:
+        raise NestedShards(f"dimension {dim} of a {tuple(t.shape)} tensor is sharded over mesh dimensions {mesh_dims}")
+    if not mesh_dims or t.device_mesh.size(mesh_dims[0]) == 1:
+        return None
+    mesh_dim = mesh_dims[0]
+    n, k = int(t.shape[dim]), t.device_mesh.size(mesh_dim)
+    c = -(-n // k)
+    spans = [(min(i * c, n), max(0, min(c, n - i * c))) for i in range(k)]
+    me = t.device_mesh.get_local_rank(mesh_dim)
+    if spans[me] != span(t, dim):
+        raise RuntimeError(
+            f"egg_optim: a {tuple(t.shape)} DTensor's shard along dimension {dim} is {span(t, dim)} on this rank, "
+            f"not the torch.chunk layout {spans[me]}; please report it with your torch version"
+        )
+    return t.device_mesh.get_group(mesh_dim), spans, me
+
+
+def shard_groups(t: torch.Tensor, but: int | None = None) -> list[Any]:
+    """The process groups of the mesh dimensions that shard ``t`` (except the one sharding tensor dimension
+    ``but``): the ranks whose slices of ``t`` differ, which must agree on a decision read from their slices."""
+    if not is_sharded(t):
+        return []
+    from torch.distributed.tensor import Shard
+
+    return [
+        t.device_mesh.get_group(i)
+        for i, p in enumerate(t.placements)
+        if type(p) is Shard and t.device_mesh.size(i) > 1 and (but is None or p.dim % t.dim() != but)
+    ]
+
+
+@torch.no_grad()
+def fetch(t: torch.Tensor, dim: int, where: tuple[int, int], shards: tuple[Any, list[tuple[int, int]], int]):
+    """Positions ``where = (first, count)`` of ``t`` along ``dim`` (split as :func:`row_shards` says), as an ordinary
+    tensor identical on every rank of the group: each rank holding some of them broadcasts its part. Returns the
+    tensor and the pending works (wait for them before reading it): a clone event issues every fetch, then waits.
+    Other dimensions are this rank's slice of them."""
+    import torch.distributed as dist
+
+    group, spans, me = shards
+    x = local(t)
+    a, m = where
+    buf = x.new_empty((m, *(s for i, s in enumerate(x.shape) if i != dim)))  # positions first: parts contiguous
+    works = []
+    for i, (f, c) in enumerate(spans):
+        lo, hi = max(a, f), min(a + m, f + c)
+        if hi <= lo:
+            continue
+        part = buf.narrow(0, lo - a, hi - lo)
+        if i == me:
+            part.copy_(x.narrow(dim, lo - f, hi - lo).movedim(dim, 0))
+        works.append(dist.broadcast(part, group=group, group_src=i, async_op=True))
+    return buf.movedim(0, dim), works
 
 
 def replacement_problem(layer: str, qname: str, new: torch.Tensor | None) -> str:

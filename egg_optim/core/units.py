@@ -81,7 +81,7 @@ class ManagedLayer:
     _expanded: dict[str, tuple[Roles, torch.Tensor, Roles]] = field(default_factory=dict, repr=False, compare=False)
     # what a clone event copies on packed roles, kept until the roles or the owned tensors change
     # (:func:`egg_optim.core.cloning.copy_plan`): weight mode holds a clone event at every step
-    _copy_plan: tuple[tuple, list | None] | None = field(default=None, repr=False, compare=False)
+    _copy_plan: tuple[tuple, object] | None = field(default=None, repr=False, compare=False)
 
     def dim_of(self, name: str) -> Axis:
         return self.dims.get(name, 0)

@@ -20,6 +20,10 @@ An index op counts as **over a parameter-sized tensor** when one of its floating
 - is the output of an earlier parameter-sized index op (a weight's active rows, and what is built from them);
 - is a one-dimensional output that becomes a parameter's gradient (a bias gradient formed by ``index_add``).
 
+Collectives (``torch.distributed`` ops and functional collectives, e.g. FSDP2's and DTensor's all-gathers) are
+counted apart, with the bytes of the largest tensor each one moves (an all-gather's output, a broadcast's or
+all-reduce's tensor): what a step adds to the traffic between GPUs.
+
 Index tensors themselves (integers) are ignored. An activation could pass for a weight only by having exactly
 its shape: size the inputs so that it does not (``batch * tokens`` different from every weight dimension).
 Work done in opaque kernels (egg_optim's native CPU norm kernels, fused optimizer kernels) is one
@@ -49,6 +53,9 @@ INDEX_OPS = frozenset(
     }
 )  # fmt: skip
 
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
+_NOT_COLLECTIVES = frozenset({"wait_tensor", "_wrap_tensor_autograd"})  # bookkeeping of functional collectives
+
 
 def _storage(t: torch.Tensor) -> int | None:
     try:
@@ -74,8 +81,9 @@ class DispatchCounter(TorchDispatchMode):
         params: more tensors to treat as parameters.
 
     After the block: ``ops`` (a :class:`~collections.Counter` by op name), ``total``, ``launches`` (ops that
-    are not views: what would launch a kernel), ``index_ops`` and ``param_index_ops`` (by name), and
-    ``param_index_bytes`` (bytes written by the parameter-sized index ops).
+    are not views: what would launch a kernel), ``index_ops`` and ``param_index_ops`` (by name),
+    ``param_index_bytes`` (bytes written by the parameter-sized index ops), ``collectives`` (by name) and
+    ``collective_bytes``.
     """
 
     def __init__(self, model: nn.Module | None = None, optimizer: Any = None, params: Iterable[torch.Tensor] = ()):
@@ -86,6 +94,8 @@ class DispatchCounter(TorchDispatchMode):
         self.index_ops: Counter[str] = Counter()
         self.param_index_ops: Counter[str] = Counter()
         self.param_index_bytes = 0
+        self.collectives: Counter[str] = Counter()
+        self.collective_bytes = 0
         self._known: set[int] = set()
         self._grads: set[int] = set()
         self._shapes: set[tuple[tuple[int, ...], torch.dtype]] = set()
@@ -147,6 +157,11 @@ class DispatchCounter(TorchDispatchMode):
         self.ops[name] += 1
         if func.is_view:
             self.views += 1
+        if func.namespace in _COLLECTIVE_NAMESPACES and name not in _NOT_COLLECTIVES:
+            self.collectives[name] += 1
+            moved = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.collective_bytes += max((t.numel() * t.element_size() for t in moved), default=0)
+            return out
         if name.rstrip("_") not in INDEX_OPS:
             return out
         self.index_ops[name] += 1
@@ -177,6 +192,8 @@ class DispatchCounter(TorchDispatchMode):
             "index_ops": dict(self.index_ops),
             "param_index_ops": dict(self.param_index_ops),
             "param_index_bytes": self.param_index_bytes,
+            "collectives": dict(self.collectives),
+            "collective_bytes": self.collective_bytes,
         }
 
 
