@@ -189,7 +189,8 @@ def test_a_checkpoint_taken_after_a_repack_resumes_exactly():
 
 def test_a_block_whose_heads_reach_later_blocks_keeps_its_order_and_says_so():
     """T5's first attention block computes a per-head position bias that every later block reads by head index:
-    moving its heads (or a later block's) changes the model, which the check at construction finds."""
+    moving its heads (or a later self-attention block's) changes the model, which the check at construction
+    finds; its cross-attention blocks read no such bias and move."""
     cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                 dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
     torch.manual_seed(0)
@@ -205,6 +206,11 @@ def test_a_block_whose_heads_reach_later_blocks_keeps_its_order_and_says_so():
     said = [str(w.message) for w in record if "repack leaves" in str(w.message)]
     assert len(said) == 1 and "encoder.block.0.layer.0.SelfAttention: moving its units changes" in said[0]
     assert any("DenseReluDense" in n for n in opt.unit_order())  # the MLPs moved
+    # cross-attention (the same class and shapes as the later self-attention blocks, called with the encoder's
+    # states and no per-head bias) is probed on its own call: its clones are exact and its heads move
+    selfs = {n for n in opt.layers if "SelfAttention" in n and ".block.0." not in n}
+    assert set(opt.coverage().inexact) == selfs
+    assert {n for n in opt.unit_order() if "EncDecAttention" in n} == {n for n in opt.layers if "EncDecAttention" in n}
 
 
 def test_repack_is_validated():

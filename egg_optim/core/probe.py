@@ -153,7 +153,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
             g = found.groups[name]
             if runner not in calls:
                 continue
-            key = _signature(modules[runner], g)
+            key = _signature(modules[runner], g), _call_signature(calls[runner])
             if key in settled:  # the same code on the same shapes: the first block's answer
                 first, verdict, why = settled[key]
                 why = why.replace(repr(first.consumer), repr(g.consumer))
@@ -319,6 +319,19 @@ def _signature(module: nn.Module, g: UnitGroup) -> tuple:
     parts = tuple((n, type(m).__name__) for n, m in module.named_modules())
     params = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
     return type(module), g.kind, g.layout, parts, params, tuple((s.key, tuple(s.index.shape)) for s in g.slices)
+
+
+def _call_signature(value: Any) -> Any:
+    """What a block's call is given (its recorded ``(args, kwargs)``): tensors by shape and dtype, containers by
+    their items, anything else by type. Blocks of one class called with other inputs may compute otherwise: T5's
+    cross-attention gets the encoder's states and no per-head position bias, its self-attention the reverse."""
+    if torch.is_tensor(value):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, (tuple, list)):
+        return tuple(_call_signature(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _call_signature(v)) for k, v in value.items())
+    return type(value)
 
 
 def _set_layout(g: UnitGroup, layout: str) -> None:
