@@ -180,6 +180,7 @@ def _build(kind: str, name: str, mode: str | None, preset: str | None, batch: in
                 first_roles=first_roles,
                 fuse_norms=UNFUSED not in name,
                 repack="repacked" in name,  # scattered roles (as elections leave them) reordered into runs
+                example_inputs=x[:2] if kind == "cnn" else None,  # (which plain layers may move: checked on it)
             )
         layers = len(opt.layers)
     case = Case(f"{kind}/{name}", model, opt, fwd_bwd, layers)

@@ -117,7 +117,8 @@ class EggConfig:
                       "roles it scattered, all of the block's slices at once (the block computes the same function), "
                       "so that its active units and clones are runs again and the steps take them by views instead "
                       "of gathers (GPU speed); units then move in model.state_dict() (opt.unit_order() maps them "
-                      "back); plain Linear / conv layers keep their order", type=bool),
+                      "back); a plain Linear / conv moves with the norm after it and its reader's input columns, "
+                      "checked on example_inputs (without them it keeps its order)", type=bool),
     )  # fmt: skip
     leader_scales: Sequence[float] | str = field(
         default="",

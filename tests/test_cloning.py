@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from conftest import TinySeedNet, mlp
@@ -278,3 +280,23 @@ def test_the_device_checked_clone_event_matches_the_host_one_and_reads_nothing(p
                 assert torch.equal(p.detach().nan_to_num(), q.detach().nan_to_num())
     if target is not None and not layer0_kept:  # not vacuous: a NaN no clone reads, and the clones were written
         assert torch.equal(lins[0].weight[roles[0].clones], lins[0].weight[roles[0].sources]) or blend != 1.0
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_a_float64_model_clones_values_beyond_float32s_range(on_device):
+    """The finiteness check reads float64 rows in float64: a leader row of 1e300 (finite) is copied, not taken for
+    an inf and kept back (nor refused as a narrowing, which torch raises for a float32 max-abs of float64)."""
+    torch.manual_seed(0)
+    model = mlp((5, 10, 3)).double()
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), RolePlan(0.3), clone_mode="weight")
+    roles = opt.roles["0"]
+    with torch.no_grad():
+        model[0].weight[roles.sources] = 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "keep their rows" warning
+        if on_device:
+            opt.controller._clone(on_device=True)
+            assert opt.controller.settle_clone_checks() == 0
+        else:
+            assert opt.clone_now() == roles.num_clones
+    assert torch.equal(model[0].weight[roles.clones], model[0].weight[roles.sources])

@@ -229,12 +229,14 @@ def test_compile_decides_the_norm_coupling_first_and_trains_what_eager_trains(tm
     assert couplings[0] == couplings[1] and len(couplings[0]) == 9  # the seed net's convs with their norms
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("repack", [[], ["--repack"]])
+def test_resume_is_bit_identical(tmp_path, repack):
     """N steps straight == N/2, checkpoint, resume in a fresh Accelerator/model, N/2 more: weights, BN
     statistics and roles identical. Crosses an epoch boundary (new election) with dropout, augmentation, a
-    cosine schedule and the checkpoint taken mid-epoch."""
+    cosine schedule and the checkpoint taken mid-epoch; with ``--repack`` the seed net's convs move their units
+    (checked on random images of the dataset's shape) at the elections, on both sides of the checkpoint."""
     common = ["--max-steps", "10", "--augment", "--lr", "3e-3", "--lr-schedule", "cosine", "--election", "grad_norm",
-              "--elect-every", "epoch"]  # fmt: skip
+              "--elect-every", "epoch", *repack]  # fmt: skip
     straight, out = _run([*common, "--save-every", "3", "--keep-checkpoints", "0"], tmp_path, "straight")
     checkpoint = out / "checkpoints" / "checkpoint-6"  # epoch 2 of 4 batches, 2 batches in
     progress = json.loads((checkpoint / "egg_optim_checkpoint.json").read_text())["metadata"]["progress"]
@@ -244,6 +246,10 @@ def test_resume_is_bit_identical(tmp_path):
     for key in ("param_sha256", "buffer_sha256", "roles_sha256", "steps", "elections", "test_accuracy"):
         assert resumed[key] == straight[key], key
     assert straight["elections"] == 2
+    if repack:  # units moved: the checkpoint holds their order
+        saved = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+        orders = [e["unit_order"] for e in saved["egg_optim"]["layers"].values() if e.get("unit_order") is not None]
+        assert orders and any(not torch.equal(o, torch.arange(o.numel())) for o in orders)
     # without the checkpoint the run differs (the comparison above is not vacuous)
     other, _ = _run([*common, "--seed", "1"], tmp_path, "other")
     assert other["param_sha256"] != straight["param_sha256"]

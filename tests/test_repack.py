@@ -103,7 +103,8 @@ def test_scattered_first_roles_repacked_keep_the_model_and_step_without_index_op
     b = _opt(moved, "output", repack_=True, first_roles="drawn")
     reordered = b.unit_order()
     assert reordered, "no block was reordered: the test would prove nothing"
-    movable = [n for n, layer in b.layers.items() if layer.group is not None and n not in b.controller._order_kept]
+    kept, follow = b.controller._order_kept, b.controller._followers  # (plain layers move with their followers)
+    movable = [n for n, layer in b.layers.items() if (layer.group is not None or n in follow) and n not in kept]
     assert set(reordered) <= set(movable)
     for name in movable:  # reordered, or drawn in order already
         assert torch.equal(
@@ -124,8 +125,8 @@ def test_scattered_first_roles_repacked_keep_the_model_and_step_without_index_op
             opt.zero_grad()
         counts.append(dict(counted.param_index_ops))
     extra = {op: n - counts[0].get(op, 0) for op, n in counts[1].items() if n > counts[0].get(op, 0)}
-    # (blocks that keep their order, and plain layers, which never move, gather)
-    gathering = b.controller._order_kept or any(layer.group is None for layer in b.layers.values())
+    # (layers that keep their order gather)
+    gathering = kept or any(n not in movable for n in b.layers)
     assert not extra or gathering, (extra, counts[0])
     assert sum(counts[2].values()) > sum(counts[1].values())  # not vacuous: unmoved scattered roles gather
 
@@ -195,7 +196,7 @@ def test_a_block_whose_heads_reach_later_blocks_keeps_its_order_and_says_so():
                                 dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg)
-    with pytest.warns(UserWarning, match="repack leaves the units of these blocks in their order") as record:
+    with pytest.warns(UserWarning, match="repack leaves the units of these layers in their order") as record:
         opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
                                    first_roles="drawn")  # fmt: skip
     kept = opt.controller._order_kept
@@ -232,14 +233,136 @@ def test_unit_order_is_validated_on_load():
     assert axes.span(opt.roles[name].active) is not None  # nothing changed by the refused load
 
 
-def test_a_model_without_blocks_is_told_that_nothing_moves():
+# ---------------------------------------------------------------------------------------------- plain layers
+class _FlatNet(torch.nn.Module):
+    """conv -> BatchNorm -> ReLU -> conv -> ReLU -> flatten -> Linear: the second conv's channels are read by 16
+    columns each of the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 12, 3), torch.nn.BatchNorm2d(12)
+        self.conv2, self.fc = torch.nn.Conv2d(12, 8, 3), torch.nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.flatten(1))
+
+
+def _plain(kind: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
+    """A model of plain layers, an input batch shape's example and the number of classes (float64: trajectories
+    compared to rounding, where a LayerNorm over copied units amplifies float32's summation order)."""
+    from conftest import TinySeedNet, mlp
+
+    torch.manual_seed(0)
+    model = {"seed": TinySeedNet, "mlp": lambda: mlp((6, 20, 20, 3), norm=True), "flat": _FlatNet}[kind]()
+    shape = {"seed": (1, 8, 8), "mlp": (6,), "flat": (1, 8, 8)}[kind]
+    return model.double(), torch.randn(4, *shape, dtype=torch.float64), {"seed": 4, "mlp": 3, "flat": 5}[kind]
+
+
+def _plain_run(kind: str, repack_: bool, mode: str, election: str, steps: int = 7, **options):
+    model, example, classes = _plain(kind)
+    cfg = EggConfig(clone_mode=mode, repack=repack_, elect_every=2, election=election, assign="first", **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), "mild",
+                                   config=cfg, example_inputs=example)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, *example.shape[1:], generator=gen, dtype=torch.float64)
+        y = torch.randint(0, classes, (6,), generator=gen)
+        with DispatchCounter(model, opt) as counted:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return model, opt, counted, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", ["seed", "mlp", "flat"])
+@pytest.mark.parametrize(("mode", "election", "state"), [("output", "grad_norm", "keep"),
+                                                         ("weight", "grad_norm", "keep"),
+                                                         ("weight", "taylor", "copy")])  # fmt: skip
+def test_plain_layers_move_with_their_norm_and_reader_and_train_the_same_model(kind, mode, election, state):
+    """A plain Linear or conv moves with the per-unit norm after it and the input columns of the layer that reads
+    it (16 per channel after a flatten), gradients and state included: with elections every 2 steps the run trains
+    the same weights as without repack, and its steps gather only in the layers that keep their order (residual
+    outputs). The scores are gradients: a clone holds its source's weights (weight mode; output mode once
+    promoted), a tie in weight norm that the units' positions would break."""
+    plain, a, count_a, _ = _plain_run(kind, False, mode, election, clone_state=state)
+    moved, b, count_b, _ = _plain_run(kind, True, mode, election, clone_state=state)
+    assert b.controller.book.elections == 3 and b.unit_order(), "nothing was reordered: the test would prove nothing"
+    ref, got = a.export_model().state_dict(), b.export_model(original_order=True).state_dict()
+    assert not all(torch.equal(v, moved.state_dict()[k]) for k, v in got.items())  # put back: not the live order
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    kept = b.controller._order_kept
+    assert set(b.unit_order()) == set(b.layers) - set(kept)
+    assert count_b.param_index_total <= count_a.param_index_total
+    if not kept:  # every layer in runs: no index op over parameters at all
+        assert count_b.param_index_total == 0
+    if mode == "weight":  # (output mode's active units stay a run when only leaders and independents swap)
+        assert count_b.param_index_total < count_a.param_index_total
+
+
+def test_the_followers_of_a_plain_layer_are_found_and_checked():
+    """Found in registration order and checked on the model: the seed block's first two convs move with their
+    BatchNorm and the next conv's columns; its last conv, summed with the shortcut, keeps its order, said with
+    why; the flattened reader takes 16 columns per channel."""
+    model, example, _ = _plain("seed")
+    with pytest.warns(UserWarning, match="repack leaves the units of these layers in their order") as record:
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
+                                   first_roles="drawn", example_inputs=example)  # fmt: skip
+    followers, kept = opt.controller._followers, opt.controller._order_kept
+    assert [(f.name, f.dim, f.k) for f in followers["layer1.conv1"]] == [
+        ("layer1.bn1.weight", 0, 1), ("layer1.bn1.bias", 0, 1), ("layer1.bn1.running_mean", 0, 1),
+        ("layer1.bn1.running_var", 0, 1), ("layer1.conv2.weight", 1, 1),
+    ]  # fmt: skip
+    assert "does not read its 20 outputs" in kept["layer1.conv3"]  # the next conv is the shortcut's
+    assert "changes the model's output" in kept["layer2.conv3"]  # the next conv reads it, with the residual
+    said = [str(w.message) for w in record if "repack leaves" in str(w.message)]
+    assert len(said) == 1 and "layer2.conv3: moving its units changes" in said[0]
+    flat, example, _ = _plain("flat")
+    opt = LeaderCloneOptimizer(flat, torch.optim.SGD(flat.parameters(), lr=0.1), "mild", repack=True,
+                               first_roles="drawn", example_inputs=example)  # fmt: skip
+    assert [(f.name, f.dim, f.k) for f in opt.controller._followers["conv2"]] == [("fc.weight", 1, 16)]
+    assert set(opt.unit_order()) <= {"conv1", "conv2"} and "conv2" not in opt.controller._order_kept
+
+
+def test_plain_layers_without_inputs_to_check_on_keep_their_order_and_say_so():
     from conftest import TinySeedNet
 
     model = TinySeedNet()
-    with pytest.warns(UserWarning, match="reorders the units of transformer blocks only"):
+    with pytest.warns(UserWarning, match="no inputs to check on") as record:
         opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mild", repack=True,
                                    first_roles="drawn")  # fmt: skip
     assert opt.unit_order() == {}
+    assert any("pass example_inputs" in str(w.message) for w in record)
+
+
+def test_a_checkpoint_of_repacked_plain_layers_resumes_exactly():
+    """Plain layers' unit orders and followers' state (moved SGD momentum of the reader's columns) resume bit for
+    bit through the next elections."""
+    model, opt, _, _ = _plain_run("seed", True, "output", "weight_norm", steps=3)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    fresh, example, _ = _plain("seed")
+    cfg = EggConfig(clone_mode="output", repack=True, elect_every=2, election="weight_norm", assign="first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = LeaderCloneOptimizer(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9), "mild",
+                                       config=cfg, example_inputs=example)  # fmt: skip
+    fresh.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):  # through two more elections
+        x, y = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (6,), generator=gen)
+        for m, o in ((model, opt), (fresh, resumed)):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    assert {n: o.tolist() for n, o in resumed.unit_order().items()} == {
+        n: o.tolist() for n, o in opt.unit_order().items()
+    }
+    for (k, v), w in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 @pytest.mark.parametrize("mode", ["output", "weight"])

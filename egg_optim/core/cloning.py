@@ -183,17 +183,19 @@ def _write(c: _Copy) -> _Write:
 
 
 def _peaks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's largest absolute value (a 0-d float32 tensor, NaN where it holds one), in order, on the first
-    tensor's device: one foreach max-abs per device, and no host read."""
+    """Each tensor's largest absolute value (a 0-d float32 tensor, float64 where one of them is float64: no value
+    narrowed to inf; NaN where it holds one), in order, on the first tensor's device: one foreach max-abs per
+    device, and no host read."""
     first = tensors[0].device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if len({t.device for t in tensors}) == 1:
-        return list(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))
+        return list(torch._foreach_norm(tensors, float("inf"), dtype=dtype))
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     out: dict[int, torch.Tensor] = {}
     for idx in by_device.values():
-        for i, peak in zip(idx, torch._foreach_norm([tensors[i] for i in idx], float("inf"), dtype=torch.float32)):
+        for i, peak in zip(idx, torch._foreach_norm([tensors[i] for i in idx], float("inf"), dtype=dtype)):
             out[i] = peak.to(first)
     return [out[i] for i in range(len(tensors))]
 

@@ -14,14 +14,18 @@ Whether a block may move its units is checked on the model itself, once, before 
 (:func:`orders_that_change_the_model`): with two of its units swapped, the model's output on its dummy inputs (or
 the user's example inputs) must not change. That catches what no block shows locally: T5's first block
 computes a per-head position bias that every later block reads by head index. Without inputs to run, MLP and
-experts blocks move (their neurons reach nothing but their consumer) and attention blocks keep their order. A plain
-Linear or convolution is never repacked: the layer that reads its outputs is not known, so its inputs could not be
-permuted with them.
+experts blocks move (their neurons reach nothing but their consumer) and attention blocks keep their order.
+
+A plain Linear or convolution (a CNN's layers) owns only its rows: its units' other slices lie in the modules after
+it, found by :func:`plain_followers` in registration order (the per-unit norm after it, the input columns of the
+next Linear or convolution, ``k`` per unit after a flatten) and moved with them when the same check finds that the
+model's output does not change; without inputs to check on, it keeps its order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from . import axes
 from .axes import Axis
 from .probe import first_tensor
 from .roles import Roles
-from .units import ManagedLayer
+from .units import MANAGED_TYPES, ManagedLayer, norm_units
 
 
 def packed_order(roles: Roles, parts: int = 1) -> torch.Tensor | None:
@@ -82,11 +86,81 @@ def permute_(t: torch.Tensor, dim: Axis, order: torch.Tensor) -> None:
         axes.copy_(t, dim, moved.to(t.device), axes.select(t, dim, order[moved].to(t.device)))
 
 
-def move_units_(layer: ManagedLayer, order: torch.Tensor, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+@dataclass(frozen=True)
+class Follower:
+    """A tensor after a plain layer whose positions along ``dim`` belong to the layer's units, ``k`` each, unit by
+    unit (a Linear reading a flattened feature map has ``h * w`` columns per channel): a norm's entries, the input
+    columns of the layer that reads it."""
+
+    name: str  # qualified name of a parameter or buffer of the model
+    dim: int
+    k: int = 1
+
+    def moves(self, order: torch.Tensor) -> torch.Tensor:
+        """``order`` on this tensor's positions."""
+        return positions(order, None if self.k == 1 else torch.arange(order.numel() * self.k).view(-1, self.k))
+
+
+def plain_followers(model: nn.Module, layers: Mapping[str, ManagedLayer]) -> tuple[dict[str, list[Follower]], dict]:
+    """``(followers, why)``: for each plain layer (a Linear or convolution, not a block), the tensors registered after
+    it that its units would take along (the per-unit norm before the next Linear or convolution, and that layer's
+    input columns when it takes the layer's ``n`` outputs, or ``n * k``: a flatten), or why there are none. A guess
+    from registration order that :func:`orders_that_change_the_model` checks on the model."""
+    named = list(model.named_modules())
+    where = {name: i for i, (name, _) in enumerate(named)}
+    followers: dict[str, list[Follower]] = {}
+    why: dict[str, str] = {}
+    for lname, layer in layers.items():
+        if layer.group is not None or lname not in where:
+            continue
+        n, found = layer.num_units, []
+        for mname, m in named[where[lname] + 1 :]:
+            if isinstance(m, MANAGED_TYPES):
+                width = m.in_features if isinstance(m, nn.Linear) else m.in_channels * (m.groups == 1)
+                if width and width % n == 0 and (width == n or isinstance(m, nn.Linear)):
+                    followers[lname] = [*found, Follower(f"{mname}.weight", 1, width // n)]
+                else:
+                    why[lname] = f"the next Linear or convolution, {mname!r}, does not read its {n} outputs"
+                break
+            if not found and norm_units(m) == n:
+                tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                found = [Follower(f"{mname}.{t}", 0) for t, v in tensors if v.dim() == 1 and v.numel() == n]
+        else:
+            why[lname] = "no Linear or convolution after it reads its outputs"
+    claimed: dict[str, str] = {}
+    for lname, fs in list(followers.items()):  # a tensor two layers would move is theirs to keep
+        for f in fs:
+            other = claimed.setdefault(f.name, lname)
+            if other != lname:
+                for name in (lname, other):
+                    followers.pop(name, None)
+                    why[name] = f"{f.name!r} follows the units of both {other!r} and {lname!r}"
+    return followers, why
+
+
+def move_units_(
+    layer: ManagedLayer,
+    order: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    followers: Iterable[tuple[Follower, torch.Tensor]] = (),
+) -> None:
     """Move unit ``order[j]`` of ``layer`` to position ``j`` in every parameter and buffer the layer's units own (or,
-    with ``tensors``, in the tensors of those qualified names there: a copy of the model)."""
+    with ``tensors``, in the tensors of those qualified names there: a copy of the model), and in ``followers``
+    (each with its tensor: :func:`resolve`)."""
     for name, t in [*layer.params, *layer.buffers]:
         permute_(t if tensors is None else tensors[name], layer.dim_of(name), positions(order, layer.index.get(name)))
+    for f, t in followers:
+        permute_(t, f.dim, f.moves(order))
+
+
+def resolve(
+    layer: ManagedLayer, followers: Iterable[Follower], tensors: Mapping[str, torch.Tensor]
+) -> list[tuple[Follower, torch.Tensor]] | None:
+    """``[(follower, its tensor in tensors)]`` for the followers ``layer`` does not own (a norm coupled to it since
+    is its own), or ``None`` where one is missing: the model changed, and its units may no longer move."""
+    mine = {name for name, _ in [*layer.params, *layer.buffers]}
+    out = [(f, tensors.get(f.name)) for f in followers if f.name not in mine]
+    return None if any(t is None for _, t in out) else out
 
 
 def swap_order(num_units: int, parts: int = 1) -> torch.Tensor:
@@ -100,19 +174,25 @@ def swap_order(num_units: int, parts: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def orders_that_change_the_model(
-    model: nn.Module, layers: Mapping[str, ManagedLayer], call: tuple[tuple, dict] | None
+    model: nn.Module,
+    layers: Mapping[str, ManagedLayer],
+    call: tuple[tuple, dict] | None,
+    followers: Mapping[str, list[Follower]] | None = None,
 ) -> dict[str, str]:
-    """``{block: why its units keep their order}`` for the blocks of ``layers`` whose units may not move: with its
-    first and last unit swapped (and put back after), the model's first floating-point output on ``call``
-    (``(args, kwargs)``, run in eval mode) changed, or, without ``call``, an attention block (nothing to check it
-    on). One forward pass per block."""
-    blocks = {n: layer for n, layer in layers.items() if layer.group is not None}
+    """``{layer: why its units keep their order}`` for the blocks of ``layers`` and the plain layers with
+    ``followers`` (:func:`plain_followers`) whose units may not move: with its first and last unit swapped (and put
+    back after), the model's first floating-point output on ``call`` (``(args, kwargs)``, run in eval mode)
+    changed, or, without ``call``, an attention block or a plain layer (nothing to check it on). One forward pass
+    per layer."""
+    followers = followers or {}
+    blocks = {n: layer for n, layer in layers.items() if layer.group is not None or n in followers}
     fixed = {n: f"per-unit values outside its slices ({layer.group.inexact})" for n, layer in blocks.items()
-             if layer.group.inexact}  # fmt: skip
+             if layer.group is not None and layer.group.inexact}  # fmt: skip
     blocks = {n: layer for n, layer in blocks.items() if n not in fixed}
     if call is None:
-        why = "no inputs to check on that moving its heads keeps the model's output (pass example_inputs)"
-        return fixed | {n: why for n, layer in blocks.items() if layer.group.kind == "attention"}
+        why = "no inputs to check on that moving its units keeps the model's output (pass example_inputs)"
+        return fixed | {n: why for n, layer in blocks.items() if layer.group is None or layer.group.kind == "attention"}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -129,12 +209,15 @@ def orders_that_change_the_model(
         # every family, where BLOOM's ALiBi slopes moved 2.5e-5 and T5's shared position bias 2e-2)
         tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
         for name, layer in blocks.items():
-            order = swap_order(layer.num_units, layer.parts)
-            move_units_(layer, order)
+            order, mine = (
+                swap_order(layer.num_units, layer.parts),
+                resolve(layer, followers.get(name, ()), tensors) or [],
+            )
+            move_units_(layer, order, followers=mine)
             try:
                 out = first_tensor(model(*call[0], **call[1]))
             finally:
-                move_units_(layer, inverse(order))
+                move_units_(layer, inverse(order), followers=mine)
             gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
             if not gap <= tol * scale:
                 fixed[name] = f"moving its units changes the model's output by {gap:.3g} (largest entry {scale:.3g})"

@@ -45,7 +45,7 @@ from ..core.policies import scaled_counts, stable_elect
 from ..core.probe import example_call
 from ..core.roles import Roles, by_parts, join, shares
 from ..core.schedule import Schedule
-from ..core.scores import Score, StepData, check_observed_scores, first_draw, unit_scores
+from ..core.scores import RandomScore, Score, StepData, check_observed_scores, first_draw, unit_scores
 from ..core.state_dict import Book, LayerBook, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers, check_single_owners, couple_norm, parameter_holders
 from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError
@@ -208,25 +208,22 @@ class RoleController:
         # clones since settle_clone_checks last read them
         self._kept: dict[tuple[str, ...], torch.Tensor] = {}
         masked.sharded = self._check_sharding()
-        # blocks whose units may not move (checked on the plain model, before any rewrite): their roles stay where
-        # elections put them
+        # layers whose units may not move (checked on the plain model, before any rewrite): their roles stay where
+        # elections put them; plain layers move with their followers (a norm's entries, the reader's columns)
         self._order_kept: dict[str, str] = {}
+        self._followers: dict[str, list[repack.Follower]] = {}
         self._said_scattered = False
         if config.repack and masked.sharded:  # a unit's rows lie on several ranks: moving them is a collective
             why = "sharded by FSDP2 (repack moves units on one process or under DDP)"
-            self._order_kept = {n: why for n, layer in layers.items() if layer.group is not None}
+            self._order_kept = dict.fromkeys(layers, why)
         elif config.repack:
-            self._order_kept = repack.orders_that_change_the_model(model, layers, example_call(model, example_inputs))
-        if config.repack and all(layer.group is None for layer in layers.values()):
-            warnings.warn(
-                "egg_optim: repack=True reorders the units of transformer blocks only; every layer managed here is a "
-                "plain Linear or convolution, whose units keep their order (the layer reading their outputs is not "
-                "known), so elections leave their roles scattered",
-                stacklevel=3,
-            )
+            self._followers, self._order_kept = repack.plain_followers(model, layers)
+            call = example_call(model, example_inputs)
+            self._order_kept |= repack.orders_that_change_the_model(model, layers, call, self._followers)
+            self._followers = {n: f for n, f in self._followers.items() if n not in self._order_kept}
         if self._order_kept:
             warnings.warn(
-                "egg_optim: repack leaves the units of these blocks in their order (their steps gather the "
+                "egg_optim: repack leaves the units of these layers in their order (their steps gather the "
                 "units that elections scatter): " + "; ".join(f"{n}: {why}" for n, why in self._order_kept.items()),
                 stacklevel=3,
             )
@@ -295,7 +292,11 @@ class RoleController:
         if original_order:
             tensors = dict(model.named_parameters()) | dict(model.named_buffers())
             for name, order in self.unit_order.items():
-                repack.move_units_(self.layers[name], repack.inverse(order), tensors)
+                followers = repack.resolve(self.layers[name], self._followers.get(name, ()), tensors)
+                if followers is None:
+                    raise ConfigError(f"export_model(original_order=True): the tensors that follow {name!r} are not "
+                                      "in the exported model; export without original_order")  # fmt: skip
+                repack.move_units_(self.layers[name], repack.inverse(order), tensors, followers)
         return model
 
     def coverage(self) -> _coverage.Coverage:
@@ -363,18 +364,29 @@ class RoleController:
 
     @torch.no_grad()
     def _repack(self) -> dict[str, torch.Tensor]:
-        """Reorder the units of every block whose roles are not laid out as runs (:mod:`egg_optim.core.repack`):
+        """Reorder the units of every layer whose roles are not laid out as runs (:mod:`egg_optim.core.repack`):
         its parameters, buffers and gradients, their optimizer state (compact state through full size and back:
         parked slices move with their units) and the per-unit records move together, so the model computes what it
         did and the run goes on as it would have; then the roles are runs and the steps take views. Blocks frozen
         since construction, sharded by FSDP2 or whose units moving would change the model (checked at construction:
         :func:`~egg_optim.core.repack.orders_that_change_the_model`) keep their order (and their gathers).
-        Returns ``{layer: order}`` of the layers it reordered."""
+        A plain layer moves with its followers (:func:`~egg_optim.core.repack.plain_followers`: the norm after it,
+        the input columns of the layer reading it, with their gradients and state). Returns ``{layer: order}`` of
+        the layers it reordered."""
         frozen = frozen_layers(self.layers, warn=False)
         todo: dict[str, torch.Tensor] = {}
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        followers: dict[str, list] = {}
         for name, layer in self.layers.items():
             roles = self.roles[name]
-            if layer.group is None or name in self._order_kept or name in frozen or not roles.has_clones:
+            movable = layer.group is not None or name in self._followers
+            if not movable or name in self._order_kept or name in frozen or not roles.has_clones:
+                continue
+            followers[name] = repack.resolve(layer, self._followers.get(name, ()), tensors)
+            if followers[name] is None:  # a follower left the model: moving the units alone would change it
+                self._order_kept[name] = "a tensor that follows its units is no longer in the model"
+                warnings.warn(f"egg_optim: repack leaves the units of {name!r} in their order from now on: "
+                              f"{self._order_kept[name]}", stacklevel=4)  # fmt: skip
                 continue
             if any(sharding.is_sharded(t) for _, _, t in self.owned({name: layer})):
                 continue
@@ -385,9 +397,15 @@ class RoleController:
             return todo
         old = dict(self.roles)
         groups = {p: g for g in self.masked.param_groups for p in g["params"]}
+        state_of = self.masked.state
         for name, order in todo.items():
             layer, lb = self.layers[name], self.book.layers[name]
-            repack.move_units_(layer, order)
+            repack.move_units_(layer, order, followers=followers[name])
+            for f, t in followers[name]:  # a follower parameter's gradient and state
+                moves = f.moves(order)
+                for x in [t.grad, *(state_of.get(t) or {}).values(), *self.masked.parked.get(t, {}).values()]:
+                    if torch.is_tensor(x) and x.dim() > f.dim and x.shape[f.dim] == moves.numel():
+                        repack.permute_(x, f.dim, moves)
             for pname, p in layer.params:  # what moves with each parameter: its gradient and optimizer state
                 dim = layer.dim_of(pname)
                 moves = repack.positions(order, layer.index.get(pname))
@@ -538,32 +556,60 @@ class RoleController:
         if bad:
             raise ElectionError(f"score {score.name!r} gave non-finite values in layer(s) {bad}; roles are unchanged")
         counts = self.counts(0, 0.0) if initial else self.counts(self.book.elections + 1, self.book.graduated_to)
-        cfg = self.config
         follow = self._clones_follow_sources()
         out = {}
         for name, layer in self.layers.items():
             lp, roles = counts[name], None if initial else self.roles[name]
-            if roles is not None and cfg.election_policy == "stable":
-                weight = layer.unit_rows()
-                if follow:  # a promoted clone starts from its source's rows
-                    weight = weight[roles.source_map.to(weight.device)]
-
-                def stable(units: slice, lead: int, ind: int, now: Roles | None, s=scores[name], w=weight) -> Roles:
-                    h, churn = float(cfg.hysteresis), float(cfg.max_churn)
-                    return stable_elect(now, s[units], lead, ind, hysteresis=h, max_churn=churn, weight=w[units])
-
-                out[name] = self._in_parts(name, layer, lp, stable, roles)
-                continue
-            eff = with_hysteresis(scores[name], roles, float(cfg.hysteresis))  # over the whole layer, then split
-            rows = layer.unit_rows() if cfg.assign == "nearest" else None
-
-            def draw(units: slice, lead: int, ind: int, now: Roles | None, s=eff, w=rows) -> Roles:
-                return elect(
-                    s[units], lead, ind, assign=cfg.assign, weight=None if w is None else w[units], generator=gen
-                )
-
-            out[name] = self._in_parts(name, layer, lp, draw)
+            # units that repack moved are elected in their original order (ties, draws and the stable policy's
+            # choices then fall on the units they fall on without repack), and their roles moved back after
+            order = self.book.layers[name].unit_order if name in self.book.layers else None
+            back = None if order is None else repack.inverse(order)
+            if back is not None:
+                if not isinstance(score, RandomScore):  # a draw is per unit already
+                    scores[name] = scores[name][back.to(scores[name].device)]
+                roles = None if roles is None else repack.permuted(roles, back)
+            out[name] = self._elect_layer(name, layer, lp, roles, scores[name], gen, follow, back)
+            if order is not None:
+                out[name] = repack.permuted(out[name], order)
         return out
+
+    def _elect_layer(
+        self,
+        name: str,
+        layer: ManagedLayer,
+        lp: LayerPlan,
+        roles: Roles | None,
+        scores: torch.Tensor,
+        gen: torch.Generator,
+        follow: bool,
+        back: torch.Tensor | None,
+    ) -> Roles:
+        """One layer's new roles from ``scores`` (``back``: its units' positions in their original order, where
+        ``scores`` and ``roles`` are given; its weight rows are read in that order too)."""
+        cfg = self.config
+
+        def rows() -> torch.Tensor:
+            w = layer.unit_rows()
+            return w if back is None else w[back.to(w.device)]
+
+        if roles is not None and cfg.election_policy == "stable":
+            weight = rows()
+            if follow:  # a promoted clone starts from its source's rows
+                weight = weight[roles.source_map.to(weight.device)]
+
+            def stable(units: slice, lead: int, ind: int, now: Roles | None) -> Roles:
+                h, churn = float(cfg.hysteresis), float(cfg.max_churn)
+                return stable_elect(now, scores[units], lead, ind, hysteresis=h, max_churn=churn, weight=weight[units])
+
+            return self._in_parts(name, layer, lp, stable, roles)
+        eff = with_hysteresis(scores, roles, float(cfg.hysteresis))  # over the whole layer, then split
+        near = rows() if cfg.assign == "nearest" else None
+
+        def draw(units: slice, lead: int, ind: int, now: Roles | None) -> Roles:
+            w = None if near is None else near[units]
+            return elect(eff[units], lead, ind, assign=cfg.assign, weight=w, generator=gen)
+
+        return self._in_parts(name, layer, lp, draw)
 
     def _in_parts(
         self, name: str, layer: ManagedLayer, lp: LayerPlan, fn: Callable[..., Roles], current: Roles | None = None

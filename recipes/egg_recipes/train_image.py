@@ -402,6 +402,15 @@ def save_plain_model(lco: LeaderCloneOptimizer, path: Path, gathered: dict[str, 
             save_model(lco.export_model(), str(tmp))
 
 
+def example_images(args: argparse.Namespace, spec, config: EggConfig) -> torch.Tensor | None:
+    """A batch of random images of the dataset's shape for ``repack``'s check of which layers may move their
+    units (a CNN has no dummy inputs of its own); ``None`` without repack."""
+    if not config.repack:
+        return None
+    gen = torch.Generator().manual_seed(derived_seed(args.seed, "example_images"))
+    return torch.randn(2, spec.channels, *_pair(spec.image_size), generator=gen)
+
+
 def _pair(size) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -449,7 +458,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     base = make_optimizer(args, model.parameters())
     # Built on the bare model, before prepare: DDP wraps the model but shares its parameters; FSDP2 replaces them
     # by sharded ones, which the optimizer follows (leaders and clones may then sit on different ranks).
-    lco = LeaderCloneOptimizer(model, base, config=config)
+    lco = LeaderCloneOptimizer(model, base, config=config, example_inputs=example_images(args, spec, config))
     batches_per_epoch_raw = len(raw_train_dl)
     planned_raw = args.epochs * batches_per_epoch_raw
     if args.max_steps is not None:
@@ -583,7 +592,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         new_flops = count_conv_linear_flops(new_model, (1, spec.channels, *_pair(spec.image_size)))
         new_base = make_optimizer(args, new_model.parameters())
         carry_optimizer_state(unwrapped, new_model, mapping, lco.optimizer, new_base)  # and the current lr
-        new_lco = LeaderCloneOptimizer(new_model, new_base, config=config)
+        new_lco = LeaderCloneOptimizer(
+            new_model, new_base, config=config, example_inputs=example_images(args, spec, config)
+        )
         new_scheduler = make_scheduler(args, new_lco, planned_raw)
         new_scheduler.load_state_dict(scheduler.scheduler.state_dict())  # the group lr came with the state
         return new_model, new_flops, new_lco, *accelerator.prepare(new_model, new_lco, new_scheduler)
