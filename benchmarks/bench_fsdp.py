@@ -10,9 +10,10 @@ step has none), its host reads (``_local_scalar_dense``: a device synchronisatio
 time over interleaved rounds (gloo on 2 CPU cores: indicative only, the counts are what a GPU node pays).
 
 Cases: the bare model; weight mode mild (a clone event every step) with ``assign="first"`` and
-``"round_robin"`` on packed roles (the sources' run broadcast by the ranks holding it; experts copied in place);
-the same with every tensor gathered whole, as every clone event did before (``gathered``: the control); output
-mode mild (no clone events). Run::
+``"round_robin"`` on packed roles (the sources' run broadcast by the ranks holding it; experts copied in place),
+and on drawn roles, scattered as elections leave them (the distinct sources' rows broadcast; fused experts are
+gathered whole); each beside the same with every tensor gathered whole, as every clone event did before
+(``gathered``: the control); output mode mild (no clone events). Run::
 
     python benchmarks/bench_fsdp.py --out docs/results
 """
@@ -42,6 +43,8 @@ CASES = [  # name, clone mode, assign, gathered
     ("weight/mild, assign first, gathered (before)", "weight", "first", True),
     ("weight/mild, assign round_robin", "weight", "round_robin", False),
     ("weight/mild, assign round_robin, gathered (before)", "weight", "round_robin", True),
+    ("weight/mild, drawn roles, assign round_robin", "weight", "round_robin", False),
+    ("weight/mild, drawn roles, assign round_robin, gathered (before)", "weight", "round_robin", True),
     ("output/mild", "output", "first", False),
 ]
 MB = 2**20
@@ -60,16 +63,16 @@ def _gathered(on: bool):
     """Clone events with every managed tensor gathered whole (the path before views of sharded tensors)."""
     from egg_optim.core import cloning
 
-    saved = cloning._plan
+    saved = cloning._plan, cloning._fetched_sources
     if on:
-        cloning._plan = lambda layer, roles: None
+        cloning._plan = cloning._fetched_sources = lambda *args: None
     try:
         yield
     finally:
-        cloning._plan = saved
+        cloning._plan, cloning._fetched_sources = saved
 
 
-def _case(kind: str, mode: str | None, assign: str | None):
+def _case(kind: str, mode: str | None, assign: str | None, drawn: bool):
     from torch.distributed.fsdp import fully_shard
 
     from egg_optim import LeaderCloneOptimizer, RolePlan
@@ -87,7 +90,8 @@ def _case(kind: str, mode: str | None, assign: str | None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan = RolePlan.preset("mild", "uniform")
-            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, assign=assign, seed=0)
+            first = "drawn" if drawn else "packed"
+            opt = LeaderCloneOptimizer(model, base, plan, clone_mode=mode, assign=assign, seed=0, first_roles=first)
     c = bd.SMALL_LLAMA
     ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(1))
 
@@ -105,7 +109,7 @@ def _worker(rank: int, port: int, models: list[str], rounds: int, out: str) -> N
 
     rows = []
     for kind in models:
-        built = {name: (_case(kind, mode, assign), gathered) for name, mode, assign, gathered in CASES}
+        built = {name: (_case(kind, mode, assign, "drawn" in name), gathered) for name, mode, assign, gathered in CASES}
         counts: dict[str, dict[str, Any]] = {}
         times: dict[str, list[float]] = {name: [] for name in built}
         for r in range(rounds + 2):  # 2 warm-up steps (roles settled), then the counted one, then timed rounds

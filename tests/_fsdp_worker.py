@@ -52,6 +52,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                                clone_every=1, assign="first", measure=True),
     "moe_weight_views": dict(kind="moe", order="after", clone_mode="weight", elect_every="never", clone_every=1,
                              assign="round_robin", measure=True),
+    # drawn (scattered) roles, as elections leave them: the distinct sources' rows, broadcast by their ranks
+    "mlp_weight_drawn": dict(kind="mlp", order="after", clone_mode="weight", elect_every="never", clone_every=1,
+                             assign="random", first_roles="drawn", measure=True),
+    "llama_weight_drawn": dict(kind="llama", order="nested", clone_mode="weight", elect_every="never",
+                               clone_every=1, assign="round_robin", first_roles="drawn", clone_noise=0.05,
+                               measure=True),
 }  # fmt: skip
 # checkpoint round trips: name -> (scenario options, how the checkpoint is written and read)
 CHECKPOINTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -367,9 +373,10 @@ def nonfinite(sharded: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- fetches
-def fetches() -> dict[tuple[int, int, int, int], bool]:
+def fetches() -> dict[tuple, bool]:
     """``sharding.fetch`` of runs of a tensor sharded along ``dim`` (uneven shards, a rank with none, a run
-    across both ranks' shards): (size, dim, first, count) -> whether every rank got exactly those positions."""
+    across both ranks' shards) and of scattered positions: (size, dim, first, count) or (size, dim, positions) ->
+    whether every rank got exactly those positions."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     from egg_optim.core import sharding
@@ -386,6 +393,13 @@ def fetches() -> dict[tuple[int, int, int, int], bool]:
             for work in works:
                 work.wait()
             out[n, dim, first, count] = torch.equal(got, whole.narrow(dim, first, count))
+        positions = torch.tensor(
+            sorted({0, n // 3, n // 2, min(n // 2 + 1, n - 1), n - 1})
+        )  # drawn roles: distinct sources
+        got, works = sharding.fetch(t, dim, positions, shards)
+        for work in works:
+            work.wait()
+        out[n, dim, tuple(positions.tolist())] = torch.equal(got, whole.index_select(dim, positions))
     return out
 
 

@@ -116,9 +116,10 @@ def test_graduation_under_fsdp2_is_bit_identical_to_one_process(ranks, name):
 
 @pytest.mark.parametrize("name", [n for n in w.SCENARIOS if w.SCENARIOS[n].get("measure")])
 def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
-    """Packed roles, a clone event at every step: no all-gather of the managed tensors, only the sources' rows
-    broadcast by the ranks holding them (fused experts, whole per rank, copied in place: nothing), and no host
-    read beyond a bare Adam step's (the finiteness check stays on the device; ranks agree by an all-reduce)."""
+    """A clone event at every step: no all-gather of the managed tensors, only the distinct sources' rows broadcast
+    by the ranks holding them (fused experts, whole per rank, copied in place: nothing), on packed roles as on the
+    drawn roles elections leave; on packed roles no host read beyond a bare Adam step's (the finiteness check stays
+    on the device; ranks agree by an all-reduce)."""
     _, opt = w.make(w.SCENARIOS[name], sharded=False)
     sources = 0  # bytes of the sources' rows of every tensor FSDP2 splits along its unit axis
     for lname, layer in opt.layers.items():
@@ -133,7 +134,9 @@ def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
         assert step["collectives"].get("broadcast_") and set(step["collectives"]) <= {"broadcast_", "allreduce_"}
         flags = 8 * len(opt.layers) * step["collectives"].get("allreduce_", 0)  # the check's per-layer flags
         assert step["bytes"] <= sources + flags, (step, sources)
-        assert bare["collectives"] == {} and step["reads"] == bare["reads"], (step, bare)
+        assert bare["collectives"] == {}
+        if "views" in name:  # packed roles: the check stays on the device (drawn roles read it: one host read)
+            assert step["reads"] == bare["reads"], (step, bare)
 
 
 def test_ranks_agree_on_clones_whose_source_is_not_finite(ranks):
@@ -149,10 +152,11 @@ def test_ranks_agree_on_clones_whose_source_is_not_finite(ranks):
 
 def test_fetch_broadcasts_a_run_from_every_rank_holding_part_of_it(ranks):
     """``sharding.fetch``: a run of positions of a sharded tensor (along dim 0 or 1, uneven shards, a rank holding
-    none, a run across both ranks' shards) arrives whole on every rank."""
+    none, a run across both ranks' shards), or scattered positions, arrive whole on every rank."""
     for got in part(ranks, "fetches"):
-        assert len(got) == 7 and all(got.values()), got
+        assert len(got) == 10 and all(got.values()), got
         assert (21, 0, 9, 3) in got  # the run across both shards (rows 0-10 and 11-20)
+        assert (21, 0, (0, 7, 10, 11, 20)) in got  # scattered positions on both shards
 
 
 def test_clone_rows_stay_frozen_between_clone_events(ranks):

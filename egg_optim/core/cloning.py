@@ -8,11 +8,11 @@ storage, :mod:`egg_optim.core.compact`, clone rows are not in the optimizer stat
 clone becomes active.)
 
 A parameter sharded by FSDP2 (:mod:`egg_optim.core.sharding`) may hold a clone on one rank and its source on
-another. On packed roles a plain copy moves only the sources' run: the ranks holding it broadcast it, each rank
-writes the clone rows it holds, and a copy within each rank's slice (whole experts per rank; units along a
-dimension FSDP2 does not shard) moves nothing; the ranks agree on the finiteness check. Otherwise (drawn roles,
-``blend`` or ``noise``) the new rows are computed from the gathered tensor, exactly as one process computes them
-(noise included), and each rank writes its own slice.
+another. A copy (``noise`` included) moves only its sources' rows: the ranks holding them broadcast them (on packed
+roles the sources' run, by views), each rank writes the clone rows it holds, and a copy within each rank's slice
+(whole experts per rank; units along a dimension FSDP2 does not shard) moves nothing; the ranks agree on the
+finiteness check. Otherwise (``blend``, fused experts on drawn roles) the new rows are computed from the gathered
+tensor, exactly as one process computes them, and each rank writes its own slice.
 """
 
 from __future__ import annotations
@@ -340,8 +340,13 @@ def _new_rows(
         if not layer.copied_by_clones(pname):
             continue
         dim, rs = layer.dim_of(pname), layer.roles_of(pname, roles)
-        whole = full(p)  # p itself unless sharded
-        rows = _blended(whole, rs, blend, dim)
+        rows = _fetched_sources(p, dim, rs) if views and blend == 1.0 else None
+        whole = p if rows is not None else full(p)  # p itself unless sharded
+        if rows is None:
+            rows = _blended(whole, rs, blend, dim)
+        else:  # fetched: this rank's slice of the other dimensions (tensor parallelism) is its own
+            for g in sharding.shard_groups(p, but=dim):
+                ranks.setdefault(id(g), g)
         if noise > 0:
             rows = _noisy(rows, dim, noise, generator)
         writes.append((p, whole, dim, rs, rows, True, None))
@@ -349,6 +354,22 @@ def _new_rows(
         dim, rs = layer.dim_of(bname), layer.roles_of(bname, roles)
         writes.append((b, b, dim, rs, _blended(b, rs, blend, dim), False, None))
     return writes
+
+
+def _fetched_sources(p: torch.Tensor, dim: Axis, rs: Roles) -> torch.Tensor | None:
+    """The clones' new rows of a plain copy when FSDP2 splits ``p`` along its unit axis: only the distinct sources'
+    rows, broadcast by the ranks holding them (identical on every rank); ``None`` otherwise (gathered whole)."""
+    try:
+        shards = sharding.row_shards(p, dim) if isinstance(dim, int) else None
+    except sharding.NestedShards:
+        return None
+    if shards is None:
+        return None
+    sources, back = torch.unique(rs.sources, return_inverse=True)
+    block, works = sharding.fetch(p, dim, sources, shards)
+    for w in works:
+        w.wait()
+    return block.index_select(dim, back.to(block.device))
 
 
 def by_views(items: list[tuple[ManagedLayer, Roles]], blend: float, noise: float) -> bool:
@@ -500,7 +521,7 @@ def clone_layers(
     checked = [copy.block if rows is None else rows for writes in news for *_, rows, _, copy in writes]
     finite = _all_finite(checked, ranks)  # nothing written yet
     if not finite:
-        if any(copy is not None and is_sharded(copy.tensor) for writes in news for *_, copy in writes):
+        if any(is_sharded(t) for writes in news for t, *_ in writes):
             news = _news(items, blend, noise, generator, views=False)[0]  # units looked at whole, on every rank
         news = [_computed(writes) for writes in news]
     written = []
@@ -508,7 +529,7 @@ def clone_layers(
         n = roles.num_clones if roles.has_clones else 0
         keep_units = None if finite or not writes else _keep_units(layer, writes, n)
         written.append(n if keep_units is None else int(keep_units.sum()))
-        for t, whole, dim, rs, rows, is_param, copy in writes:
+        for t, _, dim, rs, rows, is_param, copy in writes:
             clones, sources = rs.clones, rs.sources
             if keep_units is not None:
                 keep = keep_units.repeat_interleave(clones.numel() // n)
@@ -520,7 +541,7 @@ def clone_layers(
                 for d, src in copy.pieces:
                     d.copy_(src)
             elif is_param and is_sharded(t):
-                write_full_(t, axes.copied(whole, dim, clones, rows))
+                sharding.write_positions_(t, dim, clones, rows)
             elif keep_units is None and _packed(rs, dim):
                 axes.narrow(t, dim, rs.clone_span).copy_(rows)
             else:

@@ -24,6 +24,7 @@ placements are refused by :func:`check_placements`.
 
 from __future__ import annotations
 
+import bisect
 import io
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -221,27 +222,53 @@ def shard_groups(t: torch.Tensor, but: int | None = None) -> list[Any]:
 
 
 @torch.no_grad()
-def fetch(t: torch.Tensor, dim: int, where: tuple[int, int], shards: tuple[Any, list[tuple[int, int]], int]):
-    """Positions ``where = (first, count)`` of ``t`` along ``dim`` (split as :func:`row_shards` says), as an ordinary
-    tensor identical on every rank of the group: each rank holding some of them broadcasts its part. Returns the
-    tensor and the pending works (wait for them before reading it): a clone event issues every fetch, then waits.
-    Other dimensions are this rank's slice of them."""
+def fetch(
+    t: torch.Tensor,
+    dim: int,
+    where: tuple[int, int] | torch.Tensor,
+    shards: tuple[Any, list[tuple[int, int]], int],
+) -> tuple[torch.Tensor, list[Any]]:
+    """Positions of ``t`` along ``dim`` (split as :func:`row_shards` says): ``where = (first, count)``, a run, or a
+    sorted tensor of distinct positions; as an ordinary tensor identical on every rank of the group: each rank
+    holding some of them broadcasts its part. Returns the tensor and the pending works (wait for them before
+    reading it): a clone event issues every fetch, then waits. Other dimensions are this rank's slice of them."""
     import torch.distributed as dist
 
     group, spans, me = shards
     x = local(t)
-    a, m = where
-    buf = x.new_empty((m, *(s for i, s in enumerate(x.shape) if i != dim)))  # positions first: parts contiguous
+    run = not torch.is_tensor(where)
+    wanted = None if run else where.tolist()  # (host values: no device read)
+    n = where[1] if run else len(wanted)
+
+    def cut(p: int) -> int:  # how many of the wanted positions lie below position p
+        return min(max(p - where[0], 0), n) if run else bisect.bisect_left(wanted, p)
+
+    buf = x.new_empty((n, *(s for i, s in enumerate(x.shape) if i != dim)))  # positions first
     works = []
     for i, (f, c) in enumerate(spans):
-        lo, hi = max(a, f), min(a + m, f + c)
+        lo, hi = cut(f), cut(f + c)  # rank i holds wanted positions lo..hi-1
         if hi <= lo:
             continue
-        part = buf.narrow(0, lo - a, hi - lo)
+        part = buf.narrow(0, lo, hi - lo)  # contiguous: the positions are sorted, so each rank's are a run of them
         if i == me:
-            part.copy_(x.narrow(dim, lo - f, hi - lo).movedim(dim, 0))
+            if run:
+                mine = x.narrow(dim, where[0] + lo - f, hi - lo)
+            else:
+                mine = x.index_select(dim, torch.tensor(wanted[lo:hi], device=x.device) - f)
+            part.copy_(mine.movedim(dim, 0))
         works.append(dist.broadcast(part, group=group, group_src=i, async_op=True))
     return buf.movedim(0, dim), works
+
+
+@torch.no_grad()
+def write_positions_(t: torch.Tensor, dim: Axis, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    """``t[positions] = rows`` along ``dim`` (``rows`` as :func:`axes.select` lays them out, identical on every rank),
+    each rank writing the positions it holds: no communication."""
+    which, where = localize(t, dim, positions)
+    if where.numel():
+        x = local(t)
+        lead = dim if isinstance(dim, int) else 0
+        axes.copy_(x, dim, where.to(x.device), rows.index_select(lead, which.to(rows.device)).to(x))
 
 
 def replacement_problem(layer: str, qname: str, new: torch.Tensor | None) -> str:
