@@ -13,9 +13,9 @@ writing it writes the parameter. This module holds what the core needs to work o
   all of a unit's weights wherever they live; computing on the gathered tensor gives, bit for bit, what a
   single process computes;
 * :func:`like`: a full-size value laid out as a DTensor like a given one (state loaded from a plain checkpoint);
-* :func:`row_shards` and :func:`fetch`: which rank holds which positions along a dimension, and a run of positions
-  (weight mode's sources on packed roles) broadcast by the ranks holding it, so that a clone event moves the
-  sources' rows, not the whole tensor.
+* :func:`row_shards`, :func:`fetch` and :func:`write_positions_`: which rank holds which positions along a
+  dimension, positions (weight mode's sources: a run on packed roles) broadcast by the ranks holding them, and
+  rows written where each rank holds them, so that a clone event moves the sources' rows, not the whole tensor.
 
 Every function is the identity (or the plain tensor operation) for ordinary tensors. Supported placements are
 ``Shard(d)`` and ``Replicate()`` on any mesh dimensions (FSDP2, HSDP); partial (pending-reduction) and strided
