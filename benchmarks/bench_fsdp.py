@@ -11,8 +11,8 @@ time over interleaved rounds (gloo on 2 CPU cores: indicative only, the counts a
 
 Cases: the bare model; weight mode mild (a clone event every step) with ``assign="first"`` and
 ``"round_robin"`` on packed roles (the sources' run broadcast by the ranks holding it; experts copied in place),
-and on drawn roles, scattered as elections leave them (the distinct sources' rows broadcast; fused experts are
-gathered whole); each beside the same with every tensor gathered whole, as every clone event did before
+and on drawn roles, scattered as elections leave them (the distinct sources' rows broadcast; experts copied in
+place); each beside the same with every tensor gathered whole, as every clone event did before
 (``gathered``: the control); output mode mild (no clone events). Run::
 
     python benchmarks/bench_fsdp.py --out docs/results
@@ -63,13 +63,13 @@ def _gathered(on: bool):
     """Clone events with every managed tensor gathered whole (the path before views of sharded tensors)."""
     from egg_optim.core import cloning
 
-    saved = cloning._plan, cloning._fetched_sources
+    saved = cloning._plan, cloning._fetched_sources, cloning._own_rows
     if on:
-        cloning._plan = cloning._fetched_sources = lambda *args: None
+        cloning._plan = cloning._fetched_sources = cloning._own_rows = lambda *args: None
     try:
         yield
     finally:
-        cloning._plan, cloning._fetched_sources = saved
+        cloning._plan, cloning._fetched_sources, cloning._own_rows = saved
 
 
 def _case(kind: str, mode: str | None, assign: str | None, drawn: bool):

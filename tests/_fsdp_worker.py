@@ -55,6 +55,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # drawn (scattered) roles, as elections leave them: the distinct sources' rows, broadcast by their ranks
     "mlp_weight_drawn": dict(kind="mlp", order="after", clone_mode="weight", elect_every="never", clone_every=1,
                              assign="random", first_roles="drawn", measure=True),
+    "moe_weight_drawn": dict(kind="moe", order="after", clone_mode="weight", elect_every="never", clone_every=1,
+                             assign="round_robin", first_roles="drawn", measure=True),
     "llama_weight_drawn": dict(kind="llama", order="nested", clone_mode="weight", elect_every="never",
                                clone_every=1, assign="round_robin", first_roles="drawn", clone_noise=0.05,
                                measure=True),

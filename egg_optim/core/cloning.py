@@ -11,8 +11,8 @@ A parameter sharded by FSDP2 (:mod:`egg_optim.core.sharding`) may hold a clone o
 another. A copy (``noise`` included) moves only its sources' rows: the ranks holding them broadcast them (on packed
 roles the sources' run, by views), each rank writes the clone rows it holds, and a copy within each rank's slice
 (whole experts per rank; units along a dimension FSDP2 does not shard) moves nothing; the ranks agree on the
-finiteness check. Otherwise (``blend``, fused experts on drawn roles) the new rows are computed from the gathered
-tensor, exactly as one process computes them, and each rank writes its own slice.
+finiteness check. Otherwise (``blend``) the new rows are computed from the gathered tensor, exactly as one process
+computes them, and each rank writes its own slice.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class _Copy:
     ranks: tuple[Any, ...] = ()  # process groups whose blocks differ by rank (own slices): they agree on the check
 
 
-# (tensor, its whole (gathered) value, axis, roles of its positions, the new clone rows, is a parameter, and on
+# (tensor, its whole (gathered) value or, for a copy within each rank's slice, :class:`_Own`, axis, roles of its
+# positions, the new clone rows (this rank's only with _Own), is a parameter, and on
 # packed roles the tensor's :class:`_Copy`): ``rows`` is ``None`` where the clones take their sources' rows as they
 # are on packed roles; they are then written by broadcast from the copy's views and nothing is computed beforehand
 _Write = tuple[torch.Tensor, torch.Tensor, Axis, Roles, torch.Tensor | None, bool, _Copy | None]
@@ -341,6 +342,12 @@ def _new_rows(
             continue
         dim, rs = layer.dim_of(pname), layer.roles_of(pname, roles)
         rows = _fetched_sources(p, dim, rs) if views and blend == 1.0 else None
+        own = _own_rows(p, dim, rs) if rows is None and views and blend == 1.0 and noise == 0 else None
+        if own is not None:  # every clone's source on the clone's rank: copied in place, nothing moves
+            for g in sharding.shard_groups(p):
+                ranks.setdefault(id(g), g)
+            writes.append((p, own[0], dim, rs, own[1], True, None))
+            continue
         whole = p if rows is not None else full(p)  # p itself unless sharded
         if rows is None:
             rows = _blended(whole, rs, blend, dim)
@@ -370,6 +377,35 @@ def _fetched_sources(p: torch.Tensor, dim: Axis, rs: Roles) -> torch.Tensor | No
     for w in works:
         w.wait()
     return block.index_select(dim, back.to(block.device))
+
+
+@dataclass(frozen=True, eq=False)
+class _Own:
+    """In a write's ``whole`` slot: its rows are this rank's clones' only, at these positions of its slice."""
+
+    where: torch.Tensor
+
+
+def _own_rows(p: torch.Tensor, dim: Axis, rs: Roles) -> tuple[_Own, torch.Tensor] | None:
+    """This rank's clones' new rows of a plain copy of sharded ``p`` when every clone's source lies on the rank that
+    holds the clone (units along a dimension FSDP2 does not split; fused experts, whole per rank, whose clones copy
+    units of their own expert), with their local positions; ``None`` otherwise."""
+    if not is_sharded(p):
+        return None
+    try:
+        if isinstance(dim, int):
+            if sharding.row_shards(p, dim) is not None:
+                return None
+        else:
+            inner = int(p.shape[dim[1]])
+            if sharding.row_shards(p, dim[1]) is not None or not torch.equal(rs.clones // inner, rs.sources // inner):
+                return None
+    except sharding.NestedShards:
+        return None
+    which, where = localize(p, dim, rs.clones)
+    x = local(p)
+    sources = rs.sources[which] - sharding.span(p, dim)[0]
+    return _Own(where.to(x.device)), axes.select(x, dim, sources.to(x.device))
 
 
 def by_views(items: list[tuple[ManagedLayer, Roles]], blend: float, noise: float) -> bool:
@@ -529,7 +565,7 @@ def clone_layers(
         n = roles.num_clones if roles.has_clones else 0
         keep_units = None if finite or not writes else _keep_units(layer, writes, n)
         written.append(n if keep_units is None else int(keep_units.sum()))
-        for t, _, dim, rs, rows, is_param, copy in writes:
+        for t, whole, dim, rs, rows, is_param, copy in writes:
             clones, sources = rs.clones, rs.sources
             if keep_units is not None:
                 keep = keep_units.repeat_interleave(clones.numel() // n)
@@ -540,6 +576,8 @@ def clone_layers(
             if rows is None:
                 for d, src in copy.pieces:
                     d.copy_(src)
+            elif isinstance(whole, _Own):  # (all written: a clone whose source is not finite re-runs gathered)
+                axes.copy_(local(t), dim, whole.where, rows)
             elif is_param and is_sharded(t):
                 sharding.write_positions_(t, dim, clones, rows)
             elif keep_units is None and _packed(rs, dim):
