@@ -341,8 +341,10 @@ def _new_rows(
         if not layer.copied_by_clones(pname):
             continue
         dim, rs = layer.dim_of(pname), layer.roles_of(pname, roles)
-        rows = _fetched_sources(p, dim, rs) if views and blend == 1.0 else None
-        own = _own_rows(p, dim, rs) if rows is None and views and blend == 1.0 and noise == 0 else None
+        rows = own = None
+        if views and blend == 1.0 and is_sharded(p):  # only the rows the copy reads move, or none
+            rows = _fetched_sources(p, dim, rs)
+            own = _own_rows(p, dim, rs) if rows is None and noise == 0 else None
         if own is not None:  # every clone's source on the clone's rank: copied in place, nothing moves
             for g in sharding.shard_groups(p):
                 ranks.setdefault(id(g), g)
@@ -372,7 +374,7 @@ def _fetched_sources(p: torch.Tensor, dim: Axis, rs: Roles) -> torch.Tensor | No
         return None
     if shards is None:
         return None
-    sources, back = torch.unique(rs.sources, return_inverse=True)
+    sources, back = rs.distinct_sources
     block, works = sharding.fetch(p, dim, sources, shards)
     for w in works:
         w.wait()
@@ -390,8 +392,6 @@ def _own_rows(p: torch.Tensor, dim: Axis, rs: Roles) -> tuple[_Own, torch.Tensor
     """This rank's clones' new rows of a plain copy of sharded ``p`` when every clone's source lies on the rank that
     holds the clone (units along a dimension FSDP2 does not split; fused experts, whole per rank, whose clones copy
     units of their own expert), with their local positions; ``None`` otherwise."""
-    if not is_sharded(p):
-        return None
     try:
         if isinstance(dim, int):
             if sharding.row_shards(p, dim) is not None:

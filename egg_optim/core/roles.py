@@ -145,6 +145,12 @@ class Roles:
         """``(q, m, r)`` when clone ``k``'s source is ``q + (k + r) % m`` (:func:`~egg_optim.core.axes.cycle`)."""
         return cycle(self.sources)
 
+    @cached_property
+    def distinct_sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sources, back)``: the distinct sources, ascending, and for each clone its source's place among them
+        (what a clone event must read, worked out once per role change)."""
+        return torch.unique(self.sources, return_inverse=True)
+
     def counts(self) -> dict[str, int]:
         return {
             "leaders": int(self.leaders.numel()),

@@ -311,8 +311,8 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
         return self.controller.roles
 
     def unit_order(self) -> dict[str, torch.Tensor]:
-        """``{layer: order}`` for the blocks whose units ``EggConfig.repack`` reordered (none without it): position
-        ``j`` of the block's tensors holds the model's original unit ``order[j]``, so ``t.index_select(dim,
+        """``{layer: order}`` for the layers whose units ``EggConfig.repack`` reordered (none without it): position
+        ``j`` of the layer's tensors holds the model's original unit ``order[j]``, so ``t.index_select(dim,
         argsort(order))`` puts a unit-major tensor back in the original order. The model computes what it would
         with its units unmoved; copies of its weights taken before (an EMA model) are in the old order."""
         return self.controller.unit_order
