@@ -28,6 +28,8 @@ autocast on fp32 weights, fused AdamW) eager and compiled; Llama h2048 (16 layer
 seq 2048, batch 4, bf16 weights, fused AdamW). CNNs use Adam and the seed's per-layer tables. Last (the budget may
 skip it; ``--groups Mixtral`` runs it alone): a Mixtral-style h1024 (the same attention, 8 experts of 1408 neurons
 routed top 2, bf16 autocast), bare against output mode mild / aggressive, weight mode and drawn roles (gathers).
+Before it, GPT-2 small (124M, seq 1024, batch 8, bf16 autocast, no dropout): bare, output and weight mode (its
+attention computes the active heads with its stored widths set to theirs; no dense control).
 
 The most important groups run first and a time budget (``--budget-s``) skips what would not fit, so the
 results (``--out``: ``bench_gpu.md`` and ``bench_gpu.json``, rewritten after every group) always exist::
@@ -162,6 +164,11 @@ LLAMAS = {
                   "seq": 1024, "batch": 8},
     "tiny_moe": {"hidden": 64, "layers": 2, "heads": 4, "kv": 2, "inter": 88, "experts": 4, "top": 2, "seq": 24,
                  "batch": 2, "vocab": 128},
+    # GPT-2 small (124M, what users try first; its attention splits a fused qkv at a stored width), no dropout
+    "gpt2": {"family": "gpt2", "hidden": 768, "layers": 12, "heads": 12, "kv": 12, "inter": 3072, "seq": 1024,
+             "batch": 8, "vocab": 50257},
+    "tiny_gpt2": {"family": "gpt2", "hidden": 64, "layers": 2, "heads": 4, "kv": 4, "inter": 128, "seq": 24,
+                  "batch": 2, "vocab": 128},
 }  # fmt: skip
 
 
@@ -169,8 +176,21 @@ def llama(spec: Mapping[str, int], inter: int | None = None, kv: int | None = No
     """A LlamaForCausalLM of ``spec`` (a MixtralForCausalLM where it names ``experts``); ``inter`` / ``kv`` narrow
     the MLP / the key-value groups (the query heads follow, ``head_dim`` stays): the dense net at an output plan's
     active widths."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
 
+    if spec.get("family") == "gpt2":  # (no dense control: its heads cannot narrow at a fixed hidden size)
+        cfg = GPT2Config(vocab_size=spec["vocab"], n_embd=spec["hidden"], n_layer=spec["layers"], n_head=spec["heads"],
+                         n_inner=spec["inter"], n_positions=max(spec["seq"], 64), resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0)  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        return GPT2LMHeadModel(cfg)
     heads, kv_heads = spec["heads"], spec["kv"]
     rep, head_dim = heads // kv_heads, spec["hidden"] // heads
     kv = kv_heads if kv is None else kv
@@ -882,6 +902,7 @@ _CNN_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "de
 _LLAMA_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", "dense@mild", "dense@aggressive"]
 _DRAWN = "output/mild-drawn"  # the control of packed roles (views) against drawn ones (gathers): issue 19 item 2
 _REPACKED = "output/mild-repacked"  # drawn roles (as elections leave them) reordered into runs by repack=True
+_GPT2_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild"]  # no dense control (see llama())
 # a mixture of experts: each expert at its active neurons (views on packed roles, gathers on drawn ones)
 _MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN, _REPACKED]
 # weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
@@ -923,6 +944,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             ),  # fmt: skip
             Group("tiny CNN b4 fp32 compiled", "cnn", "tiny_cnn", 4, "fp32", ["bare", "output/mild"], True, r),
             Group("tiny MoE fp32", "llama", "tiny_moe", 2, "fp32", _MOE_SCENARIOS, rounds=r),
+            Group("tiny GPT-2 autocast", "llama", "tiny_gpt2", 2, "autocast", _GPT2_SCENARIOS, rounds=r),
         ]
     quick = args.quick
     h2048 = ["bare", "output/mild", "output/aggressive", "output/aggressive-align1", "output/0.25-0.125"]
@@ -995,6 +1017,16 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             ["bare", "output/mild"] + ([] if quick else ["output/aggressive", "dense@mild"]),
             True,
             r,
+        ),  # fmt: skip
+        Group(
+            "GPT-2 small (124M) bf16 autocast",
+            "llama",
+            "gpt2",
+            LLAMAS["gpt2"]["batch"],
+            "autocast",
+            _GPT2_SCENARIOS,
+            rounds=r,
+            cost_s=60,
         ),  # fmt: skip
         Group(
             "Mixtral-style h1024, 8 experts top 2, bf16 autocast",

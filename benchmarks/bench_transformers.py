@@ -1,14 +1,15 @@
 """Training-step time of tiny random-init transformers: baseline vs weight mode vs output mode.
 
-Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification
-(hidden 256, 4 layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, intermediate 688,
-4 layers, 4 heads), (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and
-(``--models mixtral``) a Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch
-16 x sequence 128 tokens. A step is forward (loss) + backward + AdamW step + zero_grad. Plans:
-``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry (mild: 40 % leaders, 10 %
-independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units
-are MLP neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so output mode computes
-only the active ones and folds clones into the down/o projections; the head has no roles.
+Models are built from configs (random init, no Hub download): a BERT encoder for sequence classification (hidden 256, 4
+layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, intermediate 688, 4 layers, 4 heads),
+(``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and (``--models mixtral``) a
+Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch 16 x sequence 128 tokens;
+``--models gpt2 opt``: GPT-2 and OPT of the Llama's hidden size, layers and heads (MLP 1024), whose attention stores its
+widths (output mode sets them to the active heads'). A step is forward (loss) + backward + AdamW step + zero_grad.
+Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry (mild: 40 % leaders, 10 %
+independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units are MLP neurons, attention heads and
+each expert's neurons (``egg_optim.core.blocks``), so output mode computes only the active ones and folds clones into
+the down/o projections; the head has no roles.
 
 Counted FLOPs: ``egg_optim.utils.flop_counter()`` (``FlopCounterMode``, plus the experts' grouped matmuls) over
 one step's forward and backward (the matmuls and attention torch actually ran). ``time / FLOPs`` is the step-time
@@ -125,7 +126,24 @@ def _mixtral() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return MixtralForCausalLM(cfg), {}
 
 
-MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral}
+def _gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """GPT-2 (fused qkv split at a stored width, MLP 4x): the Llama's hidden size, layers and heads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_inner=1024, n_positions=128)
+    return GPT2LMHeadModel(cfg), {}
+
+
+def _opt() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """OPT (reshapes by a stored head count and width, MLP 4x): the Llama's hidden size, layers and heads."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                    word_embed_proj_dim=256, max_position_embeddings=128)  # fmt: skip
+    return OPTForCausalLM(cfg), {}
+
+
+MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral, "gpt2": _gpt2, "opt": _opt}
 
 
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:

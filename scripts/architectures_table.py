@@ -38,10 +38,11 @@ model computes what the live one does and that the optimizer state resumes exact
 - **roles on**: share of the non-embedding parameters that have roles (the rest: norms, the output head,
   embeddings, routers, the down projections of latent attention, which every head reads).
 - **output mode**: how each kind of block computes in `clone_mode="output"`, decided by the check at its first
-  forward pass: `shrink` = only the active units are computed; `expand` = the producers compute the active units,
-  then every unit (all heads) runs, clones as their sources (attention that reshapes with a stored head count,
-  splits a fused qkv at fixed offsets, adds a per-head bias, or holds 3-D expert weights); `no clones`: a block
-  too small for the plan to give it clones.
+  forward pass: `shrink` = only the active units are computed (attention that stores its head count or width,
+  OPT's `num_heads` or GPT-2's `split_size`, with those set to the active units' for the forward pass); `expand` =
+  the producers compute the active units, then every unit (all heads) runs, clones as their sources (attention
+  that reads its head count from the config, adds a per-head bias, or holds 3-D expert weights); `no clones`: a
+  block too small for the plan to give it clones.
 
 | family | model | blocks | units with roles | rows | roles on | output mode |
 |---|---|---|---|---|---|---|

@@ -142,7 +142,8 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     step of the same group, and the report is written."""
     pytest.importorskip("transformers")
     bench = load_benchmark("bench_gpu")
-    groups = ["tiny CNN b4 fp32", "tiny Llama bf16", "tiny MoE"]  # the fp32 CNN also matches its compiled group
+    # the fp32 CNN also matches its compiled group
+    groups = ["tiny CNN b4 fp32", "tiny Llama bf16", "tiny MoE", "tiny GPT-2"]
     result = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--groups", *groups])
     assert [c["check"] for c in result["checks"]] == list(bench.CHECKS)
     assert all(c["ok"] for c in result["checks"]), result["checks"]
@@ -178,6 +179,9 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     assert {c for g, c in rows if g == moe} == set(bench._MOE_SCENARIOS)
     assert rows[moe, "output/mild"]["flop_ratio"] < 0.6 and rows[moe, "output/mild"]["param_index_ops"] == 0
     assert rows[moe, "weight/mild"]["param_index_ops"] == 0 < rows[moe, bench._DRAWN]["param_index_ops"]
+    gpt2 = "tiny GPT-2 autocast"  # its attention at the active heads too (split_size set): no index op either
+    assert {c for g, c in rows if g == gpt2} == set(bench._GPT2_SCENARIOS)
+    assert rows[gpt2, "output/mild"]["flop_ratio"] < 0.6 and rows[gpt2, "output/mild"]["param_index_ops"] == 0
     text = (tmp_path / "bench_gpu.md").read_text()
     assert "| no-clone plan bit-exact to the bare optimizer | PASS |" in text and "## tiny Llama bf16" in text
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]

@@ -137,10 +137,12 @@ def test_block_output_mode_computes_clones_as_their_sources_and_saves_a_plain_mo
     out = model(**inputs).logits
     torch.testing.assert_close(out, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert rewrite.verified == {n for n, r in roles.items() if r.has_clones}  # checked at its first forward pass
-    # GPT-2 splits its fused qkv at fixed offsets: its attention computes every head (clones as their sources)
-    want = {n: "expand" if kind == "gpt2" and g.kind == "attention" and roles[n].has_clones else "shrink"
-            for n, g in groups.items()}  # fmt: skip
-    assert rewrite.modes == want
+    # every block computes its active units only; GPT-2 splits its fused qkv at a stored width (``split_size``),
+    # which is set to the active heads' for the forward pass
+    assert set(rewrite.modes.values()) == {"shrink"}
+    assert {n for n in groups if rewrite.resized(n)} == {
+        n for n, g in groups.items() if kind == "gpt2" and g.kind == "attention" and roles[n].has_clones
+    }
     # the producers compute active units only, and clone weights get no gradient
     out.square().sum().backward()
     for name, g in groups.items():
@@ -537,3 +539,22 @@ def test_a_faint_mix_between_units_of_a_block_with_small_outputs_is_found():
     leaky, clean = discover(Net(1e-3)), discover(Net(0.0))
     assert "attn" in leaky.skipped and "not computed apart" in leaky.skipped["attn"].reason
     assert clean.groups["attn"].probed
+
+
+def test_an_attentions_width_attributes_are_found_by_name_never_by_value_alone():
+    """Only attributes named as head counts or widths are set to the active units' in output mode: a layer index or
+    a window equal to a multiple of the heads is left as it is."""
+    from egg_optim.core.blocks import _stored_widths
+
+    class Attn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads, self.num_key_value_heads, self.head_dim = 8, 4, 16
+            self.embed_dim, self.kv_dim, self.split_size = 128, 64, 128
+            self.layer_idx, self.sliding_window, self.max_position_embeddings = 4, 8, 2048
+            self.rotary_ndims, self.num_key_value_groups, self.is_causal = 8, 2, True
+
+    # 4 units (key/value heads), 2 query heads each, head_dim 16
+    assert _stored_widths(Attn(), 4, 2, 16) == {
+        "num_heads": 2, "num_key_value_heads": 1, "embed_dim": 32, "kv_dim": 16, "split_size": 32,
+    }  # fmt: skip

@@ -1,14 +1,16 @@
 """Output mode is never silently wrong: the self-check at each block's first forward pass (issue 20).
 
 Attention code that reshapes with a stored head count (OPT's ``view(bsz, -1, self.num_heads, ...)``, GPT-Neo's and
-StableLM's explicit head counts) cannot run on the active heads only: such a block computes all heads instead
-("expand"), which the check finds and logs. A block that no rewrite can compute exactly is refused with a typed
-error before anything trains.
+StableLM's explicit head counts) runs on the active heads only once that count is set to theirs for the forward
+pass, where the attribute's name says it is one (``num_heads``); where it does not, the block computes all heads
+instead ("expand"), which the check finds and logs. A block that no rewrite can compute exactly is refused with a
+typed error before anything trains.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -24,19 +26,21 @@ class ToyAttention(nn.Module):
     """Attention over ``num_heads`` heads; ``reshape`` says how it splits them: ``"minus_one"`` (``view(b, -1,
     heads, head_dim)``: folds tokens into heads when fewer heads come in), ``"stored"`` (``view(b, t, heads,
     head_dim)``: fails), ``"head_dim"`` (``view(b, t, -1, head_dim)``: works on any number of heads), ``"direct"``
-    (reads ``q_proj.weight`` itself, bypassing the module: no rewrite can be exact)."""
+    (reads ``q_proj.weight`` itself, bypassing the module: no rewrite can be exact). ``heads`` is read from the
+    attribute ``count``: ``"split_heads"`` is no name egg_optim knows for a head count, ``"num_heads"`` is."""
 
-    def __init__(self, dim: int = 16, heads: int = 4, reshape: str = "stored") -> None:
+    def __init__(self, dim: int = 16, heads: int = 4, reshape: str = "stored", count: str = "split_heads") -> None:
         super().__init__()
-        self.num_heads, self.head_dim, self.reshape = heads, dim // heads, reshape
+        self.num_heads, self.head_dim, self.reshape, self.count = heads, dim // heads, reshape, count
+        setattr(self, count, heads)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.o_proj = nn.Linear(dim, dim)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         shape = {
-            "minus_one": (b, -1, self.num_heads, self.head_dim),
-            "stored": (b, t, self.num_heads, self.head_dim),
+            "minus_one": (b, -1, getattr(self, self.count), self.head_dim),
+            "stored": (b, t, getattr(self, self.count), self.head_dim),
         }.get(self.reshape, (b, t, -1, self.head_dim))
         return x.reshape(shape).transpose(1, 2)
 
@@ -49,10 +53,10 @@ class ToyAttention(nn.Module):
 
 
 class ToyLM(nn.Module):
-    def __init__(self, reshape: str = "stored", vocab: int = 20, dim: int = 16) -> None:
+    def __init__(self, reshape: str = "stored", vocab: int = 20, dim: int = 16, count: str = "split_heads") -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.attn = ToyAttention(dim, reshape=reshape)
+        self.attn = ToyAttention(dim, reshape=reshape, count=count)
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +102,30 @@ def test_attention_reshaping_with_a_stored_head_count_computes_every_head(reshap
     assert sum("cannot compute with only its active units" in r.getMessage() for r in caplog.records) == 1
     _saved_equals_live(model, _ids(t=length, seed=9))
     assert opt.block_output._hooks == {}  # checked once: no hook left on the hot path
+
+
+@pytest.mark.parametrize("reshape", ["minus_one", "stored"])
+@pytest.mark.parametrize("length", [8, 7])
+def test_attention_reshaping_with_a_named_head_count_computes_active_heads_with_it_set(reshape, length, caplog):
+    """``num_heads`` is a head count by its name: the block computes its active heads with it set to theirs for
+    the forward pass (restored after), exactly what the saved plain model computes."""
+    torch.manual_seed(0)
+    model = ToyLM(reshape, count="num_heads")
+    opt = _opt(model)
+    inside = []
+    model.attn.o_proj.register_forward_pre_hook(lambda m, args: inside.append((model.attn.num_heads, args[0].shape)))
+    with caplog.at_level("INFO", logger="egg_optim"):
+        for seed in range(3):
+            _step(model, opt, _ids(t=length, seed=seed))
+    assert opt.block_output.modes == {"attn": "shrink"} and opt.block_output.resized("attn")
+    assert opt.block_output.verified == {"attn"}
+    assert not any("cannot compute" in r.getMessage() for r in caplog.records)
+    assert model.attn.num_heads == 4  # restored after each forward pass
+    assert inside[-1] == (1, torch.Size([2, length, 4]))  # 1 active head of 4 read by the output projection
+    with _Attention() as seen:
+        model(_ids(t=length))
+    assert [q[1] for q, _, _ in seen.calls] == [1]  # attention over the leader's head only
+    _saved_equals_live(model, _ids(t=length, seed=9))
 
 
 def test_attention_that_splits_heads_by_head_dim_keeps_computing_active_heads_only():
@@ -178,11 +206,18 @@ def test_the_check_does_not_touch_the_key_value_cache():
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     assert out.past_key_values.get_seq_length() == 6
-    assert opt.block_output.modes["model.decoder.layers.0.self_attn"] == "expand"
+    # OPT reshapes by its stored head count: with it set to the active heads', the block computes those only
+    name = "model.decoder.layers.0.self_attn"
+    assert opt.block_output.modes[name] == "shrink" and opt.block_output.resized(name)
     plain = transformers.OPTForCausalLM(cfg).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, out.logits, rtol=1e-5, atol=1e-5)
+        # decoding on from the cache (which holds the active heads' keys and values) is the plain model's too
+        more = _ids(t=2, seed=5)
+        step = model(input_ids=more, past_key_values=out.past_key_values, use_cache=True).logits
+        full = plain(input_ids=torch.cat([ids, more], dim=1)).logits[:, -2:]
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
 class _Attention(TorchFunctionMode):
@@ -256,3 +291,37 @@ def test_a_layer_the_model_uses_without_calling_it_is_refused_in_output_mode(pla
         opt.step()
     assert info.value.block == "dt"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_width_attributes_are_not_set_where_a_block_hands_later_blocks_a_per_head_tensor(caplog):
+    """T5's first cross-attention returns its (all-zero, masked) position bias, which the later cross-attention
+    blocks add to their scores: with ``n_heads`` set to the active heads' it would be the active heads' only, which
+    the self-check finds (the block's second output differs), so T5's attention computes every head. Attention
+    weights, which no later block reads, may be the active heads' (GPT-2 with eager attention)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    t5 = transformers.T5Config(vocab_size=50, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=3,
+                               num_heads=4, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    gpt2 = transformers.GPT2Config(vocab_size=50, n_embd=32, n_inner=64, n_layer=2, n_head=4,
+                                   attn_implementation="eager")  # fmt: skip
+    for cfg, cls in ((t5, transformers.T5ForConditionalGeneration), (gpt2, transformers.GPT2LMHeadModel)):
+        torch.manual_seed(0)
+        model = cls(cfg).eval()
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5),
+                                   clone_mode="output")  # fmt: skip
+        ids = _ids(t=7)
+        kw = {"decoder_input_ids": ids} if cls is not transformers.GPT2LMHeadModel else {}
+        with caplog.at_level("INFO", logger="egg_optim"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # no block left unchecked
+            with torch.no_grad():
+                out = model(input_ids=ids, **kw).logits
+        attention = {n: m for n, m in opt.block_output.modes.items() if opt.block_output.groups[n].kind == "attention"}
+        if cls is transformers.GPT2LMHeadModel:
+            assert set(attention.values()) == {"shrink"} and all(opt.block_output.resized(n) for n in attention)
+        else:
+            assert set(attention.values()) == {"expand"}, attention
+            assert any("EncDecAttention" in r.getMessage() and "its output 2" in r.getMessage() for r in caplog.records)
+        plain = cls(cfg).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids, **kw).logits, out, rtol=1e-5, atol=1e-5)

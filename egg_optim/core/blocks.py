@@ -49,6 +49,7 @@ alone rather than managed as rows, unless a plan names them.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -104,8 +105,12 @@ class UnitGroup:
     # but part of the block, so that they become no rows of a plan
     shared: list[str] = field(default_factory=list)
     # attributes of the block's module that count its units' widths, per unit (the gated delta net's ``key_dim``,
-    # ``conv_dim``...): output mode sets them to the active units' for a forward pass on those only
+    # ``conv_dim``...; an attention's stored head count or fused split: ``num_heads``, ``split_size``): output mode
+    # sets them to the active units' for a forward pass on those only
     sizes: dict[str, int] = field(default_factory=dict)
+    # whether setting ``sizes`` is only tried where the block does not compute on its active units without it (an
+    # attention's stored counts, which its code may not read); linear attention always needs them
+    sizes_optional: bool = False
     # equal runs of units that each take the same share of every role, a clone's source in its own run: the
     # experts of fused MoE weights (one run of neurons per expert), none of which may become a copy of one neuron
     parts: int = 1
@@ -495,7 +500,32 @@ def _attention(
     for n, p in module.named_parameters():
         if heads > 1 and id(p) not in owned and p.dim() in (1, 2) and p.shape[-1] == heads:
             slices.append(UnitSlice(_join(prefix, n), p.dim() - 1, head_index))
-    yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout)
+    sizes = _stored_widths(module, kv, rep, head_dim)
+    yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout,
+                    sizes=sizes, sizes_optional=True)  # fmt: skip
+
+
+# an attribute holding a head count: ``num_heads``, ``n_head``, ``num_key_value_heads``, ``num_kv_heads``, ``kv_heads``
+_HEAD_COUNT = re.compile(r"(^|_)(n|num)(_\w+)?_heads?$|^(kv|q|query)_heads$")
+
+
+def _stored_widths(module: nn.Module, units: int, rep: int, head_dim: int) -> dict[str, int]:
+    """The integer attributes of an attention module that store its head counts (by name: ``num_heads``,
+    ``num_kv_heads``..., ``rep`` or one per unit) or its widths (``*_dim`` / ``*_size``: ``embed_dim``,
+    ``split_size``, ``inner_dim``, ``kv_dim``; ``head_dim`` or ``rep x head_dim`` per unit), per unit: code that
+    reshapes by them, or splits a fused projection at them (GPT-2, OPT, BLOOM, T5), computes on the active units
+    when they are set to the active units' (which the self-check tries). Names decide, never a value alone: a layer
+    index or a window can equal a multiple of the heads."""
+    out = {}
+    for k, v in vars(module).items():
+        if type(v) is not int or v <= 0 or v % units or k in ("head_dim", "head_size"):
+            continue
+        per = v // units
+        if (_HEAD_COUNT.search(k) and per in (1, rep)) or (
+            k.endswith(("_dim", "_size")) and per in (head_dim, rep * head_dim)
+        ):
+            out[k] = per
+    return out
 
 
 # multi-head latent attention's sizes: per head, the query/key rows without and with rotary embedding and the value

@@ -11,21 +11,23 @@ consumer (down or output projection) folds each clone's input columns into its s
 which equals the full computation with every clone's activation set to its source's, so both matmuls shrink
 with the number of clones. This needs the code between producers and consumer to work on fewer units: an MLP's
 elementwise activation does; attention that reshapes with ``view(..., -1, head_dim)`` (Llama, Mistral, Qwen, BERT,
-ViT, GPT-NeoX) does too.
+ViT, GPT-NeoX) does too; so does attention that reshapes with a head count or width it stores (OPT, GPT-Neo,
+StableLM, XGLM, Falcon) or splits a fused qkv at a stored width (GPT-2, GPTBigCode), once those attributes of the
+block's module are set to the active units' for the forward pass (:attr:`UnitGroup.sizes`, found by name:
+``num_heads``, ``embed_dim``, ``split_size``...; tried where the block does not shrink without them, and refused
+where the block then returns a per-head tensor other than attention weights: T5 hands its position bias on).
 
-``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so
-the code between them runs at full width (all heads) and the consumer reads every unit through its own columns
-(clone columns frozen). Exact for any code in between: attention that reshapes with a stored head count (OPT,
-GPT-Neo, StableLM, XGLM), splits a fused qkv at fixed offsets (GPT-2, Phi3), adds a per-head bias (T5, ALiBi in
-BLOOM and Falcon). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of MoE experts)
-compute this way too: clone positions take their source's values, except MoE experts whose experts each keep the
-same number of active neurons, their clones' sources in their own expert (the default roles), which shrink: each
-expert's producer slices are taken at its active neurons and its down projection's clone columns folded into
-their sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``; by views and sums where
-every expert's active neurons sit at the same offsets, as packed roles put them, else by gathers); in linear
-attention (the gated delta net, Kimi Delta Attention), whose code reads its widths from attributes of the block's
-module, ``"shrink"`` sets those to the active units' for the forward pass and slices its convolution and per-head
-values to their active positions.
+``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so the
+code between them runs at full width (all heads) and the consumer reads every unit through its own columns (clone
+columns frozen). Exact for any code in between: attention that reads its head count from the shared config (Phi3), adds
+a per-head bias (T5, ALiBi in BLOOM). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of
+MoE experts) compute this way too: clone positions take their source's values, except MoE experts whose experts each
+keep the same number of active neurons, their clones' sources in their own expert (the default roles), which shrink:
+each expert's producer slices are taken at its active neurons and its down projection's clone columns folded into their
+sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``; by views and sums where every expert's
+active neurons sit at the same offsets, as packed roles put them, else by gathers); in linear attention (the gated delta
+net, Kimi Delta Attention), whose code reads its widths from attributes of the block's module, ``"shrink"`` sets those
+to the active units' for the forward pass and slices its convolution and per-head values to their active positions.
 
 Every block starts in ``"shrink"`` where its producers are Linear layers (or it is one of the above).
 **Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in
@@ -68,7 +70,7 @@ OWNER = "block output cloning"
 _ATTRS = (
     "_egg_has_clones", "_egg_dim", "_egg_produces", "_egg_own_weights", "_egg_expand", "_egg_slices", "_egg_reference",
     "_egg_inside", "_egg_span", "_egg_clone_span", "_egg_fold", "_egg_tied_inside", "_egg_sizes", "_egg_active_units",
-    "_egg_parts", "_egg_views", "_egg_copies", "_egg_runs",
+    "_egg_parts", "_egg_views", "_egg_copies", "_egg_runs", "_egg_resize",
 )  # fmt: skip
 _BUFFERS = ("_egg_active", "_egg_fold_pos", "_egg_fold_src", "_egg_sources", "_egg_gather")
 MODES = ("shrink", "expand")
@@ -211,6 +213,7 @@ class _TiedMember(_Member):
     _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
     _egg_inside = False
     _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
+    _egg_resize = False  # "shrink" sets them to the active units' (always, or where the self-check found it needed)
     _egg_active_units = 0
     _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
     # per parameter key, where its active positions are a few runs (packed roles; with parts, at the same offsets in
@@ -266,7 +269,7 @@ class _TiedMember(_Member):
             return super().forward(*args, **kwargs)
         tied = (self, *self._egg_tied_inside)
         with ExitStack() as stack:
-            if self._egg_sizes and not self._egg_expand:
+            if self._egg_resize and not self._egg_expand:
                 stack.enter_context(_widths(self, {k: n * self._egg_active_units for k, n in self._egg_sizes.items()}))
             for m in tied:
                 stack.enter_context(_substituted(m, m._egg_values()))
@@ -392,6 +395,40 @@ def _difference(ref: torch.Tensor | None, out: torch.Tensor | None) -> str | Non
     return None
 
 
+def _floating(out: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of a module's output, in order."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    return [t for item in out for t in _floating(item)] if isinstance(out, (list, tuple)) else []
+
+
+def _other_outputs(ref: Any, out: Any) -> str | None:
+    """Why the outputs after the first differ (a block whose width attributes were set may return a per-head tensor
+    that the next blocks read: T5's position bias), or ``None``. Attention weights (rows that are distributions
+    over the keys) are the active heads', as in every block that computes those only: transformers returns them
+    where asked (``output_attentions``), no later block reads them."""
+    refs, outs = _floating(ref)[1:], _floating(out)[1:]
+    if len(refs) != len(outs):
+        return f"it returned {len(outs) + 1} floating-point tensors, the plain block {len(refs) + 1}"
+    for i, (r, o) in enumerate(zip(refs, outs), start=2):
+        if _distributions(r) and _distributions(o):
+            continue
+        problem = _difference(r, o)
+        if problem is not None:
+            return f"its output {i}: {problem.removeprefix('its output ')}"
+    return None
+
+
+def _distributions(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds distributions along its last dimension (attention weights: ``[batch, heads, q, k]``)."""
+    if t.dim() < 3 or not t.numel():
+        return False
+    t = t.detach().float()
+    return bool(t.min() >= 0) and bool(torch.allclose(t.sum(-1), torch.ones(()), atol=1e-3))
+
+
 class BlockOutputCloning(base.LayerRewrite):
     """Output cloning for the :class:`~egg_optim.core.blocks.UnitGroup` s of ``model`` named in ``roles``.
 
@@ -463,14 +500,14 @@ class BlockOutputCloning(base.LayerRewrite):
                     m._egg_tied_inside = tuple(
                         d for dn, d, _ in members if isinstance(d, _TiedMember) and dn.startswith(f"{parent}.")
                     )
-            tied = [m for _, m, _ in members if isinstance(m, _TiedMember)]
+            tied = [m for _, m, _ in members if isinstance(m, _TiedMember) and m._egg_slices]
             shrinks = (
                 not tied
                 # tied members shrink with the block module's widths, producer slices only
-                or (any(m._egg_sizes for m in tied) and all(p for m in tied for _, p in m._egg_slices.values()))
+                or (g.sizes and not g.sizes_optional and all(p for m in tied for _, p in m._egg_slices.values()))
                 or _even_parts(g, roles[name])  # or expert by expert
             )
-            self._set_mode(name, "shrink" if shrinks else "expand")
+            self._set_mode(name, "shrink" if shrinks else "expand", resize=bool(g.sizes) and not g.sizes_optional)
             self._apply_roles(name, roles[name])
         self._verified: set[str] = set()
         self._warned: set[str] = set()
@@ -480,10 +517,25 @@ class BlockOutputCloning(base.LayerRewrite):
         self._arm()
 
     # ------------------------------------------------------------------ modes
-    def _set_mode(self, name: str, mode: str) -> None:
+    def _set_mode(self, name: str, mode: str, resize: bool = False) -> None:
+        """``resize``: "shrink" sets the block module's width attributes (:attr:`UnitGroup.sizes`) to the active
+        units'."""
         self.modes[name] = mode
         for _, m, _ in self._members[name]:
             m._egg_expand = mode == "expand"
+            m._egg_resize = resize and mode == "shrink"
+
+    def resized(self, name: str) -> bool:
+        """Whether block ``name`` computes on its active units with its width attributes set to theirs."""
+        return any(getattr(m, "_egg_resize", False) for _, m, _ in self._members[name])
+
+    def _attempts(self, name: str) -> list[tuple[str, bool]]:
+        """The ways the self-check tries, in order, from the current one: shrink (with the block module's width
+        attributes set to the active units' where it needs them, or as a second try where it may), expand."""
+        g = self.groups[name]
+        resizes = [False, True] if g.sizes and g.sizes_optional else [bool(g.sizes)]
+        attempts = [(m, r) for m, r in [*(("shrink", r) for r in resizes), ("expand", False)] if m in MODES]
+        return attempts[attempts.index((self.modes[name], self.resized(name))) :]
 
     def _check_roles(self, name: str, roles: Roles) -> None:
         if roles.num_units != self.groups[name].num_units:
@@ -641,7 +693,7 @@ class BlockOutputCloning(base.LayerRewrite):
             for m in members if not reference else ():
                 m._egg_reference = False
             with _random_weights(values):
-                return first_tensor(scope_module.forward(*fresh_inputs(args), **fresh_inputs(kwargs)))
+                return scope_module.forward(*fresh_inputs(args), **fresh_inputs(kwargs))
 
         problem = None
         _Check.running = True
@@ -660,12 +712,16 @@ class BlockOutputCloning(base.LayerRewrite):
                             stacklevel=3,
                         )
                     return
-                for mode in MODES[MODES.index(self.modes[name]) :]:
-                    self._set_mode(name, mode)
+                attempts = self._attempts(name)
+                for i, (mode, resize) in enumerate(attempts):
+                    self._set_mode(name, mode, resize)
                     problem = None
                     for ref, w in zip(refs, probes):
                         try:
-                            problem = _difference(ref, run(False, w))
+                            out = run(False, w)
+                            problem = _difference(first_tensor(ref), first_tensor(out))
+                            if problem is None and resize:
+                                problem = _other_outputs(ref, out)
                         except Exception as exc:  # noqa: BLE001 - a wrong reshape raises; that is the finding
                             problem = f"it raised {type(exc).__name__}: {exc}"
                         if problem is not None:
@@ -673,7 +729,7 @@ class BlockOutputCloning(base.LayerRewrite):
                             break
                     if problem is None:
                         break
-                    if mode == "shrink":
+                    if mode == "shrink" and attempts[i + 1 :] and attempts[i + 1][0] == "expand":
                         logger.info(
                             "egg_optim: block %r cannot compute with only its active units (%s); it computes all "
                             "of them in output mode, its producers still only the active ones",
