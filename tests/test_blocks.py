@@ -553,8 +553,12 @@ def test_an_attentions_width_attributes_are_found_by_name_never_by_value_alone()
             self.embed_dim, self.kv_dim, self.split_size = 128, 64, 128
             self.layer_idx, self.sliding_window, self.max_position_embeddings = 4, 8, 2048
             self.rotary_ndims, self.num_key_value_groups, self.is_causal = 8, 2, True
+            self.inner = torch.nn.Module()  # a module inside (DeBERTa's ``self``): its attributes too
+            self.inner.num_attention_heads, self.inner.all_head_size, self.inner.layer_idx = 8, 128, 4
+            self.q_proj = torch.nn.Linear(16, 128)  # a projection's widths are its own
 
     # 4 units (key/value heads), 2 query heads each, head_dim 16
     assert _stored_widths(Attn(), 4, 2, 16) == {
         "num_heads": 2, "num_key_value_heads": 1, "embed_dim": 32, "kv_dim": 16, "split_size": 32,
+        "inner.num_attention_heads": 2, "inner.all_head_size": 32,
     }  # fmt: skip

@@ -510,21 +510,28 @@ _HEAD_COUNT = re.compile(r"(^|_)(n|num)(_\w+)?_heads?$|^(kv|q|query)_heads$")
 
 
 def _stored_widths(module: nn.Module, units: int, rep: int, head_dim: int) -> dict[str, int]:
-    """The integer attributes of an attention module that store its head counts (by name: ``num_heads``,
+    """The integer attributes of an attention module (or of a module inside it that is no projection: DeBERTa's
+    ``self``, keyed ``"self.num_attention_heads"``) that store its head counts (by name: ``num_heads``,
     ``num_kv_heads``..., ``rep`` or one per unit) or its widths (``*_dim`` / ``*_size``: ``embed_dim``,
-    ``split_size``, ``inner_dim``, ``kv_dim``; ``head_dim`` or ``rep x head_dim`` per unit), per unit: code that
-    reshapes by them, or splits a fused projection at them (GPT-2, OPT, BLOOM, T5), computes on the active units
+    ``split_size``, ``inner_dim``, ``all_head_size``; ``head_dim`` or ``rep x head_dim`` per unit), per unit: code
+    that reshapes by them, or splits a fused projection at them (GPT-2, OPT, DeBERTa), computes on the active units
     when they are set to the active units' (which the self-check tries). Names decide, never a value alone: a layer
     index or a window can equal a multiple of the heads."""
+    inner = [("", module)] + [
+        (f"{n}.", c)
+        for n, c in module.named_children()
+        if not _linear(c) and not isinstance(c, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
+    ]
     out = {}
-    for k, v in vars(module).items():
-        if type(v) is not int or v <= 0 or v % units or k in ("head_dim", "head_size"):
-            continue
-        per = v // units
-        if (_HEAD_COUNT.search(k) and per in (1, rep)) or (
-            k.endswith(("_dim", "_size")) and per in (head_dim, rep * head_dim)
-        ):
-            out[k] = per
+    for path, m in inner:
+        for k, v in vars(m).items():
+            if type(v) is not int or v <= 0 or v % units or k in ("head_dim", "head_size"):
+                continue
+            per = v // units
+            if (_HEAD_COUNT.search(k) and per in (1, rep)) or (
+                k.endswith(("_dim", "_size")) and per in (head_dim, rep * head_dim)
+            ):
+                out[path + k] = per
     return out
 
 

@@ -12,22 +12,26 @@ which equals the full computation with every clone's activation set to its sourc
 with the number of clones. This needs the code between producers and consumer to work on fewer units: an MLP's
 elementwise activation does; attention that reshapes with ``view(..., -1, head_dim)`` (Llama, Mistral, Qwen, BERT,
 ViT, GPT-NeoX) does too; so does attention that reshapes with a head count or width it stores (OPT, GPT-Neo,
-StableLM, XGLM, Falcon) or splits a fused qkv at a stored width (GPT-2, GPTBigCode), once those attributes of the
-block's module are set to the active units' for the forward pass (:attr:`UnitGroup.sizes`, found by name:
-``num_heads``, ``embed_dim``, ``split_size``...; tried where the block does not shrink without them, and refused
-where the block then returns a per-head tensor other than attention weights: T5 hands its position bias on).
+StableLM, XGLM, Falcon, DeBERTa) or splits a fused qkv at a stored width (GPT-2, GPTBigCode), once those attributes
+of the block's module (or of a module inside it) are set to the active units' for the forward pass
+(:attr:`UnitGroup.sizes`, found by name: ``num_heads``, ``embed_dim``, ``split_size``...; tried where the block does
+not shrink without them). Per-head values outside the projections (Swin's relative position table, GPT-OSS's
+attention sinks) are sliced to the active units. Where widths are set or per-head values sliced, every tensor the
+block returns must match the plain block's too, attention weights (rows summing to at most 1) excepted: T5 hands
+its position bias on to the next blocks, so its attention expands.
 
-``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so the
-code between them runs at full width (all heads) and the consumer reads every unit through its own columns (clone
-columns frozen). Exact for any code in between: attention that reads its head count from the shared config (Phi3), adds
-a per-head bias (T5, ALiBi in BLOOM). Parameters other than a Linear's (T5's relative attention bias, the 3-D weights of
-MoE experts) compute this way too: clone positions take their source's values, except MoE experts whose experts each
-keep the same number of active neurons, their clones' sources in their own expert (the default roles), which shrink:
-each expert's producer slices are taken at its active neurons and its down projection's clone columns folded into their
-sources' (``[experts, 2 x active, hidden]`` and ``[experts, hidden, active]``; by views and sums where every expert's
-active neurons sit at the same offsets, as packed roles put them, else by gathers); in linear attention (the gated delta
-net, Kimi Delta Attention), whose code reads its widths from attributes of the block's module, ``"shrink"`` sets those
-to the active units' for the forward pass and slices its convolution and per-head values to their active positions.
+``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so
+the code between them runs at full width (all heads) and the consumer reads every unit through its own columns
+(clone columns frozen). Exact for any code in between: attention that reads its head count from the shared config
+(Phi3), adds a per-head bias it is given (ALiBi in BLOOM) or hands one on (T5). Other parameters (T5's relative
+attention bias, the 3-D weights of MoE experts) compute this way too: clone positions take their source's values,
+except MoE experts whose experts each keep the same number of active neurons, their clones' sources in their own
+expert (the default roles), which shrink: each expert's producer slices are taken at its active neurons and its
+down projection's clone columns folded into their sources' (``[experts, 2 x active, hidden]`` and ``[experts,
+hidden, active]``; by views and sums where every expert's active neurons sit at the same offsets, as packed roles
+put them, else by gathers); in linear attention (the gated delta net, Kimi Delta Attention), whose code reads its
+widths from attributes of the block's module, ``"shrink"`` always sets those to the active units' for the forward
+pass and slices its convolution and per-head values to their active positions.
 
 Every block starts in ``"shrink"`` where its producers are Linear layers (or it is one of the above).
 **Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in
@@ -212,7 +216,7 @@ class _TiedMember(_Member):
     _egg_expand: bool
     _egg_slices: dict[str, tuple[int, bool]]  # parameter key -> (unit dim, produces)
     _egg_inside = False
-    _egg_sizes: dict[str, int] = {}  # the block module's width attributes, per unit (:attr:`UnitGroup.sizes`)
+    _egg_sizes: dict[str, int] = {}  # its width attributes, per unit (:attr:`UnitGroup.sizes`)
     _egg_resize = False  # "shrink" sets them to the active units' (always, or where the self-check found it needed)
     _egg_active_units = 0
     _egg_parts = 1  # the experts of fused MoE weights: a shrunk slice is laid out [parts, positions of each, ...]
@@ -269,9 +273,9 @@ class _TiedMember(_Member):
             return super().forward(*args, **kwargs)
         tied = (self, *self._egg_tied_inside)
         with ExitStack() as stack:
-            if self._egg_resize and not self._egg_expand:
-                stack.enter_context(_widths(self, {k: n * self._egg_active_units for k, n in self._egg_sizes.items()}))
             for m in tied:
+                if m._egg_resize and not m._egg_expand:
+                    stack.enter_context(_widths(m, {k: n * m._egg_active_units for k, n in m._egg_sizes.items()}))
                 stack.enter_context(_substituted(m, m._egg_values()))
                 m._egg_inside = True
             try:
@@ -279,6 +283,15 @@ class _TiedMember(_Member):
             finally:
                 for m in tied:
                     m._egg_inside = False
+
+
+def _sizes_by_module(g: UnitGroup) -> dict[str, dict[str, int]]:
+    """``g.sizes`` by the module holding each attribute (``"attr"``: the block's own; ``"child.attr"``: one inside)."""
+    out: dict[str, dict[str, int]] = {}
+    for key, n in g.sizes.items():
+        path, _, attr = key.rpartition(".")
+        out.setdefault(f"{g.name}.{path}" if path else g.name, {})[attr] = n
+    return out
 
 
 @contextmanager
@@ -422,11 +435,13 @@ def _other_outputs(ref: Any, out: Any) -> str | None:
 
 
 def _distributions(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds distributions along its last dimension (attention weights: ``[batch, heads, q, k]``)."""
+    """Whether ``t`` holds attention weights (``[batch, heads, q, k]``): rows of non-negative weights summing to at
+    most 1 and more than 0 (less than 1 where attention sinks take their share: GPT-OSS)."""
     if t.dim() < 3 or not t.numel():
         return False
     t = t.detach().float()
-    return bool(t.min() >= 0) and bool(torch.allclose(t.sum(-1), torch.ones(()), atol=1e-3))
+    sums = t.sum(-1)
+    return bool(t.min() >= 0) and bool(sums.min() > 0) and bool(sums.max() <= 1 + 1e-3)
 
 
 class BlockOutputCloning(base.LayerRewrite):
@@ -474,10 +489,11 @@ class BlockOutputCloning(base.LayerRewrite):
         self.modes: dict[str, str] = {}
         for name, g in self.groups.items():
             members = []
-            # the shared members (latent attention's down projections) run as they are; the block's own module is a
-            # member, holding no slice, where it has width attributes (linear attention: it also substitutes the
-            # members inside it, whose parameters it may read without calling them)
-            outer = [g.name] if g.sizes and g.name in modules and g.name not in g.sliced else []
+            # the shared members (latent attention's down projections) run as they are; the block's own module (or
+            # one inside it) is a member, holding no slice, where it has width attributes (linear attention: it also
+            # substitutes the members inside it, whose parameters it may read without calling them)
+            sizes = _sizes_by_module(g)
+            outer = [n for n in sizes if n in modules and n not in g.sliced]
             for mname in [*g.sliced, *outer]:
                 m = modules[mname]
                 slices = [s for s in g.slices if s.module == mname]
@@ -491,8 +507,7 @@ class BlockOutputCloning(base.LayerRewrite):
                     m._egg_dim = _weight_slice(g, mname).dim
                 else:
                     m._egg_slices = {s.key: (s.dim, s.role == "producer") for s in slices}
-                    if mname == g.name and g.sizes:
-                        m._egg_sizes = dict(g.sizes)
+                    m._egg_sizes = sizes.get(mname, {})
                     m._egg_parts = g.parts
             self._members[name] = members
             for parent, m, _ in members:
@@ -502,9 +517,8 @@ class BlockOutputCloning(base.LayerRewrite):
                     )
             tied = [m for _, m, _ in members if isinstance(m, _TiedMember) and m._egg_slices]
             shrinks = (
-                not tied
-                # tied members shrink with the block module's widths, producer slices only
-                or (g.sizes and not g.sizes_optional and all(p for m in tied for _, p in m._egg_slices.values()))
+                # tied members with producer slices only (per-head tables, sinks) are sliced to the active units
+                all(p for m in tied for _, p in m._egg_slices.values())
                 or _even_parts(g, roles[name])  # or expert by expert
             )
             self._set_mode(name, "shrink" if shrinks else "expand", resize=bool(g.sizes) and not g.sizes_optional)
@@ -701,6 +715,8 @@ class BlockOutputCloning(base.LayerRewrite):
             scope_module.train(False)
             with torch.no_grad(), _ShapeGuard():
                 probes = [{}, _random_for(self.groups[name], members)]
+                # a block whose own per-head values are sliced (a position bias table) may hand them on: T5's
+                tied = any(isinstance(m, _TiedMember) and m._egg_slices for m in members)
                 try:
                     refs = [run(True, w) for w in probes]
                 except Exception as exc:  # noqa: BLE001 - the plain computation itself failed: nothing to check
@@ -720,7 +736,7 @@ class BlockOutputCloning(base.LayerRewrite):
                         try:
                             out = run(False, w)
                             problem = _difference(first_tensor(ref), first_tensor(out))
-                            if problem is None and resize:
+                            if problem is None and (resize or tied):
                                 problem = _other_outputs(ref, out)
                         except Exception as exc:  # noqa: BLE001 - a wrong reshape raises; that is the finding
                             problem = f"it raised {type(exc).__name__}: {exc}"
