@@ -5,11 +5,11 @@ layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, interm
 (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and (``--models mixtral``) a
 Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch 16 x sequence 128 tokens;
 ``--models gpt2 opt``: GPT-2 and OPT of the Llama's hidden size, layers and heads (MLP 1024), whose attention stores its
-widths (output mode sets them to the active heads'). A step is forward (loss) + backward + AdamW step + zero_grad.
-Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry (mild: 40 % leaders, 10 %
-independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units are MLP neurons, attention heads and
-each expert's neurons (``egg_optim.core.blocks``), so output mode computes only the active ones and folds clones into
-the down/o projections; the head has no roles.
+widths (output mode sets them to the active heads'); ``phi3``: Phi-3 of the Llama's sizes. A step is forward (loss) +
+backward + AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry
+(mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units are MLP
+neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so output mode computes only the active
+ones and folds clones into the down/o projections; the head has no roles.
 
 Counted FLOPs: ``egg_optim.utils.flop_counter()`` (``FlopCounterMode``, plus the experts' grouped matmuls) over
 one step's forward and backward (the matmuls and attention torch actually ran). ``time / FLOPs`` is the step-time
@@ -143,7 +143,16 @@ def _opt() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return OPTForCausalLM(cfg), {}
 
 
-MODELS = {"bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral, "gpt2": _gpt2, "opt": _opt}
+def _phi3() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Phi-3 (fused qkv split at its config's head count, fused gate/up): the Llama's sizes."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**_LM, pad_token_id=0)), {}
+
+
+MODELS = {
+    "bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral, "gpt2": _gpt2, "opt": _opt, "phi3": _phi3,
+}  # fmt: skip
 
 
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:

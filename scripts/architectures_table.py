@@ -41,7 +41,7 @@ model computes what the live one does and that the optimizer state resumes exact
   forward pass: `shrink` = only the active units are computed (attention that stores its head count or width,
   OPT's `num_heads` or GPT-2's `split_size`, with those set to the active units' for the forward pass); `expand` =
   the producers compute the active units, then every unit (all heads) runs, clones as their sources (attention
-  that reads its head count from the config, is given a per-head bias or hands one on to the next blocks, experts
+  that is given a per-head bias or hands one on to the next blocks, experts
   whose active neurons differ in number); `no clones`: a block too small for the plan to give it clones.
 
 | family | model | blocks | units with roles | rows | roles on | output mode |

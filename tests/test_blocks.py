@@ -544,6 +544,8 @@ def test_a_faint_mix_between_units_of_a_block_with_small_outputs_is_found():
 def test_an_attentions_width_attributes_are_found_by_name_never_by_value_alone():
     """Only attributes named as head counts or widths are set to the active units' in output mode: a layer index or
     a window equal to a multiple of the heads is left as it is."""
+    from types import SimpleNamespace
+
     from egg_optim.core.blocks import _stored_widths
 
     class Attn(torch.nn.Module):
@@ -556,9 +558,11 @@ def test_an_attentions_width_attributes_are_found_by_name_never_by_value_alone()
             self.inner = torch.nn.Module()  # a module inside (DeBERTa's ``self``): its attributes too
             self.inner.num_attention_heads, self.inner.all_head_size, self.inner.layer_idx = 8, 128, 4
             self.q_proj = torch.nn.Linear(16, 128)  # a projection's widths are its own
+            # its config: head counts only (the model's hidden size is no width of this attention's)
+            self.config = SimpleNamespace(num_attention_heads=8, hidden_size=128, num_hidden_layers=4)
 
     # 4 units (key/value heads), 2 query heads each, head_dim 16
     assert _stored_widths(Attn(), 4, 2, 16) == {
         "num_heads": 2, "num_key_value_heads": 1, "embed_dim": 32, "kv_dim": 16, "split_size": 32,
-        "inner.num_attention_heads": 2, "inner.all_head_size": 32,
+        "inner.num_attention_heads": 2, "inner.all_head_size": 32, "config.num_attention_heads": 2,
     }  # fmt: skip

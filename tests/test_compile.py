@@ -342,7 +342,7 @@ def test_a_compiled_transformer_on_packed_roles_has_no_index_op(mode):
         assert index_ops("drawn")
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "kimi_linear", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["qwen3_5", "kimi_linear", "gpt2", "opt", "phi3"])
 def test_compiled_attention_with_width_attributes_set_matches_eager(family):
     """Linear attention, GPT-2's split and OPT's head count shrink by setting their block module's width
     attributes for the forward pass (attribute writes inside the traced code): compiled, the loss and every

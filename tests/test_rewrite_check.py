@@ -193,23 +193,38 @@ def test_eval_mode_own_weights_is_checked_as_trained():
     assert opt.block_output.verified == {"attn"} and opt.block_output.modes == {"attn": "expand"}
 
 
-def test_the_check_does_not_touch_the_key_value_cache():
+@pytest.mark.parametrize("family", ["opt", "phi3"])
+def test_the_check_does_not_touch_the_key_value_cache(family):
+    """OPT reshapes by the head count its attention stores, Phi3 splits its fused qkv at the head count its config
+    holds: with those set to the active heads' (Phi3's on a view of the config, for its attention alone), the block
+    computes those only, its cache holds their keys and values, and decoding on from it is the plain model's."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    cfg = transformers.OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=24, num_hidden_layers=1,
-                                 num_attention_heads=4, word_embed_proj_dim=16)  # fmt: skip
+    if family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=24, num_hidden_layers=1,
+                                     num_attention_heads=4, word_embed_proj_dim=16)  # fmt: skip
+        cls, name = transformers.OPTForCausalLM, "model.decoder.layers.0.self_attn"
+    else:
+        cfg = transformers.Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+        cls, name = transformers.Phi3ForCausalLM, "model.layers.0.self_attn"
     torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(cfg).eval()
-    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.25),
+    model = cls(cfg).eval()
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5),
                                clone_mode="output")  # fmt: skip
+    attention = model.get_submodule(name)
+    seen = []  # what the attention reads from its config, what the rest of the model reads meanwhile
+    consumer = model.get_submodule(opt.block_output.groups[name].consumer)
+    consumer.register_forward_pre_hook(
+        lambda m, args: seen.append((attention.config.num_attention_heads, model.config.num_attention_heads))
+    )
     ids = _ids(t=6)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
     assert out.past_key_values.get_seq_length() == 6
-    # OPT reshapes by its stored head count: with it set to the active heads', the block computes those only
-    name = "model.decoder.layers.0.self_attn"
     assert opt.block_output.modes[name] == "shrink" and opt.block_output.resized(name)
-    plain = transformers.OPTForCausalLM(cfg).eval()
+    assert seen[-1] == (2, 4) and attention.config is model.config  # the view: its alone, for its forward pass
+    plain = cls(cfg).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, out.logits, rtol=1e-5, atol=1e-5)
@@ -234,9 +249,9 @@ class _Attention(TorchFunctionMode):
 
 
 def test_the_check_hands_attention_no_impossible_shapes():
-    """Phi-3 splits its fused qkv at fixed offsets: run on its active heads only, the key and value get no head at
-    all, which torch 2.11's CPU attention divides by (the process died of SIGFPE). The check turns that call into
-    the finding (the block computes every head) before torch sees it."""
+    """Phi-3 splits its fused qkv at offsets its config gives: run on its active heads only with the config's head
+    count, the key and value get no head at all, which torch 2.11's CPU attention divides by (the process died of
+    SIGFPE). The check turns that call into a finding before torch sees it."""
     tiny = pytest.importorskip("egg_recipes.tiny_transformers")
     model = tiny.make("phi3")
     opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1), clone_mode="output")
@@ -244,7 +259,9 @@ def test_the_check_hands_attention_no_impossible_shapes():
         model(**tiny.inputs("phi3", length=15)).loss.backward()
     opt.step()
     assert seen.calls and all(0 not in k[:-2] and 0 not in v[:-2] for _, k, v in seen.calls), seen.calls
-    assert "expand" in opt.coverage().modes.values()
+    # the next try, with its config's head count set to the active heads', computes those only
+    assert opt.block_output.modes["model.layers.0.self_attn"] == "shrink"
+    assert opt.block_output.resized("model.layers.0.self_attn")
 
 
 @pytest.mark.parametrize(

@@ -511,12 +511,13 @@ _HEAD_COUNT = re.compile(r"(^|_)(n|num)(_\w+)?_heads?$|^(kv|q|query)_heads$")
 
 def _stored_widths(module: nn.Module, units: int, rep: int, head_dim: int) -> dict[str, int]:
     """The integer attributes of an attention module (or of a module inside it that is no projection: DeBERTa's
-    ``self``, keyed ``"self.num_attention_heads"``) that store its head counts (by name: ``num_heads``,
-    ``num_kv_heads``..., ``rep`` or one per unit) or its widths (``*_dim`` / ``*_size``: ``embed_dim``,
-    ``split_size``, ``inner_dim``, ``all_head_size``; ``head_dim`` or ``rep x head_dim`` per unit), per unit: code
-    that reshapes by them, or splits a fused projection at them (GPT-2, OPT, DeBERTa), computes on the active units
-    when they are set to the active units' (which the self-check tries). Names decide, never a value alone: a layer
-    index or a window can equal a multiple of the heads."""
+    ``self``, keyed ``"self.num_attention_heads"``; head counts only, of the config it holds: Phi3's
+    ``"config.num_attention_heads"``, which output mode overrides for the module alone) that store its head counts (by
+    name: ``num_heads``, ``num_kv_heads``..., ``rep`` or one per unit) or its widths (``*_dim`` / ``*_size``:
+    ``embed_dim``, ``split_size``, ``inner_dim``, ``all_head_size``; ``head_dim`` or ``rep x head_dim`` per unit), per
+    unit: code that reshapes by them, or splits a fused projection at them (GPT-2, OPT, DeBERTa), computes on the active
+    units when they are set to the active units' (which the self-check tries). Names decide, never a value alone: a
+    layer index or a window can equal a multiple of the heads."""
     inner = [("", module)] + [
         (f"{n}.", c)
         for n, c in module.named_children()
@@ -532,6 +533,11 @@ def _stored_widths(module: nn.Module, units: int, rep: int, head_dim: int) -> di
                 k.endswith(("_dim", "_size")) and per in (head_dim, rep * head_dim)
             ):
                 out[path + k] = per
+    config = vars(module).get("config")  # head counts its code reads from the model's config (Phi3)
+    if config is not None and not isinstance(config, (nn.Module, torch.Tensor)):
+        for k, v in vars(config).items():
+            if type(v) is int and v > 0 and v % units == 0 and _HEAD_COUNT.search(k) and v // units in (1, rep):
+                out[f"config.{k}"] = v // units
     return out
 
 

@@ -12,8 +12,9 @@ which equals the full computation with every clone's activation set to its sourc
 with the number of clones. This needs the code between producers and consumer to work on fewer units: an MLP's
 elementwise activation does; attention that reshapes with ``view(..., -1, head_dim)`` (Llama, Mistral, Qwen, BERT,
 ViT, GPT-NeoX) does too; so does attention that reshapes with a head count or width it stores (OPT, GPT-Neo,
-StableLM, XGLM, Falcon, DeBERTa) or splits a fused qkv at a stored width (GPT-2, GPTBigCode), once those attributes
-of the block's module (or of a module inside it) are set to the active units' for the forward pass
+StableLM, XGLM, Falcon, DeBERTa) or splits a fused qkv at a stored width (GPT-2, GPTBigCode; Phi3 at its config's
+head count), once those attributes of the block's module (of a module inside it; of a view of its config, its own
+for the forward pass: :class:`_ConfigView`) are set to the active units' for the forward pass
 (:attr:`UnitGroup.sizes`, found by name: ``num_heads``, ``embed_dim``, ``split_size``...; tried where the block does
 not shrink without them). Per-head values outside the projections (Swin's relative position table, GPT-OSS's
 attention sinks) are sliced to the active units. Where widths are set or per-head values sliced, every tensor the
@@ -22,8 +23,8 @@ its position bias on to the next blocks, so its attention expands.
 
 ``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so
 the code between them runs at full width (all heads) and the consumer reads every unit through its own columns
-(clone columns frozen). Exact for any code in between: attention that reads its head count from the shared config
-(Phi3), adds a per-head bias it is given (ALiBi in BLOOM) or hands one on (T5). Other parameters (T5's relative
+(clone columns frozen). Exact for any code in between: attention that adds a per-head bias it is given (ALiBi in
+BLOOM) or hands one on (T5). Other parameters (T5's relative
 attention bias, the 3-D weights of MoE experts) compute this way too: clone positions take their source's values,
 except MoE experts whose experts each keep the same number of active neurons, their clones' sources in their own
 expert (the default roles), which shrink: each expert's producer slices are taken at its active neurons and its
@@ -286,20 +287,41 @@ class _TiedMember(_Member):
 
 
 def _sizes_by_module(g: UnitGroup) -> dict[str, dict[str, int]]:
-    """``g.sizes`` by the module holding each attribute (``"attr"``: the block's own; ``"child.attr"``: one inside)."""
+    """``g.sizes`` by the module holding each attribute (``"attr"``: the block's own; ``"child.attr"``: one inside;
+    ``"config.attr"``: the block module's config, which :func:`_widths` overrides for it alone)."""
     out: dict[str, dict[str, int]] = {}
     for key, n in g.sizes.items():
         path, _, attr = key.rpartition(".")
+        if path == "config":
+            path, attr = "", key
         out.setdefault(f"{g.name}.{path}" if path else g.name, {})[attr] = n
     return out
 
 
+class _ConfigView:
+    """A module's config with some attributes overridden, for its forward pass only: the config the model's other
+    modules share stays as it is (it may be read meanwhile, by another replica's thread too)."""
+
+    def __init__(self, config: Any, overrides: Mapping[str, int]) -> None:
+        object.__setattr__(self, "_egg_config", config)
+        object.__setattr__(self, "_egg_overrides", dict(overrides))
+
+    def __getattr__(self, name: str) -> Any:
+        overrides = object.__getattribute__(self, "_egg_overrides")
+        return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_egg_config"), name)
+
+
 @contextmanager
 def _widths(module: nn.Module, values: Mapping[str, int]) -> Iterator[None]:
-    """Run with ``module``'s width attributes set to ``values`` (restored after)."""
-    saved = {k: getattr(module, k) for k in values}
+    """Run with ``module``'s width attributes set to ``values`` (restored after); ``"config.attr"`` entries on a
+    view of its config (:class:`_ConfigView`)."""
+    config = {k.removeprefix("config."): v for k, v in values.items() if k.startswith("config.")}
+    own = {k: v for k, v in values.items() if not k.startswith("config.")}
+    if config:
+        own["config"] = _ConfigView(module.config, config)
+    saved = {k: module.__dict__[k] if k in module.__dict__ else getattr(module, k) for k in own}
     try:
-        for k, v in values.items():
+        for k, v in own.items():
             setattr(module, k, v)
         yield
     finally:
