@@ -27,6 +27,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "seed_output": dict(kind="seed", order="after", clone_mode="output", election="weight_norm", assign="nearest",
                         eval_elect=True),
     "llama_output": dict(kind="llama", order="nested", clone_mode="output", election="random"),
+    # attention that splits its fused qkv at a stored width: set to the active heads' for each forward pass
+    "gpt2_output": dict(kind="gpt2", order="nested", clone_mode="output", election="random"),
     "llama_weight": dict(kind="llama", order="after", clone_mode="weight", election="taylor", clone_blend=0.5,
                          clone_state="reset"),
     "seed_weight_grad_skip": dict(kind="seed", order="nested_before", clone_mode="weight", election="random"),
@@ -79,6 +81,10 @@ def build(kind: str) -> nn.Module:
         return mlp((6, 21, 13, 3))  # odd widths: uneven shards (11/10 and 7/6 rows)
     import transformers
 
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_inner=48, n_layer=2, n_head=4, vocab_size=50, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)  # fmt: skip
+        return transformers.GPT2LMHeadModel(cfg)
     if kind == "moe":  # fused experts, 5 of them: uneven shards of whole experts (3 / 2)
         cfg = transformers.Qwen2MoeConfig(
             hidden_size=32, intermediate_size=24, moe_intermediate_size=12, shared_expert_intermediate_size=24,
@@ -96,7 +102,7 @@ def build(kind: str) -> nn.Module:
 def batch(kind: str, step: int, rank: int | None = None) -> torch.Tensor:
     """The batch of ``step`` (``rank``: that rank's own half of a batch twice the size, else the shared one)."""
     g = torch.Generator().manual_seed(1000 + step)
-    n = {"seed": 4, "mlp": 8, "llama": 2, "moe": 2}[kind]
+    n = {"seed": 4, "mlp": 8, "llama": 2, "moe": 2, "gpt2": 2}[kind]
     if kind == "seed":
         x = torch.randn(2 * n, 1, 6, 6, generator=g)
     elif kind == "mlp":
@@ -107,7 +113,7 @@ def batch(kind: str, step: int, rank: int | None = None) -> torch.Tensor:
 
 
 def loss_of(model: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=x).logits if kind in ("llama", "moe") else model(x)
+    out = model(input_ids=x).logits if kind in ("llama", "moe", "gpt2") else model(x)
     return out.float().logsumexp(-1).mean()
 
 
@@ -116,7 +122,7 @@ def shard(model: nn.Module, order: str) -> None:
 
     if order.startswith("nested"):
         for m in list(model.modules()):
-            if type(m).__name__.endswith("DecoderLayer") or type(m).__name__ == "TinyBlock":
+            if type(m).__name__.endswith("DecoderLayer") or type(m).__name__ in ("TinyBlock", "GPT2Block"):
                 fully_shard(m)
     fully_shard(model)
 
@@ -187,6 +193,8 @@ def train(opts: dict[str, Any], sharded: bool, steps: int = STEPS, rank: int | N
     out["mask_runs"] = sum(e.runs is not None for e in opt.masked._mask), len(opt.masked._mask)
     if opt.output_cloning is not None:
         out["fused"] = opt.output_cloning.norms
+    if opt.block_output is not None:  # blocks computing their active units with their width attributes set
+        out["resized"] = sorted(n for n in opt.block_output.groups if opt.block_output.resized(n))
     if opts.get("measure"):  # the last step's collectives and host reads, and a bare Adam step's on this model
         bare = build(kind)
         if sharded:
