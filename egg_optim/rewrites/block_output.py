@@ -270,6 +270,8 @@ class _TiedMember(_Member):
         return values
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self._egg_slices or self._egg_tied_inside or self._egg_resize):
+            return super().forward(*args, **kwargs)  # a block's module whose widths need not be set: as it is
         if self._egg_inside or not self._egg_has_clones or self._egg_reference or _plain_eval(self):
             return super().forward(*args, **kwargs)
         tied = (self, *self._egg_tied_inside)
