@@ -359,20 +359,30 @@ def probed(family: str, sharded: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- non-finite
-def nonfinite(sharded: bool) -> dict[str, Any]:
-    """Clone events after a NaN was put into a source row of a fused expert that only rank 1 holds: the step
-    path's check (per layer, on the device), then ``clone_now``'s (per clone unit); every rank must decide as one
-    process does. Returns the unit-owned tensors after each and the clone units kept at the step."""
+NONFINITE = ("moe_weight_views", "moe_weight_drawn", "mlp_weight_drawn")
+
+
+def nonfinite(sharded: bool, name: str) -> dict[str, Any]:
+    """Clone events after a NaN was put into a source row that only rank 1 holds (of a fused expert, copied in
+    place; of a Linear, fetched by both ranks): the step path's check (per layer, on the device), then
+    ``clone_now``'s (per clone unit); every rank must decide as one process does. Returns the unit-owned tensors
+    after each and the clone units kept at the step."""
     from egg_optim.core.sharding import full, write_full_
 
-    model, opt = make(SCENARIOS["moe_weight_views"], sharded)
+    model, opt = make(SCENARIOS[name], sharded)
+    kind = SCENARIOS[name]["kind"]
     for s in range(2):
-        loss_of(model, "moe", batch("moe", s)).backward()
+        loss_of(model, kind, batch(kind, s)).backward()
         opt.step()
         opt.zero_grad()
-    p = dict(model.named_parameters())["model.layers.1.mlp.experts.gate_up_proj"]
+    if kind == "moe":  # the last expert's first neuron: a leader, the source of clones
+        p, at = dict(model.named_parameters())["model.layers.1.mlp.experts.gate_up_proj"], (-1, 0)
+    else:  # the last source of the first layer's clones: in rank 1's rows (11 of 21 on rank 0)
+        lname, layer = next(iter(opt.layers.items()))
+        p, at = layer.params[0][1], (int(opt.roles[lname].sources.max()), 0)
+        assert at[0] >= 11, at
     value = full(p).clone()
-    value[-1, 0] = float("nan")  # the last expert's first neuron: a leader, the source of clones
+    value[at] = float("nan")
     write_full_(p.detach(), value)
     opt.controller._clone(on_device=True)
     out: dict[str, Any] = {"kept_step": opt.controller.settle_clone_checks()}
@@ -488,7 +498,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for family in PROBED:
             part(f"probe_{family}", probed, family, True)
         part("fetches", fetches)
-        part("nonfinite", nonfinite, True)
+        for name in NONFINITE:
+            part(f"nonfinite_{name}", nonfinite, True, name)
         part("refusals", refusals)
         part("accelerate", accelerate_round_trip, os.path.join(out_dir, "acc"))
     finally:

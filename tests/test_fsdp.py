@@ -120,8 +120,8 @@ def test_graduation_under_fsdp2_is_bit_identical_to_one_process(ranks, name):
 def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
     """A clone event at every step: no all-gather of the managed tensors, only the distinct sources' rows broadcast
     by the ranks holding them (fused experts, whole per rank, copied in place: nothing), on packed roles as on the
-    drawn roles elections leave; on packed roles no host read beyond a bare Adam step's (the finiteness check stays
-    on the device; ranks agree by an all-reduce)."""
+    drawn roles elections leave; no host read beyond a bare Adam step's (the finiteness check stays on the device;
+    ranks agree by an all-reduce; each writes the clone positions it holds)."""
     _, opt = w.make(w.SCENARIOS[name], sharded=False)
     sources = 0  # bytes of the sources' rows of every tensor FSDP2 splits along its unit axis
     for lname, layer in opt.layers.items():
@@ -137,16 +137,18 @@ def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
         flags = 8 * len(opt.layers) * step["collectives"].get("allreduce_", 0)  # the check's per-layer flags
         assert step["bytes"] <= sources + flags, (step, sources)
         assert bare["collectives"] == {}
-        if "views" in name:  # packed roles: the check stays on the device (drawn roles read it: one host read)
-            assert step["reads"] == bare["reads"], (step, bare)
+        assert step["reads"] == bare["reads"], (step, bare)  # the check stays on the device, packed roles or drawn
 
 
-def test_ranks_agree_on_clones_whose_source_is_not_finite(ranks):
-    """A NaN in a source row that only rank 1 holds (a fused expert copied in place): the step path keeps that
-    layer's clones on both ranks, clone_now keeps the clones of that source, as one process does."""
-    ref = w.nonfinite(False)
+@pytest.mark.parametrize("name", w.NONFINITE)
+def test_ranks_agree_on_clones_whose_source_is_not_finite(ranks, name):
+    """A NaN in a source row that only rank 1 holds (a fused expert copied in place, packed roles or drawn; a
+    Linear's row fetched by both ranks, drawn roles): the step path keeps that layer's clones on both ranks (its
+    check on the device, each rank writing its own clone rows), clone_now keeps the clones of that source, as one
+    process does."""
+    ref = w.nonfinite(False, name)
     assert ref["kept_step"] > 0
-    for r in part(ranks, "nonfinite"):
+    for r in part(ranks, f"nonfinite_{name}"):
         assert r["kept_step"] == ref["kept_step"]
         assert_same(r["step"], ref["step"], "after the step path's clone event")
         assert_same(r["now"], ref["now"], "after clone_now")

@@ -408,13 +408,6 @@ def _own_rows(p: torch.Tensor, dim: Axis, rs: Roles) -> tuple[_Own, torch.Tensor
     return _Own(where.to(x.device)), axes.select(x, dim, sources.to(x.device))
 
 
-def by_views(items: list[tuple[ManagedLayer, Roles]], blend: float, noise: float) -> bool:
-    """Whether a clone event over ``items`` is plain copies by views in every layer with clones (packed roles,
-    sharded or not): what :func:`clone_layers_on_device` needs for sharded parameters."""
-    plain = blend == 1.0 and noise == 0
-    return plain and all(copy_plan(layer, roles) is not None for layer, roles in items if roles.has_clones)
-
-
 def _news(items, blend: float, noise: float, generator, views: bool = True) -> tuple[list[list[_Write]], list[Any]]:
     """:func:`_new_rows` of every layer, once the sources fetched from other ranks have arrived; and the process
     groups whose ranks read different blocks (their own slices), which must agree on the finiteness check."""
@@ -485,8 +478,8 @@ def clone_layers_on_device(
     optimizer state) this time; :func:`clone_layers` checks per clone unit, at the cost of a host read. Returns the
     positions in ``items`` of the layers with clones and, for each, whether it kept its clones (a bool tensor on
     the first layer's device, for the caller to read when a host read is convenient); ``None`` when no layer has
-    clones. Optimizer state is left as it is (``state="keep"``), and parameters sharded by FSDP2 must be copied by
-    views (:func:`by_views`; :func:`clone_layers` handles the rest). A few launches whatever the number of layers:
+    clones. Optimizer state is left as it is (``state="keep"``); a parameter sharded by FSDP2 is written by each rank
+    at the clone positions it holds (:func:`_where_local_`). A few launches whatever the number of layers:
     one foreach max-abs, then the layers' peaks as one ``[layers, most tensors]`` block (a layer with fewer
     tensors repeats its first), reduced per row (and summed over the ranks whose slices differ: one all-reduce);
     each write is a ``where`` on that flag (packed roles), or on scattered roles a scatter whose index the flag
@@ -511,15 +504,16 @@ def clone_layers_on_device(
         ok = _agreed((~ok).int(), ranks) == 0
     plain = blend == 1.0 and noise == 0
     for i, when in zip(which, ok.unbind(0)):
-        for t, _, dim, rs, rows, _, copy in news[i]:
+        for t, whole, dim, rs, rows, _, copy in news[i]:
             if t.device != when.device:
                 when = when.to(t.device)
             if rows is None:
                 for d, src in copy.pieces:
                     torch.where(when, src, d, out=d)
                 continue
-            if is_sharded(t):
-                raise ValueError(f"clone_layers_on_device: {tuple(t.shape)} tensor is sharded; use clone_layers")
+            if is_sharded(t):  # rows identical on every rank (or its own clones' only): each writes what it holds
+                _where_local_(t, whole, dim, rs, rows, when)
+                continue
             if _packed(rs, dim):
                 view = axes.narrow(t, dim, rs.clone_span)
                 torch.where(when, rows, view, out=view)
@@ -529,6 +523,22 @@ def clone_layers_on_device(
                 clones = rs.on(t.device)
                 axes.copy_(t, dim, clones, torch.where(when, rows, axes.select(t, dim, clones)))
     return which, ~ok
+
+
+def _where_local_(t: torch.Tensor, whole: Any, dim: Axis, rs: Roles, rows: torch.Tensor, when: torch.Tensor) -> None:
+    """Sharded ``t``: each rank writes the clone positions it holds, their new ``rows`` where ``when`` (a device
+    flag) is true, else what they hold: no host read. ``rows`` are every clone's (fetched sources, or a gathered
+    tensor's), or, where ``whole`` is an :class:`_Own`, this rank's clones' at its positions."""
+    x = local(t)
+    if isinstance(whole, _Own):
+        where, new = whole.where, rows
+    else:
+        which, where = localize(t, dim, rs.clones)
+        if not where.numel():
+            return
+        new = rows.index_select(dim if isinstance(dim, int) else 0, which.to(rows.device))
+        where = where.to(x.device)
+    axes.copy_(x, dim, where, torch.where(when.to(x.device), new.to(x), axes.select(x, dim, where)))
 
 
 @torch.no_grad()

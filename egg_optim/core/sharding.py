@@ -25,6 +25,7 @@ placements are refused by :func:`check_placements`.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -87,9 +88,17 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this rank's slice of DTensor ``t``."""
+    return _box_of(tuple(t.shape), t.device_mesh, tuple(t.placements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _box_of(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    # kept: torch works it out on the host at every call (with a scalar read of a host tensor), and a clone event
+    # asks for every sharded parameter's at every step
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    shape_, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(shape_), tuple(offset)
 
 
 def span(t: torch.Tensor, dim: Axis) -> tuple[int, int]:

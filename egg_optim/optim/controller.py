@@ -34,7 +34,7 @@ from ..config import EggConfig
 from ..core import axes, compact, repack, sharding
 from ..core import coverage as _coverage
 from ..core.blocks import UnitGroup
-from ..core.cloning import by_views, clone_layers, clone_layers_on_device, perturb_units, set_row_state
+from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
 from ..core.distributed import all_reduce_mean, derived_generator, same_on_all_ranks
 from ..core.election import elect, with_hysteresis
@@ -731,9 +731,8 @@ class RoleController:
     @outside_inference_mode()
     def _clone(self, on_device: bool) -> int:
         """One clone event. ``on_device`` (the step path): the finiteness check stays on the device where it can
-        (optimizer state kept; sharded parameters copied by views:
-        :func:`~egg_optim.core.cloning.clone_layers_on_device`), read later by :meth:`settle_clone_checks`; the
-        count returned then assumes every clone was written."""
+        (optimizer state kept: :func:`~egg_optim.core.cloning.clone_layers_on_device`), read later by
+        :meth:`settle_clone_checks`; the count returned then assumes every clone was written."""
         self.sync_params()
         frozen = frozen_layers(self.layers)
         cfg = self.config
@@ -741,7 +740,7 @@ class RoleController:
         names = [name for name in self.layers if name not in frozen]
         items = [(self.layers[name], self.book.layers[name].roles) for name in names]
         blend, noise = float(cfg.clone_blend), float(cfg.clone_noise)
-        if on_device and cfg.clone_state == "keep" and (not self.masked.sharded or by_views(items, blend, noise)):
+        if on_device and cfg.clone_state == "keep":
             held = clone_layers_on_device(items, blend=blend, noise=noise, generator=gen)
             if held is not None:
                 which, kept = held
