@@ -34,7 +34,8 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "qwen3_5_moe": {"attention", "experts", "mlp"}, "kimi_linear": {"attention", "experts", "mlp"},
               "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
               "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
-              "diffllama": {"mlp"}})  # fmt: skip
+              "diffllama": {"mlp"}, "hunyuan_v1_moe": {"attention", "experts", "mlp"},
+              "minimax": {"attention", "experts"}, "olmo3": {"mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -44,6 +45,10 @@ NOT_DECOMPOSED = {
     "olmoe": {"model.layers.0.self_attn"},
     "diffllama": {"model.layers.0.self_attn"},
     "olmo_hybrid": {"model.layers.1.self_attn"},
+    "olmo3": {"model.layers.0.self_attn"},
+    "minimax": {"model.layers.1.self_attn"},  # lightning attention: one fused qkv of every head, a norm over all
+    "falcon_h1": {"model.layers.0.mamba"},  # Mamba-2 mixers
+    "nemotron_h": {"model.layers.0.mixer"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -58,6 +63,7 @@ ROWS = {
     "qwen3_5_moe": {"model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"},
     "esm": {"classifier.dense", "esm.contact_head.regression"},
     "albert": {"albert.encoder.embedding_hidden_mapping_in", "albert.pooler"},  # no MLP: not a block, rows
+    "modernbert": {"head.dense"},
     "swin": {"swin.embeddings.patch_embeddings.projection"},
 }
 # attention whose heads differ by more than their parameters: a clone head computes with its own constant

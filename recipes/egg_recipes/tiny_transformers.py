@@ -319,6 +319,44 @@ FAMILIES.update({
 })  # fmt: skip
 
 
+# more families of 2025-26, found by the same structure: GLM-4, EXAONE 4, ERNIE 4.5, Hunyuan (dense and MoE), SmolLM3,
+# Seed-OSS, Apertus, Command R7B, OLMo 3 (q/k norms over all heads: its attention left alone), Falcon-H1 and
+# Nemotron-H (Mamba-2 mixers beside attention: the mixers left alone), MiniMax (lightning attention beside softmax
+# attention, experts), ModernBERT (a fused qkv split per head)
+_GQA8 = {"head_dim": 8, "pad_token_id": 0, **_GQA}
+FAMILIES.update({
+    "glm4": (_causal("Glm4Config", "Glm4ForCausalLM", **_GQA8), "causal"),
+    "exaone4": (_causal("Exaone4Config", "Exaone4ForCausalLM", **_GQA8), "causal"),
+    "ernie4_5": (_causal("Ernie4_5Config", "Ernie4_5ForCausalLM", **_GQA8), "causal"),
+    "hunyuan_v1_dense": (_causal("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", **_GQA8), "causal"),
+    "smollm3": (_causal("SmolLM3Config", "SmolLM3ForCausalLM", **_GQA8), "causal"),
+    "seed_oss": (_causal("SeedOssConfig", "SeedOssForCausalLM", **_GQA8), "causal"),
+    "apertus": (_causal("ApertusConfig", "ApertusForCausalLM", **_GQA8), "causal"),
+    "cohere2": (_causal("Cohere2Config", "Cohere2ForCausalLM", **_GQA8), "causal"),
+    "olmo3": (_causal("Olmo3Config", "Olmo3ForCausalLM", **_GQA8), "causal"),
+    "falcon_h1": (
+        _causal("FalconH1Config", "FalconH1ForCausalLM", mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8, **_GQA8),
+        "causal",
+    ),
+    "nemotron_h": (
+        _causal("NemotronHConfig", "NemotronHForCausalLM", hybrid_override_pattern="M*-", mamba_num_heads=8,
+                mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8, **{**_GQA8, "num_hidden_layers": 3}),
+        "causal",
+    ),
+    "minimax": (
+        _causal("MiniMaxConfig", "MiniMaxForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                **{**_GQA8, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "hunyuan_v1_moe": (
+        _causal("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", num_experts=4, moe_topk=2, **_GQA8), "causal"
+    ),
+    "modernbert": (_causal("ModernBertConfig", "ModernBertForSequenceClassification", pad_token_id=0, **_ENCODER),
+                   "classify"),
+})  # fmt: skip
+
+
 def _vit() -> nn.Module:
     t = _t()
     return t.ViTForImageClassification(t.ViTConfig(image_size=8, patch_size=4, **_ENCODER))
