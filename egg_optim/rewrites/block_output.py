@@ -21,27 +21,27 @@ attention sinks) are sliced to the active units. Where widths are set or per-hea
 block returns must match the plain block's too, attention weights (rows summing to at most 1) excepted: T5 hands
 its position bias on to the next blocks, so its attention expands.
 
-``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so
-the code between them runs at full width (all heads) and the consumer reads every unit through its own columns
-(clone columns frozen). Exact for any code in between: attention that adds a per-head bias it is given (ALiBi in
-BLOOM) or hands one on (T5). Other parameters (T5's relative
-attention bias, the 3-D weights of MoE experts) compute this way too: clone positions take their source's values,
-except MoE experts whose experts each keep the same number of active neurons, their clones' sources in their own
-expert (the default roles), which shrink: each expert's producer slices are taken at its active neurons and its
-down projection's clone columns folded into their sources' (``[experts, 2 x active, hidden]`` and ``[experts,
-hidden, active]``; by views and sums where every expert's active neurons sit at the same offsets, as packed roles
-put them, else by gathers); in linear attention (the gated delta net, Kimi Delta Attention), whose code reads its
-widths from attributes of the block's module, ``"shrink"`` always sets those to the active units' for the forward
-pass and slices its convolution and per-head values to their active positions.
+``"expand"``: the producers compute the active rows and give every clone its source's output back (a gather), so the
+code between them runs at full width (all heads) and the consumer reads every unit through its own columns (clone
+columns frozen). Exact for any code in between: attention that adds a per-head bias it is given (ALiBi in BLOOM) or
+hands one on (T5). Other parameters (T5's relative attention bias, the 3-D weights of MoE experts) compute this way too:
+clone positions take their source's values, except MoE experts whose experts each keep the same number of active
+neurons, their clones' sources in their own expert (the default roles), which shrink: each expert's producer slices are
+taken at its active neurons and its down projection's clone columns folded into their sources' (``[experts, 2 x active,
+hidden]`` and ``[experts, hidden, active]``; by views and sums where every expert's active neurons sit at the same
+offsets, as packed roles put them, else by gathers); in linear attention (the gated delta net, Kimi Delta Attention),
+whose code reads its widths from attributes of the block's module, ``"shrink"`` always sets those to the active units'
+for the forward pass and slices its convolution and per-head values to their active positions.
 
 Every block starts in ``"shrink"`` where its producers are Linear layers (or it is one of the above).
-**Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in
-eval semantics, without gradients) as the plain module with every clone's producer slices filled from its source
-(what a saved model computes), then rewritten, and compared within the tolerance of the output's dtype; once more
-with random weights in its slices, so that a coincidence of the current weights (zero-initialised projections)
-cannot hide a wrong reshape. A block whose ``"shrink"`` result differs switches to ``"expand"`` (logged once); one
-whose ``"expand"`` result differs raises :class:`~egg_optim.errors.RewriteCheckError` naming it, before anything
-trains. The cost is five to ten extra forward passes of each block, once.
+**Self-check**: at the first forward pass through each block with clones, the block is run (on that batch, in eval
+semantics, without gradients) as the plain module with every clone's producer slices filled from its source (what a
+saved model computes), then rewritten, and compared within the tolerance of the output's dtype; once more with random
+weights in its slices, so that a coincidence of the current weights (zero-initialised projections) cannot hide a wrong
+reshape. A block whose ``"shrink"`` result differs tries it again with its width attributes set (where it has any), then
+switches to ``"expand"`` (logged once); one whose ``"expand"`` result differs raises
+:class:`~egg_optim.errors.RewriteCheckError` naming it, before anything trains. The cost is five to ten extra forward
+passes of each block, once.
 
 The rewrite swaps the classes of the member modules in place (parameters, names and ``state_dict`` keys stay)
 and is undone by :meth:`BlockOutputCloning.remove`. Clones' own weights are not used and get no gradient. Saving
@@ -311,6 +311,9 @@ class _ConfigView:
     def __getattr__(self, name: str) -> Any:
         overrides = object.__getattribute__(self, "_egg_overrides")
         return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_egg_config"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # what the forward pass writes is the config's
+        setattr(object.__getattribute__(self, "_egg_config"), name, value)
 
 
 @contextmanager
