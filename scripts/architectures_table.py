@@ -33,7 +33,8 @@ model computes what the live one does and that the optimizer state resumes exact
   MoE expert). Found
   by structure (`egg_optim.core.blocks`): no family is listed anywhere in the code.
 - **units with roles**: per kind, summed over the model's blocks (an attention unit is one key/value head with the
-  query heads sharing it: one head without grouped-query attention).
+  query heads sharing it: one head without grouped-query attention; in linear attention, a key head with its value
+  heads; in a Mamba-2 mixer, a group of heads sharing B and C).
 - **rows**: layers managed as output rows (not part of any block: poolers, classifier heads, a patch embedding).
 - **roles on**: share of the non-embedding parameters that have roles (the rest: norms, the output head,
   embeddings, routers, the down projections of latent attention, which every head reads).

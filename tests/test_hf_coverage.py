@@ -35,7 +35,8 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "deepseek_v3": {"attention", "experts", "mlp"}, "deepseek_v2": {"attention", "experts", "mlp"},
               "deepseek_v2_lite": {"attention", "experts", "mlp"}, "mistral4": {"attention", "experts", "mlp"},
               "diffllama": {"mlp"}, "hunyuan_v1_moe": {"attention", "experts", "mlp"},
-              "minimax": {"attention", "experts"}, "olmo3": {"mlp"}})  # fmt: skip
+              "minimax": {"attention", "experts"}, "olmo3": {"mlp"}, "mamba2": {"attention"},
+              "granitemoehybrid": {"attention", "experts", "mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -47,8 +48,7 @@ NOT_DECOMPOSED = {
     "olmo_hybrid": {"model.layers.1.self_attn"},
     "olmo3": {"model.layers.0.self_attn"},
     "minimax": {"model.layers.1.self_attn"},  # lightning attention: one fused qkv of every head, a norm over all
-    "falcon_h1": {"model.layers.0.mamba"},  # Mamba-2 mixers
-    "nemotron_h": {"model.layers.0.mixer"},
+    "falcon_h1": {"model.layers.0.mamba"},  # a Mamba-2 mixer of one group, its rows scaled by a buffer
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -493,3 +493,28 @@ def test_tied_slices_taken_by_views_train_as_the_gather_path_does(family, monkey
     assert not viewed
     for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
+def test_mamba2_mixers_compute_their_active_groups_and_decode_as_the_saved_model(family):
+    """A Mamba-2 mixer's unit is a group of heads (sharing B and C, normalised apart): output mode computes the
+    active groups only (its head, group and width attributes set to theirs), and generating from its caches, which
+    transformers allocates at the full widths, gives the tokens and logits of the plain model it saves."""
+    torch.manual_seed(0)
+    model = tiny.make(family)
+    opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan(0.5),
+                               clone_mode="output")  # fmt: skip
+    mixers = [n for n, g in opt.block_output.groups.items() if g.layout.startswith("Mamba-2")]
+    assert mixers and all(opt.block_output.groups[n].num_units == 2 for n in mixers)
+    for seed in range(2):
+        _step(model, opt, tiny.inputs(family, seed=seed))
+    assert all(opt.block_output.modes[n] == "shrink" and opt.block_output.resized(n) for n in mixers)
+    model.eval()
+    plain = tiny.make(family).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = tiny.inputs(family, seed=5)["input_ids"][:, :6]
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        want = plain.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-5)

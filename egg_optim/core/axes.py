@@ -136,11 +136,12 @@ def _pair(t: torch.Tensor, axis: tuple[int, int], index: torch.Tensor) -> tuple[
     return t.movedim((a, b), (0, 1)), torch.div(index, t.shape[b], rounding_mode="floor"), index % t.shape[b]
 
 
-# at most this many runs are cut by views (packed roles over a fused gate/up or qkv weight: 2-3 runs; each
-# expert of fused MoE weights alike: 1-2), and along one dimension, where there are several, none shorter than
-# MIN_RUN (one run is a view whatever its length); other positions (scattered roles) are gathered: one op, where a
-# cut of many short runs would launch one per run (and as many in backward) to move little
-MAX_RUNS, MIN_RUN = 3, 8
+# at most this many runs are cut by views (packed roles over a fused gate/up or qkv weight: 2-3 runs; a Mamba-2
+# mixer's input projection [z | x | B | C | dt]: 5; each expert of fused MoE weights alike: 1-2), and along one
+# dimension, where there are several, none shorter than MIN_RUN (one run is a view whatever its length); other
+# positions (scattered roles) are gathered: one op, where a cut of many short runs would launch one per run (and as
+# many in backward) to move little
+MAX_RUNS, MIN_RUN = 5, 8
 
 
 def part_runs(index: torch.Tensor, shape: torch.Size | tuple[int, ...], axis: Axis) -> list[Span] | None:

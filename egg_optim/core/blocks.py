@@ -27,6 +27,7 @@ Blocks are found by **structure**, never by child names, so a new architecture n
   the module gives (``num_k_heads``, ``num_v_heads``, ``head_k_dim``, ``head_v_dim``): a unit is one key head with
   the value heads that read it, its channels of the depthwise convolution included (:func:`_gated_delta`); or Kimi
   Delta Attention, one head per unit beside the shared down projections of its low-rank gates (:func:`_delta_heads`);
+  or a Mamba-2 mixer, one group of heads per unit (:func:`_mamba2`);
 * an MLP is a module whose Linears are one or two projections from the hidden states to the same width (up; gate
   and up, whose outputs meet in an elementwise product), or one fused projection to twice that width (Phi3's
   ``gate_up_proj``), and one projection reading that width back into the hidden states;
@@ -409,7 +410,7 @@ def _attention(
         why = f"attention {prefix!r}: {reason}; its projections are left alone (manage them with units='layers', or "
         return Skipped(prefix, "attention", why + "name them in RolePlan(layers=[...]))", tuple(names), final)
 
-    delta = _gated_delta(prefix, module, lins) or _delta_heads(prefix, module, lins)
+    delta = _gated_delta(prefix, module, lins) or _delta_heads(prefix, module, lins) or _mamba2(prefix, module, lins)
     if delta is not None:
         yield delta if isinstance(delta, UnitGroup) else skip(delta)
         return
@@ -697,6 +698,63 @@ def _delta_heads(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module
     producers = [n for n, *_ in rows + ups]
     return UnitGroup(prefix, "attention", heads, slices, producers, o_name, 1, d, layout, shared=[n for n, *_ in downs],
                      sizes=sizes)  # fmt: skip
+
+
+# a Mamba-2 mixer's sizes: heads and their width, groups of heads sharing B and C, the state, all heads' width
+_MAMBA2 = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size")
+
+
+def _mamba2(prefix: str, module: nn.Module, lins: list[tuple[str, nn.Module]]) -> UnitGroup | str | None:
+    """A Mamba-2 mixer (state space duality: Mamba-2, Nemotron-H, Bamba, Granite 4 hybrids), where the module gives
+    its sizes. The heads of a group share their B and C rows and the gated norm normalises each group apart, so a
+    unit is one group: its rows of the input projection ``[z | x | B | C | dt]`` (the gate, the heads' inputs, the
+    group's B and C, the heads' time steps), its channels of the depthwise convolution over ``[x | B | C]``, its heads'
+    ``dt_bias``, ``A_log`` and ``D``, its entries of the norm, its columns of the output projection. ``None`` where
+    the module is not such; why not, where it looks like one but does not fit (one group; a buffer scaling the input
+    projection's rows, Falcon-H1's ``mup_vector``)."""
+    H, D, G, N, inner = (_int(module, (n,)) for n in _MAMBA2)
+    convs = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Conv1d)]
+    if not (H and D and G and N and inner) or len(convs) != 1 or H % G or inner != H * D:
+        return None
+    cname, conv = convs[0]
+    conv_dim = inner + 2 * G * N
+    if not conv.in_channels == conv.out_channels == conv.groups == conv_dim:
+        return None
+    if G == 1:
+        return "its heads form one group (n_groups=1), sharing one B and C and one norm: no unit of its own"
+    widths = [(n, m, _in(m), _out(m)) for n, m in lins]
+    ins = [x for x in widths if x[3] == inner + conv_dim + H]
+    outs = [x for x in widths if x[2] == inner and x[3] == ins[0][2]] if len(ins) == 1 else []
+    if len(widths) != 2 or len(outs) != 1:
+        return (f"its projections {[(n, i, o) for n, _, i, o in widths]} (name, inputs, outputs) are not the input "
+                f"[z | x | B | C | dt] and output projections of a Mamba-2 mixer of {H} heads of {D}, {G} groups and a "
+                f"state of {N}")  # fmt: skip
+    (in_name, in_mod, _, width), (out_name, out_mod, _, _) = ins[0], outs[0]
+    scaled = [n for n, b in module.named_buffers() if b.shape and b.shape[-1] == width]
+    if scaled:
+        return f"its buffers {scaled} scale its input projection's rows, which no unit owns"
+    hpg, P = H // G, H // G * D
+    z = _rows(G, P)
+    b = _rows(G, N) + 2 * inner
+    index = torch.cat([z, z + inner, b, b + G * N, _rows(G, hpg) + inner + conv_dim], dim=1)
+    slices = _producer_slices(in_name, in_mod, index)
+    channels = torch.cat([_rows(G, P), _rows(G, N) + inner, _rows(G, N) + inner + G * N], dim=1)
+    slices += [UnitSlice(_join(prefix, f"{cname}.{k}"), 0, channels) for k, _ in conv.named_parameters()]
+    for n, p in module.named_parameters(recurse=False):  # dt_bias, A_log, D
+        if p.dim() == 1 and p.numel() == H:
+            slices.append(UnitSlice(_join(prefix, n), 0, _rows(G, hpg)))
+    for n, c in module.named_children():  # the gated norm, per group
+        w = getattr(c, "weight", None)
+        if c is conv or _linear(c) or not isinstance(w, torch.Tensor) or w.dim() != 1:
+            continue
+        if w.numel() != inner or getattr(c, "group_size", P) != P:
+            return f"its norm {n!r} does not normalise each group of heads apart"
+        slices.append(UnitSlice(_join(prefix, f"{n}.weight"), 0, _rows(G, P)))
+    slices.append(_consumer_slice(out_name, out_mod, _rows(G, P)))
+    per_unit = {"num_heads": hpg, "n_groups": 1, "intermediate_size": P, "conv_dim": P + 2 * N}
+    sizes = {k: n for k, n in per_unit.items() if _int(module, (k,)) == n * G}
+    layout = "Mamba-2 mixer, [z | x | B | C | dt], a unit per group of heads"
+    return UnitGroup(prefix, "attention", G, slices, [in_name], out_name, hpg, D, layout, sizes=sizes)
 
 
 def _fused_index(layout: str, kv: int, rep: int, head_dim: int) -> torch.Tensor:

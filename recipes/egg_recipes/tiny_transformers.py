@@ -320,9 +320,13 @@ FAMILIES.update({
 
 
 # more families of 2025-26, found by the same structure: GLM-4, EXAONE 4, ERNIE 4.5, Hunyuan (dense and MoE), SmolLM3,
-# Seed-OSS, Apertus, Command R7B, OLMo 3 (q/k norms over all heads: its attention left alone), Falcon-H1 and
-# Nemotron-H (Mamba-2 mixers beside attention: the mixers left alone), MiniMax (lightning attention beside softmax
-# attention, experts), ModernBERT (a fused qkv split per head)
+# Seed-OSS, Apertus, Command R7B, OLMo 3 (q/k norms over all heads: its attention left alone), Mamba-2 mixers (a unit
+# per group of heads: Mamba-2 itself, Nemotron-H, Bamba, Granite 4 hybrids; Falcon-H1's, one group scaled by a
+# buffer, left alone), MiniMax (lightning attention beside softmax attention, experts), ModernBERT (a fused qkv split
+# per head)
+# 8 heads per group: every run of a group's rows is at least 8 long (cut by views)
+_MAMBA2 = {"mamba_n_heads": 16, "mamba_d_head": 4, "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_expand": 2,
+           "mamba_chunk_size": 8}  # fmt: skip
 _GQA8 = {"head_dim": 8, "pad_token_id": 0, **_GQA}
 FAMILIES.update({
     "glm4": (_causal("Glm4Config", "Glm4ForCausalLM", **_GQA8), "causal"),
@@ -340,8 +344,8 @@ FAMILIES.update({
         "causal",
     ),
     "nemotron_h": (
-        _causal("NemotronHConfig", "NemotronHForCausalLM", hybrid_override_pattern="M*-", mamba_num_heads=8,
-                mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8, **{**_GQA8, "num_hidden_layers": 3}),
+        _causal("NemotronHConfig", "NemotronHForCausalLM", hybrid_override_pattern="M*-", mamba_num_heads=16,
+                mamba_head_dim=4, n_groups=2, ssm_state_size=8, chunk_size=8, **{**_GQA8, "num_hidden_layers": 3}),
         "causal",
     ),
     "minimax": (
@@ -354,6 +358,22 @@ FAMILIES.update({
     ),
     "modernbert": (_causal("ModernBertConfig", "ModernBertForSequenceClassification", pad_token_id=0, **_ENCODER),
                    "classify"),
+    "mamba2": (
+        _causal("Mamba2Config", "Mamba2ForCausalLM", hidden_size=HIDDEN, state_size=8, num_hidden_layers=1, expand=2,
+                num_heads=16, head_dim=4, n_groups=2, conv_kernel=4, chunk_size=8),
+        "causal",
+    ),
+    "bamba": (
+        _causal("BambaConfig", "BambaForCausalLM", attn_layer_indices=[1], **_MAMBA2,
+                **{**_GQA8, "num_hidden_layers": 2}),
+        "causal",
+    ),
+    "granitemoehybrid": (
+        _causal("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", layer_types=["mamba", "attention"],
+                num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=INNER, **_MAMBA2,
+                **{**_GQA8, "num_hidden_layers": 2}),
+        "causal",
+    ),
 })  # fmt: skip
 
 
