@@ -5,11 +5,11 @@ layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, interm
 (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and (``--models mixtral``) a
 Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch 16 x sequence 128 tokens;
 ``--models gpt2 opt``: GPT-2 and OPT of the Llama's hidden size, layers and heads (MLP 1024), whose attention stores its
-widths (output mode sets them to the active heads'); ``phi3``: Phi-3 of the Llama's sizes. A step is forward (loss) +
-backward + AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry
-(mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default ``units="auto"`` the units are MLP
-neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so output mode computes only the active
-ones and folds clones into the down/o projections; the head has no roles.
+widths (output mode sets them to the active heads'); ``phi3``: Phi-3 of the Llama's sizes; ``mamba2``: Mamba-2 mixers. A
+step is forward (loss) + backward + AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for
+each ``--scenarios`` entry (mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default
+``units="auto"`` the units are MLP neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so
+output mode computes only the active ones and folds clones into the down/o projections; the head has no roles.
 
 Counted FLOPs: ``egg_optim.utils.flop_counter()`` (``FlopCounterMode``, plus the experts' grouped matmuls) over
 one step's forward and backward (the matmuls and attention torch actually ran). ``time / FLOPs`` is the step-time
@@ -150,8 +150,19 @@ def _phi3() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return Phi3ForCausalLM(Phi3Config(**_LM, pad_token_id=0)), {}
 
 
+def _mamba2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Mamba-2 (hidden 256, 4 layers of mixers only: 16 heads of 32 in 2 groups, a state of 64; a unit is a group):
+    the torch path of its chunked scan (no ``mamba_ssm`` kernels)."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    cfg = Mamba2Config(vocab_size=1000, hidden_size=256, num_hidden_layers=4, expand=2, num_heads=16, head_dim=32,
+                       n_groups=2, state_size=64, chunk_size=64)  # fmt: skip
+    return Mamba2ForCausalLM(cfg), {}
+
+
 MODELS = {
     "bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral, "gpt2": _gpt2, "opt": _opt, "phi3": _phi3,
+    "mamba2": _mamba2,
 }  # fmt: skip
 
 

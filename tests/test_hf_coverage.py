@@ -505,7 +505,7 @@ def test_mamba2_mixers_compute_their_active_groups_and_decode_as_the_saved_model
     opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan(0.5),
                                clone_mode="output")  # fmt: skip
     mixers = [n for n, g in opt.block_output.groups.items() if g.layout.startswith("Mamba-2")]
-    assert mixers and all(opt.block_output.groups[n].num_units == 2 for n in mixers)
+    assert mixers and all(opt.block_output.groups[n].num_units >= 2 for n in mixers)
     for seed in range(2):
         _step(model, opt, tiny.inputs(family, seed=seed))
     assert all(opt.block_output.modes[n] == "shrink" and opt.block_output.resized(n) for n in mixers)

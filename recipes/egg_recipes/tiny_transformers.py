@@ -360,7 +360,7 @@ FAMILIES.update({
                    "classify"),
     "mamba2": (
         _causal("Mamba2Config", "Mamba2ForCausalLM", hidden_size=HIDDEN, state_size=8, num_hidden_layers=1, expand=2,
-                num_heads=16, head_dim=4, n_groups=2, conv_kernel=4, chunk_size=8),
+                num_heads=32, head_dim=2, n_groups=4, conv_kernel=4, chunk_size=8),
         "causal",
     ),
     "bamba": (
