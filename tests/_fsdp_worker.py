@@ -59,6 +59,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                              assign="random", first_roles="drawn", measure=True),
     "moe_weight_drawn": dict(kind="moe", order="after", clone_mode="weight", elect_every="never", clone_every=1,
                              assign="round_robin", first_roles="drawn", measure=True),
+    # optimizer state copied with the rows (clone_state="copy"): the sources' state rows broadcast too
+    "mlp_weight_drawn_copy": dict(kind="mlp", order="after", clone_mode="weight", elect_every="never", clone_every=1,
+                                  assign="random", first_roles="drawn", clone_state="copy", measure=True),
     "llama_weight_drawn": dict(kind="llama", order="nested", clone_mode="weight", elect_every="never",
                                clone_every=1, assign="round_robin", first_roles="drawn", clone_noise=0.05,
                                measure=True),

@@ -135,9 +135,11 @@ def test_a_weight_mode_clone_event_moves_only_the_sources_rows(ranks, name):
         step, bare = r["step"], r["bare_step"]
         assert step["collectives"].get("broadcast_") and set(step["collectives"]) <= {"broadcast_", "allreduce_"}
         flags = 8 * len(opt.layers) * step["collectives"].get("allreduce_", 0)  # the check's per-layer flags
-        assert step["bytes"] <= sources + flags, (step, sources)
+        copies = 3 if w.SCENARIOS[name].get("clone_state") == "copy" else 1  # Adam's two state rows move too
+        assert step["bytes"] <= copies * sources + flags, (step, sources)
         assert bare["collectives"] == {}
-        assert step["reads"] == bare["reads"], (step, bare)  # the check stays on the device, packed roles or drawn
+        if copies == 1:  # the check stays on the device, packed roles or drawn (copying state reads it on the host)
+            assert step["reads"] == bare["reads"], (step, bare)
 
 
 @pytest.mark.parametrize("name", w.NONFINITE)

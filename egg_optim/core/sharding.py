@@ -162,16 +162,30 @@ def like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def copy_positions_(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: torch.Tensor) -> None:
-    """``t[clones] = t[sources]`` along ``dim``, in place, wherever the positions live (one all-gather when ranks
-    split ``dim``, none otherwise)."""
+    """``t[clones] = t[sources]`` along ``dim``, in place, wherever the positions live: where ranks split ``dim``,
+    the distinct sources' rows broadcast by the ranks holding them (:func:`fetch`; one all-gather where a pair axis
+    or several mesh dimensions split it), nothing moved otherwise. A collective there: every rank calls it."""
     if not splits(t, dim):
         x = local(t)
         axes.copy_(x, dim, clones, axes.select(x, dim, sources))
         return
+    if not sources.numel():  # (the same on every rank)
+        return
     which, where = localize(t, dim, clones)
-    whole = full(t)
+    try:
+        shards = row_shards(t, dim) if isinstance(dim, int) else None
+    except NestedShards:
+        shards = None
+    if shards is None:
+        rows = axes.select(full(t), dim, sources[which])
+    else:
+        distinct, back = torch.unique(sources.cpu(), return_inverse=True)  # sorted
+        block, works = fetch(t, dim, distinct, shards)
+        for w in works:
+            w.wait()
+        rows = block.index_select(dim, back[which].to(block.device))
     x = local(t)
-    axes.copy_(x, dim, where, axes.select(whole, dim, sources[which]).to(x))
+    axes.copy_(x, dim, where, rows.to(x))
 
 
 @torch.no_grad()
