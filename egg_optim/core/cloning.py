@@ -368,17 +368,7 @@ def _new_rows(
 def _fetched_sources(p: torch.Tensor, dim: Axis, rs: Roles) -> torch.Tensor | None:
     """The clones' new rows of a plain copy when FSDP2 splits ``p`` along its unit axis: only the distinct sources'
     rows, broadcast by the ranks holding them (identical on every rank); ``None`` otherwise (gathered whole)."""
-    try:
-        shards = sharding.row_shards(p, dim) if isinstance(dim, int) else None
-    except sharding.NestedShards:
-        return None
-    if shards is None:
-        return None
-    sources, back = rs.distinct_sources
-    block, works = sharding.fetch(p, dim, sources, shards)
-    for w in works:
-        w.wait()
-    return block.index_select(dim, back.to(block.device))
+    return sharding.fetch_rows(p, dim, *rs.distinct_sources)
 
 
 @dataclass(frozen=True, eq=False)
@@ -529,16 +519,11 @@ def _where_local_(t: torch.Tensor, whole: Any, dim: Axis, rs: Roles, rows: torch
     """Sharded ``t``: each rank writes the clone positions it holds, their new ``rows`` where ``when`` (a device
     flag) is true, else what they hold: no host read. ``rows`` are every clone's (fetched sources, or a gathered
     tensor's), or, where ``whole`` is an :class:`_Own`, this rank's clones' at its positions."""
+    if not isinstance(whole, _Own):
+        sharding.write_positions_(t, dim, rs.clones, rows, when)
+        return
     x = local(t)
-    if isinstance(whole, _Own):
-        where, new = whole.where, rows
-    else:
-        which, where = localize(t, dim, rs.clones)
-        if not where.numel():
-            return
-        new = rows.index_select(dim if isinstance(dim, int) else 0, which.to(rows.device))
-        where = where.to(x.device)
-    axes.copy_(x, dim, where, torch.where(when.to(x.device), new.to(x), axes.select(x, dim, where)))
+    axes.copy_(x, dim, whole.where, torch.where(when.to(x.device), rows.to(x), axes.select(x, dim, whole.where)))
 
 
 @torch.no_grad()

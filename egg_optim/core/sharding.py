@@ -13,9 +13,10 @@ writing it writes the parameter. This module holds what the core needs to work o
   all of a unit's weights wherever they live; computing on the gathered tensor gives, bit for bit, what a
   single process computes;
 * :func:`like`: a full-size value laid out as a DTensor like a given one (state loaded from a plain checkpoint);
-* :func:`row_shards`, :func:`fetch` and :func:`write_positions_`: which rank holds which positions along a
-  dimension, positions (weight mode's sources: a run on packed roles) broadcast by the ranks holding them, and
-  rows written where each rank holds them, so that a clone event moves the sources' rows, not the whole tensor.
+* :func:`row_shards`, :func:`fetch` (:func:`fetch_rows`) and :func:`write_positions_`: which rank holds which
+  positions along a dimension, positions (weight mode's sources: a run on packed roles) broadcast by the ranks
+  holding them, and rows written where each rank holds them, so that a clone event moves the sources' rows (and
+  :func:`copy_positions_` their optimizer state's), not the whole tensor.
 
 Every function is the identity (or the plain tensor operation) for ordinary tensors. Supported placements are
 ``Shard(d)`` and ``Replicate()`` on any mesh dimensions (FSDP2, HSDP); partial (pending-reduction) and strided
@@ -172,18 +173,10 @@ def copy_positions_(t: torch.Tensor, dim: Axis, clones: torch.Tensor, sources: t
     if not sources.numel():  # (the same on every rank)
         return
     which, where = localize(t, dim, clones)
-    try:
-        shards = row_shards(t, dim) if isinstance(dim, int) else None
-    except NestedShards:
-        shards = None
-    if shards is None:
+    distinct, back = torch.unique(sources.cpu(), return_inverse=True)  # sorted
+    rows = fetch_rows(t, dim, distinct, back[which])
+    if rows is None:
         rows = axes.select(full(t), dim, sources[which])
-    else:
-        distinct, back = torch.unique(sources.cpu(), return_inverse=True)  # sorted
-        block, works = fetch(t, dim, distinct, shards)
-        for w in works:
-            w.wait()
-        rows = block.index_select(dim, back[which].to(block.device))
     x = local(t)
     axes.copy_(x, dim, where, rows.to(x))
 
@@ -284,14 +277,36 @@ def fetch(
 
 
 @torch.no_grad()
-def write_positions_(t: torch.Tensor, dim: Axis, positions: torch.Tensor, rows: torch.Tensor) -> None:
+def fetch_rows(t: torch.Tensor, dim: Axis, distinct: torch.Tensor, back: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s rows ``distinct[back]`` along ``dim`` (``distinct``: sorted positions) as an ordinary tensor identical on
+    every rank, where ranks split ``dim`` by rows: only the ``distinct`` rows move, broadcast by the ranks holding
+    them (a collective: every rank calls it); ``None`` where they do not (a pair axis, several mesh dimensions)."""
+    try:
+        shards = row_shards(t, dim) if isinstance(dim, int) else None
+    except NestedShards:
+        return None
+    if shards is None:
+        return None
+    block, works = fetch(t, dim, distinct, shards)
+    for w in works:
+        w.wait()
+    return block.index_select(dim, back.to(block.device))
+
+
+def write_positions_(
+    t: torch.Tensor, dim: Axis, positions: torch.Tensor, rows: torch.Tensor, when: torch.Tensor | None = None
+) -> None:
     """``t[positions] = rows`` along ``dim`` (``rows`` as :func:`axes.select` lays them out, identical on every rank),
-    each rank writing the positions it holds: no communication."""
+    each rank writing the positions it holds: no communication. ``when`` (a device flag): where it is false, the
+    positions keep what they hold (no host read)."""
     which, where = localize(t, dim, positions)
     if where.numel():
         x = local(t)
-        lead = dim if isinstance(dim, int) else 0
-        axes.copy_(x, dim, where.to(x.device), rows.index_select(lead, which.to(rows.device)).to(x))
+        where = where.to(x.device)
+        new = rows.index_select(dim if isinstance(dim, int) else 0, which.to(rows.device)).to(x)
+        if when is not None:
+            new = torch.where(when.to(x.device), new, axes.select(x, dim, where))
+        axes.copy_(x, dim, where, new)
 
 
 def replacement_problem(layer: str, qname: str, new: torch.Tensor | None) -> str:
