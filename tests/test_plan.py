@@ -166,3 +166,57 @@ def test_a_managed_layer_producing_the_models_output_is_refused_at_the_first_for
         first_forward(RolePlan(0.4, 0.1))
     first_forward(RolePlan(0.4, 0.1, exclude=["fc"]))  # the fix the error names
     first_forward(RolePlan(0.4, 0.1, layers=["fc", "features.0"]))  # a plan naming its layers is taken as meant
+
+
+class _ReadsAWeight(nn.Module):
+    """A model that computes with ``mix``'s weight without calling ``mix`` (as Mamba does with ``dt_proj``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x @ self.mix.weight.t())))
+
+
+def test_output_mode_leaves_alone_a_layer_whose_weight_the_model_reads_without_calling_it():
+    """Seen on the example inputs: a default plan in output mode leaves ``mix`` alone and says why (its clones could
+    not take their sources' outputs), weight mode manages it, a plan naming it is refused at the first step."""
+    from egg_optim.errors import RewriteCheckError
+
+    x = torch.randn(4, 8)
+
+    def opt(mode, plan=None, **kw):
+        plan = plan or RolePlan(0.5, 0.0)
+        model = _ReadsAWeight()
+        return model, LeaderCloneOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), plan, clone_mode=mode, **kw
+        )
+
+    with pytest.warns(UserWarning, match=r"output mode leaves alone \['mix'\]"):
+        model, o = opt("output", example_inputs=x)
+    assert set(o.layers) == {"body"} and "without calling it" in o.coverage().left_alone["mix"]
+    model(x).sum().backward()
+    o.step()
+    assert set(opt("weight", example_inputs=x)[1].layers) == {"mix", "body"}
+    model, o = opt("output", RolePlan(0.5, 0.0, layers=["mix", "body"]), example_inputs=x)
+    model(x).sum().backward()
+    with pytest.raises(RewriteCheckError, match="without calling these layers"):
+        o.step()
+
+
+def test_a_default_plan_leaves_every_layer_the_model_returns_alone():
+    """A model of two towers returns two projections (CLIP's image and text embeddings): the default plan leaves
+    both alone as output heads, found on the model's dummy inputs, where it left only the last one registered."""
+    transformers = pytest.importorskip("transformers")
+    from egg_recipes import tiny_transformers as tiny
+
+    model = tiny.make("clip")
+    o = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5, 0.0))
+    left = o.coverage().left_alone
+    assert "output head" in left["visual_projection"] and "output head" in left["text_projection"]
+    model(**tiny.inputs("clip")).loss.backward()  # the output-head check at the first forward pass finds none
+    o.step()
+    assert transformers is not None

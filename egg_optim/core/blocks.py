@@ -149,6 +149,12 @@ class Discovery:
     groups: dict[str, UnitGroup] = field(default_factory=dict)
     skipped: dict[str, Skipped] = field(default_factory=dict)
     routers: dict[str, str] = field(default_factory=dict)
+    # Linear / ConvNd layers whose output the model returned on the probe's forward pass (output heads: CLIP's two
+    # projections), in registration order; empty where the probe did not run
+    outputs: tuple[str, ...] = ()
+    # Linear / ConvNd layers whose weight the model computed with on that pass without calling the layer (Mamba's
+    # ``dt_proj``): output mode cannot give their clones their sources' outputs
+    read_directly: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- layers

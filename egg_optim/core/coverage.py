@@ -130,6 +130,12 @@ def _reasons(left: Mapping[str, str]) -> str:
     return "; ".join(f"{_names(names)} ({why})" for why, names in by_reason.items())
 
 
+READ_DIRECTLY = (
+    "the model computes with its weight without calling it, so output mode could not give its clones their "
+    "sources' outputs"
+)
+
+
 def _unit_label(kind: str) -> str:
     return f"{kind} {UNIT_NAMES[kind]}" if kind != "experts" else UNIT_NAMES[kind]
 
@@ -159,6 +165,8 @@ def build(
             params = list(module.parameters()) if module is not None else []
             if params and all(p.requires_grad for p in params) and all(id(p) in in_optimizer for p in params):
                 reason = "left out of the plan"
+        if name in found.read_directly:
+            reason = READ_DIRECTLY
         left[name] = reason
     for name, reason in why.items():
         left.setdefault(name, reason)

@@ -7,9 +7,9 @@
 - :func:`frozen_layers` / :func:`keep_frozen_roles`: a managed layer whose parameters were frozen
   (``requires_grad_(False)``) after the optimizer was built keeps its roles and rows through elections and clone
   events; one warning names it.
-- :class:`OutputHeadCheck`: a default plan leaves the output head alone, found without input
-  (:func:`egg_optim.core.plan.output_head`: the last layer registered); the model's first complete eager forward
-  pass then shows whether a managed layer's output *is* the model's output (a model that registers its head
+- :class:`OutputHeadCheck`: a default plan leaves the output heads alone (:func:`egg_optim.core.plan.output_heads`:
+  the last layer registered, and those the model returns on its dummy inputs); the model's first complete eager
+  forward pass then shows whether a managed layer's output *is* the model's output (a model that registers its head
   before its body), and refuses it before any step.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -86,10 +86,10 @@ class OutputHeadCheck:
     from that forward pass, before any step. For plans that chose their layers by default (``head``: the layer that
     plan left alone); a plan naming its layers is taken as meant."""
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], head: str | None) -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], heads: Sequence[str]) -> None:
         from .coupling import _Hook  # (coupling imports this module)
 
-        self._head = head
+        self._heads = list(heads)
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
         self._handles = [model.register_forward_hook(_Hook(self._root, model))]
         for name, m in layers.items():
@@ -121,8 +121,8 @@ class OutputHeadCheck:
         if heads:
             raise PlanError(
                 f"managed layer(s) {heads} produce the model's output: output heads with roles, whose clones would "
-                f"make outputs copies of each other. A default plan leaves alone the last layer registered "
-                f"({self._head or 'none: the last candidate is a transformer block'}), and this model registers its "
-                f"head before it. Leave the head out: "
+                f"make outputs copies of each other. A default plan leaves alone the last layer registered and "
+                f"those the model returned on its dummy inputs ({', '.join(self._heads) or 'none'}), and this "
+                f"model's forward pass returned another. Leave the head out: "
                 f"RolePlan(..., exclude={heads!r}), or name the layers to manage with RolePlan(layers=[...])"
             )

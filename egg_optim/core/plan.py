@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import PlanError
 from . import sharding
-from .blocks import UnitGroup
+from .blocks import UnitGroup, discover
 from .units import MANAGED_TYPES, UNIT_KINDS, candidate_layers, candidate_units, left_alone, name_matches
 
 Fractions = tuple[float, float]
@@ -327,9 +327,9 @@ class RolePlan:
             chosen = [n for n in names if any(name_matches(n, p) for p in self.layers)]
             why.update({n: "not selected by the plan's layers patterns" for n in names if n not in chosen})
         else:
-            head = output_head(model, dict(candidates))
-            chosen = [n for n in names if n != head]
-            if head is not None:
+            heads = output_heads(model, dict(candidates), self.units)
+            chosen = [n for n in names if n not in heads]
+            for head in heads:
                 why[head] = "the output head, kept as it is (name it in RolePlan(layers=[...]) to manage it)"
             # layers of a block found but not decomposed (they read or write the residual stream), routers, grouped
             # convolutions: never managed by default; a plan naming them manages them or says why it cannot
@@ -401,6 +401,16 @@ def output_head(model: nn.Module, candidates: Mapping[str, nn.Module | UnitGroup
             outside = [n for n in names if n != prefix and not n.startswith(prefix + ".")]
             head = outside[-1] if outside else head
     return None if isinstance(candidates[head], UnitGroup) else head
+
+
+def output_heads(model: nn.Module, candidates: Mapping[str, nn.Module | UnitGroup], units: str = "layers") -> list[str]:
+    """The candidates a default plan leaves alone as output heads: :func:`output_head`, and with ``units="auto"``
+    every layer whose output the model returned on the dataflow probe's forward pass (a model of two towers, CLIP's
+    image and text projections; :attr:`~egg_optim.core.blocks.Discovery.outputs`)."""
+    head = output_head(model, candidates)
+    found = discover(model).outputs if units == "auto" else ()
+    returned = [n for n in found if isinstance(candidates.get(n), nn.Module)]
+    return [n for n in candidates if n == head or n in returned]
 
 
 def aligned_plan(name: str, units: int, leaders: int, independents: int, multiple: int) -> LayerPlan:

@@ -13,13 +13,16 @@ the same blocks in the same order: the gathers are collectives), then sharded ag
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from . import sharding
@@ -30,6 +33,7 @@ from .blocks import (
     UnitSlice,
     _configs,
     _expert_index,
+    _is_conv1d,
     _layout_index,
 )
 
@@ -71,30 +75,68 @@ def fresh_inputs(x: Any) -> Any:
 
 
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The model's own dummy inputs (transformers' ``dummy_inputs``; with decoder inputs for an encoder-decoder), or
-    images of the configured size for a vision model whose dummy inputs are token ids; ``None`` where there are none
-    or the model is on the meta device."""
+    """The model's own dummy inputs (transformers' ``dummy_inputs``), completed from its config where its forward
+    pass takes more or other inputs than token ids (:func:`_modal_inputs`: images, waveforms, spectrograms; decoder
+    inputs for an encoder-decoder); ``None`` where there are none or the model is on the meta device."""
     inputs = getattr(model, "dummy_inputs", None)
     main = getattr(model, "main_input_name", "input_ids")
     try:
         p = next(model.parameters())
     except StopIteration:
         return None
-    if p.device.type == "meta":
+    if p.device.type == "meta" or not isinstance(inputs, Mapping):
         return None
+    try:
+        takes = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        takes = set()
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    inputs = {k: v for k, v in inputs.items() if torch.is_tensor(v) and (k in takes or not takes)}
+    if main != "input_ids":
+        inputs.pop("input_ids", None)  # token ids an audio or vision model's forward pass does not take
     cfg = getattr(model, "config", None)
-    vision = next((c for c in _configs(cfg) if hasattr(c, "image_size") and hasattr(c, "num_channels")), None)
-    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", None)
-    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    if main == "pixel_values" and isinstance(inputs, Mapping) and main not in inputs and channels and len(size) == 2:
-        images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
-        inputs = {main: images.to(p.dtype if p.is_floating_point() else torch.float32)}
-    if not isinstance(inputs, Mapping) or main not in inputs:
+    batch = inputs["input_ids"].shape[0] if "input_ids" in inputs else 2
+    for name, value in _modal_inputs(cfg, takes | {main}, dtype, batch).items():
+        inputs.setdefault(name, value)
+    if main not in inputs:
         return None
-    inputs = {k: v.to(p.device) for k, v in inputs.items() if torch.is_tensor(v)}
-    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs and main == "input_ids":
-        inputs["decoder_input_ids"] = inputs[main]  # BART-like models make none from the inputs alone
-    return inputs
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+        # BART- and Whisper-like models make no decoder inputs from the inputs alone
+        vocab = getattr(_decoder_config(cfg), "vocab_size", None) or 2
+        inputs["decoder_input_ids"] = inputs.get("input_ids", torch.arange(5).remainder(vocab).repeat(batch, 1))
+    return {k: v.to(p.device) for k, v in inputs.items()}
+
+
+def _decoder_config(cfg: Any) -> Any:
+    return getattr(cfg, "decoder", None) or getattr(cfg, "text_config", None) or cfg
+
+
+def _modal_inputs(cfg: Any, takes: set[str], dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
+    """Inputs of other modalities that a model's forward pass takes (``takes``), of the sizes its config gives:
+    ``pixel_values`` (images of the vision config's size: a vision model, CLIP's two towers; not for a model that
+    places images among its tokens, whose dummy token ids hold none), ``input_values`` (a waveform long enough for
+    the feature encoder's convolutions to give 16 frames: wav2vec 2.0, HuBERT, WavLM), ``input_features`` (a
+    log-mel spectrogram of the length the encoder expects: Whisper). Fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    configs = list(_configs(cfg))
+    out: dict[str, torch.Tensor] = {}
+    vision = next((c for c in configs if hasattr(c, "num_channels") and hasattr(c, "image_size")), None)
+    vision = vision or next((c for c in configs if hasattr(c, "num_channels")), None)  # any size: SegFormer, ResNet
+    placed = any(hasattr(c, a) for c in configs for a in ("image_token_id", "image_token_index"))
+    if "pixel_values" in takes and vision is not None and not placed:
+        size = getattr(vision, "image_size", None) or 64
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        out["pixel_values"] = torch.randn(batch, vision.num_channels, *size[-2:], generator=gen).to(dtype)
+    kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
+    if "input_values" in takes and kernels and strides and len(kernels) == len(strides):
+        length, step = 1, 1
+        for k, s in zip(kernels, strides):  # the receptive field of the convolutions, then 15 more frames
+            length, step = length + (k - 1) * step, step * s
+        out["input_values"] = torch.randn(batch, length + 15 * step, generator=gen).to(dtype)
+    mels, positions = getattr(cfg, "num_mel_bins", None), getattr(cfg, "max_source_positions", None)
+    if "input_features" in takes and mels and positions:  # two stride-1 and -2 convolutions down to the positions
+        out["input_features"] = torch.randn(batch, mels, 2 * positions, generator=gen).to(dtype)
+    return out
 
 
 def example_call(model: nn.Module, inputs: Any) -> tuple[tuple, dict] | None:
@@ -123,7 +165,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     ``fully_shard``, an error)."""
     modules = dict(model.named_modules())
     runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
-    call = example_call(model, inputs) if runners else None
+    call = example_call(model, inputs)
     sharded = any(sharding.is_sharded(p) for p in model.parameters())
     if call is None or (sharded and not _gatherable(model)):
         return
@@ -134,12 +176,14 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
         )
         for r in set(runners.values())
     ]
+    watch = _LayerWatch(modules)
     training = {m: m.training for m in model.modules()}
     settled: dict[tuple, tuple[UnitGroup, str, str]] = {}  # per class and shapes: the first block's layout, verdict
     try:
         model.eval()
         try:
-            model(*call[0], **call[1])
+            with watch:
+                returned = model(*call[0], **call[1])
         except Exception as exc:
             if inputs is None:
                 raise
@@ -149,6 +193,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
             ) from exc
         for h in handles:
             h.remove()
+        found.outputs, found.read_directly = watch.outputs(returned), tuple(watch.read_directly)
         for name, runner in runners.items():
             g = found.groups[name]
             if runner not in calls:
@@ -183,6 +228,81 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
             m.training = flag
         if sharded:  # FSDP2's forward leaves the root's parameters gathered
             sharding.reshard(model)
+
+
+class _LayerWatch(TorchFunctionMode):
+    """Watches the probe's forward pass for what each Linear / ConvNd layer does outside its own forward: which
+    layers' outputs the model returns (:meth:`outputs`), and which layers' weights the model computes with without
+    calling them (:attr:`read_directly`: Mamba's ``dt_proj``, Gemma 3n's AltUp coefficients), which output mode
+    cannot give their sources' outputs. Metadata (``weight.dtype``) does not count; a result that is a tensor does."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self._layers = {
+            n: m
+            for n, m in modules.items()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(m)
+        }
+        held: dict[int, int] = {}  # a weight tied to another module's (an embedding's) is read by that module
+        for m in modules.values():
+            for p in m._parameters.values():
+                held[id(p)] = held.get(id(p), 0) + 1
+        self._weights = {
+            id(w): n
+            for n, m in self._layers.items()
+            if isinstance(w := m._parameters.get("weight"), torch.Tensor) and held[id(w)] == 1
+        }
+        self._running: dict[str, int] = {}
+        self._produced: dict[int, tuple[str, weakref.ref]] = {}
+        self._handles: list[Any] = []
+        self.read_directly: dict[str, None] = {}
+
+    def __enter__(self) -> _LayerWatch:
+        for n, m in self._layers.items():
+            self._handles.append(m.register_forward_pre_hook(lambda m, a, n=n: self._enter(n)))
+            self._handles.append(m.register_forward_hook(lambda m, a, out, n=n: self._leave(n, out)))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        super().__exit__(*exc)
+
+    def _enter(self, name: str) -> None:
+        self._running[name] = self._running.get(name, 0) + 1
+
+    def _leave(self, name: str, out: Any) -> None:
+        self._running[name] -= 1
+        if torch.is_tensor(out):
+            self._produced[id(out)] = (name, weakref.ref(out))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_tensor(out) and getattr(func, "__name__", "") != "__get__":
+            for a in (*args, *(kwargs or {}).values()):
+                name = self._weights.get(id(a)) if torch.is_tensor(a) else None
+                if name is not None and not self._running.get(name):
+                    self.read_directly[name] = None
+        return out
+
+    def outputs(self, returned: Any) -> tuple[str, ...]:
+        """The layers whose output tensor is among ``returned`` (the model's), in registration order."""
+        hits = {
+            self._produced[id(t)][0]
+            for t in _returned(returned)
+            if id(t) in self._produced and self._produced[id(t)][1]() is t
+        }
+        return tuple(n for n in self._layers if n in hits)
+
+
+def _returned(out: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors of a model's output (a ``ModelOutput``, tuples, dicts; nested a few levels)."""
+    if torch.is_tensor(out):
+        yield out
+    elif depth < 4 and isinstance(out, (list, tuple, Mapping)):
+        for v in out.values() if isinstance(out, Mapping) else out:
+            yield from _returned(v, depth + 1)
 
 
 _INNER = "unknown", "a module inside it is fully_shard-ed itself: FSDP2 would gather over the probe's changes"

@@ -33,14 +33,15 @@ from torch import nn
 from ..config import EggConfig
 from ..core import axes, compact, repack, sharding
 from ..core import coverage as _coverage
-from ..core.blocks import UnitGroup
+from ..core.blocks import UnitGroup, discover
 from ..core.cloning import clone_layers, clone_layers_on_device, perturb_units, set_row_state
 from ..core.coupling import Coupling, NormCoupling
+from ..core.coverage import READ_DIRECTLY
 from ..core.distributed import all_reduce_mean, derived_generator, same_on_all_ranks
 from ..core.election import elect, with_hysteresis
 from ..core.graduation import Graduation, graduate_roles, graduated_counts
 from ..core.guards import OutputHeadCheck, frozen_layers, keep_frozen_roles, outside_inference_mode
-from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_head
+from ..core.plan import LayerPlan, RolePlan, describe_alignment, output_heads
 from ..core.policies import scaled_counts, stable_elect
 from ..core.probe import example_call
 from ..core.roles import Roles, by_parts, join, shares
@@ -113,6 +114,23 @@ def _trainable_only(plan: RolePlan, layer_plans, layers, in_optimizer: set[int])
     return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
 
 
+def _called_only(model: nn.Module, plan: RolePlan, layer_plans, layers):
+    """A default plan in output mode leaves alone the layers whose weight the model computes with without calling
+    them (the probe saw it: Mamba's ``dt_proj``), whose clones could not take their sources' outputs; a plan naming
+    them keeps them, and the first step refuses them (``check_called``)."""
+    if plan.units != "auto" or plan.layers is not None or plan.only_listed:
+        return layer_plans, layers
+    direct = [n for n in discover(model).read_directly if n in layers and layers[n].group is None]
+    if not direct or len(direct) == len(layers):
+        return layer_plans, layers
+    warnings.warn(
+        f"egg_optim: output mode leaves alone {direct}: {READ_DIRECTLY} (clone_mode='weight' manages them)",
+        stacklevel=4,
+    )
+    keep = [n for n in layers if n not in direct]
+    return {n: layer_plans[n] for n in keep}, {n: layers[n] for n in keep}
+
+
 def _only_clones(roles: Roles, units: torch.Tensor) -> Roles:
     """Roles whose clones are just ``units`` (with their sources under ``roles``): what graduation writes to."""
     rest = torch.ones(roles.num_units, dtype=torch.bool)
@@ -171,6 +189,8 @@ class RoleController:
             model, list(layer_plans), dict(config.norms) if config.norms else None, groups=blocks
         )
         layer_plans, layers = _trainable_only(role_plan, layer_plans, layers, masked.params_held())
+        if config.clone_mode == "output":
+            layer_plans, layers = _called_only(model, role_plan, layer_plans, layers)
         _check_ranks_agree(layer_plans, layers, process_group)
         _coverage.report(
             _coverage.build(model, role_plan, layers, masked.optimizer),
@@ -249,7 +269,7 @@ class RoleController:
             fusable = None if config.fuse_norms is False else functools.partial(_fused_where_kernels_run, fusable)
         self._norm_coupling = NormCoupling(model, plain, explicit, self._couple_norms, fusable)
         if role_plan.layers is None and not role_plan.only_listed:  # the output head was found without input
-            OutputHeadCheck(model, plain, output_head(model, role_plan.candidates(model)))
+            OutputHeadCheck(model, plain, output_heads(model, role_plan.candidates(model), role_plan.units))
         self._calls_checked = False
 
     def _skip_clone_grads(self, config: EggConfig) -> bool:

@@ -393,6 +393,67 @@ FAMILIES["vit"] = (_vit, "image")
 FAMILIES["swin"] = (_swin, "image")
 
 
+# beyond text: speech (Whisper: a spectrogram; wav2vec 2.0, HuBERT, WavLM: a waveform), two towers (CLIP, SigLIP:
+# images and text, a contrastive loss), more vision transformers (DINOv2, DeiT, BEiT with its relative position
+# bias per head, SegFormer with a depthwise convolution in its MLP), convolutional networks (ResNet, ConvNeXt:
+# rows), and text families of other lineages (MPT with ALiBi, Marian, M2M-100, MobileBERT, Mamba and Jamba,
+# whose Mamba-1 mixers read ``dt_proj.weight`` without calling it)
+def _build(config_cls: str, model_cls: str, **kw) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        t = _t()
+        return getattr(t, model_cls)(getattr(t, config_cls)(**kw))
+
+    return make
+
+
+_SPEECH = {**_ENCODER, "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3),
+           "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4, "classifier_proj_size": 16,
+           "mask_time_prob": 0.0, "layerdrop": 0.0}  # fmt: skip
+_TOWER = {"text_config": {"vocab_size": VOCAB, "max_position_embeddings": 32, **_ENCODER},
+          "vision_config": {"image_size": 8, "patch_size": 4, **_ENCODER}}  # fmt: skip
+_VIT = {"image_size": 8, "patch_size": 4, **_ENCODER}
+_S2S = {"vocab_size": VOCAB, "d_model": HIDDEN, "encoder_layers": 1, "decoder_layers": 1,
+        "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS, "encoder_ffn_dim": INNER,
+        "decoder_ffn_dim": INNER, "pad_token_id": 0, "decoder_start_token_id": 0}  # fmt: skip
+FAMILIES.update({
+    "whisper": (_build("WhisperConfig", "WhisperForConditionalGeneration", num_mel_bins=8, max_source_positions=8,
+                       max_target_positions=32, bos_token_id=0, eos_token_id=0, suppress_tokens=None,
+                       begin_suppress_tokens=None, **_S2S), "spectrogram"),
+    "wav2vec2": (_build("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", **_SPEECH), "waveform"),
+    "hubert": (_build("HubertConfig", "HubertForSequenceClassification", **_SPEECH), "waveform"),
+    "wavlm": (_build("WavLMConfig", "WavLMForSequenceClassification", num_buckets=16, max_bucket_distance=32,
+                     **_SPEECH), "waveform"),
+    "clip": (_build("CLIPConfig", "CLIPModel", projection_dim=16, **_TOWER), "image_text"),
+    "siglip": (_build("SiglipConfig", "SiglipModel", **_TOWER), "image_text"),
+    "dinov2": (_build("Dinov2Config", "Dinov2ForImageClassification", mlp_ratio=2,
+                      **{k: v for k, v in _VIT.items() if k != "intermediate_size"}), "image"),
+    "deit": (_build("DeiTConfig", "DeiTForImageClassification", **_VIT), "image"),
+    "beit": (_build("BeitConfig", "BeitForImageClassification", use_relative_position_bias=True, **_VIT), "image"),
+    "segformer": (_build("SegformerConfig", "SegformerForImageClassification", num_encoder_blocks=2, depths=[1, 1],
+                         sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[2, 4], patch_sizes=[3, 3],
+                         strides=[2, 2], mlp_ratios=[2, 2], decoder_hidden_size=32), "image16"),
+    "resnet": (_build("ResNetConfig", "ResNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
+                      depths=[1, 1], layer_type="bottleneck"), "image32"),
+    "convnext": (_build("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[16, 32], depths=[1, 1],
+                        num_stages=2, image_size=32), "image32"),
+    "mpt": (_causal("MptConfig", "MptForCausalLM", d_model=HIDDEN, n_heads=HEADS, n_layers=1, expansion_ratio=2),
+            "causal"),
+    "marian": (_build("MarianConfig", "MarianMTModel", **_S2S), "seq2seq"),
+    # (GELU: with its default ReLU a unit of the tiny MLP can stay dead on the dataflow test's few tokens)
+    "m2m_100": (_build("M2M100Config", "M2M100ForConditionalGeneration", activation_function="gelu", **_S2S),
+                "seq2seq"),
+    "mobilebert": (_causal("MobileBertConfig", "MobileBertForSequenceClassification", embedding_size=16,
+                           intra_bottleneck_size=HIDDEN, true_hidden_size=HIDDEN, num_feedforward_networks=1,
+                           **_ENCODER), "classify"),
+    "mamba": (_causal("MambaConfig", "MambaForCausalLM", hidden_size=HIDDEN, state_size=8, num_hidden_layers=1,
+                      expand=2), "causal"),
+    "jamba": (_causal("JambaConfig", "JambaForCausalLM", attn_layer_period=2, attn_layer_offset=1,
+                      expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                      mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False, **{**_GQA, "num_hidden_layers": 2}),
+              "causal"),
+})  # fmt: skip
+
+
 def make(family: str, seed: int = 0) -> nn.Module:
     """A fresh tiny model of ``family`` (one of :data:`FAMILIES`), initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -405,10 +466,22 @@ def inputs(
     """Model inputs, with labels (the loss is ``model(**inputs).loss``) or without (for logits only)."""
     gen = torch.Generator().manual_seed(seed)
     kind = FAMILIES[family][1]
-    if kind == "image":
-        out = {"pixel_values": torch.randn(batch, 3, 8, 8, generator=gen), "labels": torch.randint(0, 2, (batch,))}
+    ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+    if kind.startswith("image"):
+        size = int(kind.removeprefix("image").removesuffix("_text") or 8)
+        out = {"pixel_values": torch.randn(batch, 3, size, size, generator=gen)}
+        if kind == "image_text":  # a contrastive loss over the pairs of the batch
+            out.update(input_ids=ids, return_loss=True)
+        else:
+            out["labels"] = torch.randint(0, 2, (batch,), generator=gen)
+    elif kind == "waveform":  # a length in frames of its feature encoder's convolutions (stride 10)
+        out = {"input_values": torch.randn(batch, 13 + 10 * length, generator=gen),
+               "labels": torch.randint(0, 2, (batch,), generator=gen)}  # fmt: skip
+    elif kind == "spectrogram":  # the length the encoder takes; the decoder's tokens as labels
+        out = {"input_features": torch.randn(batch, 8, 16, generator=gen), "labels": ids}
+        if not labels:
+            out["decoder_input_ids"] = ids
     else:
-        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
         if kind == "classify":
             out = {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=gen)}
         else:
@@ -416,5 +489,12 @@ def inputs(
             if not labels and kind == "seq2seq":
                 out["decoder_input_ids"] = ids
     if not labels:
-        out.pop("labels")
+        out.pop("labels", None)
+        if out.get("return_loss"):
+            out["return_loss"] = False
     return out
+
+
+def logits(output) -> torch.Tensor:
+    """What a model of these families scores: its ``logits``, or a two-tower model's image-text scores."""
+    return output.logits if getattr(output, "logits", None) is not None else output.logits_per_image
