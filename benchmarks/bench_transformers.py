@@ -5,11 +5,13 @@ layers, 4 heads, intermediate 1024), a Llama-style causal LM (hidden 256, interm
 (``--models qwen3_5``) a Qwen3.5-style hybrid whose first 3 layers are linear attention and (``--models mixtral``) a
 Mixtral-style mixture of 4 experts of 344 neurons routed top 2, vocabulary 1000, batch 16 x sequence 128 tokens;
 ``--models gpt2 opt``: GPT-2 and OPT of the Llama's hidden size, layers and heads (MLP 1024), whose attention stores its
-widths (output mode sets them to the active heads'); ``phi3``: Phi-3 of the Llama's sizes; ``mamba2``: Mamba-2 mixers. A
-step is forward (loss) + backward + AdamW step + zero_grad. Plans: ``RolePlan.preset(scenario, table="uniform")`` for
-each ``--scenarios`` entry (mild: 40 % leaders, 10 % independents; aggressive: 20 % / 5 %). With the default
-``units="auto"`` the units are MLP neurons, attention heads and each expert's neurons (``egg_optim.core.blocks``), so
-output mode computes only the active ones and folds clones into the down/o projections; the head has no roles.
+widths (output mode sets them to the active heads'); ``phi3``: Phi-3 of the Llama's sizes; ``mamba2``: Mamba-2 mixers;
+beyond text (``--models vit convnext whisper wav2vec2``): ViT and ConvNeXt on 64 x 64 images, Whisper on 80 mel bins,
+wav2vec 2.0 on 1 s of audio. A step is forward (loss) + backward + AdamW step + zero_grad. Plans:
+``RolePlan.preset(scenario, table="uniform")`` for each ``--scenarios`` entry (mild: 40 % leaders, 10 % independents;
+aggressive: 20 % / 5 %). With the default ``units="auto"`` the units are MLP neurons, attention heads and each expert's
+neurons (``egg_optim.core.blocks``), so output mode computes only the active ones and folds clones into the down/o
+projections; the head has no roles.
 
 Counted FLOPs: ``egg_optim.utils.flop_counter()`` (``FlopCounterMode``, plus the experts' grouped matmuls) over
 one step's forward and backward (the matmuls and attention torch actually ran). ``time / FLOPs`` is the step-time
@@ -65,7 +67,7 @@ class Case:
     times: list[float] = field(default_factory=list)
 
 
-def _bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _bert(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
@@ -92,13 +94,13 @@ _LM = dict(
 )
 
 
-def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _llama(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(**_LM)), {}
 
 
-def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _qwen3_5(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A Qwen3.5-style hybrid: 3 layers of linear attention (the gated delta net: 4 key heads, 8 value heads of
     64) and 1 of full attention, the Llama sizes otherwise."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -115,7 +117,7 @@ def _qwen3_5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return Qwen3_5ForCausalLM(cfg), {}
 
 
-def _mixtral() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _mixtral(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A Mixtral-style mixture of experts: 4 experts of 344 neurons per layer, each token routed to 2 (the Llama's
     688 neurons per token), no auxiliary loss; the Llama sizes otherwise."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -126,7 +128,7 @@ def _mixtral() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return MixtralForCausalLM(cfg), {}
 
 
-def _gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _gpt2(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """GPT-2 (fused qkv split at a stored width, MLP 4x): the Llama's hidden size, layers and heads."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -134,7 +136,7 @@ def _gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return GPT2LMHeadModel(cfg), {}
 
 
-def _opt() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _opt(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """OPT (reshapes by a stored head count and width, MLP 4x): the Llama's hidden size, layers and heads."""
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -143,14 +145,14 @@ def _opt() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return OPTForCausalLM(cfg), {}
 
 
-def _phi3() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _phi3(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Phi-3 (fused qkv split at its config's head count, fused gate/up): the Llama's sizes."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     return Phi3ForCausalLM(Phi3Config(**_LM, pad_token_id=0)), {}
 
 
-def _mamba2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _mamba2(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Mamba-2 (hidden 256, 4 layers of mixers only: 16 heads of 32 in 2 groups, a state of 64; a unit is a group):
     the torch path of its chunked scan (no ``mamba_ssm`` kernels)."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
@@ -160,18 +162,72 @@ def _mamba2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return Mamba2ForCausalLM(cfg), {}
 
 
+def _inputs(batch: int, *shape: int, classes: int = 10, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
+
+
+# the encoders' sizes (BERT's)
+_ENCODER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+
+
+def _vit(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ViT for image classification (hidden 256, 4 layers, 4 heads, MLP 1024): 64 x 64 images in 8 x 8 patches (64
+    patches and the class token)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=64, patch_size=8, num_labels=10, **_ENCODER)
+    images, labels = _inputs(batch, 3, 64, 64)
+    return ViTForImageClassification(cfg), {"pixel_values": images, "labels": labels}
+
+
+def _convnext(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ConvNeXt for image classification (stages of 64, 128, 256 channels, 2 blocks each; an MLP of 4x per block,
+    whose neurons are the units; the convolutions are rows): 64 x 64 images."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    cfg = ConvNextConfig(hidden_sizes=[64, 128, 256], depths=[2, 2, 2], num_stages=3, num_labels=10)
+    images, labels = _inputs(batch, 3, 64, 64)
+    return ConvNextForImageClassification(cfg), {"pixel_values": images, "labels": labels}
+
+
+def _whisper(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Whisper (d_model 256, 2 encoder and 2 decoder layers, 4 heads, MLP 1024): 80 mel bins over ``2 x seq`` frames
+    (``seq`` encoder positions), ``seq / 4`` decoder tokens as labels."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=1000, d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, num_mel_bins=80,
+                        max_source_positions=seq, max_target_positions=seq, pad_token_id=0, decoder_start_token_id=1,
+                        bos_token_id=1, eos_token_id=2, suppress_tokens=None, begin_suppress_tokens=None)  # fmt: skip
+    features, _ = _inputs(batch, 80, 2 * seq)
+    labels = torch.randint(3, 1000, (batch, seq // 4), generator=torch.Generator().manual_seed(4))
+    return WhisperForConditionalGeneration(cfg), {"input_features": features, "labels": labels}
+
+
+def _wav2vec2(batch: int, seq: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """wav2vec 2.0 for audio classification (hidden 256, 4 layers, 4 heads, MLP 1024; its 7 feature convolutions of
+    128 channels, rows): 1 s of 16 kHz audio (49 frames)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    cfg = Wav2Vec2Config(conv_dim=(128,) * 7, num_labels=10, mask_time_prob=0.0, layerdrop=0.0, **_ENCODER)
+    audio, labels = _inputs(batch, 16000)
+    return Wav2Vec2ForSequenceClassification(cfg), {"input_values": audio, "labels": labels}
+
+
 MODELS = {
     "bert": _bert, "llama": _llama, "qwen3_5": _qwen3_5, "mixtral": _mixtral, "gpt2": _gpt2, "opt": _opt, "phi3": _phi3,
-    "mamba2": _mamba2,
+    "mamba2": _mamba2, "vit": _vit, "convnext": _convnext, "whisper": _whisper, "wav2vec2": _wav2vec2,
 }  # fmt: skip
+_NOT_TEXT = ("pixel_values", "input_features", "input_values")  # models whose inputs are no token ids
 
 
 def _make(kind: str, mode: str, scenario: str, batch: int, seq: int, compiled: bool = False) -> Case:
     torch.manual_seed(0)
-    model, extra = MODELS[kind]()
+    model, extra = MODELS[kind](batch, seq)
     model.train()
     ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(1))
-    inputs = {"input_ids": ids, **extra}
+    inputs = {**({} if any(k in extra for k in _NOT_TEXT) else {"input_ids": ids}), **extra}
     if "labels" not in inputs:
         inputs["labels"] = ids
     if kind == "bert" and "labels" in extra:

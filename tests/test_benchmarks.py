@@ -288,3 +288,16 @@ def test_bench_construct_times_the_probe_and_the_whole_construction(tmp_path, mo
     assert all(math.isfinite(v) and v > 0 for v in row.values()), row
     assert row["probe"] > row["structure"]  # the probe runs the model; the structure alone reads shapes
     assert "| tiny llama |" in (tmp_path / "bench_construct.md").read_text()
+
+
+def test_bench_transformers_runs_vision_and_speech_models_at_their_active_widths():
+    """ViT, ConvNeXt (its MLP blocks) and Whisper take images and spectrograms, no token ids: output mode computes
+    far fewer FLOPs than the bare step; weight mode about as many (less only by the clones' weight-gradient rows of
+    the layers managed as rows, ViT's patch embedding)."""
+    pytest.importorskip("transformers")
+    bench = load_benchmark("bench_transformers")
+    argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--scenarios", "mild"]
+    result = bench.main([*argv, "--models", "vit", "convnext", "whisper"])
+    for kind in ("vit", "convnext", "whisper"):
+        assert 0.95 < result[f"{kind}_weight_mild_flops_vs_baseline"] <= 1.0 + 1e-9, kind
+        assert result[f"{kind}_output_mild_flops_vs_baseline"] < 0.85, kind

@@ -37,7 +37,8 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "diffllama": {"mlp"}, "hunyuan_v1_moe": {"attention", "experts", "mlp"},
               "minimax": {"attention", "experts"}, "olmo3": {"mlp"}, "mamba2": {"attention"},
               "granitemoehybrid": {"attention", "experts", "mlp"}, "wavlm": {"mlp"}, "resnet": set(),
-              "convnext": set(), "mamba": set(), "jamba": {"attention", "experts", "mlp"}})  # fmt: skip
+              "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(),
+              "jamba": {"attention", "experts", "mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -52,6 +53,8 @@ NOT_DECOMPOSED = {
     "falcon_h1": {"model.layers.0.mamba"},  # a Mamba-2 mixer of one group, its rows scaled by a buffer
     "wavlm": {"wavlm.encoder.layers.0.attention"},  # a gated relative position bias computed from every head
     "siglip": {"vision_model.head"},  # torch's MultiheadAttention pooling head: one fused in_proj parameter
+    # a global response norm across the MLP's neurons (the identity at initialisation: the probe wakes it up)
+    "convnextv2": {"convnextv2.encoder.stages.0.layers.0", "convnextv2.encoder.stages.1.layers.0"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -87,10 +90,9 @@ ROWS = {
         "resnet.encoder.stages.1.layers.0.shortcut.convolution",
         *(f"resnet.encoder.stages.{s}.layers.0.layer.{i}.convolution" for s in (0, 1) for i in (0, 1, 2)),
     },
-    "convnext": {
-        "convnext.embeddings.patch_embeddings",
-        "convnext.encoder.stages.1.downsampling_layer.1",
-        *(f"convnext.encoder.stages.{s}.layers.0.pwconv{i}" for s in (0, 1) for i in (1, 2)),
+    **{
+        f: {f"{f}.embeddings.patch_embeddings", f"{f}.encoder.stages.1.downsampling_layer.1"}
+        for f in ("convnext", "convnextv2")
     },
     "mobilebert": {
         "mobilebert.embeddings.embedding_transformation",
@@ -110,7 +112,6 @@ OWN_PER_UNIT_VALUES = {
     "bloom": ("attention", "ALiBi slopes"),
     "mpt": ("attention", "ALiBi slopes"),
     "beit": ("attention", "a relative position bias per head, held by the layer and handed to the attention"),
-    "segformer": ("mlp", "a depthwise convolution between its two projections, a kernel per neuron"),
 }
 PLAN = RolePlan(0.4, 0.1)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"

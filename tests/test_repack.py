@@ -92,10 +92,10 @@ def _logits(model, family: str) -> torch.Tensor:
     return out
 
 
-# families whose drawn roles repack does not reorder: SegFormer's MLPs hold a depthwise convolution per neuron and its
-# other layers feed convolutions that read a moved order differently (its attention blocks, of 2 and 4 heads, are
-# drawn in order); a Mamba mixer's projections feed a scan that reads every channel
-UNMOVED = {"segformer": "segformer.stages.0.blocks.0.mlp", "mamba": "backbone.layers.0.mixer.in_proj"}
+# families whose drawn roles repack does not reorder, each layer kept with its reason: a Mamba mixer's projections
+# feed a scan that reads every channel; ConvNeXt V2 has no block (a norm across its MLPs' neurons) and its other layers
+# feed depthwise convolutions
+UNMOVED = {"mamba": "backbone.layers.0.mixer.in_proj", "convnextv2": "convnextv2.embeddings.patch_embeddings"}
 
 
 @pytest.mark.parametrize("family", UNMOVED)

@@ -245,6 +245,9 @@ def _hidden_sizes(model: nn.Module) -> set[int]:
                 v = _int(c, (key,))
                 if v:
                     sizes.add(v)
+            stages = getattr(c, "hidden_sizes", None)  # a hierarchical model's width per stage (ConvNeXt, SegFormer)
+            if isinstance(stages, (list, tuple)):
+                sizes.update(v for v in stages if isinstance(v, int) and not isinstance(v, bool) and v > 0)
     return sizes
 
 
@@ -822,7 +825,16 @@ def _mlp(
         yield Skipped(name, "mlp", why + f"width {i}; its layers are left alone", tuple(x[0] for x in widths))
         return
     slices.append(_consumer_slice(n, m, index))
-    yield UnitGroup(name, "mlp", i, slices, [x[0] for x in ups], n, layout=layout)
+    sizes: dict[str, int] = {}
+    if direct:  # a depthwise convolution over the hidden units (SegFormer's Mix-FFN): a kernel per neuron
+        for cn, c in module.named_modules():
+            if isinstance(c, _CONVS) and c.groups == c.in_channels == c.out_channels == i:
+                slices += _producer_slices(_join(prefix, cn), c, index)
+                sizes.update({f"{cn}.{k}": 1 for k in ("groups", "in_channels", "out_channels")})
+    yield UnitGroup(name, "mlp", i, slices, [x[0] for x in ups], n, layout=layout, sizes=sizes)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # ---------------------------------------------------------------------------------------------- experts

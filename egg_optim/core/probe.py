@@ -479,10 +479,11 @@ def _spill(
         producers = [UnitSlice(s.param, s.dim, layout) for s in producers if s.module == g.producers[0]]
     cols = next(s.index for s in g.slices if s.role == "consumer")
     gen = torch.Generator().manual_seed(0)
+    woken = _woken(modules, runner, g)
 
     def consumed(unit: int | None = None, every: bool = False) -> torch.Tensor:
         """The consumer's input with ``unit``'s (or ``every`` unit's) producer positions changed."""
-        changes = []
+        changes = list(woken)
         for s in producers if unit is not None or every else ():
             p = modules[s.module]._parameters[s.key].detach()
             rows = (s.index.flatten() if every else s.index[unit]).to(p.device)
@@ -511,6 +512,22 @@ def _spill(
         return "apart", ""
     except Exception as exc:  # noqa: BLE001 - a layout or block the module cannot run with here
         return "unknown", f"{type(exc).__name__}: {exc}"
+
+
+def _woken(
+    modules: Mapping[str, nn.Module], runner: nn.Module, g: UnitGroup
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Random values for the block's parameters outside its unit slices that are all zeros (ConvNeXt V2's global
+    response norm starts as the identity: zero scale and shift), so that a mix across units they will make once
+    trained shows on the probe's run too."""
+    sliced = {id(modules[s.module]._parameters[s.key]) for s in g.slices}
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (m, k, (torch.randn(p.shape, generator=gen) * 0.5).to(p))
+        for m in runner.modules()
+        for k, p in m._parameters.items()
+        if p is not None and id(p) not in sliced and p.is_floating_point() and p.numel() and not p.detach().any()
+    ]
 
 
 def _experts_apart(module: nn.Module, g: UnitGroup, args: tuple, kwargs: dict) -> tuple[str, str]:

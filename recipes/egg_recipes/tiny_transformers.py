@@ -394,10 +394,11 @@ FAMILIES["swin"] = (_swin, "image")
 
 
 # beyond text: speech (Whisper: a spectrogram; wav2vec 2.0, HuBERT, WavLM: a waveform), two towers (CLIP, SigLIP:
-# images and text, a contrastive loss), more vision transformers (DINOv2, DeiT, BEiT with its relative position
-# bias per head, SegFormer with a depthwise convolution in its MLP), convolutional networks (ResNet, ConvNeXt:
-# rows), and text families of other lineages (MPT with ALiBi, Marian, M2M-100, MobileBERT, Mamba and Jamba,
-# whose Mamba-1 mixers read ``dt_proj.weight`` without calling it)
+# images and text, a contrastive loss), more vision transformers (DINOv2, DeiT, BEiT with its relative position bias
+# per head, SegFormer with a depthwise convolution over its MLP's neurons), convolutional networks (ResNet: rows;
+# ConvNeXt: an MLP per block, ConvNeXt V2's normalised across its neurons), and text families of other lineages (MPT
+# with ALiBi, Marian, M2M-100, MobileBERT, Mamba and Jamba, whose Mamba-1 mixers read ``dt_proj.weight`` without
+# calling it)
 def _build(config_cls: str, model_cls: str, **kw) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         t = _t()
@@ -436,6 +437,8 @@ FAMILIES.update({
                       depths=[1, 1], layer_type="bottleneck"), "image32"),
     "convnext": (_build("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[16, 32], depths=[1, 1],
                         num_stages=2, image_size=32), "image32"),
+    "convnextv2": (_build("ConvNextV2Config", "ConvNextV2ForImageClassification", hidden_sizes=[16, 32], depths=[1, 1],
+                          num_stages=2, image_size=32), "image32"),
     "mpt": (_causal("MptConfig", "MptForCausalLM", d_model=HIDDEN, n_heads=HEADS, n_layers=1, expansion_ratio=2),
             "causal"),
     "marian": (_build("MarianConfig", "MarianMTModel", **_S2S), "seq2seq"),
