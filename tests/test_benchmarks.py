@@ -17,13 +17,13 @@ def test_bench_transformers_counts_fewer_flops_and_activations_in_output_mode(ca
     argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--models", "llama"]
     result = bench.main([*argv, "--scenarios", "mild", "aggressive"])
     assert all(math.isfinite(v) and v > 0 for v in result.values()), result
-    # weight mode computes every unit; output mode only the active neurons and heads (block units), and the
-    # aggressive plan fewer than the mild one
-    assert result["llama_weight_mild_flops_vs_baseline"] == pytest.approx(1.0)
+    # weight mode computes every unit, less the clones' weight-gradient rows and columns (a third of each clone's
+    # matmul work); output mode only the active neurons and heads (block units), the aggressive plan fewer than mild
     mild = result["llama_output_mild_flops_vs_baseline"]
     aggressive = result["llama_output_aggressive_flops_vs_baseline"]
-    assert aggressive < mild < 0.6
-    assert result["llama_weight_mild_activations_vs_baseline"] == pytest.approx(1.0)
+    assert aggressive < mild < 0.6 < result["llama_weight_mild_flops_vs_baseline"] < 0.95
+    # (weight mode saves the skipping layers' role indices too: a few hundred bytes, 3 % at these tiny sizes)
+    assert result["llama_weight_mild_activations_vs_baseline"] == pytest.approx(1.0, rel=0.05)
     assert "| llama/output/aggressive |" in capsys.readouterr().out
 
 
@@ -34,7 +34,7 @@ def test_bench_transformers_counts_the_experts_grouped_matmuls_at_their_active_w
     bench = load_benchmark("bench_transformers")
     argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--models", "mixtral"]
     result = bench.main([*argv, "--scenarios", "mild", "aggressive"])
-    assert result["mixtral_weight_mild_flops_vs_baseline"] == pytest.approx(1.0)
+    assert 0.6 < result["mixtral_weight_mild_flops_vs_baseline"] <= 1.0
     assert result["mixtral_output_aggressive_flops_vs_baseline"] < result["mixtral_output_mild_flops_vs_baseline"]
     assert result["mixtral_output_mild_flops_vs_baseline"] < 0.6
 
@@ -292,12 +292,11 @@ def test_bench_construct_times_the_probe_and_the_whole_construction(tmp_path, mo
 
 def test_bench_transformers_runs_vision_and_speech_models_at_their_active_widths():
     """ViT, ConvNeXt (its MLP blocks) and Whisper take images and spectrograms, no token ids: output mode computes
-    far fewer FLOPs than the bare step; weight mode about as many (less only by the clones' weight-gradient rows of
-    the layers managed as rows, ViT's patch embedding)."""
+    far fewer FLOPs than the bare step, weight mode fewer (the clones' weight-gradient rows and columns skipped)."""
     pytest.importorskip("transformers")
     bench = load_benchmark("bench_transformers")
     argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--no-profile", "--scenarios", "mild"]
     result = bench.main([*argv, "--models", "vit", "convnext", "whisper"])
     for kind in ("vit", "convnext", "whisper"):
-        assert 0.95 < result[f"{kind}_weight_mild_flops_vs_baseline"] <= 1.0 + 1e-9, kind
-        assert result[f"{kind}_output_mild_flops_vs_baseline"] < 0.85, kind
+        weight = result[f"{kind}_weight_mild_flops_vs_baseline"]
+        assert result[f"{kind}_output_mild_flops_vs_baseline"] < min(0.85, weight) and 0.6 < weight < 1.0, kind

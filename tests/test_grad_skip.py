@@ -624,3 +624,93 @@ def test_egg_config_keeps_plain_autograd_for_lfnn_runs():
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = EggConfig(plan="mild", local_losses={"layers": ["0"], "num_classes": 3, "worker_size": 5})
     assert LeaderCloneOptimizer(model, base, config=cfg).grad_skip is None
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out_f=st.integers(1, 6),
+    units=st.integers(2, 6),
+    width=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    packed=st.booleans(),
+    bias=st.booleans(),
+)
+def test_a_consumers_weight_gradient_skips_its_clone_columns(out_f, units, width, seed, packed, bias):
+    """The columns variant (a block's consumer, whose units are its input columns): the input and bias gradients
+    are plain autograd's, the weight gradient's active columns are plain autograd's and its clone columns exact
+    zeros, whether the roles are runs (padding) or scattered (index ops)."""
+    from egg_optim.rewrites.grad_skip import _LinearFn
+
+    gen = torch.Generator().manual_seed(seed)
+    n_active = int(torch.randint(1, units, (1,), generator=gen))
+    order = torch.arange(units) if packed else torch.randperm(units, generator=gen)
+    roles = Roles(units, order[:n_active], torch.tensor([], dtype=torch.long), order[n_active:],
+                  order[:1].repeat(units - n_active))  # fmt: skip
+    er = roles.expand(torch.arange(units * width).view(units, width))
+    spans = (er.active_span, er.clone_span) if None not in (er.active_span, er.clone_span) else None
+    x = torch.randn(3, 2, units * width, generator=gen, requires_grad=True)
+    w = torch.randn(out_f, units * width, generator=gen, requires_grad=True)
+    b = torch.randn(out_f, generator=gen, requires_grad=True) if bias else None
+    g = torch.randn(3, 2, out_f, generator=gen)
+    want = torch.autograd.grad(F.linear(x, w, b), [x, w, *([b] if bias else [])], g)
+    got = torch.autograd.grad(
+        _LinearFn.apply(x, w, b, er.active, er.clones, spans, True), [x, w, *([b] if bias else [])], g
+    )
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1][:, er.active], want[1][:, er.active])
+    assert torch.equal(got[1][:, er.clones], torch.zeros_like(got[1][:, er.clones]))
+    if bias:
+        torch.testing.assert_close(got[2], want[2])
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("first_roles", ["packed", "drawn"])
+def test_weight_mode_skips_the_clone_rows_and_columns_of_transformer_blocks(family, first_roles):
+    """Weight mode rewrites each block's producers (rows) and consumer (input columns): while a member's clones are
+    one run (packed roles) its clone rows or columns get exact zeros after a backward pass, the active ones what plain
+    autograd computes; with scattered roles (drawn, or after an election) it computes as it is, with no index op
+    over its gradient; training follows the unskipped run throughout."""
+    tiny = pytest.importorskip("egg_recipes.tiny_transformers")
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    def build(skip):
+        torch.manual_seed(0)
+        model = tiny.make(family)
+        base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        plan, options = RolePlan(0.4, 0.1), {"first_roles": first_roles, "skip_clone_grads": skip, "seed": 1}
+        return model, LeaderCloneOptimizer(model, base, plan, clone_mode="weight", **options)
+
+    (model, opt), (plain, plain_opt) = build(True), build(False)
+    skipping = [rw for rw in opt.controller.rewrites if type(rw).__name__ == "BlockGradSkip"]
+    assert skipping and set(skipping[0].layers) == {n for n, lay in opt.layers.items() if lay.group is not None}
+    for step in range(3):
+        for m in (model, plain):
+            m.train()
+            torch.manual_seed(step)
+            m(**tiny.inputs(family, seed=step)).loss.backward()
+        for name, rows in skipping[0]._parts.items():
+            group = opt.layers[name].group  # every producer and the consumer are rewritten
+            assert {m for m, _, cols in rows if cols} == {group.consumer}
+            assert {m for m, _, cols in rows if not cols} == set(group.producers)
+            roles = opt.roles[name]
+            for member, index, cols in rows:
+                got, want = (dict(m.named_parameters())[f"{member}.weight"].grad for m in (model, plain))
+                er = roles.expand(index)
+                runs = None not in (er.active_span, er.clone_span)
+                assert skipping[0]._layers[member]._egg_gs_skip == runs
+                assert runs or first_roles == "drawn" or step == 2  # packed until the election
+                dim = 1 if cols else 0
+                clones = got.index_select(dim, er.clones)
+                assert torch.equal(clones, torch.zeros_like(clones)) == runs
+                torch.testing.assert_close(got.index_select(dim, er.active), want.index_select(dim, er.active))
+        for o in (opt, plain_opt):
+            o.step()
+            o.zero_grad()
+        if step == 1:  # new roles (random scores), in both runs alike
+            before = dict(opt.roles)
+            for o in (opt, plain_opt):
+                o.elect_now()
+            assert any(not opt.roles[n].same_as(r) for n, r in before.items())
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.axes import Span
+from ..core.blocks import UnitGroup
 from ..core.roles import Roles
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from . import base as rewrite
 
-__all__ = ["GradSkip", "is_grad_skipped", "restore_plain", "supports"]
+__all__ = ["BlockGradSkip", "GradSkip", "block_linears", "is_grad_skipped", "restore_plain", "supports"]
 
 _ATTRS = (
     "_egg_gs_roles",
@@ -54,6 +55,7 @@ _ATTRS = (
     "_egg_gs_prepad_mode",
     "_egg_gs_pointwise",
     "_egg_gs_spans",
+    "_egg_gs_cols",
 )
 _BUFFERS = ("_egg_gs_active", "_egg_gs_clones")
 
@@ -76,6 +78,18 @@ def _scatter_rows(
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
 
+def _scatter_cols(
+    like: torch.Tensor, active: torch.Tensor, clones: torch.Tensor, cols: torch.Tensor, spans: Spans
+) -> torch.Tensor:
+    """:func:`_scatter_rows` along the last dimension: a full-size weight gradient holding ``cols`` at the ``active``
+    input columns and exact zeros at the ``clones``' (padding where both are runs)."""
+    if spans is not None:
+        n_clones = spans[1][1]
+        return F.pad(cols.to(like.dtype), [n_clones, 0] if spans[1][0] == 0 else [0, n_clones])
+    out = torch.empty((*cols.shape[:-1], like.shape[-1]), dtype=like.dtype, device=like.device)
+    return out.index_copy_(-1, active, cols.to(like.dtype)).index_fill_(-1, clones, 0)
+
+
 def _active_channels(grad_out: torch.Tensor, active: torch.Tensor, spans: Spans) -> torch.Tensor:
     """The active output channels (dim 1) of ``grad_out``: a view when they are one run (packed roles; compiled,
     a gather there would be the one index op of the step), else gathered."""
@@ -95,13 +109,16 @@ def _cast(input: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tupl
 
 
 class _LinearFn(torch.autograd.Function):
-    """``F.linear`` whose weight/bias gradients are computed for the ``active`` rows only."""
+    """``F.linear`` whose weight/bias gradients are computed for the ``active`` rows only; with ``cols``, its weight
+    gradient for the ``active`` input columns only (a block's consumer: its units are its input columns), its bias
+    gradient whole."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, active, clones, spans):
+    def forward(ctx, input, weight, bias, active, clones, spans, cols=False):
         ctx.save_for_backward(input, weight, active, clones)
         ctx.has_bias = bias is not None
         ctx.spans = spans
+        ctx.cols = cols
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -121,14 +138,21 @@ class _LinearFn(torch.autograd.Function):
                 grad_x = grad_out.matmul(weight_c)
             if grad_x.dtype != input.dtype:
                 grad_x = grad_x.to(input.dtype)
-        if need_w or need_b:
+        if ctx.cols and (need_w or need_b):
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            if need_w:
+                x = _active_channels(input_c.reshape(-1, input_c.shape[-1]), active, ctx.spans)
+                grad_w = _scatter_cols(weight, active, clones, g.t().mm(x), ctx.spans)
+            if need_b and ctx.has_bias:
+                grad_b = g.sum(0).to(weight.dtype)
+        elif need_w or need_b:
             g = _active_channels(grad_out.reshape(-1, grad_out.shape[-1]), active, ctx.spans)
             if need_w:
                 x = input_c.reshape(-1, input_c.shape[-1])
                 grad_w = _scatter_rows(weight, active, clones, g.t().mm(x), ctx.spans)
             if need_b and ctx.has_bias:
                 grad_b = _scatter_rows(weight, active, clones, g.sum(0), ctx.spans)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _pointwise_weight_grad(
@@ -219,6 +243,7 @@ class _GradSkipLayer:
     _egg_gs_active: torch.Tensor
     _egg_gs_clones: torch.Tensor
     _egg_gs_spans: Spans
+    _egg_gs_cols = False  # the roles are of its input columns (a block's consumer), not of its rows
 
     def _egg_gs_use_fn(self) -> bool:
         return self._egg_gs_skip and self.training and torch.is_grad_enabled() and self.weight.requires_grad
@@ -229,8 +254,9 @@ class _GSLinear(_GradSkipLayer, nn.Linear):
         if not self._egg_gs_use_fn():
             return super().forward(input)
         return _LinearFn.apply(
-            input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans
-        )
+            input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans,
+            self._egg_gs_cols,
+        )  # fmt: skip
 
 
 class _GSConvMixin(_GradSkipLayer):
@@ -408,3 +434,95 @@ class GradSkip(rewrite.LayerRewrite):
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers"
         return f"GradSkip({state})"
+
+
+class BlockGradSkip(GradSkip):
+    """:class:`GradSkip` for transformer blocks (weight mode): a block's ``nn.Linear`` producers (q/k/v, up and gate
+    projections) take the roles of their rows, its consumer (down or output projection) those of its input columns,
+    each its units' element roles (:meth:`Roles.expand` of its weight slice), so the clones' rows and columns get no
+    weight-gradient work, as a plain layer's clone rows get none. Roles come and go by block name.
+
+    Args:
+        model: the model.
+        groups: ``{block name: UnitGroup}``; members that are no plain ``nn.Linear`` (GPT-2's ``Conv1D``, MoE
+            experts' 3-D weights, a subclass) or hold other unit slices (a per-head table) compute as they are.
+        roles: ``{block name: Roles}`` over each block's units.
+        min_clone_fraction: as for :class:`GradSkip`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Mapping[str, UnitGroup],
+        roles: Mapping[str, Roles],
+        *,
+        min_clone_fraction: float = 0.5,
+    ) -> None:
+        if not 0.0 <= min_clone_fraction <= 1.0:
+            raise ConfigError(f"min_clone_fraction must be in [0, 1], got {min_clone_fraction!r}")
+        self._parts = block_linears(model, groups)
+        element_roles = self._expanded({n: r for n, r in roles.items() if n in self._parts})
+        modules = dict(model.named_modules())
+        # ---- everything checked: change modules
+        self.model = model
+        self._layers = {m: modules[m] for rows in self._parts.values() for m, _, _ in rows}
+        self._roles = {}
+        self._min_clone_fraction = float(min_clone_fraction)
+        self._removed = False
+        for rows in self._parts.values():
+            for m, _, cols in rows:
+                layer = self._layers[m]
+                layer.__class__ = _LAYER_CLASSES[type(layer)]
+                layer._egg_gs_cols = cols
+                self._roles[m] = element_roles[m]
+                self._apply_roles(m, element_roles[m])
+
+    def _apply_roles(self, name: str, roles: Roles) -> None:
+        """As :class:`GradSkip`, and only while the member's active rows (columns) and its clones' are one run each
+        (packed roles): its split backward then cuts and pads by views, with no index op over its gradient; with
+        scattered roles (a fused projection's ``[q | k | v]`` rows, the seed's drawn roles) it computes as it is."""
+        layer = self._layers[name]
+        _set_roles(layer, roles, self._min_clone_fraction)
+        layer._egg_gs_skip = layer._egg_gs_skip and layer._egg_gs_spans is not None
+
+    def _expanded(self, roles: Mapping[str, Roles]) -> dict[str, Roles]:
+        """Each member's element roles under the blocks' ``roles`` (validated: a block it does not manage, roles
+        over another number of units raise :class:`PlanError`)."""
+        for name in roles:
+            if name not in self._parts:
+                raise PlanError(f"block {name!r} is not managed by this {type(self).__name__}")
+        return {m: roles[name].expand(index) for name in roles for m, index, _ in self._parts[name]}
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The blocks whose roles it takes (their first rewritten member each)."""
+        return {name: self._layers[rows[0][0]] for name, rows in self._parts.items()}
+
+    def update_roles(self, new_roles: Mapping[str, Roles]) -> None:
+        self._check_live()
+        for m, r in self._expanded(new_roles).items():
+            old, self._roles[m] = self._roles[m], r
+            if not r.same_as(old):
+                self._apply_roles(m, r)
+
+
+def block_linears(model: nn.Module, groups: Mapping[str, UnitGroup]) -> dict[str, list[tuple[str, torch.Tensor, bool]]]:
+    """Per block, the members :class:`BlockGradSkip` can rewrite, each with its units' positions and whether they
+    are its input columns (the consumer) or its rows (a producer, its bias along the same rows): plain ``nn.Linear``
+    layers whose only unit slices are those."""
+    modules = dict(model.named_modules())
+    out: dict[str, list[tuple[str, torch.Tensor, bool]]] = {}
+    for name, g in groups.items():
+        found = []
+        for m in [*g.producers, *([g.consumer] if g.consumer else [])]:
+            slices = {s.key: s for s in g.slices if s.module == m}
+            w, b = slices.get("weight"), slices.get("bias")
+            if w is None or not supports(modules[m]) or set(slices) > {"weight", "bias"}:
+                continue
+            if w.role == "producer" and w.dim == 0 and (b is None or torch.equal(b.index, w.index)):
+                found.append((m, w.index, False))
+            elif w.role == "consumer" and w.dim == 1 and b is None:
+                found.append((m, w.index, True))
+        if found:
+            out[name] = found
+    return out
