@@ -655,7 +655,7 @@ def test_a_consumers_weight_gradient_skips_its_clone_columns(out_f, units, width
     g = torch.randn(3, 2, out_f, generator=gen)
     want = torch.autograd.grad(F.linear(x, w, b), [x, w, *([b] if bias else [])], g)
     got = torch.autograd.grad(
-        _LinearFn.apply(x, w, b, er.active, er.clones, spans, True), [x, w, *([b] if bias else [])], g
+        _LinearFn.apply(x, w, b, (er.active, er.clones, spans, True)), [x, w, *([b] if bias else [])], g
     )
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1][:, er.active], want[1][:, er.active])
@@ -714,3 +714,24 @@ def test_weight_mode_skips_the_clone_rows_and_columns_of_transformer_blocks(fami
             assert any(not opt.roles[n].same_as(r) for n, r in before.items())
     for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_block_members_holding_other_unit_slices_compute_as_they_are():
+    """Only plain ``nn.Linear`` members whose unit slices are their weight rows (and bias) or input columns take the
+    split backward; a member holding another unit slice (a per-head table, here a made-up one) is left as it is."""
+    from egg_optim.core.blocks import UnitGroup, UnitSlice
+    from egg_optim.rewrites.grad_skip import block_linears
+
+    model = nn.ModuleDict({"up": nn.Linear(4, 6), "down": nn.Linear(6, 4, bias=False)})
+    model["up"].register_parameter("table", nn.Parameter(torch.zeros(6)))
+    rows = torch.arange(6).view(3, 2)
+    slices = [
+        UnitSlice("up.weight", 0, rows),
+        UnitSlice("up.bias", 0, rows),
+        UnitSlice("down.weight", 1, rows, "consumer"),
+    ]
+    group = UnitGroup("mlp", "mlp", 3, slices, ["up"], "down")
+    assert [(m, cols) for m, _, cols in block_linears(model, {"mlp": group})["mlp"]] == [("up", False), ("down", True)]
+    for held in ([slices[0]], slices[:2]):  # a table beside the weight rows (with or without the bias's)
+        group.slices = [*held, UnitSlice("up.table", 0, rows), slices[2]]
+        assert [(m, cols) for m, _, cols in block_linears(model, {"mlp": group})["mlp"]] == [("down", True)]

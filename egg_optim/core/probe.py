@@ -6,7 +6,11 @@ unit's inputs of the consumer (output or down projection) and no other unit's: a
 query takes the layout under which that holds, experts (no consumer module) are checked by ablation (which settles
 their gate/up layout), a block whose units mix is left alone (:class:`~egg_optim.core.blocks.Skipped`), shapes that
 only looked like a block are dropped, and a clone that cannot compute what its source does (per-head values that
-are no unit's: ALiBi slopes) is noted. Nothing is decided where the model cannot run here. Under FSDP2 the forward
+are no unit's: ALiBi slopes) is noted; block parameters that are all zeros take random values for these checks
+(:func:`_woken`). The same pass shows which Linear / ConvNd layers the model returns the output of (output heads)
+and which it computes with without calling them (:class:`_LayerWatch`). The dummy inputs are completed from the
+model's config where it takes images, audio or spectrograms (:func:`_modal_inputs`). Nothing is decided where the
+model cannot run here. Under FSDP2 the forward
 pass is FSDP2's own and each checked block's ``fully_shard``-ed module is gathered for its checks (every rank probes
 the same blocks in the same order: the gathers are collectives), then sharded again.
 """
@@ -36,6 +40,7 @@ from .blocks import (
     _is_conv1d,
     _layout_index,
 )
+from .units import MANAGED_TYPES
 
 logger = logging.getLogger("egg_optim")
 
@@ -161,8 +166,9 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     down projection) and no other unit's. A fused qkv projection takes the layout under which that holds (``[q | k |
     v]`` blocks or per-group interleaved); a block whose units spill into each other (a norm or a mix across heads or
     neurons that its structure does not show) becomes :class:`Skipped`. Blocks of one class and shapes are checked
-    once; nothing is decided where the model cannot run here (no dummy inputs, parameters sharded otherwise than by
-    ``fully_shard``, an error)."""
+    once. The pass also sets ``found.outputs`` and ``found.read_directly`` (:class:`_LayerWatch`), for a model with
+    no blocks too. Nothing is decided where the model cannot run here (no dummy inputs, parameters sharded otherwise
+    than by ``fully_shard``, an error)."""
     modules = dict(model.named_modules())
     runners = {n: r for n, g in found.groups.items() if (r := _runner(modules, g)) is not None}
     call = example_call(model, inputs)
@@ -233,16 +239,13 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
 class _LayerWatch(TorchFunctionMode):
     """Watches the probe's forward pass for what each Linear / ConvNd layer does outside its own forward: which
     layers' outputs the model returns (:meth:`outputs`), and which layers' weights the model computes with without
-    calling them (:attr:`read_directly`: Mamba's ``dt_proj``, Gemma 3n's AltUp coefficients), which output mode
-    cannot give their sources' outputs. Metadata (``weight.dtype``) does not count; a result that is a tensor does."""
+    calling them (:attr:`read_directly`: Mamba's ``dt_proj``; reads only a training-mode forward makes are not seen),
+    which output mode cannot give their sources' outputs. Metadata (``weight.dtype``) does not count; a result that is
+    a tensor does; a weight tied to another module (an embedding) is that module's to read."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         super().__init__()
-        self._layers = {
-            n: m
-            for n, m in modules.items()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(m)
-        }
+        self._layers = {n: m for n, m in modules.items() if isinstance(m, MANAGED_TYPES) or _is_conv1d(m)}
         held: dict[int, int] = {}  # a weight tied to another module's (an embedding's) is read by that module
         for m in modules.values():
             for p in m._parameters.values():

@@ -69,11 +69,12 @@ def _scatter_rows(
 ) -> torch.Tensor:
     """A full-size gradient (rows, dtype, device of ``like``) holding ``rows`` at ``active`` and exact zeros at
     ``clones`` (the two partition the rows, so every element is written: no separate zero fill). When both are
-    runs of rows the clones' zeros are padding before or after the active rows: one op, no index."""
+    runs of rows the clones' zeros are padding before or after the active rows: one op, no index (the aten op: the
+    Python wrapper ``F.pad`` costs host calls on every step)."""
     if spans is not None:
         n_clones = spans[1][1]
         before, after = (n_clones, 0) if spans[1][0] == 0 else (0, n_clones)
-        return F.pad(rows.to(like.dtype), [0, 0] * (rows.dim() - 1) + [before, after])
+        return torch.constant_pad_nd(rows.to(like.dtype), [0, 0] * (rows.dim() - 1) + [before, after])
     out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
@@ -85,7 +86,7 @@ def _scatter_cols(
     input columns and exact zeros at the ``clones``' (padding where both are runs)."""
     if spans is not None:
         n_clones = spans[1][1]
-        return F.pad(cols.to(like.dtype), [n_clones, 0] if spans[1][0] == 0 else [0, n_clones])
+        return torch.constant_pad_nd(cols.to(like.dtype), [n_clones, 0] if spans[1][0] == 0 else [0, n_clones])
     out = torch.empty((*cols.shape[:-1], like.shape[-1]), dtype=like.dtype, device=like.device)
     return out.index_copy_(-1, active, cols.to(like.dtype)).index_fill_(-1, clones, 0)
 
@@ -114,16 +115,17 @@ class _LinearFn(torch.autograd.Function):
     gradient whole."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, active, clones, spans, cols=False):
-        ctx.save_for_backward(input, weight, active, clones)
+    def forward(ctx, input, weight, bias, roles):
+        # roles: (active, clones, spans, cols), one argument: each tensor argument costs Function.apply host work
+        ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
-        ctx.spans = spans
-        ctx.cols = cols
+        ctx.active, ctx.clones, ctx.spans, ctx.cols = roles
         return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, weight, active, clones = ctx.saved_tensors
+        input, weight = ctx.saved_tensors
+        active, clones = ctx.active, ctx.clones
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         input_c, weight_c = _cast(input, weight, grad_out.dtype)
         grad_x = grad_w = grad_b = None
@@ -152,7 +154,7 @@ class _LinearFn(torch.autograd.Function):
                 grad_w = _scatter_rows(weight, active, clones, g.t().mm(x), ctx.spans)
             if need_b and ctx.has_bias:
                 grad_b = _scatter_rows(weight, active, clones, g.sum(0), ctx.spans)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def _pointwise_weight_grad(
@@ -253,10 +255,8 @@ class _GSLinear(_GradSkipLayer, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._egg_gs_use_fn():
             return super().forward(input)
-        return _LinearFn.apply(
-            input, self.weight, self.bias, self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans,
-            self._egg_gs_cols,
-        )  # fmt: skip
+        roles = (self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans, self._egg_gs_cols)
+        return _LinearFn.apply(input, self.weight, self.bias, roles)
 
 
 class _GSConvMixin(_GradSkipLayer):
@@ -517,7 +517,7 @@ def block_linears(model: nn.Module, groups: Mapping[str, UnitGroup]) -> dict[str
         for m in [*g.producers, *([g.consumer] if g.consumer else [])]:
             slices = {s.key: s for s in g.slices if s.module == m}
             w, b = slices.get("weight"), slices.get("bias")
-            if w is None or not supports(modules[m]) or set(slices) > {"weight", "bias"}:
+            if w is None or not supports(modules[m]) or not set(slices) <= {"weight", "bias"}:
                 continue
             if w.role == "producer" and w.dim == 0 and (b is None or torch.equal(b.index, w.index)):
                 found.append((m, w.index, False))
