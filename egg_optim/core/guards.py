@@ -83,7 +83,7 @@ class OutputHeadCheck:
     """Hooks that watch the model's first complete eager forward pass, then remove themselves: a managed layer
     (``layers``) whose output tensor is returned by the model is an output head with roles, and cloning its units
     would make model outputs copies of each other (a classifier's classes, say). Raises :class:`PlanError` naming it
-    from that forward pass, before any step. For plans that chose their layers by default (``head``: the layer that
+    from that forward pass, before any step. For plans that chose their layers by default (``heads``: the layers that
     plan left alone); a plan naming its layers is taken as meant."""
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], heads: Sequence[str]) -> None:

@@ -7,7 +7,8 @@ through that interface; which rewrite a clone mode or option asks for is decided
   (when there are some), then :class:`~egg_optim.rewrites.output_cloning.OutputCloning` for the plain layers
   (always, possibly over none: it is what fuses norms);
 * weight mode with gradient skipping: :class:`~egg_optim.rewrites.grad_skip.GradSkip` for the plain layers it
-  supports, :class:`~egg_optim.rewrites.grad_skip.BlockGradSkip` for the blocks' producers (when there are some).
+  supports, :class:`~egg_optim.rewrites.grad_skip.BlockGradSkip` for the blocks' Linear producers and consumers
+  (when there are some).
 
 A new rewrite subclasses ``LayerRewrite``, sets the class attributes that say what it does (``option``,
 ``clones_follow_sources``, ``probes_clone_grads``, ``can_fuse``) and is added here.
@@ -64,14 +65,15 @@ def build_rewrites(
             # output themselves, which computes the same
             built.append(OutputCloning(model, {n: roles[n] for n in plain}, eval_mode=eval_mode))
         elif skip_clone_grads:
-            from .grad_skip import BlockGradSkip, GradSkip, block_linears, supports
+            from .grad_skip import BlockGradSkip, GradSkip, supports
 
             rewritable = {n: roles[n] for n in plain if supports(layers[n].module)}
             if rewritable:
                 built.append(GradSkip(model, rewritable))
-            groups = {n: layers[n].group for n in blocks}
-            if block_linears(model, groups):
-                built.append(BlockGradSkip(model, groups, {n: roles[n] for n in blocks}))
+            if blocks:
+                skipping = BlockGradSkip(model, {n: layers[n].group for n in blocks}, {n: roles[n] for n in blocks})
+                if skipping.layers:  # (one with no member to rewrite changed nothing)
+                    built.append(skipping)
     except Exception:
         for rw in reversed(built):
             rw.remove()
