@@ -905,8 +905,9 @@ _REPACKED = "output/mild-repacked"  # drawn roles (as elections leave them) reor
 _GPT2_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild"]  # no dense control (see llama())
 # a mixture of experts: each expert at its active neurons (views on packed roles, gathers on drawn ones)
 _MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN, _REPACKED]
-# weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer
-# (bench_host.md: 1.22x of the bare host time against 1.52x), more weight-gradient FLOPs: the GPU decides
+# weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer or
+# block projection (bench_host.md: 1.22x of the bare host time against 1.45x on the CNN, 1.10x against 1.16-1.18x on
+# a Llama), more weight-gradient FLOPs (a Llama's q/k/v, gate, up rows and o, down columns): the GPU decides
 _NOSKIP = "weight/mild-noskip"
 # the fused norm's torch path (active channels, then a gather and the affine) against the plain norm on every channel
 # after the expansion: fewer passes, more activation memory (bench_norms.md: torch ops on CPU, 0.74x vs 0.96x of bare)
@@ -932,7 +933,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
                 rounds=r,
             ),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
-            Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS, rounds=r),
+            Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS + [_NOSKIP], rounds=r),
             Group(
                 "tiny Llama bf16",
                 "llama",
@@ -965,7 +966,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "h1024",
             LLAMAS["h1024"]["batch"],
             "autocast",
-            _LLAMA_SCENARIOS + [_DRAWN, _REPACKED],
+            _LLAMA_SCENARIOS + [_NOSKIP, _DRAWN, _REPACKED],
             rounds=r,
         ),  # fmt: skip
         Group(

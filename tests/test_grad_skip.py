@@ -735,3 +735,51 @@ def test_block_members_holding_other_unit_slices_compute_as_they_are():
     for held in ([slices[0]], slices[:2]):  # a table beside the weight rows (with or without the bias's)
         group.slices = [*held, UnitSlice("up.table", 0, rows), slices[2]]
         assert [(m, cols) for m, _, cols in block_linears(model, {"mlp": group})["mlp"]] == [("down", True)]
+
+
+def test_the_direct_entry_point_computes_what_function_apply_does_and_defers_to_it_under_transforms():
+    """``direct_apply`` calls an autograd function's C entry point (no Python wrapper on the host path): outputs
+    and gradients bit for bit ``Function.apply``'s; under a ``torch.func`` transform it goes through
+    ``Function.apply`` (the C entry point alone fails under ``vmap``)."""
+    from egg_optim.rewrites import grad_skip
+    from egg_optim.rewrites.output_cloning import _gather
+
+    roles = Roles(6, torch.arange(3), torch.empty(0, dtype=torch.long), torch.arange(3, 6), torch.arange(3))
+    args = (roles.active, roles.clones, (roles.active_span, roles.clone_span), False)  # packed: runs
+    grads = []
+    for apply in (grad_skip._LinearFn.apply, grad_skip._linear_fn):
+        torch.manual_seed(1)
+        x = torch.randn(5, 4, requires_grad=True)
+        w = torch.randn(6, 4, requires_grad=True)
+        y = apply(x, w, None, args)
+        y.backward(torch.randn_like(y))
+        grads.append((y, x.grad, w.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert grads[0][2][roles.clones].eq(0).all() and grads[0][2][roles.active].ne(0).all()  # the function ran
+    y, gather = torch.randn(3, 4, 2), torch.tensor([0, 1, 0, 1, 0])
+    batched = torch.func.vmap(lambda v: _gather._expand_packed(v, 0, gather, None))(y)
+    assert torch.equal(batched, y[:, gather])
+
+
+def test_a_skipping_layer_compiles_without_a_graph_break_and_trains_as_in_eager():
+    """Dynamo traces the split backward's function (``fullgraph``: no break at its entry point); the compiled layer's
+    gradients equal eager's, clone rows zero."""
+    import torch._dynamo.testing
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+        packed = Roles(6, torch.arange(3), torch.empty(0, dtype=torch.long), torch.arange(3, 6), torch.arange(3))
+        GradSkip(model, {"0": packed}, min_clone_fraction=0.0)
+        return model
+
+    x = torch.randn(5, 8)
+    eager, compiled = build(), build()
+    eager(x).sum().backward()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch.compile(compiled, backend=counter, fullgraph=True)(x).sum().backward()
+    assert counter.frame_count == 1
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert compiled[0].weight.grad[3:].eq(0).all() and compiled[0].weight.grad[:3].ne(0).any()

@@ -227,3 +227,36 @@ def test_transformer_norms_are_not_coupled(which, mode):
     assert all(n.rsplit(".", 1)[0] == name for name, lay in plain.items() for n, _ in lay.params)
     out.sum().backward()
     opt.step()
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_gradient_checkpointing_trains_the_same_weights(mode, reentrant):
+    """``model.gradient_checkpointing_enable()`` (transformers' activation checkpointing: each decoder layer's forward
+    runs again in backward, through the rewritten blocks and weight mode's skipping functions) trains bit for bit
+    what the same run without it trains."""
+
+    def train(checkpointing: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), RolePlan.preset("mild"),
+                                   clone_mode=mode)  # fmt: skip
+        calls, losses = [], []
+        model.model.layers[0].input_layernorm.register_forward_hook(lambda *_: calls.append(1))
+        for step in range(3):
+            loss = model(input_ids=ids(seed=step), labels=ids(seed=step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert len(calls) == (6 if checkpointing else 3)  # recomputed in backward: checkpointing was on
+        return losses, model.state_dict()
+
+    (plain_losses, plain), (losses, state) = train(False), train(True)
+    assert losses == plain_losses
+    for k, v in plain.items():
+        assert torch.equal(v, state[k]), k

@@ -12,7 +12,7 @@ drives through :class:`LayerRewrite` without knowing which rewrite it holds: ``u
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +28,28 @@ EVAL_MODES = ("as_trained", "own_weights")
 
 # rewritten class -> (owner name, original class)
 _REWRITTEN: dict[type, tuple[str, type]] = {}
+
+
+def direct_apply(fn: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``fn.apply`` without the Python wrapper ``Function.apply`` runs on every call (binding default arguments,
+    unwrapping dead ``torch.func`` wrappers: about a dozen Python calls per layer and step, the host time a
+    launch-bound GPU step waits for). The C entry point is what that wrapper itself calls when no ``torch.func``
+    transform is active; under a transform or while Dynamo traces (``torch.compile``), ``fn.apply`` is called as usual.
+    Arguments are passed positionally and in full (the wrapper's defaults binding is skipped) and are a layer's
+    own tensors (no tensor left over from a finished ``torch.func`` transform, which the wrapper unwraps)."""
+    c_apply = super(torch.autograd.Function, fn).apply
+    transforms_active, is_compiling, apply = (
+        torch._C._are_functorch_transforms_active,
+        torch.compiler.is_dynamo_compiling,
+        fn.apply,
+    )
+
+    def direct(*args: Any) -> Any:
+        if is_compiling() or transforms_active():
+            return apply(*args)
+        return c_apply(*args)
+
+    return direct
 
 
 def register(owner: str, classes: Mapping[type, type]) -> dict[type, type]:

@@ -74,7 +74,8 @@ def _scatter_rows(
     if spans is not None:
         n_clones = spans[1][1]
         before, after = (n_clones, 0) if spans[1][0] == 0 else (0, n_clones)
-        return torch.constant_pad_nd(rows.to(like.dtype), [0, 0] * (rows.dim() - 1) + [before, after])
+        rows = rows if rows.dtype == like.dtype else rows.to(like.dtype)  # (a no-op .to() costs a host call too)
+        return torch.constant_pad_nd(rows, [0, 0] * (rows.dim() - 1) + [before, after])
     out = torch.empty((like.shape[0], *rows.shape[1:]), dtype=like.dtype, device=like.device)
     return out.index_copy_(0, active, rows.to(like.dtype)).index_fill_(0, clones, 0)
 
@@ -86,7 +87,8 @@ def _scatter_cols(
     input columns and exact zeros at the ``clones``' (padding where both are runs)."""
     if spans is not None:
         n_clones = spans[1][1]
-        return torch.constant_pad_nd(cols.to(like.dtype), [n_clones, 0] if spans[1][0] == 0 else [0, n_clones])
+        cols = cols if cols.dtype == like.dtype else cols.to(like.dtype)
+        return torch.constant_pad_nd(cols, [n_clones, 0] if spans[1][0] == 0 else [0, n_clones])
     out = torch.empty((*cols.shape[:-1], like.shape[-1]), dtype=like.dtype, device=like.device)
     return out.index_copy_(-1, active, cols.to(like.dtype)).index_fill_(-1, clones, 0)
 
@@ -236,6 +238,9 @@ class _ConvFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
+_linear_fn, _conv_fn = rewrite.direct_apply(_LinearFn), rewrite.direct_apply(_ConvFn)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 class _GradSkipLayer:
     """Mixin placed before the original layer class. Attributes are set by :func:`_set_roles`."""
@@ -247,16 +252,16 @@ class _GradSkipLayer:
     _egg_gs_spans: Spans
     _egg_gs_cols = False  # the roles are of its input columns (a block's consumer), not of its rows
 
-    def _egg_gs_use_fn(self) -> bool:
-        return self._egg_gs_skip and self.training and torch.is_grad_enabled() and self.weight.requires_grad
-
 
 class _GSLinear(_GradSkipLayer, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self._egg_gs_use_fn():
-            return super().forward(input)
-        roles = (self._egg_gs_active, self._egg_gs_clones, self._egg_gs_spans, self._egg_gs_cols)
-        return _LinearFn.apply(input, self.weight, self.bias, roles)
+        # registries read directly: each ``self.<parameter or buffer>`` is a Python call (Module.__getattr__)
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        if not (self._egg_gs_skip and self.training and weight.requires_grad and torch.is_grad_enabled()):
+            return F.linear(input, weight, bias)
+        roles = (buffers["_egg_gs_active"], buffers["_egg_gs_clones"], self._egg_gs_spans, self._egg_gs_cols)
+        return _linear_fn(input, weight, bias, roles)
 
 
 class _GSConvMixin(_GradSkipLayer):
@@ -267,18 +272,20 @@ class _GSConvMixin(_GradSkipLayer):
     _egg_gs_conv = None  # F.conv1d/2d/3d, set on the subclasses
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self._egg_gs_use_fn():
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"]
+        if not (self._egg_gs_skip and self.training and weight.requires_grad and torch.is_grad_enabled()):
             return super().forward(input)
-        unbatched = input.dim() == self.weight.dim() - 1
+        unbatched = input.dim() == weight.dim() - 1
         x = input.unsqueeze(0) if unbatched else input  # as F.convNd does for unbatched input
         if self._egg_gs_prepad is not None:
             x = F.pad(x, self._egg_gs_prepad, mode=self._egg_gs_prepad_mode)
-        y = _ConvFn.apply(
+        y = _conv_fn(
             x,
-            self.weight,
-            self.bias,
-            self._egg_gs_active,
-            self._egg_gs_clones,
+            weight,
+            params["bias"],
+            buffers["_egg_gs_active"],
+            buffers["_egg_gs_clones"],
             self._egg_gs_spans,
             type(self)._egg_gs_conv,
             self.stride,

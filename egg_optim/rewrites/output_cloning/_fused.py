@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ...core.axes import select
+from ..base import direct_apply
 from . import _kernel
 from ._gather import expand_units, fold_units
 
@@ -323,8 +324,11 @@ def fused_norm_expand(norm, x: torch.Tensor) -> torch.Tensor:
     else:
         mean, var = (t.to(torch.float64, copy=True) for t in _active_stats(norm))  # the kernels take float64
     invstd = (var + norm.eps).rsqrt_()
-    expand = _expand_norm_op if compiling else _ExpandNorm.apply
+    expand = _expand_norm_op if compiling else _expand_norm
     return expand(x, norm.weight, norm.bias, norm._egg_gather, mean, invstd, use_batch)
+
+
+_expand_norm, _gather_affine = direct_apply(_ExpandNorm), direct_apply(_GatherAffine)
 
 
 def _torch_path(norm, x, use_batch, running, factor):
@@ -342,7 +346,7 @@ def _torch_path(norm, x, use_batch, running, factor):
             mean, var = rm.clone(), rv.clone()
     else:
         xhat = _batch_norm(x, None, None, None, None, use_batch, factor, norm.eps)
-    return _GatherAffine.apply(
+    return _gather_affine(
         xhat, x.detach(), mean, var, norm.eps, norm.weight, norm.bias, norm._egg_gather, norm._egg_zero, norm._egg_one
     )
 

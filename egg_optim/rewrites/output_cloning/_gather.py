@@ -8,6 +8,7 @@ import torch
 from ...core import axes
 from ...core.axes import Cycle
 from ...core.roles import Roles
+from ..base import direct_apply
 
 # packed roles, as the expansion sees them: (whether the active units come first, the clones' sources as a cycle
 # over positions of the active output, the number of clones)
@@ -39,8 +40,9 @@ def expand_tiled(y: torch.Tensor, dim: int, tile: Tile) -> torch.Tensor:
 # From this many expanded elements, eager output mode folds clone gradients by sums; below, the backward is the
 # gather's index_add. The index_add is an atomic scatter on a GPU, every clone of a layer adding into its one source
 # (``assign="first"``) at the same addresses, and not deterministic; the fold is deterministic, but its autograd
-# function costs about 60 us more host time per layer and step (bench_host.md), which is what a small model waits
-# for on a GPU. From about 2^24 elements the fold's estimated saving of device time (a few ps per element; not
+# function costs about 60 us more host time per layer and step (bench_host.md; 35-40 us since it is called by its C
+# entry point), which is what a small model waits for on a GPU. From about 2^24 elements (2^23 at today's host cost;
+# kept until a GPU measures the saving) the fold's estimated saving of device time (a few ps per element; not
 # measured) exceeds that host cost; the seed CIFAR CNN's layers expand to 2^18-2^25 elements at batch 128 (its
 # four largest fold), 2^21-2^28 at 1024. On the CPU the two cost the same within noise (bench_norms.md). The GPU
 # benchmark times the index_add control (bench_gpu.py ``-indexadd``).
@@ -66,6 +68,9 @@ class _ExpandPacked(torch.autograd.Function):
         return fold_tiled(g, ctx.dim, ctx.tile, ctx.active), None, None, None
 
 
+_expand_packed = direct_apply(_ExpandPacked)
+
+
 def expand_packed(
     y: torch.Tensor, dim: int, gather: torch.Tensor, tile: Tile, min_numel: int | None = None
 ) -> torch.Tensor:
@@ -75,7 +80,7 @@ def expand_packed(
     threshold = FOLD_MIN_NUMEL if min_numel is None else min_numel
     if y.numel() // y.shape[dim] * gather.numel() < threshold:
         return expand_units(y, dim, gather)
-    return _ExpandPacked.apply(y, dim, gather, tile)
+    return _expand_packed(y, dim, gather, tile)
 
 
 def fold_tiled(g: torch.Tensor, dim: int, tile: Tile, active: int) -> torch.Tensor:
