@@ -101,6 +101,18 @@ ROWS = {
         "mobilebert.encoder.layer.0.bottleneck.input.dense",
         "mobilebert.encoder.layer.0.bottleneck.attention.dense",
     },
+    # vision-language models: the vision tower's patch embedding, Qwen2-VL's merger of 2x2 patches (an MLP from 4x
+    # the hidden size), Idefics' connector (from its pixel shuffle's 4x); PaliGemma's projector returns the image
+    # features the model returns as well (``image_hidden_states``): an output head, left alone
+    **{f: {"model.vision_tower.embeddings.patch_embedding"} for f in ("llava", "gemma3_vlm", "paligemma")},
+    **{
+        f: {"model.visual.patch_embed.proj", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
+        for f in ("qwen2_vl", "qwen2_5_vl")
+    },
+    **{
+        f: {"model.vision_model.embeddings.patch_embedding", "model.connector.modality_projection.proj"}
+        for f in ("idefics3", "smolvlm")
+    },
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
 }
@@ -273,6 +285,62 @@ def test_units_are_found_by_dataflow(family):
                 p.copy_(value)
             torch.testing.assert_close(seen[-1][..., cols[-1]], seen[-1][..., cols[0]], msg=g.name)
         hook.remove()
+
+
+VLMS = sorted(f for f, (_, kind) in tiny.FAMILIES.items() if kind.startswith("vlm"))
+
+
+@pytest.mark.parametrize("family", VLMS)
+def test_vision_language_dummy_inputs_run_the_vision_tower_with_the_language_model(family):
+    """A model that places image features among its token ids gets dummy images, and as many image tokens per
+    sequence as the model makes of one (the tiny families' IMAGE_TOKENS: counted on ``get_image_features``); the
+    probe's forward pass runs its vision tower with its language model, so every block, the vision tower's too, is
+    checked by dataflow (its attention decomposed by its own config's heads, not the text config's key/value
+    heads); the model is left as it was (parameters, modes, state a forward pass keeps: Qwen2-VL's
+    ``rope_deltas``)."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    model = tiny.make(family).train()
+    dummy = _dummy_inputs(model)
+    ids = dummy["input_ids"]
+    assert (ids == tiny.IMAGE_TOKEN).sum(1).tolist() == [tiny.IMAGE_TOKENS] * len(ids)
+    pixels = {k: v for k, v in dummy.items() if k in ("pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        features = model.eval().get_image_features(**pixels).pooler_output
+    assert sum(f.shape[:-1].numel() for f in features) == (ids == tiny.IMAGE_TOKEN).sum()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    found = discover(model)
+    vision = [n for n in found.groups if not n.startswith(("model.language_model", "model.text_model"))]
+    assert vision and all(g.probed for g in found.groups.values()), family
+    # a unit per head of the vision tower (its config's 4 heads), per key/value group of the language model (its 2)
+    heads = {n: g.num_units for n, g in found.groups.items() if g.kind == "attention"}
+    assert {u for n, u in heads.items() if n in vision} == {tiny.HEADS} and set(heads.values()) == {tiny.HEADS, 2}
+    assert all(m.training for m in model.modules()) and getattr(model.model, "rope_deltas", None) is None
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_vision_language_model_that_rejects_the_dummy_images_is_probed_on_text_alone():
+    """Where the model does not run on the dummy images (here: LLaVA with no ``get_image_features`` to count on and a
+    config that says a wrong number of image tokens), the probe runs on the token ids alone: the language model's
+    blocks are checked by dataflow, the vision tower's by structure (said by coverage and a warning)."""
+    import warnings
+
+    from egg_optim.core.blocks import discover
+
+    model = tiny.make("llava")
+    model.get_image_features = None  # the count is the config's
+    model.config.image_seq_length = tiny.IMAGE_TOKENS - 1
+    found = discover(model)
+    unchecked = {n for n, g in found.groups.items() if not g.probed}
+    assert unchecked == {n for n in found.groups if not n.startswith("model.language_model")} != set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cov = _optimizer(model, "weight").coverage()
+    assert set(cov.by_structure) == unchecked
+    assert any("decomposed into units by their structure alone" in str(w.message) for w in caught)
 
 
 def test_routers_and_grouped_convolutions_are_left_alone_unless_named():

@@ -261,9 +261,20 @@ def _sources(module: nn.Module, root_config: Any) -> list[Any]:
     return [s for s in sources if s is not None]
 
 
+def _nearest_configs(modules: list[tuple[str, nn.Module]], root_config: Any) -> dict[str, Any]:
+    """Per module, the config of the nearest module around it (itself included) that holds one: a vision-language
+    model's vision tower reads its head counts from the vision config, not from the text config's grouped-query
+    key/value heads that ``root_config`` lists first."""
+    out: dict[str, Any] = {}
+    for name, module in modules:  # parents before children
+        own = getattr(module, "config", None)
+        out[name] = own if hasattr(own, "to_dict") else out.get(name.rpartition(".")[0], root_config)
+    return out
+
+
 def _heads(module: nn.Module, root_config: Any) -> tuple[int | None, int | None, int | None]:
     """(query heads, key/value heads, head_dim) as the module, its config, its children (BERT's ``attention.self``)
-    or the model's config say."""
+    or ``root_config`` (the nearest config around it: :func:`_nearest_configs`) say."""
     sources = _sources(module, root_config)
 
     def first(names: tuple[str, ...]) -> int | None:
@@ -321,10 +332,11 @@ def discover(model: nn.Module, *, probe: bool = True, inputs: Any = None) -> Dis
     hidden = _hidden_sizes(model)
     modules = list(model.named_modules())
     by_depth = sorted(modules, key=lambda nm: -nm[0].count(".") if nm[0] else 1)
+    configs = _nearest_configs(modules, root_config)
     failed: dict[str, Skipped] = {}  # tentative: a module further up, or the MLP pass, may still claim them
     for kind in ("attention", "experts", "mlp"):
         for prefix, module in by_depth:
-            for item in _match(kind, prefix, module, claimed, root_config, hidden, bool(found.groups)):
+            for item in _match(kind, prefix, module, claimed, configs[prefix], hidden, bool(found.groups)):
                 if isinstance(item, Skipped) and item.final:
                     found.skipped[item.name] = item
                     claimed.update(dict.fromkeys(item.members, item.name))

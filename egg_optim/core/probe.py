@@ -9,8 +9,10 @@ only looked like a block are dropped, and a clone that cannot compute what its s
 are no unit's: ALiBi slopes) is noted; block parameters that are all zeros take random values for these checks
 (:func:`_woken`). The same pass shows which Linear / ConvNd layers the model returns the output of (output heads)
 and which it computes with without calling them (:class:`_LayerWatch`). The dummy inputs are completed from the
-model's config where it takes images, audio or spectrograms (:func:`_modal_inputs`). Nothing is decided where the
-model cannot run here. Under FSDP2 the forward
+model's config where it takes images, audio or spectrograms (:func:`_modal_inputs`), and for a vision-language model
+with images and their tokens among its token ids (:func:`_placed_images`: its vision tower checked too, or, where the
+model does not run on them, the token ids alone). Nothing is decided where the model cannot run here. Under FSDP2
+the forward
 pass is FSDP2's own and each checked block's ``fully_shard``-ed module is gathered for its checks (every rank probes
 the same blocks in the same order: the gathers are collectives), then sharded again.
 """
@@ -79,10 +81,14 @@ def fresh_inputs(x: Any) -> Any:
     return x
 
 
-def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+_NO_IMAGES: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models the probe found not to run on dummy images
+
+
+def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tensor] | None:
     """The model's own dummy inputs (transformers' ``dummy_inputs``), completed from its config where its forward
     pass takes more or other inputs than token ids (:func:`_modal_inputs`: images, waveforms, spectrograms; decoder
-    inputs for an encoder-decoder); ``None`` where there are none or the model is on the meta device."""
+    inputs for an encoder-decoder; ``images``: images placed among the token ids, :func:`_placed_images`); ``None``
+    where there are none or the model is on the meta device."""
     inputs = getattr(model, "dummy_inputs", None)
     main = getattr(model, "main_input_name", "input_ids")
     try:
@@ -103,6 +109,11 @@ def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     batch = inputs["input_ids"].shape[0] if "input_ids" in inputs else 2
     for name, value in _modal_inputs(cfg, takes | {main}, dtype, batch).items():
         inputs.setdefault(name, value)
+    if images and model not in _NO_IMAGES and "input_ids" in inputs and "pixel_values" not in inputs:
+        try:
+            inputs.update(_placed_images(model, takes, dtype, inputs["input_ids"]) or {})
+        except Exception as exc:  # noqa: BLE001 - a config read otherwise: no images, the vision tower by structure
+            logger.debug("egg_optim: no dummy images for %s (%s)", type(model).__name__, exc)
     if main not in inputs:
         return None
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
@@ -119,9 +130,9 @@ def _decoder_config(cfg: Any) -> Any:
 def _modal_inputs(cfg: Any, takes: set[str], dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
     """Inputs of other modalities that a model's forward pass takes (``takes``), of the sizes its config gives:
     ``pixel_values`` (images of the vision config's size: a vision model, CLIP's two towers; not for a model that
-    places images among its tokens, whose dummy token ids hold none), ``input_values`` (a waveform long enough for
-    the feature encoder's convolutions to give 16 frames: wav2vec 2.0, HuBERT, WavLM), ``input_features`` (a
-    log-mel spectrogram of the length the encoder expects: Whisper). Fixed seed."""
+    places images among its tokens, whose token ids must hold theirs: :func:`_placed_images`), ``input_values`` (a
+    waveform long enough for the feature encoder's convolutions to give 16 frames: wav2vec 2.0, HuBERT, WavLM),
+    ``input_features`` (a log-mel spectrogram of the length the encoder expects: Whisper). Fixed seed."""
     gen = torch.Generator().manual_seed(0)
     configs = list(_configs(cfg))
     out: dict[str, torch.Tensor] = {}
@@ -142,6 +153,130 @@ def _modal_inputs(cfg: Any, takes: set[str], dtype: torch.dtype, batch: int) -> 
     if "input_features" in takes and mels and positions:  # two stride-1 and -2 convolutions down to the positions
         out["input_features"] = torch.randn(batch, mels, 2 * positions, generator=gen).to(dtype)
     return out
+
+
+_IMAGE_TOKEN = ("image_token_id", "image_token_index")
+# what a config says one image becomes among the tokens (Gemma 3, LLaVA, PaliGemma's text config, Idefics)
+_TOKENS_PER_IMAGE = ("mm_tokens_per_image", "image_seq_length", "num_image_tokens", "image_seq_len")
+
+
+def _placed_images(
+    model: nn.Module, takes: set[str], dtype: torch.dtype, ids: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """Images for a vision-language model that places their features among its token ids (LLaVA, Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, Idefics3, SmolVLM, Mistral 3): one image per sequence, as its vision
+    config sizes it (Qwen-VL's flattened patches of a grid of 2x2 merged patches, with ``image_grid_thw``; Idefics'
+    images per sequence, with ``pixel_attention_mask``; ``image_sizes`` where the model needs them), and
+    that many image tokens before each sequence's ids (ids that are image tokens already replaced),
+    ``mm_token_type_ids`` marking them. How many tokens an image becomes is what the model's
+    ``get_image_features`` gives for it (run once, in eval mode, nothing kept), else what the config says. ``None``
+    where the config does not say enough: the vision tower is then not run (its blocks by structure). LLaVA-NeXT's
+    tiles of an image are not made: the probe falls back to the token ids alone (:func:`probe_blocks`)."""
+    configs = list(_configs(getattr(model, "config", None)))
+    token = next((v for c in configs for a in _IMAGE_TOKEN if isinstance(v := getattr(c, a, None), int)), None)
+    vision = next((c for c in configs if hasattr(c, "patch_size") and _channels(c)), None)
+    if token is None or vision is None or "pixel_values" not in takes:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    batch, channels, patch = ids.shape[0], _channels(vision), _pair(vision.patch_size)[-1]
+    extra: dict[str, torch.Tensor] = {}
+    if "image_grid_thw" in takes:  # Qwen2-VL: patches flattened, 2x2 merged patches of each image
+        merge, frames = getattr(vision, "spatial_merge_size", 1), getattr(vision, "temporal_patch_size", 1)
+        side = 2 * merge
+        pixels = torch.randn(batch * side * side, channels * frames * patch * patch, generator=gen)
+        extra["image_grid_thw"] = torch.tensor([[1, side, side]]).repeat(batch, 1)
+        one = {"pixel_values": pixels[: side * side], "image_grid_thw": extra["image_grid_thw"][:1]}
+    else:
+        size = _pair(getattr(vision, "image_size", None) or 4 * patch)
+        shape = (batch, 1) if "pixel_attention_mask" in takes else (batch,)  # Idefics: images per sequence
+        pixels = torch.randn(*shape, channels, *size, generator=gen)
+        one = {"pixel_values": pixels[:1]}
+        if _required(getattr(model, "get_image_features", None), "image_sizes"):  # Mistral 3: each image's size
+            extra["image_sizes"] = torch.tensor([size]).repeat(batch, 1)
+            one["image_sizes"] = extra["image_sizes"][:1]
+    one["pixel_values"] = one["pixel_values"].to(dtype)
+    per_image = _image_tokens(model, one, configs)
+    if not per_image:
+        return None
+    special = _special_ids(configs)
+    free = next(i for i in range(len(special) + 1) if i not in special)  # a text token in place of an image's
+    ids = torch.cat([torch.full((batch, per_image), token), ids.masked_fill(ids == token, free)], dim=1)
+    out = {"input_ids": ids, "pixel_values": pixels.to(dtype), **extra}
+    if "mm_token_type_ids" in takes:  # Qwen2-VL's multimodal rotary positions: 1 marks an image's tokens
+        out["mm_token_type_ids"] = (ids == token).int()
+    if "attention_mask" in takes:
+        out["attention_mask"] = torch.ones_like(ids)
+    return out
+
+
+def _required(func: Any, name: str) -> bool:
+    """Whether ``func`` takes argument ``name`` without a default (LLaVA takes ``image_sizes`` for a Pixtral tower
+    only, Mistral 3 always)."""
+    try:
+        param = inspect.signature(func).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _channels(cfg: Any) -> int | None:
+    return getattr(cfg, "num_channels", None) or getattr(cfg, "in_channels", None) or getattr(cfg, "in_chans", None)
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
+def _special_ids(configs: list[Any]) -> set[int]:
+    """Token ids a config names (image, video, begin/end of image, padding...): no plain text token."""
+    return {
+        v
+        for c in configs
+        for k, v in vars(c).items()
+        if isinstance(v, int) and (k.endswith("token_id") or k.endswith("token_index"))
+    }
+
+
+def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[Any]) -> int | None:
+    """How many token positions one image's features fill: counted on the model's ``get_image_features`` (its
+    features, one row per token), else read from the config (:data:`_TOKENS_PER_IMAGE`); not run on a sharded
+    model (a collective the ranks might not all reach)."""
+    features = getattr(model, "get_image_features", None)
+    p = next(model.parameters())
+    if features is not None and not any(sharding.is_sharded(q) for q in model.parameters()):
+        training = {m: m.training for m in model.modules()}
+        try:
+            with torch.no_grad(), _kept_attributes(model):
+                model.eval()
+                out = features(**{k: v.to(p.device) for k, v in one.items()})
+            out = getattr(out, "pooler_output", out)
+            rows = [t for t in (out if isinstance(out, (list, tuple)) else [out]) if torch.is_tensor(t)]
+            if rows:
+                return sum(t.shape[:-1].numel() for t in rows)
+        except Exception as exc:  # noqa: BLE001 - the config may still say
+            logger.debug("egg_optim: no image features from %s (%s)", type(model).__name__, exc)
+        finally:
+            for m, flag in training.items():
+                m.training = flag
+    return next((v for c in configs for a in _TOKENS_PER_IMAGE if isinstance(v := getattr(c, a, None), int)), None)
+
+
+@contextmanager
+def _kept_attributes(model: nn.Module) -> Iterator[None]:
+    """Run with the public attributes of the model's modules (but ``training``, the callers' to restore) put back
+    after: a forward pass may keep state (Qwen2-VL its multimodal rotary offsets per sequence, ``rope_deltas``,
+    which a later generation would read)."""
+    public = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}  # noqa: E731
+    saved = [(m, public(m)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            for k in public(m).keys() - before.keys():
+                delattr(m, k)
+            for k, v in before.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
 
 
 def example_call(model: nn.Module, inputs: Any) -> tuple[tuple, dict] | None:
@@ -188,15 +323,25 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     try:
         model.eval()
         try:
-            with watch:
+            with watch, _kept_attributes(model):
                 returned = model(*call[0], **call[1])
         except Exception as exc:
-            if inputs is None:
+            if inputs is not None:
+                raise ConfigError(
+                    f"example_inputs: {type(model).__name__} could not run on them ({type(exc).__name__}: {exc}); "
+                    "pass a batch as the model takes it: a dict of keyword arguments, a tuple of positional ones, or "
+                    "a tensor"
+                ) from exc
+            text = _dummy_inputs(model, images=False)
+            if text is None or text.keys() == call[1].keys():
                 raise
-            raise ConfigError(
-                f"example_inputs: {type(model).__name__} could not run on them ({type(exc).__name__}: {exc}); pass "
-                "a batch as the model takes it: a dict of keyword arguments, a tuple of positional ones, or a tensor"
-            ) from exc
+            # images placed among the tokens that the model did not take: its vision tower stays unchecked
+            logger.debug("egg_optim: %s did not run on dummy images (%s)", type(model).__name__, exc)
+            _NO_IMAGES.add(model)
+            calls.clear()
+            watch = _LayerWatch(modules)
+            with watch, _kept_attributes(model):
+                returned = model(**text)
         for h in handles:
             h.remove()
         found.outputs, found.read_directly = watch.outputs(returned), tuple(watch.read_directly)

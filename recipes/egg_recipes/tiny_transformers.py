@@ -38,7 +38,8 @@ _GQA = {"hidden_size": HIDDEN, "intermediate_size": INNER, "num_hidden_layers": 
 _MOE = {**_GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
 _ENCODER = {"hidden_size": HIDDEN, "intermediate_size": INNER, "num_hidden_layers": 1, "num_attention_heads": HEADS}
 
-# family -> (builder, kind of inputs: "causal", "classify", "image", "seq2seq")
+# family -> (builder, kind of inputs: "causal", "classify", "image", "seq2seq"; below: "image_text", "spectrogram",
+# "waveform", "vlm"...)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "llama": (_causal("LlamaConfig", "LlamaForCausalLM", **_GQA), "causal"),
     "mistral": (_causal("MistralConfig", "MistralForCausalLM", **_GQA), "causal"),
@@ -457,6 +458,69 @@ FAMILIES.update({
 })  # fmt: skip
 
 
+# vision-language models that place image features among their token ids: a vision tower of one layer (LLaVA's CLIP,
+# Gemma 3's, PaliGemma's and Idefics' SigLIP, Qwen2-VL's own; Qwen2.5-VL's windowed and full attention, two layers)
+# beside a language model of the family's text code; an 8x8 image becomes IMAGE_TOKENS tokens in each (4 patches;
+# Qwen2-VL and Idefics: 16 patches merged 2x2), its token the last of the vocabulary (the ids before it name its
+# other special tokens). Gemma 3's and PaliGemma's vision towers without SigLIP's pooling head (their checkpoints'),
+# LLaVA's features from its only layer
+IMAGE_TOKEN, IMAGE_TOKENS = VOCAB - 1, 4
+_TEXT = {"vocab_size": VOCAB, "pad_token_id": 0, **_GQA}
+_SIGLIP = {"model_type": "siglip_vision_model", "image_size": 8, "patch_size": 4, "vision_use_head": False,
+           **_ENCODER}  # fmt: skip
+# Qwen-VL: head_dim 8, 4 rotary frequencies split over time, height, width; MLPs 40 wide, not 48 (three images' 48
+# patches of width 32 would look like a 48 x 32 weight to the index op counter of tests/test_hf_coverage.py)
+_MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+_QWEN_TEXT = {**_TEXT, "intermediate_size": 40, "rope_parameters": _MROPE}
+_QWEN_VISION = {"hidden_size": HIDDEN, "num_heads": HEADS, "patch_size": 2, "spatial_merge_size": 2,
+                "temporal_patch_size": 2}  # fmt: skip
+_QWEN_TOKENS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VOCAB - 2, "vision_start_token_id": VOCAB - 3,
+                "vision_end_token_id": VOCAB - 4}  # fmt: skip
+_IDEFICS = {"text_config": {"model_type": "llama", **_TEXT}, "image_token_id": IMAGE_TOKEN, "scale_factor": 2,
+            "vision_config": {"image_size": 8, "patch_size": 2, **_ENCODER}}  # fmt: skip
+FAMILIES.update({
+    "llava": (_build("LlavaConfig", "LlavaForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                     image_seq_length=IMAGE_TOKENS, vision_feature_layer=-1,
+                     text_config={"model_type": "llama", **_TEXT},
+                     vision_config={"model_type": "clip_vision_model", "image_size": 8, "patch_size": 4,
+                                    **_ENCODER}), "vlm"),
+    "gemma3_vlm": (_build("Gemma3Config", "Gemma3ForConditionalGeneration", mm_tokens_per_image=IMAGE_TOKENS,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                          text_config={"model_type": "gemma3_text", "head_dim": 8, **_TEXT, "num_hidden_layers": 2},
+                          vision_config=_SIGLIP), "vlm"),
+    "paligemma": (_build("PaliGemmaConfig", "PaliGemmaForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                         vocab_size=VOCAB, projection_dim=HIDDEN, hidden_size=HIDDEN, vision_config=_SIGLIP,
+                         text_config={"model_type": "gemma", "head_dim": 8, **_TEXT}), "vlm"),
+    "qwen2_vl": (_build("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", **_QWEN_TOKENS,
+                        text_config={"model_type": "qwen2_vl_text", **_QWEN_TEXT},
+                        vision_config={"depth": 1, "embed_dim": HIDDEN, "mlp_ratio": 2, **_QWEN_VISION}),
+                 "vlm_grid"),
+    "qwen2_5_vl": (_build("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", **_QWEN_TOKENS,
+                          text_config={"model_type": "qwen2_5_vl_text", **_QWEN_TEXT},
+                          vision_config={"depth": 2, "intermediate_size": 40, "out_hidden_size": HIDDEN,
+                                         "window_size": 8, "fullatt_block_indexes": [1], **_QWEN_VISION}),
+                   "vlm_grid"),
+    "idefics3": (_build("Idefics3Config", "Idefics3ForConditionalGeneration", **_IDEFICS), "vlm_per_text"),
+    "smolvlm": (_build("SmolVLMConfig", "SmolVLMForConditionalGeneration", **_IDEFICS), "vlm_per_text"),
+})  # fmt: skip
+
+
+def _vlm(kind: str, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A vision-language batch: one 8x8 image per sequence, its IMAGE_TOKENS tokens first, then ``ids`` (none an
+    image or other special token), labels over the text only."""
+    batch = ids.shape[0]
+    ids = torch.cat([torch.full((batch, IMAGE_TOKENS), IMAGE_TOKEN), ids.remainder(VOCAB - 5) + 1], dim=1)
+    out = {"input_ids": ids, "labels": ids.masked_fill(ids == IMAGE_TOKEN, -100)}
+    if kind == "vlm_grid":  # Qwen2-VL: each image's 4x4 patches (2x2 in time, space) flattened, its grid
+        out.update(pixel_values=torch.randn(batch * 16, 3 * 2 * 2 * 2, generator=gen),
+                   image_grid_thw=torch.tensor([[1, 4, 4]]).repeat(batch, 1),
+                   mm_token_type_ids=(ids == IMAGE_TOKEN).int())  # fmt: skip
+    else:  # Idefics: images per sequence
+        shape = (batch, 1) if kind == "vlm_per_text" else (batch,)
+        out["pixel_values"] = torch.randn(*shape, 3, 8, 8, generator=gen)
+    return out
+
+
 def make(family: str, seed: int = 0) -> nn.Module:
     """A fresh tiny model of ``family`` (one of :data:`FAMILIES`), initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -470,7 +534,9 @@ def inputs(
     gen = torch.Generator().manual_seed(seed)
     kind = FAMILIES[family][1]
     ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
-    if kind.startswith("image"):
+    if kind.startswith("vlm"):  # the same total length: the image's tokens and length - IMAGE_TOKENS of text
+        out = _vlm(kind, ids[:, : length - IMAGE_TOKENS], gen)
+    elif kind.startswith("image"):
         size = int(kind.removeprefix("image").removesuffix("_text") or 8)
         out = {"pixel_values": torch.randn(batch, 3, size, size, generator=gen)}
         if kind == "image_text":  # a contrastive loss over the pairs of the batch
