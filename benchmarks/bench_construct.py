@@ -50,10 +50,25 @@ def _gpt_oss() -> nn.Module:
     return transformers.GptOssForCausalLM(cfg)
 
 
+def _llava() -> nn.Module:
+    """A vision-language model: a CLIP ViT-B/16 tower at 224 px (196 image tokens) beside the Llama h1024 above; its
+    probe runs the tower on a dummy image placed among the tokens (``probe._placed_images``)."""
+    import transformers
+
+    vision = {"model_type": "clip_vision_model", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "image_size": 224, "patch_size": 16}  # fmt: skip
+    text = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+            "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4}  # fmt: skip
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999,
+                                   image_seq_length=196)  # fmt: skip
+    return transformers.LlavaForConditionalGeneration(cfg)
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "Llama h1024, 8 layers, GQA 16/4 (~150M)": _llama(1024, 8, 2816, 16, 4),
     "Llama h2048, 4 layers, GQA 32/8 (~330M)": _llama(2048, 4, 5632, 32, 8),
     "GPT-OSS h512, 8 layers, 8 experts (~90M)": _gpt_oss,
+    "LLaVA: CLIP ViT-B/16 224 px + the Llama h1024 (~240M)": _llava,
 }
 
 

@@ -566,3 +566,37 @@ def test_an_attentions_width_attributes_are_found_by_name_never_by_value_alone()
         "num_heads": 2, "num_key_value_heads": 1, "embed_dim": 32, "kv_dim": 16, "split_size": 32,
         "inner.num_attention_heads": 2, "inner.all_head_size": 32, "config.num_attention_heads": 2,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["weight", "output"])
+def test_layers_of_a_container_called_one_by_one_are_no_block(mode):
+    """Three Linears of one width in a ModuleList look like an MLP by structure (two producers, a consumer); Gemma 3n
+    calls its ``altup_projections`` one by one, each on the hidden states. The probe's pass shows their layers ran
+    outside the container (never called): no block, each layer managed by its rows; output mode trains (it computed
+    the 'consumer' on the producers' active width: a shape error at the first step)."""
+    import types
+
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+    from egg_optim.core.blocks import discover
+
+    class Parallel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(hidden_size=16)
+            self.projections = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(sum(torch.tanh(p(x)) for p in self.projections))
+
+    torch.manual_seed(0)
+    model, x = Parallel(), torch.randn(6, 16)
+    assert "projections" in discover(model).groups  # by structure alone, without inputs: the look-alike
+    assert "projections" not in discover(model, inputs=x).groups
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.4, 0.1),
+                               clone_mode=mode, example_inputs=x)  # fmt: skip
+    assert {f"projections.{i}" for i in range(3)} <= set(opt.layers)
+    for _ in range(2):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()

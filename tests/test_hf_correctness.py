@@ -260,3 +260,43 @@ def test_gradient_checkpointing_trains_the_same_weights(mode, reentrant):
     assert losses == plain_losses
     for k, v in plain.items():
         assert torch.equal(v, state[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- Gemma 3n
+def test_gemma3n_parallel_projections_are_layers_and_its_training_mode_reads_are_refused_at_the_first_step():
+    """Gemma 3n's ``altup_projections`` (a ModuleList of hidden -> hidden Linears, each called on the embeddings) look
+    like an MLP by structure; the probe's pass shows them called one by one: each is managed by its rows, and weight
+    mode trains. Output mode is refused at the first training step, typed and naming the layers: in training the
+    model computes with ``correction_coefs.weight`` (clamped) without calling the layer, which the eval-mode probe
+    does not see."""
+    import warnings
+
+    from egg_optim.errors import RewriteCheckError
+
+    cfg = transformers.Gemma3nTextConfig(
+        vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=16, hidden_size_per_layer_input=4,
+        intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        laurel_rank=4, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+    )  # fmt: skip
+    for mode in ("weight", "output"):
+        torch.manual_seed(0)
+        model = transformers.Gemma3nForCausalLM(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan.preset("mild"),
+                                       clone_mode=mode)  # fmt: skip
+        assert {f"model.altup_projections.{i}" for i in range(3)} <= set(opt.coverage().row_layers)
+        assert opt.coverage().by_structure == ()
+        if mode == "weight":
+            _train(model, opt, 2)
+        else:
+            with pytest.raises(RewriteCheckError, match=r"altup\.correction_coefs.*without calling"):
+                _train(model, opt, 2)
+
+
+def _train(model: nn.Module, opt: LeaderCloneOptimizer, steps: int) -> None:
+    for step in range(steps):
+        model(input_ids=ids(seed=step), labels=ids(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()

@@ -38,7 +38,7 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "minimax": {"attention", "experts"}, "olmo3": {"mlp"}, "mamba2": {"attention"},
               "granitemoehybrid": {"attention", "experts", "mlp"}, "wavlm": {"mlp"}, "resnet": set(),
               "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(),
-              "jamba": {"attention", "experts", "mlp"}})  # fmt: skip
+              "jamba": {"attention", "experts", "mlp"}, "qwen3_vl_moe": {"attention", "experts", "mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -104,7 +104,10 @@ ROWS = {
     # vision-language models: the vision tower's patch embedding, Qwen2-VL's merger of 2x2 patches (an MLP from 4x
     # the hidden size), Idefics' connector (from its pixel shuffle's 4x); PaliGemma's projector returns the image
     # features the model returns as well (``image_hidden_states``): an output head, left alone
-    **{f: {"model.vision_tower.embeddings.patch_embedding"} for f in ("llava", "gemma3_vlm", "paligemma")},
+    **{
+        f: {"model.vision_tower.embeddings.patch_embedding"}
+        for f in ("llava", "gemma3_vlm", "paligemma", "llava_next", "llava_onevision")
+    },
     **{
         f: {"model.visual.patch_embed.proj", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
         for f in ("qwen2_vl", "qwen2_5_vl")
@@ -113,6 +116,13 @@ ROWS = {
         f: {"model.vision_model.embeddings.patch_embedding", "model.connector.modality_projection.proj"}
         for f in ("idefics3", "smolvlm")
     },
+    # Qwen3-VL's mergers (the last layer's and its deepstack layer's), Mistral 3's merger of 2x2 patches (from 4x)
+    **{
+        f: {"model.visual.patch_embed.proj"}
+        | {f"model.visual.{m}.linear_fc{i}" for m in ("merger", "deepstack_merger_list.0") for i in (1, 2)}
+        for f in ("qwen3_vl", "qwen3_vl_moe")
+    },
+    "mistral3": {"model.vision_tower.patch_conv", "model.multi_modal_projector.patch_merger.merging_layer"},
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
 }
@@ -305,7 +315,7 @@ def test_vision_language_dummy_inputs_run_the_vision_tower_with_the_language_mod
     dummy = _dummy_inputs(model)
     ids = dummy["input_ids"]
     assert (ids == tiny.IMAGE_TOKEN).sum(1).tolist() == [tiny.IMAGE_TOKENS] * len(ids)
-    pixels = {k: v for k, v in dummy.items() if k in ("pixel_values", "image_grid_thw")}
+    pixels = {k: v for k, v in dummy.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
     with torch.no_grad():
         features = model.eval().get_image_features(**pixels).pooler_output
     assert sum(f.shape[:-1].numel() for f in features) == (ids == tiny.IMAGE_TOKEN).sum()

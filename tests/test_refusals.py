@@ -296,3 +296,15 @@ def test_bad_clone_rows_refused_in_output_mode():
     with pytest.raises(StateDictMismatchError, match="clone_rows"):
         opt.load_state_dict(bad)
     _assert_unchanged(model, opt, before)
+
+
+def test_lazy_parameters_refused_naming_the_modules_until_a_forward_pass_sized_them():
+    """A lazy layer (``nn.LazyLinear``) has no rows yet: refused at construction with a typed error naming it and
+    the way out (it failed deep in discovery, untyped); after one forward pass the same model is managed."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"modules \['0'\] have uninitialised \(lazy\) parameters.*forward pass"):
+        LeaderCloneOptimizer(model, base, RolePlan(0.4, 0.1))
+    assert type(model[0]) is torch.nn.LazyLinear and not base.state  # nothing changed
+    model(torch.randn(2, 8))
+    assert set(LeaderCloneOptimizer(model, base, RolePlan(0.4, 0.1)).layers) == {"0"}

@@ -87,8 +87,8 @@ _NO_IMAGES: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models the probe f
 def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tensor] | None:
     """The model's own dummy inputs (transformers' ``dummy_inputs``), completed from its config where its forward
     pass takes more or other inputs than token ids (:func:`_modal_inputs`: images, waveforms, spectrograms; decoder
-    inputs for an encoder-decoder; ``images``: images placed among the token ids, :func:`_placed_images`); ``None``
-    where there are none or the model is on the meta device."""
+    inputs for an encoder-decoder; ``images``: an image placed among the token ids of one sequence,
+    :func:`_placed_images`); ``None`` where there are none or the model is on the meta device."""
     inputs = getattr(model, "dummy_inputs", None)
     main = getattr(model, "main_input_name", "input_ids")
     try:
@@ -110,10 +110,13 @@ def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tens
     for name, value in _modal_inputs(cfg, takes | {main}, dtype, batch).items():
         inputs.setdefault(name, value)
     if images and model not in _NO_IMAGES and "input_ids" in inputs and "pixel_values" not in inputs:
-        try:
-            inputs.update(_placed_images(model, takes, dtype, inputs["input_ids"]) or {})
+        placed = None
+        try:  # one sequence: an image's tokens make it long (hundreds), and the vision tower runs once per image
+            placed = _placed_images(model, takes, dtype, inputs["input_ids"][:1])
         except Exception as exc:  # noqa: BLE001 - a config read otherwise: no images, the vision tower by structure
             logger.debug("egg_optim: no dummy images for %s (%s)", type(model).__name__, exc)
+        if placed:
+            inputs = {k: v[:1] for k, v in inputs.items()} | placed
     if main not in inputs:
         return None
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
@@ -163,15 +166,15 @@ _TOKENS_PER_IMAGE = ("mm_tokens_per_image", "image_seq_length", "num_image_token
 def _placed_images(
     model: nn.Module, takes: set[str], dtype: torch.dtype, ids: torch.Tensor
 ) -> dict[str, torch.Tensor] | None:
-    """Images for a vision-language model that places their features among its token ids (LLaVA, Qwen2-VL,
-    Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, Idefics3, SmolVLM, Mistral 3): one image per sequence, as its vision
-    config sizes it (Qwen-VL's flattened patches of a grid of 2x2 merged patches, with ``image_grid_thw``; Idefics'
-    images per sequence, with ``pixel_attention_mask``; ``image_sizes`` where the model needs them), and
-    that many image tokens before each sequence's ids (ids that are image tokens already replaced),
-    ``mm_token_type_ids`` marking them. How many tokens an image becomes is what the model's
-    ``get_image_features`` gives for it (run once, in eval mode, nothing kept), else what the config says. ``None``
-    where the config does not say enough: the vision tower is then not run (its blocks by structure). LLaVA-NeXT's
-    tiles of an image are not made: the probe falls back to the token ids alone (:func:`probe_blocks`)."""
+    """Images for a vision-language model that places their features among its token ids (LLaVA, LLaVA-NeXT,
+    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, Idefics3, SmolVLM, Mistral 3): one image per
+    sequence, as its vision config sizes it (Qwen-VL's flattened patches of a grid of 2x2 merged patches, with
+    ``image_grid_thw``; Idefics' images per sequence, with ``pixel_attention_mask``; LLaVA-NeXT's tiles of an image
+    of its first grid's size, after the whole image; ``image_sizes`` where the model needs them), and that many
+    image tokens before each sequence's ids (ids that are image tokens already replaced), ``mm_token_type_ids``
+    marking them. How many tokens an image becomes is what the model's ``get_image_features`` gives for it (run
+    once, in eval mode, nothing kept), else what the config says. ``None`` where the config does not say enough:
+    the vision tower is then not run (its blocks by structure)."""
     configs = list(_configs(getattr(model, "config", None)))
     token = next((v for c in configs for a in _IMAGE_TOKEN if isinstance(v := getattr(c, a, None), int)), None)
     vision = next((c for c in configs if hasattr(c, "patch_size") and _channels(c)), None)
@@ -187,12 +190,16 @@ def _placed_images(
         extra["image_grid_thw"] = torch.tensor([[1, side, side]]).repeat(batch, 1)
         one = {"pixel_values": pixels[: side * side], "image_grid_thw": extra["image_grid_thw"][:1]}
     else:
-        size = _pair(getattr(vision, "image_size", None) or 4 * patch)
+        size = whole = _pair(getattr(vision, "image_size", None) or 4 * patch)
         shape = (batch, 1) if "pixel_attention_mask" in takes else (batch,)  # Idefics: images per sequence
+        if grids := next((g for c in configs if (g := getattr(c, "image_grid_pinpoints", None))), None):
+            # LLaVA-NeXT: an image of the first grid's size, as the whole image shrunk to one tile, then its tiles
+            whole = _pair(grids[0])
+            shape = (batch, 1 + (whole[0] // size[0]) * (whole[1] // size[1]))
         pixels = torch.randn(*shape, channels, *size, generator=gen)
         one = {"pixel_values": pixels[:1]}
         if _required(getattr(model, "get_image_features", None), "image_sizes"):  # Mistral 3: each image's size
-            extra["image_sizes"] = torch.tensor([size]).repeat(batch, 1)
+            extra["image_sizes"] = torch.tensor([whole]).repeat(batch, 1)
             one["image_sizes"] = extra["image_sizes"][:1]
     one["pixel_values"] = one["pixel_values"].to(dtype)
     per_image = _image_tokens(model, one, configs)
@@ -263,18 +270,22 @@ def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[
 
 @contextmanager
 def _kept_attributes(model: nn.Module) -> Iterator[None]:
-    """Run with the public attributes of the model's modules (but ``training``, the callers' to restore) put back
-    after: a forward pass may keep state (Qwen2-VL its multimodal rotary offsets per sequence, ``rope_deltas``,
-    which a later generation would read)."""
-    public = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}  # noqa: E731
-    saved = [(m, public(m)) for m in model.modules()]
+    """Run with the tensors a forward pass keeps in public attributes of the model's modules put back after
+    (Qwen2-VL's multimodal rotary offsets per sequence, ``rope_deltas``, which a later generation would read): a
+    tensor attribute it set is removed or given its former value, one it cleared is set again. Other attributes
+    stay as the pass left them (a lazy layer's sizes, found by that pass)."""
+    tensors = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_") and torch.is_tensor(v)}  # noqa: E731
+    saved = [(m, dict(vars(m)), tensors(m)) for m in model.modules()]
     try:
         yield
     finally:
-        for m, before in saved:
-            for k in public(m).keys() - before.keys():
-                delattr(m, k)
-            for k, v in before.items():
+        for m, before, kept in saved:
+            for k in tensors(m).keys() - kept.keys():  # a tensor it set: as before (absent or another value)
+                if k in before:
+                    setattr(m, k, before[k])
+                else:
+                    delattr(m, k)
+            for k, v in kept.items():  # a tensor it replaced or cleared
                 if vars(m).get(k) is not v:
                     setattr(m, k, v)
 
@@ -348,6 +359,11 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
         for name, runner in runners.items():
             g = found.groups[name]
             if runner not in calls:
+                if watch.called.intersection(g.producers) or g.consumer in watch.called:
+                    # its layers ran, called one by one by code around them (Gemma 3n's parallel projections in
+                    # a ModuleList): its structure says nothing of how they feed each other: no block
+                    found.groups.pop(name)
+                    logger.debug("egg_optim: %s is no %s block: its layers run outside %s", name, g.kind, runner)
                 continue
             key = _signature(modules[runner], g), _call_signature(calls[runner])
             if key in settled:  # the same code on the same shapes: the first block's answer
@@ -404,6 +420,7 @@ class _LayerWatch(TorchFunctionMode):
         self._produced: dict[int, tuple[str, weakref.ref]] = {}
         self._handles: list[Any] = []
         self.read_directly: dict[str, None] = {}
+        self.called: set[str] = set()  # the layers the pass called
 
     def __enter__(self) -> _LayerWatch:
         for n, m in self._layers.items():
@@ -419,6 +436,7 @@ class _LayerWatch(TorchFunctionMode):
 
     def _enter(self, name: str) -> None:
         self._running[name] = self._running.get(name, 0) + 1
+        self.called.add(name)
 
     def _leave(self, name: str, out: Any) -> None:
         self._running[name] -= 1

@@ -115,6 +115,12 @@ class LeaderCloneOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, LeaderCloneOptimizer):
             raise UnsupportedOptimizerError("optimizer is already a LeaderCloneOptimizer")
+        lazy = [n for n, m in model.named_modules() if any(map(nn.parameter.is_lazy, m._parameters.values()))]
+        if lazy:  # units are rows of shapes these do not have yet
+            raise ConfigError(
+                f"modules {lazy[:5]} have uninitialised (lazy) parameters: run one forward pass of the model on a "
+                "batch first, so that their shapes are known, then build the optimizer"
+            )
         self.info = optimizer_info(optimizer)
         config = _config(config, plan, options)
         if example_inputs is not None and config.role_plan().units == "auto":

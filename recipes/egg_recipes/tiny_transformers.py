@@ -504,10 +504,41 @@ FAMILIES.update({
     "smolvlm": (_build("SmolVLMConfig", "SmolVLMForConditionalGeneration", **_IDEFICS), "vlm_per_text"),
 })  # fmt: skip
 
+# Qwen3-VL: Qwen2.5-VL's tower with learned position embeddings (a 4x4 grid) and deepstack, its first layer's merged
+# patches added to the language model's first layer's output (Qwen3-VL-MoE: its text MLP experts); Mistral 3: a
+# Pixtral tower (2-D rotary), its 4x4 patches merged 2x2; LLaVA-NeXT, LLaVA-OneVision: an image 4x8 (the first of
+# two grids) as two 4x4 tiles and the whole image, one patch each: the whole image's patch, then a row of the tiles'
+# two and a newline (a 4x4 image would take the second grid: one tile, 3 tokens)
+_QWEN3_VISION = {**_QWEN_VISION, "depth": 2, "intermediate_size": 40, "out_hidden_size": HIDDEN,
+                 "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}  # fmt: skip
+_QWEN3_TEXT = {**_QWEN_TEXT, "head_dim": 8}
+_TILES = {"image_token_index": IMAGE_TOKEN, "image_grid_pinpoints": [[4, 8], [4, 4]],
+          "image_seq_length": IMAGE_TOKENS, "vision_feature_layer": -1}  # fmt: skip
+FAMILIES.update({
+    "qwen3_vl": (_build("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", **_QWEN_TOKENS,
+                        text_config={"model_type": "qwen3_vl_text", **_QWEN3_TEXT}, vision_config=_QWEN3_VISION),
+                 "vlm_grid"),
+    "qwen3_vl_moe": (_build("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", **_QWEN_TOKENS,
+                            text_config={"model_type": "qwen3_vl_moe_text", **_QWEN3_TEXT, "num_experts": 4,
+                                         "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+                            vision_config=_QWEN3_VISION), "vlm_grid"),
+    "mistral3": (_build("Mistral3Config", "Mistral3ForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                        spatial_merge_size=2, vision_feature_layer=-1, text_config={"model_type": "mistral", **_TEXT},
+                        vision_config={"model_type": "pixtral", "image_size": 8, "patch_size": 2, **_ENCODER}),
+                 "vlm_sizes"),
+    "llava_next": (_build("LlavaNextConfig", "LlavaNextForConditionalGeneration", **_TILES,
+                          text_config={"model_type": "llama", **_TEXT},
+                          vision_config={"model_type": "clip_vision_model", "image_size": 4, "patch_size": 4,
+                                         **_ENCODER}), "vlm_tiles"),
+    "llava_onevision": (_build("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration", **_TILES,
+                               text_config={"model_type": "qwen2", **_TEXT},
+                               vision_config={**_SIGLIP, "image_size": 4}), "vlm_tiles"),
+})  # fmt: skip
+
 
 def _vlm(kind: str, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A vision-language batch: one 8x8 image per sequence, its IMAGE_TOKENS tokens first, then ``ids`` (none an
-    image or other special token), labels over the text only."""
+    """A vision-language batch: one 8x8 image (LLaVA-NeXT's 4x8, in tiles) per sequence, its IMAGE_TOKENS tokens
+    first, then ``ids`` (none an image or other special token), labels over the text only."""
     batch = ids.shape[0]
     ids = torch.cat([torch.full((batch, IMAGE_TOKENS), IMAGE_TOKEN), ids.remainder(VOCAB - 5) + 1], dim=1)
     out = {"input_ids": ids, "labels": ids.masked_fill(ids == IMAGE_TOKEN, -100)}
@@ -515,9 +546,14 @@ def _vlm(kind: str, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.
         out.update(pixel_values=torch.randn(batch * 16, 3 * 2 * 2 * 2, generator=gen),
                    image_grid_thw=torch.tensor([[1, 4, 4]]).repeat(batch, 1),
                    mm_token_type_ids=(ids == IMAGE_TOKEN).int())  # fmt: skip
-    else:  # Idefics: images per sequence
+    elif kind == "vlm_tiles":  # LLaVA-NeXT: each image 4x8, as its two 4x4 tiles after the whole image shrunk to 4x4
+        out.update(pixel_values=torch.randn(batch, 3, 3, 4, 4, generator=gen),
+                   image_sizes=torch.tensor([[4, 8]]).repeat(batch, 1))  # fmt: skip
+    else:  # Idefics: images per sequence; Mistral 3: each image's size
         shape = (batch, 1) if kind == "vlm_per_text" else (batch,)
         out["pixel_values"] = torch.randn(*shape, 3, 8, 8, generator=gen)
+        if kind == "vlm_sizes":
+            out["image_sizes"] = torch.tensor([[8, 8]]).repeat(batch, 1)
     return out
 
 
