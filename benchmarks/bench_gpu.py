@@ -66,6 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from egg_optim import LeaderCloneOptimizer, RolePlan  # noqa: E402
+from egg_optim.rewrites import grad_skip  # noqa: E402
 from egg_optim.utils.profiling import (  # noqa: E402
     INDEX_OPS,
     DispatchCounter,
@@ -251,13 +252,15 @@ def _plan(group: Group, scenario: str) -> RolePlan:
     ``output/mild-drawn``: the same plan on the seed's drawn (scattered) first roles, the gather path;
     ``output/mild-repacked``: those roles with ``repack=True`` (transformer blocks reordered into runs: views again);
     ``weight/mild-noskip``: weight mode computing every weight-gradient row (``skip_clone_grads=False``);
+    ``weight/mild-skipall``: skipping the clones' rows in every layer, however little work a call has (the default
+    skips on a GPU only from ``grad_skip.MIN_WORK``);
     ``output/mild-unfused`` / ``-fused``: coupled BatchNorms run plain on every channel after the expansion
     (``fuse_norms=False``) / fused on the active channels (``True``); the default fuses where the C kernels run
     (CPU), so on CUDA ``output/mild`` is the unfused path and ``-fused`` the control;
     ``output/mild-indexadd``: the expansion's backward by the gather's ``index_add`` (an atomic scatter on CUDA),
     the control of the default fold by sums (:func:`gather_backward`)."""
     preset = scenario.split("/")[1]
-    for suffix in ("-drawn", "-repacked", "-noskip", "-unfused", "-fused", "-indexadd"):
+    for suffix in ("-drawn", "-repacked", "-noskip", "-skipall", "-unfused", "-fused", "-indexadd"):
         preset = preset.removesuffix(suffix)
     table = CNNS[group.model][2] if group.kind == "cnn" else "uniform"
     if preset == "aggressive-align1":
@@ -419,7 +422,7 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
         raise RuntimeError("CUDA graphs need a CUDA device")
 
     def fwd_bwd() -> None:
-        with _autocast(group, device):
+        with _autocast(group, device), _floor(scenario, device):
             out = loss(fn)
         out.backward()
 
@@ -435,6 +438,20 @@ def make_case(group: Group, scenario: str, device: torch.device, args: argparse.
     if group.captured:
         case.step = capture_step(fwd_bwd, opt, device)
     return case
+
+
+@contextlib.contextmanager
+def _floor(scenario: str, device: torch.device):
+    """``-skipall``: no work floor for the split backward while the forward pass runs (the layers decide per call)."""
+    if not scenario.endswith("-skipall"):
+        yield
+        return
+    saved = grad_skip.MIN_WORK.pop(device.type, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            grad_skip.MIN_WORK[device.type] = saved
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -907,8 +924,10 @@ _GPT2_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild"]  #
 _MOE_SCENARIOS = ["bare", "output/mild", "output/aggressive", "weight/mild", _DRAWN, _REPACKED]
 # weight mode computing every weight-gradient row: fewer launches and no Python autograd function per layer or
 # block projection (bench_host.md: 1.22x of the bare host time against 1.45x on the CNN, 1.10x against 1.16-1.18x on
-# a Llama), more weight-gradient FLOPs (a Llama's q/k/v, gate, up rows and o, down columns): the GPU decides
+# a Llama), more weight-gradient FLOPs (a Llama's q/k/v, gate, up rows and o, down columns): the GPU decides; and
+# skipping in every layer, however little work a call has, the control of the default's floor (grad_skip.MIN_WORK)
 _NOSKIP = "weight/mild-noskip"
+_SKIPALL = "weight/mild-skipall"
 # the fused norm's torch path (active channels, then a gather and the affine) against the plain norm on every channel
 # after the expansion: fewer passes, more activation memory (bench_norms.md: torch ops on CPU, 0.74x vs 0.96x of bare)
 _UNFUSED = "output/mild-unfused"
@@ -929,11 +948,13 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
                 "tiny_cnn",
                 4,
                 "fp32",
-                _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED, _INDEXADD],
+                _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _SKIPALL, _UNFUSED, _FUSED, _INDEXADD],
                 rounds=r,
             ),
             Group("tiny CNN b4 bf16 channels-last", "cnn", "tiny_cnn", 4, "bf16cl", _CNN_SCENARIOS[:3], rounds=r),
-            Group("tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS + [_NOSKIP], rounds=r),
+            Group(
+                "tiny Llama autocast", "llama", "tiny", 2, "autocast", _LLAMA_SCENARIOS + [_NOSKIP, _SKIPALL], rounds=r
+            ),  # fmt: skip
             Group(
                 "tiny Llama bf16",
                 "llama",
@@ -966,7 +987,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "h1024",
             LLAMAS["h1024"]["batch"],
             "autocast",
-            _LLAMA_SCENARIOS + [_NOSKIP, _DRAWN, _REPACKED],
+            _LLAMA_SCENARIOS + [_NOSKIP, _SKIPALL, _DRAWN, _REPACKED],
             rounds=r,
         ),  # fmt: skip
         Group(
@@ -975,7 +996,7 @@ def groups_for(args: argparse.Namespace) -> list[Group]:
             "seed_cifar",
             128,
             "fp32",
-            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _UNFUSED, _FUSED, _INDEXADD],
+            _CNN_SCENARIOS + [_DRAWN, _NOSKIP, _SKIPALL, _UNFUSED, _FUSED, _INDEXADD],
             rounds=r,
         ),
         Group(

@@ -154,6 +154,7 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
         *bench._CNN_SCENARIOS,
         bench._DRAWN,
         bench._NOSKIP,
+        bench._SKIPALL,
         bench._UNFUSED,
         bench._FUSED,
         bench._INDEXADD,
@@ -163,6 +164,7 @@ def test_bench_gpu_smoke_runs_the_checks_and_every_case_kind(tmp_path):
     # weight mode skips the clones' weight-gradient rows; without skipping it computes what the bare step does
     noskip, skip = rows[cnn, bench._NOSKIP]["flop_ratio"], rows[cnn, "weight/mild"]["flop_ratio"]
     assert noskip == pytest.approx(1.0) and skip < noskip
+    assert rows[cnn, bench._SKIPALL]["flop_ratio"] == pytest.approx(skip)  # no work floor on the CPU: the same split
     assert rows[cnn, bench._DRAWN]["param_index_ops"] > 0  # the gather path, against packed roles' none
     assert rows[cnn, "bare"]["vs_bare"] == 1.0 and rows[cnn, "bare"]["param_index_ops"] == 0
     for case in ("output/mild", "output/aggressive", "dense@mild", "dense@aggressive"):

@@ -248,8 +248,10 @@ def test_the_python_call_counter_counts_calls_and_restores_the_profiler():
 # tensors passed one by one and F.pad's wrapper), for a third fewer of the clones' matmul FLOPs (0.94x of the bare
 # step on CPU, 1.03x before; skip_clone_grads=False is the former path). Calling the autograd functions' C entry
 # point (``rewrites.base.direct_apply``: not ``Function.apply``'s Python wrapper) and reading the rewritten layers'
-# registries directly took CNN 162 -> 135 (output: its norms' function) and 194 -> 157 (weight), Llama 280 -> 214.
-PYTHON_CALLS = {("cnn", "output"): 140, ("cnn", "weight"): 160, ("llama", "output"): 125, ("llama", "weight"): 215}
+# registries directly took CNN 162 -> 135 (output: its norms' function) and 194 -> 157 (weight), Llama 280 -> 214;
+# the per-call work floor of a GPU (``grad_skip.MIN_WORK``: one call and a lookup per layer forward) 157 -> 159 and
+# 214 -> 221.
+PYTHON_CALLS = {("cnn", "output"): 140, ("cnn", "weight"): 165, ("llama", "output"): 125, ("llama", "weight"): 225}
 
 
 @pytest.mark.parametrize(("kind", "mode"), list(PYTHON_CALLS))

@@ -783,3 +783,21 @@ def test_a_skipping_layer_compiles_without_a_graph_break_and_trains_as_in_eager(
     for a, b in zip(eager.parameters(), compiled.parameters()):
         assert torch.equal(a.grad, b.grad)
     assert compiled[0].weight.grad[3:].eq(0).all() and compiled[0].weight.grad[:3].ne(0).any()
+
+
+def test_a_device_listed_in_min_work_splits_only_calls_with_enough_weight_gradient_work(monkeypatch):
+    """On a device type in ``MIN_WORK`` (CUDA by default; the CPU here, for the test) a call takes the split backward
+    only from that much work (tokens x weight elements): below it the plain op computes every row's gradient (no
+    host time for the function), from it the clones' rows are exact zeros. Decided per call, from shapes only."""
+    from egg_optim.rewrites import grad_skip
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    packed = Roles(6, torch.arange(3), torch.empty(0, dtype=torch.long), torch.arange(3, 6), torch.arange(3))
+    GradSkip(layer, {"": packed}, min_clone_fraction=0.0)
+    work = 5 * 8 * 6  # 5 tokens x 48 weight elements
+    for floor, split in ((work + 1, False), (work, True), (0, True)):
+        monkeypatch.setitem(grad_skip.MIN_WORK, "cpu", floor)
+        layer.weight.grad = None
+        layer(torch.randn(5, 8)).sum().backward()
+        assert bool(layer.weight.grad[3:].eq(0).all()) == split, floor

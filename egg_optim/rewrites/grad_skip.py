@@ -17,8 +17,9 @@ Anything else that reads clone rows of ``weight.grad`` sees zeros: notably the p
 ``"grad_norm"`` and ``"taylor"`` (as in output-cloning mode).
 
 The index buffers are rebuilt only in :meth:`GradSkip.update_roles`: no per-step host/device sync. A layer
-without clones (or fewer than ``min_clone_fraction``), in ``eval()``, under ``torch.no_grad()`` or with a frozen
-weight runs the plain forward (``super().forward``).
+without clones (or fewer than ``min_clone_fraction``), in ``eval()``, under ``torch.no_grad()``, with a frozen
+weight or, on a GPU, with less weight-gradient work per call than :data:`MIN_WORK` says pays for the function's
+host time runs the plain forward (``super().forward``).
 
 Conv layers with ``padding_mode != "zeros"`` or string padding (``"same"`` / ``"valid"``) are supported: the
 input is padded before the function by the op the plain module (or ATen, for an asymmetric ``"same"``) uses,
@@ -253,12 +254,32 @@ class _GradSkipLayer:
     _egg_gs_cols = False  # the roles are of its input columns (a block's consumer), not of its rows
 
 
+# Weight-gradient work (tokens x weight elements: a Linear's multiply-adds; a conv's, stride 1, per input position)
+# from which a layer takes the split backward on a device type listed here. Its autograd function costs host time
+# (about 20 Python calls per layer and step, 10-20 us: bench_host.md) and saves the clones' share of that work. On a
+# CPU the work dominates at every size measured (a Llama of hidden 256: 0.94x of the bare step, 1.03x without,
+# bench_transformers.md). On a GPU a small layer's saving is a few microseconds of device time while a launch-bound
+# step waits for the host: from 2^30 (about 2 GFLOP of weight gradient, 20 us at 100 TFLOP/s; half of it the clones'
+# at the mild plan) the saving is estimated to match that cost. Not measured: ``bench_gpu.py`` times the split on
+# every layer (``weight/mild-skipall``) and on none (``weight/mild-noskip``) beside this default.
+MIN_WORK: dict[str, int] = {"cuda": 1 << 30}
+
+
+def _splits(layer: _GradSkipLayer, input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``layer`` takes the split backward on this call: enough clones (decided when roles change), training
+    with grad, and on a device listed in :data:`MIN_WORK` enough weight-gradient work."""
+    if not (layer._egg_gs_skip and layer.training and weight.requires_grad and torch.is_grad_enabled()):
+        return False
+    floor = MIN_WORK.get(weight.device.type)
+    return not floor or input.numel() // weight.shape[1] * weight.numel() >= floor
+
+
 class _GSLinear(_GradSkipLayer, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # registries read directly: each ``self.<parameter or buffer>`` is a Python call (Module.__getattr__)
         params, buffers = self._parameters, self._buffers
         weight, bias = params["weight"], params["bias"]
-        if not (self._egg_gs_skip and self.training and weight.requires_grad and torch.is_grad_enabled()):
+        if not _splits(self, input, weight):
             return F.linear(input, weight, bias)
         roles = (buffers["_egg_gs_active"], buffers["_egg_gs_clones"], self._egg_gs_spans, self._egg_gs_cols)
         return _linear_fn(input, weight, bias, roles)
@@ -274,7 +295,7 @@ class _GSConvMixin(_GradSkipLayer):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         params, buffers = self._parameters, self._buffers
         weight = params["weight"]
-        if not (self._egg_gs_skip and self.training and weight.requires_grad and torch.is_grad_enabled()):
+        if not _splits(self, input, weight):
             return super().forward(input)
         unbatched = input.dim() == weight.dim() - 1
         x = input.unsqueeze(0) if unbatched else input  # as F.convNd does for unbatched input
@@ -425,7 +446,8 @@ class GradSkip(rewrite.LayerRewrite):
 
     @property
     def skipping(self) -> dict[str, bool]:
-        """Per managed layer: whether it currently takes the split backward in training (clones, and enough)."""
+        """Per managed layer: whether it currently takes the split backward in training (clones, and enough; on a GPU,
+        per call, also enough work: :data:`MIN_WORK`)."""
         return {name: bool(layer._egg_gs_skip) for name, layer in self._layers.items() if is_grad_skipped(layer)}
 
     def _apply_roles(self, name: str, roles: Roles) -> None:
