@@ -38,7 +38,8 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "minimax": {"attention", "experts"}, "olmo3": {"mlp"}, "mamba2": {"attention"},
               "granitemoehybrid": {"attention", "experts", "mlp"}, "wavlm": {"mlp"}, "resnet": set(),
               "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(),
-              "jamba": {"attention", "experts", "mlp"}, "qwen3_vl_moe": {"attention", "experts", "mlp"}})  # fmt: skip
+              "jamba": {"attention", "experts", "mlp"}, "qwen3_vl_moe": {"attention", "experts", "mlp"},
+              "llama4_vlm": {"attention", "experts", "mlp"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -123,6 +124,19 @@ ROWS = {
         for f in ("qwen3_vl", "qwen3_vl_moe")
     },
     "mistral3": {"model.vision_tower.patch_conv", "model.multi_modal_projector.patch_merger.merging_layer"},
+    # InternVL's projector from its pixel shuffle's 4x (its second layer returns the image features: an output head)
+    "internvl": {"model.vision_tower.embeddings.patch_embeddings.projection", "model.multi_modal_projector.linear_1"},
+    # Llama 4's patch embedding (unfolded patches into a Linear), its pixel shuffle's MLP (its projector's only
+    # layer returns the image features: an output head)
+    "llama4_vlm": {"vision_model.patch_embedding.linear"} | {f"vision_model.vision_adapter.mlp.fc{i}" for i in (1, 2)},
+    # GLM-4.1V's merger (a projection, then a gated MLP) after its 2x2 patches' downsampling convolution
+    "glm4v": {f"model.visual.{m}" for m in ("patch_embed.proj", "downsample")}
+    | {f"model.visual.merger.{p}" for p in ("proj", "gate_proj", "up_proj", "down_proj")},
+    # Aya Vision's projector from its pixel shuffle's 4x (a SwiGLU of one fused layer: rows)
+    "aya_vision": {"model.vision_tower.embeddings.patch_embedding"}
+    | {f"model.multi_modal_projector.linear_{i}" for i in (1, 2)},
+    # Ovis2's visual tokenizer: its 2x2 patches' logits over a visual vocabulary (normalised together, each row apart)
+    "ovis2": {f"model.vision_tower.{m}" for m in ("transformer.embeddings.patch_embedding", "head_linear")},
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
 }
@@ -322,12 +336,13 @@ def test_vision_language_dummy_inputs_run_the_vision_tower_with_the_language_mod
     model.train()
     before = copy.deepcopy(model.state_dict())
     found = discover(model)
-    vision = [n for n in found.groups if not n.startswith(("model.language_model", "model.text_model"))]
+    vision = [n for n in found.groups if not n.removeprefix("model.").startswith(("language_model", "text_model"))]
     assert vision and all(g.probed for g in found.groups.values()), family
     # a unit per head of the vision tower (its config's 4 heads), per key/value group of the language model (its 2)
     heads = {n: g.num_units for n, g in found.groups.items() if g.kind == "attention"}
     assert {u for n, u in heads.items() if n in vision} == {tiny.HEADS} and set(heads.values()) == {tiny.HEADS, 2}
-    assert all(m.training for m in model.modules()) and getattr(model.model, "rope_deltas", None) is None
+    assert all(m.training for m in model.modules())
+    assert getattr(getattr(model, "model", model), "rope_deltas", None) is None
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 

@@ -167,14 +167,15 @@ def _placed_images(
     model: nn.Module, takes: set[str], dtype: torch.dtype, ids: torch.Tensor
 ) -> dict[str, torch.Tensor] | None:
     """Images for a vision-language model that places their features among its token ids (LLaVA, LLaVA-NeXT,
-    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, Idefics3, SmolVLM, Mistral 3): one image per
-    sequence, as its vision config sizes it (Qwen-VL's flattened patches of a grid of 2x2 merged patches, with
-    ``image_grid_thw``; Idefics' images per sequence, with ``pixel_attention_mask``; LLaVA-NeXT's tiles of an image
-    of its first grid's size, after the whole image; ``image_sizes`` where the model needs them), and that many
-    image tokens before each sequence's ids (ids that are image tokens already replaced), ``mm_token_type_ids``
-    marking them. How many tokens an image becomes is what the model's ``get_image_features`` gives for it (run
-    once, in eval mode, nothing kept), else what the config says. ``None`` where the config does not say enough:
-    the vision tower is then not run (its blocks by structure)."""
+    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Gemma 3, PaliGemma, Idefics3, SmolVLM, Mistral 3,
+    InternVL, Llama 4, Aya Vision, Ovis2): one image per sequence, as its vision config sizes it (Qwen-VL's and
+    GLM-4.1V's flattened patches of a grid of 2x2 merged patches, with ``image_grid_thw``; Idefics' images per
+    sequence, with ``pixel_attention_mask``; LLaVA-NeXT's tiles of an image of its first grid's size, after the whole
+    image; ``image_sizes`` where the model needs them), and that many image tokens before each sequence's ids (ids
+    that are image tokens already replaced), ``mm_token_type_ids`` marking them. How many tokens an image becomes is
+    what the model's ``get_image_features`` gives for it (run once, in eval mode, nothing kept), else what the config
+    says. ``None`` where the config does not say enough: the vision tower is then not run (its blocks by
+    structure)."""
     configs = list(_configs(getattr(model, "config", None)))
     token = next((v for c in configs for a in _IMAGE_TOKEN if isinstance(v := getattr(c, a, None), int)), None)
     vision = next((c for c in configs if hasattr(c, "patch_size") and _channels(c)), None)
@@ -253,7 +254,7 @@ def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[
     if features is not None and not any(sharding.is_sharded(q) for q in model.parameters()):
         training = {m: m.training for m in model.modules()}
         try:
-            with torch.no_grad(), _kept_attributes(model):
+            with torch.no_grad(), tensor_attributes_kept(model):
                 model.eval()
                 out = features(**{k: v.to(p.device) for k, v in one.items()})
             out = getattr(out, "pooler_output", out)
@@ -269,7 +270,7 @@ def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[
 
 
 @contextmanager
-def _kept_attributes(model: nn.Module) -> Iterator[None]:
+def tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
     """Run with the tensors a forward pass keeps in public attributes of the model's modules put back after
     (Qwen2-VL's multimodal rotary offsets per sequence, ``rope_deltas``, which a later generation would read): a
     tensor attribute it set is removed or given its former value, one it cleared is set again. Other attributes
@@ -334,7 +335,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     try:
         model.eval()
         try:
-            with watch, _kept_attributes(model):
+            with watch, tensor_attributes_kept(model):
                 returned = model(*call[0], **call[1])
         except Exception as exc:
             if inputs is not None:
@@ -351,7 +352,7 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
             _NO_IMAGES.add(model)
             calls.clear()
             watch = _LayerWatch(modules)
-            with watch, _kept_attributes(model):
+            with watch, tensor_attributes_kept(model):
                 returned = model(**text)
         for h in handles:
             h.remove()

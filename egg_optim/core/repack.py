@@ -32,7 +32,7 @@ from torch import nn
 
 from . import axes
 from .axes import Axis
-from .probe import _kept_attributes, first_tensor
+from .probe import first_tensor, tensor_attributes_kept
 from .roles import Roles
 from .units import MANAGED_TYPES, ManagedLayer, norm_units
 
@@ -195,7 +195,7 @@ def orders_that_change_the_model(
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     training = {m: m.training for m in model.modules()}
     model.eval()
-    with _kept_attributes(model):  # a forward pass may keep state (Qwen2-VL's rope_deltas): put back after
+    with tensor_attributes_kept(model):  # a forward pass may keep state (Qwen2-VL's rope_deltas): put back after
         try:
             try:
                 ref = first_tensor(model(*call[0], **call[1]))

@@ -535,6 +535,42 @@ FAMILIES.update({
                                vision_config={**_SIGLIP, "image_size": 4}), "vlm_tiles"),
 })  # fmt: skip
 
+# InternVL: its own vision tower (layer scale, its CLS token dropped), 4x4 patches shuffled into 2x2 of 4x the width;
+# Llama 4: a tower with 2-D rotary (its CLS token dropped), patches shuffled 2x2 into its adapter MLP (4x the width:
+# the tower's MLP as wide), beside Llama 4's text model (a dense layer, then a MoE one; its dense MLP 40 wide: three
+# images' 48 patches would look like a 48 x 32 weight to the index op counter); GLM-4.1V: Qwen2-VL's inputs, its
+# tower's MLP as wide as its output, learned position embeddings of a 4x4 grid, a merger after a 2x2 convolution;
+# Aya Vision: SigLIP's 4x4 patches shuffled 2x2 into a SwiGLU projector, Cohere 2's text model; Ovis2: its 4x4
+# patches in 2x2 strides scored over a visual vocabulary of 16 (and 5 indicator tokens), embedded by their scores
+FAMILIES.update({
+    "internvl": (_build("InternVLConfig", "InternVLForConditionalGeneration", image_token_id=IMAGE_TOKEN,
+                        image_seq_length=IMAGE_TOKENS, text_config={"model_type": "qwen2", **_TEXT},
+                        vision_config={"image_size": 8, "patch_size": 2, **_ENCODER}), "vlm"),
+    "llama4_vlm": (_build("Llama4Config", "Llama4ForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                          boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                          text_config={"vocab_size": VOCAB, "pad_token_id": 0, "head_dim": 8, "num_local_experts": 4,
+                                       "num_experts_per_tok": 1, "intermediate_size_mlp": 40,
+                                       "interleave_moe_layer_step": 2,
+                                       **{**_GQA, "num_hidden_layers": 2, "intermediate_size": 16}},
+                          vision_config={**_ENCODER, "image_size": 8, "patch_size": 2, "intermediate_size": 4 * HIDDEN,
+                                         "vision_output_dim": HIDDEN, "projector_input_dim": HIDDEN,
+                                         "projector_output_dim": HIDDEN}), "vlm"),
+    "glm4v": (_build("Glm4vConfig", "Glm4vForConditionalGeneration", image_token_id=IMAGE_TOKEN,
+                     video_token_id=VOCAB - 2, image_start_token_id=VOCAB - 3, image_end_token_id=VOCAB - 4,
+                     video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6,
+                     text_config={"model_type": "glm4v_text", **_QWEN_TEXT},
+                     vision_config={**_QWEN_VISION, "depth": 1, "intermediate_size": 40, "out_hidden_size": HIDDEN,
+                                    "image_size": 8}), "vlm_grid"),
+    "aya_vision": (_build("AyaVisionConfig", "AyaVisionForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                          text_config={"model_type": "cohere2", **_TEXT},
+                          vision_config={**_SIGLIP, "patch_size": 2}), "vlm"),
+    "ovis2": (_build("Ovis2Config", "Ovis2ForConditionalGeneration", image_token_id=IMAGE_TOKEN,
+                     visual_indicator_token_ids=[VOCAB - i for i in range(2, 7)], vocab_size=VOCAB, hidden_size=HIDDEN,
+                     text_config={"model_type": "qwen2", **_TEXT},
+                     vision_config={**_ENCODER, "image_size": 8, "patch_size": 2, "hidden_stride": 2,
+                                    "vocab_size": 21}), "vlm"),
+})  # fmt: skip
+
 
 def _vlm(kind: str, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """A vision-language batch: one 8x8 image (LLaVA-NeXT's 4x8, in tiles) per sequence, its IMAGE_TOKENS tokens
