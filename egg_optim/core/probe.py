@@ -236,13 +236,10 @@ def _pair(size: Any) -> tuple[int, int]:
 
 
 def _special_ids(configs: list[Any]) -> set[int]:
-    """Token ids a config names (image, video, begin/end of image, padding...): no plain text token."""
-    return {
-        v
-        for c in configs
-        for k, v in vars(c).items()
-        if isinstance(v, int) and (k.endswith("token_id") or k.endswith("token_index"))
-    }
+    """Token ids a config names (image, video, begin/end of image, padding, Ovis2's visual indicator ids...): no
+    plain text token."""
+    named = [v for c in configs for k, v in vars(c).items() if k.endswith(("token_id", "token_index", "token_ids"))]
+    return {i for v in named for i in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(i, int)}
 
 
 def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[Any]) -> int | None:
