@@ -600,3 +600,32 @@ def test_layers_of_a_container_called_one_by_one_are_no_block(mode):
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
+
+
+def test_an_mlp_found_from_its_parent_is_named_by_the_module_holding_its_layers():
+    """Mistral 3's projector holds a patch merger's Linear beside its MLP, so the MLP is matched from the module above;
+    its layers all sit in the projector, which names it (a made-up ``<parent>.mlp`` only where they sit in several
+    children: BERT's intermediate and output)."""
+    import types
+
+    from egg_optim.core.blocks import discover
+
+    class Merger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merging_layer = torch.nn.Linear(64, 16)
+
+    class Projector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merger = Merger()
+            self.linear_1, self.act, self.linear_2 = torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(hidden_size=16)
+            self.projector = Projector()
+
+    groups = discover(Model(), probe=False).groups
+    assert list(groups) == ["projector"] and groups["projector"].consumer == "projector.linear_2"

@@ -821,7 +821,10 @@ def _mlp(
     if not (d in hidden or (transformer and _has_activation(module))):
         return  # a plain network's two layers, not a transformer MLP
     direct = all(x[0].count(".") == prefix.count(".") + (1 if prefix else 0) for x in widths)
-    name = prefix if direct else _join(prefix, "mlp")
+    holders = {x[0].rpartition(".")[0] for x in widths}
+    # its layers in one child (Mistral 3's projector, whose patch merger beside them kept it from matching there):
+    # named by it; in several (BERT's intermediate and output), by the layer holding them
+    name = prefix if direct else holders.pop() if len(holders) == 1 else _join(prefix, "mlp")
     index = _rows(i, 1)
     slices: list[UnitSlice] = []
     if len(ups) == 1 and ups[0][3] == 2 * i:  # fused gate and up: [gate | up]
