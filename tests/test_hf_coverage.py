@@ -347,6 +347,17 @@ def test_vision_language_dummy_inputs_run_the_vision_tower_with_the_language_mod
         assert torch.equal(value, before[name]), name
 
 
+def test_no_token_id_a_config_names_stands_in_for_text():
+    """The probe's stand-in for image-token ids in the text is an id no config names: single ids and lists of them
+    (Ovis2's visual indicator ids)."""
+    import types
+
+    from egg_optim.core.probe import _special_ids
+
+    cfg = types.SimpleNamespace(image_token_id=5, pad_token_id=0, visual_indicator_token_ids=[7, 8], eos_token_id=None)
+    assert _special_ids([cfg]) == {0, 5, 7, 8}
+
+
 def test_a_vision_language_model_that_rejects_the_dummy_images_is_probed_on_text_alone():
     """Where the model does not run on the dummy images (here: LLaVA with no ``get_image_features`` to count on and a
     config that says a wrong number of image tokens), the probe runs on the token ids alone: the language model's

@@ -23,7 +23,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -249,10 +249,8 @@ def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[
     features = getattr(model, "get_image_features", None)
     p = next(model.parameters())
     if features is not None and not any(sharding.is_sharded(q) for q in model.parameters()):
-        training = {m: m.training for m in model.modules()}
         try:
-            with torch.no_grad(), tensor_attributes_kept(model):
-                model.eval()
+            with torch.no_grad(), checking_pass(model):
                 out = features(**{k: v.to(p.device) for k, v in one.items()})
             out = getattr(out, "pooler_output", out)
             rows = [t for t in (out if isinstance(out, (list, tuple)) else [out]) if torch.is_tensor(t)]
@@ -260,24 +258,24 @@ def _image_tokens(model: nn.Module, one: dict[str, torch.Tensor], configs: list[
                 return sum(t.shape[:-1].numel() for t in rows)
         except Exception as exc:  # noqa: BLE001 - the config may still say
             logger.debug("egg_optim: no image features from %s (%s)", type(model).__name__, exc)
-        finally:
-            for m, flag in training.items():
-                m.training = flag
     return next((v for c in configs for a in _TOKENS_PER_IMAGE if isinstance(v := getattr(c, a, None), int)), None)
 
 
 @contextmanager
-def tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Run with the tensors a forward pass keeps in public attributes of the model's modules put back after
-    (Qwen2-VL's multimodal rotary offsets per sequence, ``rope_deltas``, which a later generation would read): a
-    tensor attribute it set is removed or given its former value, one it cleared is set again. Other attributes
-    stay as the pass left them (a lazy layer's sizes, found by that pass)."""
+def checking_pass(model: nn.Module) -> Iterator[None]:
+    """Run a check's forward passes on ``model`` in eval mode, and put back after what they may change: each
+    module's training flag, and the tensors a forward pass keeps in public attributes (Qwen2-VL's multimodal rotary
+    offsets per sequence, ``rope_deltas``, which a later generation would read: a tensor attribute it set is removed
+    or given its former value, one it cleared is set again). Other attributes stay as the passes left them (a lazy
+    layer's sizes, found by such a pass)."""
     tensors = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_") and torch.is_tensor(v)}  # noqa: E731
-    saved = [(m, dict(vars(m)), tensors(m)) for m in model.modules()]
+    saved = [(m, m.training, dict(vars(m)), tensors(m)) for m in model.modules()]
+    model.eval()
     try:
         yield
     finally:
-        for m, before, kept in saved:
+        for m, training, before, kept in saved:
+            m.training = training
             for k in tensors(m).keys() - kept.keys():  # a tensor it set: as before (absent or another value)
                 if k in before:
                     setattr(m, k, before[k])
@@ -326,31 +324,11 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
         )
         for r in set(runners.values())
     ]
-    watch = _LayerWatch(modules)
-    training = {m: m.training for m in model.modules()}
     settled: dict[tuple, tuple[UnitGroup, str, str]] = {}  # per class and shapes: the first block's layout, verdict
+    passes = ExitStack()
     try:
-        model.eval()
-        try:
-            with watch, tensor_attributes_kept(model):
-                returned = model(*call[0], **call[1])
-        except Exception as exc:
-            if inputs is not None:
-                raise ConfigError(
-                    f"example_inputs: {type(model).__name__} could not run on them ({type(exc).__name__}: {exc}); "
-                    "pass a batch as the model takes it: a dict of keyword arguments, a tuple of positional ones, or "
-                    "a tensor"
-                ) from exc
-            text = _dummy_inputs(model, images=False)
-            if text is None or text.keys() == call[1].keys():
-                raise
-            # images placed among the tokens that the model did not take: its vision tower stays unchecked
-            logger.debug("egg_optim: %s did not run on dummy images (%s)", type(model).__name__, exc)
-            _NO_IMAGES.add(model)
-            calls.clear()
-            watch = _LayerWatch(modules)
-            with watch, tensor_attributes_kept(model):
-                returned = model(**text)
+        passes.enter_context(checking_pass(model))
+        watch, returned = _watched_pass(model, modules, call, inputs, calls)
         for h in handles:
             h.remove()
         found.outputs, found.read_directly = watch.outputs(returned), tuple(watch.read_directly)
@@ -389,10 +367,34 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     finally:
         for h in handles:
             h.remove()
-        for m, flag in training.items():
-            m.training = flag
+        passes.close()
         if sharded:  # FSDP2's forward leaves the root's parameters gathered
             sharding.reshard(model)
+
+
+def _watched_pass(
+    model: nn.Module, modules: Mapping[str, nn.Module], call: tuple[tuple, dict], inputs: Any, calls: dict
+) -> tuple[_LayerWatch, Any]:
+    """The probe's forward pass under a layer watch: ``(watch, what the model returned)``. Given ``inputs`` the model
+    cannot run on are refused (:class:`ConfigError`); dummy images placed among the tokens that it does not take
+    leave it to its token ids alone (its vision tower unchecked, remembered for the model); else what it raised."""
+    try:
+        with (watch := _LayerWatch(modules)):
+            return watch, model(*call[0], **call[1])
+    except Exception as exc:
+        if inputs is not None:
+            raise ConfigError(
+                f"example_inputs: {type(model).__name__} could not run on them ({type(exc).__name__}: {exc}); pass "
+                "a batch as the model takes it: a dict of keyword arguments, a tuple of positional ones, or a tensor"
+            ) from exc
+        text = _dummy_inputs(model, images=False)
+        if text is None or text.keys() == call[1].keys():
+            raise
+        logger.debug("egg_optim: %s did not run on dummy images (%s)", type(model).__name__, exc)
+        _NO_IMAGES.add(model)
+        calls.clear()  # (recorded by the failed pass)
+    with (watch := _LayerWatch(modules)):
+        return watch, model(**text)
 
 
 class _LayerWatch(TorchFunctionMode):

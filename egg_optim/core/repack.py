@@ -32,7 +32,7 @@ from torch import nn
 
 from . import axes
 from .axes import Axis
-from .probe import first_tensor, tensor_attributes_kept
+from .probe import checking_pass, first_tensor
 from .roles import Roles
 from .units import MANAGED_TYPES, ManagedLayer, norm_units
 
@@ -193,38 +193,30 @@ def orders_that_change_the_model(
         why = "no inputs to check on that moving its units keeps the model's output (pass example_inputs)"
         return fixed | {n: why for n, layer in blocks.items() if layer.group is None or layer.group.kind == "attention"}
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    with tensor_attributes_kept(model):  # a forward pass may keep state (Qwen2-VL's rope_deltas): put back after
+    with checking_pass(model):  # eval; its flags and the state a forward pass keeps (rope_deltas) put back after
         try:
+            ref = first_tensor(model(*call[0], **call[1]))
+        except Exception as exc:  # noqa: BLE001 - inputs the model does not take: nothing is moved
+            ref, why = None, f"the model did not run on its example inputs ({type(exc).__name__})"
+        else:
+            why = "the model returned no floating-point tensor to compare"
+        if ref is None:
+            return fixed | dict.fromkeys(blocks, why)
+        scale = max(float(ref.abs().max()), 1e-3)
+        # moving units only reorders the sums over them (float32: ~3e-7 of the output's scale on the tiny models of
+        # every family, where BLOOM's ALiBi slopes moved 2.5e-5 and T5's shared position bias 2e-2)
+        tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
+        for name, layer in blocks.items():
+            order, mine = (
+                swap_order(layer.num_units, layer.parts),
+                resolve(layer, followers.get(name, ()), tensors) or [],
+            )
+            move_units_(layer, order, followers=mine)
             try:
-                ref = first_tensor(model(*call[0], **call[1]))
-            except Exception as exc:  # noqa: BLE001 - inputs the model does not take: nothing is moved
-                ref, why = None, f"the model did not run on its example inputs ({type(exc).__name__})"
-            else:
-                why = "the model returned no floating-point tensor to compare"
-            if ref is None:
-                return fixed | dict.fromkeys(blocks, why)
-            scale = max(float(ref.abs().max()), 1e-3)
-            # moving units only reorders the sums over them (float32: ~3e-7 of the output's scale on the tiny models of
-            # every family, where BLOOM's ALiBi slopes moved 2.5e-5 and T5's shared position bias 2e-2)
-            tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
-            for name, layer in blocks.items():
-                order, mine = (
-                    swap_order(layer.num_units, layer.parts),
-                    resolve(layer, followers.get(name, ()), tensors) or [],
-                )
-                move_units_(layer, order, followers=mine)
-                try:
-                    out = first_tensor(model(*call[0], **call[1]))
-                finally:
-                    move_units_(layer, inverse(order), followers=mine)
-                gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
-                if not gap <= tol * scale:
-                    fixed[name] = (
-                        f"moving its units changes the model's output by {gap:.3g} (largest entry {scale:.3g})"
-                    )
-            return fixed
-        finally:
-            for m, flag in training.items():
-                m.training = flag
+                out = first_tensor(model(*call[0], **call[1]))
+            finally:
+                move_units_(layer, inverse(order), followers=mine)
+            gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
+            if not gap <= tol * scale:
+                fixed[name] = f"moving its units changes the model's output by {gap:.3g} (largest entry {scale:.3g})"
+        return fixed
