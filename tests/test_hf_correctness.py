@@ -263,12 +263,13 @@ def test_gradient_checkpointing_trains_the_same_weights(mode, reentrant):
 
 
 # ---------------------------------------------------------------------------------------------- Gemma 3n
-def test_gemma3n_parallel_projections_are_layers_and_its_training_mode_reads_are_refused_at_the_first_step():
+def test_gemma3n_parallel_projections_are_layers_and_output_mode_leaves_its_training_mode_reads_alone():
     """Gemma 3n's ``altup_projections`` (a ModuleList of hidden -> hidden Linears, each called on the embeddings) look
-    like an MLP by structure; the probe's pass shows them called one by one: each is managed by its rows, and weight
-    mode trains. Output mode is refused at the first training step, typed and naming the layers: in training the
-    model computes with ``correction_coefs.weight`` (clamped) without calling the layer, which the eval-mode probe
-    does not see."""
+    like an MLP by structure; the probe's pass shows them called one by one: each is managed by its rows. In training
+    the model computes with ``correction_coefs.weight`` (clamped) without calling the layer: the probe's training-mode
+    pass sees it, so output mode's default plan leaves those layers alone (warned) and trains; a plan naming them is
+    refused at construction, typed, before anything changes. The pass changes nothing: parameters (its in-place clamp of
+    ``prediction_coefs``, here pushed past the clip), buffers and the random state are as before."""
     import warnings
 
     from egg_optim.errors import RewriteCheckError
@@ -277,22 +278,36 @@ def test_gemma3n_parallel_projections_are_layers_and_its_training_mode_reads_are
         vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=16, hidden_size_per_layer_input=4,
         intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
         laurel_rank=4, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0],
-        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8, altup_coef_clip=0.01,
     )  # fmt: skip
+    coefs = [f"model.layers.{i}.altup.correction_coefs" for i in range(2)]
     for mode in ("weight", "output"):
         torch.manual_seed(0)
         model = transformers.Gemma3nForCausalLM(cfg)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        tensors = lambda m: dict([*m.named_parameters(), *m.named_buffers()])  # noqa: E731 - raw, not exported
+        before = {k: v.detach().clone() for k, v in tensors(model).items()}
+        assert before["model.layers.0.altup.prediction_coefs.weight"].abs().max() > 0.01  # the clamp would change it
+        rng = torch.get_rng_state()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             opt = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan.preset("mild"),
                                        clone_mode=mode)  # fmt: skip
-        assert {f"model.altup_projections.{i}" for i in range(3)} <= set(opt.coverage().row_layers)
-        assert opt.coverage().by_structure == ()
-        if mode == "weight":
-            _train(model, opt, 2)
-        else:
-            with pytest.raises(RewriteCheckError, match=r"altup\.correction_coefs.*without calling"):
-                _train(model, opt, 2)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(v, tensors(model)[k]) for k, v in before.items())
+        cov = opt.coverage()
+        assert {f"model.altup_projections.{i}" for i in range(3)} <= set(cov.row_layers)
+        assert cov.by_structure == ()
+        left = any("output mode leaves alone" in str(w.message) for w in caught)
+        assert left == (mode == "output") and (set(coefs) <= set(cov.row_layers)) == (mode == "weight")
+        _train(model, opt, 2)
+    torch.manual_seed(0)
+    model = transformers.Gemma3nForCausalLM(cfg)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RewriteCheckError, match=r"altup\.correction_coefs.*without calling"):
+        LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.5, 0.0, layers=coefs),
+                             clone_mode="output")  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(model.model.layers[0].altup.correction_coefs) is nn.Linear  # nothing rewritten
 
 
 def _train(model: nn.Module, opt: LeaderCloneOptimizer, steps: int) -> None:

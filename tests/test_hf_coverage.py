@@ -56,6 +56,7 @@ NOT_DECOMPOSED = {
     "siglip": {"vision_model.head"},  # torch's MultiheadAttention pooling head: one fused in_proj parameter
     # a global response norm across the MLP's neurons (the identity at initialisation: the probe wakes it up)
     "convnextv2": {"convnextv2.encoder.stages.0.layers.0", "convnextv2.encoder.stages.1.layers.0"},
+    "gemma3n": {"model.layers.2.self_attn"},  # queries only: its keys and values are layer 1's (a shared cache)
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -137,12 +138,32 @@ ROWS = {
     | {f"model.multi_modal_projector.linear_{i}" for i in (1, 2)},
     # Ovis2's visual tokenizer: its 2x2 patches' logits over a visual vocabulary (normalised together, each row apart)
     "ovis2": {f"model.vision_tower.{m}" for m in ("transformer.embeddings.patch_embedding", "head_linear")},
+    # Gemma 3n's alternating-updates coefficients and router, per-layer inputs' gates and projections, and the
+    # projections into and out of its parallel streams (called one by one: no block)
+    "gemma3n": {
+        f"model.layers.{i}.{m}"
+        for i in range(3)
+        for m in (
+            "altup.correction_coefs",
+            "altup.prediction_coefs",
+            "altup.modality_router",
+            "per_layer_input_gate",
+            "per_layer_projection",
+        )
+    }  # fmt: skip
+    | {"model.per_layer_model_projection"}
+    | {f"model.altup_{p}projections.{i}" for p in ("", "unembed_") for i in range(3)},
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
 }
 # layers whose weight the model computes with without calling them (Mamba-1 mixers' dt_proj): output mode's default
 # plan leaves them alone (found on the model's dummy inputs), weight mode manages them
-READ_DIRECTLY = {"mamba": {"backbone.layers.0.mixer.dt_proj"}, "jamba": {"model.layers.0.mamba.dt_proj"}}
+# (Gemma 3n's correction coefficients, read clamped in training only: seen by the probe's training-mode pass)
+READ_DIRECTLY = {
+    "mamba": {"backbone.layers.0.mixer.dt_proj"},
+    "jamba": {"model.layers.0.mamba.dt_proj"},
+    "gemma3n": {f"model.layers.{i}.altup.correction_coefs" for i in range(3)},
+}
 # blocks whose units differ by more than their slices: a clone computes with its own value (kind: why)
 OWN_PER_UNIT_VALUES = {
     "bloom": ("attention", "ALiBi slopes"),

@@ -183,7 +183,8 @@ class _ReadsAWeight(nn.Module):
 
 def test_output_mode_leaves_alone_a_layer_whose_weight_the_model_reads_without_calling_it():
     """Seen on the example inputs: a default plan in output mode leaves ``mix`` alone and says why (its clones could
-    not take their sources' outputs), weight mode manages it, a plan naming it is refused at the first step."""
+    not take their sources' outputs), weight mode manages it; a plan naming it, or leaving nothing else, is refused
+    at construction (at the first step where the probe did not run)."""
     from egg_optim.errors import RewriteCheckError
 
     x = torch.randn(4, 8)
@@ -201,10 +202,52 @@ def test_output_mode_leaves_alone_a_layer_whose_weight_the_model_reads_without_c
     model(x).sum().backward()
     o.step()
     assert set(opt("weight", example_inputs=x)[1].layers) == {"mix", "body"}
-    model, o = opt("output", RolePlan(0.5, 0.0, layers=["mix", "body"]), example_inputs=x)
+    named = RolePlan(0.5, 0.0, layers=["mix", "body"])
+    with pytest.raises(RewriteCheckError, match=r"\['mix'\].*without calling these layers"):
+        opt("output", named, example_inputs=x)
+    with pytest.raises(RewriteCheckError, match=r"\['mix'\].*without calling these layers"):
+        opt("output", RolePlan(0.5, 0.0, exclude=["body"]), example_inputs=x)  # nothing else left
+    model, o = opt("output", named)  # no inputs, no probe: the first step refuses it
     model(x).sum().backward()
     with pytest.raises(RewriteCheckError, match="without calling these layers"):
         o.step()
+
+
+class _ReadsAWeightInTraining(nn.Module):
+    """Calls ``mix`` in eval mode and computes with its weight (clamped) in training, as Gemma 3n does with its
+    ``correction_coefs``; clamps ``body``'s weight in place in training, has a BatchNorm and a dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.body, self.norm, self.drop = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if self.training:
+            self.body.weight.data.clamp_(-0.01, 0.01)
+            x = x @ self.mix.weight.clamp(-1, 1).t() + self.mix.bias
+        else:
+            x = self.mix(x)
+        return self.head(self.drop(self.norm(torch.relu(self.body(x)))))
+
+
+def test_reads_a_training_forward_pass_makes_are_seen_and_the_pass_changes_nothing():
+    """The probe runs a training-mode pass too: output mode's default plan leaves ``mix`` alone (its weight is read
+    without calling it in training only). That pass changes nothing: the in-place clamp of ``body``'s weight, the
+    BatchNorm's running statistics and batch count, the random state and each module's training flag are as
+    before."""
+    torch.manual_seed(0)
+    model = _ReadsAWeightInTraining()
+    model.norm.eval()  # a flag of the user's, kept
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    x, rng = torch.randn(4, 8), torch.get_rng_state()
+    with pytest.warns(UserWarning, match=r"output mode leaves alone \['mix'\]"):
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5, 0.0),
+                                   clone_mode="output", example_inputs=x)  # fmt: skip
+    assert set(opt.layers) == {"body"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, dict([*model.named_parameters(), *model.named_buffers()])[k]) for k, v in before.items())
+    assert model.training and not model.norm.training and model.drop.training
 
 
 def test_a_default_plan_leaves_every_layer_the_model_returns_alone():

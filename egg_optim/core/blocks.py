@@ -347,11 +347,15 @@ def discover(model: nn.Module, *, probe: bool = True, inputs: Any = None) -> Dis
                 found.groups[item.name] = item
                 for m in item.modules:
                     claimed[m] = item.name
+    named = dict(modules)
     for item in failed.values():  # attention look-alikes first, deepest first: they were tried so
         members = tuple(m for m in item.members if m not in claimed)
-        own = any(m.rpartition(".")[0] == item.name for m in members)  # projections of its own, not only deeper
+        # an attention of its own (a head count) with projections of its own beside a look-alike (Kimi-Linear's
+        # gate): both are left alone; a layer around a look-alike whose head count is only the look-alike's is
+        # no attention (Gemma 3n's layers around a key/value-sharing one: their other projections are layers)
+        own = _int(named[item.name], _SIGNAL) and any(m.rpartition(".")[0] == item.name for m in members)
         if not own and any(n.startswith(f"{item.name}.") for n in found.skipped):
-            continue  # a layer around an attention look-alike (its head count): the look-alike is the block
+            continue
         if members:
             found.skipped[item.name] = Skipped(item.name, item.kind, item.reason, members)
             for m in members:
@@ -509,6 +513,10 @@ def _attention(
         n, m, _ = producers[0]
         slices += _producer_slices(n, m, _fused_index("blocked", kv, rep, head_dim))
         layout = "blocked (assumed)"
+    elif len(producers) == 1 and producers[0][2] == q_rows:
+        yield skip(f"it projects only queries ({producers[0][0]!r}): its keys and values are another layer's (a "
+                   "shared key/value cache, Gemma 3n's), whose heads are no units of this block")  # fmt: skip
+        return
     else:
         yield skip(f"its projections from the hidden states {[(n, o) for n, _, o in producers]} are not q/k/v of "
                    f"{heads} heads / {kv} key-value heads of size {head_dim} (separate, one fused, or with a gated "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
 from . import sharding
@@ -328,10 +330,11 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
     passes = ExitStack()
     try:
         passes.enter_context(checking_pass(model))
-        watch, returned = _watched_pass(model, modules, call, inputs, calls)
+        watch, returned, used = _watched_pass(model, modules, call, inputs, calls)
         for h in handles:
             h.remove()
-        found.outputs, found.read_directly = watch.outputs(returned), tuple(watch.read_directly)
+        found.outputs = watch.outputs(returned)
+        found.read_directly = tuple(dict.fromkeys([*watch.read_directly, *_training_reads(model, modules, used)]))
         for name, runner in runners.items():
             g = found.groups[name]
             if runner not in calls:
@@ -374,13 +377,14 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
 
 def _watched_pass(
     model: nn.Module, modules: Mapping[str, nn.Module], call: tuple[tuple, dict], inputs: Any, calls: dict
-) -> tuple[_LayerWatch, Any]:
-    """The probe's forward pass under a layer watch: ``(watch, what the model returned)``. Given ``inputs`` the model
-    cannot run on are refused (:class:`ConfigError`); dummy images placed among the tokens that it does not take
-    leave it to its token ids alone (its vision tower unchecked, remembered for the model); else what it raised."""
+) -> tuple[_LayerWatch, Any, tuple[tuple, dict]]:
+    """The probe's forward pass under a layer watch: ``(watch, what the model returned, the call it ran)``. Given
+    ``inputs`` the model cannot run on are refused (:class:`ConfigError`); dummy images placed among the tokens that
+    it does not take leave it to its token ids alone (its vision tower unchecked, remembered for the model); else
+    what it raised."""
     try:
         with (watch := _LayerWatch(modules)):
-            return watch, model(*call[0], **call[1])
+            return watch, model(*call[0], **call[1]), call
     except Exception as exc:
         if inputs is not None:
             raise ConfigError(
@@ -394,13 +398,69 @@ def _watched_pass(
         _NO_IMAGES.add(model)
         calls.clear()  # (recorded by the failed pass)
     with (watch := _LayerWatch(modules)):
-        return watch, model(**text)
+        return watch, model(**text), ((), text)
+
+
+def _training_reads(model: nn.Module, modules: Mapping[str, nn.Module], call: tuple[tuple, dict]) -> tuple[str, ...]:
+    """The layers whose weight a training-mode forward pass of ``call`` computes with without calling them (Gemma
+    3n's ``correction_coefs``, read clamped in training only), which the eval-mode pass does not show: one more pass,
+    in training mode, under ``no_grad``, that changes nothing: buffers (running statistics) and the parameters it
+    writes into (Gemma 3n's in-place clamp of ``prediction_coefs``) are put back (:class:`_KeptValues`), and so is
+    the random state (dropout). Not run on a sharded model (FSDP2's gathered parameters are its own), nor
+    where the pass fails: then the first training step is the check (``guards.check_called``)."""
+    if any(sharding.is_sharded(p) for p in model.parameters()):
+        return ()
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(), _KeptValues(model):
+            warnings.simplefilter("ignore")  # (training-mode advice, e.g. on caches under gradient checkpointing)
+            model.train()
+            with (watch := _LayerWatch(modules)):
+                model(*call[0], **call[1])
+        return tuple(watch.read_directly)
+    except Exception as exc:  # noqa: BLE001 - the first step checks what this pass could not
+        logger.debug("egg_optim: no training-mode pass for %s (%s)", type(model).__name__, exc)
+        return ()
+    finally:
+        for m, flag in training:
+            m.training = flag
+
+
+class _KeptValues(TorchDispatchMode):
+    """Puts back, on exit, every buffer of ``model`` (copied on entry: BatchNorm's kernels update running statistics
+    through arguments their schema does not mark as written) and every parameter an aten op wrote into inside the
+    block (matched by storage: views and ``.data`` included; copied when first written)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._params: dict[int, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            self._params.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+        self._saved = [(b, b.clone()) for b in model.buffers()]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            given = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+            for a in func._schema.arguments:
+                value = given.get(a.name)
+                if a.alias_info is not None and a.alias_info.is_write and isinstance(value, torch.Tensor):
+                    for p in self._params.pop(value.untyped_storage().data_ptr(), ()):
+                        self._saved.append((p, p.detach().clone()))
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        with torch.no_grad():
+            for t, copy in self._saved:
+                t.copy_(copy)
 
 
 class _LayerWatch(TorchFunctionMode):
     """Watches the probe's forward pass for what each Linear / ConvNd layer does outside its own forward: which
     layers' outputs the model returns (:meth:`outputs`), and which layers' weights the model computes with without
-    calling them (:attr:`read_directly`: Mamba's ``dt_proj``; reads only a training-mode forward makes are not seen),
+    calling them (:attr:`read_directly`: Mamba's ``dt_proj``; a training-mode pass too: :func:`_training_reads`),
     which output mode cannot give their sources' outputs. Metadata (``weight.dtype``) does not count; a result that is
     a tensor does; a weight tied to another module (an embedding) is that module's to read."""
 

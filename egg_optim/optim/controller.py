@@ -49,7 +49,7 @@ from ..core.schedule import Schedule
 from ..core.scores import RandomScore, Score, StepData, check_observed_scores, first_draw, unit_scores
 from ..core.state_dict import Book, LayerBook, check_clone_rows, dependencies, pack_book, parse_book
 from ..core.units import ManagedLayer, build_managed_layers, check_single_owners, couple_norm, parameter_holders
-from ..errors import ConfigError, ElectionError, PlanError, StateDictMismatchError
+from ..errors import ConfigError, ElectionError, PlanError, RewriteCheckError, StateDictMismatchError
 from ..rewrites.base import LayerRewrite
 from ..rewrites.factory import build_rewrites
 from . import stats as role_stats
@@ -115,14 +115,24 @@ def _trainable_only(plan: RolePlan, layer_plans, layers, in_optimizer: set[int])
 
 
 def _called_only(model: nn.Module, plan: RolePlan, layer_plans, layers):
-    """A default plan in output mode leaves alone the layers whose weight the model computes with without calling
-    them (the probe saw it: Mamba's ``dt_proj``), whose clones could not take their sources' outputs; a plan naming
-    them keeps them, and the first step refuses them (``check_called``)."""
-    if plan.units != "auto" or plan.layers is not None or plan.only_listed:
+    """Output mode and the layers whose weight the model computes with without calling them (the probe saw it, in
+    eval or training mode: Mamba's ``dt_proj``, Gemma 3n's ``correction_coefs``), whose clones could not take their
+    sources' outputs: a default plan leaves them alone (warned); a plan naming them, or a default plan left with
+    nothing else, is refused now (:class:`RewriteCheckError`). Where the probe did not run (``units="layers"``, no
+    inputs), the first step refuses them (``check_called``)."""
+    if plan.units != "auto":
         return layer_plans, layers
     direct = [n for n in discover(model).read_directly if n in layers and layers[n].group is None]
-    if not direct or len(direct) == len(layers):
+    if not direct:
         return layer_plans, layers
+    if plan.layers is not None or plan.only_listed or len(direct) == len(layers):
+        raise RewriteCheckError(
+            direct[0],
+            f"output mode cannot give the clones of {direct} their sources' outputs: the model computes with their "
+            "weights without calling these layers (seen on the probe's forward pass), so clones would compute with "
+            "their own rows while the saved model holds their sources'. Use clone_mode='weight', or leave them "
+            f"out: RolePlan(..., exclude={direct!r})",
+        )
     warnings.warn(
         f"egg_optim: output mode leaves alone {direct}: {READ_DIRECTLY} (clone_mode='weight' manages them)",
         stacklevel=4,

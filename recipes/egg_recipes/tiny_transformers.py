@@ -54,6 +54,22 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], str]] = {
         _causal("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **{**_GQA, "num_hidden_layers": 2}),
         "causal",
     ),
+    "gemma3n": (
+        _causal(
+            "Gemma3nTextConfig",
+            "Gemma3nForCausalLM",
+            head_dim=8,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            laurel_rank=8,
+            num_kv_shared_layers=1,
+            sliding_window=8,
+            activation_sparsity_pattern=[0.0] * 3,
+            layer_types=["sliding_attention", "full_attention"] * 1 + ["full_attention"],
+            **{**_GQA, "num_hidden_layers": 3},
+        ),
+        "causal",
+    ),  # fmt: skip
     "stablelm": (_causal("StableLmConfig", "StableLmForCausalLM", **_GQA), "causal"),
     "phi3": (_causal("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_GQA), "causal"),
     "opt": (
