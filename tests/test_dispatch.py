@@ -47,6 +47,25 @@ def test_the_counter_tells_parameter_traffic_from_activation_traffic():
     assert lin.weight.grad is not None and count.ops["clone"] == 0
 
 
+def test_the_counter_tells_weights_from_activations_by_origin_not_shape():
+    """An activation of exactly a weight's shape and dtype, gathered forward and scattered backward, is activation
+    traffic; a weight gradient formed by ``index_add`` is parameter traffic also when it is added to a gradient
+    already there (accumulation) rather than becoming it."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6, bias=False)
+    idx = torch.tensor([0, 2, 3, 5])
+    x = torch.randn(6, 6, requires_grad=True)  # the weight's shape
+    with DispatchCounter(lin) as count:
+        lin(x.index_select(0, torch.tensor([1, 0, 2, 3, 4, 5]))).sum().backward()
+    assert count.index_ops["index_select"] == 1 and count.index_ops["index_add"] == 1
+    assert count.param_index_total == 0, dict(count.param_index_ops)
+    for accumulate in (False, True):
+        lin.weight.grad = torch.zeros_like(lin.weight) if accumulate else None
+        with DispatchCounter(lin) as count:
+            nn.functional.linear(x, lin.weight.index_select(0, idx)).sum().backward()
+        assert dict(count.param_index_ops) == {"index_select": 1, "index_add": 1}, accumulate
+
+
 @contextlib.contextmanager
 def _phase(count: dict[str, int] | None, name: str):
     if count is None:

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egg_optim import EggConfig, LeaderCloneOptimizer
+from egg_optim import EggConfig, LeaderCloneOptimizer, RolePlan
 from egg_optim.core import axes, repack
 from egg_optim.core.election import elect
 from egg_optim.core.roles import Roles, by_parts
@@ -423,3 +423,33 @@ def test_stats_count_the_layers_an_election_scattered_and_the_log_says_what_keep
         assert totals[flag] == sum(not e["runs"] for e in stats["layers"].values())
         assert len(said) == (0 if flag else 1) and (flag or "repack=True" in said[0])
     assert totals[False] > 0 and totals[True] == 0
+
+
+@pytest.mark.parametrize("family", ["gemma3", "t5", "mixtral", "gemma3n"])
+def test_the_check_by_groups_refuses_what_a_check_per_layer_does_in_two_passes_when_all_move(family):
+    """The check swaps every layer's units at once and halves a group whose output changed: it refuses exactly the
+    layers a check of each layer alone refuses (T5's blocks reading the first block's per-head bias, BLOOM's
+    ALiBi heads, Gemma 3n's layers), and where every layer may move it runs the model twice (the reference, all
+    swapped) where the check per layer ran it once per layer, plus one; where most are refused, about as often."""
+    from egg_optim.core.probe import example_call
+    from egg_optim.core.units import build_managed_layers
+
+    model = _model(family)
+    plan = RolePlan.preset("mild")
+    blocks = {n: c for n, c in plan.candidates(model).items() if hasattr(c, "slices")}
+    layers = build_managed_layers(model, list(plan.resolve(model)), None, groups=blocks)
+    followers, kept = repack.plain_followers(model, layers)
+    call = example_call(model, None)
+    passes = []
+    handle = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    grouped = repack.orders_that_change_the_model(model, layers, call, followers)
+    n_grouped, passes[:] = len(passes), []
+    alone = {}
+    for name in layers:
+        alone |= repack.orders_that_change_the_model(model, {name: layers[name]}, call, followers)
+    handle.remove()
+    assert set(grouped) == set(alone) and all(grouped.values())
+    checked = [n for n, layer in layers.items() if layer.group is not None or n in followers]
+    assert len(checked) >= 2
+    per_layer = len(checked) + 1  # what a pass per layer cost (and the reference)
+    assert n_grouped == 2 < per_layer if not grouped else n_grouped <= per_layer * 1.3, (n_grouped, per_layer)

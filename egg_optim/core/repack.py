@@ -182,8 +182,13 @@ def orders_that_change_the_model(
     """``{layer: why its units keep their order}`` for the blocks of ``layers`` and the plain layers with
     ``followers`` (:func:`plain_followers`) whose units may not move: with its first and last unit swapped (and put
     back after), the model's first floating-point output on ``call`` (``(args, kwargs)``, run in eval mode)
-    changed, or, without ``call``, an attention block or a plain layer (nothing to check it on). One forward pass
-    per layer."""
+    changed, or, without ``call``, an attention block or a plain layer (nothing to check it on).
+
+    Checked by groups: every layer's units are swapped at once and the model run once; a group whose output changed
+    is halved (where its first half does not change it, its second half does: split without a pass), down to
+    single layers, each refused only on a pass of its own. So a model whose layers all may move costs two forward
+    passes (the reference and one), where a pass per layer costs as many as it has blocks (a vision-language
+    model's towers: tens); where most layers checked alone are refused, the rest are checked one by one."""
     followers = followers or {}
     blocks = {n: layer for n, layer in layers.items() if layer.group is not None or n in followers}
     fixed = {n: f"per-unit values outside its slices ({layer.group.inexact})" for n, layer in blocks.items()
@@ -206,17 +211,52 @@ def orders_that_change_the_model(
         # moving units only reorders the sums over them (float32: ~3e-7 of the output's scale on the tiny models of
         # every family, where BLOOM's ALiBi slopes moved 2.5e-5 and T5's shared position bias 2e-2)
         tol = {torch.float64: 1e-10, torch.float32: 4e-6}.get(ref.dtype, 2e-3)
-        for name, layer in blocks.items():
-            order, mine = (
-                swap_order(layer.num_units, layer.parts),
-                resolve(layer, followers.get(name, ()), tensors) or [],
-            )
-            move_units_(layer, order, followers=mine)
+        moves = {
+            name: (swap_order(layer.num_units, layer.parts), resolve(layer, followers.get(name, ()), tensors) or [])
+            for name, layer in blocks.items()
+        }
+
+        def gap(names: list[str]) -> float:
+            """The largest change of the output with the units of ``names`` swapped (put back after, in reverse)."""
+            done: list[str] = []
             try:
+                for name in names:
+                    move_units_(blocks[name], moves[name][0], followers=moves[name][1])
+                    done.append(name)
                 out = first_tensor(model(*call[0], **call[1]))
             finally:
-                move_units_(layer, inverse(order), followers=mine)
-            gap = float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
-            if not gap <= tol * scale:
-                fixed[name] = f"moving its units changes the model's output by {gap:.3g} (largest entry {scale:.3g})"
-        return fixed
+                for name in reversed(done):
+                    move_units_(blocks[name], inverse(moves[name][0]), followers=moves[name][1])
+            return float((out.float() - ref.float()).abs().max()) if out is not None else float("inf")
+
+        alone = [0, 0]  # layers checked alone, and refused
+
+        def refuse(name: str, moved: float) -> None:
+            fixed[name] = f"moving its units changes the model's output by {moved:.3g} (largest entry {scale:.3g})"
+            alone[1] += 1
+
+        todo: list[tuple[list[str], bool]] = [(list(blocks), False)] if blocks else []  # (layers, known to change)
+        while todo:
+            names, changes = todo.pop()
+            if not changes or len(names) == 1:
+                moved = gap(names)
+                alone[0] += len(names) == 1
+                if moved <= tol * scale:
+                    continue
+                if len(names) == 1:
+                    refuse(names[0], moved)
+                    continue
+            if alone[0] >= 4 and 2 * alone[1] > alone[0]:  # most layers refused so far: each alone costs less
+                todo += [([n], False) for n in reversed(names)]
+                continue
+            first, second = names[: len(names) // 2], names[len(names) // 2 :]
+            moved = gap(first)
+            alone[0] += len(first) == 1
+            if moved <= tol * scale:
+                todo.append((second, True))  # the change is in the second half
+            elif len(first) == 1:
+                refuse(first[0], moved)
+                todo.append((second, False))
+            else:
+                todo += [(second, False), (first, True)]
+        return {n: fixed[n] for n in layers if n in fixed}

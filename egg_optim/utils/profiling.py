@@ -16,17 +16,19 @@ An index op counts as **over a parameter-sized tensor** when one of its floating
 
 - shares storage with a parameter or floating-point buffer of ``model`` (views and ``.detach()`` included), a
   tensor of the optimizer's state, or a gradient (known from the moment autograd accumulates it);
-- has two or more dimensions and exactly the shape and dtype of a parameter (a weight gradient being formed);
 - is the output of an earlier parameter-sized index op (a weight's active rows, and what is built from them);
-- is a one-dimensional output that becomes a parameter's gradient (a bias gradient formed by ``index_add``).
+- in backward, is a parameter's gradient being formed: the op writes a tensor of as many elements as a parameter
+  that the autograd node running it accumulates into (its next function, directly or through view and cast
+  nodes), and that tensor becomes the parameter's gradient or is added to it (a weight's or bias's gradient
+  scattered by ``index_add``; not the per-channel statistics a norm's backward gathers for its input gradient).
 
 Collectives (``torch.distributed`` ops and functional collectives, e.g. FSDP2's and DTensor's all-gathers) are
 counted apart, with the bytes of the largest tensor each one moves (an all-gather's output, a broadcast's or
 all-reduce's tensor): what a step adds to the traffic between GPUs.
 
-Index tensors themselves (integers) are ignored. An activation could pass for a weight only by having exactly
-its shape: size the inputs so that it does not (``batch * tokens`` different from every weight dimension).
-Work done in opaque kernels (egg_optim's native CPU norm kernels, fused optimizer kernels) is one
+Index tensors themselves (integers) are ignored. Activations are told from weights by where they come from, not
+by their shape; a gradient formed by an index op and then changed by another op before it is accumulated (a cast)
+is not seen. Work done in opaque kernels (egg_optim's native CPU norm kernels, fused optimizer kernels) is one
 op, as it is one launch. Counting costs time: measure time without the counter.
 """
 
@@ -53,6 +55,15 @@ INDEX_OPS = frozenset(
     }
 )  # fmt: skip
 
+# autograd nodes between an op's node and a parameter's gradient accumulation that only view or cast (class names
+# without their version digits)
+_PASS_THROUGH = frozenset(
+    {
+        "TBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "NarrowBackward", "SliceBackward",
+        "SelectBackward", "PermuteBackward", "TransposeBackward", "SqueezeBackward", "UnsqueezeBackward",
+        "AliasBackward", "AsStridedBackward", "ExpandBackward", "ToCopyBackward", "CloneBackward",
+    }
+)  # fmt: skip
 _COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
 _NOT_COLLECTIVES = frozenset({"wait_tensor", "_wrap_tensor_autograd"})  # bookkeeping of functional collectives
 
@@ -97,20 +108,20 @@ class DispatchCounter(TorchDispatchMode):
         self.collectives: Counter[str] = Counter()
         self.collective_bytes = 0
         self._known: set[int] = set()
-        self._grads: set[int] = set()
-        self._shapes: set[tuple[tuple[int, ...], torch.dtype]] = set()
-        # storages of tainted outputs and of 1-d outputs that may become gradients, kept alive so that no new
-        # tensor reuses their memory (the storages, not the tensors: autograd steals a gradient only when no one
-        # else holds the tensor, and a counter must not change what it counts)
+        self._params: set[int] = set()
+        # storages of tainted outputs and of what may become gradients, kept alive so that no new tensor reuses their
+        # memory (the storages, not the tensors: autograd steals a gradient only when no one else holds the tensor,
+        # and a counter must not change what it counts)
         self._keep: list[Any] = []
-        self._pending: list[tuple[str, int, list[int]]] = []
+        self._pending: list[tuple[str, int, list[int]]] = []  # (op, bytes written, storages) that may form gradients
+        self._accumulated: set[int] = set()  # storages that became or were added to a gradient
         self._hooks: list[Any] = []
 
     def __enter__(self) -> DispatchCounter:
         params = list(self._model.parameters()) if self._model is not None else []
         params += self._extra
         buffers = [b for b in self._model.buffers() if b.is_floating_point()] if self._model is not None else []
-        self._shapes = {(tuple(t.shape), t.dtype) for t in params if t.dim() >= 2}
+        self._params = {p for p in map(_storage, params) if p is not None}
         tensors = params + buffers + _state_tensors(self._optimizer)
         tensors += [p.grad for p in params if p.grad is not None]
         self._known = {p for p in map(_storage, tensors) if p is not None}
@@ -122,18 +133,18 @@ class DispatchCounter(TorchDispatchMode):
     def _grad_seen(self, p: torch.Tensor) -> None:
         ptr = _storage(p.grad)
         if ptr is not None:
-            self._grads.add(ptr)
             self._known.add(ptr)
+            self._accumulated.add(ptr)
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
         for h in self._hooks:
             h.remove()
         for name, written, ptrs in self._pending:
-            if any(p in self._grads for p in ptrs):
+            if self._accumulated.intersection(ptrs):
                 self.param_index_ops[name] += 1
                 self.param_index_bytes += written
-        self._hooks, self._keep, self._pending = [], [], []
+        self._hooks, self._keep, self._pending, self._accumulated = [], [], [], set()
 
     @property
     def total(self) -> int:
@@ -147,8 +158,22 @@ class DispatchCounter(TorchDispatchMode):
     def param_index_total(self) -> int:
         return sum(self.param_index_ops.values())
 
-    def _param_sized(self, t: torch.Tensor) -> bool:
-        return (t.dim() >= 2 and (tuple(t.shape), t.dtype) in self._shapes) or _storage(t) in self._known
+    def _forms_grad(self, outs: list[torch.Tensor]) -> bool:
+        """In backward: whether the autograd node running accumulates into a parameter (directly or through view
+        and cast nodes) of as many elements as a tensor the op returns."""
+        node = torch._C._current_autograd_node()
+        sizes = {t.numel() for t in outs}
+        todo, seen = [node] if node is not None else [], 0
+        while todo and seen < 16:
+            seen += 1
+            for nxt, _ in todo.pop().next_functions:
+                variable = getattr(nxt, "variable", None)
+                if variable is not None:
+                    if variable.numel() in sizes and _storage(variable) in self._params:
+                        return True
+                elif nxt is not None and type(nxt).__name__.rstrip("0123456789") in _PASS_THROUGH:
+                    todo.append(nxt)
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,6 +182,9 @@ class DispatchCounter(TorchDispatchMode):
         self.ops[name] += 1
         if func.is_view:
             self.views += 1
+        if self._pending and type(torch._C._current_autograd_node()).__name__ == "AccumulateGrad":
+            # a gradient added to an existing one: what it adds may have been formed by an index op
+            self._accumulated.update(_storage(t) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
         if func.namespace in _COLLECTIVE_NAMESPACES and name not in _NOT_COLLECTIVES:
             self.collectives[name] += 1
             moved = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
@@ -171,7 +199,7 @@ class DispatchCounter(TorchDispatchMode):
         # bytes written: the result, or for an in-place op the values written into its first argument
         written_tensors = tensors[1 : len(tensors) - len(outs)] if func._schema.is_mutable else outs
         written = sum(t.numel() * t.element_size() for t in written_tensors)
-        if any(self._param_sized(t) for t in tensors):
+        if any(_storage(t) in self._known for t in tensors):
             self.param_index_ops[name] += 1
             self.param_index_bytes += written
             for t in outs:
@@ -179,7 +207,7 @@ class DispatchCounter(TorchDispatchMode):
                 if ptr is not None:
                     self._known.add(ptr)
                     self._keep.append(t.untyped_storage())
-        elif any(t.dim() == 1 and t.is_floating_point() for t in outs):
+        elif self._forms_grad(outs):  # (an in-place op returns the tensor it wrote into)
             self._keep += [t.untyped_storage() for t in outs]
             self._pending.append((name, written, [p for p in map(_storage, outs) if p is not None]))
         return out
