@@ -310,6 +310,50 @@ def test_a_layer_the_model_uses_without_calling_it_is_refused_in_output_mode(pla
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class _OnlyDirect(nn.Module):
+    """A model whose one managed layer (``dt``) is never called: its weight is read directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dt, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.dt.weight.T + self.dt.bias)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_used_without_calling_it_is_refused_when_no_forward_noted_a_call(compiled):
+    """Where no managed layer's forward noted its call (every layer with clones bypassed; or a compiled forward,
+    which notes nothing), the gradient tells: a layer's own forward never reaches its clones' weight rows, a model
+    computing with the whole weight does. The first step refuses it, before its update."""
+    torch.manual_seed(0)
+    models = [_OnlyDirect(), _DirectDt()] if not compiled else [_DirectDt()]
+    for model in models:
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5, 0.0),
+                                   clone_mode="output")  # fmt: skip
+        before = copy.deepcopy(model.state_dict())
+        run = torch.compile(model, backend="eager") if compiled else model
+        run(torch.randn(4, 8)).sum().backward()
+        with pytest.raises(RewriteCheckError, match=r"clones of \['dt'\].*without calling"):
+            opt.step()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_compiled_model_that_calls_its_layers_passes_the_check_once():
+    """Compiled, the layers' forward passes note nothing; their clone rows have no gradient: the first step passes
+    the check and it is not asked again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5, 0.0),
+                               clone_mode="output")  # fmt: skip
+    run = torch.compile(model, backend="eager")
+    for _ in range(2):
+        run(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.controller._calls_checked
+
+
 def test_width_attributes_are_not_set_where_a_block_hands_later_blocks_a_per_head_tensor(caplog):
     """T5's first cross-attention returns its (all-zero, masked) position bias, which the later cross-attention
     blocks add to their scores: with ``n_heads`` set to the active heads' it would be the active heads' only, which

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...core.axes import Span, select
 from ...core.roles import Roles
-from ...core.sharding import copied_positions, copy_positions_
+from ...core.sharding import copied_positions, copy_positions_, is_sharded
 from ...errors import PlanError, RewriteCheckError
 from .. import base as rewrite
 from ..base import EVAL_MODES, check_eval_mode, known_names, set_buffer
@@ -381,25 +381,28 @@ class OutputCloning(rewrite.LayerRewrite):
     def check_called(self) -> bool:
         """Clones take their sources' outputs in each layer's forward; a model that computes with a layer's weight
         without calling it (Jamba's Mamba mixer multiplies by ``dt_proj.weight``) would use each clone's own rows
-        while its saved model holds its source's. At the first step after an eager forward pass (before its
-        update), refuse a layer with clones whose weight has a gradient but whose forward never ran
-        (:class:`RewriteCheckError`). Returns whether the check is done (compiled forward passes note nothing)."""
+        while its saved model holds its source's. At the first step with gradients (before its update), refuse
+        (:class:`RewriteCheckError`) a layer with clones whose weight has a gradient but whose forward never ran,
+        or, where no forward noted its calls (compiled, or every such layer bypassed), whose clone rows have a
+        gradient: the layer's own forward never reaches them. Returns whether the check is done."""
+        graded = [n for n, m in self._layers.items() if m._egg_has_clones and m.weight.grad is not None]
         called = {n for n, m in self._layers.items() if m.__dict__.get("_egg_called")}
-        if not called:
+        if not graded and not called:
             return False
         for m in self._layers.values():
             m._egg_watch = False
-        bypassed = [
-            n for n, m in self._layers.items()
-            if n not in called and m._egg_has_clones and m.weight.grad is not None
-        ]  # fmt: skip
+        if called:
+            bypassed = [n for n in graded if n not in called]
+        else:
+            bypassed = [n for n in graded if _clone_rows_graded(self._layers[n])]
         if bypassed:
             raise RewriteCheckError(
                 bypassed[0],
                 f"output mode cannot give the clones of {bypassed} their sources' outputs: the model computes with "
-                "their weights without calling these layers (their forward never ran, yet their weights have "
-                "gradients), so clones would compute with their own rows while the saved model holds their "
-                f"sources'. Use clone_mode='weight', or leave them out: RolePlan(..., exclude={bypassed!r})",
+                "their weights without calling these layers (their forward never ran, or their clones' rows have "
+                "gradients, which the layer's own forward never gives them), so clones would compute with their "
+                "own rows while the saved model holds their sources'. Use clone_mode='weight', or leave them out: "
+                f"RolePlan(..., exclude={bypassed!r})",
             )
         return True
 
@@ -587,3 +590,13 @@ def export_state_dict(model_or_oc: nn.Module | OutputCloning) -> dict[str, torch
                 continue
             state[key] = copied_positions(t, 0, roles.clones, roles.sources)
     return state
+
+
+def _clone_rows_graded(layer: nn.Module) -> bool:
+    """Whether any clone row of ``layer``'s weight gradient is nonzero (one host read; a sharded gradient: no)."""
+    grad = layer.weight.grad
+    if is_sharded(grad):
+        return False
+    clones = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    clones[layer._egg_active.to(grad.device)] = False
+    return bool(grad[clones].any())
