@@ -203,6 +203,28 @@ def test_tied_and_shared_parameters_are_refused():
     assert list(opt.layers) == ["0"]
 
 
+def test_blocks_of_tied_weights_are_left_alone_by_a_default_plan():
+    """Blocks whose weights are tied (one set of weights called at two depths, each call its own module: Zamba2's
+    shared transformer blocks) cannot have roles: a default plan leaves them alone, saying why, and manages the
+    rest (it refused its own choice before); a plan naming one is refused naming the other module (a KeyError on
+    the tied name before)."""
+    cfg = llama().config
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    first, second = model.model.layers
+    for name, p in first.mlp.named_parameters():
+        module, _, attr = name.rpartition(".")
+        setattr(second.mlp.get_submodule(module), attr, p)
+    cov = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.5, 0.1)).coverage()
+    assert set(cov.managed_blocks) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    for i in (0, 1):
+        assert "tied or shared weights cannot have roles" in cov.left_alone[f"model.layers.{i}.mlp"]
+    match = r"layer 'model.layers.1.mlp': its parameter '[^']*' is also 'model.layers.0.mlp"
+    with pytest.raises(PlanError, match=match):
+        LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.5, layers=["model.layers.1.mlp"]))
+
+
 # ---------------------------------------------------------------------------------------------- norm coupling
 @pytest.mark.parametrize("mode", ["weight", "output"])
 @pytest.mark.parametrize("which", ["bert", "vit", "llama"])

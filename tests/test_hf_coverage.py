@@ -39,7 +39,9 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "granitemoehybrid": {"attention", "experts", "mlp"}, "wavlm": {"mlp"}, "resnet": set(),
               "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(),
               "jamba": {"attention", "experts", "mlp"}, "qwen3_vl_moe": {"attention", "experts", "mlp"},
-              "llama4_vlm": {"attention", "experts", "mlp"}})  # fmt: skip
+              "llama4_vlm": {"attention", "experts", "mlp"}, "glm4_moe": {"attention", "experts", "mlp"},
+              "zamba2": {"attention"}, "falcon_mamba": set(),
+              "ernie4_5_moe": {"attention", "experts", "mlp"}, "jetmoe": set(), "dbrx": {"attention"}})  # fmt: skip
 # family -> blocks found but not decomposed: attention whose q/k norms span every head (no head is a unit), that
 # mixes its heads (differential attention, found by dataflow) (low-rank MLA is decomposed: its shared down
 # projections are neither units nor rows; so is the gated delta net's linear attention: key heads with their value
@@ -57,6 +59,13 @@ NOT_DECOMPOSED = {
     # a global response norm across the MLP's neurons (the identity at initialisation: the probe wakes it up)
     "convnextv2": {"convnextv2.encoder.stages.0.layers.0", "convnextv2.encoder.stages.1.layers.0"},
     "gemma3n": {"model.layers.2.self_attn"},  # queries only: its keys and values are layer 1's (a shared cache)
+    # Zamba2's shared attention reads the hidden states and the embeddings side by side (2x the hidden size, its
+    # output projection writing 1x): not recognised as q/k/v and an output projection; tied across layers anyway
+    "zamba2": {f"model.layers.{i}.shared_transformer.self_attn" for i in (0, 1)},
+    # RecurrentGemma's recurrent block: its RG-LRU's gates are block-diagonal (3-D [blocks, width, width] weights,
+    # taken for experts by structure) and mix the channels of a block, so neither the RG-LRU nor the block around it
+    # (linear_x, linear_y, linear_out: taken for an MLP) computes its units apart: the probe leaves both alone
+    "recurrent_gemma": {"model.layers.0.temporal_block", "model.layers.0.temporal_block.rg_lru"},
 }
 ROWS = {
     "bert": {"bert.pooler.dense"},
@@ -125,6 +134,7 @@ ROWS = {
         for f in ("qwen3_vl", "qwen3_vl_moe")
     },
     "mistral3": {"model.vision_tower.patch_conv", "model.multi_modal_projector.patch_merger.merging_layer"},
+    "pixtral": {"model.vision_tower.patch_conv"},  # (its projector, as LLaVA's: an MLP block)
     # InternVL's projector from its pixel shuffle's 4x (its second layer returns the image features: an output head)
     "internvl": {"model.vision_tower.embeddings.patch_embeddings.projection", "model.multi_modal_projector.linear_1"},
     # Llama 4's patch embedding (unfolded patches into a Linear), its pixel shuffle's MLP (its projector's only
@@ -138,6 +148,16 @@ ROWS = {
     | {f"model.multi_modal_projector.linear_{i}" for i in (1, 2)},
     # Ovis2's visual tokenizer: its 2x2 patches' logits over a visual vocabulary (normalised together, each row apart)
     "ovis2": {f"model.vision_tower.{m}" for m in ("transformer.embeddings.patch_embedding", "head_linear")},
+    # VipLLaVA's projector from its two layers' features (2x the width: rows; its second layer returns the image
+    # features: an output head)
+    "vipllava": {"model.vision_tower.embeddings.patch_embedding", "model.multi_modal_projector.linear_1"},
+    # BLIP-2's projection of the Q-Former's query outputs into the language model
+    "blip_2": {"vision_model.embeddings.patch_embedding", "language_projection"},
+    # Qwen2-Audio's convolutions (as Whisper's) and its projector of the audio frames into the language model
+    "qwen2_audio": {"model.audio_tower.conv1", "model.audio_tower.conv2", "model.multi_modal_projector.linear"},
+    # Mllama's projector of its tower's last and intermediate layers' features (2x the width) into the states its
+    # cross-attention reads
+    "mllama": {"model.vision_model.patch_embedding", "model.multi_modal_projector"},
     # Gemma 3n's alternating-updates coefficients and router, per-layer inputs' gates and projections, and the
     # projections into and out of its parallel streams (called one by one: no block)
     "gemma3n": {
@@ -155,6 +175,16 @@ ROWS = {
     | {f"model.altup_{p}projections.{i}" for p in ("", "unembed_") for i in range(3)},
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
+    "falcon_mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
+    # JetMoE: its attention's key/value projection, the one Linear outside its experts and routers (their 3-D
+    # weights are no block egg_optim recognises; the routers are left alone)
+    "jetmoe": {"model.layers.0.self_attention.kv_proj"},
+    # LFM2's gated short convolution (in_proj's B, C and x chunks, a depthwise convolution, out_proj): no block
+    # egg_optim recognises, its Linears managed as rows (as Mamba's mixers'), its convolution left alone
+    "lfm2": {f"model.layers.0.conv.{p}_proj" for p in ("in", "out")},
+    # Zamba2: each hybrid layer's projection of the shared block's output (its shared transformer block, weights
+    # tied across layers, and that block's adapters are left alone: tied weights cannot have roles)
+    "zamba2": {f"model.layers.{i}.linear" for i in (0, 1)},
 }
 # layers whose weight the model computes with without calling them (Mamba-1 mixers' dt_proj): output mode's default
 # plan leaves them alone (found on the model's dummy inputs), weight mode manages them
@@ -162,6 +192,7 @@ ROWS = {
 READ_DIRECTLY = {
     "mamba": {"backbone.layers.0.mixer.dt_proj"},
     "jamba": {"model.layers.0.mamba.dt_proj"},
+    "falcon_mamba": {"backbone.layers.0.mixer.dt_proj"},
     "gemma3n": {f"model.layers.{i}.altup.correction_coefs" for i in range(3)},
 }
 # blocks whose units differ by more than their slices: a clone computes with its own value (kind: why)
@@ -169,6 +200,9 @@ OWN_PER_UNIT_VALUES = {
     "bloom": ("attention", "ALiBi slopes"),
     "mpt": ("attention", "ALiBi slopes"),
     "beit": ("attention", "a relative position bias per head, held by the layer and handed to the attention"),
+    # each layer's LoRA adapter adds its own rows to the shared MLP's gate/up (rows of another Linear, no slice of
+    # the block: said as inexact where such a block is managed; here its weights are tied, left alone)
+    "zamba2": ("mlp", "per-layer LoRA adapters on its gate/up rows"),
 }
 PLAN = RolePlan(0.4, 0.1)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -279,7 +313,8 @@ def test_units_are_found_by_dataflow(family):
         assert all(g.layout.endswith("gate/up interleaved") for g in found.groups.values() if g.kind == "experts")
         assert {s.param.rpartition(".")[2] for g in found.groups.values() for s in g.slices} >= {"gate_up_proj_bias",
                                                                                                  "sinks"}  # fmt: skip
-    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    # (by every name: a block of tied weights names them by its own path, Zamba2's shared blocks)
+    params, modules = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
     for g in found.groups.values():
         for s in g.slices:
             size = params[s.param].shape[s.dim] if isinstance(s.dim, int) else s.index.numel()
@@ -368,6 +403,60 @@ def test_vision_language_dummy_inputs_run_the_vision_tower_with_the_language_mod
         assert torch.equal(value, before[name]), name
 
 
+def test_audio_placed_among_the_tokens_runs_the_audio_tower_with_the_language_model():
+    """A model that places its audio tower's frames among its token ids (Qwen2-Audio: ``input_features``, an audio
+    token id) gets a dummy spectrogram of the length its audio encoder takes and as many audio tokens as the tower
+    makes frames of it: the probe's pass runs the audio tower with the language model, so every block is checked by
+    dataflow; the model is left as it was."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    model = tiny.make("qwen2_audio").train()
+    dummy = _dummy_inputs(model)
+    audio = model.config.audio_config
+    assert dummy["input_features"].shape == (1, audio.num_mel_bins, 2 * audio.max_source_positions)
+    assert dummy["feature_attention_mask"].shape == (1, 2 * audio.max_source_positions)
+    assert (dummy["input_ids"] == model.config.audio_token_id).sum(1).tolist() == [tiny.AUDIO_TOKENS]
+    before = copy.deepcopy(model.state_dict())
+    found = discover(model)
+    assert all(g.probed for g in found.groups.values())  # checked by dataflow, the tower's blocks too
+    assert set(found.groups) >= {
+        "model.audio_tower.layers.0.self_attn",
+        "model.language_model.layers.0.mlp",
+    }
+    assert all(m.training for m in model.modules())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_images_read_by_cross_attention_run_the_vision_tower_and_the_cross_attention_layers():
+    """A model whose language model reads the images by cross-attention, in tiles (Mllama: ``cross_attention_mask``,
+    ``aspect_ratio_ids``), gets a dummy image per sequence in the vision config's tiles, its one image token first,
+    and a cross-attention mask by which every token reads it: the probe's pass runs the vision tower and the
+    cross-attention layers (which a text-only pass skips), so every block is checked by dataflow; the model is left
+    as it was."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    model = tiny.make("mllama").train()
+    dummy = _dummy_inputs(model)
+    tiles = model.config.vision_config.max_num_tiles
+    assert dummy["pixel_values"].shape[:3] == (1, 1, tiles) and dummy["aspect_ratio_ids"].tolist() == [[1]]
+    assert dummy["cross_attention_mask"].shape == (*dummy["input_ids"].shape, 1, tiles)
+    assert (dummy["input_ids"] == tiny.IMAGE_TOKEN).sum(1).tolist() == [1]
+    before = copy.deepcopy(model.state_dict())
+    found = discover(model)
+    assert all(g.probed for g in found.groups.values())  # checked by dataflow, the tower's blocks too
+    assert set(found.groups) >= {
+        "model.vision_model.transformer.layers.0.self_attn",
+        "model.vision_model.global_transformer.layers.0.mlp",
+        "model.language_model.layers.1.cross_attn",
+    }
+    assert all(m.training for m in model.modules())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_no_token_id_a_config_names_stands_in_for_text():
     """The probe's stand-in for image-token ids in the text is an id no config names: single ids and lists of them
     (Ovis2's visual indicator ids)."""
@@ -402,13 +491,18 @@ def test_a_vision_language_model_that_rejects_the_dummy_images_is_probed_on_text
 
 def test_routers_and_grouped_convolutions_are_left_alone_unless_named():
     """A default plan gives no roles to a router (a Linear with one output per expert beside the experts: Phi-MoE's
-    subclasses nn.Linear, which output mode could not rewrite) nor to a grouped convolution (ConvBERT's depthwise
-    convolution), and says why; a plan naming the router manages it, one naming the convolution is refused."""
+    subclasses nn.Linear, which output mode could not rewrite; or one whose scores pick experts by top-k) nor to a
+    grouped convolution (ConvBERT's depthwise convolution), and says why; a plan naming the router manages it, one
+    naming the convolution is refused."""
     from egg_optim.errors import PlanError
 
     moe = tiny.make("phimoe")
     left = _optimizer(moe, "output").coverage().left_alone
     assert "router of 'model.layers.0.mlp.experts'" in left["model.layers.0.mlp.router"]
+    # DBRX's experts are 2-D fused parameters no structure shows: its router is found by dataflow (its scores,
+    # through a softmax, pick the experts by top-k)
+    left = _optimizer(tiny.make("dbrx"), "output").coverage().left_alone
+    assert "router of 'transformer.blocks.0.ffn'" in left["transformer.blocks.0.ffn.router.layer"]
     named = LeaderCloneOptimizer(moe, torch.optim.AdamW(moe.parameters()), RolePlan(0.5, 0.0, layers=["*router"]))
     assert named.coverage().row_layers == ("model.layers.0.mlp.router",)
 

@@ -350,7 +350,8 @@ class RolePlan:
             if self.only_listed or self.layers is not None:
                 why = "every layer the plan selects is excluded"
             elif alone := {n: r for n, r in left_alone(model, self.units).items() if n in names}:
-                nameable = [n for n, r in alone.items() if "not supported" not in r]  # (grouped convolutions)
+                # (grouped convolutions, tied weights: no plan manages them)
+                nameable = [n for n, r in alone.items() if "not supported" not in r and "cannot have roles" not in r]
                 first = (nameable or list(alone))[0]
                 why = f"the others are left alone by default, e.g. {first!r}: {alone[first]}" + (
                     "; name them in layers=[...]" if nameable else "; none of them can be managed"

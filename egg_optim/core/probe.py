@@ -89,8 +89,9 @@ _NO_IMAGES: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models the probe f
 def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tensor] | None:
     """The model's own dummy inputs (transformers' ``dummy_inputs``), completed from its config where its forward
     pass takes more or other inputs than token ids (:func:`_modal_inputs`: images, waveforms, spectrograms; decoder
-    inputs for an encoder-decoder; ``images``: an image placed among the token ids of one sequence,
-    :func:`_placed_images`); ``None`` where there are none or the model is on the meta device."""
+    inputs for an encoder-decoder; ``images``: an image placed among the token ids of one sequence or read by
+    cross-attention, :func:`_placed_images`, and a spectrogram placed so, :func:`_placed_audio`); ``None`` where
+    there are none or the model is on the meta device."""
     inputs = getattr(model, "dummy_inputs", None)
     main = getattr(model, "main_input_name", "input_ids")
     try:
@@ -105,7 +106,7 @@ def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tens
         takes = set()
     dtype = p.dtype if p.is_floating_point() else torch.float32
     inputs = {k: v for k, v in inputs.items() if torch.is_tensor(v) and (k in takes or not takes)}
-    if main != "input_ids":
+    if main != "input_ids" and "input_ids" not in takes:
         inputs.pop("input_ids", None)  # token ids an audio or vision model's forward pass does not take
     cfg = getattr(model, "config", None)
     batch = inputs["input_ids"].shape[0] if "input_ids" in inputs else 2
@@ -117,6 +118,14 @@ def _dummy_inputs(model: nn.Module, images: bool = True) -> dict[str, torch.Tens
             placed = _placed_images(model, takes, dtype, inputs["input_ids"][:1])
         except Exception as exc:  # noqa: BLE001 - a config read otherwise: no images, the vision tower by structure
             logger.debug("egg_optim: no dummy images for %s (%s)", type(model).__name__, exc)
+        if placed:
+            inputs = {k: v[:1] for k, v in inputs.items()} | placed
+    if images and model not in _NO_IMAGES and "input_ids" in inputs and "input_features" not in inputs:
+        placed = None
+        try:  # one sequence, as for images
+            placed = _placed_audio(model, takes, dtype, inputs["input_ids"][:1])
+        except Exception as exc:  # noqa: BLE001 - a config read otherwise: no audio, the audio tower by structure
+            logger.debug("egg_optim: no dummy audio for %s (%s)", type(model).__name__, exc)
         if placed:
             inputs = {k: v[:1] for k, v in inputs.items()} | placed
     if main not in inputs:
@@ -181,10 +190,14 @@ def _placed_images(
     configs = list(_configs(getattr(model, "config", None)))
     token = next((v for c in configs for a in _IMAGE_TOKEN if isinstance(v := getattr(c, a, None), int)), None)
     vision = next((c for c in configs if hasattr(c, "patch_size") and _channels(c)), None)
+    # (a vision config that names no channels, its tower taking RGB: BLIP-2's)
+    vision = vision or next((c for c in configs if hasattr(c, "patch_size") and hasattr(c, "image_size")), None)
     if token is None or vision is None or "pixel_values" not in takes:
         return None
     gen = torch.Generator().manual_seed(0)
-    batch, channels, patch = ids.shape[0], _channels(vision), _pair(vision.patch_size)[-1]
+    batch, channels, patch = ids.shape[0], _channels(vision) or 3, _pair(vision.patch_size)[-1]
+    if {"cross_attention_mask", "aspect_ratio_ids"} <= takes:  # read by cross-attention, in tiles (Mllama)
+        return _cross_attended_images(vision, takes, dtype, ids, token, _free_id(configs), channels, gen)
     extra: dict[str, torch.Tensor] = {}
     if "image_grid_thw" in takes:  # Qwen2-VL: patches flattened, 2x2 merged patches of each image
         merge, frames = getattr(vision, "spatial_merge_size", 1), getattr(vision, "temporal_patch_size", 1)
@@ -208,12 +221,75 @@ def _placed_images(
     per_image = _image_tokens(model, one, configs)
     if not per_image:
         return None
-    special = _special_ids(configs)
-    free = next(i for i in range(len(special) + 1) if i not in special)  # a text token in place of an image's
-    ids = torch.cat([torch.full((batch, per_image), token), ids.masked_fill(ids == token, free)], dim=1)
+    ids = torch.cat([torch.full((batch, per_image), token), ids.masked_fill(ids == token, _free_id(configs))], dim=1)
     out = {"input_ids": ids, "pixel_values": pixels.to(dtype), **extra}
     if "mm_token_type_ids" in takes:  # Qwen2-VL's multimodal rotary positions: 1 marks an image's tokens
         out["mm_token_type_ids"] = (ids == token).int()
+    if "attention_mask" in takes:
+        out["attention_mask"] = torch.ones_like(ids)
+    return out
+
+
+def _cross_attended_images(
+    vision: Any,
+    takes: set[str],
+    dtype: torch.dtype,
+    ids: torch.Tensor,
+    token: int,
+    free: int,
+    channels: int,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Images that the language model reads by cross-attention (Mllama), not among its tokens: one image per
+    sequence in the vision config's ``max_num_tiles`` tiles of its size, the first supported aspect ratio's tiles
+    real (``aspect_ratio_ids`` 1; 0 is padding), the others padding (``aspect_ratio_mask``); its image token first,
+    and a ``cross_attention_mask`` by which every token reads its real tiles."""
+    batch = ids.shape[0]
+    ids = torch.cat([torch.full((batch, 1), token), ids.masked_fill(ids == token, free)], dim=1)
+    size = _pair(getattr(vision, "image_size", None) or 4 * _pair(vision.patch_size)[-1])
+    tiles = getattr(vision, "max_num_tiles", None) or 1
+    ratio = (getattr(vision, "supported_aspect_ratios", None) or [[1, 1]])[0]
+    mask = (torch.arange(tiles) < min(tiles, int(ratio[0]) * int(ratio[1]))).long().repeat(batch, 1, 1)
+    out = {"input_ids": ids, "pixel_values": torch.randn(batch, 1, tiles, channels, *size, generator=gen).to(dtype),
+           "aspect_ratio_ids": torch.ones(batch, 1, dtype=torch.long), "aspect_ratio_mask": mask}  # fmt: skip
+    out["cross_attention_mask"] = mask[:, None].expand(batch, ids.shape[1], *mask.shape[1:]).clone()
+    if "attention_mask" in takes:
+        out["attention_mask"] = torch.ones_like(ids)
+    return out
+
+
+_AUDIO_TOKEN = ("audio_token_id", "audio_token_index")
+
+
+def _placed_audio(
+    model: nn.Module, takes: set[str], dtype: torch.dtype, ids: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """A spectrogram for a model that places its audio tower's frames among its token ids (Qwen2-Audio): one per
+    sequence, as long as its audio config's encoder takes (Whisper's: two convolutions, stride 1 then 2, down to
+    ``max_source_positions``), ``feature_attention_mask`` all ones where the model takes it, and as many audio tokens
+    before each sequence's ids as the audio tower (the module of the audio config) makes frames of one (run once, in
+    eval mode, nothing kept; ids that are audio tokens already replaced). ``None`` where the config does not say
+    enough, or the tower is sharded: the audio tower is then not run (its blocks by structure)."""
+    configs = list(_configs(getattr(model, "config", None)))
+    token = next((v for c in configs for a in _AUDIO_TOKEN if isinstance(v := getattr(c, a, None), int)), None)
+    audio = next((c for c in configs if hasattr(c, "num_mel_bins") and hasattr(c, "max_source_positions")), None)
+    tower = next((m for m in model.modules() if audio is not None and getattr(m, "config", None) is audio), None)
+    if token is None or tower is None or "input_features" not in takes:
+        return None
+    if any(sharding.is_sharded(q) for q in tower.parameters()):  # (a collective the ranks might not all reach)
+        return None
+    gen = torch.Generator().manual_seed(0)
+    batch, length = ids.shape[0], 2 * audio.max_source_positions
+    features = torch.randn(batch, audio.num_mel_bins, length, generator=gen).to(dtype)
+    p = next(tower.parameters())
+    with torch.no_grad(), checking_pass(model):
+        frames = first_tensor(tower(features[:1].to(p.device)))
+    if frames is None or frames.dim() < 3:
+        return None
+    ids = torch.cat([torch.full((batch, frames.shape[-2]), token), ids.masked_fill(ids == token, _free_id(configs))], 1)
+    out = {"input_ids": ids, "input_features": features}
+    if "feature_attention_mask" in takes:
+        out["feature_attention_mask"] = torch.ones(batch, length, dtype=torch.long)
     if "attention_mask" in takes:
         out["attention_mask"] = torch.ones_like(ids)
     return out
@@ -235,6 +311,12 @@ def _channels(cfg: Any) -> int | None:
 
 def _pair(size: Any) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
+def _free_id(configs: list[Any]) -> int:
+    """A text token to stand in place of an image token among the ids: the first id no config names."""
+    special = _special_ids(configs)
+    return next(i for i in range(len(special) + 1) if i not in special)
 
 
 def _special_ids(configs: list[Any]) -> set[int]:
@@ -334,6 +416,13 @@ def probe_blocks(model: nn.Module, found: Discovery, inputs: Any = None) -> None
         for h in handles:
             h.remove()
         found.outputs = watch.outputs(returned)
+        members = {m for g in found.groups.values() for m in g.modules}
+        for name in watch.routing:  # routers by dataflow (DBRX's, beside 2-D fused experts no structure shows)
+            if name not in members:  # named by the module around it (its experts' block)
+                holder = name.rpartition(".")[0]
+                if holder in modules and _sole_layer(modules[holder]):  # (a module of the router alone)
+                    holder = holder.rpartition(".")[0]
+                found.routers.setdefault(name, holder)
         found.read_directly = tuple(dict.fromkeys([*watch.read_directly, *_training_reads(model, modules, used)]))
         for name, runner in runners.items():
             g = found.groups[name]
@@ -478,9 +567,11 @@ class _LayerWatch(TorchFunctionMode):
         }
         self._running: dict[str, int] = {}
         self._produced: dict[int, tuple[str, weakref.ref]] = {}
+        self._scores: dict[int, tuple[str, weakref.ref]] = {}  # layer outputs after _ROUTED ops (not themselves)
         self._handles: list[Any] = []
         self.read_directly: dict[str, None] = {}
         self.called: set[str] = set()  # the layers the pass called
+        self.routing: dict[str, None] = {}  # layers whose scores pick by top-k (routers), through _ROUTED ops
 
     def __enter__(self) -> _LayerWatch:
         for n, m in self._layers.items():
@@ -505,7 +596,16 @@ class _LayerWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if torch.is_tensor(out) and getattr(func, "__name__", "") != "__get__":
+        fname = getattr(func, "__name__", "")
+        if fname in _ROUTED or fname == "topk":
+            first = args[0] if args and torch.is_tensor(args[0]) else None
+            hit = None if first is None else self._scores.get(id(first)) or self._produced.get(id(first))
+            if hit is not None and hit[1]() is first:
+                if fname == "topk":
+                    self.routing[hit[0]] = None
+                elif torch.is_tensor(out):  # scores on their way to a top-k: softmax, sigmoid, a cast, a reshape
+                    self._scores[id(out)] = (hit[0], weakref.ref(out))
+        if torch.is_tensor(out) and fname != "__get__":
             for a in (*args, *(kwargs or {}).values()):
                 name = self._weights.get(id(a)) if torch.is_tensor(a) else None
                 if name is not None and not self._running.get(name):
@@ -520,6 +620,15 @@ class _LayerWatch(TorchFunctionMode):
             if id(t) in self._produced and self._produced[id(t)][1]() is t
         }
         return tuple(n for n in self._layers if n in hits)
+
+
+# what a router's scores pass through before their top-k picks the experts (and what stays the same tensor's values)
+_ROUTED = frozenset({"softmax", "log_softmax", "sigmoid", "to", "float", "type_as", "view", "reshape", "contiguous"})
+
+
+def _sole_layer(module: nn.Module) -> bool:
+    """Whether ``module`` holds one Linear / ConvNd and nothing else with parameters (DBRX's router module)."""
+    return sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))) == 1
 
 
 def _returned(out: Any, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -180,14 +180,17 @@ def candidate_layers(model: nn.Module, units: str = "layers") -> list[tuple[str,
 
 def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
     """``{layer: why}`` for the layers a default plan leaves alone; a plan naming them manages them (or says why it
-    cannot). Grouped convolutions (their units are not supported), and with ``units="auto"`` the layers of blocks
-    found but not decomposed (residual-stream projections must not become rows by accident) and the routers of
-    mixtures of experts (routing scores are no units: a clone expert would be picked with its source)."""
+    cannot). Grouped convolutions (their units are not supported), layers and blocks whose parameters other modules
+    hold too (tied weights cannot have roles: a block of shared weights called at several depths, each call its own
+    module), and with ``units="auto"`` the layers of blocks found but not decomposed (residual-stream projections
+    must not become rows by accident) and the routers of mixtures of experts (routing scores are no units: a clone
+    expert would be picked with its source)."""
     out = {
         n: f"a grouped convolution (groups={m.groups}), whose units are not supported"
         for n, m in model.named_modules()
         if isinstance(m, MANAGED_TYPES) and not isinstance(m, nn.Linear) and m.groups != 1
     }
+    out.update(_tied(model, units))
     if units != "auto":
         return out
     found = discover(model)
@@ -216,6 +219,20 @@ def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]
     return holders
 
 
+def shared_with(
+    params: list[tuple[str, nn.Parameter]],
+    owners: tuple[nn.Module, ...],
+    holders: dict[int, list[tuple[str, nn.Module]]],
+) -> str | None:
+    """How one of ``params`` is also held by a module other than ``owners`` (``None`` where none is)."""
+    for pname, p in params:
+        others = [(q, m) for q, m in holders.get(id(p), ()) if not any(m is o for o in owners)]
+        if others:
+            qname, m = others[0]
+            return f"its parameter {pname!r} is also {qname!r} ({type(m).__name__} {qname.rpartition('.')[0]!r})"
+    return None
+
+
 def check_not_shared(
     name: str,
     params: list[tuple[str, nn.Parameter]],
@@ -223,16 +240,37 @@ def check_not_shared(
     holders: dict[int, list[tuple[str, nn.Module]]],
 ) -> None:
     """Refuse unit-owned ``params`` of layer ``name`` that a module other than ``owners`` also holds."""
-    for pname, p in params:
-        others = [(q, m) for q, m in holders.get(id(p), ()) if not any(m is o for o in owners)]
-        if others:
-            qname, m = others[0]
-            raise PlanError(
-                f"layer {name!r}: its parameter {pname!r} is also {qname!r} ({type(m).__name__} "
-                f"{qname.rpartition('.')[0]!r}): tied or shared weights cannot have roles, since freezing or "
-                f"cloning its rows would change that module too; leave {name!r} out of the plan "
-                f"(RolePlan(exclude=[{name!r}]))"
-            )
+    shared = shared_with(params, owners, holders)
+    if shared:
+        raise PlanError(
+            f"layer {name!r}: {shared}: tied or shared weights cannot have roles, since freezing or cloning its rows "
+            f"would change that module too; leave {name!r} out of the plan (RolePlan(exclude=[{name!r}]))"
+        )
+
+
+def _group_params(model: nn.Module, group: UnitGroup) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``group``'s slices, by the names the slices give them (a tied parameter under each of
+    its names: a block of shared weights names them by its own path)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [(s.param, params[s.param]) for s in group.slices]
+
+
+def _tied(model: nn.Module, units: str) -> dict[str, str]:
+    """``{candidate: why}`` for the candidates (layers and blocks) whose unit-owned parameters other modules hold
+    too: no plan can give them roles, so a default plan leaves them alone."""
+    holders = parameter_holders(model)
+    if not any(len(h) > 1 for h in holders.values()):
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, str] = {}
+    for name, c in candidate_layers(model, units):
+        if isinstance(c, UnitGroup):
+            shared = shared_with(_group_params(model, c), tuple(modules[m] for m in c.modules), holders)
+        else:
+            shared = shared_with(_unit_tensors(name, c, None, None)[0], (c,), holders)
+        if shared:
+            out[name] = f"{shared}: tied or shared weights cannot have roles"
+    return out
 
 
 def claim_params(owner: dict[int, str], name: str, params: list[tuple[str, nn.Parameter]]) -> None:
@@ -284,9 +322,8 @@ def couple_norm(
 
 
 def _group_layer(model: nn.Module, group: UnitGroup, holders: dict) -> ManagedLayer:
-    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    owned = [(s.param, params[s.param]) for s in group.slices]
+    owned = _group_params(model, group)
     check_not_shared(group.name, owned, tuple(modules[m] for m in group.modules), holders)
     return ManagedLayer(
         group.name,

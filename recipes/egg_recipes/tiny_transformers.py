@@ -474,6 +474,47 @@ FAMILIES.update({
 })  # fmt: skip
 
 
+# more text decoders: LFM2 (gated short convolutions beside attention: their Linears rows), GLM-4.5 and ERNIE 4.5
+# MoE (a dense first layer, then routed experts beside a shared one), T5Gemma (a Gemma 2 encoder and decoder, one
+# sliding-window layer each), Zamba2 (Mamba-2 mixers; each hybrid layer calls one shared transformer block, its
+# weights tied across layers, with the layer's own LoRA adapters on q, k, v and the MLP's gate/up: as many key/value
+# heads as heads, the adapters write 2x the hidden size into each), Falcon Mamba (Mamba-1 mixers, RMS norms without
+# weights on B, C, dt), OLMo 1 (layer norms without weights), RecurrentGemma (Griffin: a recurrent block, its RG-LRU
+# gated per block of channels, then a local attention block), Nemotron (a squared-ReLU MLP), JetMoE (experts, its
+# attention's too, as modules of one 3-D weight each: no block egg_optim recognises), DBRX (experts as 2-D fused
+# parameters, no block egg_optim recognises; its router found by dataflow and left alone; transformers 5.25 reads
+# rope_theta from the attention config without a default)
+_T5GEMMA = {"vocab_size": VOCAB, "query_pre_attn_scalar": 8, "sliding_window": 8, **_GQA8}
+FAMILIES.update({
+    "lfm2": (_causal("Lfm2Config", "Lfm2ForCausalLM", block_auto_adjust_ff_dim=False,
+                     layer_types=["conv", "full_attention"], **{**_GQA8, "num_hidden_layers": 2}), "causal"),
+    "glm4_moe": (_causal("Glm4MoeConfig", "Glm4MoeForCausalLM", use_qk_norm=True, **_DEEPSEEK_MOE,
+                         **{**_GQA8, "num_hidden_layers": 2}), "causal"),
+    "ernie4_5_moe": (_causal("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", moe_intermediate_size=16, moe_k=2,
+                             moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1,
+                             **{**_GQA8, "num_hidden_layers": 2}), "causal"),
+    "t5gemma": (_build("T5GemmaConfig", "T5GemmaForConditionalGeneration", vocab_size=VOCAB, encoder=_T5GEMMA,
+                       decoder=_T5GEMMA), "seq2seq"),
+    "zamba2": (_causal("Zamba2Config", "Zamba2ForCausalLM", layers_block_type=["hybrid", "hybrid"], n_mamba_heads=16,
+                       mamba_ngroups=2, mamba_d_state=8, chunk_size=8, use_mamba_kernels=False,
+                       use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+                       **{**_GQA, "num_hidden_layers": 2, "num_key_value_heads": HEADS}), "causal"),
+    "falcon_mamba": (_causal("FalconMambaConfig", "FalconMambaForCausalLM", hidden_size=HIDDEN, state_size=8,
+                             num_hidden_layers=1, expand=2, use_mambapy=False), "causal"),
+    "olmo": (_causal("OlmoConfig", "OlmoForCausalLM", **_GQA8), "causal"),
+    "recurrent_gemma": (_causal("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
+                                block_types=["recurrent", "attention"], attention_window_size=8,
+                                **{**_GQA, "num_hidden_layers": 2}), "causal"),
+    "nemotron": (_causal("NemotronConfig", "NemotronForCausalLM", **_GQA8), "causal"),
+    "dbrx": (_causal("DbrxConfig", "DbrxForCausalLM", d_model=HIDDEN, n_heads=HEADS, n_layers=1, pad_token_id=0,
+                     attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+                     ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}), "causal"),
+    "jetmoe": (_causal("JetMoeConfig", "JetMoeForCausalLM", hidden_size=HIDDEN, num_hidden_layers=1,
+                       num_key_value_heads=2, kv_channels=8, intermediate_size=INNER, num_local_experts=4,
+                       num_experts_per_tok=2, pad_token_id=0), "causal"),
+})  # fmt: skip
+
+
 # vision-language models that place image features among their token ids: a vision tower of one layer (LLaVA's CLIP,
 # Gemma 3's, PaliGemma's and Idefics' SigLIP, Qwen2-VL's own; Qwen2.5-VL's windowed and full attention, two layers)
 # beside a language model of the family's text code; an 8x8 image becomes IMAGE_TOKENS tokens in each (4 patches;
@@ -484,8 +525,7 @@ IMAGE_TOKEN, IMAGE_TOKENS = VOCAB - 1, 4
 _TEXT = {"vocab_size": VOCAB, "pad_token_id": 0, **_GQA}
 _SIGLIP = {"model_type": "siglip_vision_model", "image_size": 8, "patch_size": 4, "vision_use_head": False,
            **_ENCODER}  # fmt: skip
-# Qwen-VL: head_dim 8, 4 rotary frequencies split over time, height, width; MLPs 40 wide, not 48 (three images' 48
-# patches of width 32 would look like a 48 x 32 weight to the index op counter of tests/test_hf_coverage.py)
+# Qwen-VL: head_dim 8, 4 rotary frequencies split over time, height, width; MLPs 40 wide
 _MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
 _QWEN_TEXT = {**_TEXT, "intermediate_size": 40, "rope_parameters": _MROPE}
 _QWEN_VISION = {"hidden_size": HIDDEN, "num_heads": HEADS, "patch_size": 2, "spatial_merge_size": 2,
@@ -542,6 +582,19 @@ FAMILIES.update({
                         spatial_merge_size=2, vision_feature_layer=-1, text_config={"model_type": "mistral", **_TEXT},
                         vision_config={"model_type": "pixtral", "image_size": 8, "patch_size": 2, **_ENCODER}),
                  "vlm_sizes"),
+    # LLaVA with a Pixtral tower (Pixtral-12B): no CLS token to drop ("full"), no merger: each 4x4 patch a token
+    "pixtral": (_build("LlavaConfig", "LlavaForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                       vision_feature_layer=-1, vision_feature_select_strategy="full",
+                       text_config={"model_type": "mistral", **_TEXT},
+                       vision_config={"model_type": "pixtral", "image_size": 8, "patch_size": 4, **_ENCODER}),
+                "vlm_sizes"),
+    # VipLLaVA: the features of several layers of the tower (here its output and its embeddings), concatenated and
+    # normalised, into LLaVA's projector
+    "vipllava": (_build("VipLlavaConfig", "VipLlavaForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+                        image_seq_length=IMAGE_TOKENS, vision_feature_layers=[-1, -2],
+                        text_config={"model_type": "llama", **_TEXT},
+                        vision_config={"model_type": "clip_vision_model", "image_size": 8, "patch_size": 4,
+                                       **_ENCODER}), "vlm"),
     "llava_next": (_build("LlavaNextConfig", "LlavaNextForConditionalGeneration", **_TILES,
                           text_config={"model_type": "llama", **_TEXT},
                           vision_config={"model_type": "clip_vision_model", "image_size": 4, "patch_size": 4,
@@ -553,8 +606,8 @@ FAMILIES.update({
 
 # InternVL: its own vision tower (layer scale, its CLS token dropped), 4x4 patches shuffled into 2x2 of 4x the width;
 # Llama 4: a tower with 2-D rotary (its CLS token dropped), patches shuffled 2x2 into its adapter MLP (4x the width:
-# the tower's MLP as wide), beside Llama 4's text model (a dense layer, then a MoE one; its dense MLP 40 wide: three
-# images' 48 patches would look like a 48 x 32 weight to the index op counter); GLM-4.1V: Qwen2-VL's inputs, its
+# the tower's MLP as wide), beside Llama 4's text model (a dense layer, then a MoE one; its dense MLP 40 wide);
+# GLM-4.1V: Qwen2-VL's inputs, its
 # tower's MLP as wide as its output, learned position embeddings of a 4x4 grid, a merger after a 2x2 convolution;
 # Aya Vision: SigLIP's 4x4 patches shuffled 2x2 into a SwiGLU projector, Cohere 2's text model; Ovis2: its 4x4
 # patches in 2x2 strides scored over a visual vocabulary of 16 (and 5 indicator tokens), embedded by their scores
@@ -586,6 +639,43 @@ FAMILIES.update({
                      vision_config={**_ENCODER, "image_size": 8, "patch_size": 2, "hidden_stride": 2,
                                     "vocab_size": 21}), "vlm"),
 })  # fmt: skip
+
+
+# BLIP-2: a Q-Former (BERT layers whose IMAGE_TOKENS learned queries read the vision tower's patches by
+# cross-attention) between the vision tower (its config names no channels: RGB) and a language model, its queries'
+# outputs placed among the token ids (a Llama language model, grouped key/value heads as the other VLMs'; OPT's
+# checkpoints' text model is the opt family's)
+FAMILIES["blip_2"] = (
+    _build("Blip2Config", "Blip2ForConditionalGeneration", image_token_index=IMAGE_TOKEN, num_query_tokens=IMAGE_TOKENS,
+           vision_config={"image_size": 8, "patch_size": 4, **_ENCODER},
+           qformer_config={"vocab_size": VOCAB, "encoder_hidden_size": HIDDEN, "pad_token_id": 0, **_ENCODER},
+           text_config={"model_type": "llama", **_TEXT}),
+    "vlm",
+)  # fmt: skip
+
+# Mllama (Llama 3.2 Vision): the language model reads the image by cross-attention (layer 1 of 2, gated), not among
+# its tokens (one image token each); its tower (a local encoder, then a gated global one, features of its last and
+# its intermediate layers: 2x the width) takes each image in up to 2 tiles of 8x8, their aspect ratio by id
+FAMILIES["mllama"] = (
+    _build("MllamaConfig", "MllamaForConditionalGeneration", image_token_index=IMAGE_TOKEN,
+           text_config={**_TEXT, "num_hidden_layers": 2, "cross_attention_layers": [1]},
+           vision_config={"hidden_size": HIDDEN, "attention_heads": HEADS, "intermediate_size": INNER,
+                          "num_hidden_layers": 1, "num_global_layers": 1, "intermediate_layers_indices": [0],
+                          "image_size": 8, "patch_size": 4, "max_num_tiles": 2,
+                          "supported_aspect_ratios": [[1, 1], [1, 2]], "vision_output_dim": 2 * HIDDEN}),
+    "cross_tiles",
+)  # fmt: skip
+
+# Qwen2-Audio: a Whisper-like audio tower (a spectrogram of 8 mel bins, 16 frames: 8 after its strided convolution,
+# 4 after its pooling), its frames placed among the token ids as Qwen2's audio tokens
+AUDIO_TOKENS = 4
+FAMILIES["qwen2_audio"] = (
+    _build("Qwen2AudioConfig", "Qwen2AudioForConditionalGeneration", audio_token_index=IMAGE_TOKEN,
+           text_config={"model_type": "qwen2", **_TEXT},
+           audio_config={"d_model": HIDDEN, "encoder_attention_heads": HEADS, "encoder_ffn_dim": INNER,
+                         "encoder_layers": 1, "num_mel_bins": 8, "max_source_positions": 8}),
+    "audio_tokens",
+)  # fmt: skip
 
 
 def _vlm(kind: str, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -624,6 +714,18 @@ def inputs(
     ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
     if kind.startswith("vlm"):  # the same total length: the image's tokens and length - IMAGE_TOKENS of text
         out = _vlm(kind, ids[:, : length - IMAGE_TOKENS], gen)
+    elif kind == "audio_tokens":  # Qwen2-Audio: a spectrogram per sequence, its AUDIO_TOKENS tokens first
+        ids = torch.cat([torch.full((batch, AUDIO_TOKENS), IMAGE_TOKEN),
+                         ids[:, : length - AUDIO_TOKENS].remainder(VOCAB - 5) + 1], dim=1)  # fmt: skip
+        out = {"input_ids": ids, "labels": ids.masked_fill(ids == IMAGE_TOKEN, -100),
+               "input_features": torch.randn(batch, 8, 16, generator=gen),
+               "feature_attention_mask": torch.ones(batch, 16).long()}  # fmt: skip
+    elif kind == "cross_tiles":  # Mllama: an image 8x16 in its two tiles (aspect ratio id 2: [1, 2]), its one token
+        ids = torch.cat([torch.full((batch, 1), IMAGE_TOKEN), ids[:, 1:].remainder(VOCAB - 5) + 1], dim=1)
+        out = {"input_ids": ids, "labels": ids.masked_fill(ids == IMAGE_TOKEN, -100),
+               "pixel_values": torch.randn(batch, 1, 2, 3, 8, 8, generator=gen),
+               "aspect_ratio_ids": torch.full((batch, 1), 2), "aspect_ratio_mask": torch.ones(batch, 1, 2).long(),
+               "cross_attention_mask": torch.ones(batch, length, 1, 2).long()}  # fmt: skip
     elif kind.startswith("image"):
         size = int(kind.removeprefix("image").removesuffix("_text") or 8)
         out = {"pixel_values": torch.randn(batch, 3, size, size, generator=gen)}
