@@ -461,6 +461,77 @@ def test_example_inputs_check_the_blocks_of_a_model_without_dummy_inputs():
     assert not any("structure alone" in str(w.message) for w in caught)
 
 
+def test_a_model_of_flattened_patches_with_their_grids_gets_dummy_inputs_of_that_form():
+    """A vision model that takes each image's patches flattened with its grid (``spatial_shapes``: SigLIP 2's
+    NaFlex) gets dummy images of that form, a square grid of its config's ``num_patches`` with a mask of ones (not
+    images of 3 x H x W it cannot run on): every block is checked by dataflow."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    if not hasattr(transformers, "Siglip2VisionModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no SigLIP 2")
+    cfg = transformers.Siglip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, num_patches=16, patch_size=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Siglip2VisionModel(cfg)
+    dummy = _dummy_inputs(model)
+    assert dummy["pixel_values"].shape == (2, 16, 3 * 2 * 2)
+    assert dummy["spatial_shapes"].tolist() == [[4, 4]] * 2 and dummy["pixel_attention_mask"].bool().all()
+    found = discover(model)
+    assert {"encoder.layers.0.self_attn", "encoder.layers.0.mlp"} <= set(found.groups)
+    assert all(g.probed for g in found.groups.values())
+
+
+def test_a_model_of_projected_feature_frames_gets_dummy_frames():
+    """A speech model that reads frames of features through a projection (``feature_projection_input_dim`` wide:
+    wav2vec 2.0-BERT's conformer, no spectrogram of mel bins) gets 16 dummy frames of that width: every block, its
+    two half-step MLPs and its attention, is checked by dataflow."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    cfg = transformers.Wav2Vec2BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=4, feature_projection_input_dim=16,
+                                          conv_depthwise_kernel_size=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2BertModel(cfg)
+    assert _dummy_inputs(model)["input_features"].shape == (2, 16, 16)
+    found = discover(model)
+    assert {g.kind for g in found.groups.values()} == {"attention", "mlp"} and len(found.groups) == 3
+    assert all(g.probed for g in found.groups.values())
+
+
+def test_a_waveform_model_whose_config_does_not_size_its_convolutions_gets_a_second_of_speech():
+    """A model of a raw waveform whose convolutions its code sizes (Moonshine: no ``conv_kernel`` / ``conv_stride``
+    in its config) gets a second of dummy speech at 16 kHz: its encoder's and decoder's blocks are checked by
+    dataflow."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    cfg = transformers.MoonshineConfig(vocab_size=50, hidden_size=32, intermediate_size=48, encoder_num_hidden_layers=1,
+                                       decoder_num_hidden_layers=1, encoder_num_attention_heads=4,
+                                       decoder_num_attention_heads=4, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MoonshineForConditionalGeneration(cfg)
+    assert _dummy_inputs(model)["input_values"].shape == (2, 16000)
+    found = discover(model)
+    assert len(found.groups) == 5 and all(g.probed for g in found.groups.values())
+
+
+def test_a_video_model_gets_dummy_videos_of_its_frames():
+    """A video model (its config's ``num_frames``: VideoMAE) gets dummy videos of that many frames, not images it
+    cannot run on: its blocks are checked by dataflow."""
+    from egg_optim.core.blocks import discover
+    from egg_optim.core.probe import _dummy_inputs
+
+    cfg = transformers.VideoMAEConfig(image_size=8, patch_size=4, num_frames=4, tubelet_size=2, hidden_size=32,
+                                      intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForVideoClassification(cfg)
+    assert _dummy_inputs(model)["pixel_values"].shape == (2, 4, 3, 8, 8)
+    found = discover(model)
+    assert len(found.groups) == 2 and all(g.probed for g in found.groups.values())
+
+
 def test_an_attention_around_a_look_alike_keeps_its_projections_left_alone():
     """Kimi-Linear's linear attention holds, beside its own projections, a gate module carrying a head count and
     two Linears (an attention look-alike of its own). Neither decomposes; both are left alone with their reasons,

@@ -124,3 +124,38 @@ def test_the_torch_path_keeps_channels_innermost_tensors_in_their_layout(dims, c
     for (name, pa), pb in zip(model.named_parameters(), other.parameters()):
         atol = noise if fused and name == "0.bias" else 1e-4
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=needs_kernels)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_an_in_place_activation_after_a_managed_conv_trains_as_an_out_of_place_one(dims, affine, fused, kernels):
+    """A ``ReLU(inplace=True)`` after a managed conv and its norm (torchvision's ResNets), channels innermost: the
+    outputs of output mode's autograd functions there are views of their channels-innermost buffers, which autograd
+    refuses to modify in place (a raw RuntimeError before); they are tensors of their own, and two steps train what
+    an out-of-place ReLU does."""
+    if kernels and not fused:
+        pytest.skip("the kernels run fused norms only")
+    from egg_optim import LeaderCloneOptimizer, RolePlan
+
+    conv_cls, norm_cls = CONV[dims]
+    runs = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(conv_cls(3, 8, 3), norm_cls(8, affine=affine), nn.ReLU(inplace=inplace),
+                              conv_cls(8, 6, 1), nn.Flatten(), nn.LazyLinear(4))  # fmt: skip
+        x = _channels_innermost(torch.randn((2, 3) + (6,) * dims))
+        model(x)  # (the lazy head)
+        opt = LeaderCloneOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), RolePlan(0.5, 0.0),
+                                   clone_mode="output", fuse_norms=fused)  # fmt: skip
+        for m in model.modules():
+            if hasattr(m, "_egg_kernel"):
+                m._egg_kernel = kernels
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[1][k], v, msg=k)

@@ -762,6 +762,25 @@ def test_the_direct_entry_point_computes_what_function_apply_does_and_defers_to_
     assert torch.equal(batched, y[:, gather])
 
 
+def test_a_skipping_layers_output_can_be_written_in_place():
+    """With a bias and a batched input ``F.linear`` returns a view of its 2-D product: the split backward's function
+    hands it on as a tensor of its own, so an in-place op after the layer (``ReLU(inplace=True)``, Swin V2's position
+    MLP) runs as on the plain layer, with the plain layer's output and input gradient."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(2, 6), nn.ReLU(inplace=True), nn.Linear(6, 4))
+    skip = copy.deepcopy(plain)
+    GradSkip(skip, {"0": half_roles(6)}, min_clone_fraction=0.0)
+    x = torch.randn(1, 3, 3, 2)
+    outs = []
+    for model in (plain, skip):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert skip[0].weight.grad[half_roles(6).clones].eq(0).all()
+
+
 def test_a_skipping_layer_compiles_without_a_graph_break_and_trains_as_in_eager():
     """Dynamo traces the split backward's function (``fullgraph``: no break at its entry point); the compiled layer's
     gradients equal eager's, clone rows zero."""

@@ -37,7 +37,7 @@ KINDS.update({"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "e
               "diffllama": {"mlp"}, "hunyuan_v1_moe": {"attention", "experts", "mlp"},
               "minimax": {"attention", "experts"}, "olmo3": {"mlp"}, "mamba2": {"attention"},
               "granitemoehybrid": {"attention", "experts", "mlp"}, "wavlm": {"mlp"}, "resnet": set(),
-              "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(),
+              "convnext": {"mlp"}, "convnextv2": set(), "mamba": set(), "efficientnet": set(), "regnet": set(),
               "jamba": {"attention", "experts", "mlp"}, "qwen3_vl_moe": {"attention", "experts", "mlp"},
               "llama4_vlm": {"attention", "experts", "mlp"}, "glm4_moe": {"attention", "experts", "mlp"},
               "zamba2": {"attention"}, "falcon_mamba": set(),
@@ -56,6 +56,7 @@ NOT_DECOMPOSED = {
     "falcon_h1": {"model.layers.0.mamba"},  # a Mamba-2 mixer of one group, its rows scaled by a buffer
     "wavlm": {"wavlm.encoder.layers.0.attention"},  # a gated relative position bias computed from every head
     "siglip": {"vision_model.head"},  # torch's MultiheadAttention pooling head: one fused in_proj parameter
+    "siglip2": {"vision_model.head"},  # SigLIP's pooling head (torch's MultiheadAttention), masked over padding
     # a global response norm across the MLP's neurons (the identity at initialisation: the probe wakes it up)
     "convnextv2": {"convnextv2.encoder.stages.0.layers.0", "convnextv2.encoder.stages.1.layers.0"},
     "gemma3n": {"model.layers.2.self_attn"},  # queries only: its keys and values are layer 1's (a shared cache)
@@ -67,6 +68,7 @@ NOT_DECOMPOSED = {
     # (linear_x, linear_y, linear_out: taken for an MLP) computes its units apart: the probe leaves both alone
     "recurrent_gemma": {"model.layers.0.temporal_block", "model.layers.0.temporal_block.rg_lru"},
 }
+_INVERTED = ("expand_1x1", "reduce_1x1")  # an inverted residual's pointwise convolutions (MobileNet V2's)
 ROWS = {
     "bert": {"bert.pooler.dense"},
     "roberta": {"classifier.dense"},
@@ -82,15 +84,23 @@ ROWS = {
     "albert": {"albert.encoder.embedding_hidden_mapping_in", "albert.pooler"},  # no MLP: not a block, rows
     "modernbert": {"head.dense"},
     "swin": {"swin.embeddings.patch_embeddings.projection"},
+    "swinv2": {"swinv2.embeddings.patch_embeddings.projection"},
     "whisper": {"model.encoder.conv1", "model.encoder.conv2"},
+    "moonshine": {f"model.encoder.conv{i}" for i in (1, 2, 3)},  # its waveform's convolutions
     **{
         f: {f"{f}.feature_extractor.conv_layers.{i}.conv" for i in (0, 1)}
         | {f"{f}.feature_projection.projection", "projector"}
         for f in ("wav2vec2", "hubert", "wavlm")
     },
+    # wav2vec 2.0-BERT's feature projection, its convolution module's pointwise convolutions (the depthwise one,
+    # grouped, left alone), its classifier's projector
+    "wav2vec2_bert": {"wav2vec2_bert.feature_projection.projection", "projector"}
+    | {f"wav2vec2_bert.encoder.layers.0.conv_module.pointwise_conv{i}" for i in (1, 2)},
     "clip": {"vision_model.embeddings.patch_embedding"},
     "siglip": {"vision_model.embeddings.patch_embedding"},
-    **{f: {f"{f}.embeddings.patch_embeddings.projection"} for f in ("dinov2", "deit", "beit")},
+    "siglip2": {"vision_model.embeddings.patch_embedding"},  # a Linear over the flattened patches
+    **{f: {f"{f}.embeddings.patch_embeddings.projection"} for f in ("dinov2", "deit", "beit", "videomae")},
+    "dinov3_vit": {"model.embeddings.patch_embeddings"},
     "segformer": {
         "segformer.stages.0.patch_embeddings.proj",
         "segformer.stages.1.patch_embeddings.proj",
@@ -173,6 +183,39 @@ ROWS = {
     }  # fmt: skip
     | {"model.per_layer_model_projection"}
     | {f"model.altup_{p}projections.{i}" for p in ("", "unembed_") for i in range(3)},
+    # MobileViT's convolutions (its depthwise ones, grouped, left alone), around the transformers of its last stages
+    "mobilevit": {
+        f"mobilevit.{m}.convolution"
+        for m in (
+            "conv_stem",
+            "conv_1x1_exp",
+            *(f"encoder.layer.{i}.layer.{j}.{c}" for i, n in ((0, 1), (1, 3)) for j in range(n) for c in _INVERTED),
+            *(f"encoder.layer.{i}.downsampling_layer.{c}" for i in (2, 3, 4) for c in _INVERTED),
+            *(
+                f"encoder.layer.{i}.{c}"
+                for i in (2, 3, 4)
+                for c in ("conv_kxk", "conv_1x1", "conv_projection", "fusion")
+            ),
+        )
+    },
+    # EfficientNet's and RegNet's convolutions, their squeeze-and-excitation's among them (their depthwise and grouped
+    # ones left alone)
+    "efficientnet": {"efficientnet.embeddings.convolution", "efficientnet.encoder.top_conv"}
+    | {f"efficientnet.encoder.blocks.{i}.squeeze_excite.{c}" for i in (0, 1) for c in ("reduce", "expand")}
+    | {f"efficientnet.encoder.blocks.{i}.projection.project_conv" for i in (0, 1)}
+    | {"efficientnet.encoder.blocks.1.expansion.expand_conv"},
+    "regnet": {"regnet.embedder.embedder.convolution"}
+    | {
+        f"regnet.encoder.stages.{s}.layers.0.{m}"
+        for s in (0, 1)
+        for m in (
+            "shortcut.convolution",
+            "layer.0.convolution",
+            "layer.2.attention.0",
+            "layer.2.attention.2",
+            "layer.3.convolution",
+        )
+    },
     "mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
     "jamba": {f"model.layers.0.mamba.{p}_proj" for p in ("in", "x", "dt", "out")},
     "falcon_mamba": {f"backbone.layers.0.mixer.{p}_proj" for p in ("in", "x", "dt", "out")},
@@ -729,8 +772,9 @@ def test_a_packed_step_adds_no_index_op_over_parameters_to_the_bare_step(family)
 
 
 # blocks with slices in modules other than their projections: T5's relative attention bias and Swin's relative
-# position table (per head, at full width), GPT-OSS's sinks, the gated delta net's convolution and per-head vectors
-TIED = ["t5", "swin", "gpt_oss", "qwen3_next", "kimi_linear"]
+# position table (per head, at full width), Swin V2's logit scales, GPT-OSS's sinks, the gated delta net's
+# convolution and per-head vectors
+TIED = ["t5", "swin", "swinv2", "gpt_oss", "qwen3_next", "kimi_linear"]
 
 
 @pytest.mark.parametrize("family", TIED)
@@ -786,3 +830,25 @@ def test_mamba2_mixers_compute_their_active_groups_and_decode_as_the_saved_model
         want = plain.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-5)
+
+
+def test_a_position_bias_mlp_and_logit_scales_go_with_their_heads():
+    """Swin V2's attention computes its position bias by an MLP from relative coordinates (one output per head) and
+    scales each head's cosine scores by its own logit scale (a parameter ``[heads, 1, 1]``): a unit is a head with
+    its row of the MLP's last layer and its logit scale; the MLP's first layer computes for every head (shared: no
+    unit's, no rows). Clones compute what their sources do (none said approximate), and output mode shrinks."""
+    from egg_optim.core.blocks import discover
+
+    model = tiny.make("swinv2")
+    name = "swinv2.encoder.layers.0.blocks.0.attention"
+    g = discover(model).groups[name]
+    shapes = {s.param.rpartition(".self.")[2]: (s.dim, tuple(s.index.shape)) for s in g.slices}
+    assert shapes["continuous_position_bias_mlp.2.weight"] == shapes["logit_scale"] == (0, (tiny.HEADS, 1))
+    assert g.shared == [f"{name}.self.continuous_position_bias_mlp.0"]
+    for mode in ("weight", "output"):
+        model = tiny.make("swinv2")
+        opt = _optimizer(model, mode)
+        cov = opt.coverage()
+        assert not cov.inexact and not any("position_bias" in n for n in cov.row_layers), mode
+    _step(model, opt, tiny.inputs("swinv2"))
+    assert opt.coverage().modes[name] == "shrink"

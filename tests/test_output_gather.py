@@ -179,6 +179,24 @@ def test_the_eager_packed_expansion_keeps_the_layout_and_folds_deterministically
     torch.testing.assert_close(per_sample, ref)
 
 
+def test_a_folding_expansion_can_be_written_in_place():
+    """The folding expansion's output (a view of its 2-D gather, for a [batch, tokens, features] or channels_last
+    output) is a tensor of its own: an in-place op after the layer (``ReLU(inplace=True)``) runs, and its gradient
+    is the gather's."""
+    from egg_optim.rewrites.output_cloning._gather import expand_packed, tile_of
+
+    roles = Roles(6, [0, 1], [2], [3, 4, 5], [0, 0, 0])
+    gen = torch.Generator().manual_seed(0)
+    for y in (torch.randn(2, 3, 3, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)):
+        y = y.requires_grad_()
+        dim = y.dim() - 1 if y.dim() == 3 else 1
+        out = torch.relu_(expand_packed(y * 1, dim, roles.gather_index, tile_of(roles), min_numel=0))
+        want = torch.relu(y.index_select(dim, roles.gather_index))
+        assert torch.equal(out, want)
+        g = torch.randn(out.shape, generator=gen)
+        torch.testing.assert_close(torch.autograd.grad(out, y, g)[0], torch.autograd.grad(want, y, g)[0])
+
+
 def test_eager_packed_expansions_fold_from_the_threshold_on():
     """Small expansions keep the gather's ``index_add`` backward (less host work per step: a small model on a GPU
     waits for the host), large ones fold; the threshold counts the expanded output's elements."""

@@ -142,6 +142,30 @@ def test_the_output_head_is_found_outside_the_base_model_whatever_the_registrati
     assert chosen == ["0"] and "output head" in why["2"]
 
 
+class _EncoderNamedAsThePrefix(nn.Module):
+    """A transformers base model whose encoder is named by its ``base_model_prefix`` (as DINOv3-ViT's ``model``):
+    transformers' ``base_model`` gives the encoder, a plain module, not a base model beneath a task head."""
+
+    base_model_prefix = "model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)  # the input: a patch embedding
+        self.model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def forward(self, x):
+        return self.model(self.embed(x))
+
+
+def test_a_base_model_whose_encoder_is_named_as_its_prefix_has_its_last_layer_as_output_head():
+    chosen, why = RolePlan(0.5, 0.0).selection(_EncoderNamedAsThePrefix())
+    assert chosen == ["embed", "model.0"] and "output head" in why["model.2"]
+
+
 class _HeadRegisteredFirst(nn.Module):
     """A model that defines its classifier before its body, and has no ``base_model`` to tell them apart."""
 

@@ -94,8 +94,18 @@ def _logits(model, family: str) -> torch.Tensor:
 
 # families whose drawn roles repack does not reorder, each layer kept with its reason: a Mamba mixer's projections
 # feed a scan that reads every channel; ConvNeXt V2 has no block (a norm across its MLPs' neurons) and its other layers
-# feed depthwise convolutions
-UNMOVED = {"mamba": "backbone.layers.0.mixer.in_proj", "convnextv2": "convnextv2.embeddings.patch_embeddings"}
+# feed depthwise convolutions; Zamba2's layers feed its Mamba-2 mixers' convolutions, whose two groups of heads (its
+# units) the mild plan leaves without clones
+UNMOVED = {
+    "mamba": "backbone.layers.0.mixer.in_proj",
+    "convnextv2": "convnextv2.embeddings.patch_embeddings",
+    "zamba2": "model.layers.0.linear",
+    "falcon_mamba": "backbone.layers.0.mixer.in_proj",  # (Mamba's)
+    "jetmoe": "model.layers.0.self_attention.kv_proj",  # its one managed layer feeds its attention's experts
+}
+# families whose only managed block has two units (DBRX's attention: two key/value heads): any roles drawn there are
+# runs already, so their steps gather nothing that repacking could remove
+TWO_UNITS = {"dbrx"}
 
 
 @pytest.mark.parametrize("family", UNMOVED)
@@ -141,7 +151,8 @@ def test_scattered_first_roles_repacked_keep_the_model_and_step_without_index_op
     # (layers that keep their order gather)
     gathering = kept or any(n not in movable for n in b.layers)
     assert not extra or gathering, (extra, counts[0])
-    assert sum(counts[2].values()) > sum(counts[1].values())  # not vacuous: unmoved scattered roles gather
+    if family not in TWO_UNITS:
+        assert sum(counts[2].values()) > sum(counts[1].values())  # not vacuous: unmoved scattered roles gather
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_next", "gpt2"])

@@ -523,16 +523,35 @@ def _attention(
                    "query)")  # fmt: skip
         return
     slices.append(_consumer_slice(o_name, o_mod, q_index))
-    # per-head values go with their head: a table with one column per head (T5's relative attention bias, Swin's
-    # relative position bias table) and one value per head (GPT-OSS's attention sinks)
     head_index = torch.arange(heads).reshape(kv, rep)
-    owned = {id(p) for _, m in lins for p in m.parameters()}
+    # an MLP computing one value per head from no hidden states (Swin V2's continuous position bias, from relative
+    # coordinates): its last layer's rows go with their heads, the layers before it compute for every head (shared)
+    biases, shared = [], []
+    for n, c in module.named_modules():
+        chain = [(_join(prefix, f"{n}.{k}"), m) for k, m in c.named_children() if _linear(m)]
+        if (
+            isinstance(c, nn.Sequential)
+            and chain
+            and _out(chain[-1][1]) == heads
+            and _in(chain[0][1]) != hidden
+            and all(_in(b) == _out(a) for (_, a), (_, b) in zip(chain, chain[1:]))
+            and not any(x in claimed for x, _ in chain)
+        ):
+            slices += _producer_slices(*chain[-1], head_index)
+            biases.append(chain[-1][0])
+            shared += [x for x, _ in chain[:-1]]
+    # per-head values go with their head: a table with one column per head (T5's relative attention bias, Swin's
+    # relative position bias table), one value per head (GPT-OSS's attention sinks, Swin V2's logit scales)
+    members = {*(n for n, _ in lins), *biases, *shared}
+    owned = {id(p) for n, m in module.named_modules() if _join(prefix, n) in members for p in m.parameters()}
     for n, p in module.named_parameters():
         if heads > 1 and id(p) not in owned and p.dim() in (1, 2) and p.shape[-1] == heads:
             slices.append(UnitSlice(_join(prefix, n), p.dim() - 1, head_index))
+        elif heads > 1 and id(p) not in owned and p.numel() == heads:  # a shape [heads, 1, 1]: one dim of the heads
+            slices.append(UnitSlice(_join(prefix, n), list(p.shape).index(heads), head_index))
     sizes = _stored_widths(module, kv, rep, head_dim)
-    yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers], o_name, rep, head_dim, layout,
-                    sizes=sizes, sizes_optional=True)  # fmt: skip
+    yield UnitGroup(prefix, "attention", kv, slices, [n for n, _, _ in producers] + biases, o_name, rep, head_dim,
+                    layout, sizes=sizes, sizes_optional=True, shared=shared)  # fmt: skip
 
 
 # an attribute holding a head count: ``num_heads``, ``n_head``, ``num_key_value_heads``, ``num_kv_heads``, ``kv_heads``

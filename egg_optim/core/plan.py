@@ -390,12 +390,16 @@ def output_head(model: nn.Module, candidates: Mapping[str, nn.Module | UnitGroup
     """The candidate a default plan leaves alone as the model's output head: the last one registered, except in a
     transformers model with a task head (``model.base_model`` is a submodule), where it is the last one registered
     outside the base model: XLM-RoBERTa's classification model registers its classifier before the encoder, and a
-    plan by registration order alone cloned the classifier's classes and left the encoder's last MLP alone. ``None``
-    where that candidate is a transformer block (a model without a head: ``LlamaModel``, ``CLIPTextModel``), whose
-    units feed the residual stream, not the output."""
+    plan by registration order alone cloned the classifier's classes and left the encoder's last MLP alone. A
+    transformers model whose ``base_model`` is no transformers model is its own base model (DINOv3-ViT's encoder is
+    named ``model``, its base model prefix: the layer outside it is the patch embedding, the input). ``None`` where
+    that candidate is a transformer block (a model without a head: ``LlamaModel``, ``CLIPTextModel``), whose units
+    feed the residual stream, not the output."""
     names = list(candidates)
     head = names[-1]
     base = getattr(model, "base_model", None)
+    if hasattr(model, "base_model_prefix") and not hasattr(base, "base_model_prefix"):
+        base = model
     if isinstance(base, nn.Module) and base is not model:
         prefix = next((n for n, m in model.named_modules() if m is base), None)
         if prefix:

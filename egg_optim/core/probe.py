@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -143,29 +144,57 @@ def _decoder_config(cfg: Any) -> Any:
 
 def _modal_inputs(cfg: Any, takes: set[str], dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
     """Inputs of other modalities that a model's forward pass takes (``takes``), of the sizes its config gives:
-    ``pixel_values`` (images of the vision config's size: a vision model, CLIP's two towers; not for a model that
-    places images among its tokens, whose token ids must hold theirs: :func:`_placed_images`), ``input_values`` (a
-    waveform long enough for the feature encoder's convolutions to give 16 frames: wav2vec 2.0, HuBERT, WavLM),
-    ``input_features`` (a log-mel spectrogram of the length the encoder expects: Whisper). Fixed seed."""
+    ``pixel_values`` (images of the vision config's size: a vision model, CLIP's two towers; videos of its
+    ``num_frames`` such images: VideoMAE; for a model that takes each image's ``spatial_shapes``, SigLIP 2's, the
+    patches of one square grid of the config's ``num_patches``, flattened, with that grid and a
+    ``pixel_attention_mask`` of ones; not for a model that places images among its tokens, whose token ids must hold
+    theirs: :func:`_placed_images`), ``input_values`` (a waveform long enough for
+    the feature encoder's convolutions to give 16 frames: wav2vec 2.0, HuBERT, WavLM; where the config does not size
+    them, a second at 16 kHz for a model that takes no token ids beside it: Moonshine), ``input_features`` (a log-mel
+    spectrogram of the length the encoder expects: Whisper; or 16 frames of the features a feature projection reads,
+    ``feature_projection_input_dim`` wide: wav2vec 2.0-BERT). Fixed seed."""
     gen = torch.Generator().manual_seed(0)
     configs = list(_configs(cfg))
     out: dict[str, torch.Tensor] = {}
     vision = next((c for c in configs if hasattr(c, "num_channels") and hasattr(c, "image_size")), None)
     vision = vision or next((c for c in configs if hasattr(c, "num_channels")), None)  # any size: SegFormer, ResNet
     placed = any(hasattr(c, a) for c in configs for a in ("image_token_id", "image_token_index"))
-    if "pixel_values" in takes and vision is not None and not placed:
+    patches, patch = getattr(vision, "num_patches", None), getattr(vision, "patch_size", None)
+    if (
+        "pixel_values" in takes
+        and vision is not None
+        and not placed
+        and "spatial_shapes" in takes
+        and patches
+        and patch
+    ):
+        # images as their patches flattened (NaFlex: SigLIP 2), each with its grid: one square grid of every patch
+        side, (height, width) = math.isqrt(patches), _pair(patch)
+        pixels = torch.randn(batch, side * side, vision.num_channels * height * width, generator=gen)
+        out["pixel_values"] = pixels.to(dtype)
+        out["spatial_shapes"] = torch.tensor([[side, side]]).repeat(batch, 1)
+        if "pixel_attention_mask" in takes:
+            out["pixel_attention_mask"] = torch.ones(batch, side * side, dtype=torch.long)
+    elif "pixel_values" in takes and vision is not None and not placed:
         size = getattr(vision, "image_size", None) or 64
         size = (size, size) if isinstance(size, int) else tuple(size)
-        out["pixel_values"] = torch.randn(batch, vision.num_channels, *size[-2:], generator=gen).to(dtype)
+        frames = getattr(vision, "num_frames", None)  # a video model (VideoMAE): its frames, each an image
+        shape = (batch, *([frames] if isinstance(frames, int) and frames > 0 else []), vision.num_channels, *size[-2:])
+        out["pixel_values"] = torch.randn(*shape, generator=gen).to(dtype)
     kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
     if "input_values" in takes and kernels and strides and len(kernels) == len(strides):
         length, step = 1, 1
         for k, s in zip(kernels, strides):  # the receptive field of the convolutions, then 15 more frames
             length, step = length + (k - 1) * step, step * s
         out["input_values"] = torch.randn(batch, length + 15 * step, generator=gen).to(dtype)
+    elif "input_values" in takes and "input_ids" not in takes:  # convolutions its code sizes (Moonshine's)
+        out["input_values"] = torch.randn(batch, 16000, generator=gen).to(dtype)
     mels, positions = getattr(cfg, "num_mel_bins", None), getattr(cfg, "max_source_positions", None)
+    features = getattr(cfg, "feature_projection_input_dim", None)
     if "input_features" in takes and mels and positions:  # two stride-1 and -2 convolutions down to the positions
         out["input_features"] = torch.randn(batch, mels, 2 * positions, generator=gen).to(dtype)
+    elif "input_features" in takes and features:  # frames of features, projected (wav2vec 2.0-BERT's conformer)
+        out["input_features"] = torch.randn(batch, 16, features, generator=gen).to(dtype)
     return out
 
 
@@ -496,7 +525,7 @@ def _training_reads(model: nn.Module, modules: Mapping[str, nn.Module], call: tu
     in training mode, under ``no_grad``, that changes nothing: buffers (running statistics) and the parameters it
     writes into (Gemma 3n's in-place clamp of ``prediction_coefs``) are put back (:class:`_KeptValues`), and so is
     the random state (dropout). Not run on a sharded model (FSDP2's gathered parameters are its own), nor
-    where the pass fails: then the first training step is the check (``guards.check_called``)."""
+    where the pass fails: then the first training step is the check (output mode's ``check_called``)."""
     if any(sharding.is_sharded(p) for p in model.parameters()):
         return ()
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

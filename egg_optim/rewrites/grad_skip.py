@@ -123,7 +123,12 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
         ctx.active, ctx.clones, ctx.spans, ctx.cols = roles
-        return F.linear(input, weight, bias)
+        out = F.linear(input, weight, bias)
+        # with a bias and a batched input, F.linear returns a view of its 2-D addmm: an output of a custom Function
+        # that is a view cannot be written in place (a ReLU(inplace=True) after the layer, Swin V2's position MLP);
+        # detached, it is a tensor of its own (told without a call: Dynamo does not trace Tensor._is_view, and each
+        # call is host time)
+        return out.detach() if bias is not None and input.ndim > 2 else out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -9,6 +9,7 @@ download.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -406,8 +407,16 @@ def _swin() -> nn.Module:  # windowed attention with a relative position table p
     return t.SwinForImageClassification(cfg)
 
 
+def _swinv2() -> nn.Module:  # Swin's windows, with scaled cosine attention and a continuous position bias (an MLP)
+    t = _t()
+    cfg = t.Swinv2Config(image_size=8, patch_size=2, embed_dim=HIDDEN, depths=[1], num_heads=[HEADS], window_size=2,
+                         mlp_ratio=1.5)  # fmt: skip
+    return t.Swinv2ForImageClassification(cfg)
+
+
 FAMILIES["vit"] = (_vit, "image")
 FAMILIES["swin"] = (_swin, "image")
+FAMILIES["swinv2"] = (_swinv2, "image")
 
 
 # beyond text: speech (Whisper: a spectrogram; wav2vec 2.0, HuBERT, WavLM: a waveform), two towers (CLIP, SigLIP:
@@ -512,6 +521,87 @@ FAMILIES.update({
     "jetmoe": (_causal("JetMoeConfig", "JetMoeForCausalLM", hidden_size=HIDDEN, num_hidden_layers=1,
                        num_key_value_heads=2, kv_channels=8, intermediate_size=INNER, num_local_experts=4,
                        num_experts_per_tok=2, pad_token_id=0), "causal"),
+})  # fmt: skip
+
+
+# SigLIP 2 (NaFlex): images as their patches flattened, each of its own grid (3x3, 2x4 padded to the 9 patches of
+# the learned position grid, resized to each), with their grids and a mask of the padding
+FAMILIES.update({
+    "siglip2": (_build("Siglip2Config", "Siglip2Model", text_config=_TOWER["text_config"],
+                       vision_config={"num_patches": 9, "patch_size": 2, **_ENCODER}), "patches_text"),
+})  # fmt: skip
+
+
+# DINOv3-ViT (2-D rotary positions, register tokens, layer scale; its SwiGLU MLP as the 7B's): transformers has its
+# base model only (DINOv3ViTModel, whose encoder is named ``model``, the base model prefix), classified here as DINOv2
+# is (its CLS token and its patch tokens' mean, after the registers), for a loss
+@functools.cache
+def _dinov3_classifier() -> type[nn.Module]:
+    t = _t()
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    class DINOv3ViTForImageClassification(t.DINOv3ViTPreTrainedModel):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            self.model = t.DINOv3ViTModel(config)
+            self.classifier = nn.Linear(2 * config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+            hidden = self.model(pixel_values, **kwargs).last_hidden_state
+            patches = hidden[:, 1 + self.config.num_register_tokens :]
+            logits = self.classifier(torch.cat([hidden[:, 0], patches.mean(1)], dim=-1))
+            loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+            return ImageClassifierOutput(loss=loss, logits=logits)
+
+    return DINOv3ViTForImageClassification
+
+
+def _dinov3(**kw) -> Callable[[], nn.Module]:
+    return lambda: _dinov3_classifier()(_t().DINOv3ViTConfig(**kw))
+
+
+FAMILIES.update({
+    "dinov3_vit": (_dinov3(num_register_tokens=2, use_gated_mlp=True, **_VIT), "image"),
+})  # fmt: skip
+
+
+# convolutional networks beside vision transformers: MobileViT (inverted residuals, then per stage a transformer
+# over unfolded 2x2 patches; its depths fixed by its code: 2, 4, 3 layers). MobileViT and EfficientNet initialised
+# wider than their configs' 0.02 (from which these tiny networks' logits and gradients vanish, below 1e-4)
+FAMILIES.update({
+    "mobilevit": (_build("MobileViTConfig", "MobileViTForImageClassification", image_size=32, patch_size=2,
+                         hidden_sizes=[HIDDEN] * 3, neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64],
+                         num_attention_heads=HEADS, mlp_ratio=1.5, expand_ratio=2.0, initializer_range=0.1), "image32"),
+    # EfficientNet: inverted residuals with squeeze-and-excitation (a stage without expansion, one with), its widths
+    # halved (its stem's 32 and top's 1280 are fixed by its code, scaled by the width coefficient)
+    "efficientnet": (_build("EfficientNetConfig", "EfficientNetForImageClassification", image_size=32,
+                            width_coefficient=0.5, depth_coefficient=1.0, kernel_sizes=[3, 3], in_channels=[32, 16],
+                            out_channels=[16, 32], strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 2],
+                            hidden_dim=640, initializer_range=0.2), "image32"),
+    # RegNet Y: grouped bottlenecks with squeeze-and-excitation
+    "regnet": (_build("RegNetConfig", "RegNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
+                      depths=[1, 1], groups_width=8), "image32"),
+    # VideoMAE: a ViT over tubelets of 2 frames of 4x4 patches (4 frames of 8x8), its patch tokens' mean classified
+    "videomae": (_build("VideoMAEConfig", "VideoMAEForVideoClassification", num_frames=4, tubelet_size=2, **_VIT),
+                 "video"),
+})  # fmt: skip
+
+
+# wav2vec 2.0-BERT: a conformer (two half-step MLPs around attention with relative position keys and a convolution
+# module: pointwise, GLU, depthwise) over frames of 16 features, projected
+FAMILIES.update({
+    "wav2vec2_bert": (_build("Wav2Vec2BertConfig", "Wav2Vec2BertForSequenceClassification", **_ENCODER,
+                             feature_projection_input_dim=16, conv_depthwise_kernel_size=3, classifier_proj_size=16,
+                             left_max_position_embeddings=8, right_max_position_embeddings=4, mask_time_prob=0.0,
+                             layerdrop=0.0), "frames"),
+    # Moonshine: a waveform through three convolutions its code sizes (kernels 127, 7, 3; strides 64, 3, 2), an
+    # encoder and a decoder with partial rotary embeddings (as many key/value heads as heads: transformers 5.25's
+    # Moonshine attention views its queries by the key/value heads)
+    "moonshine": (_build("MoonshineConfig", "MoonshineForConditionalGeneration", vocab_size=VOCAB, hidden_size=HIDDEN,
+                         intermediate_size=INNER, encoder_num_hidden_layers=1, decoder_num_hidden_layers=1,
+                         encoder_num_attention_heads=HEADS, decoder_num_attention_heads=HEADS,
+                         max_position_embeddings=32, pad_token_id=0), "waveform_seq2seq"),
 })  # fmt: skip
 
 
@@ -733,8 +823,23 @@ def inputs(
             out.update(input_ids=ids, return_loss=True)
         else:
             out["labels"] = torch.randint(0, 2, (batch,), generator=gen)
+    elif kind == "patches_text":  # NaFlex: patches 2x2 flattened, grids 3x3 and 2x4 (one padding patch) in turn
+        shapes = torch.tensor([[3, 3], [2, 4]]).repeat(batch, 1)[:batch]
+        out = {"pixel_values": torch.randn(batch, 9, 3 * 2 * 2, generator=gen), "spatial_shapes": shapes,
+               "pixel_attention_mask": (torch.arange(9) < shapes.prod(-1, keepdim=True)).long(), "input_ids": ids,
+               "return_loss": True}  # fmt: skip
     elif kind == "waveform":  # a length in frames of its feature encoder's convolutions (stride 10)
         out = {"input_values": torch.randn(batch, 13 + 10 * length, generator=gen),
+               "labels": torch.randint(0, 2, (batch,), generator=gen)}  # fmt: skip
+    elif kind == "video":  # 4 frames of 8x8
+        out = {"pixel_values": torch.randn(batch, 4, 3, 8, 8, generator=gen),
+               "labels": torch.randint(0, 2, (batch,), generator=gen)}  # fmt: skip
+    elif kind == "waveform_seq2seq":  # a waveform of length - 1 frames of Moonshine's convolutions; tokens as labels
+        out = {"input_values": torch.randn(batch, 127 + 384 * length, generator=gen), "labels": ids}
+        if not labels:
+            out["decoder_input_ids"] = ids
+    elif kind == "frames":  # frames of 16 features each
+        out = {"input_features": torch.randn(batch, length, 16, generator=gen),
                "labels": torch.randint(0, 2, (batch,), generator=gen)}  # fmt: skip
     elif kind == "spectrogram":  # the length the encoder takes; the decoder's tokens as labels
         out = {"input_features": torch.randn(batch, 8, 16, generator=gen), "labels": ids}

@@ -194,7 +194,9 @@ class _ExpandNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gather, mean, invstd, batch_stats: bool):
         _save(ctx, x, weight, bias, gather, mean, invstd, batch_stats)
-        return _expand_norm_impl(x, weight, bias, gather, mean, invstd, batch_stats)
+        # detached: channels innermost, the result is a view of its buffer, and an output of a custom Function that is
+        # a view cannot be written in place (a ReLU(inplace=True) after the norm)
+        return _expand_norm_impl(x, weight, bias, gather, mean, invstd, batch_stats).detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -216,9 +218,9 @@ class _GatherAffine(torch.autograd.Function):
         ctx.save_for_backward(x, mean, var, weight, gather, zero, one)
         ctx.eps = eps
         y = expand_units(xhat, 1, gather, like=x)
-        if weight is None and bias is None:
-            return y
-        return _batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
+        if weight is not None or bias is not None:
+            y = _batch_norm(y, zero, one, weight, bias, False, 0.0, AFFINE_EPS)
+        return y.detach()  # (a view, channels innermost: see _ExpandNorm)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -56,7 +56,9 @@ class _ExpandPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(y, dim, gather, tile):
-        return expand_units(y, dim, gather)
+        # detached: expand_units returns a view of its 2-D gather, and an output of a custom Function that is a view
+        # cannot be written in place (a ReLU(inplace=True) after the layer)
+        return expand_units(y, dim, gather).detach()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
