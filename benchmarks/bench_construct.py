@@ -5,8 +5,9 @@ of its blocks takes (one forward pass on the model's dummy inputs, then a few ru
 Per model (random init from a config, float32 on this machine's CPU, no download): the median seconds of
 ``discover(model, probe=False)`` (blocks by structure alone), ``discover(model)`` (with the probe) and the whole
 construction (``LeaderCloneOptimizer(model, AdamW, "mild", clone_mode="output")``, probe included) and the same with
-``repack=True`` on the seed's drawn first roles (the check of which blocks may move their units: one more forward
-pass per block; then every block reordered), each on a fresh model, interleaved over rounds. Writes
+``repack=True`` on the seed's drawn first roles (the check of which layers may move their units: forward passes
+with the units of groups of layers swapped; then every block reordered), each on a fresh model, interleaved over
+rounds. Writes
 ``docs/results/bench_construct.md``::
 
     python benchmarks/bench_construct.py              # 3 rounds
@@ -126,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                      f"{med['whole']:.3f} s | {med['repack']:.3f} s |")  # fmt: skip
     lines += [
         "",
-        "The probe (one forward pass of the whole model on its dummy inputs, a few tokens, then a few runs of one "
-        "block per class and of each experts block, perturbed) is most of the construction time; the structure "
-        "alone reads shapes and config values. ``repack=True`` adds one forward pass of the whole model per block "
-        "(with two of the block's units swapped: may its units move?) and the reordering of every block the drawn "
+        "The probe (one forward pass of the whole model on its dummy inputs, a few tokens, one more in training "
+        "mode under ``no_grad``, then a few runs of one block per class and of each experts block, perturbed) is "
+        "most of the construction time; the structure alone reads shapes and config values. ``repack=True`` adds "
+        "the check of which layers may move their units (the model run with every block's units swapped, then every "
+        "plain layer's, then halves of a group whose output changed) and the reordering of every block the drawn "
         "roles scattered.",
     ]
     text = "\n".join(lines) + "\n"

@@ -184,11 +184,12 @@ def orders_that_change_the_model(
     back after), the model's first floating-point output on ``call`` (``(args, kwargs)``, run in eval mode)
     changed, or, without ``call``, an attention block or a plain layer (nothing to check it on).
 
-    Checked by groups: every layer's units are swapped at once and the model run once; a group whose output changed
-    is halved (where its first half does not change it, its second half does: split without a pass), down to
-    single layers, each refused only on a pass of its own. So a model whose layers all may move costs two forward
-    passes (the reference and one), where a pass per layer costs as many as it has blocks (a vision-language
-    model's towers: tens); where most layers checked alone are refused, the rest are checked one by one."""
+    Checked by groups: every block's units are swapped at once and the model run once, then every plain layer's; a
+    group whose output changed is halved (where its first half does not change it, its second half does: split
+    without a pass), down to single layers, each refused only on a pass of its own. So a model whose layers all
+    may move costs three forward passes (the reference, its blocks, its plain layers), where a pass per layer costs
+    as many as it has layers (a vision-language model's towers: tens); where most layers checked alone are refused,
+    the rest are checked one by one."""
     followers = followers or {}
     blocks = {n: layer for n, layer in layers.items() if layer.group is not None or n in followers}
     fixed = {n: f"per-unit values outside its slices ({layer.group.inexact})" for n, layer in blocks.items()
@@ -235,7 +236,10 @@ def orders_that_change_the_model(
             fixed[name] = f"moving its units changes the model's output by {moved:.3g} (largest entry {scale:.3g})"
             alone[1] += 1
 
-        todo: list[tuple[list[str], bool]] = [(list(blocks), False)] if blocks else []  # (layers, known to change)
+        # (layers, known to change the output): transformer blocks and plain layers apart, the plain ones more often
+        # refused (one whose output reaches a residual sum; a patch embedding before its position embeddings)
+        groups = [[n for n, layer in blocks.items() if (layer.group is None) == plain] for plain in (False, True)]
+        todo: list[tuple[list[str], bool]] = [(names, False) for names in groups if names]
         while todo:
             names, changes = todo.pop()
             if not changes or len(names) == 1:
