@@ -225,6 +225,20 @@ def test_blocks_of_tied_weights_are_left_alone_by_a_default_plan():
         LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.5, layers=["model.layers.1.mlp"]))
 
 
+def test_a_block_not_decomposed_whose_weights_are_tied_is_not_offered_to_a_plan():
+    """Zamba2's shared attention (one set of weights called at each hybrid layer) is found but not decomposed: its
+    reason says its weights are tied, not that a plan naming its layers would manage them (it would refuse them)."""
+    from egg_recipes import tiny_transformers as tiny
+
+    model = tiny.make("zamba2")
+    cov = LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1)).coverage()
+    reasons = [cov.not_decomposed[f"model.layers.{i}.shared_transformer.self_attn"] for i in (0, 1)]
+    assert all("tied to other modules'" in r and "RolePlan(layers=" not in r for r in reasons)
+    with pytest.raises(PlanError, match="tied or shared weights cannot have roles"):
+        name = "model.layers.0.shared_transformer.self_attn.o_proj"
+        LeaderCloneOptimizer(model, torch.optim.AdamW(model.parameters()), RolePlan(0.4, 0.1, layers=[name]))
+
+
 # ---------------------------------------------------------------------------------------------- norm coupling
 @pytest.mark.parametrize("mode", ["weight", "output"])
 @pytest.mark.parametrize("which", ["bert", "vit", "llama"])

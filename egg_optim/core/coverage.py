@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import PlanError
 from . import sharding
 from .blocks import UNIT_NAMES, Discovery, discover
-from .units import ManagedLayer
+from .units import ManagedLayer, tied_layers
 
 logger = logging.getLogger("egg_optim")
 
@@ -140,6 +140,20 @@ def _unit_label(kind: str) -> str:
     return f"{kind} {UNIT_NAMES[kind]}" if kind != "experts" else UNIT_NAMES[kind]
 
 
+def _not_decomposed(model: nn.Module, found: Discovery) -> dict[str, str]:
+    """Each block found but not decomposed, with why; one whose weights are tied to other modules' (Zamba2's shared
+    attention, called at several depths) is not offered to a plan naming its layers, which would refuse them."""
+    tied = tied_layers(model, "layers") if found.skipped else {}
+    out = {}
+    for name, s in found.skipped.items():
+        out[name] = s.reason
+        if any(m in tied for m in s.members):
+            out[name] = s.reason.split("; its projections are left alone")[0] + (
+                "; its weights are tied to other modules' (held by several), so no plan can give them roles"
+            )
+    return out
+
+
 def build(
     model: nn.Module,
     plan: Any,
@@ -196,7 +210,7 @@ def build(
         managed_blocks=_frozen(managed_blocks),
         units=_frozen(units),
         row_layers=tuple(n for n, lay in layers.items() if lay.group is None),
-        not_decomposed=_frozen({n: s.reason for n, s in found.skipped.items()}),
+        not_decomposed=_frozen(_not_decomposed(model, found)),
         by_structure=tuple(n for n, g in found.groups.items() if not g.probed),
         inexact=_frozen({n: g.inexact for n, g in found.groups.items() if g.inexact and n in managed_blocks}),
         left_alone=_frozen(left),

@@ -190,7 +190,7 @@ def left_alone(model: nn.Module, units: str = "layers") -> dict[str, str]:
         for n, m in model.named_modules()
         if isinstance(m, MANAGED_TYPES) and not isinstance(m, nn.Linear) and m.groups != 1
     }
-    out.update(_tied(model, units))
+    out.update(tied_layers(model, units))
     if units != "auto":
         return out
     found = discover(model)
@@ -255,7 +255,7 @@ def _group_params(model: nn.Module, group: UnitGroup) -> list[tuple[str, nn.Para
     return [(s.param, params[s.param]) for s in group.slices]
 
 
-def _tied(model: nn.Module, units: str) -> dict[str, str]:
+def tied_layers(model: nn.Module, units: str) -> dict[str, str]:
     """``{candidate: why}`` for the candidates (layers and blocks) whose unit-owned parameters other modules hold
     too: no plan can give them roles, so a default plan leaves them alone."""
     holders = parameter_holders(model)
