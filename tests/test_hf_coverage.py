@@ -451,7 +451,6 @@ def test_audio_placed_among_the_tokens_runs_the_audio_tower_with_the_language_mo
     token id) gets a dummy spectrogram of the length its audio encoder takes and as many audio tokens as the tower
     makes frames of it: the probe's pass runs the audio tower with the language model, so every block is checked by
     dataflow; the model is left as it was."""
-    from egg_optim.core.blocks import discover
     from egg_optim.core.probe import _dummy_inputs
 
     model = tiny.make("qwen2_audio").train()
@@ -460,16 +459,7 @@ def test_audio_placed_among_the_tokens_runs_the_audio_tower_with_the_language_mo
     assert dummy["input_features"].shape == (1, audio.num_mel_bins, 2 * audio.max_source_positions)
     assert dummy["feature_attention_mask"].shape == (1, 2 * audio.max_source_positions)
     assert (dummy["input_ids"] == model.config.audio_token_id).sum(1).tolist() == [tiny.AUDIO_TOKENS]
-    before = copy.deepcopy(model.state_dict())
-    found = discover(model)
-    assert all(g.probed for g in found.groups.values())  # checked by dataflow, the tower's blocks too
-    assert set(found.groups) >= {
-        "model.audio_tower.layers.0.self_attn",
-        "model.language_model.layers.0.mlp",
-    }
-    assert all(m.training for m in model.modules())
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    _probed_and_unchanged(model, {"model.audio_tower.layers.0.self_attn", "model.language_model.layers.0.mlp"})
 
 
 def test_images_read_by_cross_attention_run_the_vision_tower_and_the_cross_attention_layers():
@@ -478,7 +468,6 @@ def test_images_read_by_cross_attention_run_the_vision_tower_and_the_cross_atten
     and a cross-attention mask by which every token reads it: the probe's pass runs the vision tower and the
     cross-attention layers (which a text-only pass skips), so every block is checked by dataflow; the model is left
     as it was."""
-    from egg_optim.core.blocks import discover
     from egg_optim.core.probe import _dummy_inputs
 
     model = tiny.make("mllama").train()
@@ -487,14 +476,25 @@ def test_images_read_by_cross_attention_run_the_vision_tower_and_the_cross_atten
     assert dummy["pixel_values"].shape[:3] == (1, 1, tiles) and dummy["aspect_ratio_ids"].tolist() == [[1]]
     assert dummy["cross_attention_mask"].shape == (*dummy["input_ids"].shape, 1, tiles)
     assert (dummy["input_ids"] == tiny.IMAGE_TOKEN).sum(1).tolist() == [1]
+    _probed_and_unchanged(
+        model,
+        {
+            "model.vision_model.transformer.layers.0.self_attn",
+            "model.vision_model.global_transformer.layers.0.mlp",
+            "model.language_model.layers.1.cross_attn",
+        },
+    )
+
+
+def _probed_and_unchanged(model: torch.nn.Module, blocks: set[str]) -> None:
+    """Every block of ``model`` (``blocks`` among them) checked by dataflow, and the model left as it was: its
+    values and its modules' training flags."""
+    from egg_optim.core.blocks import discover
+
     before = copy.deepcopy(model.state_dict())
     found = discover(model)
-    assert all(g.probed for g in found.groups.values())  # checked by dataflow, the tower's blocks too
-    assert set(found.groups) >= {
-        "model.vision_model.transformer.layers.0.self_attn",
-        "model.vision_model.global_transformer.layers.0.mlp",
-        "model.language_model.layers.1.cross_attn",
-    }
+    assert all(g.probed for g in found.groups.values())  # checked by dataflow, the towers' blocks too
+    assert set(found.groups) >= blocks
     assert all(m.training for m in model.modules())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
